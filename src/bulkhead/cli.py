@@ -1,0 +1,67 @@
+"""The `bulkhead` command. Keeps the start path lean: each subcommand's module is imported only when used."""
+
+from __future__ import annotations
+
+import sys
+
+# subcommand -> (module, function, one-line help). The function takes argv (list[str]) and returns an exit status.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("bulkhead.runtime.cli", "run_main", "boot a kernel or payload in a new VM"),
+    "demo": ("bulkhead.runtime.cli", "demo_main", "boot the shipped demo guest"),
+    "surface": ("bulkhead.surface", "main", "print the attack-surface inventory"),
+    "init": ("bulkhead.daemon.cli", "init_main", "create the CA, server and first admin certificates"),
+    "serve": ("bulkhead.daemon.cli", "serve_main", "run the management daemon (bulkheadd)"),
+    "cert": ("bulkhead.daemon.cli", "cert_main", "issue or revoke client certificates"),
+    "vm": ("bulkhead.daemon.cli", "vm_main", "manage VMs through the daemon"),
+    "tenant": ("bulkhead.daemon.cli", "tenant_main", "manage tenants"),
+    "role": ("bulkhead.daemon.cli", "role_main", "manage role definitions and assignments"),
+    "audit": ("bulkhead.daemon.cli", "audit_main", "show, export and verify the audit log"),
+    "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: bulkhead <command> [options]", "", "commands:"]
+    for name, (_, _, text) in COMMANDS.items():
+        if not text.startswith("(internal)"):
+            lines.append(f"  {name:<10} {text}")
+    lines.append("")
+    lines.append("Run `bulkhead <command> --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        from bulkhead import __version__
+
+        print(f"bulkhead {__version__}")
+        return 0
+    entry = COMMANDS.get(args[0])
+    if entry is None:
+        print(f"bulkhead: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    import importlib
+
+    module_name, func_name, _ = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("bulkhead"):
+            print(f"bulkhead: command {args[0]!r} is not available in this build ({exc.name} missing)", file=sys.stderr)
+            return 3
+        print(f"bulkhead: command {args[0]!r} needs {exc.name!r}: run ./install.sh", file=sys.stderr)
+        return 3
+    func = getattr(module, func_name)
+    return int(func(args[1:]))
+
+
+def daemon_main() -> int:
+    return main(["serve", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

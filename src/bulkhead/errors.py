@@ -1,0 +1,53 @@
+"""The error taxonomy. Every failure bulkhead reports belongs to exactly one of these families.
+
+- ConfigError: the user's input is wrong (CLI flag, config, API body, image file). Reported in one
+  clear line; nothing is lost; exit status 2 from the CLI.
+- HostError: the host cannot do what is asked (no /dev/kvm, missing KVM capability, no permission).
+- GuestFault: the guest did something hostile or broken. Contained: it may stop a device or the VM,
+  never the VMM, and it is recorded as a security event.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BulkheadError",
+    "ConfigError",
+    "GuestFault",
+    "GuestMemoryError",
+    "HostError",
+    "ImageError",
+]
+
+
+class BulkheadError(Exception):
+    """Base of every error bulkhead raises on purpose."""
+
+
+class ConfigError(BulkheadError):
+    """Invalid user input: CLI flags, configuration, API requests."""
+
+
+class ImageError(ConfigError):
+    """A kernel, initrd or disk image is malformed or does not fit the VM."""
+
+
+class HostError(BulkheadError):
+    """The host lacks something bulkhead needs (KVM, a capability, a permission)."""
+
+
+class GuestFault(BulkheadError):
+    """The guest violated a device or memory contract. Contained and audited, never fatal to the VMM."""
+
+    def __init__(self, message: str, *, device: str = "", kind: str = "guest-fault") -> None:
+        super().__init__(message)
+        self.device = device
+        self.kind = kind
+
+
+class GuestMemoryError(GuestFault):
+    """A guest-supplied address range is not wholly inside one guest RAM region."""
+
+    def __init__(self, message: str, *, addr: int = 0, length: int = 0) -> None:
+        super().__init__(message, kind="guest-memory")
+        self.addr = addr
+        self.length = length
