@@ -1,0 +1,1 @@
+"""Hypervisor backends. Only bulkhead.hypervisor.kvm touches /dev/kvm."""
