@@ -17,11 +17,17 @@ from bulkhead.hypervisor.kvm import constants as c
 from bulkhead.hypervisor.kvm import structs as s
 
 STRUCTS = {
-    "kvm_userspace_memory_region": (s.KvmUserspaceMemoryRegion, ["slot", "guest_phys_addr", "userspace_addr"]),
+    "kvm_userspace_memory_region": (
+        s.KvmUserspaceMemoryRegion,
+        ["slot", "guest_phys_addr", "userspace_addr"],
+    ),
     "kvm_regs": (s.KvmRegs, ["rax", "rsi", "rip", "rflags"]),
     "kvm_segment": (s.KvmSegment, ["base", "limit", "selector", "type", "l", "unusable"]),
     "kvm_dtable": (s.KvmDtable, ["base", "limit"]),
-    "kvm_sregs": (s.KvmSregs, ["cs", "tr", "gdt", "idt", "cr0", "cr3", "efer", "apic_base", "interrupt_bitmap"]),
+    "kvm_sregs": (
+        s.KvmSregs,
+        ["cs", "tr", "gdt", "idt", "cr0", "cr3", "efer", "apic_base", "interrupt_bitmap"],
+    ),
     "kvm_fpu": (s.KvmFpu, ["fcw", "ftwx", "last_ip", "xmm", "mxcsr"]),
     "kvm_msr_entry": (s.KvmMsrEntry, ["index", "data"]),
     "kvm_cpuid_entry2": (s.KvmCpuidEntry2, ["function", "flags", "edx", "padding"]),
@@ -34,14 +40,50 @@ STRUCTS = {
     "kvm_coalesced_mmio_zone": (s.KvmCoalescedMmioZone, ["addr", "size"]),
     "kvm_coalesced_mmio": (s.KvmCoalescedMmio, ["phys_addr", "len", "data"]),
     "kvm_enable_cap": (s.KvmEnableCap, ["cap", "flags", "args", "pad"]),
-    "kvm_run": (s.KvmRunHeader, ["request_interrupt_window", "immediate_exit", "exit_reason", "if_flag", "cr8", "apic_base"]),
+    "kvm_run": (
+        s.KvmRunHeader,
+        ["request_interrupt_window", "immediate_exit", "exit_reason", "if_flag", "cr8", "apic_base"],
+    ),
 }
 CONSTANTS = [
     name
     for name in dir(c)
     if name.startswith(("KVM_CAP_", "KVM_EXIT_", "KVM_MP_STATE_", "KVM_IOEVENTFD_FLAG_", "KVM_API_VERSION"))
     or name
-    in ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO", "KVM_IRQFD", "KVM_CREATE_PIT2", "KVM_IOEVENTFD", "KVM_ENABLE_CAP", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_SET_FPU", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_COALESCED_MMIO_PAGE_OFFSET"]
+    in [
+        "KVM_GET_API_VERSION",
+        "KVM_CREATE_VM",
+        "KVM_GET_MSR_INDEX_LIST",
+        "KVM_CHECK_EXTENSION",
+        "KVM_GET_VCPU_MMAP_SIZE",
+        "KVM_GET_SUPPORTED_CPUID",
+        "KVM_CREATE_VCPU",
+        "KVM_SET_USER_MEMORY_REGION",
+        "KVM_SET_TSS_ADDR",
+        "KVM_SET_IDENTITY_MAP_ADDR",
+        "KVM_CREATE_IRQCHIP",
+        "KVM_IRQ_LINE",
+        "KVM_REGISTER_COALESCED_MMIO",
+        "KVM_UNREGISTER_COALESCED_MMIO",
+        "KVM_IRQFD",
+        "KVM_CREATE_PIT2",
+        "KVM_IOEVENTFD",
+        "KVM_ENABLE_CAP",
+        "KVM_RUN",
+        "KVM_GET_REGS",
+        "KVM_SET_REGS",
+        "KVM_GET_SREGS",
+        "KVM_SET_SREGS",
+        "KVM_GET_MSRS",
+        "KVM_SET_MSRS",
+        "KVM_SET_FPU",
+        "KVM_GET_LAPIC",
+        "KVM_SET_LAPIC",
+        "KVM_SET_CPUID2",
+        "KVM_GET_MP_STATE",
+        "KVM_SET_MP_STATE",
+        "KVM_COALESCED_MMIO_PAGE_OFFSET",
+    ]
 ]
 
 

@@ -123,7 +123,7 @@ def parse_drive(spec: str) -> DriveConfig:
 
 def parse_net(spec: str) -> NetConfig:
     """`tap=NAME[,mac=aa:bb:cc:dd:ee:ff][,bw=..][,ops=..]` -> NetConfig."""
-    head, opts, flags = _split_opts("," + spec, "--net")
+    _, opts, flags = _split_opts("," + spec, "--net")
     if flags:
         raise ConfigError(f"--net {spec!r}: unknown option(s) {', '.join(sorted(flags))}")
     tap = opts.pop("tap", "")

@@ -123,6 +123,7 @@ KVM_COALESCED_MMIO_PAGE_OFFSET = 2
 KVM_RUN_EXIT_OFFSET = 32  # offset of the exit union inside struct kvm_run
 
 EXIT_REASON_NAMES = {
-    v: k[len("KVM_EXIT_") :] for k, v in dict(globals()).items() if k.startswith("KVM_EXIT_") and isinstance(v, int)
-    and k not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
+    v: k[len("KVM_EXIT_") :]
+    for k, v in dict(globals()).items()
+    if k.startswith("KVM_EXIT_") and isinstance(v, int) and k not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
 }

@@ -73,9 +73,13 @@ class Kvm(_Fd):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise HostError(f"{path} does not exist: this host has no KVM (load kvm_intel/kvm_amd or enable nested virtualization)") from None
+            raise HostError(
+                f"{path} does not exist: this host has no KVM (load kvm_intel/kvm_amd or enable nested virtualization)"
+            ) from None
         except PermissionError:
-            raise HostError(f"{path} is not accessible to uid {os.getuid()}: run as root or add the user to the kvm group") from None
+            raise HostError(
+                f"{path} is not accessible to uid {os.getuid()}: run as root or add the user to the kvm group"
+            ) from None
         except OSError as exc:
             raise HostError(f"cannot open {path}: {exc.strerror}") from None
         super().__init__(fd)
@@ -106,7 +110,8 @@ class Kvm(_Fd):
             ret = _ioctl(self.fd, ctypes.c_ulong(c.KVM_GET_SUPPORTED_CPUID), ctypes.byref(buf))
             if ret >= 0:
                 return [
-                    (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in buf.entries[: buf.nent]
+                    (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                    for e in buf.entries[: buf.nent]
                 ]
             if ctypes.get_errno() != errno.E2BIG:
                 _check(ret, "GET_SUPPORTED_CPUID")
@@ -159,7 +164,9 @@ class Vm(_Fd):
     def irqfd(self, eventfd: int, gsi: int) -> None:
         self.ioctl(c.KVM_IRQFD, s.KvmIrqfd(eventfd, gsi, 0, 0), "IRQFD")
 
-    def ioeventfd(self, eventfd: int, addr: int, length: int, *, pio: bool, datamatch: int | None = None) -> None:
+    def ioeventfd(
+        self, eventfd: int, addr: int, length: int, *, pio: bool, datamatch: int | None = None
+    ) -> None:
         flags = c.KVM_IOEVENTFD_FLAG_PIO if pio else 0
         if datamatch is not None:
             flags |= c.KVM_IOEVENTFD_FLAG_DATAMATCH
@@ -167,7 +174,11 @@ class Vm(_Fd):
         self.ioctl(c.KVM_IOEVENTFD, req, "IOEVENTFD")
 
     def register_coalesced(self, addr: int, size: int, *, pio: bool) -> None:
-        self.ioctl(c.KVM_REGISTER_COALESCED_MMIO, s.KvmCoalescedMmioZone(addr, size, 1 if pio else 0), "REGISTER_COALESCED_MMIO")
+        self.ioctl(
+            c.KVM_REGISTER_COALESCED_MMIO,
+            s.KvmCoalescedMmioZone(addr, size, 1 if pio else 0),
+            "REGISTER_COALESCED_MMIO",
+        )
 
     def create_vcpu(self, index: int) -> Vcpu:
         fd = self.ioctl(c.KVM_CREATE_VCPU, index, "CREATE_VCPU")
