@@ -1,0 +1,296 @@
+"""load_kernel: place a kernel, initrd, command line and every boot structure in guest memory (pure).
+
+Formats are selected by magic: "\\x7fELF" -> ELF, 0xAA55 at 0x1fe + "HdrS" at 0x202 -> bzImage.
+
+    protocol="auto":  ELF with a PVH note -> "pvh"; ELF without -> "linux-elf"; bzImage -> "linux-bzimage"
+    protocol="pvh":   the ELF must carry XEN_ELFNOTE_PHYS32_ENTRY
+    protocol="linux": Linux 64-bit entry (boot_params in RSI) even for an ELF that has a PVH note
+
+Everything is validated before the first byte is written into guest memory: the image itself, the
+command line against the protocol's limit (bzImage: its cmdline_size; Linux ELF: 2047 bytes; PVH:
+4095 bytes), the kernel's placement (inside guest RAM, above the boot structures below 1 MiB, below
+4 GiB), the initrd's placement (page aligned at the top of the first RAM region, below
+min(initrd_addr_max + 1, end of the first region, 3 GiB), above the kernel) and the vCPU count.
+The low-memory layout is documented in bulkhead.boot.layout.
+
+No I/O: the caller reads the files; this module only reads the bytes it is given and writes guest
+memory through GuestMemory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bulkhead.boot import layout as L
+from bulkhead.boot.bzimage import BzImage, is_bzimage, parse_bzimage
+from bulkhead.boot.elf import ElfImage, check_entry, check_placement, is_elf, parse_elf
+from bulkhead.boot.mptable import MAX_CPUS, build_mptable
+from bulkhead.boot.params import (
+    E820Entry,
+    build_boot_params,
+    build_e820,
+    build_memmap,
+    build_modlist,
+    build_start_info,
+)
+from bulkhead.boot.pvh import find_pvh_entry
+from bulkhead.boot.x86 import (
+    CR0_ET,
+    CR0_NE,
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    RFLAGS_RESERVED,
+    Segment,
+    build_gdt,
+    build_page_tables,
+    segments_for,
+)
+from bulkhead.errors import ConfigError, ImageError
+from bulkhead.memory import GuestMemory
+from bulkhead.memory.layout import HIMEM_START, MMIO32_START
+
+__all__ = [
+    "CMDLINE_LIMIT_LINUX_ELF",
+    "CMDLINE_LIMIT_PVH",
+    "PROTOCOLS",
+    "BootPlan",
+    "load_kernel",
+]
+
+PROTOCOLS = ("auto", "pvh", "linux")
+CMDLINE_LIMIT_LINUX_ELF = 2047
+CMDLINE_LIMIT_PVH = 4095
+PAGE = 0x1000
+FOUR_GIB = 1 << 32
+# boot.rst: a protocol 2.02 or earlier kernel, or one with initrd_addr_max 0, takes 0x37ffffff.
+DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
+
+
+@dataclass(frozen=True, slots=True)
+class BootPlan:
+    """Everything the runtime needs to set the boot vCPU's state, plus what was placed where.
+
+    Registers are final values for KVM_SET_REGS / KVM_SET_SREGS. `kernel_range` is the guest
+    physical range [start, end) reserved for the kernel (bzImage: load address + max(init_size,
+    file size); ELF: lowest to highest loaded byte), `initrd_range` the initrd's [start, end).
+    """
+
+    protocol: str  # "linux-bzimage", "linux-elf" or "pvh"
+    long_mode: bool
+    rip: int
+    rsp: int
+    rsi: int  # boot_params (Linux), 0 for PVH
+    rbx: int  # hvm_start_info (PVH), 0 for Linux
+    rflags: int
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    gdt: tuple[int, int]  # (base, limit)
+    idt: tuple[int, int]  # (base, limit)
+    cs: Segment
+    ds: Segment
+    es: Segment
+    fs: Segment
+    gs: Segment
+    ss: Segment
+    tr: Segment
+    kernel_range: tuple[int, int]
+    initrd_range: tuple[int, int] | None
+    cmdline: str
+    e820: tuple[E820Entry, ...]
+    boot_info: int  # guest address of the zero page or hvm_start_info
+    mptable: int  # guest address of the MP floating pointer
+    cpus: int
+
+
+_Write = tuple[int, bytes | int]  # (guest address, bytes to copy, or a length to zero-fill)
+
+
+def _cmdline_bytes(cmdline: str, limit: int, what: str) -> bytes:
+    if "\0" in cmdline:
+        raise ConfigError("the kernel command line must not contain a NUL character")
+    raw = cmdline.encode("utf-8")
+    if len(raw) > limit:
+        raise ConfigError(f"the kernel command line is {len(raw)} bytes; {what} accepts at most {limit}")
+    return raw
+
+
+def _detect(kernel: bytes) -> ElfImage | BzImage:
+    if is_elf(kernel):
+        return parse_elf(kernel)
+    if is_bzimage(kernel):
+        return parse_bzimage(kernel)
+    raise ImageError("unrecognised kernel image: neither an ELF file nor a bzImage (no 'HdrS' header)")
+
+
+def _place_initrd(size: int, limit_end: int, kernel_end: int) -> tuple[int, int]:
+    if size == 0:
+        raise ImageError("the initrd is empty")
+    start = (limit_end - size) & ~(PAGE - 1)
+    if limit_end < size or start < max(kernel_end, HIMEM_START):
+        raise ImageError(
+            f"the initrd ({size} bytes) does not fit between the kernel (ending at {kernel_end:#x}) "
+            f"and {limit_end:#x}"
+        )
+    return start, start + size
+
+
+def load_kernel(
+    mem: GuestMemory,
+    kernel: bytes,
+    *,
+    initrd: bytes | None,
+    cmdline: str,
+    cpus: int,
+    protocol: str = "auto",
+) -> BootPlan:
+    """Validate `kernel` (and `initrd`, `cmdline`) and write everything needed to boot into `mem`.
+
+    Raises ImageError (a ConfigError) for a malformed or unsuitable image or initrd, ConfigError
+    for a bad protocol name, command line or vCPU count, or guest RAM too small for the layout.
+    Guest memory is untouched when anything is rejected.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"boot protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if not 1 <= cpus <= MAX_CPUS:
+        raise ConfigError(f"the boot loader supports 1 to {MAX_CPUS} vCPUs, not {cpus}")
+    kernel = bytes(kernel)
+    ram = [(r.base, r.size) for r in mem.regions]
+    e820 = build_e820(ram)
+    region0_end = ram[0][0] + ram[0][1]
+    image = _detect(kernel)
+    writes: list[_Write] = []
+
+    if isinstance(image, BzImage):
+        if protocol == "pvh":
+            raise ImageError("a bzImage has no PVH entry point; PVH needs an ELF kernel with a PVH note")
+        name = "linux-bzimage"
+        hdr = image.header
+        limit = min(hdr.cmdline_size, L.CMDLINE_MAX - 1)
+        raw_cmdline = _cmdline_bytes(cmdline, limit, "this bzImage")
+        k0, k1 = image.load_address, image.load_address + image.memory_needed
+        if k0 < HIMEM_START:
+            raise ImageError(f"bzImage load address {k0:#x} overlaps the boot structures below 1 MiB")
+        if k1 > region0_end:
+            raise ImageError(
+                f"bzImage needs [{k0:#x}, {k1:#x}) (init_size {hdr.init_size:#x}) but guest RAM below "
+                f"the MMIO hole ends at {region0_end:#x}"
+            )
+        writes.append((k0, kernel[image.kernel_offset :]))
+        writes.append((k0 + image.kernel_size, image.memory_needed - image.kernel_size))
+        entry = image.entry64
+        initrd_max_end = (hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX) + 1
+        setup_header: bytes | None = image.header_bytes(kernel)
+    else:
+        pvh_entry = find_pvh_entry(image)
+        if protocol == "pvh" or (protocol == "auto" and pvh_entry is not None):
+            if pvh_entry is None:
+                raise ImageError("the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
+            name = "pvh"
+            entry = pvh_entry
+            raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_PVH, "the PVH boot protocol")
+            check_entry(image, entry, "PVH entry point")
+        else:
+            if image.elf_class != 64:
+                raise ImageError("a 32-bit ELF kernel can only boot through PVH, and it has no PVH note")
+            name = "linux-elf"
+            entry = image.entry
+            raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_LINUX_ELF, "the Linux ELF boot path")
+            check_entry(image, entry)
+        check_placement(image.segments, ram, low_limit=HIMEM_START)
+        k0, k1 = image.loaded_range
+        if k1 > FOUR_GIB:
+            raise ImageError(f"the ELF kernel ends at {k1:#x}, above the identity-mapped 4 GiB")
+        for seg in image.segments:
+            if seg.memsz:
+                writes.append((seg.paddr, kernel[seg.offset : seg.offset + seg.filesz]))
+                writes.append((seg.paddr + seg.filesz, seg.memsz - seg.filesz))
+        initrd_max_end = FOUR_GIB
+        setup_header = None
+
+    initrd_range: tuple[int, int] | None = None
+    if initrd is not None:
+        limit_end = min(initrd_max_end, region0_end, MMIO32_START)
+        initrd_range = _place_initrd(len(initrd), limit_end, k1)
+        writes.append((initrd_range[0], bytes(initrd)))
+
+    writes.append((L.CMDLINE_START, raw_cmdline + b"\0"))
+    cmdline_addr = L.CMDLINE_START
+    if name == "pvh":
+        modules = [(initrd_range[0], initrd_range[1] - initrd_range[0])] if initrd_range else []
+        writes.append((L.MEMMAP_START, build_memmap(e820)))
+        writes.append((L.MODLIST_START, build_modlist(modules)))
+        start_info = build_start_info(
+            cmdline_addr=cmdline_addr,
+            memmap_addr=L.MEMMAP_START,
+            memmap_entries=len(e820),
+            modlist_addr=L.MODLIST_START if modules else 0,
+            nr_modules=len(modules),
+        )
+        writes.append((L.START_INFO_START, start_info))
+        boot_info = L.START_INFO_START
+    else:
+        zero_page = build_boot_params(
+            setup_header=setup_header,
+            cmdline_addr=cmdline_addr,
+            cmdline_size=CMDLINE_LIMIT_LINUX_ELF,
+            e820=e820,
+            initrd=(initrd_range[0], initrd_range[1] - initrd_range[0]) if initrd_range else None,
+            code32_start=k0 if setup_header is not None else 0,
+        )
+        writes.append((L.ZERO_PAGE_START, zero_page))
+        boot_info = L.ZERO_PAGE_START
+    gdt = build_gdt()
+    writes.append((L.GDT_START, gdt))
+    writes.append((L.IDT_START, L.IDT_LIMIT + 1))
+    writes.append((L.BOOT_STACK_POINTER & ~(PAGE - 1), PAGE))
+    writes.append((L.PML4_START, build_page_tables(L.PML4_START)))
+    writes.append((L.MPTABLE_START, build_mptable(cpus)))
+
+    # Validate every destination before the first write.
+    for addr, item in writes:
+        length = item if isinstance(item, int) else len(item)
+        if not mem.contains(addr, length):
+            raise ImageError(f"boot data [{addr:#x}, +{length:#x}) does not fit in guest RAM")
+    for addr, item in writes:
+        if isinstance(item, int):
+            if item:
+                mem.fill(addr, item)
+        else:
+            mem.write(addr, item)
+
+    long_mode = name != "pvh"
+    segs = segments_for(long_mode)
+    return BootPlan(
+        protocol=name,
+        long_mode=long_mode,
+        rip=entry,
+        rsp=L.BOOT_STACK_POINTER,
+        rsi=boot_info if long_mode else 0,
+        rbx=0 if long_mode else boot_info,
+        rflags=RFLAGS_RESERVED,
+        cr0=(CR0_PE | CR0_ET | CR0_NE | CR0_PG) if long_mode else (CR0_PE | CR0_ET),
+        cr3=L.PML4_START if long_mode else 0,
+        cr4=CR4_PAE if long_mode else 0,
+        efer=(EFER_LME | EFER_LMA) if long_mode else 0,
+        gdt=(L.GDT_START, len(gdt) - 1),
+        idt=(L.IDT_START, L.IDT_LIMIT),
+        cs=segs["cs"],
+        ds=segs["ds"],
+        es=segs["es"],
+        fs=segs["fs"],
+        gs=segs["gs"],
+        ss=segs["ss"],
+        tr=segs["tr"],
+        kernel_range=(k0, k1),
+        initrd_range=initrd_range,
+        cmdline=cmdline,
+        e820=e820,
+        boot_info=boot_info,
+        mptable=L.MPTABLE_START,
+        cpus=cpus,
+    )

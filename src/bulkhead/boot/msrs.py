@@ -1,0 +1,56 @@
+"""Boot-time MSR values for every vCPU (pure): what the runtime sets with KVM_SET_MSRS.
+
+The syscall/sysenter MSRs, KERNEL_GS_BASE and the TSC start at 0 (the guest programs its own);
+MISC_ENABLE turns on fast string operations (as real firmware does); MTRRdefType enables MTRRs
+with write-back as the default memory type, so the guest does not run uncached.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MSR_CSTAR",
+    "MSR_IA32_MISC_ENABLE",
+    "MSR_IA32_SYSENTER_CS",
+    "MSR_IA32_SYSENTER_EIP",
+    "MSR_IA32_SYSENTER_ESP",
+    "MSR_IA32_TSC",
+    "MSR_KERNEL_GS_BASE",
+    "MSR_LSTAR",
+    "MSR_MTRR_DEF_TYPE",
+    "MSR_STAR",
+    "MSR_SYSCALL_MASK",
+    "boot_msrs",
+]
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_STAR = 0xC000_0081
+MSR_LSTAR = 0xC000_0082
+MSR_CSTAR = 0xC000_0083
+MSR_SYSCALL_MASK = 0xC000_0084
+MSR_KERNEL_GS_BASE = 0xC000_0102
+
+MISC_ENABLE_FAST_STRING = 1 << 0
+MTRR_ENABLE = 1 << 11
+MTRR_TYPE_WB = 6
+
+
+def boot_msrs() -> list[tuple[int, int]]:
+    """(MSR index, value) pairs to set on each vCPU before it first runs."""
+    return [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WB),
+    ]
