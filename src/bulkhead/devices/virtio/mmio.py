@@ -1,0 +1,433 @@
+"""The virtio-mmio transport, version 2 (modern), virtio 1.2 §4.2 (pure register machine).
+
+`MmioTransport(device, mem, irq, on_event=...)` is a `BusDevice` registered for VIRTIO_MMIO_SIZE bytes.
+Control registers (0x000..0x0ff) accept only aligned 32-bit accesses (§4.2.2.2); the configuration
+space at 0x100 accepts widths 1, 2, 4 and 8 within the device's config size. Everything else reads as
+zero / is dropped, and is counted in `stats`.
+
+Device status is a transition table: ACKNOWLEDGE -> DRIVER -> FEATURES_OK -> DRIVER_OK, each state
+only adding the next bit; FAILED may be set at any time; writing 0 resets. Out-of-order writes are
+ignored and counted. FEATURES_OK is refused (not set) unless the driver accepted VIRTIO_F_VERSION_1
+and only offered bits. Queue registers can be written only between FEATURES_OK and DRIVER_OK, while
+the selected queue is not ready; setting QueueReady validates the queue against guest memory.
+
+Guest faults (bad queue setup, malformed chains or requests) are contained here: the transport sets
+DEVICE_NEEDS_RESET, raises a configuration-change interrupt, stops the queue, and reports
+`on_event("guest-fault", {...})`. No GuestFault ever leaves `read`/`write`/`notify`.
+
+Threading: vCPU threads call read/write, the I/O thread calls notify/poll callbacks/timer_due; one
+lock per transport serialises them. `irq.trigger()` is called with the lock held (an eventfd write);
+`on_event` is called after the lock is released.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from bulkhead.devices.virtio.device import IrqLine, PollCallback, VirtioDevice
+from bulkhead.devices.virtio.queue import VIRTIO_F_VERSION_1, Queue
+from bulkhead.errors import GuestFault
+from bulkhead.memory import GuestMemory
+
+__all__ = [
+    "MAGIC_VALUE",
+    "QUEUE_NOTIFY",
+    "STATUS_ACKNOWLEDGE",
+    "STATUS_DRIVER",
+    "STATUS_DRIVER_OK",
+    "STATUS_FAILED",
+    "STATUS_FEATURES_OK",
+    "STATUS_NEEDS_RESET",
+    "VENDOR_ID",
+    "MmioTransport",
+    "kernel_cmdline_entry",
+]
+
+MAGIC_VALUE = 0x7472_6976  # "virt"
+VERSION = 2
+VENDOR_ID = 0x4B48_4C42  # "BLHK" read as little-endian bytes: 'B','L','H','K'
+
+MAGIC, VERSION_REG, DEVICE_ID, VENDOR = 0x000, 0x004, 0x008, 0x00C
+DEVICE_FEATURES, DEVICE_FEATURES_SEL = 0x010, 0x014
+DRIVER_FEATURES, DRIVER_FEATURES_SEL = 0x020, 0x024
+QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY, QUEUE_NOTIFY = 0x030, 0x034, 0x038, 0x044, 0x050
+INTERRUPT_STATUS, INTERRUPT_ACK, STATUS = 0x060, 0x064, 0x070
+QUEUE_DESC_LOW, QUEUE_DESC_HIGH = 0x080, 0x084
+QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH = 0x090, 0x094
+QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH = 0x0A0, 0x0A4
+SHM_SEL, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH = 0x0AC, 0x0B0, 0x0B4, 0x0B8, 0x0BC
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+MMIO_SIZE = 0x200
+
+STATUS_ACKNOWLEDGE = 0x01
+STATUS_DRIVER = 0x02
+STATUS_DRIVER_OK = 0x04
+STATUS_FEATURES_OK = 0x08
+STATUS_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+INT_USED_BUFFER = 0x1
+INT_CONFIG_CHANGE = 0x2
+
+# The driver-visible lifecycle, as a table: state -> the one state the driver may move to next.
+_NEXT_STATUS = {
+    0: STATUS_ACKNOWLEDGE,
+    STATUS_ACKNOWLEDGE: STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+    STATUS_ACKNOWLEDGE | STATUS_DRIVER: STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK: (
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+    ),
+}
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+def kernel_cmdline_entry(base: int, irq: int, size: int = MMIO_SIZE) -> str:
+    """The Linux command-line token announcing one virtio-mmio device (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES)."""
+    return f"virtio_mmio.device={size:#x}@{base:#x}:{irq}"
+
+
+def _no_event(kind: str, detail: dict[str, Any]) -> None:
+    return None
+
+
+class MmioTransport:
+    """One virtio-mmio device slot. See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        mem: GuestMemory,
+        irq: IrqLine,
+        *,
+        on_event: EventCallback = _no_event,
+    ) -> None:
+        self.device = device
+        self.mem = mem
+        self.irq = irq
+        self.on_event = on_event
+        self.lock = threading.Lock()
+        self.queues: list[Queue] = device.make_queues()
+        self.stats: dict[str, int] = {}
+        self._events: list[tuple[str, dict[str, Any]]] = []
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.interrupt_status = 0
+        for q in self.queues:
+            q.reset()
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    @property
+    def name(self) -> str:
+        return self.device.name
+
+    # -- BusDevice --------------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        """Register or config read. Never raises for guest-chosen offsets or sizes."""
+        with self.lock:
+            if offset >= CONFIG:
+                value = self.device.read_config(offset - CONFIG, size)
+                if value is None:
+                    self._count("config_out_of_range")
+                    return 0
+                return value
+            if size != 4 or offset & 3:
+                self._count("bad_register_access")
+                return 0
+            return self._read_reg(offset)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Register or config write. Never raises for guest-chosen offsets, sizes or values."""
+        notify = -1
+        with self.lock:
+            if offset >= CONFIG:
+                if not self.device.write_config(offset - CONFIG, size, value):
+                    self._count("config_write_refused")
+            elif size != 4 or offset & 3:
+                self._count("bad_register_access")
+            elif offset == QUEUE_NOTIFY:
+                notify = value & 0xFFFF_FFFF
+            else:
+                self._write_reg(offset, value & 0xFFFF_FFFF)
+        self._flush_events()
+        if notify >= 0:
+            self._count("notify_mmio")
+            self.notify(notify)
+
+    # -- registers --------------------------------------------------------------------------------
+
+    def _selected(self) -> Queue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _read_reg(self, offset: int) -> int:
+        q = self._selected()
+        if offset == MAGIC:
+            return MAGIC_VALUE
+        if offset == VERSION_REG:
+            return VERSION
+        if offset == DEVICE_ID:
+            return self.device.device_id
+        if offset == VENDOR:
+            return VENDOR_ID
+        if offset == DEVICE_FEATURES:
+            if self.device_features_sel > 1:
+                return 0
+            return (self.device.features >> (32 * self.device_features_sel)) & 0xFFFF_FFFF
+        if offset == QUEUE_NUM_MAX:
+            return q.max_size if q is not None else 0
+        if offset == QUEUE_READY:
+            return int(q.ready) if q is not None else 0
+        if offset == INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == STATUS:
+            return self.status
+        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
+            return 0xFFFF_FFFF  # no shared memory regions (all ones = "does not exist")
+        if offset == CONFIG_GENERATION:
+            return self.device.config_generation & 0xFFFF_FFFF
+        self._count("bad_register_read")
+        return 0
+
+    def _write_reg(self, offset: int, value: int) -> None:
+        if offset == DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == DRIVER_FEATURES:
+            self._write_driver_features(value)
+        elif offset == QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == INTERRUPT_ACK:
+            self.interrupt_status &= ~value & 0xFF
+        elif offset == STATUS:
+            self._write_status(value & 0xFF)
+        elif offset == SHM_SEL:
+            pass
+        elif offset in (
+            QUEUE_NUM,
+            QUEUE_READY,
+            QUEUE_DESC_LOW,
+            QUEUE_DESC_HIGH,
+            QUEUE_DRIVER_LOW,
+            QUEUE_DRIVER_HIGH,
+            QUEUE_DEVICE_LOW,
+            QUEUE_DEVICE_HIGH,
+        ):
+            self._write_queue_reg(offset, value)
+        else:
+            self._count("bad_register_write")
+
+    def _write_driver_features(self, value: int) -> None:
+        if self.status & (STATUS_FEATURES_OK | STATUS_FAILED) or not self.status & STATUS_DRIVER:
+            self._count("features_write_refused")
+            return
+        if self.driver_features_sel > 1:
+            self._count("features_write_refused")
+            return
+        shift = 32 * self.driver_features_sel
+        self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+
+    def _write_queue_reg(self, offset: int, value: int) -> None:
+        q = self._selected()
+        phase_ok = self.status & STATUS_FEATURES_OK and not self.status & (
+            STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET
+        )
+        if q is None:
+            self._count("queue_write_refused")
+            return
+        if offset == QUEUE_READY:
+            if value & 1 and not q.ready and phase_ok:
+                try:
+                    q.validate(self.mem)
+                except GuestFault as exc:
+                    self._fault(exc, self.queue_sel)
+                    return
+                q.ready = True
+            elif not value & 1:
+                q.ready = False  # the driver may stop a queue at any time
+            else:
+                self._count("queue_write_refused")
+            return
+        if q.ready or not phase_ok:
+            self._count("queue_write_refused")
+            return
+        if offset == QUEUE_NUM:
+            q.size = value & 0xFFFF_FFFF  # validated at QueueReady
+        elif offset == QUEUE_DESC_LOW:
+            q.desc_table = (q.desc_table & ~0xFFFF_FFFF) | value
+        elif offset == QUEUE_DESC_HIGH:
+            q.desc_table = (q.desc_table & 0xFFFF_FFFF) | (value << 32)
+        elif offset == QUEUE_DRIVER_LOW:
+            q.avail_ring = (q.avail_ring & ~0xFFFF_FFFF) | value
+        elif offset == QUEUE_DRIVER_HIGH:
+            q.avail_ring = (q.avail_ring & 0xFFFF_FFFF) | (value << 32)
+        elif offset == QUEUE_DEVICE_LOW:
+            q.used_ring = (q.used_ring & ~0xFFFF_FFFF) | value
+        elif offset == QUEUE_DEVICE_HIGH:
+            q.used_ring = (q.used_ring & 0xFFFF_FFFF) | (value << 32)
+
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        if value & STATUS_FAILED:
+            self.status |= STATUS_FAILED
+            return
+        cur = self.status & ~STATUS_NEEDS_RESET
+        new = value & ~STATUS_NEEDS_RESET
+        if value & STATUS_NEEDS_RESET and not self.status & STATUS_NEEDS_RESET:
+            self._count("status_rejected")  # only the device sets NEEDS_RESET
+            return
+        if new == cur:
+            return
+        if self.status & STATUS_FAILED or _NEXT_STATUS.get(cur) != new:
+            self._count("status_rejected")
+            return
+        added = new & ~cur
+        if added == STATUS_FEATURES_OK:
+            offered = self.device.features
+            feats = self.driver_features
+            if not feats >> VIRTIO_F_VERSION_1 & 1 or feats & ~offered:
+                self._count("features_rejected")
+                return  # FEATURES_OK stays clear; the driver must notice and give up
+        if added == STATUS_DRIVER_OK:
+            self.status = value & 0xFF
+            self._activate()
+            return
+        self.status = value & 0xFF
+
+    def _activate(self) -> None:
+        for q in self.queues:
+            q.set_features(self.driver_features)
+        try:
+            for i, q in enumerate(self.queues):
+                if q.ready:
+                    try:
+                        q.activate(self.mem)
+                    except GuestFault as exc:
+                        self._fault(exc, i)
+            self.device.activate(self.mem, self.queues, self.driver_features)
+        except GuestFault as exc:
+            self._fault(exc, -1)
+
+    def _reset(self) -> None:
+        self.device.reset()
+        self._reset_state()
+        self._count("resets")
+
+    # -- interrupts and faults --------------------------------------------------------------------
+
+    def _fault(self, exc: GuestFault, queue: int) -> None:
+        """Contain a guest fault: NEEDS_RESET, config-change interrupt, queue stopped, event queued."""
+        self._count("guest_faults")
+        if 0 <= queue < len(self.queues):
+            self.queues[queue].broken = True
+        first = not self.status & STATUS_NEEDS_RESET
+        self.status |= STATUS_NEEDS_RESET
+        if self.status & STATUS_DRIVER_OK:
+            self.interrupt_status |= INT_CONFIG_CHANGE
+            self.irq.trigger()
+        self._events.append(
+            (
+                "guest-fault",
+                {
+                    "device": self.device.name,
+                    "queue": queue,
+                    "kind": exc.kind,
+                    "reason": str(exc),
+                    "first": first,
+                },
+            )
+        )
+
+    def _flush_events(self) -> None:
+        if not self._events:
+            return
+        with self.lock:
+            events, self._events = self._events, []
+        for kind, detail in events:
+            try:
+                self.on_event(kind, detail)
+            except Exception:
+                # The event sink belongs to the runtime; its failure must not escape into a vCPU.
+                self._count("event_errors")
+
+    def _signal_used(self) -> None:
+        fire = False
+        for i, q in enumerate(self.queues):
+            if q.dirty and not q.broken:
+                try:
+                    fire |= q.needs_notification(self.mem)
+                except GuestFault as exc:
+                    self._fault(exc, i)
+        if fire:
+            self.interrupt_status |= INT_USED_BUFFER
+            self.irq.trigger()
+            self._count("interrupts")
+
+    def _run(self, work: Callable[[], None], queue: int) -> None:
+        """Run device work under the lock, containing faults, then signal used buffers."""
+        with self.lock:
+            if not self.status & STATUS_DRIVER_OK or self.status & (STATUS_FAILED | STATUS_NEEDS_RESET):
+                self._count("work_ignored")
+                return
+            try:
+                work()
+            except GuestFault as exc:
+                self._fault(exc, queue)
+            self._signal_used()
+        self._flush_events()
+
+    # -- runtime entry points ---------------------------------------------------------------------
+
+    def notify(self, queue_index: int) -> None:
+        """A queue notification (ioeventfd on QueueNotify with datamatch = queue, or an MMIO write)."""
+        q = queue_index & 0xFFFF_FFFF
+        if q >= len(self.queues) or not self.queues[q].ready or self.queues[q].broken:
+            self._count("notify_ignored")
+            return
+        self._count("notifies")
+        self._run(lambda: self.device.process_queue(q), q)
+
+    def ioeventfd_queues(self) -> list[tuple[int, int]]:
+        """(register offset, datamatch) pairs the runtime should back with ioeventfds (4-byte writes)."""
+        return [(QUEUE_NOTIFY, i) for i in range(len(self.queues))]
+
+    def poll_fds(self) -> list[tuple[int, PollCallback]]:
+        """Host fds to watch with EPOLLIN | EPOLLET and the callback (already locked and contained)."""
+        return [(fd, self._wrap(cb)) for fd, cb in self.device.poll_fds()]
+
+    def _wrap(self, cb: PollCallback) -> PollCallback:
+        def run() -> None:
+            self._run(cb, -1)
+
+        return run
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which `timer_due()` should be called (rate limiting), or None."""
+        with self.lock:
+            return self.device.next_deadline()
+
+    def timer_due(self, now: float) -> None:
+        """Resume throttled device work (call when `next_deadline()` has passed)."""
+        self._run(lambda: self.device.timer_due(now), -1)
+
+    def config_changed(self) -> None:
+        """The host changed the device's configuration (e.g. link status): bump generation, interrupt."""
+        with self.lock:
+            self.device.config_generation = (self.device.config_generation + 1) & 0xFFFF_FFFF
+            if self.status & STATUS_DRIVER_OK:
+                self.interrupt_status |= INT_CONFIG_CHANGE
+                self.irq.trigger()
