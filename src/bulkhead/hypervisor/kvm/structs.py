@@ -7,7 +7,7 @@ tests/test_kvm_structs.py, so a mistake here fails CI instead of corrupting vCPU
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_char, c_int32, c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 
 __all__ = [
     "KvmCoalescedMmio",
@@ -161,7 +161,7 @@ def msr_list_type(n: int) -> type[ctypes.Structure]:
 
 
 class KvmLapicState(ctypes.Structure):
-    _fields_ = [("regs", c_char * 1024)]
+    _fields_ = [("regs", c_uint8 * 1024)]
 
 
 class KvmMpState(ctypes.Structure):

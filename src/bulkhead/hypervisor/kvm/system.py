@@ -51,7 +51,7 @@ class _Fd:
         self.fd = fd
 
     def ioctl(self, request: int, arg: object = 0, what: str = "") -> int:
-        if isinstance(arg, ctypes.Structure | ctypes.Array):
+        if isinstance(arg, ctypes.Structure | ctypes.Array | ctypes._SimpleCData):
             ret = _ioctl(self.fd, ctypes.c_ulong(request), ctypes.byref(arg))
         else:
             ret = _ioctl(self.fd, ctypes.c_ulong(request), ctypes.c_ulong(int(arg)))  # type: ignore[call-overload]

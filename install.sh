@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs everything bulkhead needs on a fresh Debian 12 machine (run as root):
+# system packages, a virtualenv with pinned Python dependencies in ./.venv, the `bulkhead` command
+# in /usr/local/bin, and the demo guest (built once with gcc and cached).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install.sh: run as root (it installs system packages and /usr/local/bin/bulkhead)" >&2
+  exit 1
+fi
+
+PACKAGES=(
+  gcc binutils make libc6-dev linux-libc-dev   # guest payloads and the KVM header checks
+  python3 python3-venv python3-dev              # the VMM itself
+  qemu-system-x86                               # the side-by-side peer in tests and benchmarks
+  swtpm swtpm-tools tpm2-tools libtss2-dev      # TPM for measured launch and attestation
+  libseccomp2 libseccomp-dev                    # seccomp allow-lists for the jailed workers
+  iproute2 nftables                             # taps, bridges, filtering
+  busybox-static cpio xz-utils                  # initramfs for Linux boot tests
+)
+export DEBIAN_FRONTEND=noninteractive
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install.sh: installing system packages: ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "install.sh: bulkhead needs Python >= 3.11 ($PY is $("$PY" --version 2>&1))" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[mgmt,dev,fuzz,api-test]'
+ln -sf "$PWD/.venv/bin/bulkhead" /usr/local/bin/bulkhead
+ln -sf "$PWD/.venv/bin/bulkheadd" /usr/local/bin/bulkheadd
+
+# Build the demo guest now so `bulkhead demo` starts at once (it is rebuilt only when its sources change).
+.venv/bin/python -m bulkhead.guests.build demo.c >/dev/null
+echo "install.sh: done. Try: bulkhead demo"
