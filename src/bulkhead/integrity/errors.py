@@ -1,0 +1,31 @@
+"""Integrity errors. Every integrity failure is an IntegrityError: callers fail closed on it."""
+
+from __future__ import annotations
+
+from bulkhead.errors import BulkheadError
+
+__all__ = ["IntegrityError", "LaunchDigestMismatch", "TpmError"]
+
+
+class IntegrityError(BulkheadError):
+    """Integrity could not be shown: a file differs, a signature is bad, a quote does not verify.
+
+    `path` names the first differing file when the failure is about one file (else "").
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class LaunchDigestMismatch(IntegrityError):
+    """A guest's launch digest differs from the digest it was created with (e.g. kernel swapped)."""
+
+    def __init__(self, message: str, *, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class TpmError(IntegrityError):
+    """The TPM is missing, unreachable, or refused a command."""
