@@ -1,0 +1,141 @@
+"""i8042: reset line, the commands Linux's probe uses, containment."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bulkhead.devices import I8042_BASE, I8042_LEN, I8042Device
+from bulkhead.devices import i8042 as k
+from bulkhead.testing import FakeIrq
+
+DATA, CMD = 0, 4
+
+
+class Ctl:
+    def __init__(self, kbd_irq: FakeIrq | None = None) -> None:
+        self.resets = 0
+        self.dev = I8042Device(self._reset, kbd_irq=kbd_irq)
+
+    def _reset(self) -> None:
+        self.resets += 1
+
+
+def test_claims_ports_0x60_to_0x64() -> None:
+    assert (I8042_BASE, I8042_LEN) == (0x60, 5)
+    assert I8042_BASE + k.OFS_COMMAND == 0x64
+
+
+def test_fe_on_command_port_pulses_reset() -> None:
+    c = Ctl()
+    c.dev.write(CMD, 1, 0xFE)
+    assert c.resets == 1
+    assert c.dev.metrics.resets == 1
+    c.dev.write(CMD, 1, 0xFE)
+    assert c.resets == 2
+
+
+@pytest.mark.parametrize("cmd", [0xF0, 0xF2, 0xFC])
+def test_other_even_pulse_commands_also_reset(cmd: int) -> None:
+    c = Ctl()
+    c.dev.write(CMD, 1, cmd)
+    assert c.resets == 1
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "value"),
+    [(DATA, 1, 0xFE), (CMD, 1, 0xFF), (CMD, 2, 0xFE), (CMD, 4, 0xFE), (1, 1, 0xFE), (3, 1, 0xFE)],
+)
+def test_no_reset_elsewhere(offset: int, size: int, value: int) -> None:
+    c = Ctl()
+    c.dev.write(offset, size, value)
+    assert c.resets == 0
+
+
+def test_status_and_empty_data_port() -> None:
+    c = Ctl()
+    assert c.dev.read(CMD, 1) == k.SB_KBD_ENABLED
+    assert c.dev.read(DATA, 1) == 0
+    assert c.dev.read(DATA, 1) == 0
+
+
+def test_self_test_and_control_byte_round_trip() -> None:
+    c = Ctl()
+    c.dev.write(CMD, 1, 0xAA)
+    assert c.dev.read(CMD, 1) & k.SB_OUT_DATA_AVAIL
+    assert c.dev.read(DATA, 1) == 0x55
+    assert not c.dev.read(CMD, 1) & k.SB_OUT_DATA_AVAIL
+    c.dev.write(CMD, 1, 0x20)
+    assert c.dev.read(DATA, 1) == k.CB_POST_OK | k.CB_KBD_INT
+    c.dev.write(CMD, 1, 0x60)
+    assert c.dev.read(CMD, 1) & k.SB_CMD_DATA
+    c.dev.write(DATA, 1, 0x45)
+    assert not c.dev.read(CMD, 1) & k.SB_CMD_DATA
+    c.dev.write(CMD, 1, 0x20)
+    assert c.dev.read(DATA, 1) == 0x45
+    assert c.dev.control == 0x45
+
+
+def test_output_port_write_with_reset_bit_clear_resets() -> None:
+    c = Ctl()
+    c.dev.write(CMD, 1, 0xD1)
+    c.dev.write(DATA, 1, 0xDF)  # A20 on, reset deasserted (what Linux's a20 code writes)
+    assert c.resets == 0
+    c.dev.write(CMD, 1, 0xD0)
+    assert c.dev.read(DATA, 1) == 0xDF
+    c.dev.write(CMD, 1, 0xD1)
+    c.dev.write(DATA, 1, 0xDE)
+    assert c.resets == 1
+
+
+def test_keyboard_commands_are_acked_with_interrupt_when_enabled() -> None:
+    irq = FakeIrq()
+    c = Ctl(irq)
+    c.dev.write(DATA, 1, 0xF4)  # keyboard "enable scanning"
+    assert c.dev.read(DATA, 1) == 0xFA
+    assert irq.take() == 1
+    c.dev.write(CMD, 1, 0x60)
+    c.dev.write(DATA, 1, 0x00)  # control byte: keyboard interrupt off
+    assert irq.take() == 0
+    c.dev.write(DATA, 1, 0xF4)
+    assert c.dev.read(DATA, 1) == 0xFA
+    assert irq.take() == 0
+
+
+def test_unknown_commands_are_harmless_and_counted() -> None:
+    c = Ctl()
+    for cmd in (0x00, 0xA7, 0xA8, 0xAD, 0xAE, 0xC0, 0xEF):
+        c.dev.write(CMD, 1, cmd)
+    assert c.resets == 0
+    assert c.dev.metrics.unknown_commands == 7
+    assert c.dev.read(CMD, 1) == k.SB_KBD_ENABLED
+
+
+def test_bad_accesses_are_contained() -> None:
+    c = Ctl()
+    assert c.dev.read(1, 1) == 0xFF
+    assert c.dev.read(DATA, 2) == 0xFFFF
+    assert c.dev.read(5, 1) == 0xFF
+    c.dev.write(2, 1, 0xAA)
+    assert c.dev.metrics.bad_access == 4
+    assert c.dev.read(CMD, 1) == k.SB_KBD_ENABLED  # the stray write queued nothing
+
+
+_op = st.tuples(
+    st.booleans(), st.integers(-1, 6), st.sampled_from([0, 1, 1, 1, 2, 4]), st.integers(-(2**40), 2**40)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=60))
+def test_random_accesses_never_raise_and_stay_in_range(ops: list[tuple[bool, int, int, int]]) -> None:
+    c = Ctl(FakeIrq())
+    for is_write, off, size, val in ops:
+        if is_write:
+            c.dev.write(off, size, val)
+        else:
+            v = c.dev.read(off, size)
+            assert 0 <= v < (1 << (8 * size)) if size > 0 else v == 0
+    assert c.resets == c.dev.metrics.resets
+    assert c.dev.read(CMD, 1) & ~(k.SB_OUT_DATA_AVAIL | k.SB_CMD_DATA) == k.SB_KBD_ENABLED
