@@ -1,0 +1,8 @@
+/* Start-to-exit benchmark: print one line, exit with debug-exit code 0. */
+#include "guest.h"
+
+int main(const struct bh_bootinfo *bi) {
+    (void)bi;
+    printf("HELLO bulkhead\n");
+    return 0;
+}
