@@ -64,7 +64,9 @@ class MockVirtqueueDriver:
         self.write_desc_at(self.desc_table + 16 * index, addr, length, flags, next_)
 
     def write_desc_at(self, at: int, addr: int, length: int, flags: int = 0, next_: int = 0) -> None:
-        self.mem.write(at, _DESC.pack(addr & (2**64 - 1), length & 0xFFFF_FFFF, flags & 0xFFFF, next_ & 0xFFFF))
+        self.mem.write(
+            at, _DESC.pack(addr & (2**64 - 1), length & 0xFFFF_FFFF, flags & 0xFFFF, next_ & 0xFFFF)
+        )
 
     def push_avail(self, head: int, publish: bool = True) -> None:
         """Put `head` in the next available slot; publish the new index unless told not to."""

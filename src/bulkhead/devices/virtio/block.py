@@ -164,7 +164,7 @@ class BlockDevice(VirtioDevice):
                 chain = q.pop(mem)
                 if chain is None:
                     break
-                cost = chain.read_len + chain.write_len
+                cost = max(0, chain.read_len - _HDR.size) + max(0, chain.write_len - 1)  # data bytes
                 if not self.limiter.try_consume(cost):
                     q.undo_pop()
                     self.count("throttled")
@@ -227,7 +227,9 @@ class BlockDevice(VirtioDevice):
             return False
         return True
 
-    def _rw(self, mem: GuestMemory, bufs: list[tuple[int, int]], sector: int, length: int, *, write: bool) -> int:
+    def _rw(
+        self, mem: GuestMemory, bufs: list[tuple[int, int]], sector: int, length: int, *, write: bool
+    ) -> int:
         if write and self.read_only:
             self.count("ro_write_refused")
             return VIRTIO_BLK_S_IOERR
@@ -274,7 +276,11 @@ class BlockDevice(VirtioDevice):
         if discard and flags:
             return VIRTIO_BLK_S_UNSUPP  # §5.2.6.2: flags other than 0 are reserved for discard
         off, n = sector * SECTOR_SIZE, nsec * SECTOR_SIZE
-        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE if discard else _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE
+        mode = (
+            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if discard
+            else _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE
+        )
         try:
             _fallocate(self.fd, mode, off, n)
         except OSError as exc:

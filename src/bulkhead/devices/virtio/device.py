@@ -114,5 +114,3 @@ class VirtioDevice:
 
     def timer_due(self, now: float) -> None:
         """A deadline from `next_deadline()` has passed: resume throttled work."""
-
-

@@ -262,7 +262,9 @@ class Queue:
                 if length == 0 or length % DESC_SIZE:
                     raise _fault(f"indirect table length {length} is not a non-zero multiple of 16")
                 if length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
-                    raise _fault(f"indirect table has {length // DESC_SIZE} entries (> {MAX_INDIRECT_ENTRIES})")
+                    raise _fault(
+                        f"indirect table has {length // DESC_SIZE} entries (> {MAX_INDIRECT_ENTRIES})"
+                    )
                 if addr & 15:
                     # Not required by the spec, but Linux always aligns; reading 16-byte entries
                     # straddling regions would otherwise need extra care.

@@ -1,0 +1,333 @@
+"""virtio-mmio v2 transport: registers, feature/status handshake, queue setup, fault containment."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bulkhead.devices.virtio import mmio
+from bulkhead.devices.virtio.mmio import MmioTransport, kernel_cmdline_entry
+from bulkhead.devices.virtio.queue import VIRTIO_F_VERSION_1, VIRTQ_DESC_F_NEXT
+from bulkhead.devices.virtio.rng import RngDevice
+from bulkhead.memory import GuestMemory
+from bulkhead.testing import FakeIrq
+from bulkhead.testing.virtqueue import setup_transport
+
+ACK, DRV, FOK, DOK = (
+    mmio.STATUS_ACKNOWLEDGE,
+    mmio.STATUS_DRIVER,
+    mmio.STATUS_FEATURES_OK,
+    mmio.STATUS_DRIVER_OK,
+)
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory([(0, 4 << 20)])
+    yield m
+    m.close()
+
+
+class Rig:
+    def __init__(self, mem: GuestMemory, base: int = 0x10000) -> None:
+        self.irq = FakeIrq()
+        self.events: list[tuple[str, dict]] = []
+        self.dev = RngDevice(source=lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256)))
+        self.t = MmioTransport(self.dev, mem, self.irq, on_event=lambda k, d: self.events.append((k, d)))
+        self.base = base
+
+    def status(self) -> int:
+        return self.t.read(mmio.STATUS, 4)
+
+    def setup(self, **kw):
+        return setup_transport(self.t, base_addr=self.base, **kw)
+
+
+def to_features_ok(t: MmioTransport, features: int = 1 << VIRTIO_F_VERSION_1) -> None:
+    t.write(mmio.STATUS, 4, ACK)
+    t.write(mmio.STATUS, 4, ACK | DRV)
+    for sel in (0, 1):
+        t.write(mmio.DRIVER_FEATURES_SEL, 4, sel)
+        t.write(mmio.DRIVER_FEATURES, 4, (features >> (32 * sel)) & 0xFFFF_FFFF)
+    t.write(mmio.STATUS, 4, ACK | DRV | FOK)
+
+
+def test_identity_registers(mem):
+    r = Rig(mem)
+    assert r.t.read(0x000, 4) == 0x74726976
+    assert r.t.read(0x004, 4) == 2
+    assert r.t.read(0x008, 4) == 4  # entropy
+    assert r.t.read(0x00C, 4).to_bytes(4, "little") == b"BLHK"
+    assert r.t.read(0x034, 4) == 256
+    assert r.t.read(mmio.SHM_LEN_LOW, 4) == 0xFFFF_FFFF
+
+
+def test_device_features_two_selectors(mem):
+    r = Rig(mem)
+    r.t.write(mmio.DEVICE_FEATURES_SEL, 4, 1)
+    assert r.t.read(mmio.DEVICE_FEATURES, 4) & 1  # VERSION_1 is bit 32
+    r.t.write(mmio.DEVICE_FEATURES_SEL, 4, 0)
+    assert r.t.read(mmio.DEVICE_FEATURES, 4) == (r.dev.features & 0xFFFF_FFFF)
+    r.t.write(mmio.DEVICE_FEATURES_SEL, 4, 7)
+    assert r.t.read(mmio.DEVICE_FEATURES, 4) == 0
+
+
+def test_full_handshake_and_request(mem):
+    r = Rig(mem)
+    (d,) = r.setup()
+    assert r.status() == ACK | DRV | FOK | DOK
+    c = d.add_chain(writable=[300])
+    r.t.notify(0)
+    assert d.used() == [(c.head, 300)]
+    assert d.read(c.writable[0][0], 300) == (bytes(range(256)) + bytes(range(44)))
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) == 1 and r.irq.take() == 1
+    r.t.write(mmio.INTERRUPT_ACK, 4, 1)
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) == 0
+
+
+def test_mmio_write_to_queue_notify_is_the_naive_path(mem):
+    r = Rig(mem)
+    (d,) = r.setup()
+    d.add_chain(writable=[8])
+    r.t.write(mmio.QUEUE_NOTIFY, 4, 0)
+    assert len(d.used()) == 1 and r.t.stats["notify_mmio"] == 1
+
+
+def test_features_ok_requires_version_1(mem):
+    r = Rig(mem)
+    to_features_ok(r.t, features=0)
+    assert not r.status() & FOK
+    assert r.t.stats["features_rejected"] == 1
+
+
+def test_features_ok_refuses_unoffered_bits(mem):
+    r = Rig(mem)
+    to_features_ok(r.t, features=1 << VIRTIO_F_VERSION_1 | 1 << 5)
+    assert not r.status() & FOK
+
+
+def test_driver_features_frozen_after_features_ok(mem):
+    r = Rig(mem)
+    to_features_ok(r.t)
+    r.t.write(mmio.DRIVER_FEATURES_SEL, 4, 0)
+    r.t.write(mmio.DRIVER_FEATURES, 4, 0xFFFF_FFFF)
+    assert r.t.driver_features == 1 << VIRTIO_F_VERSION_1
+    assert r.t.stats["features_write_refused"] == 1
+
+
+@pytest.mark.parametrize(
+    "sequence",
+    [
+        [DRV],  # DRIVER without ACKNOWLEDGE
+        [ACK, ACK | DRV | DOK],  # DRIVER_OK before FEATURES_OK
+        [ACK, ACK | FOK],
+        [ACK, ACK | DRV, ACK],  # clearing a bit without reset
+        [ACK, ACK | 0x10],  # unknown bit
+        [ACK, ACK | mmio.STATUS_NEEDS_RESET],  # only the device sets NEEDS_RESET
+    ],
+)
+def test_out_of_order_status_rejected(mem, sequence):
+    r = Rig(mem)
+    for v in sequence:
+        r.t.write(mmio.STATUS, 4, v)
+    assert r.status() == (sequence[-2] if len(sequence) > 1 else 0)
+    assert r.t.stats["status_rejected"] == 1
+
+
+def test_failed_any_time_and_reset(mem):
+    r = Rig(mem)
+    (d,) = r.setup()
+    r.t.write(mmio.STATUS, 4, mmio.STATUS_FAILED)
+    assert r.status() & mmio.STATUS_FAILED
+    d.add_chain(writable=[8])
+    r.t.notify(0)
+    assert d.used() == []  # a FAILED device does no work
+    r.t.write(mmio.STATUS, 4, 0)
+    assert r.status() == 0 and not r.t.queues[0].ready and r.t.driver_features == 0
+    assert r.t.queues[0].desc_table == 0 and not r.dev.active
+
+
+@pytest.mark.parametrize(
+    "reg", [mmio.QUEUE_NUM, mmio.QUEUE_DESC_LOW, mmio.QUEUE_DRIVER_HIGH, mmio.QUEUE_DEVICE_LOW]
+)
+def test_queue_registers_only_between_features_ok_and_driver_ok(mem, reg):
+    r = Rig(mem)
+    r.t.write(reg, 4, 64)  # status 0: refused
+    assert r.t.stats["queue_write_refused"] == 1
+    r.setup()
+    before = (r.t.queues[0].size, r.t.queues[0].desc_table, r.t.queues[0].avail_ring, r.t.queues[0].used_ring)
+    r.t.write(reg, 4, 64)  # after DRIVER_OK: refused
+    after = (r.t.queues[0].size, r.t.queues[0].desc_table, r.t.queues[0].avail_ring, r.t.queues[0].used_ring)
+    assert before == after and r.t.stats["queue_write_refused"] == 2
+
+
+def test_queue_registers_refused_while_ready(mem):
+    r = Rig(mem)
+    to_features_ok(r.t)
+    r.t.write(mmio.QUEUE_NUM, 4, 16)
+    r.t.write(mmio.QUEUE_DESC_LOW, 4, 0x1000)
+    r.t.write(mmio.QUEUE_DRIVER_LOW, 4, 0x2000)
+    r.t.write(mmio.QUEUE_DEVICE_LOW, 4, 0x3000)
+    r.t.write(mmio.QUEUE_READY, 4, 1)
+    assert r.t.read(mmio.QUEUE_READY, 4) == 1
+    r.t.write(mmio.QUEUE_DESC_LOW, 4, 0x5000)
+    assert r.t.queues[0].desc_table == 0x1000
+
+
+def test_queue_sel_out_of_range(mem):
+    r = Rig(mem)
+    to_features_ok(r.t)
+    r.t.write(mmio.QUEUE_SEL, 4, 5)
+    assert r.t.read(mmio.QUEUE_NUM_MAX, 4) == 0
+    r.t.write(mmio.QUEUE_NUM, 4, 8)
+    r.t.write(mmio.QUEUE_READY, 4, 1)
+    assert r.t.read(mmio.QUEUE_READY, 4) == 0
+
+
+@pytest.mark.parametrize(
+    ("size", "desc"),
+    [(100, 0x1000), (0, 0x1000), (512, 0x1000), (16, 0x1004), (16, 0xC000_0000), (16, (4 << 20) - 16)],
+)
+def test_bad_queue_setup_sets_needs_reset(mem, size, desc):
+    r = Rig(mem)
+    to_features_ok(r.t)
+    r.t.write(mmio.QUEUE_NUM, 4, size)
+    r.t.write(mmio.QUEUE_DESC_LOW, 4, desc & 0xFFFF_FFFF)
+    r.t.write(mmio.QUEUE_DRIVER_LOW, 4, 0x2000)
+    r.t.write(mmio.QUEUE_DEVICE_LOW, 4, 0x3000)
+    r.t.write(mmio.QUEUE_READY, 4, 1)
+    assert r.t.read(mmio.QUEUE_READY, 4) == 0
+    assert r.status() & mmio.STATUS_NEEDS_RESET
+    assert r.events and r.events[0][0] == "guest-fault" and r.events[0][1]["device"] == "virtio-rng"
+
+
+@pytest.mark.parametrize(("offset", "size"), [(0x000, 1), (0x000, 2), (0x002, 4), (0x070, 8), (0x0F0, 4)])
+def test_bad_control_register_access(mem, offset, size):
+    r = Rig(mem)
+    assert r.t.read(offset, size) == 0
+    r.t.write(offset, size, 0xFF)
+    assert r.status() == 0
+
+
+def test_config_space_bounds(mem):
+    from bulkhead.devices.virtio.net import NetDevice
+
+    class NoBackend:
+        def fileno(self) -> int:
+            return -1
+
+        def read_frame_into(self, views):
+            return None
+
+        def write_frame(self, views):
+            pass
+
+    dev = NetDevice(NoBackend(), mac=bytes.fromhex("525400123456"))
+    t = MmioTransport(dev, mem, FakeIrq())
+    assert t.read(0x100, 1) == 0x52
+    assert t.read(0x100, 4) == 0x12005452
+    assert t.read(0x100, 8) == 0x0001_5634_1200_5452
+    assert t.read(0x106, 2) == 1  # link up
+    for off, size in [(0x107, 2), (0x108, 1), (0x101, 8), (0x1FF, 1), (0x100, 3)]:
+        assert t.read(off, size) == 0
+    assert t.stats["config_out_of_range"] == 5
+    t.write(0x100, 1, 0xAA)
+    assert t.read(0x100, 1) == 0x52 and t.stats["config_write_refused"] == 1
+
+
+def test_guest_fault_is_contained(mem):
+    r = Rig(mem)
+    (d,) = r.setup()
+    d.write_desc(0, d.alloc(4), 4, VIRTQ_DESC_F_NEXT, 0)  # self loop
+    d.push_avail(0)
+    r.irq.take()
+    r.t.write(mmio.QUEUE_NOTIFY, 4, 0)  # must not raise
+    assert r.status() & mmio.STATUS_NEEDS_RESET
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) & 2 and r.irq.take() == 1
+    assert r.events[-1][0] == "guest-fault" and r.events[-1][1]["queue"] == 0
+    assert "loop" in r.events[-1][1]["reason"]
+    # The queue is stopped: new valid work is not processed until the driver resets the device.
+    d.add_chain(writable=[4])
+    r.t.notify(0)
+    assert d.used() == []
+    (d2,) = r.setup()  # reset + fresh setup recovers
+    c = d2.add_chain(writable=[4])
+    r.t.notify(0)
+    assert d2.used() == [(c.head, 4)]
+
+
+def test_fault_on_one_device_leaves_another_working(mem):
+    bad, good = Rig(mem, base=0x10000), Rig(mem, base=0x40000)
+    (db,) = bad.setup()
+    (dg,) = good.setup()
+    db.push_avail(9999 % 256 + 256)  # head index >= queue size
+    bad.t.notify(0)
+    assert bad.status() & mmio.STATUS_NEEDS_RESET
+    c = dg.add_chain(writable=[16])
+    good.t.notify(0)
+    assert dg.used() == [(c.head, 16)]
+    assert not good.status() & mmio.STATUS_NEEDS_RESET and good.events == []
+
+
+def test_event_sink_failure_does_not_escape(mem):
+    r = Rig(mem)
+
+    def boom(kind, detail):
+        raise RuntimeError("event log is down")
+
+    r.t.on_event = boom
+    (d,) = r.setup()
+    d.set_avail_idx(1000)  # jump
+    r.t.notify(0)
+    assert r.t.stats["event_errors"] == 1 and r.status() & mmio.STATUS_NEEDS_RESET
+
+
+def test_notify_ignored_for_bad_or_unready_queue(mem):
+    r = Rig(mem)
+    r.t.notify(0)  # before setup
+    r.setup()
+    r.t.notify(1)
+    r.t.notify(0xFFFF_FFFF)
+    assert r.t.stats["notify_ignored"] == 3
+
+
+def test_runtime_helpers(mem):
+    r = Rig(mem)
+    assert r.t.ioeventfd_queues() == [(0x50, 0)]
+    assert kernel_cmdline_entry(0xD000_0000, 5) == "virtio_mmio.device=0x200@0xd0000000:5"
+    assert r.t.poll_fds() == [] and r.t.next_deadline() is None
+
+
+def test_config_generation_and_config_interrupt(mem):
+    r = Rig(mem)
+    r.setup()
+    g = r.t.read(mmio.CONFIG_GENERATION, 4)
+    r.irq.take()
+    r.t.config_changed()
+    assert r.t.read(mmio.CONFIG_GENERATION, 4) == g + 1
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) & 2 and r.irq.take() == 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.integers(0, 0x1FF),
+            st.sampled_from([1, 2, 4, 8]),
+            st.integers(0, 0xFFFF_FFFF),
+        ),
+        max_size=60,
+    )
+)
+def test_random_register_traffic_never_raises(mem, ops):
+    r = Rig(mem)
+    for is_write, off, size, value in ops:
+        if off + size > 0x200:
+            continue
+        if is_write:
+            r.t.write(off, size, value & ((1 << (8 * size)) - 1))
+        else:
+            assert 0 <= r.t.read(off, size) < 1 << (8 * size)
+    assert r.status() & ~0xCF == 0
