@@ -15,15 +15,17 @@ It raises IntegrityError only for unusable local files (policy, enrollment unrea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from bulkhead.integrity.attest import EVIDENCE_FORMAT, Verdict, nonce_digest, verify_evidence
+from bulkhead.integrity.canonical import canonical_json
 from bulkhead.integrity.errors import IntegrityError, TpmError
 from bulkhead.integrity.eventlog import (
     UNVERIFIED_MANIFEST_DIGEST,
@@ -39,9 +41,18 @@ from bulkhead.integrity.policy import Enrollment, Policy, parse_enrollment, pars
 from bulkhead.integrity.tpm import Tpm
 from bulkhead.runtime.config import VmConfig
 
-__all__ = ["IntegrityGate", "append_event", "make_evidence", "read_event_log"]
+__all__ = ["IntegrityGate", "append_event", "config_digest", "make_evidence", "read_event_log"]
 
 TPM_LOCK_TIMEOUT_S = 15.0
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of the daemon configuration (what the gate measures at start).
+
+    Leave secrets (key material) out of `config` or replace them by their own digests.
+    Raises IntegrityError if the config holds non-JSON values (floats included).
+    """
+    return hashlib.sha256(canonical_json(dict(config))).hexdigest()
 
 
 def read_event_log(path: str | os.PathLike[str]) -> list[Event]:

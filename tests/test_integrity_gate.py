@@ -1,0 +1,192 @@
+"""The daemon's fail-closed gate (IntegrityGate) against a REAL swtpm.
+
+Clean host -> trusted and VMs start; everything else -> untrusted/refused, with the transition reported
+to the audit callback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("tpm2_pytss", reason="tpm2-pytss (and libtss2) not installed")
+if shutil.which("swtpm") is None:
+    pytest.skip("swtpm is not installed", allow_module_level=True)
+
+from bulkhead.integrity import IntegrityError, IntegrityGate, LaunchDigestMismatch
+from bulkhead.integrity.gate import Transition
+from bulkhead.integrity.host import config_digest
+from bulkhead.integrity.launch import launch_digest_for_config
+from bulkhead.integrity.tpm import SwTpm, Tpm, enroll
+from bulkhead.runtime.config import VmConfig
+
+MANIFEST = "5a" * 32
+CONFIG = config_digest({"listen": "127.0.0.1:8443", "state": "/var/lib/bulkhead"})
+
+
+@pytest.fixture
+def swtpm(tmp_path: Path) -> Iterator[SwTpm]:
+    sw = SwTpm(str(tmp_path / "tpm")).start()
+    yield sw
+    if sw.proc is not None:
+        sw.proc.send_signal(signal.SIGCONT)
+    sw.cleanup()
+
+
+class Env:
+    def __init__(self, sw: SwTpm, tmp: Path) -> None:
+        self.sw, self.tmp = sw, tmp
+        self.kernel = tmp / "vmlinux"
+        self.kernel.write_bytes(b"\x7fELF good guest kernel")
+        self.good_vm = VmConfig(kernel=str(self.kernel), cmdline="console=ttyS0", mem_mib=64)
+        self.good_digest = launch_digest_for_config(self.good_vm)
+        with Tpm(sw.tcti) as tpm:
+            enr = enroll(tpm)
+        self.enrollment = tmp / "enrollment.json"
+        self.enrollment.write_text(json.dumps(enr.to_dict()))
+        self.log = tmp / "events.jsonl"
+        self.events: list[Transition] = []
+        self.gates: list[IntegrityGate] = []
+        self.policy_doc: dict[str, Any] = {
+            "format": "bulkhead-policy/1", "ek_sha256": enr.ek_sha256,
+            "allowed": {"manifest": [MANIFEST], "config": [CONFIG], "vm-launch": [self.good_digest]},
+            "max_age_s": 5, "interval_s": 0.1,
+        }
+
+    def start(self, manifest: str | None = MANIFEST, run_driver: bool = True, timeout_s: float = 5.0,
+              **policy: Any) -> IntegrityGate:
+        path = self.tmp / "policy.json"
+        path.write_text(json.dumps({**self.policy_doc, **policy}))
+        gate = IntegrityGate.start(self.sw.tcti, path, self.enrollment, self.log, manifest_digest=manifest,
+                                   config_digest=CONFIG, on_transition=self.events.append,
+                                   timeout_s=timeout_s, run_driver=run_driver)
+        self.gates.append(gate)
+        return gate
+
+
+@pytest.fixture
+def env(swtpm: SwTpm, tmp_path: Path) -> Iterator[Env]:
+    e = Env(swtpm, tmp_path)
+    yield e
+    for g in e.gates:
+        g.stop()
+
+
+def _wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_clean_host_attests_and_starts_vms(env: Env) -> None:
+    gate = env.start()
+    st = gate.status()
+    assert st["state"] == "trusted", st["reasons"]
+    assert env.events and env.events[-1].new == "trusted"
+    assert gate.check_vm_start(env.good_vm) == env.good_digest
+    # the launch was measured and the log still replays: the next rounds stay trusted
+    assert gate.attest_now().trusted
+    assert [json.loads(x)["kind"] for x in env.log.read_text().splitlines()] == ["manifest", "config", "vm-launch"]
+    time.sleep(0.3)
+    assert gate.status()["state"] == "trusted" and gate.can_start_vm()
+
+
+def test_kernel_swapped_after_create_is_refused(env: Env) -> None:
+    gate = env.start()
+    created = VmConfig(kernel=str(env.kernel), cmdline="console=ttyS0", mem_mib=64,
+                       expected_digest=env.good_digest)
+    env.kernel.write_bytes(b"\x7fELF evil guest kernel")
+    with pytest.raises(LaunchDigestMismatch, match="differs from the expected digest"):
+        gate.check_vm_start(created)
+    # nothing was measured for the refused launch; the host stays trusted
+    assert len(env.log.read_text().splitlines()) == 2
+    assert gate.attest_now().trusted
+
+
+def test_launch_not_in_policy_is_refused(env: Env) -> None:
+    gate = env.start()
+    with pytest.raises(IntegrityError, match="not allowed by the policy"):
+        gate.check_vm_start(VmConfig(kernel=str(env.kernel), cmdline="init=/bin/sh", mem_mib=64))
+
+
+def test_unverified_installation_never_attests(env: Env) -> None:
+    """A daemon whose manifest check was skipped (dev) or failed measures an unverified digest."""
+    gate = env.start(manifest=None)
+    st = gate.status()
+    assert st["state"] == "untrusted"
+    assert any("manifest" in r and "not allowed" in r for r in st["reasons"])  # type: ignore[attr-defined]
+    with pytest.raises(IntegrityError, match="host is untrusted"):
+        gate.check_vm_start(env.good_vm)
+
+
+def test_missing_enrollment_is_untrusted(env: Env) -> None:
+    env.enrollment.unlink()
+    gate = env.start()
+    assert not gate.can_start_vm()
+    assert "no AK enrollment" in gate.status()["reasons"][0]  # type: ignore[index]
+
+
+def test_tpm_going_away_makes_host_untrusted(env: Env) -> None:
+    gate = env.start()
+    assert gate.can_start_vm()
+    env.sw.stop()  # kill swtpm while the gate runs
+    assert _wait_for(lambda: gate.status()["state"] == "untrusted", 5.0)
+    reasons = " ".join(gate.status()["reasons"])  # type: ignore[arg-type]
+    assert "TPM" in reasons
+    assert any(t.new == "untrusted" for t in env.events)  # reported for the audit log
+    with pytest.raises(IntegrityError, match="host is untrusted"):
+        gate.check_vm_start(env.good_vm)
+    # the TPM comes back reset (new boot): the old log no longer replays; still untrusted
+    env.sw.start()
+    time.sleep(0.3)
+    v = gate.attest_now()
+    assert not v.trusted and any("does not reproduce" in r for r in v.reasons)
+    assert not gate.can_start_vm()
+
+
+def test_attestation_that_stops_arriving_goes_stale(env: Env) -> None:
+    """Keylime CVE-2022-3500: no periodic attestation -> untrusted after max_age, no VM starts."""
+    gate = env.start(run_driver=False, max_age_s=1, interval_s=0.5)
+    assert gate.can_start_vm()
+    time.sleep(1.2)
+    assert not gate.can_start_vm()
+    st = gate.status()
+    assert st["state"] == "untrusted" and "stale" in st["reasons"][0]  # type: ignore[index]
+    assert env.events[-1].new == "untrusted" and "stale" in env.events[-1].reasons[0]
+    with pytest.raises(IntegrityError, match="stale"):
+        gate.check_vm_start(env.good_vm)
+    assert gate.attest_now().trusted and gate.can_start_vm()  # a passing attestation restores trust
+
+
+def test_hung_tpm_times_out_to_untrusted(env: Env) -> None:
+    gate = env.start(run_driver=False, timeout_s=1.0)
+    assert gate.can_start_vm()
+    assert env.sw.proc is not None
+    os.kill(env.sw.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        v = gate.attest_now()
+        assert time.monotonic() - t0 < 3
+        assert not v.trusted and "timed out" in v.reasons[0]
+        assert not gate.can_start_vm()
+    finally:
+        os.kill(env.sw.proc.pid, signal.SIGCONT)
+
+
+def test_running_vm_policy_is_reported(env: Env) -> None:
+    gate = env.start(running_vms_when_untrusted="stop")
+    assert not gate.should_stop_running()
+    env.sw.stop()
+    assert _wait_for(lambda: gate.should_stop_running(), 5.0)
+    assert gate.status()["running_vms_when_untrusted"] == "stop"
