@@ -52,7 +52,9 @@ def ram_regions(mem_bytes: int) -> list[tuple[int, int]]:
     Raises ValueError when the size is out of the supported range or not page aligned.
     """
     if mem_bytes < MIN_GUEST_MEM or mem_bytes > MAX_GUEST_MEM:
-        raise ValueError(f"guest memory must be between {MIN_GUEST_MEM >> 20} MiB and {MAX_GUEST_MEM >> 30} GiB")
+        raise ValueError(
+            f"guest memory must be between {MIN_GUEST_MEM >> 20} MiB and {MAX_GUEST_MEM >> 30} GiB"
+        )
     if mem_bytes & 0xFFF:
         raise ValueError("guest memory size must be a multiple of 4 KiB")
     if mem_bytes <= MMIO32_START:

@@ -60,9 +60,10 @@ class EventLoop:
         self.thread: threading.Thread | None = None
         self._ep.register(self._wake.fd, select.EPOLLIN)
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+    def add_reader(self, fd: int, callback: Callable[[], None], *, edge: bool = False) -> None:
+        """Call `callback` on the I/O thread when fd is readable (edge-triggered with edge=True)."""
         self._handlers[fd] = callback
-        self._ep.register(fd, select.EPOLLIN)
+        self._ep.register(fd, select.EPOLLIN | (select.EPOLLET if edge else 0))
 
     def remove_reader(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None:

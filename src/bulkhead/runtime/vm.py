@@ -28,7 +28,8 @@ from bulkhead.runtime.vcpu import VcpuRunner, install_kick_handler
 
 __all__ = ["Machine", "run_vm"]
 
-COM1_BASE, COM1_IRQ = 0x3F8, 4
+from bulkhead.devices import COM1_BASE, COM1_IRQ, SERIAL_LEN
+
 DEBUG_EXIT_BASE, DEBUG_EXIT_LEN = 0xF4, 4
 POST_PORT = 0x80
 VIRTIO_FIRST_IRQ = 5
@@ -84,8 +85,10 @@ class Machine:
         on_event: EventSink | None = None,
         console_input: bool = True,
         coalesce_post: bool = True,
+        ioeventfd: bool = True,
     ) -> None:
         self.config = config
+        self.ioeventfd = ioeventfd
         self._console = console
         self._on_event = on_event
         self._console_input = console_input
@@ -219,7 +222,7 @@ class Machine:
                 os.write(fd, data)
 
         self.serial = Serial(self._irq_line(COM1_IRQ), sink)
-        self.pio.register(COM1_BASE, 8, self.serial, "serial-com1")
+        self.pio.register(COM1_BASE, SERIAL_LEN, self.serial, "serial-com1")
         if cfg.serial == "stdio" and self._console is None and self._console_input:
             self._attach_stdin()
 
@@ -354,6 +357,8 @@ class Machine:
         last = [-1] * len(self.runners)
         idle_rounds = 0
         while not self._stopped.wait(HALT_POLL):
+            if self.serial is not None:
+                self.serial.flush()  # a prompt without a newline must not wait for the VM to stop
             quiet = [r.exits == last[i] for i, r in enumerate(self.runners)]
             last = [r.exits for r in self.runners]
             for r, q in zip(self.runners, quiet, strict=True):

@@ -8,7 +8,6 @@ inaccessible /dev/kvm, a wrong API version or a missing capability is one clear 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -20,7 +19,7 @@ from bulkhead.hypervisor.kvm import structs as s
 
 __all__ = ["REQUIRED_CAPS", "Kvm", "Vcpu", "Vm"]
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library would spawn ldconfig
 _ioctl = _libc.ioctl
 _ioctl.restype = ctypes.c_int
 
