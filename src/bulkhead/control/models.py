@@ -1,0 +1,208 @@
+"""API request and response models (pydantic). Every request field has a type, a size limit and a
+pattern where it is a name, so bad input is a clear 422 and never reaches the store or a VMM process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = [
+    "AssignmentCreate",
+    "AssignmentOut",
+    "AuditRecordOut",
+    "ConsoleOut",
+    "DiskCreate",
+    "DiskOut",
+    "DriveSpec",
+    "ErrorOut",
+    "NicSpec",
+    "PrincipalIssue",
+    "PrincipalIssued",
+    "PrincipalOut",
+    "RoleCreate",
+    "RoleOut",
+    "TenantCreate",
+    "TenantOut",
+    "VerifyOut",
+    "VmCreate",
+    "VmEventOut",
+    "VmOut",
+    "WhoAmI",
+]
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+ImageName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z*][a-z*/]*$")]
+Scope = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^/[a-z0-9/-]*$")]
+Ref = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
+Tap = Annotated[str, StringConstraints(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")]
+Mac = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")]
+Cmdline = Annotated[str, StringConstraints(max_length=4095, pattern=r"^[^\x00]*$")]
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantCreate(_Req):
+    name: Name
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    created: str
+
+
+class PrincipalIssue(_Req):
+    name: Name
+    csr_pem: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+    days: int = Field(default=365, ge=1, le=825)
+
+
+class PrincipalOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    fingerprint: str
+    serial: str
+    not_after: str
+    revoked: bool
+
+
+class PrincipalIssued(BaseModel):
+    principal: PrincipalOut
+    certificate_pem: str
+    ca_pem: str
+
+
+class RoleCreate(_Req):
+    name: Name
+    description: Annotated[str, StringConstraints(max_length=256)] = ""
+    actions: list[Pattern] = Field(min_length=1, max_length=64)
+    not_actions: list[Pattern] = Field(default_factory=list, max_length=64)
+    assignable_scopes: list[Scope] = Field(min_length=1, max_length=16)
+
+
+class RoleOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    actions: list[str]
+    not_actions: list[str]
+    assignable_scopes: list[str]
+    builtin: bool
+
+
+class AssignmentCreate(_Req):
+    principal: Ref = Field(description="principal id or name")
+    role: Ref = Field(description="role id or name")
+    scope: Scope
+
+
+class AssignmentOut(BaseModel):
+    id: str
+    principal_id: str
+    role_id: str
+    role_name: str
+    scope: str
+
+
+class DiskCreate(_Req):
+    name: Name
+    size_mib: int = Field(ge=1, le=1024 * 1024)
+
+
+class DiskOut(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    size_mib: int
+    created: str
+
+
+class DriveSpec(_Req):
+    disk: UUID
+    read_only: bool = False
+
+
+class NicSpec(_Req):
+    tap: Tap
+    mac: Mac | None = None
+
+
+class VmCreate(_Req):
+    tenant: UUID
+    name: Name
+    kernel: ImageName = Field(description="name of a kernel image in the daemon's image directory")
+    initrd: ImageName | None = None
+    cmdline: Cmdline = ""
+    mem_mib: int = Field(default=128, ge=2, le=65536)
+    cpus: int = Field(default=1, ge=1, le=32)
+    drives: list[DriveSpec] = Field(default_factory=list, max_length=8)
+    nics: list[NicSpec] = Field(default_factory=list, max_length=4)
+    rng: bool = False
+
+
+class VmOut(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    state: str
+    kernel: str
+    initrd: str | None
+    cmdline: str
+    mem_mib: int
+    cpus: int
+    drives: list[DriveSpec]
+    nics: list[NicSpec]
+    rng: bool
+    exit_status: int | None
+    created: str
+    updated: str
+
+
+class VmEventOut(BaseModel):
+    time: str
+    event: str
+    detail: str
+
+
+class ConsoleOut(BaseModel):
+    offset: int
+    next_offset: int
+    data: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class WhoAmI(BaseModel):
+    id: str
+    name: str
+    kind: str
+
+
+class AuditRecordOut(BaseModel):
+    seq: int
+    time: str
+    kind: str
+    principal: str
+    action: str
+    scope: str
+    decision: str
+    result: str
+    request_id: str
+    vm: str
+    detail: str
+
+
+class VerifyOut(BaseModel):
+    ok: bool
+    records: int
+    first_bad: int | None
+    problem: str
+    checkpoints_checked: int

@@ -1,0 +1,273 @@
+"""How the daemon runs VMs: a small backend interface and two implementations.
+
+`VmBackend` is the contract (the jailed worker of bulkhead.sandbox will implement it too):
+  start(vm_id, spec) / stop / pause / resume / status -> BackendStatus / console(vm_id, offset, limit).
+
+`ProcessBackend` runs each VM as a child process `python -m bulkhead run ... --serial <console file>`.
+Stop sends SIGTERM, then SIGKILL after a grace period. Pause/resume send SIGSTOP/SIGCONT to the VMM
+process: an INTERIM mechanism (it freezes the whole VMM, devices included; the worker protocol will
+replace it with a real vCPU pause). Children get PR_SET_PDEATHSIG(SIGKILL), so no VM outlives a crashed
+daemon; on restart the daemon marks such VMs `lost` (see docs/API.md).
+
+`FakeBackend` is the test double used where the API is tested: it records calls and writes console text.
+Every method raises HostError when the host cannot do it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from bulkhead.errors import HostError
+
+__all__ = ["BackendStatus", "FakeBackend", "ProcessBackend", "VmBackend", "VmSpec"]
+
+MAX_CONSOLE_READ = 1 << 20
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What a backend needs to run a VM: host paths already resolved and checked by the daemon."""
+
+    kernel: str
+    initrd: str | None
+    cmdline: str
+    mem_mib: int
+    cpus: int
+    drives: tuple[tuple[str, bool], ...]  # (path, read_only)
+    nics: tuple[tuple[str, str], ...]  # (tap, mac)
+    rng: bool
+    console_path: str
+
+    def run_args(self) -> list[str]:
+        args = ["--kernel", self.kernel, "--mem", str(self.mem_mib), "--cpus", str(self.cpus)]
+        if self.initrd:
+            args += ["--initrd", self.initrd]
+        if self.cmdline:
+            args += ["--cmdline", self.cmdline]
+        args += ["--serial", self.console_path]
+        for path, ro in self.drives:
+            args += ["--drive", path + (",ro" if ro else "")]
+        for tap, mac in self.nics:
+            args += ["--net", f"tap={tap}" + (f",mac={mac}" if mac else "")]
+        if self.rng:
+            args.append("--rng")
+        return args
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    state: str  # running | paused | exited | absent
+    pid: int | None = None
+    exit_status: int | None = None
+
+
+class VmBackend(Protocol):
+    def start(self, vm_id: str, spec: VmSpec) -> int: ...  # returns a pid (or 0)
+    def stop(self, vm_id: str, grace: float = 5.0) -> None: ...
+    def pause(self, vm_id: str) -> None: ...
+    def resume(self, vm_id: str) -> None: ...
+    def status(self, vm_id: str) -> BackendStatus: ...
+    def console(self, vm_id: str, offset: int, limit: int) -> bytes: ...
+    def forget(self, vm_id: str) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+def _read_console(path: str, offset: int, limit: int) -> bytes:
+    limit = max(0, min(limit, MAX_CONSOLE_READ))
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, offset))
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise HostError(f"cannot read console output: {exc}") from None
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ProcessBackend:
+    """Each VM is a `bulkhead run` child process."""
+
+    def __init__(self, python: str | None = None) -> None:
+        self._python = python or sys.executable
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._consoles: dict[str, str] = {}
+        self._paused: set[str] = set()
+        self._lock = threading.Lock()
+
+    def start(self, vm_id: str, spec: VmSpec) -> int:
+        with self._lock:
+            old = self._procs.get(vm_id)
+            if old is not None and old.poll() is None:
+                raise HostError("the VM is already running")
+            Path(spec.console_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(spec.console_path).write_bytes(b"")
+            cmd = [self._python, "-m", "bulkhead", "run", *spec.run_args()]
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=open(spec.console_path + ".stdout", "wb"),  # noqa: SIM115 - the child owns it
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_pdeathsig,
+                    close_fds=True,
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.pathsep.join(sys.path)},
+                )
+            except OSError as exc:
+                raise HostError(f"cannot start the VMM process: {exc}") from None
+            self._procs[vm_id] = proc
+            self._consoles[vm_id] = spec.console_path
+            self._paused.discard(vm_id)
+            return proc.pid
+
+    def _proc(self, vm_id: str) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            return self._procs.get(vm_id)
+
+    def stop(self, vm_id: str, grace: float = 5.0) -> None:
+        proc = self._proc(vm_id)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        except ProcessLookupError:
+            pass
+        with self._lock:
+            self._paused.discard(vm_id)
+
+    def _signal(self, vm_id: str, sig: int) -> None:
+        proc = self._proc(vm_id)
+        if proc is None or proc.poll() is not None:
+            raise HostError("the VM process is not running")
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            raise HostError("the VM process is not running") from None
+
+    def pause(self, vm_id: str) -> None:
+        self._signal(vm_id, signal.SIGSTOP)
+        with self._lock:
+            self._paused.add(vm_id)
+
+    def resume(self, vm_id: str) -> None:
+        self._signal(vm_id, signal.SIGCONT)
+        with self._lock:
+            self._paused.discard(vm_id)
+
+    def status(self, vm_id: str) -> BackendStatus:
+        proc = self._proc(vm_id)
+        if proc is None:
+            return BackendStatus("absent")
+        rc = proc.poll()
+        if rc is not None:
+            return BackendStatus("exited", proc.pid, rc if rc >= 0 else 128 - rc)
+        return BackendStatus("paused" if vm_id in self._paused else "running", proc.pid)
+
+    def console(self, vm_id: str, offset: int, limit: int) -> bytes:
+        path = self._consoles.get(vm_id)
+        return _read_console(path, offset, limit) if path else b""
+
+    def set_console(self, vm_id: str, path: str) -> None:
+        with self._lock:
+            self._consoles[vm_id] = path
+
+    def forget(self, vm_id: str) -> None:
+        with self._lock:
+            self._procs.pop(vm_id, None)
+            self._consoles.pop(vm_id, None)
+            self._paused.discard(vm_id)
+
+    def shutdown(self) -> None:
+        for vm_id in list(self._procs):
+            self.stop(vm_id, grace=2.0)
+
+
+class FakeBackend:
+    """Test double: no processes. `exit(vm_id, status)` simulates the guest ending on its own."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self._state: dict[str, BackendStatus] = {}
+        self._console: dict[str, bytearray] = {}
+        self._lock = threading.Lock()
+        self.fail_start = False
+        self._pid = 40000
+
+    def start(self, vm_id: str, spec: VmSpec) -> int:
+        with self._lock:
+            self.calls.append(("start", vm_id))
+            if self.fail_start:
+                raise HostError("injected start failure")
+            self._pid += 1
+            self._state[vm_id] = BackendStatus("running", self._pid)
+            self._console[vm_id] = bytearray(f"booting {os.path.basename(spec.kernel)} at {time.time():.0f}\n".encode())
+            return self._pid
+
+    def stop(self, vm_id: str, grace: float = 5.0) -> None:
+        with self._lock:
+            self.calls.append(("stop", vm_id))
+            if vm_id in self._state:
+                self._state[vm_id] = BackendStatus("exited", None, 130)
+
+    def pause(self, vm_id: str) -> None:
+        with self._lock:
+            self.calls.append(("pause", vm_id))
+            st = self._state.get(vm_id)
+            if st is None or st.state != "running":
+                raise HostError("the VM process is not running")
+            self._state[vm_id] = BackendStatus("paused", st.pid)
+
+    def resume(self, vm_id: str) -> None:
+        with self._lock:
+            self.calls.append(("resume", vm_id))
+            st = self._state.get(vm_id)
+            if st is None or st.state != "paused":
+                raise HostError("the VM process is not paused")
+            self._state[vm_id] = BackendStatus("running", st.pid)
+
+    def exit(self, vm_id: str, status: int) -> None:
+        with self._lock:
+            self._state[vm_id] = BackendStatus("exited", None, status)
+
+    def status(self, vm_id: str) -> BackendStatus:
+        with self._lock:
+            return self._state.get(vm_id, BackendStatus("absent"))
+
+    def console(self, vm_id: str, offset: int, limit: int) -> bytes:
+        with self._lock:
+            data = bytes(self._console.get(vm_id, b""))
+        return data[max(0, offset) : max(0, offset) + max(0, min(limit, MAX_CONSOLE_READ))]
+
+    def forget(self, vm_id: str) -> None:
+        with self._lock:
+            self._state.pop(vm_id, None)
+            self._console.pop(vm_id, None)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def describe(backend: Any) -> str:
+    return type(backend).__name__

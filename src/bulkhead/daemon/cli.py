@@ -1,0 +1,447 @@
+"""`bulkhead init | serve | cert | vm | tenant | role | audit`: the daemon and its command-line client.
+
+Every client command talks to the daemon (mTLS or the local socket, see client.py), prints a readable
+table by default and the raw JSON with --json. `audit verify` reads the audit files directly (a verifier
+must not trust the daemon). Exit status: 0 ok, 1 the API refused (the message says why), 2 bad usage
+(ConfigError), 3 host problem (HostError: daemon unreachable, files unreadable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bulkhead.errors import ConfigError, HostError
+
+__all__ = ["audit_main", "cert_main", "init_main", "role_main", "serve_main", "tenant_main", "vm_main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _common(p: argparse.ArgumentParser, client: bool = True) -> None:
+    p.add_argument("--state-dir", type=Path, default=None, help="default $BULKHEAD_STATE_DIR or /var/lib/bulkhead")
+    if client:
+        p.add_argument("--url", help="https://host:port of the daemon")
+        p.add_argument("--socket", help="the daemon's local Unix socket")
+        p.add_argument("--cert", help="client certificate (PEM)")
+        p.add_argument("--key", help="client key (PEM)")
+        p.add_argument("--ca", help="CA certificate (PEM)")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from bulkhead.daemon.daemon import default_state_dir
+
+    return args.state_dir or default_state_dir()
+
+
+def _run(fn: Callable[[], int]) -> int:
+    from bulkhead.daemon.client import ClientError
+
+    try:
+        return fn()
+    except ClientError as exc:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        print(f"bulkhead: refused ({exc.status}): {detail}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"bulkhead: {exc}", file=sys.stderr)
+        return 2
+    except HostError as exc:
+        print(f"bulkhead: {exc}", file=sys.stderr)
+        return 3
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from bulkhead.daemon.client import ApiClient, resolve_endpoint
+
+    ep = resolve_endpoint(_state_dir(args), url=args.url, socket=args.socket, cert=args.cert, key=args.key, ca=args.ca)
+    return ApiClient(ep)
+
+
+def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    """A plain-text table; cells are shortened to 40 characters."""
+
+    def cell(v: Any) -> str:
+        s = "-" if v is None or v == "" else (",".join(map(str, v)) if isinstance(v, list) else str(v))
+        return s if len(s) <= 40 else s[:37] + "..."
+
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _out(args: argparse.Namespace, data: Any, cols: Sequence[str]) -> int:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif data is None:
+        print("ok")
+    elif isinstance(data, list):
+        print(table(data, cols) if data else "(none)")
+    else:
+        width = max(len(k) for k in data) if data else 0
+        for k, v in data.items():
+            print(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, list | dict) else v}")
+    return 0
+
+
+# ---------------------------------------------------------------------- init / serve
+def init_main(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead init", description="create the CA, server and first admin certificates")
+    _common(p, client=False)
+    p.add_argument("--admin-name", default="admin")
+    p.add_argument("--host", action="append", dest="hosts", help="server certificate name/IP (repeatable)")
+    p.add_argument("--force", action="store_true", help="start over in an existing state directory")
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        from bulkhead.daemon.setup import init_state_dir
+
+        sd = init_state_dir(_state_dir(args), args.admin_name, args.hosts, args.force)
+        print(f"initialized {sd.root}\n  CA          {sd.ca_cert}\n  server      {sd.server_cert}\n"
+              f"  admin cert  {sd.admin_cert} (key {sd.admin_key}, Owner at /)\n  audit key   {sd.audit_pub}")
+        return 0
+
+    return _run(go)
+
+
+def serve_main(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead serve", description="run the management daemon (bulkheadd)")
+    _common(p, client=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8443, help="0 picks a free port (written to serve.json)")
+    p.add_argument("--engine", default="casbin", choices=["casbin", "pure"], help="RBAC evaluator")
+    p.add_argument("--backend", default="process", choices=["process", "fake"],
+                   help="process: `bulkhead run` children; fake: no VMs (testing)")
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        from bulkhead.daemon.backend import FakeBackend, ProcessBackend
+        from bulkhead.daemon.server import serve
+
+        backend = FakeBackend() if args.backend == "fake" else ProcessBackend()
+        return serve(_state_dir(args), args.host, args.port, backend, args.engine)
+
+    return _run(go)
+
+
+# ---------------------------------------------------------------------- cert
+def cert_main(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead cert", description="issue or revoke client certificates (principals)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    iss = sub.add_parser("issue", help="issue a certificate for a principal (key made locally)")
+    iss.add_argument("name")
+    iss.add_argument("--days", type=int, default=365)
+    iss.add_argument("--out", type=Path, default=Path("."), help="directory for NAME.pem / NAME.key")
+    rev = sub.add_parser("revoke", help="revoke every certificate of a principal")
+    rev.add_argument("principal", help="principal id or name")
+    lst = sub.add_parser("list", help="list principals")
+    for sp in (iss, rev, lst):
+        _common(sp)
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        with _client(args) as c:
+            if args.cmd == "list":
+                return _out(args, c.get("/principals"), ["id", "name", "kind", "revoked", "not_after"])
+            if args.cmd == "revoke":
+                pid = _principal_id(c, args.principal)
+                return _out(args, c.post(f"/principals/{pid}/revoke"), [])
+            from bulkhead.daemon import pki
+
+            key = pki.new_key()
+            res = c.post("/principals", {"name": args.name, "csr_pem": pki.make_csr(key, args.name).decode(),
+                                         "days": args.days})
+            args.out.mkdir(parents=True, exist_ok=True)
+            pki.write_private(args.out / f"{args.name}.key", pki.key_pem(key))
+            pki.write_private(args.out / f"{args.name}.pem", res["certificate_pem"].encode(), 0o644)
+            pki.write_private(args.out / "ca.pem", res["ca_pem"].encode(), 0o644)
+            if args.json:
+                print(json.dumps(res["principal"], indent=2))
+            else:
+                print(f"issued {args.out / (args.name + '.pem')} (key {args.out / (args.name + '.key')}) "
+                      f"for principal {res['principal']['id']}")
+            return 0
+
+    return _run(go)
+
+
+def _principal_id(c: Any, ref: str) -> str:
+    for pr in c.get("/principals"):
+        if ref in (pr["id"], pr["name"]):
+            return str(pr["id"])
+    raise ConfigError(f"no principal named {ref!r}")
+
+
+# ---------------------------------------------------------------------- tenant
+def _tenant_id(c: Any, ref: str) -> str:
+    for t in c.get("/tenants"):
+        if ref in (t["id"], t["name"]):
+            return str(t["id"])
+    raise ConfigError(f"no tenant {ref!r} (or you may not see it)")
+
+
+def tenant_main(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead tenant", description="manage tenants")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    cr = sub.add_parser("create")
+    cr.add_argument("name")
+    ls = sub.add_parser("list")
+    gt = sub.add_parser("get")
+    gt.add_argument("tenant")
+    dl = sub.add_parser("delete")
+    dl.add_argument("tenant")
+    for sp in (cr, ls, gt, dl):
+        _common(sp)
+    cols = ["id", "name", "created"]
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        with _client(args) as c:
+            if args.cmd == "create":
+                return _out(args, c.post("/tenants", {"name": args.name}), cols)
+            if args.cmd == "list":
+                return _out(args, c.get("/tenants"), cols)
+            tid = _tenant_id(c, args.tenant)
+            if args.cmd == "get":
+                return _out(args, c.get(f"/tenants/{tid}"), cols)
+            return _out(args, c.delete(f"/tenants/{tid}"), cols)
+
+    return _run(go)
+
+
+# ---------------------------------------------------------------------- vm (and disks)
+VM_COLS = ["id", "tenant", "name", "state", "kernel", "mem_mib", "cpus", "exit_status"]
+
+
+def vm_main(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead vm", description="manage VMs and disk images through the daemon")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    cr = sub.add_parser("create")
+    cr.add_argument("--tenant", required=True, help="tenant id or name")
+    cr.add_argument("--name", required=True)
+    cr.add_argument("--kernel", required=True, help="image name in the daemon's image directory")
+    cr.add_argument("--initrd")
+    cr.add_argument("--cmdline", default="")
+    cr.add_argument("--mem", type=int, default=128)
+    cr.add_argument("--cpus", type=int, default=1)
+    cr.add_argument("--drive", action="append", default=[], help="DISK_ID[,ro]")
+    cr.add_argument("--net", action="append", default=[], help="tap=NAME[,mac=MAC]")
+    cr.add_argument("--rng", action="store_true")
+    ls = sub.add_parser("list")
+    ls.add_argument("--tenant")
+    parsers = [cr, ls]
+    for name in ("get", "start", "stop", "pause", "resume", "delete", "events"):
+        sp = sub.add_parser(name)
+        sp.add_argument("vm")
+        parsers.append(sp)
+    co = sub.add_parser("console")
+    co.add_argument("vm")
+    co.add_argument("--offset", type=int, default=0)
+    parsers.append(co)
+    dc = sub.add_parser("disk-create")
+    dc.add_argument("--tenant", required=True)
+    dc.add_argument("--name", required=True)
+    dc.add_argument("--size", type=int, required=True, help="MiB")
+    dls = sub.add_parser("disk-list")
+    dls.add_argument("--tenant", required=True)
+    dd = sub.add_parser("disk-delete")
+    dd.add_argument("disk")
+    parsers += [dc, dls, dd]
+    for sp in parsers:
+        _common(sp)
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        with _client(args) as c:
+            return _vm_cmd(c, args)
+
+    return _run(go)
+
+
+def _vm_id(c: Any, ref: str) -> str:
+    for v in c.get("/vms"):
+        if ref in (v["id"], v["name"]):
+            return str(v["id"])
+    if len(ref) == 36 and ref.count("-") == 4:
+        return ref  # let the daemon answer (404 when it does not exist or is not visible)
+    raise ConfigError(f"no VM {ref!r} (or you may not see it)")
+
+
+def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
+    disk_cols = ["id", "tenant", "name", "size_mib", "created"]
+    if args.cmd == "create":
+        drives = []
+        for d in args.drive:
+            disk, _, opt = d.partition(",")
+            if opt not in ("", "ro", "rw"):
+                raise ConfigError(f"--drive {d!r}: the only options are ro and rw")
+            drives.append({"disk": disk, "read_only": opt == "ro"})
+        nics = []
+        for n in args.net:
+            from bulkhead.runtime.config import parse_net
+
+            cfg = parse_net(n)
+            nics.append({"tap": cfg.tap, "mac": cfg.mac or None})
+        body = {"tenant": _tenant_id(c, args.tenant), "name": args.name, "kernel": args.kernel,
+                "initrd": args.initrd, "cmdline": args.cmdline, "mem_mib": args.mem, "cpus": args.cpus,
+                "drives": drives, "nics": nics, "rng": args.rng}
+        return _out(args, c.post("/vms", body), VM_COLS)
+    if args.cmd == "list":
+        tenant = _tenant_id(c, args.tenant) if args.tenant else None
+        return _out(args, c.get("/vms", tenant=tenant), VM_COLS)
+    if args.cmd == "disk-create":
+        body = {"name": args.name, "size_mib": args.size}
+        return _out(args, c.post(f"/tenants/{_tenant_id(c, args.tenant)}/disks", body), disk_cols)
+    if args.cmd == "disk-list":
+        return _out(args, c.get(f"/tenants/{_tenant_id(c, args.tenant)}/disks"), disk_cols)
+    if args.cmd == "disk-delete":
+        return _out(args, c.delete(f"/disks/{args.disk}"), disk_cols)
+    vid = _vm_id(c, args.vm)
+    if args.cmd == "get":
+        return _out(args, c.get(f"/vms/{vid}"), VM_COLS)
+    if args.cmd == "delete":
+        return _out(args, c.delete(f"/vms/{vid}"), VM_COLS)
+    if args.cmd == "events":
+        return _out(args, c.get(f"/vms/{vid}/events"), ["time", "event", "detail"])
+    if args.cmd == "console":
+        res = c.get(f"/vms/{vid}/console", offset=args.offset)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            sys.stdout.write(res["data"])
+        return 0
+    return _out(args, c.post(f"/vms/{vid}/{args.cmd}"), VM_COLS)
+
+
+# ---------------------------------------------------------------------- role
+def role_main(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead role", description="role definitions and assignments")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    ls = sub.add_parser("list")
+    sh = sub.add_parser("show")
+    sh.add_argument("role")
+    cr = sub.add_parser("create")
+    cr.add_argument("--name", required=True)
+    cr.add_argument("--description", default="")
+    cr.add_argument("--action", action="append", required=True, dest="actions")
+    cr.add_argument("--not-action", action="append", default=[], dest="not_actions")
+    cr.add_argument("--scope", action="append", required=True, dest="scopes", help="assignable scope")
+    dl = sub.add_parser("delete")
+    dl.add_argument("role")
+    asg = sub.add_parser("assign", help="assign ROLE to PRINCIPAL at SCOPE")
+    asg.add_argument("principal", help="principal id or name")
+    asg.add_argument("role", help="role id or name")
+    asg.add_argument("scope", help="/, /tenants/<id> or /tenants/<id>/vms/<id>")
+    un = sub.add_parser("unassign")
+    un.add_argument("assignment")
+    al = sub.add_parser("assignments")
+    al.add_argument("--principal")
+    for sp in (ls, sh, cr, dl, asg, un, al):
+        _common(sp)
+    cols = ["id", "name", "builtin", "actions", "not_actions", "assignable_scopes"]
+    acols = ["id", "principal_id", "role_name", "scope"]
+
+    def role_id(c: Any, ref: str) -> str:
+        for r in c.get("/roles"):
+            if ref in (r["id"], r["name"]):
+                return str(r["id"])
+        raise ConfigError(f"no role {ref!r}")
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        with _client(args) as c:
+            if args.cmd == "list":
+                return _out(args, c.get("/roles"), cols)
+            if args.cmd == "show":
+                return _out(args, c.get(f"/roles/{role_id(c, args.role)}"), cols)
+            if args.cmd == "create":
+                body = {"name": args.name, "description": args.description, "actions": args.actions,
+                        "not_actions": args.not_actions, "assignable_scopes": args.scopes}
+                return _out(args, c.post("/roles", body), cols)
+            if args.cmd == "delete":
+                return _out(args, c.delete(f"/roles/{role_id(c, args.role)}"), cols)
+            if args.cmd == "assign":
+                body = {"principal": args.principal, "role": args.role, "scope": args.scope}
+                return _out(args, c.post("/assignments", body), acols)
+            if args.cmd == "unassign":
+                return _out(args, c.delete(f"/assignments/{args.assignment}"), acols)
+            pid = _principal_id(c, args.principal) if args.principal else None
+            return _out(args, c.get("/assignments", principal=pid), acols)
+
+    return _run(go)
+
+
+# ---------------------------------------------------------------------- audit
+def audit_main(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead audit", description="show, export and verify the audit log")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sh = sub.add_parser("show")
+    ex = sub.add_parser("export", help="all matching records as JSON lines")
+    for sp in (sh, ex):
+        sp.add_argument("--since", help="ISO time, e.g. 2026-01-31 or 2026-01-31T12:00:00")
+        sp.add_argument("--principal", help="principal id or name")
+        sp.add_argument("--vm", help="VM id")
+        _common(sp)
+    sh.add_argument("--limit", type=int, default=100)
+    ex.add_argument("--out", type=Path, help="file (default stdout)")
+    ve = sub.add_parser("verify", help="verify the audit files directly (no daemon needed)")
+    _common(ve, client=False)
+    ve.add_argument("--db", type=Path)
+    ve.add_argument("--pub", type=Path, help="audit public key (PEM)")
+    ve.add_argument("--checkpoint", type=Path, help="a checkpoint file kept elsewhere")
+    ve.add_argument("--json", action="store_true")
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        if args.cmd == "verify":
+            return _verify(args)
+        with _client(args) as c:
+            principal = args.principal
+            if principal and len(principal) != 36:
+                principal = _principal_id(c, principal)
+            params = {"since": args.since, "principal": principal, "vm": args.vm}
+            if args.cmd == "show":
+                recs = c.get("/audit", **params, limit=max(1, min(args.limit, 10000)))
+                return _out(args, recs, ["seq", "time", "kind", "principal", "action", "decision", "result", "vm"])
+            out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
+            after = 0
+            try:
+                while True:
+                    recs = c.get("/audit", **params, after=after, limit=10000)
+                    for r in recs:
+                        out.write(json.dumps(r, sort_keys=True) + "\n")
+                    if len(recs) < 10000:
+                        return 0
+                    after = recs[-1]["seq"]
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+
+    return _run(go)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from bulkhead.daemon.auditlog import load_audit_pub, verify_files
+
+    root = _state_dir(args)
+    db = args.db or root / "audit.db"
+    pub = load_audit_pub(args.pub or root / "audit.pub")
+    cp = args.checkpoint or root / "audit.checkpoint.json"
+    rep = verify_files(db, pub, cp)
+    if args.json:
+        print(json.dumps(rep.as_dict()))
+    elif rep.ok:
+        print(f"audit log OK: {rep.records} records, {rep.checkpoints_checked} signed checkpoints checked")
+    else:
+        print(f"audit log BAD: first bad record {rep.first_bad}: {rep.problem}")
+    return 0 if rep.ok else 1

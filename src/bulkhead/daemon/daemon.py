@@ -1,0 +1,159 @@
+"""The daemon object: state directory layout, opening the stores, authentication of peers.
+
+State directory (default /var/lib/bulkhead, or --state-dir / BULKHEAD_STATE_DIR), created by `init`:
+  ca.pem ca.key              the bulkhead CA (key 0600)
+  server.pem server.key      the daemon's TLS certificate
+  admin.pem admin.key        the first admin client certificate (Owner at /)
+  audit.key audit.pub        ed25519 key that signs audit checkpoints
+  state.db                   resources, principals, certificates (revocation list), roles, assignments
+  audit.db                   the audit log (its own file); audit.checkpoint.json: latest signed checkpoint
+  bulkhead.sock              the local bootstrap socket (0600, root only), while serving
+  images/ disks/ vms/        kernel/initrd images, tenant disk images, per-VM console output
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bulkhead.control.audit import Record
+from bulkhead.daemon.access import AccessOps
+from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, load_audit_key, now_iso
+from bulkhead.daemon.backend import ProcessBackend, VmBackend
+from bulkhead.daemon.service import ApiError, Caller, ReqCtx
+from bulkhead.daemon.store import Store
+from bulkhead.daemon.vms import VmOps
+from bulkhead.errors import HostError
+
+__all__ = ["Daemon", "StateDir", "default_state_dir"]
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("BULKHEAD_STATE_DIR") or "/var/lib/bulkhead")
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:
+        files = {
+            "ca_cert": "ca.pem", "ca_key": "ca.key", "server_cert": "server.pem", "server_key": "server.key",
+            "admin_cert": "admin.pem", "admin_key": "admin.key", "audit_key": "audit.key",
+            "audit_pub": "audit.pub", "state_db": "state.db", "audit_db": "audit.db",
+            "checkpoint": "audit.checkpoint.json", "socket": "bulkhead.sock", "serve_info": "serve.json",
+        }
+        if name in files:
+            return self.root / files[name]
+        raise AttributeError(name)
+
+
+class Daemon(VmOps, AccessOps):
+    """All operations; see service.py, access.py and vms.py."""
+
+    def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin"):
+        super().__init__(store, audit, backend, state_dir, engine)
+        self._cert_cache: dict[str, tuple[str, str]] = {}
+        self._cache_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, state_dir: Path, backend: VmBackend | None = None, engine: str = "casbin",
+             checkpoint_every: int = 1000) -> Daemon:
+        """Open an initialized state directory. Raises HostError when it is not initialized or damaged."""
+        sd = StateDir(state_dir)
+        if not sd.state_db.exists() or not sd.audit_key.exists():
+            raise HostError(f"{state_dir} is not an initialized bulkhead state directory; run `bulkhead init`")
+        store = Store(sd.state_db)
+        store.initialize()
+        audit = AuditLog(sd.audit_db, load_audit_key(sd.audit_key), sd.checkpoint, checkpoint_every)
+        d = cls(store, audit, backend or ProcessBackend(), state_dir, engine)
+        if sd.ca_key.exists():
+            from bulkhead.daemon import pki
+
+            d.ca = pki.CertBundle(pki.load_key(sd.ca_key), pki.load_cert(sd.ca_cert))
+        for sub in ("images", "disks", "vms"):
+            (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def start(self) -> None:
+        """Daemon start: audit it and apply the restart policy to VMs left running."""
+        self.event("system", "daemon.start", detail={"pid": os.getpid()})
+        self.mark_lost_on_startup()
+
+    def close(self) -> None:
+        try:
+            self.backend.shutdown()
+            self.event("system", "daemon.stop", detail={"pid": os.getpid()})
+        except ApiError:
+            pass
+        self.audit.close()
+        self.store.close()
+
+    # ------------------------------------------------------------------ authentication
+    def authenticate(self, peer: dict[str, Any] | None) -> tuple[Caller | None, str]:
+        """The caller for a connection's peer, or (None, reason). The TLS layer has already checked the
+        chain to our CA and the validity period; this checks the state database's view: known
+        certificate, not revoked, not expired, CN equal to the principal's name."""
+        if not peer:
+            return None, "no client identity"
+        if peer.get("kind") == "local":
+            row = self.store.local_principal()
+            return Caller(row["id"], row["name"], "local"), ""
+        der = peer.get("der")
+        if peer.get("kind") != "tls" or not isinstance(der, bytes | bytearray):
+            return None, "no client certificate"
+        from bulkhead.daemon import pki
+
+        fp = pki.fingerprint(bytes(der))
+        prow, crow = self.store.principal_by_cert(fp)
+        if prow is None or crow is None:
+            return None, "unknown client certificate"
+        if crow["revoked"]:
+            return None, "client certificate revoked"
+        if crow["not_after"] < dt.datetime.now(dt.UTC).isoformat():
+            return None, "client certificate expired"
+        cn = self._cn(fp, bytes(der))
+        if cn != prow["name"]:
+            return None, "certificate name does not match the principal"
+        return Caller(prow["id"], prow["name"], prow["kind"]), ""
+
+    def _cn(self, fp: str, der: bytes) -> str:
+        with self._cache_lock:
+            hit = self._cert_cache.get(fp)
+        if hit is not None:
+            return hit[0]
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        cert = x509.load_der_x509_certificate(der)
+        attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(attrs[0].value) if attrs else ""
+        with self._cache_lock:
+            if len(self._cert_cache) > 10000:
+                self._cert_cache.clear()
+            self._cert_cache[fp] = (cn, "")
+        return cn
+
+    def auth_refused(self, peer: dict[str, Any] | None, why: str, rid: str, path: str) -> None:
+        detail: dict[str, Any] = {"reason": why, "path": path[:512]}
+        der = (peer or {}).get("der")
+        if isinstance(der, bytes | bytearray):
+            from bulkhead.daemon import pki
+
+            detail["fingerprint"] = pki.fingerprint(bytes(der))
+        self.append(Record.make(now_iso(), "security", detail, action="auth", decision="deny",
+                                result="401", request_id=rid))
+
+    def append_request(self, ctx: ReqCtx, result: str) -> None:
+        """The request's audit record (raises ApiError 503 when the log cannot take it)."""
+        if ctx.audited:
+            return
+        try:
+            self.audit.append(ctx.record(result))
+        except AuditUnavailable as exc:
+            raise ApiError(503, f"audit log unavailable ({exc})") from None
+        ctx.audited = True

@@ -1,0 +1,185 @@
+"""Serving: uvicorn over HTTPS with mutual TLS (TLS 1.3 only, client certificate REQUIRED and chained
+to the bulkhead CA) and over a local Unix socket (0600, peers checked with SO_PEERCRED: root only).
+
+Each connection's protocol object records who the peer is (the DER client certificate, or the local
+uid) and wraps the app so every request of that connection carries it (`bulkhead.peer`); the Gate in
+app.py turns it into a principal. Raises HostError when the sockets or the TLS material are unusable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from bulkhead.daemon.app import build_app, inject_peer
+from bulkhead.daemon.daemon import Daemon, StateDir
+from bulkhead.errors import HostError
+
+__all__ = ["ALLOWED_LOCAL_UIDS", "Serving", "make_server_ssl", "serve"]
+
+ALLOWED_LOCAL_UIDS = {0}
+
+
+def make_server_ssl(sd: StateDir) -> ssl.SSLContext:
+    """TLS 1.3 minimum, client certificate required, verified against the bulkhead CA only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(str(sd.server_cert), str(sd.server_key))
+        ctx.load_verify_locations(cafile=str(sd.ca_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise HostError(f"cannot load the TLS material in {sd.root}: {exc}") from None
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+class TlsProtocol(H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sslobj = transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if not der:  # cannot happen with CERT_REQUIRED; refuse anyway
+            transport.close()
+            return
+        self.app = inject_peer(self.app, {"kind": "tls", "der": der})
+
+
+class UnixProtocol(H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+        except (OSError, AttributeError):
+            transport.close()
+            return
+        if uid not in ALLOWED_LOCAL_UIDS:
+            transport.close()
+            return
+        self.app = inject_peer(self.app, {"kind": "local", "uid": uid, "pid": pid})
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # the Serving object handles signals for both servers
+        yield
+
+
+def _unix_socket(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        raise HostError(f"cannot bind the local socket {path}: {exc}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as exc:
+        raise HostError(f"cannot listen on {host}:{port}: {exc}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Serving:
+    """Both listeners over one Daemon. `run()` blocks until `stop()` or SIGTERM/SIGINT."""
+
+    def __init__(self, daemon: Daemon, state_dir: Path, host: str = "127.0.0.1", port: int = 8443,
+                 unix: bool = True) -> None:
+        self.daemon = daemon
+        self.sd = StateDir(state_dir)
+        self.ssl = make_server_ssl(self.sd)
+        self.tcp = _tcp_socket(host, port)
+        self.host = host
+        self.port = int(self.tcp.getsockname()[1])
+        self.unix = _unix_socket(self.sd.socket) if unix else None
+        app = build_app(daemon)
+        common: dict[str, Any] = {"lifespan": "off", "log_level": "warning", "access_log": False,
+                                  "timeout_keep_alive": 30, "h11_max_incomplete_event_size": 16384,
+                                  "server_header": False}
+        self.tls_server = _Server(uvicorn.Config(app, http=TlsProtocol, ssl_context_factory=lambda c, f: self.ssl,
+                                                 **common))
+        self.unix_server = _Server(uvicorn.Config(app, http=UnixProtocol, **common)) if self.unix else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.started = threading.Event()
+
+    async def _main(self, install_signals: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self.stop)
+        tasks = [asyncio.create_task(self.tls_server.serve(sockets=[self.tcp]))]
+        if self.unix_server is not None and self.unix is not None:
+            tasks.append(asyncio.create_task(self.unix_server.serve(sockets=[self.unix])))
+        while not all(s.started for s in self._servers()):
+            if any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.01)
+        self.started.set()
+        await asyncio.gather(*tasks)
+
+    def _servers(self) -> list[_Server]:
+        return [s for s in (self.tls_server, self.unix_server) if s is not None]
+
+    def stop(self) -> None:
+        for s in self._servers():
+            s.should_exit = True
+
+    def run(self, install_signals: bool = True, on_started: Callable[[Serving], None] | None = None) -> None:
+        if on_started is not None:
+            threading.Thread(target=lambda: (self.started.wait(), on_started(self)), daemon=True).start()
+        try:
+            asyncio.run(self._main(install_signals))
+        finally:
+            if self.unix is not None:
+                with contextlib.suppress(OSError):
+                    self.sd.socket.unlink()
+
+
+def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: str = "casbin") -> int:
+    daemon = Daemon.open(state_dir, backend, engine)
+    try:
+        daemon.start()
+        serving = Serving(daemon, state_dir, host, port)
+
+        def announce(s: Serving) -> None:
+            info = {"pid": os.getpid(), "host": s.host, "port": s.port, "socket": str(s.sd.socket)}
+            tmp = s.sd.serve_info.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, s.sd.serve_info)
+            print(f"bulkheadd listening on https://{s.host}:{s.port} and {s.sd.socket}", flush=True)
+
+        serving.run(on_started=announce)
+    finally:
+        daemon.close()
+    return 0

@@ -1,0 +1,246 @@
+"""The management plane's operations, independent of HTTP: authorization, auditing, state changes.
+
+Every operation takes a `ReqCtx` (who is asking, the request id) and either returns a JSON-able value or
+raises ApiError(status, detail). The rules applied everywhere:
+
+- authorize(action, scope) consults the RBAC evaluator (pycasbin). A denied principal that cannot read
+  the resource gets 404, exactly as for a resource that does not exist; one that can read it gets 403.
+- State changes run inside a state-store transaction that commits only after the audit record of the
+  request is durable (fail closed: AuditUnavailable -> rollback -> 503).
+- Records of requests that end otherwise (reads, denials, errors) are appended by the HTTP layer before
+  the response starts; if that append fails the response becomes a 503 (nothing is disclosed).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bulkhead.control import rbac
+from bulkhead.control.audit import Record
+from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, now_iso
+from bulkhead.daemon.backend import VmBackend
+from bulkhead.daemon.store import Store
+from bulkhead.errors import ConfigError
+
+__all__ = ["ApiError", "Caller", "Core", "ReqCtx"]
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a one-sentence detail."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Caller:
+    id: str
+    name: str
+    kind: str  # cert | local
+
+
+@dataclass
+class ReqCtx:
+    caller: Caller
+    request_id: str
+    method: str = ""
+    path: str = ""
+    action: str = ""
+    scope: str = ""
+    decision: str = ""
+    vm: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+    audited: bool = False
+
+    def record(self, result: str) -> Record:
+        detail = {"method": self.method, "path": self.path[:512], **self.detail}
+        return Record.make(
+            now_iso(), "api", detail, principal=self.caller.id, action=self.action, scope=self.scope,
+            decision=self.decision, result=result, request_id=self.request_id, vm=self.vm,
+        )
+
+
+NOT_FOUND = "not found"
+
+
+@dataclass
+class Paths:
+    state_dir: Path
+
+    @property
+    def images(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def disks(self) -> Path:
+        return self.state_dir / "disks"
+
+    @property
+    def vms(self) -> Path:
+        return self.state_dir / "vms"
+
+
+class Core:
+    """Shared machinery: store, audit log, evaluator, backend; authorization and audit helpers."""
+
+    def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin"):
+        self.store = store
+        self.audit = audit
+        self.backend = backend
+        self.paths = Paths(state_dir)
+        self.evaluator = rbac.make_evaluator(engine)
+        self._generation = -1
+        self._rbac_lock = threading.Lock()
+        self.ca: Any = None  # pki.CertBundle, set by the server when the CA key is available
+
+    # ------------------------------------------------------------------ RBAC
+    def _fresh(self) -> rbac.Evaluator:
+        with self._rbac_lock:
+            if self._generation != self.store.generation:
+                gen = self.store.generation
+                self.evaluator.load(self.store.roles(), self.store.assignments())
+                self._generation = gen
+        return self.evaluator
+
+    def rbac_changed(self) -> None:
+        self.store.generation += 1
+
+    def allowed(self, who: Caller, action: str, scope: str) -> bool:
+        return self._fresh().allowed(who.id, action, scope)
+
+    def my_scopes(self, who: Caller) -> list[str]:
+        return [a.scope for a in self.store.assignments(who.id)]
+
+    def readable_scopes(self, who: Caller, action: str) -> list[str]:
+        """Scopes within which `action` is allowed (everything inside one of them is allowed)."""
+        return rbac.allowed_scopes(self._fresh(), who.id, action, self.my_scopes(who))
+
+    def can_see_tenant(self, who: Caller, tenant_id: str) -> bool:
+        ts = rbac.tenant_scope(tenant_id)
+        if self.allowed(who, "tenant/read", ts):
+            return True
+        return any(rbac.scope_within(s, ts) for s in self.my_scopes(who))
+
+    def authorize(self, ctx: ReqCtx, action: str, scope: str, *, visible: Callable[[], bool]) -> None:
+        """Allow, or raise ApiError 403 (the caller may see the resource) / 404 (it may not)."""
+        ctx.action, ctx.scope = action, scope
+        if self.allowed(ctx.caller, action, scope):
+            ctx.decision = "allow"
+            return
+        ctx.decision = "deny"
+        if visible():
+            raise ApiError(403, f"{ctx.caller.name} may not {action} at this scope")
+        raise ApiError(404, NOT_FOUND)
+
+    def deny_unknown(self, ctx: ReqCtx, action: str) -> ApiError:
+        """The resource does not exist: same answer as an invisible one."""
+        ctx.action, ctx.decision = action, "deny"
+        return ApiError(404, NOT_FOUND)
+
+    # ------------------------------------------------------------------ audit
+    @contextmanager
+    def mutation(self, ctx: ReqCtx, result: str = "200") -> Iterator[Any]:
+        """A state transaction whose commit waits for the request's audit record (fail closed)."""
+        with self.store.txn() as conn:
+            yield conn
+            self.append(ctx.record(result))
+            ctx.audited = True
+
+    def append(self, rec: Record) -> int:
+        try:
+            return self.audit.append(rec)
+        except AuditUnavailable as exc:
+            raise ApiError(503, f"audit log unavailable, nothing was changed ({exc})") from None
+
+    def event(self, kind: str, action: str, *, vm: str = "", scope: str = "", principal: str = "",
+              result: str = "", request_id: str = "", detail: dict[str, Any] | None = None) -> int:
+        """Append a lifecycle / security / system record. Raises ApiError(503) when it cannot."""
+        return self.append(Record.make(
+            now_iso(), kind, detail, principal=principal, action=action, scope=scope, result=result,
+            request_id=request_id, vm=vm,
+        ))
+
+    def security_event(self, vm_id: str, kind: str, detail: dict[str, Any]) -> int:
+        """For workers and the supervisor: seccomp kills, guest faults, device resets, integrity
+        failures. Returns the record's seq; raises ApiError(503) when the log is unavailable."""
+        row = self.store.q1("SELECT tenant FROM vms WHERE id = ?", (vm_id,))
+        scope = rbac.vm_scope(row["tenant"], vm_id) if row else ""
+        return self.event("security", f"security/{kind}", vm=vm_id, scope=scope, detail=detail)
+
+    # ------------------------------------------------------------------ identity
+    def whoami(self, ctx: ReqCtx) -> dict[str, str]:
+        ctx.action, ctx.scope, ctx.decision = "whoami", "/", "allow"
+        return {"id": ctx.caller.id, "name": ctx.caller.name, "kind": ctx.caller.kind}
+
+    # ------------------------------------------------------------------ tenants
+    def tenant_create(self, ctx: ReqCtx, name: str) -> dict[str, Any]:
+        self.authorize(ctx, "tenant/write", "/", visible=lambda: True)
+        if self.store.q1("SELECT 1 FROM tenants WHERE name = ?", (name,)):
+            raise ApiError(409, f"a tenant named {name!r} already exists")
+        from bulkhead.daemon.store import new_id
+
+        tid = new_id()
+        ctx.detail["tenant"] = tid
+        with self.mutation(ctx, "201") as c:
+            created = now_iso()
+            c.execute("INSERT INTO tenants VALUES (?,?,?)", (tid, name, created))
+        return {"id": tid, "name": name, "created": created}
+
+    def _tenant(self, ctx: ReqCtx, tenant_id: str, action: str) -> Any:
+        row = self.store.q1("SELECT * FROM tenants WHERE id = ?", (tenant_id,))
+        if row is None:
+            ctx.scope = rbac.tenant_scope(tenant_id)
+            raise self.deny_unknown(ctx, action)
+        self.authorize(ctx, action, rbac.tenant_scope(tenant_id),
+                       visible=lambda: self.can_see_tenant(ctx.caller, tenant_id))
+        return row
+
+    def tenant_get(self, ctx: ReqCtx, tenant_id: str) -> dict[str, Any]:
+        return dict(self._tenant(ctx, tenant_id, "tenant/read"))
+
+    def tenant_list(self, ctx: ReqCtx) -> list[dict[str, Any]]:
+        ctx.action, ctx.scope, ctx.decision = "tenant/read", "/", "allow"
+        rows = self.store.q("SELECT * FROM tenants ORDER BY name")
+        readable = self.readable_scopes(ctx.caller, "tenant/read")
+        mine = self.my_scopes(ctx.caller)
+        out = []
+        for r in rows:
+            ts = rbac.tenant_scope(r["id"])
+            if any(rbac.scope_within(ts, s) for s in readable) or any(rbac.scope_within(s, ts) for s in mine):
+                out.append(dict(r))
+        return out
+
+    def tenant_delete(self, ctx: ReqCtx, tenant_id: str) -> None:
+        self._tenant(ctx, tenant_id, "tenant/delete")
+        if self.store.q1("SELECT 1 FROM vms WHERE tenant = ?", (tenant_id,)) or self.store.q1(
+            "SELECT 1 FROM disks WHERE tenant = ?", (tenant_id,)
+        ):
+            raise ApiError(409, "the tenant still has VMs or disks; delete them first")
+        with self.mutation(ctx, "204") as c:
+            c.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
+            c.execute("DELETE FROM assignments WHERE scope = ? OR scope LIKE ?",
+                      (rbac.tenant_scope(tenant_id), rbac.tenant_scope(tenant_id) + "/%"))
+        self.rbac_changed()
+
+    # ------------------------------------------------------------------ audit read API
+    def audit_query(self, ctx: ReqCtx, **filters: Any) -> list[dict[str, Any]]:
+        from bulkhead.daemon.auditlog import query_records
+
+        ctx.action, ctx.scope = "audit/read", "/"
+        scopes = self.readable_scopes(ctx.caller, "audit/read")
+        if not scopes:
+            ctx.decision = "deny"
+            raise ApiError(404, NOT_FOUND)
+        ctx.decision = "allow"
+        return list(query_records(self.audit.path, scopes=None if "/" in scopes else scopes, **filters))
+
+
+def config_error(exc: ConfigError) -> ApiError:
+    return ApiError(422, str(exc))

@@ -1,0 +1,307 @@
+"""VMs and disk images: create/list/get/delete, lifecycle operations, console, events.
+
+Isolation rules enforced here: a VM's drives must be disks of the VM's own tenant (a disk of another
+tenant is reported exactly like a missing one); a writable disk is attached to at most one VM; tap names
+are unique across VMs. Kernel and initrd are *names* of files in the daemon's image directory, never
+host paths chosen by the caller. Lifecycle operations append a `vm` audit record before they act
+(fail closed) and are serialized per VM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from typing import Any
+
+from bulkhead.control import rbac
+from bulkhead.control.lifecycle import LifecycleError, next_state
+from bulkhead.daemon.auditlog import now_iso
+from bulkhead.daemon.backend import VmSpec
+from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx, config_error
+from bulkhead.daemon.store import new_id
+from bulkhead.errors import ConfigError, HostError
+
+__all__ = ["VmOps"]
+
+CONSOLE_LIMIT = 65536
+
+
+class VmOps(Core):
+    _vm_locks: dict[str, threading.Lock]
+
+    def _vm_lock(self, vm_id: str) -> threading.Lock:
+        with self.store.lock:
+            if not hasattr(self, "_vm_locks"):
+                self._vm_locks = {}
+            return self._vm_locks.setdefault(vm_id, threading.Lock())
+
+    def _vm(self, ctx: ReqCtx, vm_id: str, action: str) -> Any:
+        row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
+        ctx.vm = vm_id
+        if row is None:
+            raise self.deny_unknown(ctx, action)
+        scope = rbac.vm_scope(row["tenant"], vm_id)
+        self.authorize(ctx, action, scope, visible=lambda: self.allowed(ctx.caller, "vm/read", scope))
+        return row
+
+    def _refresh(self, row: Any) -> Any:
+        """Notice a VMM process that ended on its own: running/paused -> exited (audited)."""
+        if row["state"] not in ("running", "paused"):
+            return row
+        st = self.backend.status(row["id"])
+        if st.state in ("running", "paused"):
+            return row
+        try:
+            self.event("vm", "vm.exit", vm=row["id"], scope=rbac.vm_scope(row["tenant"], row["id"]),
+                       result=str(st.exit_status), detail={"from": row["state"], "to": "exited"})
+        except ApiError:
+            return row  # not audited -> not recorded; try again later
+        self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
+        self.store.vm_event(row["id"], "exited", {"status": st.exit_status})
+        return self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
+
+    # ------------------------------------------------------------------ create / read / delete
+    def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
+        tenant = str(body.tenant)
+        ts = rbac.tenant_scope(tenant)
+        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
+            ctx.scope = ts
+            raise self.deny_unknown(ctx, "vm/write")
+        self.authorize(ctx, "vm/write", ts, visible=lambda: self.can_see_tenant(ctx.caller, tenant))
+        kernel = self._image(body.kernel, "kernel")
+        initrd = self._image(body.initrd, "initrd") if body.initrd else None
+        drives = []
+        seen: set[str] = set()
+        for d in body.drives:
+            disk_id = str(d.disk)
+            disk = self.store.q1("SELECT * FROM disks WHERE id = ? AND tenant = ?", (disk_id, tenant))
+            if disk is None:
+                raise ApiError(422, f"disk {disk_id} was not found in tenant {tenant}")
+            if disk_id in seen:
+                raise ApiError(422, f"disk {disk_id} is listed twice")
+            seen.add(disk_id)
+            if not d.read_only and self._disk_users(disk_id, writable_only=False):
+                raise ApiError(409, f"disk {disk_id} is attached to another VM; attach it read-only")
+            if self._disk_users(disk_id, writable_only=True):
+                raise ApiError(409, f"disk {disk_id} is attached writable to another VM")
+            drives.append({"disk": disk_id, "read_only": d.read_only})
+        nics = []
+        for n in body.nics:
+            if self.store.q1("SELECT 1 FROM vms WHERE spec LIKE ?", (f'%"tap": "{n.tap}"%',)):
+                raise ApiError(409, f"tap {n.tap!r} is already used by a VM")
+            nics.append({"tap": n.tap, "mac": (n.mac or "").lower() or None})
+        if len({n["tap"] for n in nics}) != len(nics):
+            raise ApiError(422, "each NIC needs its own tap")
+        try:  # the runtime's own validation, so an accepted VM is one `bulkhead run` accepts
+            from bulkhead.runtime.config import VmConfig
+
+            VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
+                     mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log")
+        except ConfigError as exc:
+            raise config_error(exc) from None
+        if self.store.q1("SELECT 1 FROM vms WHERE tenant = ? AND name = ?", (tenant, body.name)):
+            raise ApiError(409, f"a VM named {body.name!r} already exists in this tenant")
+        vm_id = new_id()
+        spec = {"kernel": body.kernel, "initrd": body.initrd, "cmdline": body.cmdline, "mem_mib": body.mem_mib,
+                "cpus": body.cpus, "drives": drives, "nics": nics, "rng": body.rng}
+        ctx.vm = vm_id
+        ctx.detail["vm_name"] = body.name
+        now = now_iso()
+        with self.mutation(ctx, "201") as c:
+            c.execute("INSERT INTO vms VALUES (?,?,?,?,?,NULL,NULL,?,?)",
+                      (vm_id, tenant, body.name, "stopped", json.dumps(spec, sort_keys=True), now, now))
+            c.execute("INSERT INTO vm_events(vm, time, event, detail) VALUES (?,?,?,?)",
+                      (vm_id, now, "created", json.dumps({"by": ctx.caller.id})))
+        row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
+        assert row is not None
+        return self.store.vm_out(row)
+
+    def _image(self, name: str, what: str) -> Any:
+        path = self.paths.images / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise ApiError(422, f"{what} image {name!r} is not in the daemon's image directory")
+        return path
+
+    def _disk_users(self, disk_id: str, writable_only: bool) -> list[str]:
+        users = []
+        for r in self.store.q("SELECT id, spec FROM vms WHERE spec LIKE ?", (f"%{disk_id}%",)):
+            for d in json.loads(r["spec"]).get("drives", []):
+                if d["disk"] == disk_id and (not writable_only or not d["read_only"]):
+                    users.append(r["id"])
+        return users
+
+    def vm_get(self, ctx: ReqCtx, vm_id: str) -> dict[str, Any]:
+        row = self._vm(ctx, vm_id, "vm/read")
+        return self.store.vm_out(self._refresh(row))
+
+    def vm_list(self, ctx: ReqCtx, tenant: str | None = None) -> list[dict[str, Any]]:
+        ctx.action, ctx.scope, ctx.decision = "vm/read", rbac.tenant_scope(tenant) if tenant else "/", "allow"
+        readable = self.readable_scopes(ctx.caller, "vm/read")
+        if not readable:
+            return []
+        if tenant:
+            rows = self.store.q("SELECT * FROM vms WHERE tenant = ? ORDER BY created", (tenant,))
+        else:
+            rows = self.store.q("SELECT * FROM vms ORDER BY created")
+        out = []
+        for r in rows:
+            if any(rbac.scope_within(rbac.vm_scope(r["tenant"], r["id"]), s) for s in readable):
+                out.append(self.store.vm_out(self._refresh(r)))
+        return out
+
+    def vm_delete(self, ctx: ReqCtx, vm_id: str) -> None:
+        row = self._vm(ctx, vm_id, "vm/delete")
+        with self._vm_lock(vm_id):
+            row = self._refresh(self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,)))
+            if row is None:
+                raise ApiError(404, NOT_FOUND)
+            try:
+                next_state(row["state"], "delete")
+            except LifecycleError as exc:
+                raise ApiError(409, str(exc)) from None
+            with self.mutation(ctx, "204") as c:
+                c.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+                c.execute("DELETE FROM vm_events WHERE vm = ?", (vm_id,))
+                vs = rbac.vm_scope(row["tenant"], vm_id)
+                c.execute("DELETE FROM assignments WHERE scope = ?", (vs,))
+            self.rbac_changed()
+            self.backend.forget(vm_id)
+            shutil.rmtree(self.paths.vms / vm_id, ignore_errors=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def vm_op(self, ctx: ReqCtx, vm_id: str, op: str) -> dict[str, Any]:
+        self._vm(ctx, vm_id, f"vm/{op}")
+        with self._vm_lock(vm_id):
+            row = self._refresh(self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,)))
+            if row is None:
+                raise ApiError(404, NOT_FOUND)
+            try:
+                new = next_state(row["state"], op)
+            except LifecycleError as exc:
+                raise ApiError(409, str(exc)) from None
+            # fail closed: the lifecycle change is recorded before it happens
+            self.event("vm", f"vm.{op}", vm=vm_id, scope=ctx.scope, principal=ctx.caller.id, result="intent",
+                       request_id=ctx.request_id, detail={"from": row["state"], "to": new})
+            pid = row["pid"]
+            try:
+                if op == "start":
+                    pid = self.backend.start(vm_id, self._spec(row))
+                elif op == "stop":
+                    self.backend.stop(vm_id)
+                    pid = None
+                elif op == "pause":
+                    self.backend.pause(vm_id)
+                elif op == "resume":
+                    self.backend.resume(vm_id)
+            except HostError as exc:
+                self.store.vm_event(vm_id, f"{op}-failed", {"error": str(exc)})
+                ctx.detail["error"] = str(exc)
+                raise ApiError(409 if "not running" in str(exc) else 503, f"cannot {op} the VM: {exc}") from None
+            self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
+            self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id})
+            final = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
+            assert final is not None
+            return self.store.vm_out(final)
+
+    def _spec(self, row: Any) -> VmSpec:
+        spec = json.loads(row["spec"])
+        drives = []
+        for d in spec.get("drives", []):
+            disk = self.store.q1("SELECT path FROM disks WHERE id = ? AND tenant = ?", (d["disk"], row["tenant"]))
+            if disk is None:
+                raise ApiError(409, f"disk {d['disk']} no longer exists")
+            drives.append((disk["path"], bool(d["read_only"])))
+        console = self.paths.vms / row["id"] / "console.log"
+        return VmSpec(
+            kernel=str(self.paths.images / spec["kernel"]),
+            initrd=str(self.paths.images / spec["initrd"]) if spec.get("initrd") else None,
+            cmdline=spec.get("cmdline", ""), mem_mib=spec["mem_mib"], cpus=spec["cpus"], drives=tuple(drives),
+            nics=tuple((n["tap"], n.get("mac") or "") for n in spec.get("nics", [])), rng=bool(spec.get("rng")),
+            console_path=str(console),
+        )
+
+    def vm_console(self, ctx: ReqCtx, vm_id: str, offset: int, limit: int) -> dict[str, Any]:
+        self._vm(ctx, vm_id, "vm/console/read")
+        data = self.backend.console(vm_id, offset, min(limit, CONSOLE_LIMIT))
+        return {"offset": offset, "next_offset": offset + len(data), "data": data.decode("utf-8", "replace")}
+
+    def vm_events(self, ctx: ReqCtx, vm_id: str) -> list[dict[str, Any]]:
+        self._vm(ctx, vm_id, "vm/events/read")
+        rows = self.store.q("SELECT time, event, detail FROM vm_events WHERE vm = ? ORDER BY id", (vm_id,))
+        return [dict(r) for r in rows]
+
+    def mark_lost_on_startup(self) -> list[str]:
+        """Restart policy: VMs recorded as running or paused did not survive the daemon (their VMM
+        processes die with it, PR_SET_PDEATHSIG): mark them `lost`, audited. They are not restarted
+        automatically; `vm start` starts them again."""
+        lost = []
+        for row in self.store.q("SELECT * FROM vms WHERE state IN ('running', 'paused')"):
+            self.event("vm", "vm.lost", vm=row["id"], scope=rbac.vm_scope(row["tenant"], row["id"]),
+                       result="lost", detail={"from": row["state"], "pid": row["pid"], "reason": "daemon restart"})
+            self.store.set_vm_state(row["id"], "lost")
+            self.store.vm_event(row["id"], "lost", {"reason": "daemon restart"})
+            lost.append(row["id"])
+        return lost
+
+    # ------------------------------------------------------------------ disks
+    def disk_create(self, ctx: ReqCtx, tenant: str, name: str, size_mib: int) -> dict[str, Any]:
+        ts = rbac.tenant_scope(tenant)
+        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
+            ctx.scope = ts
+            raise self.deny_unknown(ctx, "disk/write")
+        self.authorize(ctx, "disk/write", ts, visible=lambda: self.can_see_tenant(ctx.caller, tenant))
+        if self.store.q1("SELECT 1 FROM disks WHERE tenant = ? AND name = ?", (tenant, name)):
+            raise ApiError(409, f"a disk named {name!r} already exists in this tenant")
+        disk_id = new_id()
+        path = self.paths.disks / f"{disk_id}.img"
+        ctx.detail.update(disk=disk_id, size_mib=size_mib)
+        try:
+            self.paths.disks.mkdir(parents=True, exist_ok=True)
+            with open(path, "xb") as f:
+                f.truncate(size_mib << 20)  # sparse
+        except OSError as exc:
+            raise ApiError(503, f"cannot create the disk image: {exc.strerror}") from None
+        created = now_iso()
+        try:
+            with self.mutation(ctx, "201") as c:
+                c.execute("INSERT INTO disks VALUES (?,?,?,?,?,?)", (disk_id, tenant, name, size_mib, str(path), created))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return {"id": disk_id, "tenant": tenant, "name": name, "size_mib": size_mib, "created": created}
+
+    def _disk(self, ctx: ReqCtx, disk_id: str, action: str) -> Any:
+        row = self.store.q1("SELECT * FROM disks WHERE id = ?", (disk_id,))
+        if row is None:
+            raise self.deny_unknown(ctx, action)
+        scope = f"/tenants/{row['tenant']}/disks/{disk_id}"
+        self.authorize(ctx, action, scope, visible=lambda: self.allowed(ctx.caller, "disk/read", scope))
+        return row
+
+    def disk_get(self, ctx: ReqCtx, disk_id: str) -> dict[str, Any]:
+        return _disk_out(self._disk(ctx, disk_id, "disk/read"))
+
+    def disk_list(self, ctx: ReqCtx, tenant: str) -> list[dict[str, Any]]:
+        ctx.action, ctx.scope, ctx.decision = "disk/read", rbac.tenant_scope(tenant), "allow"
+        readable = self.readable_scopes(ctx.caller, "disk/read")
+        rows = self.store.q("SELECT * FROM disks WHERE tenant = ? ORDER BY name", (tenant,))
+        return [_disk_out(r) for r in rows
+                if any(rbac.scope_within(f"/tenants/{tenant}/disks/{r['id']}", s) for s in readable)]
+
+    def disk_delete(self, ctx: ReqCtx, disk_id: str) -> None:
+        row = self._disk(ctx, disk_id, "disk/delete")
+        if self._disk_users(disk_id, writable_only=False):
+            raise ApiError(409, "the disk is attached to a VM; delete the VM first")
+        with self.mutation(ctx, "204") as c:
+            c.execute("DELETE FROM disks WHERE id = ?", (disk_id,))
+        try:
+            from pathlib import Path
+
+            Path(row["path"]).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _disk_out(r: Any) -> dict[str, Any]:
+    return {"id": r["id"], "tenant": r["tenant"], "name": r["name"], "size_mib": r["size_mib"], "created": r["created"]}
