@@ -1,0 +1,426 @@
+"""The host <-> worker protocol: a closed, versioned, typed message set (pure core + a thin channel).
+
+Wire format: one message per SOCK_SEQPACKET datagram, a UTF-8 JSON object
+``{"v": 1, "type": "<name>", <fields>}``. Bytes travel base64-encoded. No pickle, ever.
+
+Both sides validate every message against the schema below: the exact set of keys, each field's type
+(``bool`` is not an ``int``), integer ranges, string lengths and choices. Anything else -- unknown
+type, wrong direction, extra or missing key, duplicate key, NaN, a datagram longer than
+MAX_MESSAGE, ancillary data (passed file descriptors) -- raises ProtocolError. The host treats a
+ProtocolError from a worker as hostile: it ends that worker and records the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import socket
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from bulkhead.errors import GuestFault
+
+__all__ = [
+    "EVENT_MAX_FIELDS",
+    "HOST_TO_WORKER",
+    "MAX_CONSOLE_CHUNK",
+    "MAX_MESSAGE",
+    "PROTOCOL_VERSION",
+    "WORKER_STATES",
+    "WORKER_TO_HOST",
+    "Channel",
+    "Console",
+    "ConsoleIn",
+    "Event",
+    "Exit",
+    "Hello",
+    "Message",
+    "Pause",
+    "Probe",
+    "ProbeResult",
+    "ProtocolError",
+    "Resume",
+    "SecurityEvent",
+    "Start",
+    "Status",
+    "StatusReply",
+    "Stop",
+    "decode",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 64 * 1024  # bytes per datagram, both directions
+MAX_CONSOLE_CHUNK = 16 * 1024  # raw console bytes per message (base64 keeps it under MAX_MESSAGE)
+MAX_TEXT = 1024  # any free-text string field
+MAX_NAME = 64  # identifiers: event names, probe names, exit kinds
+EVENT_MAX_FIELDS = 32
+U32 = (1 << 32) - 1
+U63 = (1 << 63) - 1
+WORKER_STATES = ("ready", "running", "paused", "stopping", "stopped")
+PROBE_OUTCOMES = ("denied", "allowed", "error")
+
+
+class ProtocolError(GuestFault):
+    """A message broke the protocol (malformed, oversized, unknown, wrong direction, fds attached)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, device="worker-protocol", kind="protocol")
+
+
+# --- field specifications (data, checked by one function) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Int:
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class _Str:
+    max_len: int
+    choices: tuple[str, ...] = ()
+    ident: bool = False  # [a-z0-9_.:-] only
+
+
+@dataclass(frozen=True)
+class _Bytes:
+    max_len: int
+
+
+@dataclass(frozen=True)
+class _Bool:
+    pass
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """A flat mapping of identifier -> int | str | bool | None (event payloads)."""
+
+    max_items: int
+
+
+_Spec = _Int | _Str | _Bytes | _Bool | _Fields
+_IDENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.:-")
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every protocol message. Subclasses set TYPE and SPEC (field name -> spec)."""
+
+    TYPE: ClassVar[str] = ""
+    SPEC: ClassVar[dict[str, _Spec]] = {}
+
+
+# host -> worker
+@dataclass(frozen=True)
+class Start(Message):
+    TYPE: ClassVar[str] = "start"
+
+
+@dataclass(frozen=True)
+class Pause(Message):
+    TYPE: ClassVar[str] = "pause"
+
+
+@dataclass(frozen=True)
+class Resume(Message):
+    TYPE: ClassVar[str] = "resume"
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    TYPE: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    TYPE: ClassVar[str] = "status"
+    SPEC: ClassVar[dict[str, _Spec]] = {"seq": _Int(0, U32)}
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class ConsoleIn(Message):
+    TYPE: ClassVar[str] = "console-in"
+    SPEC: ClassVar[dict[str, _Spec]] = {"data": _Bytes(MAX_CONSOLE_CHUNK)}
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Probe(Message):
+    """Test-only: run a named escape probe. Refused by both sides unless probes were enabled at spawn."""
+
+    TYPE: ClassVar[str] = "probe"
+    SPEC: ClassVar[dict[str, _Spec]] = {"name": _Str(MAX_NAME, ident=True), "arg": _Str(MAX_TEXT)}
+    name: str = ""
+    arg: str = ""
+
+
+# worker -> host
+@dataclass(frozen=True)
+class Hello(Message):
+    """First message: the sandbox is in place. Claims only; the host checks what it can."""
+
+    TYPE: ClassVar[str] = "hello"
+    SPEC: ClassVar[dict[str, _Spec]] = {
+        "version": _Int(0, U32),
+        "uid": _Int(0, U32),
+        "gid": _Int(0, U32),
+        "pid": _Int(0, U32),
+        "seccomp": _Bool(),
+        "probes": _Bool(),
+    }
+    version: int = PROTOCOL_VERSION
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    seccomp: bool = False
+    probes: bool = False
+
+
+@dataclass(frozen=True)
+class StatusReply(Message):
+    TYPE: ClassVar[str] = "status-reply"
+    SPEC: ClassVar[dict[str, _Spec]] = {
+        "seq": _Int(0, U32),
+        "state": _Str(16, WORKER_STATES),
+        "uptime_ms": _Int(0, U63),
+    }
+    seq: int = 0
+    state: str = "ready"
+    uptime_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Console(Message):
+    TYPE: ClassVar[str] = "console"
+    SPEC: ClassVar[dict[str, _Spec]] = {"data": _Bytes(MAX_CONSOLE_CHUNK)}
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    TYPE: ClassVar[str] = "event"
+    SPEC: ClassVar[dict[str, _Spec]] = {"name": _Str(MAX_NAME, ident=True), "fields": _Fields(EVENT_MAX_FIELDS)}
+    name: str = ""
+    fields: dict[str, int | str | bool | None] | None = None
+
+
+@dataclass(frozen=True)
+class SecurityEvent(Message):
+    TYPE: ClassVar[str] = "security-event"
+    SPEC: ClassVar[dict[str, _Spec]] = {"kind": _Str(MAX_NAME, ident=True), "detail": _Str(MAX_TEXT)}
+    kind: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Exit(Message):
+    """The worker's own account of why its VM stopped. Untrusted: the host checks it against the process."""
+
+    TYPE: ClassVar[str] = "exit"
+    SPEC: ClassVar[dict[str, _Spec]] = {
+        "kind": _Str(MAX_NAME, ident=True),
+        "status": _Int(0, 0xFFFF),
+        "detail": _Str(MAX_TEXT),
+    }
+    kind: str = ""
+    status: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ProbeResult(Message):
+    TYPE: ClassVar[str] = "probe-result"
+    SPEC: ClassVar[dict[str, _Spec]] = {
+        "name": _Str(MAX_NAME, ident=True),
+        "outcome": _Str(16, PROBE_OUTCOMES),
+        "detail": _Str(MAX_TEXT),
+    }
+    name: str = ""
+    outcome: str = "error"
+    detail: str = ""
+
+
+HOST_TO_WORKER: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe)
+}
+WORKER_TO_HOST: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult)
+}
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+
+def _check_ident(value: str, what: str) -> None:
+    if not value or any(ch not in _IDENT_CHARS for ch in value):
+        raise ProtocolError(f"{what} must be a non-empty identifier of [a-z0-9_.:-]")
+
+
+def _check_value(name: str, spec: _Spec, value: object) -> object:
+    """Check one wire value against its spec and return the Python value. Raises ProtocolError."""
+    if isinstance(spec, _Bool):
+        if type(value) is not bool:
+            raise ProtocolError(f"field {name!r} must be a boolean")
+        return value
+    if isinstance(spec, _Int):
+        if type(value) is not int:
+            raise ProtocolError(f"field {name!r} must be an integer")
+        if not spec.lo <= value <= spec.hi:
+            raise ProtocolError(f"field {name!r} is out of range [{spec.lo}, {spec.hi}]")
+        return value
+    if isinstance(spec, _Str):
+        if type(value) is not str:
+            raise ProtocolError(f"field {name!r} must be a string")
+        if len(value) > spec.max_len:
+            raise ProtocolError(f"field {name!r} is longer than {spec.max_len} characters")
+        if spec.choices and value not in spec.choices:
+            raise ProtocolError(f"field {name!r} must be one of {', '.join(spec.choices)}")
+        if spec.ident:
+            _check_ident(value, f"field {name!r}")
+        return value
+    if isinstance(spec, _Bytes):
+        if type(value) is not str or len(value) > 4 * ((spec.max_len + 2) // 3):
+            raise ProtocolError(f"field {name!r} must be base64 of at most {spec.max_len} bytes")
+        try:
+            raw = base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise ProtocolError(f"field {name!r} is not valid base64") from None
+        if len(raw) > spec.max_len:
+            raise ProtocolError(f"field {name!r} is longer than {spec.max_len} bytes")
+        return raw
+    # _Fields
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise ProtocolError(f"field {name!r} must be an object")
+    if len(value) > spec.max_items:
+        raise ProtocolError(f"field {name!r} has more than {spec.max_items} entries")
+    out: dict[str, int | str | bool | None] = {}
+    for k, v in value.items():
+        if len(k) > MAX_NAME:
+            raise ProtocolError(f"a key of field {name!r} is too long")
+        _check_ident(k, f"a key of field {name!r}")
+        if v is None or type(v) is bool:
+            out[k] = v
+        elif type(v) is int:
+            if not -U63 <= v <= U63:
+                raise ProtocolError(f"{name}.{k} is out of range")
+            out[k] = v
+        elif type(v) is str:
+            if len(v) > MAX_TEXT:
+                raise ProtocolError(f"{name}.{k} is longer than {MAX_TEXT} characters")
+            out[k] = v
+        else:
+            raise ProtocolError(f"{name}.{k} must be an integer, string, boolean or null")
+    return out
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ProtocolError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> None:
+    raise ProtocolError(f"non-finite number {name} is not allowed")
+
+
+def decode(data: bytes, allowed: dict[str, type[Message]]) -> Message:
+    """Parse and validate one datagram into a typed message.
+
+    `allowed` is HOST_TO_WORKER or WORKER_TO_HOST: the direction decides which types exist.
+    Raises ProtocolError on anything that is not exactly one valid message.
+    """
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    if not data:
+        raise ProtocolError("empty message")
+    try:
+        text = data.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("message is not valid UTF-8 JSON") from None
+    if type(obj) is not dict:
+        raise ProtocolError("message must be a JSON object")
+    if obj.get("v") != PROTOCOL_VERSION or type(obj.get("v")) is not int:
+        raise ProtocolError(f"unsupported protocol version {obj.get('v')!r} (expected {PROTOCOL_VERSION})")
+    mtype = obj.get("type")
+    if type(mtype) is not str or mtype not in allowed:
+        shown = mtype[:MAX_NAME] if isinstance(mtype, str) else type(mtype).__name__
+        raise ProtocolError(f"unknown or misdirected message type {shown!r}")
+    cls = allowed[mtype]
+    keys = set(obj) - {"v", "type"}
+    expected = set(cls.SPEC)
+    if keys != expected:
+        extra, missing = sorted(keys - expected), sorted(expected - keys)
+        raise ProtocolError(
+            f"message {mtype!r} has unexpected keys {[k[:MAX_NAME] for k in extra]} / missing {missing}"
+        )
+    values = {name: _check_value(name, spec, obj[name]) for name, spec in cls.SPEC.items()}
+    return cls(**values)
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message. Raises ProtocolError if it does not validate or exceeds MAX_MESSAGE."""
+    obj: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        spec = msg.SPEC[f.name]
+        if isinstance(spec, _Bytes):
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise ProtocolError(f"field {f.name!r} must be bytes")
+            value = base64.b64encode(bytes(value)).decode("ascii")
+        elif isinstance(spec, _Fields) and value is None:
+            value = {}
+        obj[f.name] = value
+    # Validate what we send exactly as the peer will (catches our own bugs before the peer does).
+    for name, spec in msg.SPEC.items():
+        _check_value(name, spec, obj[name])
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    return data
+
+
+class Channel:
+    """One end of a SOCK_SEQPACKET socketpair carrying protocol messages.
+
+    recv() returns None at end of stream. It raises ProtocolError for a truncated (oversized) datagram,
+    for attached file descriptors or other ancillary data, and for anything decode() rejects.
+    send() raises ProtocolError for an invalid message and OSError if the peer is gone.
+    """
+
+    def __init__(self, sock: socket.socket, incoming: dict[str, type[Message]]) -> None:
+        self.sock = sock
+        self.incoming = incoming
+
+    def send(self, msg: Message) -> None:
+        self.sock.send(encode(msg))
+
+    def recv_raw(self) -> bytes | None:
+        """One datagram, size-checked; None at end of stream. Raises ProtocolError, OSError."""
+        data, ancdata, flags, _ = self.sock.recvmsg(MAX_MESSAGE + 1, 0)
+        if flags & socket.MSG_CTRUNC or ancdata:
+            raise ProtocolError("message carried ancillary data (file descriptors are never accepted)")
+        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+            raise ProtocolError(f"message exceeds the {MAX_MESSAGE}-byte limit")
+        if not data:
+            return None
+        return data
+
+    def recv(self) -> Message | None:
+        data = self.recv_raw()
+        return None if data is None else decode(data, self.incoming)
+
+    def close(self) -> None:
+        self.sock.close()

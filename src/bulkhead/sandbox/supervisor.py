@@ -1,0 +1,600 @@
+"""Host side of the jailed worker: spawn, talk, verify, classify the exit, clean up.
+
+    handle = spawn_worker(config, vm_id="web-1", on_console=..., on_event=...)
+    handle.start(); handle.status(); handle.pause(); handle.resume()
+    result = handle.stop()            # or handle.wait(); result.reason is an ExitReason
+
+    run_jailed(config) -> ExitReason  # blocking, what `bulkhead run` uses as root
+
+The host trusts nothing the worker says: every message is validated (protocol.decode), the first
+invalid one ends the worker (kind "protocol-violation"); the exit reason comes from the process's real
+wait status and the cgroup's OOM counter, the worker's own Exit message is believed only when it
+matches the process status; the sandbox is verified from /proc/<pid>/status of each worker process.
+Whatever way the worker ends, its cgroup, jail directory, uid record and taps are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from bulkhead.errors import ConfigError, HostError
+from bulkhead.runtime.config import VmConfig
+from bulkhead.runtime.exits import EXIT_STATUS, ExitReason
+from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+from bulkhead.sandbox.jail import BindSpec, IdAllocator, JailSpec
+from bulkhead.sandbox.protocol import (
+    MAX_CONSOLE_CHUNK,
+    WORKER_TO_HOST,
+    Channel,
+    Console,
+    ConsoleIn,
+    Event,
+    Exit,
+    Hello,
+    Message,
+    Pause,
+    Probe,
+    ProbeResult,
+    ProtocolError,
+    Resume,
+    SecurityEvent,
+    Start,
+    Status,
+    StatusReply,
+    Stop,
+)
+
+__all__ = [
+    "PROBES_ENV",
+    "SUPERVISOR_KINDS",
+    "JailOptions",
+    "WorkerExit",
+    "WorkerHandle",
+    "classify_exit",
+    "leftovers",
+    "run_jailed",
+    "spawn_worker",
+]
+
+PROBES_ENV = "BULKHEAD_TEST_PROBES"
+# Kinds only the supervisor may decide; a worker claiming one of them is not believed.
+SUPERVISOR_KINDS = frozenset({"worker-crash", "seccomp-kill", "oom-kill", "protocol-violation"})
+_VM_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+@dataclass(frozen=True)
+class JailOptions:
+    """Host-side knobs. memory limit = guest RAM + memory_overhead_mib; pids = pids_base + vCPUs."""
+
+    memory_overhead_mib: int = 96
+    pids_base: int = 32
+    cpu_quota_pct: int | None = None  # default: 100 per vCPU
+    nofile: int = 1024
+    base_dir: str = "/run/bulkhead"
+    cgroup_parent: str | None = None  # default: <own cgroup>/bulkhead
+    uid_base: int = 100_000
+    seccomp: bool = True
+    test_probes: bool = False  # refused unless BULKHEAD_TEST_PROBES=1 in this process's environment
+    ready_timeout: float = 20.0
+    stop_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker ended. reason.kind is a VM kind, or worker-crash / seccomp-kill / oom-kill /
+    protocol-violation / interrupted (decided by the host, never by the worker)."""
+
+    reason: ExitReason
+    security_event: bool
+    returncode: int | None
+    claimed: ExitReason | None = None
+    stderr: str = ""
+
+
+def classify_exit(returncode: int | None, *, oom_kills: int, claimed: ExitReason | None,
+                  violation: str | None, host_killed: bool) -> tuple[ExitReason, bool]:
+    """(reason, security_event) from hard evidence first, the worker's own claim last (pure)."""
+    def make(kind: str, detail: str) -> ExitReason:
+        return ExitReason(kind, EXIT_STATUS.get(kind, EXIT_STATUS["worker-crash"]), detail)
+
+    if violation is not None:
+        return make("protocol-violation", violation), True
+    if returncode == -signal.SIGSYS:
+        return make("seccomp-kill", "the worker made a system call outside its seccomp allow-list"), True
+    if oom_kills > 0:
+        return make("oom-kill", f"the worker exceeded its cgroup memory limit ({oom_kills} OOM kill(s))"), False
+    if host_killed:
+        return make("interrupted", "killed by the host after the stop timeout"), False
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
+        return make("worker-crash", f"the worker died of {name}"), False
+    if claimed is not None and returncode is not None and claimed.kind not in SUPERVISOR_KINDS \
+            and (claimed.kind in EXIT_STATUS or claimed.kind == "debug-exit") \
+            and (claimed.status & 0xFF) == returncode:
+        return claimed, False
+    if claimed is not None:
+        return make("worker-crash", f"exit status {returncode} does not match the worker's claim "
+                                    f"{claimed.kind}/{claimed.status}"), True
+    return make("worker-crash", f"the worker exited with status {returncode} without reporting a reason"), False
+
+
+def _read_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+class WorkerHandle:
+    """One running worker. Thread-safe. Methods raise HostError when the worker is gone."""
+
+    def __init__(self, vm_id: str, proc: Any, channel: Channel, *, cgroup: VmCgroup | None = None,
+                 uid: int = 0, ids: IdAllocator | None = None, jail_dir: str | None = None,
+                 test_probes: bool = False, stop_timeout: float = 5.0,
+                 on_console: Callable[[bytes], None] | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_security_event: Callable[[str, str], None] | None = None,
+                 on_exit: Callable[[WorkerExit], None] | None = None) -> None:
+        self.vm_id, self.proc, self.ch, self.cgroup = vm_id, proc, channel, cgroup
+        self.uid, self.ids, self.jail_dir = uid, ids, jail_dir
+        self.test_probes, self.stop_timeout = test_probes, stop_timeout
+        self.on_console, self.on_event, self.on_exit = on_console, on_event, on_exit
+        self.on_security_event = on_security_event
+        self.hello: Hello | None = None
+        self.security_events: list[tuple[str, str]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.exit: WorkerExit | None = None
+        self._claimed: ExitReason | None = None
+        self._violation: str | None = None
+        self._host_killed = False
+        self._cond = threading.Condition()
+        self._replies: dict[int, StatusReply] = {}
+        self._probe: ProbeResult | None = None
+        self._seq = 0
+        self._send_lock = threading.Lock()
+        self._stderr = bytearray()
+        self._done = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name=f"worker-{vm_id}", daemon=True)
+        self._reader.start()
+        stderr = getattr(proc, "stderr", None)
+        if stderr is not None:
+            threading.Thread(target=self._drain_stderr, args=(stderr,), daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    # -- inbound --------------------------------------------------------------------------------------
+    def _drain_stderr(self, stream: Any) -> None:
+        while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
+            self._stderr += chunk
+            del self._stderr[:-4096]  # keep the tail only: a worker cannot flood host memory
+
+    def _security(self, kind: str, detail: str) -> None:
+        self.security_events.append((kind, detail))
+        if self.on_security_event is not None:
+            with contextlib.suppress(Exception):
+                self.on_security_event(kind, detail)
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            if self.hello is not None:
+                raise ProtocolError("second hello")
+            if msg.probes and not self.test_probes:
+                raise ProtocolError("worker claims test probes that were not enabled")
+            self.hello = msg
+        elif self.hello is None:
+            raise ProtocolError(f"{msg.TYPE!r} before hello")
+        elif isinstance(msg, Console):
+            if self.on_console is not None:
+                with contextlib.suppress(Exception):
+                    self.on_console(msg.data)
+        elif isinstance(msg, Event):
+            fields = dict(msg.fields or {})
+            if len(self.events) < 1000:
+                self.events.append((msg.name, fields))
+            if msg.name == "guest-fault":
+                self._security("guest-fault", str(fields)[:1024])
+            if self.on_event is not None:
+                with contextlib.suppress(Exception):
+                    self.on_event(msg.name, fields)
+        elif isinstance(msg, SecurityEvent):
+            self._security(f"worker:{msg.kind}", msg.detail)
+        elif isinstance(msg, Exit):
+            if self._claimed is not None:
+                raise ProtocolError("second exit message")
+            self._claimed = ExitReason(msg.kind, msg.status, msg.detail)
+        elif isinstance(msg, StatusReply):
+            with self._cond:
+                self._replies[msg.seq] = msg
+                self._cond.notify_all()
+        elif isinstance(msg, ProbeResult):
+            if not self.test_probes:
+                raise ProtocolError("probe result from a worker without test probes")
+            with self._cond:
+                self._probe = msg
+                self._cond.notify_all()
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    msg = self.ch.recv()
+                except ProtocolError as exc:
+                    self._violation = str(exc)
+                    break
+                except OSError:
+                    break
+                if msg is None:
+                    break
+                try:
+                    self._dispatch(msg)
+                except ProtocolError as exc:
+                    self._violation = str(exc)
+                    break
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._violation is not None:
+            self._kill()
+        else:
+            try:
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self._host_killed = True
+                self._kill()
+        rc = self.proc.wait()
+        oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
+        reason, sec = classify_exit(rc, oom_kills=oom, claimed=self._claimed, violation=self._violation,
+                                    host_killed=self._host_killed)
+        if sec:
+            self._security(reason.kind, reason.detail)
+        self._cleanup()
+        self.exit = WorkerExit(reason, sec, rc, self._claimed, bytes(self._stderr).decode("utf-8", "replace"))
+        self._done.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self.on_exit is not None:
+            with contextlib.suppress(Exception):
+                self.on_exit(self.exit)
+
+    def _kill(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+        with contextlib.suppress(ProcessLookupError, OSError):
+            self.proc.kill()
+
+    def _cleanup(self) -> None:
+        errors = []
+        with contextlib.suppress(OSError):
+            self.ch.close()
+        if self.cgroup is not None:
+            try:
+                self.cgroup.remove()
+            except HostError as exc:
+                errors.append(str(exc))
+        if self.jail_dir is not None:
+            for d in (self.jail_dir, os.path.dirname(self.jail_dir)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(d)
+        if self.ids is not None:
+            self.ids.release(self.uid)
+        if errors:
+            self._security("cleanup-failed", "; ".join(errors))
+
+    # -- outbound -------------------------------------------------------------------------------------
+    def _send(self, msg: Message) -> None:
+        if self._done.is_set():
+            raise HostError(f"VM {self.vm_id}: the worker has exited ({self.exit and self.exit.reason.kind})")
+        with self._send_lock:
+            try:
+                self.ch.send(msg)
+            except OSError as exc:
+                raise HostError(f"VM {self.vm_id}: cannot reach the worker: {exc.strerror}") from None
+
+    def wait_ready(self, timeout: float) -> Hello:
+        """Block until the worker's hello (sandbox in place). Raises HostError if it dies first."""
+        deadline = time.monotonic() + timeout
+        while self.hello is None:
+            if self._done.wait(0.01):
+                assert self.exit is not None
+                raise HostError(f"VM {self.vm_id}: the worker failed before it was ready: "
+                                f"{self.exit.reason.detail}; {self.exit.stderr.strip()[-400:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise HostError(f"VM {self.vm_id}: the worker was not ready within {timeout} s")
+        return self.hello
+
+    def start(self) -> None:
+        self._send(Start())
+
+    def pause(self) -> None:
+        self._send(Pause())
+
+    def resume(self) -> None:
+        self._send(Resume())
+
+    def console_input(self, data: bytes) -> None:
+        for i in range(0, len(data), MAX_CONSOLE_CHUNK):
+            self._send(ConsoleIn(data[i : i + MAX_CONSOLE_CHUNK]))
+
+    def status(self, timeout: float = 2.0) -> StatusReply:
+        """Ask the worker for its state. Raises HostError if it does not answer in time."""
+        with self._cond:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            seq = self._seq
+        self._send(Status(seq))
+        with self._cond:
+            if not self._cond.wait_for(lambda: seq in self._replies or self._done.is_set(), timeout):
+                raise HostError(f"VM {self.vm_id}: no status reply within {timeout} s")
+            if seq not in self._replies:
+                raise HostError(f"VM {self.vm_id}: the worker exited")
+            return self._replies.pop(seq)
+
+    def probe(self, name: str, arg: str = "", timeout: float = 20.0) -> ProbeResult | None:
+        """TEST ONLY: run an escape probe; None when the worker died instead of answering."""
+        if not self.test_probes:
+            raise HostError("probes are only available in workers spawned with test_probes")
+        with self._cond:
+            self._probe = None
+        self._send(Probe(name, arg))
+        with self._cond:
+            self._cond.wait_for(lambda: self._probe is not None or self._done.is_set(), timeout)
+            return self._probe
+
+    def wait(self, timeout: float | None = None) -> WorkerExit:
+        """Block until the worker has exited and been cleaned up. Raises HostError on timeout."""
+        if not self._done.wait(timeout):
+            raise HostError(f"VM {self.vm_id}: still running after {timeout} s")
+        assert self.exit is not None
+        return self.exit
+
+    def stop(self, timeout: float | None = None) -> WorkerExit:
+        """Ask the VM to stop; kill the worker if it has not exited within the timeout."""
+        timeout = self.stop_timeout if timeout is None else timeout
+        with contextlib.suppress(HostError):
+            self._send(Stop())
+        if not self._done.wait(timeout):
+            self._host_killed = True
+            self._kill()
+        return self.wait(timeout + 5)
+
+    def kill(self) -> WorkerExit:
+        self._host_killed = True
+        self._kill()
+        return self.wait(10)
+
+    @property
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+
+# --- spawning ------------------------------------------------------------------------------------------
+
+
+def _open_tap(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+    except OSError as exc:
+        os.close(fd)
+        raise HostError(f"cannot attach tap {name!r}: {exc.strerror}") from None
+    return fd
+
+
+def _regular_file(path: str, what: str) -> str:
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    if not os.path.isfile(real) or st.st_nlink < 1:
+        raise ConfigError(f"{what} {path} is not a regular file")
+    return real
+
+
+def _verify_sandbox(handle: WorkerHandle, uid: int) -> None:
+    """Check from the host, in /proc, what the worker claims: ids, capabilities, no_new_privs, seccomp,
+    namespaces. Raises HostError (and the worker is killed) on any mismatch."""
+    assert handle.cgroup is not None
+    pids = handle.cgroup.pids()
+    if handle.pid not in pids or len(pids) < 2:
+        raise HostError(f"worker processes {sorted(pids)} (reaper {handle.pid}) are not all in the VM's cgroup")
+    own = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("mnt", "net", "ipc", "uts", "pid")}
+    for pid in pids:
+        try:
+            st = _read_status(pid)
+            ns = {n: os.readlink(f"/proc/{pid}/ns/{n}") for n in own}
+        except OSError:
+            continue  # a thread or process that just ended
+        bad = []
+        if st.get("Uid", "").split() != [str(uid)] * 4 or st.get("Gid", "").split() != [str(uid)] * 4:
+            bad.append(f"ids {st.get('Uid')}/{st.get('Gid')}")
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            if int(st.get(cap, "1"), 16) != 0:
+                bad.append(f"{cap}={st.get(cap)}")
+        if st.get("NoNewPrivs") != "1":
+            bad.append("no_new_privs unset")
+        if handle.hello is not None and handle.hello.seccomp and st.get("Seccomp") != "2":
+            bad.append("no seccomp filter")
+        for n in ("mnt", "net", "ipc", "uts"):
+            if ns[n] == own[n]:
+                bad.append(f"shares the host's {n} namespace")
+        if pid != handle.pid and ns["pid"] == own["pid"]:
+            bad.append("the worker shares the host's PID namespace")
+        if bad:
+            raise HostError(f"sandbox verification failed for pid {pid}: {', '.join(bad)}")
+
+
+def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOptions | None = None,
+                 on_console: Callable[[bytes], None] | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_security_event: Callable[[str, str], None] | None = None,
+                 on_exit: Callable[[WorkerExit], None] | None = None) -> WorkerHandle:
+    """Start a jailed worker for `config` and return once its sandbox is in place and verified.
+
+    The VM does not run until handle.start(). Raises ConfigError (bad id or image path),
+    HostError (not root, cgroups/jail unavailable, worker failed before it was ready).
+    """
+    opts = options or JailOptions()
+    if os.geteuid() != 0:
+        raise HostError("the jail needs root (run as root, or use --no-jail for development)")
+    if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
+        raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
+    vm_id = vm_id or uuid.uuid4().hex[:12]
+    if not _VM_ID.match(vm_id):
+        raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
+    binds = [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
+    if config.initrd:
+        binds.append(BindSpec(_regular_file(config.initrd, "initrd"), "/vm/initrd", True))
+    drives = []
+    for i, d in enumerate(config.drives):
+        binds.append(BindSpec(_regular_file(d.path, "drive"), f"/vm/drive{i}", d.read_only))
+        drives.append(replace(d, path=f"/vm/drive{i}"))
+
+    ids = IdAllocator(os.path.join(opts.base_dir, "ids"), opts.uid_base)
+    uid = ids.allocate(vm_id)
+    jail_dir = os.path.join(opts.base_dir, "jail", vm_id, "root")
+    cgroup: VmCgroup | None = None
+    taps: list[int] = []
+    sock_host = sock_worker = None
+    try:
+        try:
+            os.makedirs(os.path.dirname(jail_dir), mode=0o700, exist_ok=True)
+            os.mkdir(jail_dir, 0o700)
+        except FileExistsError:
+            raise HostError(f"VM id {vm_id!r} is already in use (jail directory exists)") from None
+        quota_pct = opts.cpu_quota_pct if opts.cpu_quota_pct is not None else 100 * config.cpus
+        limits = CgroupLimits((config.mem_mib + opts.memory_overhead_mib) << 20, opts.pids_base + config.cpus,
+                              quota_pct * 1000)
+        cgroup = VmCgroup(vm_id, limits, parent=opts.cgroup_parent)
+        cgroup.create()
+        nets = []
+        for n in config.nets:
+            fd = _open_tap(n.tap)
+            taps.append(fd)
+            nets.append(replace(n, tap_fd=fd))
+        inner = replace(config, kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
+                        serial="stdio", drives=tuple(drives), nets=tuple(nets))
+        devices = ("kvm", "urandom") + (("net/tun",) if nets else ())
+        spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
+                        opts.nofile, limits.pids_max, opts.seccomp, bool(nets), asdict(inner))
+        sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-I", "-m", "bulkhead", "worker", "--channel-fd", str(sock_worker.fileno()),
+                "--spec", spec.to_json()]
+        for fd in taps:
+            argv += ["--tap-fd", str(fd)]
+        if opts.test_probes:
+            argv.append("--test-probes")
+        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, pass_fds=(sock_worker.fileno(), *taps), close_fds=True)
+    except BaseException:
+        for fd in taps:
+            os.close(fd)
+        for s in (sock_host, sock_worker):
+            if s is not None:
+                s.close()
+        if cgroup is not None:
+            cgroup.remove()
+        with contextlib.suppress(OSError):
+            os.rmdir(jail_dir)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(jail_dir))
+        ids.release(uid)
+        raise
+    sock_worker.close()
+    for fd in taps:
+        os.close(fd)  # the worker holds the only reference: the tap (if not persistent) dies with it
+    handle = WorkerHandle(vm_id, proc, Channel(sock_host, WORKER_TO_HOST), cgroup=cgroup, uid=uid, ids=ids,
+                          jail_dir=jail_dir, test_probes=opts.test_probes, stop_timeout=opts.stop_timeout,
+                          on_console=on_console, on_event=on_event, on_security_event=on_security_event,
+                          on_exit=on_exit)
+    hello = handle.wait_ready(opts.ready_timeout)
+    try:
+        if hello.uid != uid or hello.gid != uid:
+            raise HostError(f"worker reports uid/gid {hello.uid}/{hello.gid}, expected {uid}")
+        _verify_sandbox(handle, uid)
+    except HostError:
+        handle.kill()
+        raise
+    return handle
+
+
+def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
+               console: Callable[[bytes], None] | None = None) -> ExitReason:
+    """Run one VM in a jailed worker until it stops (what `bulkhead run` does as root).
+
+    Console output goes to `console`, else to config.serial (stdio, none, or a file). SIGINT/SIGTERM
+    stop the VM. Raises ConfigError/HostError like run_vm.
+    """
+    sink = console
+    out_file = None
+    if sink is None:
+        if config.serial == "stdio":
+            out = sys.stdout.buffer
+            def sink(data: bytes) -> None:
+                out.write(data)
+                out.flush()
+        elif config.serial == "none":
+            def sink(data: bytes) -> None:
+                return None
+        else:
+            try:
+                out_file = open(config.serial, "ab")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise ConfigError(f"--serial {config.serial}: {exc.strerror}") from None
+            f = out_file
+            def sink(data: bytes) -> None:
+                f.write(data)
+                f.flush()
+    handle = spawn_worker(config, options=options, on_console=sink)
+    stop = threading.Event()
+    old: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda s, f: stop.set())
+    try:
+        handle.start()
+        while handle.running and not stop.wait(0.1):
+            pass
+        result = handle.stop() if handle.running else handle.wait()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        if handle.running:
+            handle.kill()
+        if out_file is not None:
+            out_file.close()
+    return result.reason
+
+
+def leftovers(vm_id: str, base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:
+    """Anything of VM `vm_id` still on the host: jail dir, cgroup dirs, mounts (for tests and audits)."""
+    found = []
+    jail = os.path.join(base_dir, "jail", vm_id)
+    if os.path.exists(jail):
+        found.append(jail)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        found += [line.strip() for line in f if f"/{vm_id}" in line]
+    probe = VmCgroup(vm_id, CgroupLimits(0, 0, 0), parent=cgroup_parent)
+    found += [d for d in probe.dirs.values() if os.path.exists(d)]
+    return found

@@ -1,0 +1,338 @@
+"""The per-VM worker: `bulkhead worker --channel-fd N --spec JSON [--test-probes] [--no-jail]`.
+
+Started only by bulkhead.sandbox.supervisor (as root, with an empty environment). It builds its own
+jail (bulkhead.sandbox.jail, steps 1-7), says Hello, and only then runs the VM when the host sends
+Start. Every module the VM needs is imported *before* pivot_root: after it, the host's Python
+installation is no longer reachable.
+
+Process layout inside the jail:
+  reaper (host PID namespace, VM uid, seccomp "reaper")  -- waits, then exits exactly as the worker did
+   `- worker (pid 1 of a new PID namespace, VM uid, seccomp "worker") -- channel reader thread + VM
+
+--test-probes (refused by the supervisor unless BULKHEAD_TEST_PROBES=1 in the host's environment)
+replaces the VM with bulkhead.sandbox.probes.FakeMachine and lets the host run named escape probes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from bulkhead.errors import BulkheadError, ConfigError, HostError
+from bulkhead.sandbox import jail
+from bulkhead.sandbox.policy import build_rules
+from bulkhead.sandbox.protocol import (
+    HOST_TO_WORKER,
+    MAX_CONSOLE_CHUNK,
+    MAX_NAME,
+    MAX_TEXT,
+    PROTOCOL_VERSION,
+    U63,
+    Channel,
+    Console,
+    ConsoleIn,
+    Event,
+    Exit,
+    Hello,
+    Pause,
+    Probe,
+    ProbeResult,
+    ProtocolError,
+    Resume,
+    Start,
+    Status,
+    StatusReply,
+    Stop,
+)
+
+__all__ = ["main", "sanitize_event"]
+
+# Exit codes of the worker process before a VM ran (the host maps them to worker-crash + detail).
+EXIT_SETUP_FAILED = 70
+EXIT_HOST_GONE = 130
+
+
+def _parse(argv: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"channel_fd": -1, "spec": "", "tap_fds": [], "test_probes": False, "no_jail": False}
+    it = iter(argv)
+    for a in it:
+        if a == "--channel-fd":
+            out["channel_fd"] = int(next(it))
+        elif a == "--spec":
+            out["spec"] = next(it)
+        elif a == "--tap-fd":
+            out["tap_fds"].append(int(next(it)))
+        elif a == "--test-probes":
+            out["test_probes"] = True
+        elif a == "--no-jail":
+            out["no_jail"] = True
+        else:
+            raise ConfigError(f"bulkhead worker: unknown argument {a!r} (internal command)")
+    if out["channel_fd"] < 3 or not out["spec"]:
+        raise ConfigError("bulkhead worker is internal: started by the supervisor with --channel-fd and --spec")
+    return out
+
+
+def _preimport(test_probes: bool) -> None:
+    """Import everything the VM path may import lazily; after pivot_root nothing new can be imported."""
+    import importlib
+    import pkgutil
+
+    for name in ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "json", "base64", "binascii",
+                 "ctypes", "fcntl", "mmap", "select", "struct", "errno", "resource", "traceback",
+                 "pyseccomp", "bulkhead.sandbox.policy"):
+        importlib.import_module(name)
+    import bulkhead
+
+    for pkg in ("bulkhead.runtime", "bulkhead.hypervisor", "bulkhead.devices", "bulkhead.boot",
+                "bulkhead.memory"):
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError:
+            continue
+        for info in pkgutil.walk_packages(mod.__path__, prefix=pkg + "."):
+            if info.name.endswith((".cli", ".build")):
+                continue
+            try:
+                importlib.import_module(info.name)
+            except Exception:  # noqa: S112 - optional pieces (and their optional deps) may be missing
+                continue
+    for name in ("bulkhead.bus", "bulkhead.errors"):
+        importlib.import_module(name)
+    if test_probes:
+        importlib.import_module("bulkhead.sandbox.probes")
+    del bulkhead
+
+
+def sanitize_event(name: str, detail: dict[str, Any]) -> Event:
+    """Make any runtime event fit the protocol's Event schema (the runtime's events are free-form)."""
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789_.:-")
+    clean = "".join(ch if ch in allowed else "-" for ch in name.lower())[:MAX_NAME] or "event"
+    fields: dict[str, int | str | bool | None] = {}
+    for k, v in list(detail.items())[:32]:
+        key = "".join(ch if ch in allowed else "_" for ch in str(k).lower())[:MAX_NAME] or "key"
+        if v is None or isinstance(v, bool) or (isinstance(v, int) and -U63 <= v <= U63):
+            fields[key] = v
+        else:
+            fields[key] = str(v)[:MAX_TEXT]
+    return Event(clean, fields)
+
+
+class _Service:
+    """The jailed worker's protocol loop: a reader thread for host messages, the VM in the main thread."""
+
+    def __init__(self, channel: Channel, spec: jail.JailSpec, test_probes: bool, seccomp: bool) -> None:
+        self.ch = channel
+        self.spec = spec
+        self.test_probes = test_probes
+        self.seccomp = seccomp
+        self.send_lock = threading.Lock()
+        self.started = threading.Event()
+        self.state = "ready"
+        self.t0 = time.monotonic()
+        self.machine: Any = None
+        self.stop_requested = False
+
+    def send(self, msg: Any) -> None:
+        with self.send_lock:
+            try:
+                self.ch.send(msg)
+            except OSError:
+                pass  # the host is gone; the reader notices EOF and ends the worker
+
+    def console(self, data: bytes) -> None:
+        for i in range(0, len(data), MAX_CONSOLE_CHUNK):
+            self.send(Console(bytes(data[i : i + MAX_CONSOLE_CHUNK])))
+
+    def event(self, name: str, detail: dict[str, Any]) -> None:
+        self.send(sanitize_event(name, detail))
+
+    def _exit_reason(self, kind: str, detail: str) -> Any:
+        from bulkhead.runtime.exits import ExitReason
+
+        return ExitReason.of(kind, detail)
+
+    def reader(self) -> None:
+        while True:
+            try:
+                msg = self.ch.recv()
+            except (ProtocolError, OSError):
+                msg = None
+            if msg is None:  # host gone (or talking nonsense): stop now
+                if self.machine is not None:
+                    self.machine.request_stop(self._exit_reason("interrupted", "the host closed the channel"))
+                    self.started.set()
+                    return
+                os._exit(EXIT_HOST_GONE)
+            self.handle(msg)
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, Start):
+            if self.state == "ready":
+                self.state = "running"
+                self.started.set()
+        elif isinstance(msg, Pause) and self.machine is not None and self.state == "running":
+            self.machine.pause()
+            self.state = "paused"
+        elif isinstance(msg, Resume) and self.machine is not None and self.state == "paused":
+            self.machine.resume()
+            self.state = "running"
+        elif isinstance(msg, Stop):
+            self.stop_requested = True
+            if self.machine is None:
+                self.send(Exit("interrupted", 130, "stopped before start"))
+                os._exit(130)
+            self.state = "stopping"
+            self.machine.request_stop(self._exit_reason("interrupted", "stopped by the host"))
+        elif isinstance(msg, Status):
+            uptime = int((time.monotonic() - self.t0) * 1000)
+            self.send(StatusReply(msg.seq, self.state, uptime))
+        elif isinstance(msg, ConsoleIn):
+            serial = getattr(self.machine, "serial", None)
+            if serial is not None:
+                serial.enqueue_input(msg.data)
+        elif isinstance(msg, Probe):
+            if not self.test_probes:
+                os._exit(EXIT_SETUP_FAILED)  # a probe request without --test-probes: refuse hard
+            from bulkhead.sandbox import probes
+
+            outcome, detail = probes.run(msg.name, msg.arg, self)
+            self.send(ProbeResult(msg.name, outcome, detail[:MAX_TEXT]))
+
+    def run(self) -> int:
+        self.send(Hello(PROTOCOL_VERSION, os.getuid(), os.getgid(), os.getpid(), self.seccomp, self.test_probes))
+        threading.Thread(target=self.reader, name="channel", daemon=True).start()
+        self.started.wait()
+        config = _config_from_dict(self.spec.config)
+        if self.test_probes:
+            from bulkhead.sandbox.probes import FakeMachine
+
+            self.machine = FakeMachine(config, console=self.console, on_event=self.event)
+        else:
+            from bulkhead.runtime.vm import Machine
+
+            self.machine = Machine(config, console=self.console, on_event=self.event, console_input=False)
+        try:
+            self.machine.build()
+            if self.stop_requested:
+                reason = self._exit_reason("interrupted", "stopped by the host")
+            else:
+                reason = self.machine.run()
+        except ConfigError as exc:
+            reason = self._exit_reason("config-error", str(exc))
+        except HostError as exc:
+            reason = self._exit_reason("host-error", str(exc))
+        except BulkheadError as exc:
+            reason = self._exit_reason("internal-error", f"{type(exc).__name__}: {exc}")
+        finally:
+            try:
+                self.machine.close()
+            except Exception:  # noqa: S110 - teardown is best effort; the process exits next
+                pass
+        self.state = "stopped"
+        self.send(Exit(reason.kind, reason.status & 0xFFFF, reason.detail[:MAX_TEXT]))
+        return int(reason.status) & 0xFF
+
+
+def _config_from_dict(raw: dict[str, Any]) -> Any:
+    from bulkhead.runtime.config import DriveConfig, NetConfig, RateLimit, VmConfig
+
+    drives = tuple(DriveConfig(d["path"], d["read_only"], d["drive_id"], RateLimit(**d["rate"]))
+                   for d in raw.get("drives", ()))
+    nets = tuple(NetConfig(n["tap"], n["mac"], RateLimit(**n["rate"]), n["tap_fd"]) for n in raw.get("nets", ()))
+    rest = {k: v for k, v in raw.items() if k not in ("drives", "nets")}
+    return VmConfig(**rest, drives=drives, nets=nets)
+
+
+def _reap(child: int) -> int:
+    """The outer process: wait for the worker (pid 1 inside) and leave exactly the way it did."""
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `bulkhead worker`. Exits the process; returns only on a usage error."""
+    try:
+        args = _parse(argv)
+    except (ConfigError, ValueError, StopIteration) as exc:
+        print(f"bulkhead worker: {exc}", file=sys.stderr)
+        return 2
+    jail.close_fds({args["channel_fd"], *args["tap_fds"]})  # step 1
+    step = "spec"
+    try:
+        spec = jail.JailSpec.from_json(args["spec"])
+        _preimport(args["test_probes"])
+        sock = socket.socket(fileno=args["channel_fd"])
+        channel = Channel(sock, HOST_TO_WORKER)
+        if args["no_jail"]:
+            service = _Service(channel, spec, args["test_probes"], seccomp=False)
+            os._exit(service.run())
+        step = "cgroup"
+        for path in spec.cgroup_procs:  # step 2
+            with open(path, "w", encoding="ascii") as f:
+                f.write(str(os.getpid()))
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
+            cap_last = int(f.read())
+        step = "policy"
+        worker_rules = build_rules("worker", nic=spec.nic, self_pid=1)  # pid 1 of the new PID namespace
+        reaper_rules = build_rules("reaper", self_pid=os.getpid())
+        step = "idmap"
+        oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
+        userns: dict[tuple[int, int], int] = {}
+        for b in spec.binds:
+            st = os.stat(b.source)
+            if (st.st_uid, st.st_gid) not in userns:
+                userns[(st.st_uid, st.st_gid)] = jail.make_idmap_userns(st.st_uid, st.st_gid, spec.uid, spec.gid)
+        step = "namespaces"
+        jail.enter_namespaces(f"vm-{spec.vm_id}")  # step 3
+        step = "root"
+        jail.build_root(spec, userns)  # step 4
+        for fd in userns.values():
+            os.close(fd)
+        child = os.fork()  # step 5
+        if child == 0:
+            step = "worker privileges"
+            os.close(oom_fd)
+            jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
+            jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=spec.nofile,  # step 6
+                                 nproc=spec.nproc)
+            if spec.seccomp:
+                jail.install_seccomp(worker_rules)  # step 7
+            service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp)
+            os._exit(service.run())
+        step = "reaper privileges"
+        for value in (b"-1000", b"0"):  # the reaper goes back down (-1000 needs CAP_SYS_RESOURCE)
+            try:
+                os.write(oom_fd, value)
+                break
+            except OSError:
+                continue
+        os.close(oom_fd)
+        sock.close()
+        for fd in args["tap_fds"]:
+            os.close(fd)
+        jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=16, nproc=spec.nproc)
+        if spec.seccomp:
+            jail.install_seccomp(reaper_rules)
+        _reap(child)
+    except (BulkheadError, OSError) as exc:
+        try:
+            print(f"bulkhead worker: setup failed at step {step!r}: {exc}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(EXIT_SETUP_FAILED)
+    return EXIT_SETUP_FAILED
