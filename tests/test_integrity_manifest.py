@@ -62,6 +62,10 @@ def test_default_manifest_covers_interpreter_and_real_package() -> None:
     import sys
 
     assert os.path.realpath(sys.executable) in doc["external"]
+    import sysconfig
+
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        assert "libpython" in doc["roles"].values()
     assert doc["package_root"] == str(Path(bulkhead.__file__).resolve().parent)
     assert "integrity/manifest.py" in doc["files"]
 

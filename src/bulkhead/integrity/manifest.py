@@ -92,8 +92,16 @@ def _walk_package(root: Path) -> dict[str, str]:
 
 
 def _default_externals() -> dict[str, str]:
-    """Interpreter (resolved) and the `bulkhead` entry-point script next to it, when it exists."""
+    """Interpreter (resolved), libpython when the interpreter is linked against it (the interpreter
+    binary is then a small stub), and the `bulkhead` entry-point script next to it, when it exists."""
+    import sysconfig
+
     roles: dict[str, str] = {os.path.realpath(sys.executable): "interpreter"}
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname:
+        lib = Path(libdir) / soname
+        if lib.is_file():
+            roles[str(lib.resolve())] = "libpython"
     script = Path(sys.executable).parent / "bulkhead"
     if script.is_file():
         roles[str(script.resolve())] = "entry-point"
