@@ -78,6 +78,11 @@ def test_clean_host_attests(host: Host) -> None:
     verdict = verify_evidence(host.quote("nonce-1"), host.policy, host.enrollment.to_dict(), "nonce-1")
     assert verdict.trusted, verdict.reasons
     assert verdict.reasons == [] and len(verdict.passed) == 6
+    from bulkhead.integrity.attest import ak_qualified_name
+    from bulkhead.integrity.tpmwire import parse_quote_attest
+
+    info = parse_quote_attest(bytes.fromhex(host.quote("x")["attest"]))
+    assert info.qualified_signer == ak_qualified_name(host.enrollment.ak_name)
     # the PCRs in the TPM are what the log replays to
     from bulkhead.integrity.eventlog import replay
 

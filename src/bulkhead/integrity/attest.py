@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import struct
 from dataclasses import dataclass, field
 
 from bulkhead.integrity.errors import IntegrityError
@@ -44,12 +45,19 @@ from bulkhead.integrity.tpmwire import (
     verify_signature,
 )
 
-__all__ = ["EVIDENCE_FORMAT", "Verdict", "nonce_digest", "verify_evidence"]
+__all__ = ["EVIDENCE_FORMAT", "Verdict", "ak_qualified_name", "nonce_digest", "verify_evidence"]
 
 EVIDENCE_FORMAT = "bulkhead-quote/1"
 MAX_NONCE = 1024
+TPM_RH_ENDORSEMENT = 0x4000000B
 # A trusted verdict needs every one of these checks to have passed, not merely "no failure recorded".
 REQUIRED_CHECKS = 6
+
+
+def ak_qualified_name(ak_name: bytes) -> bytes:
+    """Qualified name of an AK that is a primary key of the endorsement hierarchy (TPM_RH_ENDORSEMENT):
+    nameAlg || SHA-256(handle 0x4000000B || AK name), as the TPM reports it in TPMS_ATTEST.qualifiedSigner."""
+    return struct.pack(">H", ALG_SHA256) + hashlib.sha256(struct.pack(">I", TPM_RH_ENDORSEMENT) + ak_name).digest()
 
 
 def nonce_digest(nonce: str) -> bytes:
@@ -116,6 +124,8 @@ def _verify(evidence: dict[str, object], policy: Policy, enr: Enrollment, nonce:
     if not enrolled:
         return
     info = parse_quote_attest(attest)
+    if not hmac.compare_digest(info.qualified_signer, ak_qualified_name(enr.ak_name)):
+        reasons.append("the quote's signer is not the enrolled AK as a primary of the endorsement hierarchy")
     if hmac.compare_digest(info.extra_data, nonce_digest(nonce)):
         passed.append("quote is fresh (qualifyingData = SHA-256(nonce))")
     else:
