@@ -63,6 +63,13 @@ def test_parse_valid_image() -> None:
     assert img[bz.kernel_offset + 0x200 : bz.kernel_offset + 0x200 + len(PAYLOAD)] == PAYLOAD
 
 
+def test_trailing_bytes_after_syssize_are_not_kernel() -> None:
+    # Distribution kernels append a UEFI signature after the syssize paragraphs.
+    img = make_bzimage(PAYLOAD)
+    bz = parse_bzimage(img + b"SIGNATURE" * 100)
+    assert bz.kernel_size == parse_bzimage(img).kernel_size == bz.header.syssize * 16
+
+
 def test_setup_sects_zero_means_four() -> None:
     img = make_bzimage(PAYLOAD, setup_sects=0)
     assert parse_bzimage(img).setup_size == 5 * 512
@@ -99,7 +106,9 @@ def test_relocatable_alignment() -> None:
         (lambda i: patch(i, 0x201, "<B", 0x10), "header length"),
         (lambda i: patch(i, 0x201, "<B", 0xF0), "header length"),
         (lambda i: i[: 5 * 512], "truncated"),
-        (lambda i: i[: 5 * 512 + 0x100], "entry"),
+        (lambda i: i[: 5 * 512 + 0x100], "truncated"),
+        (lambda i: patch(i, 0x1F4, "<I", 0x20), "entry"),
+        (lambda i: patch(i, 0x1F4, "<I", 0), "entry"),
         (lambda i: i[:-64], "syssize"),
         (lambda i: patch(i, 0x211, "<B", 0), "LOADED_HIGH"),
         (lambda i: patch(i, 0x236, "<H", 0), "64-bit entry"),

@@ -147,7 +147,7 @@ class BzImage:
     setup_size: int  # bytes of real-mode code (setup_sects + 1) * 512; the kernel starts here
     header_end: int  # file offset just past the setup header (0x202 + the jump's displacement)
     kernel_offset: int  # == setup_size
-    kernel_size: int  # bytes of protected-mode kernel in the file
+    kernel_size: int  # bytes of protected-mode kernel (syssize * 16); trailing file bytes are ignored
     load_address: int  # where the protected-mode kernel goes in guest memory
     entry64: int  # load_address + 0x200
     memory_needed: int  # bytes reserved from load_address (max(init_size, kernel_size))
@@ -207,14 +207,17 @@ def parse_bzimage(data: bytes) -> BzImage:
         raise ImageError(
             f"bzImage is truncated: {len(data)} bytes, but its setup code alone takes {setup_size} bytes"
         )
-    kernel_size = len(data) - setup_size
+    # syssize (16-byte paragraphs) is the protected-mode kernel; bytes after it (e.g. an appended
+    # UEFI signature, as in distribution kernels) are not part of what gets loaded.
+    kernel_size = hdr.syssize * 16
+    if kernel_size > len(data) - setup_size:
+        raise ImageError(
+            f"bzImage is truncated: syssize says {kernel_size} bytes of kernel, the file has "
+            f"{len(data) - setup_size}"
+        )
     if kernel_size <= 0x200:
         raise ImageError(
             f"bzImage kernel is only {kernel_size} bytes: its 64-bit entry at offset 0x200 lies outside it"
-        )
-    if hdr.syssize * 16 > kernel_size:
-        raise ImageError(
-            f"bzImage is truncated: syssize says {hdr.syssize * 16} bytes of kernel, the file has {kernel_size}"
         )
     if not hdr.loadflags & LOADED_HIGH:
         raise ImageError("bzImage is not LOADED_HIGH (a zImage): only high-loaded kernels are supported")

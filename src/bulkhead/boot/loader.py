@@ -180,7 +180,7 @@ def load_kernel(
                 f"bzImage needs [{k0:#x}, {k1:#x}) (init_size {hdr.init_size:#x}) but guest RAM below "
                 f"the MMIO hole ends at {region0_end:#x}"
             )
-        writes.append((k0, kernel[image.kernel_offset :]))
+        writes.append((k0, kernel[image.kernel_offset : image.kernel_offset + image.kernel_size]))
         writes.append((k0 + image.kernel_size, image.memory_needed - image.kernel_size))
         entry = image.entry64
         initrd_max_end = (hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX) + 1
