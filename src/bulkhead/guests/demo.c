@@ -24,6 +24,8 @@ int main(const struct bh_bootinfo *bi) {
     uint64_t usable = 0;
     for (unsigned i = 0; i < bi->n_e820; i++) {
         const struct bh_e820 *e = &bi->e820[i];
+        if (e->size == 0)
+            continue;
         printf("E820 0x%016lx 0x%016lx %u %s\n", e->addr, e->size, e->type, e820_name(e->type));
         if (e->type == 1)
             usable += e->size;

@@ -53,6 +53,8 @@ struct bh_bootinfo {
 
 /* Provided by the payload. */
 int main(const struct bh_bootinfo *bi);
+/* Optional: a payload defining `int bh_want_mptable = 0;` skips the MP table scan (ncpus stays 0). */
+extern int bh_want_mptable;
 
 /* Port I/O. */
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
