@@ -70,6 +70,7 @@ int bh_start_ap(uint8_t apic_id, void (*fn)(uint32_t apic_id), uint64_t timeout_
     ap_slot++;
     ap_fn = fn;
     ap_checked_in = 0;
+    __asm__ volatile("" ::: "memory"); /* stack, fn and trampoline are in memory before any IPI */
     apic_write(0xf0, apic_read(0xf0) | 0x1ff); /* software-enable, spurious vector 0xff */
     uint32_t vector = (uint32_t)(BH_TRAMPOLINE_ADDR >> 12);
     send_ipi(apic_id, 0x00004500); /* INIT, assert, edge */
