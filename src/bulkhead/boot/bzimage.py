@@ -209,8 +209,13 @@ def parse_bzimage(data: bytes) -> BzImage:
         )
     # syssize (16-byte paragraphs) is the protected-mode kernel; bytes after it (e.g. an appended
     # UEFI signature, as in distribution kernels) are not part of what gets loaded.
+    # The kernel's tools/build.c rounds syssize up to whole paragraphs ((size + 15 + 4) / 16), so the file may
+    # end up to 15 bytes before syssize * 16: accept that, and load what is there.
     kernel_size = hdr.syssize * 16
-    if kernel_size > len(data) - setup_size:
+    available = len(data) - setup_size
+    if kernel_size - 15 <= available < kernel_size:
+        kernel_size = available
+    if kernel_size > available:
         raise ImageError(
             f"bzImage is truncated: syssize says {kernel_size} bytes of kernel, the file has "
             f"{len(data) - setup_size}"
