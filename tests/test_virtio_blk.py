@@ -288,3 +288,17 @@ def test_hostile_requests_on_read_only_drive(mem, tmp_path_factory, rtype, secto
         assert path.read_bytes() == data
     finally:
         r.close()
+
+
+def test_reset_clears_throttle(mem, image):
+    clock = FakeClock()
+    r = Rig(mem, image[0], limiter=RateLimiter(ops_per_sec=1, clock=clock))
+    try:
+        for _ in range(2):
+            r.request(blk.VIRTIO_BLK_T_IN, in_len=512, notify=False)
+        r.t.notify(0)
+        assert r.t.next_deadline() is not None
+        r.t.write(mmio.STATUS, 4, 0)
+        assert r.t.next_deadline() is None
+    finally:
+        r.close()

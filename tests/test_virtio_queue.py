@@ -432,3 +432,12 @@ def test_well_formed_chains_roundtrip(mem, readable, writable, indirect):
     assert chain is not None
     assert chain.readable == c.readable and chain.writable == c.writable
     assert gather(mem, chain.readable, 0, chain.read_len) == b"".join(readable)
+
+
+def test_indices_start_at_zero_whatever_the_ring_holds(mem):
+    d = MockVirtqueueDriver(mem, 8, BASE)
+    mem.write_u16(d.used_ring + 2, 0x1234)  # garbage left by a previous user of the memory
+    q = Queue(8)
+    q.size, q.desc_table, q.avail_ring, q.used_ring = 8, d.desc_table, d.avail_ring, d.used_ring
+    q.activate(mem)
+    assert (q.next_avail, q.next_used) == (0, 0)

@@ -159,6 +159,8 @@ class BlockDevice(VirtioDevice):
         if not self.active or self.mem is None or index != 0:
             return
         q, mem = self.queues[0], self.mem
+        if not q.ready or q.broken:
+            return
         while True:
             while self.limiter.deadline is None:
                 chain = q.pop(mem)
@@ -172,6 +174,10 @@ class BlockDevice(VirtioDevice):
                 q.add_used(mem, chain.head, self.handle(mem, chain))
             if self.limiter.deadline is not None or not q.enable_notification(mem):
                 return
+
+    def reset(self) -> None:
+        super().reset()
+        self.limiter.clear()
 
     def next_deadline(self) -> float | None:
         return self.limiter.deadline

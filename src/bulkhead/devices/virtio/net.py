@@ -113,6 +113,11 @@ class NetDevice(VirtioDevice):
         if self.active:
             self._rx()
 
+    def reset(self) -> None:
+        super().reset()
+        self.rx_limiter.clear()
+        self.tx_limiter.clear()
+
     def next_deadline(self) -> float | None:
         times = [t for t in (self.rx_limiter.deadline, self.tx_limiter.deadline) if t is not None]
         return min(times) if times else None

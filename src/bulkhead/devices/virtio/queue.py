@@ -203,8 +203,8 @@ class Queue:
         """Validate and start from the guest's current indices (0 after reset)."""
         self.validate(mem)
         self.next_avail = 0
-        self.next_used = mem.read_u16(self.used_ring + 2)
-        self.signalled_used = self.next_used
+        self.next_used = 0  # §2.7: both indices start at 0 after reset, whatever the ring holds
+        self.signalled_used = 0
         self.signalled_valid = False
 
     # -- available ring ---------------------------------------------------------------------------

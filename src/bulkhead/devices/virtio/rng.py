@@ -47,6 +47,8 @@ class RngDevice(VirtioDevice):
         if not self.active or self.mem is None or index != 0:
             return
         q, mem = self.queues[0], self.mem
+        if not q.ready or q.broken:
+            return
         while self.limiter.deadline is None:
             chain = q.pop(mem)
             if chain is None:
@@ -63,6 +65,10 @@ class RngDevice(VirtioDevice):
             written = scatter(mem, chain.writable, 0, self.source(n)) if n else 0
             self.count("bytes", written)
             q.add_used(mem, chain.head, written)
+
+    def reset(self) -> None:
+        super().reset()
+        self.limiter.clear()
 
     def next_deadline(self) -> float | None:
         return self.limiter.deadline
