@@ -106,8 +106,9 @@ def test_bzimage_header_matches_boot_protocol(cache: Path) -> None:
     assert setup_sects >= 1
     setup_len = (setup_sects + 1) * 512
     flat, memsz = elf_flat_image(elf)
-    assert img[setup_len:] == flat  # protected-mode part
-    assert u32(0x1F4) == (len(flat) + 15) // 16  # syssize
+    pm = img[setup_len:]  # protected-mode part: the flat image padded to whole paragraphs
+    assert pm[: len(flat)] == flat and not any(pm[len(flat) :])
+    assert u32(0x1F4) * 16 == len(pm) < len(flat) + 16  # syssize
     assert u8(0x211) & 0x01  # LOADED_HIGH
     assert u16(0x236) & 0x01 and not u16(0x236) & 0x02  # XLF_KERNEL_64, not above 4 GiB
     assert u8(0x234) == 0  # not relocatable

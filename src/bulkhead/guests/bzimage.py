@@ -102,6 +102,7 @@ def make_bzimage(elf: bytes) -> bytes:
     Raises ConfigError when the ELF is unsuitable (see elf_flat_image).
     """
     flat, memsz = elf_flat_image(elf)
+    flat += bytes(-len(flat) % 16)  # whole paragraphs: the file is exactly syssize * 16 bytes long
     setup = bytearray((1 + SETUP_SECTS) * 512)
     stub = _real_mode_stub()
     setup[_STUB_OFFSET : _STUB_OFFSET + len(stub)] = stub
