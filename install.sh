@@ -14,7 +14,7 @@ PACKAGES=(
   gcc binutils make libc6-dev linux-libc-dev   # guest payloads and the KVM header checks
   python3 python3-venv python3-dev              # the VMM itself
   qemu-system-x86                               # the side-by-side peer in tests and benchmarks
-  swtpm swtpm-tools tpm2-tools libtss2-dev      # TPM for measured launch and attestation
+  swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config  # TPM (tpm2-pytss builds against libtss2) for measured launch and attestation
   libseccomp2 libseccomp-dev                    # seccomp allow-lists for the jailed workers
   iproute2 nftables                             # taps, bridges, filtering
   busybox-static cpio xz-utils                  # initramfs for Linux boot tests

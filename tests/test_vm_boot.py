@@ -66,8 +66,11 @@ def test_mp_table_lists_every_cpu() -> None:
     assert r.lines("MPCPU") == ["MPCPU 0 bsp", "MPCPU 1 ap"]
 
 
-def test_unclaimed_port_and_mmio_accesses_are_contained() -> None:
-    r = run("--kernel", str(payload("unclaimed")))
+def test_unclaimed_port_and_mmio_accesses_are_contained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    stats = tmp_path / "stats.json"
+    r = run("--kernel", str(payload("unclaimed")), "--stats", str(stats))
     assert r.status == 1, r.out + r.err
     reads = r.lines("PIO ") + r.lines("PIO_AFTER ") + r.lines("MMIO ") + r.lines("MMIO_AFTER ")
     assert len(reads) >= 14
@@ -75,6 +78,10 @@ def test_unclaimed_port_and_mmio_accesses_are_contained() -> None:
         _, _, width, value = line.split()
         assert int(value, 16) == (1 << (8 * int(width))) - 1, line  # all ones, writes had no effect
     assert "PASS" in r.out
+    counters = json.loads(stats.read_text())
+    # 2 ports x 3 widths, read twice; 2 ports x 3 widths written; MMIO: 4 reads + 1 after, 4 writes.
+    assert counters["pio_unclaimed"] == {"reads": 12, "writes": 6}
+    assert counters["mmio_unclaimed"] == {"reads": 5, "writes": 4}
 
 
 def test_triple_fault_stops_the_vm_with_its_own_status() -> None:

@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tenant": ("bulkhead.daemon.cli", "tenant_main", "manage tenants"),
     "role": ("bulkhead.daemon.cli", "role_main", "manage role definitions and assignments"),
     "audit": ("bulkhead.daemon.cli", "audit_main", "show, export and verify the audit log"),
+    "manifest": ("bulkhead.integrity.cli", "manifest_main", "build, sign and verify the signed code manifest"),
+    "attest": ("bulkhead.integrity.cli", "attest_main", "TPM attestation: enroll, quote, verify"),
+    "dev": ("bulkhead.integrity.cli", "dev_main", "development helpers (dev tpm: run a swtpm)"),
     "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
 }
 

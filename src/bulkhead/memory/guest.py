@@ -45,6 +45,7 @@ _MAP_NORESERVE = 0x4000
 _MADV_DONTNEED = 4
 _MADV_DONTDUMP = 16
 
+_RESIDENT_BIT = bytes(b & 1 for b in range(256))
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -84,21 +85,15 @@ class GuestRegion:
         if _libc.mincore(self.host_addr, self.size, vec) != 0:
             yield (0, self.size)  # cannot tell: treat everything as resident
             return
-        flags = bytes(vec)
-        i = 0
-        while i < npages:
-            # A page is resident when bit 0 is set; find runs quickly with bytes methods.
-            if not flags[i] & 1:
-                j = i + 1
-                while j < npages and not flags[j] & 1:
-                    j += 1
-                i = j
-                continue
-            j = i + 1
-            while j < npages and flags[j] & 1:
-                j += 1
+        # Bit 0 of each byte says "resident"; map to b"\x00"/b"\x01" and find runs with C-speed searches.
+        flags = bytes(vec).translate(_RESIDENT_BIT)
+        i = flags.find(1)
+        while i >= 0:
+            j = flags.find(0, i)
+            if j < 0:
+                j = npages
             yield (i * PAGE, (j - i) * PAGE)
-            i = j
+            i = flags.find(1, j)
 
     def scrub_and_unmap(self) -> None:
         """Zero every resident page, drop the pages, unmap. Idempotent."""

@@ -8,6 +8,7 @@ MMIO exit handled on the vCPU thread: the "naive path" we compare against.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -58,8 +59,7 @@ def attach_virtio(m: Machine) -> None:
             raise ConfigError(f"--drive {d.path} cannot be opened {mode} (permission denied)") from None
         except OSError as exc:
             raise ConfigError(f"--drive {d.path}: {exc.strerror}") from None
-        fd = dev.fd
-        m._closers.append(lambda fd=fd: os.close(fd))
+        m._closers.append(functools.partial(os.close, dev.fd))
         _attach(m, dev)
     for n in cfg.nets:
         backend = TapBackend.adopt(n.tap_fd) if n.tap_fd >= 0 else open_tap(n.tap)

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bulkhead.bus import Bus
@@ -57,21 +56,29 @@ class _PostSink:
 
 
 def _read_image(path: str, what: str) -> bytes:
-    p = Path(path)
+    """Read a kernel or initrd file whole. Raises ConfigError with the reason."""
+    import stat
+
     try:
-        st = p.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if not p.is_file():
-        raise ConfigError(f"{what} {path} is not a regular file")
-    if st.st_size > MAX_IMAGE:
-        raise ConfigError(f"{what} {path} is larger than {MAX_IMAGE >> 20} MiB")
     try:
-        return p.read_bytes()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        if st.st_size > MAX_IMAGE:
+            raise ConfigError(f"{what} {path} is larger than {MAX_IMAGE >> 20} MiB")
+        chunks = []
+        while chunk := os.read(fd, 1 << 24):
+            chunks.append(chunk)
+        return b"".join(chunks)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 class Machine:
@@ -132,6 +139,8 @@ class Machine:
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
+        for r in self.runners:
+            r.stopping = True  # the calling vCPU leaves its loop at once; the others are kicked by run()
         self._stopped.set()
 
     # -- build ------------------------------------------------------------------------------------
@@ -382,6 +391,22 @@ class Machine:
         for r in self.runners:
             r.resume()
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for diagnostics and benchmarks (call after run(), before close())."""
+        resident = 0
+        if self.mem is not None and not self.mem.closed:
+            resident = sum(n for r in self.mem.regions for _, n in r.resident_runs())
+        return {
+            "exit": None if self._stop_reason is None else vars(self._stop_reason),
+            "vcpu_exits": [r.exits for r in self.runners],
+            "pio_unclaimed": {"reads": self.pio.unclaimed_reads, "writes": self.pio.unclaimed_writes},
+            "mmio_unclaimed": {"reads": self.mmio.unclaimed_reads, "writes": self.mmio.unclaimed_writes},
+            "post_code_writes": getattr(getattr(self, "post", None), "writes", 0),
+            "guest_resident_bytes": resident,
+            "devices": {t.name: dict(t.stats) for t in self.transports},
+            "events": [{"time": t, "event": e, **d} for t, e, d in self.events],
+        }
+
     # -- teardown ---------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -400,11 +425,23 @@ def run_vm(
     console: Callable[[bytes], None] | None = None,
     on_event: EventSink | None = None,
     console_input: bool = True,
+    stats_path: str | None = None,
+    ioeventfd: bool = True,
 ) -> ExitReason:
-    """Build and run one VM to completion. Raises ConfigError/ImageError/HostError before the guest runs."""
-    machine = Machine(config, console=console, on_event=on_event, console_input=console_input)
+    """Build and run one VM to completion. Raises ConfigError/ImageError/HostError before the guest runs.
+
+    With `stats_path`, counters (see Machine.stats) are written there as JSON when the VM stops."""
+    machine = Machine(
+        config, console=console, on_event=on_event, console_input=console_input, ioeventfd=ioeventfd
+    )
     try:
         machine.build()
-        return machine.run()
+        reason = machine.run()
+        if stats_path:
+            import json
+
+            with open(stats_path, "w") as f:
+                json.dump(machine.stats(), f, indent=1, default=str)
+        return reason
     finally:
         machine.close()
