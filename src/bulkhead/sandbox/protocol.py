@@ -58,7 +58,7 @@ MAX_NAME = 64  # identifiers: event names, probe names, exit kinds
 EVENT_MAX_FIELDS = 32
 U32 = (1 << 32) - 1
 U63 = (1 << 63) - 1
-WORKER_STATES = ("ready", "running", "paused", "stopping", "stopped")
+WORKER_STATES = ("ready", "starting", "running", "paused", "stopping", "stopped")
 PROBE_OUTCOMES = ("denied", "allowed", "error")
 
 

@@ -174,7 +174,7 @@ class _Service:
     def handle(self, msg: Any) -> None:
         if isinstance(msg, Start):
             if self.state == "ready":
-                self.state = "running"
+                self.state = "starting"  # "running" once the VM is built
                 self.started.set()
         elif isinstance(msg, Pause) and self.machine is not None and self.state == "running":
             self.machine.pause()
@@ -222,6 +222,8 @@ class _Service:
             if self.stop_requested:
                 reason = self._exit_reason("interrupted", "stopped by the host")
             else:
+                if self.state == "starting":
+                    self.state = "running"
                 reason = self.machine.run()
         except ConfigError as exc:
             reason = self._exit_reason("config-error", str(exc))
