@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -331,3 +333,21 @@ def test_random_register_traffic_never_raises(mem, ops):
         else:
             assert 0 <= r.t.read(off, size) < 1 << (8 * size)
     assert r.status() & ~0xCF == 0
+
+
+def test_surfaces_cover_every_virtio_slot():
+    from bulkhead import surface
+    from bulkhead.memory.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE
+
+    mods = [f"bulkhead.devices.virtio.{m}" for m in ("mmio", "queue", "block", "net", "rng")]
+    assert set(mods) <= set(surface.discover())
+    entries = surface.collect(mods)
+    slots = [
+        (VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_SIZE, f"v{i}") for i in range(mmio.MAX_SLOTS)
+    ]
+    assert surface.uncovered("mmio", slots, entries) == []
+    names = {e["name"] for e in entries}
+    assert {"virtio-blk-requestq", "virtio-net-rxq", "virtio-net-txq", "virtio-rng-requestq"} <= names
+    for e in entries:
+        if "fuzz" in e:
+            assert (Path(__file__).resolve().parent.parent / str(e["fuzz"])).exists(), e["fuzz"]

@@ -46,6 +46,7 @@ __all__ = [
     "VIRTIO_BLK_T_OUT",
     "VIRTIO_BLK_T_WRITE_ZEROES",
     "BlockDevice",
+    "declare_surfaces",
 ]
 
 SECTOR_SIZE = 512
@@ -307,3 +308,28 @@ class BlockDevice(VirtioDevice):
                 return VIRTIO_BLK_S_IOERR
         self.count("discards" if discard else "write_zeroes")
         return VIRTIO_BLK_S_OK
+
+
+def declare_surfaces() -> None:
+    """Declare virtio-blk's guest-reachable entry points (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "virtio-queue",
+        "virtio-blk-requestq",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="block requests (16-byte header, data, status byte): IN, OUT, FLUSH, GET_ID, DISCARD, "
+        "WRITE_ZEROES; malformed -> GuestFault, out-of-range or read-only -> IOERR, unknown -> UNSUPP",
+        handler="BlockDevice.process_queue/BlockDevice.handle",
+        fuzz="fuzz/fuzz_virtio_blk.py",
+        spec="virtio 1.2 section 5.2",
+    )
+    declare(
+        "virtio-config",
+        "virtio-blk-config",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="reads of the 60-byte virtio_blk_config; writes are refused and counted",
+        handler="VirtioDevice.read_config",
+    )

@@ -42,6 +42,7 @@ __all__ = [
     "STATUS_NEEDS_RESET",
     "VENDOR_ID",
     "MmioTransport",
+    "declare_surfaces",
     "kernel_cmdline_entry",
 ]
 
@@ -60,7 +61,8 @@ QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH = 0x0A0, 0x0A4
 SHM_SEL, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH = 0x0AC, 0x0B0, 0x0B4, 0x0B8, 0x0BC
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
-MMIO_SIZE = 0x200
+MMIO_SIZE = 0x200  # = bulkhead.memory.layout.VIRTIO_MMIO_SIZE
+MAX_SLOTS = 32  # virtio-mmio slots the runtime may register: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE
 
 STATUS_ACKNOWLEDGE = 0x01
 STATUS_DRIVER = 0x02
@@ -431,3 +433,24 @@ class MmioTransport:
             if self.status & STATUS_DRIVER_OK:
                 self.interrupt_status |= INT_CONFIG_CHANGE
                 self.irq.trigger()
+
+
+def declare_surfaces() -> None:
+    """Declare the virtio-mmio register window (see `bulkhead.surface`)."""
+    from bulkhead.memory.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE
+    from bulkhead.surface import declare
+
+    declare(
+        "mmio",
+        "virtio-mmio",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="aligned 32-bit accesses to the v2 control registers at 0x000-0x0ff of each slot and "
+        "1/2/4/8-byte config-space accesses from 0x100; anything else reads 0 / is dropped and counted",
+        base=VIRTIO_MMIO_BASE,
+        length=VIRTIO_MMIO_STRIDE * MAX_SLOTS,
+        slot_size=MMIO_SIZE,
+        handler="MmioTransport.read/MmioTransport.write/MmioTransport.notify",
+        fuzz="fuzz/fuzz_virtio_mmio.py",
+        spec="virtio 1.2 section 4.2.2",
+    )

@@ -25,7 +25,16 @@ from bulkhead.devices.virtio.ratelimit import RateLimiter
 from bulkhead.errors import GuestFault
 from bulkhead.memory import GuestMemory
 
-__all__ = ["NET_HDR_SIZE", "QUEUE_SIZE", "RXQ", "TXQ", "NetBackend", "NetDevice", "parse_mac"]
+__all__ = [
+    "NET_HDR_SIZE",
+    "QUEUE_SIZE",
+    "RXQ",
+    "TXQ",
+    "NetBackend",
+    "NetDevice",
+    "declare_surfaces",
+    "parse_mac",
+]
 
 QUEUE_SIZE = 256
 RXQ, TXQ = 0, 1
@@ -212,3 +221,39 @@ class NetDevice(VirtioDevice):
             else:
                 self.count("tx_dropped_bad_length")
             q.add_used(mem, chain.head, 0)
+
+
+def declare_surfaces() -> None:
+    """Declare virtio-net's guest-reachable entry points (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "virtio-queue",
+        "virtio-net-rxq",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="device-writable RX chains of at least 12 bytes; one frame per chain, truncated to "
+        "the chain; anything else -> GuestFault",
+        handler="NetDevice._rx",
+        fuzz="fuzz/fuzz_virtio_net.py",
+        spec="virtio 1.2 section 5.1",
+    )
+    declare(
+        "virtio-queue",
+        "virtio-net-txq",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="device-readable TX chains: 12-byte header (replaced by zeros) + frame up to 65550 "
+        "bytes, written to the tap; bad lengths dropped and counted, writable parts -> GuestFault",
+        handler="NetDevice._tx",
+        fuzz="fuzz/fuzz_virtio_net.py",
+        spec="virtio 1.2 section 5.1",
+    )
+    declare(
+        "virtio-config",
+        "virtio-net-config",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="reads of mac[6] and status; writes are refused and counted",
+        handler="VirtioDevice.read_config",
+    )

@@ -46,6 +46,7 @@ __all__ = [
     "VIRTQ_USED_F_NO_NOTIFY",
     "DescriptorChain",
     "Queue",
+    "declare_surfaces",
     "gather",
     "scatter",
     "slice_buffers",
@@ -333,3 +334,20 @@ class Queue:
         """Tell the driver notifications are not needed while we are draining the queue."""
         if not self.event_idx:
             _U16.pack_into(mem.view(self.used_ring, 2), 0, VIRTQ_USED_F_NO_NOTIFY)
+
+
+def declare_surfaces() -> None:
+    """Declare the split-virtqueue parser shared by every virtio device (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "virtio-queue",
+        "split-virtqueue",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="guest-written ring addresses, queue size, available ring and descriptor chains "
+        "(direct and one level of indirect); every violation raises GuestFault and stops the device",
+        handler="Queue.validate/Queue.pop/Queue.needs_notification",
+        fuzz="fuzz/fuzz_virtio_queue.py",
+        spec="virtio 1.2 section 2.7",
+    )

@@ -15,7 +15,7 @@ from bulkhead.devices.virtio.queue import scatter
 from bulkhead.devices.virtio.ratelimit import RateLimiter
 from bulkhead.errors import GuestFault
 
-__all__ = ["MAX_REQUEST", "QUEUE_SIZE", "RngDevice"]
+__all__ = ["MAX_REQUEST", "QUEUE_SIZE", "RngDevice", "declare_surfaces"]
 
 QUEUE_SIZE = 256
 MAX_REQUEST = 64 << 10
@@ -76,3 +76,20 @@ class RngDevice(VirtioDevice):
     def timer_due(self, now: float) -> None:
         self.limiter.clear()
         self.process_queue(0)
+
+
+def declare_surfaces() -> None:
+    """Declare virtio-rng's guest-reachable entry point (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "virtio-queue",
+        "virtio-rng-requestq",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="device-writable chains, filled with up to 64 KiB of getrandom bytes each; "
+        "device-readable parts -> GuestFault",
+        handler="RngDevice.process_queue",
+        fuzz="fuzz/fuzz_virtio_rng.py",
+        spec="virtio 1.2 section 5.4",
+    )
