@@ -124,6 +124,14 @@ def test_rejects_malformed(mutate, message: str) -> None:  # type: ignore[no-unt
         parse_elf(mutate(img))
 
 
+def test_bss_only_segment_needs_no_file_bytes() -> None:
+    raw = make_elf([(0x100000, CODE, 0x1000), (0x200000, b"", 0x4000)], 0x100000)
+    # a NOBITS-only segment may point anywhere in (or past) the file: nothing is read from it
+    raw = patch(raw, EH + 56 + 8, "<Q", 1 << 40)
+    img = parse_elf(raw)
+    assert (img.segments[1].paddr, img.segments[1].filesz, img.segments[1].memsz) == (0x200000, 0, 0x4000)
+
+
 def test_elf32_class_machine_mismatch() -> None:
     raw = make_elf([(0x100000, CODE, 0x1000)], 0x100000, elf_class=32)
     with pytest.raises(ImageError, match="machine"):

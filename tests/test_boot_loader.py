@@ -203,6 +203,13 @@ def test_rejections_leave_memory_untouched(mem: GuestMemory, image: bytes, initr
     assert digest(mem) == before
 
 
+def test_closed_memory_is_a_programming_error() -> None:
+    m = GuestMemory.for_size(4 * MIB)
+    m.close()
+    with pytest.raises(ValueError, match="closed"):
+        load_kernel(m, make_elf([(0x100000, PAYLOAD, 0x1000)], 0x100000), initrd=None, cmdline="", cpus=1)
+
+
 def test_bad_cpu_count(mem: GuestMemory) -> None:
     img = make_elf([(0x100000, PAYLOAD, 0x1000)], 0x100000)
     for cpus in (0, 33, -1):

@@ -171,7 +171,7 @@ def parse_elf(data: bytes) -> ElfImage:
             )
         if p_type not in (PT_LOAD, PT_NOTE):
             continue
-        if p_offset + p_filesz > len(data):
+        if p_filesz and p_offset + p_filesz > len(data):
             raise ImageError(
                 f"ELF program header {i} points at file bytes [{p_offset:#x}, +{p_filesz:#x}) outside the "
                 f"{len(data)}-byte file"

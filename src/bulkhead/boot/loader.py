@@ -151,9 +151,11 @@ def load_kernel(
     """Validate `kernel` (and `initrd`, `cmdline`) and write everything needed to boot into `mem`.
 
     Raises ImageError (a ConfigError) for a malformed or unsuitable image or initrd, ConfigError
-    for a bad protocol name, command line or vCPU count, or guest RAM too small for the layout.
-    Guest memory is untouched when anything is rejected.
+    for a bad protocol name, command line or vCPU count, or guest RAM too small for the layout;
+    ValueError when `mem` is already closed. Guest memory is untouched when anything is rejected.
     """
+    if mem.closed:
+        raise ValueError("load_kernel needs open guest memory; this GuestMemory is closed")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"boot protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     if not 1 <= cpus <= MAX_CPUS:
