@@ -195,9 +195,16 @@ class BlockDevice(VirtioDevice):
         if chain.write_len < 1:
             raise GuestFault("virtio-blk request has no writable status byte", device=self.name)
         rtype, _reserved, sector = _HDR.unpack(gather(mem, chain.readable, 0, _HDR.size))
-        status_buf = slice_buffers(chain.writable, chain.write_len - 1, 1)
-        data_in = slice_buffers(chain.writable, 0, chain.write_len - 1)  # device writes here
-        data_out = slice_buffers(chain.readable, _HDR.size, chain.read_len - _HDR.size)  # device reads
+        last_addr, last_len = chain.writable[-1]
+        status_buf = [(last_addr + last_len - 1, 1)]
+        if last_len == 1:  # the usual layout (Linux): the status byte has its own descriptor
+            data_in = chain.writable[:-1]
+        else:
+            data_in = slice_buffers(chain.writable, 0, chain.write_len - 1)  # device writes here
+        if chain.readable[0][1] == _HDR.size:  # the usual layout: the header has its own descriptor
+            data_out = chain.readable[1:]
+        else:
+            data_out = slice_buffers(chain.readable, _HDR.size, chain.read_len - _HDR.size)
         in_len, out_len = chain.write_len - 1, chain.read_len - _HDR.size
         written = 0
         if rtype == VIRTIO_BLK_T_IN:

@@ -242,7 +242,9 @@ class Queue:
 
     def _parse_chain(self, mem: GuestMemory, head: int) -> DescriptorChain:
         chain = DescriptorChain(head)
-        table, count = self.desc_table, self.size
+        count = self.size
+        tview = mem.view(self.desc_table, DESC_SIZE * count)  # validated at activation
+        unpack = _DESC.unpack_from
         index = head
         steps = 0
         in_indirect = False
@@ -251,7 +253,7 @@ class Queue:
             steps += 1
             if steps > count:
                 raise _fault("descriptor chain is longer than its table (loop?)")
-            addr, length, flags, nxt = _DESC.unpack(mem.view(table + DESC_SIZE * index, DESC_SIZE))
+            addr, length, flags, nxt = unpack(tview, DESC_SIZE * index)
             chain.descriptors += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
@@ -270,8 +272,8 @@ class Queue:
                     # Not required by the spec, but Linux always aligns; reading 16-byte entries
                     # straddling regions would otherwise need extra care.
                     raise _fault(f"indirect table {addr:#x} is not 16-byte aligned")
-                mem.check_range(addr, length)
-                table, count = addr, length // DESC_SIZE
+                tview = mem.view(addr, length)
+                count = length // DESC_SIZE
                 index, steps, in_indirect = 0, 0, True
                 continue
             if length:
