@@ -9,6 +9,8 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bulkhead.devices.virtio import mmio
 from bulkhead.devices.virtio.mmio import MmioTransport
@@ -232,3 +234,36 @@ def test_real_tap_in_network_namespace():
     if "Operation not permitted" in proc.stderr and "unshare" in proc.stderr:
         pytest.skip("cannot create a network namespace here")
     assert "TAP-OK" in proc.stdout, proc.stderr
+
+
+def test_backend_read_error_is_counted_not_raised(mem):
+    class Broken(FakeBackend):
+        def read_frame_into(self, views):
+            raise OSError(5, "EIO")
+
+    r = Rig(mem, backend=Broken())
+    r.rx.add_chain(writable=[2048])
+    r.readable()
+    assert r.dev.stats["rx_errors"] == 1 and r.rx.used() == [] and not r.faulted()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    frames=st.lists(st.binary(max_size=3000), max_size=4),
+    rx_bufs=st.lists(st.lists(st.integers(0, 2000), min_size=1, max_size=3), max_size=4),
+    tx=st.lists(st.lists(st.binary(min_size=0, max_size=200), min_size=1, max_size=3), max_size=4),
+)
+def test_random_traffic(mem, frames, rx_bufs, tx):
+    r = Rig(mem)
+    r.be.inbox.extend(frames)
+    chains = [r.rx.add_chain(writable=b) for b in rx_bufs]
+    for parts in tx:
+        r.tx.add_chain(parts)
+    r.t.notify(TXQ)
+    r.readable()
+    if r.faulted():
+        return
+    for (head, n), c in zip(r.rx.used(), chains, strict=False):
+        assert head == c.head and n <= sum(x for _, x in c.writable)
+    for sent in r.be.sent:
+        assert sent[:12] == bytes(12) and 0 < len(sent) - 12 <= 65550

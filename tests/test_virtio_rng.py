@@ -96,3 +96,32 @@ def test_limiter_admits_both_or_neither():
     assert lim.deadline == pytest.approx(1.0)
     now[0] = 1.0
     assert lim.try_consume(10) and lim.deadline is None
+
+
+def test_concurrent_registers_and_notifications(mem):
+    """vCPU threads reading registers while the I/O thread processes: the lock keeps it consistent."""
+    import threading
+
+    _dev, t, d = rig(mem)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def vcpu():
+        try:
+            while not stop.is_set():
+                assert t.read(mmio.STATUS, 4) == 0x0F
+                t.read(mmio.INTERRUPT_STATUS, 4)
+                t.write(mmio.INTERRUPT_ACK, 4, 1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=vcpu)
+    th.start()
+    total = 0
+    for _ in range(200):
+        d.add_chain(writable=[32])
+        t.notify(0)
+        total += len(d.used())
+    stop.set()
+    th.join()
+    assert errors == [] and total == 200

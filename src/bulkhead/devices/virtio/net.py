@@ -168,7 +168,11 @@ class NetDevice(VirtioDevice):
         if chain.write_len < NET_HDR_SIZE:
             raise GuestFault("virtio-net RX chain is smaller than the 12-byte header", device=self.name)
         views = chain.write_views(mem)
-        n = self.backend.read_frame_into(views)
+        try:
+            n = self.backend.read_frame_into(views)
+        except OSError:
+            self.count("rx_errors")  # host-side failure: the guest's buffer goes back unused
+            return None
         if n is None:
             return None
         if n > chain.write_len:
