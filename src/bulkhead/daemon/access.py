@@ -4,7 +4,8 @@ Rules: issuing and revoking certificates needs `principal/write` at `/`. Creatin
 `role/write` at each of its assignable scopes. Assigning role R at scope S needs `role/assign` at S AND
 every concrete action R grants at S (nobody can grant a permission they do not hold); S must lie within one
 of R's assignable scopes. Removing an assignment needs `role/assign` at its scope. Built-in roles are
-visible to every principal; custom roles to those with `role/read` at one of their assignable scopes.
+visible to every principal; custom roles to those with `role/read` or `role/assign` at one of their
+assignable scopes.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class AccessOps(Core):
 
     # ------------------------------------------------------------------ roles
     def _role_visible(self, ctx: ReqCtx, role: rbac.RoleDef) -> bool:
-        return role.builtin or any(self.allowed(ctx.caller, "role/read", s) for s in role.assignable_scopes)
+        return role.builtin or any(
+            self.allowed(ctx.caller, act, s) for s in role.assignable_scopes for act in ("role/read", "role/assign")
+        )
 
     def role_list(self, ctx: ReqCtx) -> list[dict[str, Any]]:
         ctx.action, ctx.scope, ctx.decision = "role/read", "/", "allow"

@@ -114,6 +114,9 @@ class Gate:
                     try:
                         await anyio.to_thread.run_sync(self.daemon.append_request, ctx, str(msg["status"]))
                     except ApiError as exc:
+                        if msg["status"] == 503:  # already a refusal (e.g. its own audit failure): keep it
+                            await send(msg)
+                            return
                         replaced = True
                         start, body = _json(503, {"detail": exc.detail}, {"x-request-id": rid})
                         await send(start)
@@ -177,6 +180,8 @@ def build_app(daemon: Any) -> Any:
 
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status == 422:  # same shape as pydantic's validation errors (HTTPValidationError)
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": exc.detail, "type": "value_error"}]}, 422)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     @api.exception_handler(RequestValidationError)
@@ -337,3 +342,9 @@ def openapi_document(daemon: Any) -> dict[str, Any]:
     app = build_app(daemon)
     doc: dict[str, Any] = app.app.openapi()
     return doc
+
+
+if __name__ == "__main__":  # regenerate docs/openapi.json: python -m bulkhead.daemon.app > docs/openapi.json
+    import sys
+
+    sys.stdout.write(json.dumps(openapi_document(None), indent=2, sort_keys=True) + "\n")

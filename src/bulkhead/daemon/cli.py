@@ -48,7 +48,12 @@ def _run(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except ClientError as exc:
-        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if isinstance(exc.detail, list):  # validation errors: "where: what" per problem
+            detail = "; ".join(
+                f"{'.'.join(map(str, e.get('loc', [])[1:])) or 'request'}: {e.get('msg', '')}" if isinstance(e, dict)
+                else str(e) for e in exc.detail)
+        else:
+            detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         print(f"bulkhead: refused ({exc.status}): {detail}", file=sys.stderr)
         return 1
     except ConfigError as exc:

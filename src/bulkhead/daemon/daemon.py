@@ -155,5 +155,5 @@ class Daemon(VmOps, AccessOps):
         try:
             self.audit.append(ctx.record(result))
         except AuditUnavailable as exc:
-            raise ApiError(503, f"audit log unavailable ({exc})") from None
+            raise ApiError(503, f"audit log unavailable, the response is withheld ({exc})") from None
         ctx.audited = True
