@@ -171,6 +171,8 @@ int vio_wait(struct vio_queue *q, uint64_t timeout_us, uint32_t *id, uint32_t *l
 int vio_xfer(struct vio_queue *q, const struct vio_buf *bufs, int n, uint64_t timeout_us, uint32_t *len);
 /* Latched interrupt status bits seen by vio_wait (VIRTIO_INT_*), for reports. */
 extern uint32_t vio_int_seen;
+/* Set to 1 to skip the InterruptStatus read + InterruptAck write after each completion. */
+extern int vio_no_ack;
 
 /* Bump allocator over usable RAM after the image (never freed). Returns 0 when exhausted. */
 void vio_arena_init(const struct bh_bootinfo *bi);

@@ -1,0 +1,419 @@
+/*
+ * virtio_abuse: a hostile driver against the first virtio-blk device (drive 0, writable scratch).
+ * Each case breaks one rule of the virtio 1.2 split queue / mmio transport, observes what the device
+ * did, then resets the device, brings it up again and checks that a normal read works.
+ *
+ * Command line: `case=NAME[,NAME...]` (default: all cases, in table order).
+ * One line per case:  ABUSE <name> <result> <recovered|broken> [detail...]
+ *   result: needs_reset  the device set DEVICE_NEEDS_RESET (0x40) in the status register
+ *           refused      a register write did not take (QueueReady/status/FEATURES_OK read back
+ *                        unchanged), or out-of-range config reads gave 0 / all ones and writes did not stick
+ *           ioerr        the request completed with status VIRTIO_BLK_S_IOERR or UNSUPP
+ *           completed    the request completed with status OK (the device did what was asked)
+ *           accepted     a malformed setup was taken as valid (no refusal, no NEEDS_RESET)
+ *           ignored      nothing visible happened within the wait (no completion, no NEEDS_RESET)
+ *           failed       the device set FAILED
+ * Then `ABUSE_SUMMARY cases=<n> recovered=<m>` and PASS when every case recovered.
+ * Output format: tests/payloads/README.md, section "virtio payloads".
+ */
+#include "virtio.h"
+
+#define QSIZE 16
+#define WAIT_US 500000
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_F_RO 5
+#define BLK_F_BLK_SIZE 6
+#define BLK_F_FLUSH 9
+
+struct blk_req {
+    uint32_t type;
+    uint32_t reserved;
+    uint64_t sector;
+} __attribute__((packed));
+
+static struct vio_dev devs[VIO_MAX_DEVS];
+static struct vio_dev *dev;
+static struct vio_queue q;
+static uint64_t ring_mem; /* 3 pages: desc, avail, used (reused by every setup) */
+static struct blk_req *hdr;
+static volatile uint8_t *st;
+static uint64_t data; /* 4 KiB */
+
+static const char *result_name(int r);
+
+enum { R_NEEDS_RESET, R_REFUSED, R_IOERR, R_COMPLETED, R_ACCEPTED, R_IGNORED, R_FAILED };
+
+static const char *result_name(int r) {
+    static const char *const names[] = {"needs_reset", "refused", "ioerr", "completed", "accepted", "ignored", "failed"};
+    return r >= 0 && r <= R_FAILED ? names[r] : "?";
+}
+
+static void clear_rings(void) { memset((void *)ring_mem, 0, 3 * 4096); }
+
+/* Features negotiated, rings at ring_mem with QueueNum `size` (DRIVER_OK not yet written).
+ * Returns QueueReady as read back. */
+static int setup_queue(uint16_t size, uint64_t desc, uint64_t avail, uint64_t used) {
+    if (vio_init(dev, 1ULL << BLK_F_RO | 1ULL << BLK_F_BLK_SIZE | 1ULL << BLK_F_FLUSH) != 0)
+        return -1;
+    clear_rings();
+    return vio_queue_setup_raw(dev, &q, 0, size, desc, avail, used);
+}
+
+static int bring_up(void) {
+    if (setup_queue(QSIZE, ring_mem, ring_mem + 4096, ring_mem + 8192) != 1)
+        return -1;
+    vio_driver_ok(dev);
+    return 0;
+}
+
+static int status_flags(void) {
+    uint32_t s = vio_status(dev);
+    if (s & VIRTIO_STATUS_NEEDS_RESET)
+        return R_NEEDS_RESET;
+    if (s & VIRTIO_STATUS_FAILED)
+        return R_FAILED;
+    return -1;
+}
+
+/* After a notify: wait for a used element or NEEDS_RESET. */
+static int outcome(void) {
+    uint32_t len;
+    int r = vio_wait(&q, WAIT_US, 0, &len);
+    int s = status_flags();
+    if (s >= 0)
+        return s;
+    if (r == VIO_DONE)
+        return *st == 0 ? R_COMPLETED : R_IOERR;
+    return R_IGNORED;
+}
+
+static void fill_hdr(uint32_t type, uint64_t sector) {
+    hdr->type = type;
+    hdr->reserved = 0;
+    hdr->sector = sector;
+    *st = 0xee;
+}
+
+/* Publish a chain whose data descriptor is (addr, len, device_writes). */
+static int request_with_data(uint32_t type, uint64_t addr, uint32_t len) {
+    fill_hdr(type, 0);
+    struct vio_buf b[3] = {
+        {(uint64_t)(uintptr_t)hdr, sizeof(*hdr), 0},
+        {addr, len, type == BLK_T_IN},
+        {(uint64_t)(uintptr_t)st, 1, 1},
+    };
+    vio_submit(&q, b, 3);
+    return outcome();
+}
+
+/* Write raw descriptors i..: (addr, len, flags, next) and publish head. */
+static void raw_desc(uint16_t i, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next) {
+    q.desc[i].addr = addr;
+    q.desc[i].len = len;
+    q.desc[i].flags = flags;
+    q.desc[i].next = next;
+}
+
+static void publish(uint16_t head) {
+    q.avail->ring[q.avail_idx % q.size] = head;
+    __asm__ volatile("" ::: "memory");
+    q.avail_idx++;
+    q.avail->idx = q.avail_idx;
+    __asm__ volatile("" ::: "memory");
+}
+
+static int normal_read(void) {
+    fill_hdr(BLK_T_IN, 0);
+    struct vio_buf b[3] = {
+        {(uint64_t)(uintptr_t)hdr, sizeof(*hdr), 0},
+        {data, 512, 1},
+        {(uint64_t)(uintptr_t)st, 1, 1},
+    };
+    return vio_xfer(&q, b, 3, 2000000, 0) == VIO_DONE && *st == 0;
+}
+
+/* ---- cases: each starts from a working device (DRIVER_OK) unless it sets up its own ---- */
+static char detail[96];
+
+static int c_desc_oob(void) { return request_with_data(BLK_T_IN, 0x10000000000ULL, 512); }
+static int c_desc_mmio(void) { return request_with_data(BLK_T_IN, 0xc0000000ULL, 512); }
+static int c_desc_self(void) { return request_with_data(BLK_T_OUT, dev->base, 512); }
+static int c_huge_len(void) { return request_with_data(BLK_T_IN, data, 0xfffff000U); }
+
+static int c_chain_loop(void) {
+    fill_hdr(BLK_T_IN, 0);
+    raw_desc(0, (uint64_t)(uintptr_t)hdr, sizeof(*hdr), VIRTQ_DESC_F_NEXT, 1);
+    raw_desc(1, data, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2);
+    raw_desc(2, (uint64_t)(uintptr_t)st, 1, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1); /* 2 -> 1 -> 2 ... */
+    publish(0);
+    vio_notify(&q);
+    return outcome();
+}
+
+static int c_next_oob(void) {
+    fill_hdr(BLK_T_IN, 0);
+    raw_desc(0, (uint64_t)(uintptr_t)hdr, sizeof(*hdr), VIRTQ_DESC_F_NEXT, 200);
+    publish(0);
+    vio_notify(&q);
+    return outcome();
+}
+
+static int c_head_oob(void) {
+    fill_hdr(BLK_T_IN, 0);
+    publish(300);
+    vio_notify(&q);
+    return outcome();
+}
+
+static int c_avail_jump(void) {
+    fill_hdr(BLK_T_IN, 0);
+    struct vio_buf b[3] = {
+        {(uint64_t)(uintptr_t)hdr, sizeof(*hdr), 0},
+        {data, 512, 1},
+        {(uint64_t)(uintptr_t)st, 1, 1},
+    };
+    vio_post(&q, b, 3);
+    q.avail_idx = (uint16_t)(q.avail_idx + QSIZE + 3);
+    q.avail->idx = q.avail_idx; /* claims QSIZE + 4 new entries */
+    vio_notify(&q);
+    return outcome();
+}
+
+/* Setups that break a layout rule: refused at QueueReady, NEEDS_RESET, or accepted (then one
+ * request is tried and its outcome goes to the detail). */
+static int bad_setup(uint16_t size, uint64_t desc, uint64_t avail, uint64_t used, int try_request) {
+    int ready = setup_queue(size, desc, avail, used);
+    int s = status_flags();
+    if (s >= 0)
+        return s;
+    if (ready != 1)
+        return R_REFUSED;
+    vio_driver_ok(dev);
+    s = status_flags();
+    if (s >= 0)
+        return s;
+    if (!(vio_status(dev) & VIRTIO_STATUS_DRIVER_OK))
+        return R_REFUSED;
+    if (!try_request)
+        return R_ACCEPTED; /* the rings are not ours to write (e.g. outside the identity map) */
+    fill_hdr(BLK_T_IN, 0);
+    struct vio_buf b[3] = {
+        {(uint64_t)(uintptr_t)hdr, sizeof(*hdr), 0},
+        {data, 512, 1},
+        {(uint64_t)(uintptr_t)st, 1, 1},
+    };
+    vio_submit(&q, b, 3);
+    int r = outcome();
+    if (r == R_NEEDS_RESET || r == R_FAILED)
+        return r;
+    char *p = detail;
+    const char *pre = "request=";
+    while (*pre)
+        *p++ = *pre++;
+    const char *n = result_name(r);
+    while (*n)
+        *p++ = *n++;
+    *p = 0;
+    return R_ACCEPTED;
+}
+
+static int c_qsize_npot(void) { return bad_setup(12, ring_mem, ring_mem + 4096, ring_mem + 8192, 1); }
+static int c_qsize_too_big(void) { return bad_setup(0x8000, ring_mem, ring_mem + 4096, ring_mem + 8192, 1); }
+static int c_used_overlap(void) { return bad_setup(QSIZE, ring_mem, ring_mem + 4096, ring_mem, 1); }
+static int c_ring_unaligned(void) { return bad_setup(QSIZE, ring_mem + 8, ring_mem + 4096 + 1, ring_mem + 8192 + 2, 1); }
+static int c_ring_oob(void) { return bad_setup(QSIZE, 0x10000000000ULL, ring_mem + 4096, ring_mem + 8192, 0); }
+
+static int c_config_oob(void) {
+    /* virtio-blk config is at most a few hundred bytes; read past the end of the 0x200 window's config */
+    uint32_t a = mmio_read32(dev->base + VIRTIO_MMIO_CONFIG + 0xf0);
+    uint32_t b = mmio_read32(dev->base + 0x1fc);
+    uint64_t c = mmio_read64(dev->base + 0x1f8);
+    mmio_write32(dev->base + 0x1fc, 0xdeadbeef);
+    uint32_t b2 = mmio_read32(dev->base + 0x1fc);
+    mmio_write8(dev->base + VIRTIO_MMIO_CONFIG + 0x3ff, 0x5a); /* past the window too */
+    char *p = detail;
+    (void)p;
+    /* hex into detail without printf */
+    static const char hx[] = "0123456789abcdef";
+    uint32_t vals[3] = {a, b, b2};
+    const char *keys[3] = {"at_0x1f0=0x", "at_0x1fc=0x", "after_write=0x"};
+    for (int k = 0; k < 3; k++) {
+        if (k)
+            *p++ = ' ';
+        for (const char *s = keys[k]; *s; s++)
+            *p++ = *s;
+        for (int sh = 28; sh >= 0; sh -= 4)
+            *p++ = hx[(vals[k] >> sh) & 0xf];
+    }
+    *p = 0;
+    int s = status_flags();
+    if (s >= 0)
+        return s;
+    int blank = (a == 0 || a == 0xffffffffU) && (b == 0 || b == 0xffffffffU) && (c == 0 || c == ~0ULL);
+    if (blank && b2 != 0xdeadbeef)
+        return normal_read() ? R_REFUSED : R_IGNORED;
+    return R_ACCEPTED;
+}
+
+static int c_notify_unset(void) {
+    vio_write(dev, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_NOTIFY, 0xffff);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_NOTIFY, 0xffffffffU);
+    bh_udelay(20000);
+    int s = status_flags();
+    if (s >= 0)
+        return s;
+    return normal_read() ? R_IGNORED : R_FAILED;
+}
+
+static int c_status_order(void) {
+    vio_reset(dev);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_DRIVER_OK); /* skips ACKNOWLEDGE .. FEATURES_OK */
+    uint32_t s1 = vio_status(dev);
+    vio_reset(dev);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_FEATURES_OK); /* skips DRIVER */
+    uint32_t s2 = vio_status(dev);
+    char *p = detail;
+    static const char hx[] = "0123456789abcdef";
+    const char *k1 = "after_driver_ok=0x";
+    while (*k1)
+        *p++ = *k1++;
+    *p++ = hx[s1 >> 4 & 0xf];
+    *p++ = hx[s1 & 0xf];
+    const char *k2 = " after_features_ok=0x";
+    while (*k2)
+        *p++ = *k2++;
+    *p++ = hx[s2 >> 4 & 0xf];
+    *p++ = hx[s2 & 0xf];
+    *p = 0;
+    if (s1 & VIRTIO_STATUS_NEEDS_RESET || s2 & VIRTIO_STATUS_NEEDS_RESET)
+        return R_NEEDS_RESET;
+    if (!(s1 & VIRTIO_STATUS_DRIVER_OK) && !(s2 & VIRTIO_STATUS_FEATURES_OK))
+        return R_REFUSED;
+    return R_ACCEPTED;
+}
+
+static int c_features_no_v1(void) {
+    vio_reset(dev);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES, 0x80000000U); /* bit 63: never offered; no VERSION_1 */
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
+    uint32_t s = vio_status(dev);
+    if (s & VIRTIO_STATUS_NEEDS_RESET)
+        return R_NEEDS_RESET;
+    return s & VIRTIO_STATUS_FEATURES_OK ? R_ACCEPTED : R_REFUSED;
+}
+
+struct abuse_case {
+    const char *name;
+    int (*run)(void);
+    int needs_working_device; /* bring the device up (DRIVER_OK) before the case */
+};
+
+static const struct abuse_case cases[] = {
+    {"desc_oob", c_desc_oob, 1},
+    {"desc_mmio", c_desc_mmio, 1},
+    {"desc_self", c_desc_self, 1},
+    {"chain_loop", c_chain_loop, 1},
+    {"next_oob", c_next_oob, 1},
+    {"head_oob", c_head_oob, 1},
+    {"huge_len", c_huge_len, 1},
+    {"avail_jump", c_avail_jump, 1},
+    {"qsize_npot", c_qsize_npot, 0},
+    {"qsize_too_big", c_qsize_too_big, 0},
+    {"used_overlap", c_used_overlap, 0},
+    {"ring_unaligned", c_ring_unaligned, 0},
+    {"ring_oob", c_ring_oob, 0},
+    {"config_oob", c_config_oob, 1},
+    {"notify_unset", c_notify_unset, 1},
+    {"status_order", c_status_order, 0},
+    {"features_no_v1", c_features_no_v1, 0},
+};
+#define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
+
+static int selected(const char *list, const char *name) {
+    if (!list[0] || strncmp(list, "all", 4) == 0)
+        return 1;
+    size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *e = p;
+        while (*e && *e != ',')
+            e++;
+        if ((size_t)(e - p) == n && strncmp(p, name, n) == 0)
+            return 1;
+        p = *e ? e + 1 : e;
+    }
+    return 0;
+}
+
+static int known(const char *list) {
+    if (!list[0] || strncmp(list, "all", 4) == 0)
+        return 1;
+    for (const char *p = list; *p;) {
+        const char *e = p;
+        while (*e && *e != ',')
+            e++;
+        int ok = 0;
+        for (int i = 0; i < NCASES; i++)
+            if (strlen(cases[i].name) == (size_t)(e - p) && strncmp(p, cases[i].name, (size_t)(e - p)) == 0)
+                ok = 1;
+        if (!ok)
+            return 0;
+        p = *e ? e + 1 : e;
+    }
+    return 1;
+}
+
+int main(const struct bh_bootinfo *bi) {
+    vio_arena_init(bi);
+    char list[256] = "";
+    bh_cmdline_get(bi->cmdline, "case", list, sizeof(list));
+    if (!known(list)) {
+        printf("FAIL unknown case in %s\n", list);
+        return 1;
+    }
+    int n = vio_find(bi->cmdline, devs, VIO_MAX_DEVS);
+    dev = vio_nth(devs, n, VIRTIO_ID_BLOCK, 0);
+    ring_mem = vio_alloc(3 * 4096, 4096);
+    hdr = (struct blk_req *)vio_alloc(sizeof(*hdr), 16);
+    st = (volatile uint8_t *)vio_alloc(1, 1);
+    data = vio_alloc(4096, 4096);
+    if (!dev || !data) {
+        printf("FAIL no virtio-blk device\n");
+        return 1;
+    }
+    if (bring_up() != 0 || !normal_read()) {
+        printf("FAIL baseline request status=0x%x\n", vio_status(dev));
+        return 1;
+    }
+    int ran = 0, recovered = 0;
+    for (int i = 0; i < NCASES; i++) {
+        if (!selected(list, cases[i].name))
+            continue;
+        detail[0] = 0;
+        if (cases[i].needs_working_device && bring_up() != 0) {
+            printf("ABUSE %s setup_failed broken\n", cases[i].name);
+            ran++;
+            continue;
+        }
+        int r = cases[i].run();
+        uint32_t status_after = vio_status(dev);
+        int ok = bring_up() == 0 && normal_read();
+        ran++;
+        recovered += ok;
+        printf("ABUSE %s %s %s status=0x%x%s%s\n", cases[i].name, result_name(r), ok ? "recovered" : "broken",
+               status_after, detail[0] ? " " : "", detail);
+    }
+    printf("ABUSE_SUMMARY cases=%d recovered=%d\n", ran, recovered);
+    if (ran == 0 || recovered != ran) {
+        printf("FAIL not every case recovered\n");
+        return 1;
+    }
+    printf("PASS\n");
+    return 0;
+}
