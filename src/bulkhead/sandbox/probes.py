@@ -168,7 +168,8 @@ def _ptrace(arg: str, svc: Any) -> tuple[str, str]:
 
 
 def _execve(arg: str, svc: Any) -> tuple[str, str]:
-    return _syscall(59, ctypes.addressof(ctypes.create_string_buffer(b"/bin/sh")), 0, 0)
+    path = ctypes.create_string_buffer((arg or "/bin/sh").encode())
+    return _syscall(59, ctypes.addressof(path), 0, 0)
 
 
 def _socket(family: int) -> Callable[[str, Any], tuple[str, str]]:
@@ -183,9 +184,8 @@ def _socket(family: int) -> Callable[[str, Any], tuple[str, str]]:
 
 
 def _mount(arg: str, svc: Any) -> tuple[str, str]:
-    return _syscall(165, ctypes.addressof(ctypes.create_string_buffer(b"proc")),
-                    ctypes.addressof(ctypes.create_string_buffer(b"/")),
-                    ctypes.addressof(ctypes.create_string_buffer(b"proc")), 0, 0)
+    src, dst, fstype = (ctypes.create_string_buffer(x) for x in (b"proc", b"/dev", b"proc"))
+    return _syscall(165, ctypes.addressof(src), ctypes.addressof(dst), ctypes.addressof(fstype), 0, 0)
 
 
 def _userns(arg: str, svc: Any) -> tuple[str, str]:

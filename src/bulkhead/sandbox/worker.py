@@ -306,18 +306,24 @@ def main(argv: list[str]) -> int:
         jail.build_root(spec, userns)  # step 4
         for fd in userns.values():
             os.close(fd)
+        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # the reaper closes gate_w once it is sandboxed too
         child = os.fork()  # step 5
         if child == 0:
             step = "worker privileges"
             os.close(oom_fd)
+            os.close(gate_w)
             jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
             jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=spec.nofile,  # step 6
                                  nproc=spec.nproc)
             if spec.seccomp:
                 jail.install_seccomp(worker_rules)  # step 7
+            while os.read(gate_r, 1):  # say hello only when both processes are in the sandbox
+                pass
+            os.close(gate_r)
             service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp)
             os._exit(service.run())
         step = "reaper privileges"
+        os.close(gate_r)
         for value in (b"-1000", b"0"):  # the reaper goes back down (-1000 needs CAP_SYS_RESOURCE)
             try:
                 os.write(oom_fd, value)
@@ -331,6 +337,7 @@ def main(argv: list[str]) -> int:
         jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=16, nproc=spec.nproc)
         if spec.seccomp:
             jail.install_seccomp(reaper_rules)
+        os.close(gate_w)
         _reap(child)
     except (BulkheadError, OSError) as exc:
         try:
