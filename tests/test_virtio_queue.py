@@ -441,3 +441,25 @@ def test_indices_start_at_zero_whatever_the_ring_holds(mem):
     q.size, q.desc_table, q.avail_ring, q.used_ring = 8, d.desc_table, d.avail_ring, d.used_ring
     q.activate(mem)
     assert (q.next_avail, q.next_used) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("desc", "avail", "used"),
+    [
+        (0x1000, 0x3000, 0x1000),  # used ring on top of the descriptor table
+        (0x1000, 0x1000 + 16 * 16 - 2, 0x4000),  # avail ring starts inside the table's last entry
+        (0x1000, 0x3000, 0x3000 + 6 + 2 * 16 - 6),  # used ring overlaps avail's tail (used_event)
+    ],
+)
+def test_overlapping_rings_rejected(mem, desc, avail, used):
+    q = Queue(16)
+    q.size, q.desc_table, q.avail_ring, q.used_ring = 16, desc, avail, used
+    with pytest.raises(GuestFault, match="overlaps"):
+        q.validate(mem)
+
+
+def test_adjacent_rings_accepted(mem):
+    q = Queue(16)
+    q.size, q.desc_table, q.avail_ring = 16, 0x1000, 0x1000 + 16 * 16
+    q.used_ring = q.avail_ring + 6 + 2 * 16 + 2  # the first 4-aligned address after the avail ring
+    q.validate(mem)

@@ -4,7 +4,8 @@ Everything the guest controls is treated as an attacker's number, following rust
 
 - the queue size is a power of two, non-zero and at most the device maximum;
 - the descriptor table is 16-byte aligned, the available ring 2-byte aligned, the used ring 4-byte
-  aligned, and each area is checked against guest memory for its whole size before the queue is used;
+  aligned, each area is checked against guest memory for its whole size before the queue is used,
+  and the three areas may not overlap;
 - descriptor indices are below the queue size (or the indirect table length);
 - a chain takes at most `size` steps through the descriptor table (so loops end), and at most
   `len / 16` steps through an indirect table;
@@ -196,9 +197,19 @@ class Queue:
             raise _fault(f"available ring {self.avail_ring:#x} is not 2-byte aligned")
         if self.used_ring & 3:
             raise _fault(f"used ring {self.used_ring:#x} is not 4-byte aligned")
-        mem.check_range(self.desc_table, DESC_SIZE * size)
-        mem.check_range(self.avail_ring, 6 + 2 * size)  # flags, idx, ring[size], used_event
-        mem.check_range(self.used_ring, 6 + 8 * size)  # flags, idx, ring[size], avail_event
+        areas = (
+            ("descriptor table", self.desc_table, DESC_SIZE * size),
+            ("available ring", self.avail_ring, 6 + 2 * size),  # flags, idx, ring[size], used_event
+            ("used ring", self.used_ring, 6 + 8 * size),  # flags, idx, ring[size], avail_event
+        )
+        for _name, addr, length in areas:
+            mem.check_range(addr, length)
+        # The device writes the used ring: letting it overlap the driver's areas would make the
+        # device corrupt the descriptors or available ring it is about to parse.
+        for i, (n1, a1, l1) in enumerate(areas):
+            for n2, a2, l2 in areas[i + 1 :]:
+                if a1 < a2 + l2 and a2 < a1 + l1:
+                    raise _fault(f"{n1} at {a1:#x} overlaps the {n2} at {a2:#x}")
 
     def activate(self, mem: GuestMemory) -> None:
         """Validate and start from the guest's current indices (0 after reset)."""
