@@ -108,11 +108,13 @@ class Qemu(Vmm):
 class Bulkhead(Vmm):
     name = "bulkhead"
 
-    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, extra: tuple[str, ...] = (), *, jail: bool = False) -> None:
         self.extra = extra
+        self.jail = jail
 
     def argv(self, image: Path, append: str, devices: Devices, mem_mib: int = 128) -> list[str]:
-        cmd = [sys.executable, "-m", "bulkhead", "run", "--no-jail", "-q", "--kernel", str(image)]
+        cmd = [sys.executable, "-m", "bulkhead", "run", *(() if self.jail else ("--no-jail",))]
+        cmd += ["-q", "--kernel", str(image)]
         cmd += ["--cmdline", append, "--mem", str(mem_mib), *self.extra]
         for path, ro in devices.drives:
             cmd += ["--drive", f"{path},ro" if ro else str(path)]
