@@ -302,3 +302,62 @@ def test_reset_clears_throttle(mem, image):
         assert r.t.next_deadline() is None
     finally:
         r.close()
+
+
+def test_open_errors_are_config_errors(tmp_path):
+    from bulkhead.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot open drive"):
+        BlockDevice.open(str(tmp_path / "missing.img"))
+    with pytest.raises(ConfigError, match="cannot open drive"):
+        BlockDevice.open(str(tmp_path))  # a directory
+    with pytest.raises(ConfigError, match="not usable"):
+        BlockDevice.open(str(make_image_path(tmp_path)), disk_id="x" * 21)
+
+
+def make_image_path(tmp_path):
+    p = tmp_path / "ok.img"
+    make_image(p, 4096)
+    return p
+
+
+def test_partial_last_sector_not_exposed(tmp_path):
+    p = tmp_path / "odd.img"
+    p.write_bytes(bytes(1000))
+    dev = BlockDevice.open(str(p), read_only=True)
+    try:
+        assert dev.capacity == 1 and dev.disk_bytes == 512
+    finally:
+        os.close(dev.fd)
+
+
+DURABILITY_CHILD = """
+import os, signal, struct, sys
+from bulkhead.devices.virtio.block import BlockDevice
+from bulkhead.devices.virtio.mmio import MmioTransport
+from bulkhead.memory import GuestMemory
+from bulkhead.testing import FakeIrq
+from bulkhead.testing.virtqueue import setup_transport
+mem = GuestMemory([(0, 4 << 20)])
+t = MmioTransport(BlockDevice.open(sys.argv[1]), mem, FakeIrq())
+(d,) = setup_transport(t)
+d.add_chain([struct.pack("<IIQ", 1, 0, 8), b"DURABLE!" * 64], [1])
+d.add_chain([struct.pack("<IIQ", 4, 0, 0)], [1])
+t.notify(0)
+assert [len(d.used())] == [2]
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_written_and_flushed_data_survives_sigkill(tmp_path):
+    """No user-space buffering: what the guest wrote and flushed is in the file when the VMM dies."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "d.img"
+    make_image(path, DISK)
+    proc = subprocess.run(
+        [sys.executable, "-c", DURABILITY_CHILD, str(path)], capture_output=True, timeout=60
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert path.read_bytes()[8 * 512 : 9 * 512] == b"DURABLE!" * 64

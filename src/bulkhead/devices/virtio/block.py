@@ -30,7 +30,7 @@ import struct
 from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, VirtioDevice
 from bulkhead.devices.virtio.queue import DescriptorChain, Queue, gather, scatter, slice_buffers
 from bulkhead.devices.virtio.ratelimit import RateLimiter
-from bulkhead.errors import GuestFault
+from bulkhead.errors import ConfigError, GuestFault
 from bulkhead.memory import GuestMemory
 
 __all__ = [
@@ -94,7 +94,8 @@ class BlockDevice(VirtioDevice):
     """virtio-blk on an open raw image fd (the caller owns and closes the fd).
 
     `read_only` must match how the fd was opened (O_RDONLY for read-only drives). `disk_id` is the
-    serial reported by GET_ID (at most 20 bytes). Raises ValueError on a bad id.
+    serial reported by GET_ID (at most 20 bytes). Raises ValueError on a bad id, OSError when the fd
+    cannot be sized. The image size is fixed at construction; a partial last sector is not exposed.
     """
 
     device_id = DEVICE_ID_BLOCK
@@ -118,7 +119,8 @@ class BlockDevice(VirtioDevice):
         self.read_only = read_only
         self.disk_id = ident.ljust(ID_BYTES, b"\0")
         self.limiter = limiter or RateLimiter()
-        self.disk_bytes = os.fstat(fd).st_size // SECTOR_SIZE * SECTOR_SIZE
+        # lseek(SEEK_END) sizes regular files and block devices alike; a partial last sector is unused.
+        self.disk_bytes = os.lseek(fd, 0, os.SEEK_END) // SECTOR_SIZE * SECTOR_SIZE
         self.capacity = self.disk_bytes // SECTOR_SIZE
         self.features |= 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
         if read_only:
@@ -127,12 +129,28 @@ class BlockDevice(VirtioDevice):
             self.features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
 
     @classmethod
-    def open(cls, path: str, *, read_only: bool = False, **kw: object) -> BlockDevice:
-        """Open `path` (O_RDONLY for read-only drives, O_CLOEXEC always). Raises OSError."""
+    def open(
+        cls,
+        path: str,
+        *,
+        read_only: bool = False,
+        disk_id: str = "",
+        limiter: RateLimiter | None = None,
+        name: str = "virtio-blk",
+    ) -> BlockDevice:
+        """Open `path` (O_RDONLY for read-only drives, O_CLOEXEC always) and build the device.
+        Raises ConfigError with one sentence when the image cannot be opened or used."""
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        fd = os.open(path, flags)
         try:
-            return cls(fd, read_only=read_only, **kw)  # type: ignore[arg-type]
+            fd = os.open(path, flags)
+        except OSError as exc:
+            mode = "read-only" if read_only else "read-write"
+            raise ConfigError(f"cannot open drive {path!r} {mode}: {exc.strerror}") from None
+        try:
+            return cls(fd, read_only=read_only, disk_id=disk_id, limiter=limiter, name=name)
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            raise ConfigError(f"drive {path!r} is not usable: {exc}") from None
         except BaseException:
             os.close(fd)
             raise
