@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bulkhead.boot.cpuid import DEFAULT_BRAND, CpuidEntry, filter_cpuid
 from bulkhead.errors import ConfigError
@@ -140,3 +142,30 @@ def test_bad_topology() -> None:
     for vcpu, cpus in ((0, 0), (2, 2), (-1, 2), (0, 255)):
         with pytest.raises(ConfigError):
             filter_cpuid(host(), vcpu, cpus)
+
+
+U32S = st.integers(0, (1 << 32) - 1)
+LEAVES = st.sampled_from([0, 1, 3, 4, 6, 7, 0xA, 0xB, 0xD, 0x1F, 0x16, 0x40000000, 0x80000000, 0x80000001,
+                          0x80000002, 0x80000008, 0x8000001E])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.builds(CpuidEntry, LEAVES, st.integers(0, 4), st.integers(0, 1), U32S, U32S, U32S, U32S),
+             max_size=40),
+    st.integers(1, 8).flatmap(lambda n: st.tuples(st.integers(0, n - 1), st.just(n))),
+)
+def test_filter_properties(entries: list[CpuidEntry], vcpu_cpus: tuple[int, int]) -> None:
+    vcpu, cpus = vcpu_cpus
+    out = filter_cpuid(entries, vcpu, cpus)
+    keys = [(e.function, e.index) for e in out]
+    assert len(keys) == len(set(keys))
+    assert keys == sorted(keys)
+    for e in out:
+        assert all(0 <= v <= 0xFFFF_FFFF for v in (e.eax, e.ebx, e.ecx, e.edx))
+        if e.function == 1:
+            assert e.ecx >> 31 == 1 and e.ebx >> 24 == vcpu and not e.ecx & (1 << 5)
+        if e.function in (0xB, 0x1F):
+            assert e.edx == vcpu
+        if e.function == 0xA:
+            assert (e.eax, e.ebx, e.ecx, e.edx) == (0, 0, 0, 0)
