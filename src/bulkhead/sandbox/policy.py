@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import json
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from bulkhead.errors import ConfigError
@@ -66,7 +66,7 @@ class Rule:
 
 
 def _load_json(name: str) -> dict[str, Any]:
-    text = resources.files("bulkhead.sandbox").joinpath("seccomp", name).read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parent / "seccomp" / name).read_text(encoding="utf-8")
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ConfigError(f"seccomp data {name} must be a JSON object")

@@ -74,6 +74,7 @@ PROBES_ENV = "BULKHEAD_TEST_PROBES"
 # Kinds only the supervisor may decide; a worker claiming one of them is not believed.
 SUPERVISOR_KINDS = frozenset({"worker-crash", "seccomp-kill", "oom-kill", "protocol-violation"})
 _VM_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_JOIN_CGROUP = 'while [ "$1" != "--" ]; do printf %s "$$" > "$1" || exit 70; shift; done; shift; exec "$@"'
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
@@ -82,7 +83,7 @@ _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 class JailOptions:
     """Host-side knobs. memory limit = guest RAM + memory_overhead_mib; pids = pids_base + vCPUs."""
 
-    memory_overhead_mib: int = 96
+    memory_overhead_mib: int = 64
     pids_base: int = 32
     cpu_quota_pct: int | None = None  # default: 100 per vCPU
     nofile: int = 1024
@@ -105,6 +106,7 @@ class WorkerExit:
     returncode: int | None
     claimed: ExitReason | None = None
     stderr: str = ""
+    memory_peak: int = 0  # bytes, from the VM's memory cgroup (0 if unknown)
 
 
 def classify_exit(returncode: int | None, *, oom_kills: int, claimed: ExitReason | None,
@@ -264,12 +266,13 @@ class WorkerHandle:
                 self._kill()
         rc = self.proc.wait()
         oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
+        peak = self.cgroup.memory_peak() if self.cgroup is not None else 0
         reason, sec = classify_exit(rc, oom_kills=oom, claimed=self._claimed, violation=self._violation,
                                     host_killed=self._host_killed)
         if sec:
             self._security(reason.kind, reason.detail)
         self._cleanup()
-        self.exit = WorkerExit(reason, sec, rc, self._claimed, bytes(self._stderr).decode("utf-8", "replace"))
+        self.exit = WorkerExit(reason, sec, rc, self._claimed, bytes(self._stderr).decode("utf-8", "replace"), peak)
         self._done.set()
         with self._cond:
             self._cond.notify_all()
@@ -499,7 +502,10 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
                         opts.nofile, limits.pids_max, opts.seccomp, bool(nets), asdict(inner))
         sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-I", "-m", "bulkhead", "worker", "--channel-fd", str(sock_worker.fileno()),
+        # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
+        # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
+        argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
+                sys.executable, "-I", "-m", "bulkhead", "worker", "--channel-fd", str(sock_worker.fileno()),
                 "--spec", spec.to_json()]
         for fd in taps:
             argv += ["--tap-fd", str(fd)]
