@@ -307,12 +307,17 @@ def test_reset_clears_throttle(mem, image):
 def test_open_errors_are_config_errors(tmp_path):
     from bulkhead.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="cannot open drive"):
+    with pytest.raises(ConfigError, match="does not exist"):
         BlockDevice.open(str(tmp_path / "missing.img"))
-    with pytest.raises(ConfigError, match="cannot open drive"):
-        BlockDevice.open(str(tmp_path))  # a directory
+    with pytest.raises(ConfigError, match="is a directory"):
+        BlockDevice.open(str(tmp_path))
     with pytest.raises(ConfigError, match="not usable"):
         BlockDevice.open(str(make_image_path(tmp_path)), disk_id="x" * 21)
+    ro = make_image_path(tmp_path)
+    ro.chmod(0o444)
+    if os.geteuid() != 0:  # root ignores file modes
+        with pytest.raises(ConfigError, match="cannot be opened read-write"):
+            BlockDevice.open(str(ro))
 
 
 def make_image_path(tmp_path):

@@ -145,7 +145,13 @@ class BlockDevice(VirtioDevice):
             fd = os.open(path, flags)
         except OSError as exc:
             mode = "read-only" if read_only else "read-write"
-            raise ConfigError(f"cannot open drive {path!r} {mode}: {exc.strerror}") from None
+            if exc.errno == errno.ENOENT:
+                why = "does not exist"
+            elif exc.errno == errno.EISDIR:
+                why = "is a directory, not a disk image"
+            else:
+                why = f"cannot be opened {mode} ({exc.strerror})"
+            raise ConfigError(f"drive {path} {why}") from None
         try:
             return cls(fd, read_only=read_only, disk_id=disk_id, limiter=limiter, name=name)
         except (OSError, ValueError) as exc:
