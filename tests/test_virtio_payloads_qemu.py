@@ -107,11 +107,15 @@ def test_abuse_every_case_recovers_after_reset(tmp_path: Path) -> None:
     assert list(results) == list(ABUSE_CASES)
     assert all(rec == "recovered" for _, rec in results.values()), results
     # QEMU's own validation (virtio_error -> DEVICE_NEEDS_RESET) catches these ...
-    for name in ("chain_loop", "next_oob", "head_oob", "huge_len", "avail_jump"):
+    needs_reset = ("chain_loop", "next_oob", "head_oob", "huge_len", "avail_jump", "indirect_len")
+    for name in (*needs_reset, "status_readonly", "hdr_writable"):
         assert results[name][0] == "needs_reset", (name, results[name])
     # ... and reads past the config space give all ones without side effects
     assert results["config_oob"][0] == "refused"
     assert results["notify_unset"][0] == "ignored"
+    assert results["indirect_ok"][0] == "completed"
+    assert results["len_odd"][0] == "ioerr"
+    assert results["config_write_ro"][0] == "refused"
 
 
 def test_abuse_single_case_selection(tmp_path: Path) -> None:

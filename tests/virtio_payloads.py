@@ -322,7 +322,9 @@ def abuse_results(res: Result) -> dict[str, tuple[str, str]]:
 ABUSE_CASES = (
     "desc_oob", "desc_mmio", "desc_self", "chain_loop", "next_oob", "head_oob", "huge_len", "avail_jump",
     "qsize_npot", "qsize_too_big", "used_overlap", "ring_unaligned", "ring_oob", "config_oob",
-    "notify_unset", "status_order", "features_no_v1",
+    "notify_unset", "status_order", "features_no_v1", "indirect_ok", "indirect_nested", "indirect_len",
+    "indirect_next", "status_readonly", "hdr_writable", "len_odd", "config_write_ro", "queue_sel_oob",
+    "queue_change_live",
 )  # fmt: skip
 
 

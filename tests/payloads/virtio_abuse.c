@@ -25,6 +25,7 @@
 #define BLK_F_RO 5
 #define BLK_F_BLK_SIZE 6
 #define BLK_F_FLUSH 9
+#define F_INDIRECT_DESC 28
 
 struct blk_req {
     uint32_t type;
@@ -42,11 +43,12 @@ static uint64_t data; /* 4 KiB */
 
 static const char *result_name(int r);
 
-enum { R_NEEDS_RESET, R_REFUSED, R_IOERR, R_COMPLETED, R_ACCEPTED, R_IGNORED, R_FAILED };
+enum { R_NEEDS_RESET, R_REFUSED, R_IOERR, R_COMPLETED, R_ACCEPTED, R_IGNORED, R_FAILED, R_NO_STATUS, R_UNSUPPORTED };
 
 static const char *result_name(int r) {
-    static const char *const names[] = {"needs_reset", "refused", "ioerr", "completed", "accepted", "ignored", "failed"};
-    return r >= 0 && r <= R_FAILED ? names[r] : "?";
+    static const char *const names[] = {"needs_reset", "refused", "ioerr",   "completed",  "accepted",
+                                        "ignored",     "failed",  "no_status", "unsupported"};
+    return r >= 0 && r <= R_UNSUPPORTED ? names[r] : "?";
 }
 
 static void clear_rings(void) { memset((void *)ring_mem, 0, 3 * 4096); }
@@ -54,7 +56,7 @@ static void clear_rings(void) { memset((void *)ring_mem, 0, 3 * 4096); }
 /* Features negotiated, rings at ring_mem with QueueNum `size` (DRIVER_OK not yet written).
  * Returns QueueReady as read back. */
 static int setup_queue(uint16_t size, uint64_t desc, uint64_t avail, uint64_t used) {
-    if (vio_init(dev, 1ULL << BLK_F_RO | 1ULL << BLK_F_BLK_SIZE | 1ULL << BLK_F_FLUSH) != 0)
+    if (vio_init(dev, 1ULL << BLK_F_RO | 1ULL << BLK_F_BLK_SIZE | 1ULL << BLK_F_FLUSH | 1ULL << F_INDIRECT_DESC) != 0)
         return -1;
     clear_rings();
     return vio_queue_setup_raw(dev, &q, 0, size, desc, avail, used);
@@ -84,7 +86,7 @@ static int outcome(void) {
     if (s >= 0)
         return s;
     if (r == VIO_DONE)
-        return *st == 0 ? R_COMPLETED : R_IOERR;
+        return *st == 0 ? R_COMPLETED : *st == 0xee ? R_NO_STATUS : R_IOERR;
     return R_IGNORED;
 }
 
@@ -135,6 +137,35 @@ static int normal_read(void) {
 
 /* ---- cases: each starts from a working device (DRIVER_OK) unless it sets up its own ---- */
 static char detail[96];
+static unsigned dlen;
+
+static void dput(const char *t) {
+    if (dlen && dlen + 1 < sizeof(detail))
+        detail[dlen++] = ' ';
+    while (*t && dlen + 1 < sizeof(detail))
+        detail[dlen++] = *t++;
+    detail[dlen] = 0;
+}
+
+/* append "key=0x<hex>" */
+static void dhex(const char *key, uint64_t v) {
+    static const char hx[] = "0123456789abcdef";
+    char b[40];
+    unsigned n = 0;
+    while (*key && n < 20)
+        b[n++] = *key++;
+    b[n++] = '=';
+    b[n++] = '0';
+    b[n++] = 'x';
+    int started = 0;
+    for (int sh = 60; sh >= 0; sh -= 4) {
+        unsigned d = (unsigned)(v >> sh) & 0xf;
+        if (d || started || sh == 0)
+            b[n++] = hx[d], started = 1;
+    }
+    b[n] = 0;
+    dput(b);
+}
 
 static int c_desc_oob(void) { return request_with_data(BLK_T_IN, 0x10000000000ULL, 512); }
 static int c_desc_mmio(void) { return request_with_data(BLK_T_IN, 0xc0000000ULL, 512); }
@@ -207,14 +238,13 @@ static int bad_setup(uint16_t size, uint64_t desc, uint64_t avail, uint64_t used
     int r = outcome();
     if (r == R_NEEDS_RESET || r == R_FAILED)
         return r;
-    char *p = detail;
-    const char *pre = "request=";
-    while (*pre)
-        *p++ = *pre++;
-    const char *n = result_name(r);
-    while (*n)
-        *p++ = *n++;
-    *p = 0;
+    char word[32] = "request=";
+    const char *rn = result_name(r);
+    unsigned k = 8;
+    while (*rn && k + 1 < sizeof(word))
+        word[k++] = *rn++;
+    word[k] = 0;
+    dput(word);
     return R_ACCEPTED;
 }
 
@@ -232,21 +262,9 @@ static int c_config_oob(void) {
     mmio_write32(dev->base + 0x1fc, 0xdeadbeef);
     uint32_t b2 = mmio_read32(dev->base + 0x1fc);
     mmio_write8(dev->base + VIRTIO_MMIO_CONFIG + 0x3ff, 0x5a); /* past the window too */
-    char *p = detail;
-    (void)p;
-    /* hex into detail without printf */
-    static const char hx[] = "0123456789abcdef";
-    uint32_t vals[3] = {a, b, b2};
-    const char *keys[3] = {"at_0x1f0=0x", "at_0x1fc=0x", "after_write=0x"};
-    for (int k = 0; k < 3; k++) {
-        if (k)
-            *p++ = ' ';
-        for (const char *s = keys[k]; *s; s++)
-            *p++ = *s;
-        for (int sh = 28; sh >= 0; sh -= 4)
-            *p++ = hx[(vals[k] >> sh) & 0xf];
-    }
-    *p = 0;
+    dhex("at_0x1f0", a);
+    dhex("at_0x1fc", b);
+    dhex("after_write", b2);
     int s = status_flags();
     if (s >= 0)
         return s;
@@ -274,19 +292,8 @@ static int c_status_order(void) {
     vio_reset(dev);
     vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_FEATURES_OK); /* skips DRIVER */
     uint32_t s2 = vio_status(dev);
-    char *p = detail;
-    static const char hx[] = "0123456789abcdef";
-    const char *k1 = "after_driver_ok=0x";
-    while (*k1)
-        *p++ = *k1++;
-    *p++ = hx[s1 >> 4 & 0xf];
-    *p++ = hx[s1 & 0xf];
-    const char *k2 = " after_features_ok=0x";
-    while (*k2)
-        *p++ = *k2++;
-    *p++ = hx[s2 >> 4 & 0xf];
-    *p++ = hx[s2 & 0xf];
-    *p = 0;
+    dhex("after_driver_ok", s1);
+    dhex("after_features_ok", s2);
     if (s1 & VIRTIO_STATUS_NEEDS_RESET || s2 & VIRTIO_STATUS_NEEDS_RESET)
         return R_NEEDS_RESET;
     if (!(s1 & VIRTIO_STATUS_DRIVER_OK) && !(s2 & VIRTIO_STATUS_FEATURES_OK))
@@ -307,6 +314,106 @@ static int c_features_no_v1(void) {
     if (s & VIRTIO_STATUS_NEEDS_RESET)
         return R_NEEDS_RESET;
     return s & VIRTIO_STATUS_FEATURES_OK ? R_ACCEPTED : R_REFUSED;
+}
+
+/* ---- indirect descriptors (VIRTIO_F_INDIRECT_DESC) and request-layout abuse ---- */
+static int indirect(int variant) {
+    if (!(dev->features >> F_INDIRECT_DESC & 1))
+        return R_UNSUPPORTED;
+    volatile struct virtq_desc *t = (volatile struct virtq_desc *)(data + 2048);
+    volatile struct virtq_desc *t2 = (volatile struct virtq_desc *)(data + 3072);
+    fill_hdr(BLK_T_IN, 0);
+    t[0].addr = (uint64_t)(uintptr_t)hdr, t[0].len = sizeof(*hdr), t[0].flags = VIRTQ_DESC_F_NEXT, t[0].next = 1;
+    t[1].addr = data, t[1].len = 512, t[1].flags = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, t[1].next = 2;
+    t[2].addr = (uint64_t)(uintptr_t)st, t[2].len = 1, t[2].flags = VIRTQ_DESC_F_WRITE, t[2].next = 0;
+    uint32_t len = 48;
+    uint16_t flags = VIRTQ_DESC_F_INDIRECT;
+    if (variant == 1) { /* nested: the data descriptor is itself an indirect table */
+        t2[0].addr = data, t2[0].len = 512, t2[0].flags = VIRTQ_DESC_F_WRITE, t2[0].next = 0;
+        t[1].addr = (uint64_t)(uintptr_t)t2, t[1].len = 16, t[1].flags = VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT;
+    } else if (variant == 2) {
+        len = 40; /* not a multiple of 16 */
+    } else if (variant == 3) {
+        flags |= VIRTQ_DESC_F_NEXT; /* INDIRECT together with NEXT */
+        raw_desc(1, (uint64_t)(uintptr_t)st, 1, VIRTQ_DESC_F_WRITE, 0);
+    }
+    raw_desc(0, (uint64_t)(uintptr_t)t, len, flags, 1);
+    publish(0);
+    vio_notify(&q);
+    return outcome();
+}
+static int c_indirect_ok(void) { return indirect(0); }
+static int c_indirect_nested(void) { return indirect(1); }
+static int c_indirect_len(void) { return indirect(2); }
+static int c_indirect_next(void) { return indirect(3); }
+
+/* status descriptor not device-writable */
+static int c_status_readonly(void) {
+    fill_hdr(BLK_T_IN, 0);
+    raw_desc(0, (uint64_t)(uintptr_t)hdr, sizeof(*hdr), VIRTQ_DESC_F_NEXT, 1);
+    raw_desc(1, data, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2);
+    raw_desc(2, (uint64_t)(uintptr_t)st, 1, 0, 0);
+    publish(0);
+    vio_notify(&q);
+    return outcome();
+}
+
+/* header marked device-writable: writable before readable breaks §2.7.4.2 */
+static int c_hdr_writable(void) {
+    fill_hdr(BLK_T_IN, 0);
+    raw_desc(0, (uint64_t)(uintptr_t)hdr, sizeof(*hdr), VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1);
+    raw_desc(1, data, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2);
+    raw_desc(2, (uint64_t)(uintptr_t)st, 1, VIRTQ_DESC_F_WRITE, 0);
+    publish(0);
+    vio_notify(&q);
+    return outcome();
+}
+
+static int c_len_odd(void) { return request_with_data(BLK_T_IN, data, 100); }
+
+static int c_config_write_ro(void) {
+    uint64_t before = vio_cfg64(dev, 0);
+    mmio_write32(dev->base + VIRTIO_MMIO_CONFIG, 0x12345678);
+    mmio_write32(dev->base + VIRTIO_MMIO_CONFIG + 4, 0x1);
+    uint64_t after = vio_cfg64(dev, 0);
+    dhex("capacity_after", after);
+    int s = status_flags();
+    if (s >= 0)
+        return s;
+    return after == before ? R_REFUSED : R_ACCEPTED;
+}
+
+static int c_queue_sel_oob(void) {
+    vio_reset(dev);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_SEL, 1000);
+    uint32_t max = vio_read(dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_NUM, 16);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)ring_mem);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_READY, 1);
+    uint32_t ready = vio_read(dev, VIRTIO_MMIO_QUEUE_READY);
+    dhex("num_max", max);
+    dhex("ready", ready);
+    int s = status_flags();
+    if (s >= 0)
+        return s;
+    return max == 0 && ready == 0 ? R_REFUSED : R_ACCEPTED;
+}
+
+/* move the descriptor table of a live queue to 1 TiB; a request must still use the old one */
+static int c_queue_change_live(void) {
+    vio_write(dev, VIRTIO_MMIO_QUEUE_SEL, 0);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_NUM, 4);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_DESC_LOW, 0);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x100);
+    int s = status_flags();
+    if (s >= 0)
+        return s;
+    return normal_read() ? R_REFUSED : (status_flags() >= 0 ? status_flags() : R_ACCEPTED);
 }
 
 struct abuse_case {
@@ -333,6 +440,16 @@ static const struct abuse_case cases[] = {
     {"notify_unset", c_notify_unset, 1},
     {"status_order", c_status_order, 0},
     {"features_no_v1", c_features_no_v1, 0},
+    {"indirect_ok", c_indirect_ok, 1},
+    {"indirect_nested", c_indirect_nested, 1},
+    {"indirect_len", c_indirect_len, 1},
+    {"indirect_next", c_indirect_next, 1},
+    {"status_readonly", c_status_readonly, 1},
+    {"hdr_writable", c_hdr_writable, 1},
+    {"len_odd", c_len_odd, 1},
+    {"config_write_ro", c_config_write_ro, 1},
+    {"queue_sel_oob", c_queue_sel_oob, 0},
+    {"queue_change_live", c_queue_change_live, 1},
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
@@ -396,6 +513,7 @@ int main(const struct bh_bootinfo *bi) {
         if (!selected(list, cases[i].name))
             continue;
         detail[0] = 0;
+        dlen = 0;
         if (cases[i].needs_working_device && bring_up() != 0) {
             printf("ABUSE %s setup_failed broken\n", cases[i].name);
             ran++;
