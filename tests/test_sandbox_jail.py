@@ -249,3 +249,62 @@ def test_bulkhead_run_as_root_uses_the_jail(tmp_path: Path) -> None:
     assert proc.returncode == (5 << 1) | 1, err
     assert b"EXIT 5" in out and b"warning" not in err
     assert seen_worker
+
+
+def test_stale_leftovers_of_a_crashed_supervisor_are_cleaned(tmp_path: Path) -> None:
+    from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+    from bulkhead.sandbox.jail import IdAllocator
+    from bulkhead.sandbox.supervisor import cleanup_stale
+
+    base = tmp_path / "run"
+    vm_id = f"t-stale-{uuid.uuid4().hex[:8]}"
+    (base / "jail" / vm_id / "root").mkdir(parents=True)
+    cg = VmCgroup(vm_id, CgroupLimits(64 << 20, 8, 0))
+    cg.create()
+    ids = IdAllocator(str(base / "ids"), base=300_000)
+    live = f"t-live-{uuid.uuid4().hex[:8]}"
+    (base / "jail" / live / "root").mkdir(parents=True)
+    ids.allocate(live)  # owned by this (live) process: must survive
+    uid = ids.allocate(vm_id)
+    Path(base / "ids" / str(uid)).write_text(f"{vm_id} 999999999\n")  # the supervisor died
+    sleeper = subprocess.Popen(["sleep", "60"])
+    Path(cg.dirs["pids"], "cgroup.procs").write_text(str(sleeper.pid))  # an orphan still in the group
+    assert cleanup_stale(str(base)) == [vm_id]
+    assert sleeper.wait(5) == -9
+    assert leftovers(vm_id, str(base)) == [] and not (base / "ids" / str(uid)).exists()
+    assert (base / "jail" / live).exists()
+
+
+def test_jailed_backend_implements_the_daemon_contract(vms: Vms, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bulkhead.sandbox.backend import JailedBackend, jail_id
+
+    backend_mod = pytest.importorskip("bulkhead.daemon.backend")
+    events: list[tuple[str, str]] = []
+    backend = JailedBackend(status_type=backend_mod.BackendStatus,
+                            options=JailOptions(test_probes=True, memory_overhead_mib=64),
+                            on_security_event=lambda vm, kind, detail: events.append((vm, kind)))
+    spec = SimpleNamespace(kernel=str(vms.kernel), initrd=None, cmdline="", mem_mib=8, cpus=1, drives=(), nics=(),
+                           rng=False, console_path=str(tmp_path / "console.log"))
+    vm = "Tenant A/vm 1"  # not a valid jail id: mapped to a stable digest
+    pid = backend.start(vm, spec)
+    assert pid > 0 and jail_id(vm).startswith("d-")
+    deadline = time.monotonic() + 10
+    while backend.status(vm).state != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    backend.pause(vm)
+    assert backend.status(vm) == backend_mod.BackendStatus("paused", pid)
+    backend.resume(vm)
+    assert backend.status(vm).state == "running"
+    deadline = time.monotonic() + 5
+    while b"fake-vm: running" not in backend.console(vm, 0, 100):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    backend.stop(vm)
+    assert backend.status(vm) == backend_mod.BackendStatus("exited", pid, 130)
+    exit_ = backend.exit_reason(vm)
+    assert exit_ is not None and exit_.reason.kind == "interrupted"
+    assert backend.status("nope").state == "absent"
+    assert leftovers(jail_id(vm)) == [] and events == []

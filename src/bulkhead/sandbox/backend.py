@@ -1,0 +1,152 @@
+"""`JailedBackend`: the daemon's VM backend contract (bulkhead.daemon.backend.VmBackend), on jailed workers.
+
+The daemon swaps it in for ProcessBackend:
+
+    from bulkhead.daemon.backend import BackendStatus
+    from bulkhead.sandbox.backend import JailedBackend
+    backend = JailedBackend(status_type=BackendStatus, on_security_event=audit_hook)
+
+It takes the daemon's VmSpec duck-typed (kernel, initrd, cmdline, mem_mib, cpus, drives, nics, rng,
+console_path) so the sandbox layer does not import the daemon layer. Pause/resume are real vCPU pauses
+over the worker protocol (no SIGSTOP); console bytes are appended to spec.console_path; status comes
+from the worker (state) or from the host-decided exit reason. Every method raises HostError when the
+host cannot do it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from bulkhead.errors import HostError
+from bulkhead.runtime.config import DriveConfig, NetConfig, VmConfig
+from bulkhead.sandbox.supervisor import JailOptions, WorkerExit, WorkerHandle, spawn_worker
+
+__all__ = ["JailedBackend", "jail_id"]
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAX_CONSOLE_READ = 1 << 20
+
+
+def jail_id(vm_id: str) -> str:
+    """The daemon's VM id if it is a valid jail id, else a stable digest of it."""
+    return vm_id if _ID.match(vm_id) else "d-" + hashlib.sha256(vm_id.encode()).hexdigest()[:20]
+
+
+class JailedBackend:
+    """One jailed worker per VM. Thread-safe."""
+
+    def __init__(self, *, status_type: Callable[..., Any], options: JailOptions | None = None,
+                 on_security_event: Callable[[str, str, str], None] | None = None,
+                 on_exit: Callable[[str, WorkerExit], None] | None = None) -> None:
+        self._status = status_type
+        self._options = options or JailOptions()
+        self._on_security_event = on_security_event
+        self._on_exit = on_exit
+        self._handles: dict[str, WorkerHandle] = {}
+        self._consoles: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def start(self, vm_id: str, spec: Any) -> int:
+        """Spawn, verify and start the VM's worker; returns the worker's host pid."""
+        with self._lock:
+            old = self._handles.get(vm_id)
+            if old is not None and old.running:
+                raise HostError("the VM is already running")
+        config = VmConfig(
+            kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, mem_mib=spec.mem_mib, cpus=spec.cpus,
+            drives=tuple(DriveConfig(p, ro) for p, ro in spec.drives),
+            nets=tuple(NetConfig(tap, mac) for tap, mac in spec.nics), rng=spec.rng, serial="stdio",
+        )
+        path = spec.console_path
+        with open(path, "wb"):
+            pass
+        lock = threading.Lock()
+
+        def console(data: bytes) -> None:
+            with lock, open(path, "ab") as f:
+                f.write(data)
+
+        def security(kind: str, detail: str) -> None:
+            if self._on_security_event is not None:
+                self._on_security_event(vm_id, kind, detail)
+
+        def exited(result: WorkerExit) -> None:
+            if self._on_exit is not None:
+                self._on_exit(vm_id, result)
+
+        handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
+                              on_security_event=security, on_exit=exited)
+        handle.start()
+        with self._lock:
+            self._handles[vm_id] = handle
+            self._consoles[vm_id] = path
+        return handle.pid
+
+    def _handle(self, vm_id: str) -> WorkerHandle:
+        with self._lock:
+            h = self._handles.get(vm_id)
+        if h is None or not h.running:
+            raise HostError("the VM is not running")
+        return h
+
+    def stop(self, vm_id: str, grace: float = 5.0) -> None:
+        with self._lock:
+            h = self._handles.get(vm_id)
+        if h is not None and h.running:
+            h.stop(grace)
+
+    def pause(self, vm_id: str) -> None:
+        self._handle(vm_id).pause()
+
+    def resume(self, vm_id: str) -> None:
+        self._handle(vm_id).resume()
+
+    def status(self, vm_id: str) -> Any:
+        with self._lock:
+            h = self._handles.get(vm_id)
+        if h is None:
+            return self._status("absent")
+        if not h.running and h.exit is not None:
+            return self._status("exited", h.pid, h.exit.reason.status)
+        try:
+            state = h.status(timeout=2.0).state
+        except HostError:
+            if h.exit is not None:
+                return self._status("exited", h.pid, h.exit.reason.status)
+            raise
+        return self._status("paused" if state == "paused" else "running", h.pid)
+
+    def exit_reason(self, vm_id: str) -> WorkerExit | None:
+        """The host-decided exit of a VM's worker (kind, status, detail, security_event), if it ended."""
+        with self._lock:
+            h = self._handles.get(vm_id)
+        return None if h is None else h.exit
+
+    def console(self, vm_id: str, offset: int, limit: int) -> bytes:
+        path = self._consoles.get(vm_id)
+        if path is None:
+            return b""
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, offset))
+                return f.read(max(0, min(limit, MAX_CONSOLE_READ)))
+        except OSError:
+            return b""
+
+    def forget(self, vm_id: str) -> None:
+        with self._lock:
+            h = self._handles.pop(vm_id, None)
+            self._consoles.pop(vm_id, None)
+        if h is not None and h.running:
+            h.kill()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+        for h in handles:
+            if h.running:
+                h.stop(2.0)
