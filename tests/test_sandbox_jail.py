@@ -308,3 +308,14 @@ def test_jailed_backend_implements_the_daemon_contract(vms: Vms, tmp_path: Path)
     assert exit_ is not None and exit_.reason.kind == "interrupted"
     assert backend.status("nope").state == "absent"
     assert leftovers(jail_id(vm)) == [] and events == []
+
+
+def test_console_input_reaches_the_guest_serial(vms: Vms) -> None:
+    got: list[bytes] = []
+    h = vms.spawn()
+    h.on_console = got.append
+    h.console_input(b"ping")
+    deadline = time.monotonic() + 5
+    while b"echo:ping" not in b"".join(got):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.01)

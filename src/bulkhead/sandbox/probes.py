@@ -26,6 +26,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
+class _EchoSerial:
+    """Host console input arrives here (as on the real serial port) and is echoed to the console."""
+
+    def __init__(self, console: Callable[[bytes], None]) -> None:
+        self.console = console
+
+    def enqueue_input(self, data: bytes) -> int:
+        self.console(b"echo:" + data)
+        return len(data)
+
+
 class FakeMachine:
     """Stands in for bulkhead.runtime.vm.Machine in probe mode: same lifecycle methods, no guest code.
 
@@ -39,7 +50,7 @@ class FakeMachine:
         self.config = config
         self.console = console or (lambda data: None)
         self.on_event = on_event or (lambda name, detail: None)
-        self.serial = None
+        self.serial = _EchoSerial(self.console)
         self._stop = threading.Event()
         self._reason: ExitReason | None = None
         self._fds: list[int] = []

@@ -546,6 +546,25 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     return handle
 
 
+def _forward_stdin(handle: WorkerHandle) -> None:
+    """Host stdin -> the guest's serial port (as `bulkhead run` does unjailed)."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    while handle.running:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        try:
+            handle.console_input(data)
+        except HostError:
+            return
+
+
 def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
                console: Callable[[bytes], None] | None = None) -> ExitReason:
     """Run one VM in a jailed worker until it stops (what `bulkhead run` does as root).
@@ -579,6 +598,8 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, lambda s, f: stop.set())
+    if console is None and config.serial == "stdio":
+        threading.Thread(target=_forward_stdin, args=(handle,), daemon=True).start()
     try:
         handle.start()
         while handle.running and not stop.wait(0.1):
