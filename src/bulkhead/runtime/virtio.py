@@ -14,7 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from bulkhead.errors import ConfigError, HostError
+from bulkhead.errors import HostError
 from bulkhead.memory.layout import VIRTIO_MMIO_SIZE
 from bulkhead.runtime.eventloop import EventFd
 
@@ -42,23 +42,13 @@ def attach_virtio(m: Machine) -> None:
 
     cfg = m.config
     for i, d in enumerate(cfg.drives):
-        try:
-            dev = BlockDevice.open(
-                d.path,
-                read_only=d.read_only,
-                disk_id=d.drive_id or f"bulkhead-disk{i}",
-                limiter=RateLimiter(d.rate.bytes_per_sec, d.rate.ops_per_sec),
-                name=f"virtio-blk{i}",
-            )
-        except FileNotFoundError:
-            raise ConfigError(f"--drive {d.path} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"--drive {d.path} is a directory, not a disk image") from None
-        except PermissionError:
-            mode = "read-only" if d.read_only else "read-write"
-            raise ConfigError(f"--drive {d.path} cannot be opened {mode} (permission denied)") from None
-        except OSError as exc:
-            raise ConfigError(f"--drive {d.path}: {exc.strerror}") from None
+        dev = BlockDevice.open(  # raises ConfigError naming the drive and the reason
+            d.path,
+            read_only=d.read_only,
+            disk_id=d.drive_id or f"bulkhead-disk{i}",
+            limiter=RateLimiter(d.rate.bytes_per_sec, d.rate.ops_per_sec),
+            name=f"virtio-blk{i}",
+        )
         m._closers.append(functools.partial(os.close, dev.fd))
         _attach(m, dev)
     for n in cfg.nets:
@@ -85,7 +75,7 @@ def _attach(m: Machine, dev: VirtioDevice) -> None:
     base, irq = m.next_virtio_slot()
 
     def on_event(kind: str, detail: dict[str, Any]) -> None:
-        m.record(kind, device=dev.name, **detail)
+        m.record(kind, **{"device": dev.name, **detail})
 
     t = MmioTransport(dev, m.mem, m._irq_line(irq), on_event=on_event)
     m.mmio.register(base, VIRTIO_MMIO_SIZE, t, dev.name)
