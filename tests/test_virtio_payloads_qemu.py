@@ -25,6 +25,7 @@ from tests.virtio_payloads import (
     check_blk,
     check_net,
     check_rng,
+    flush_syscalls,
     kill,
     netns_with_tap,
     pattern,
@@ -83,6 +84,21 @@ def test_blk_flushed_data_survives_sigkill(tmp_path: Path) -> None:
     assert lines and lines[-1][1] == f"FLUSHED seed={seed} sectors=8", lines
     assert status == -9  # killed, not exited
     assert img0.read_bytes()[:4096] == pattern(seed, 4096)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_blk_flush_reaches_the_file_as_fdatasync(tmp_path: Path) -> None:
+    (tmp_path / "flush").mkdir()
+    lines, calls, head = flush_syscalls(QEMU, tmp_path / "flush", 61)
+    assert lines[-1] == "FLUSHED seed=61 sectors=8", lines
+    assert head == pattern(61, 4096)
+    assert calls, "no fdatasync/fsync on the image before the guest saw FLUSH complete"
+    # control: the same write without FLUSH syncs nothing
+    (tmp_path / "noflush").mkdir()
+    lines, calls, head = flush_syscalls(QEMU, tmp_path / "noflush", 62, flush=False)
+    assert lines[-1] == "WRITTEN seed=62 sectors=8", lines
+    assert head == pattern(62, 4096)  # in the page cache, so it survives the kill anyway
+    assert calls == ""
 
 
 def test_rng_two_reads_differ() -> None:

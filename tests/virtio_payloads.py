@@ -343,3 +343,55 @@ def bench_phases(lines: list[tuple[float, str]]) -> dict[str, dict[str, float]]:
                 kv["seconds"] = t - starts[w[1]]
                 out[w[1]] = kv
     return out
+
+
+def flush_syscalls(vmm: Vmm, tmp: Path, seed: int, *, flush: bool = True) -> tuple[list[str], str, bytes]:
+    """Boot virtio_blk.c in `blk=write-flush-hang` mode (`write-hang` without flush) under `strace -f`,
+    SIGKILL the VMM once the guest printed FLUSHED (WRITTEN), and return (guest lines,
+    fdatasync/fsync calls on the image, image head).
+
+    The kill alone cannot tell a flushed write from one left in the page cache (both survive SIGKILL);
+    the trace shows the FLUSH reached the disk file as fdatasync/fsync before the guest saw it complete.
+    """
+    img = tmp / "flush.img"
+    with open(img, "wb") as f:
+        f.truncate(MIB_1)
+    trace = tmp / "strace.txt"
+    mode = "write-flush-hang" if flush else "write-hang"
+    inner = vmm.argv(build_virtio("virtio_blk"), f"seed={seed} blk={mode}", Devices(drives=[(img, False)]))
+    argv = [
+        "strace",
+        "-f",
+        "-qq",
+        "-y",
+        "-e",
+        "trace=fdatasync,fsync,sync_file_range",
+        "-o",
+        str(trace),
+        *inner,
+    ]
+    proc, lines = stream_lines(argv, timeout=120, until="FLUSHED" if flush else "WRITTEN")
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)  # the VMM, not strace: strace then writes its log and exits
+        proc.wait(timeout=60)
+    finally:
+        kill(proc)
+    path = re.escape(str(img.resolve()))
+    calls = []
+    unfinished: dict[str, str] = {}  # pid -> call line, for `<unfinished ...>` / `<... resumed>` pairs
+    for line in trace.read_text().splitlines():
+        pid, _, rest = line.partition(" ")
+        rest = rest.strip()
+        if re.match(rf"(fdatasync|fsync|sync_file_range)\(\d+<{path}>", rest):
+            if rest.endswith("<unfinished ...>"):
+                unfinished[pid] = rest
+            elif re.search(r"\) += 0$", rest):
+                calls.append(line)
+        elif pid in unfinished and re.match(r"<\.\.\. \w+ resumed>.*\) += 0$", rest):
+            calls.append(f"{pid} {unfinished.pop(pid)} {rest}")
+    return [text for _, text in lines], "\n".join(calls), img.read_bytes()[:4096]
+
+
+MIB_1 = 1 << 20

@@ -1,7 +1,8 @@
 /*
  * virtio-blk end to end: drive 0 (first virtio-blk on the command line) must be writable, drive 1
  * (when present) read-only. Command line: `seed=N` (pattern seed, default 1), `blk=write-flush-hang`
- * (write + flush the pattern, print FLUSHED, spin forever: the host kills the VMM and checks the file).
+ * (write + flush the pattern, print FLUSHED, spin forever: the host kills the VMM and checks the file),
+ * `blk=write-hang` (the same without the FLUSH, printing WRITTEN: the control for the flush test).
  * Output format: tests/payloads/README.md, section "virtio payloads".
  */
 #include "virtio.h"
@@ -147,6 +148,11 @@ int main(const struct bh_bootinfo *bi) {
     printf("BLK 0 write sectors=0..%d seed=%lu status=%d\n", PATTERN_SECTORS - 1, seed, st);
     if (st != BLK_S_OK)
         fail("write");
+    if (mode[0] && strncmp(mode, "write-hang", 11) == 0) {
+        printf("WRITTEN seed=%lu sectors=%d\n", seed, PATTERN_SECTORS);
+        for (;;)
+            cpu_relax();
+    }
     st = request(d0, BLK_T_FLUSH, 0, 0, 0, 0);
     printf("BLK 0 flush status=%d\n", st);
     if (st != BLK_S_OK)
