@@ -263,3 +263,74 @@ class VcpuRunner:
                 self.halted_no_irq = False
         except Exception:
             self.halted_no_irq = False
+
+
+def declare_surfaces() -> None:
+    """Declare every KVM exit reason the exit loop handles (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    def exit_(name: str, accepts: str, handler: str, **meta: object) -> None:
+        declare(
+            "kvm-exit", name, owner=__name__, boundary="guest-vmm", accepts=accepts, handler=handler, **meta
+        )
+
+    exit_(
+        "KVM_EXIT_IO",
+        "direction, size, port, count and data from the shared kvm_run page; string I/O is capped at "
+        "one page of data; each access goes to the PIO bus, which checks the whole [port, port+size) "
+        "against one range (unclaimed: all-ones read / dropped write, counted)",
+        "VcpuRunner._loop",
+        dispatch="bulkhead.bus.Bus.read/Bus.write",
+    )
+    exit_(
+        "KVM_EXIT_MMIO",
+        "phys_addr, length (clamped to 8) and data from kvm_run; dispatched to the MMIO bus "
+        "(unclaimed: all-ones read / dropped write, counted); a GuestFault from a device is recorded "
+        "as a guest-fault event and the vCPU keeps running",
+        "VcpuRunner._loop",
+        dispatch="bulkhead.bus.Bus.read/Bus.write",
+    )
+    exit_(
+        "KVM_COALESCED_PIO",
+        "the coalesced ring KVM fills with buffered guest writes to port 0x80; ring indices are "
+        "bounded by the ring size and each entry's length clamped to 8 before it is replayed on the bus",
+        "VcpuRunner.drain_coalesced",
+    )
+    exit_(
+        "KVM_EXIT_SHUTDOWN",
+        "a triple fault: only this VM stops, with reason triple-fault (status 8)",
+        "VcpuRunner._other_exit",
+    )
+    exit_(
+        "KVM_EXIT_HLT",
+        "HLT without an in-kernel LAPIC to wake it: this VM stops with reason halted (status 10)",
+        "VcpuRunner._other_exit",
+    )
+    exit_(
+        "KVM_EXIT_INTERNAL_ERROR",
+        "emulation failures and delivery errors: suberror decoded by table lookup; this VM stops "
+        "with reason internal-error (status 12)",
+        "VcpuRunner._other_exit",
+    )
+    exit_(
+        "KVM_EXIT_FAIL_ENTRY",
+        "a failed VM entry (hardware reason printed): this VM stops with reason internal-error",
+        "VcpuRunner._other_exit",
+    )
+    exit_(
+        "KVM_EXIT_SYSTEM_EVENT",
+        "reset -> reason reset, shutdown -> poweroff, any other type -> guest-fault; only this VM stops",
+        "VcpuRunner._other_exit",
+    )
+    exit_(
+        "KVM_EXIT_INTR",
+        "KVM_RUN interrupted (kick signal or IRQ window): ignored, the loop re-enters the guest",
+        "VcpuRunner._other_exit",
+        also="KVM_EXIT_IRQ_WINDOW_OPEN",
+    )
+    exit_(
+        "KVM_EXIT_OTHER",
+        "any other exit reason (debug, exception, hypercall, NMI, ...): this VM stops with reason "
+        "internal-error naming the exit; nothing guest-supplied is interpreted",
+        "VcpuRunner._other_exit",
+    )
