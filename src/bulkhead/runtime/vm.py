@@ -445,3 +445,57 @@ def run_vm(
         return reason
     finally:
         machine.close()
+
+
+def declare_surfaces() -> None:
+    """Declare the ranges this module registers itself (POST port) and the in-kernel KVM devices it
+    creates (irqchip, PIT): guest-reachable, handled by the host kernel, not by bulkhead code."""
+    from bulkhead.memory.layout import IOAPIC_BASE, LAPIC_BASE
+    from bulkhead.surface import declare
+
+    declare(
+        "pio",
+        "post-code",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="writes of any width are kept as the last POST code (coalesced by KVM, no exit per "
+        "write); reads return all ones; no side effects",
+        base=POST_PORT,
+        length=1,
+        handler="_PostSink.read/_PostSink.write",
+    )
+    in_kernel = "host kernel KVM (KVM_CREATE_IRQCHIP / KVM_CREATE_PIT2); never reaches bulkhead"
+    for name, base, length, what in (
+        ("kvm-pic-master", 0x20, 2, "8259A master PIC registers"),
+        ("kvm-pit", 0x40, 4, "8254 PIT counters and mode register"),
+        ("kvm-pit-speaker", 0x61, 1, "PIT channel 2 gate / speaker port"),
+        ("kvm-pic-slave", 0xA0, 2, "8259A slave PIC registers"),
+        ("kvm-pic-elcr", 0x4D0, 2, "PIC edge/level control registers"),
+    ):
+        declare(
+            "pio",
+            name,
+            owner=__name__,
+            boundary="guest-vmm",
+            accepts=f"{what}, emulated in the host kernel",
+            base=base,
+            length=length,
+            handler=in_kernel,
+            in_kernel=True,
+        )
+    for name, base, length, what in (
+        ("kvm-ioapic", IOAPIC_BASE, 0x100, "I/O APIC index/data window (24 pins)"),
+        ("kvm-lapic", LAPIC_BASE, 0x1000, "local APIC page of each vCPU (xAPIC)"),
+        ("kvm-tss-identity-map", IDENTITY_MAP_ADDR, 0x4000, "KVM's private TSS and identity page table"),
+    ):
+        declare(
+            "mmio",
+            name,
+            owner=__name__,
+            boundary="guest-vmm",
+            accepts=f"{what}, emulated or backed in the host kernel",
+            base=base,
+            length=length,
+            handler=in_kernel,
+            in_kernel=True,
+        )
