@@ -296,3 +296,20 @@ def load_kernel(
         mptable=L.MPTABLE_START,
         cpus=cpus,
     )
+
+
+def declare_surfaces() -> None:
+    """Declare the boot loader's image-facing entry point (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "boot-parser",
+        "load-kernel",
+        owner=__name__,
+        boundary="image-vmm",
+        accepts="user-supplied kernel bytes (format chosen by magic), initrd bytes and command line; "
+        "every placement is validated before guest memory is written; bad input -> ImageError/ConfigError",
+        handler="load_kernel",
+        fuzz="fuzz/fuzz_boot_images.py",
+        spec="Documentation/arch/x86/boot.rst; Xen PVH start info",
+    )
