@@ -266,3 +266,20 @@ def parse_bzimage(data: bytes) -> BzImage:
         entry64=load + 0x200,
         memory_needed=memory_needed,
     )
+
+
+def declare_surfaces() -> None:
+    """Declare the bzImage setup-header parser (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "boot-parser",
+        "bzimage-setup-header",
+        owner=__name__,
+        boundary="image-vmm",
+        accepts="a bzImage file: boot flag, HdrS magic, protocol >= 2.06, setup_sects, loadflags, "
+        "xloadflags and sizes, each offset checked against the file; malformed -> ImageError",
+        handler="parse_bzimage",
+        fuzz="fuzz/fuzz_boot_images.py",
+        spec="Documentation/arch/x86/boot.rst",
+    )
