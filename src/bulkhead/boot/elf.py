@@ -231,3 +231,20 @@ def check_placement(
     for a, b in itertools.pairwise(segs):
         if b.paddr < a.end:
             raise ImageError(f"ELF segments at {a.paddr:#x} and {b.paddr:#x} overlap")
+
+
+def declare_surfaces() -> None:
+    """Declare the ELF parser (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "boot-parser",
+        "elf-executable",
+        owner=__name__,
+        boundary="image-vmm",
+        accepts=f"ELF32/ELF64 executables: header, up to {MAX_PHNUM} program headers (PT_LOAD, PT_NOTE), "
+        f"up to {MAX_NOTES} notes; file ranges, filesz <= memsz and address wrap checked; malformed -> ImageError",
+        handler="parse_elf/check_entry/check_placement",
+        fuzz="fuzz/fuzz_boot_images.py",
+        spec="System V ABI, ELF-64 Object File Format",
+    )
