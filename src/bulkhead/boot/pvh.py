@@ -35,3 +35,20 @@ def find_pvh_entry(image: ElfImage) -> int | None:
             return value
         raise ImageError(f"PVH entry note has a {len(note.desc)}-byte descriptor (expected 4 or 8)")
     return None
+
+
+def declare_surfaces() -> None:
+    """Declare the PVH entry-note lookup (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "boot-parser",
+        "pvh-entry-note",
+        owner=__name__,
+        boundary="image-vmm",
+        accepts="the Xen PHYS32_ENTRY ELF note: a 4- or 8-byte descriptor whose value must fit in 32 bits; "
+        "anything else -> ImageError",
+        handler="find_pvh_entry",
+        fuzz="fuzz/fuzz_boot_images.py",
+        spec="xen/include/public/elfnote.h",
+    )
