@@ -191,3 +191,21 @@ def filter_cpuid(
             out.append(CpuidEntry(leaf, 0, 0, a, b, c, d))
     out.sort(key=lambda x: (x.function, x.index))
     return out
+
+
+def declare_surfaces() -> None:
+    """Declare the guest-visible CPUID table (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "cpuid",
+        "cpuid-table",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="the CPUID instruction with any leaf/subleaf: answered by KVM from the table "
+        "filter_cpuid built at boot (no exit to bulkhead); host brand string, serial number, "
+        "frequency, PMU, SGX, PT and nested virtualisation are hidden, the hypervisor bit is set",
+        handler="filter_cpuid (table set with KVM_SET_CPUID2)",
+        policy_brand=DEFAULT_BRAND,
+        hidden_leaves=[hex(x) for x in sorted(ZEROED_LEAVES)],
+    )
