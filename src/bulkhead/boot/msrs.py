@@ -54,3 +54,20 @@ def boot_msrs() -> list[tuple[int, int]]:
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WB),
     ]
+
+
+def declare_surfaces() -> None:
+    """Declare guest MSR access (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "msr",
+        "msr-access",
+        owner=__name__,
+        boundary="guest-vmm",
+        accepts="RDMSR/WRMSR of any index: handled by KVM in the host kernel (no user-space MSR "
+        "exits are enabled, so bulkhead never sees them); MSRs KVM does not emulate raise #GP "
+        "in the guest; boot values come from boot_msrs()",
+        handler="KVM in-kernel MSR emulation; boot_msrs (KVM_SET_MSRS)",
+        boot_msrs=[hex(i) for i, _ in boot_msrs()],
+    )
