@@ -103,6 +103,9 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(info[0], socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # inherited by accepted sockets: without it a response written as two TLS records waits for the
+        # client's delayed ACK (Nagle), ~40 ms per request (measured: 44 ms -> 0.9 ms)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(info[4])
     except OSError as exc:
         raise HostError(f"cannot listen on {host}:{port}: {exc}") from None
