@@ -44,6 +44,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_NORESERVE = 0x4000
 _MADV_DONTNEED = 4
 _MADV_DONTDUMP = 16
+_MADV_HUGEPAGE = 14
 
 _RESIDENT_BIT = bytes(b & 1 for b in range(256))
 _U16 = struct.Struct("<H")
@@ -72,6 +73,9 @@ class GuestRegion:
             raise MemoryError(f"cannot map {size >> 20} MiB of guest memory: errno {err}")
         # Guest RAM never lands in a core dump of the VMM.
         _libc.madvise(addr, size, _MADV_DONTDUMP)
+        # Transparent huge pages where the host allows them (as QEMU does): measured ~3x faster 1 MiB virtio-blk
+        # reads on our PVM hosts (docs/PERFORMANCE.md). Advisory: ignored where THP is off.
+        _libc.madvise(addr, size, _MADV_HUGEPAGE)
         self.base = base
         self.size = size
         self.end = base + size

@@ -16,8 +16,9 @@ DEVICE_NEEDS_RESET, raises a configuration-change interrupt, stops the queue, an
 `on_event("guest-fault", {...})`. No GuestFault ever leaves `read`/`write`/`notify`.
 
 Threading: vCPU threads call read/write, the I/O thread calls notify/poll callbacks/timer_due; one
-lock per transport serialises them. `irq.trigger()` is called with the lock held (an eventfd write);
-`on_event` is called after the lock is released.
+lock per transport serialises them. The used-buffer interrupt is raised after the lock is released
+(an irqfd write can take long on some KVMs, and a vCPU reading InterruptStatus must not wait for it; the
+status bit itself is set under the lock first); `on_event` is also called after the lock is released.
 """
 
 from __future__ import annotations
@@ -366,7 +367,8 @@ class MmioTransport:
                 # The event sink belongs to the runtime; its failure must not escape into a vCPU.
                 self._count("event_errors")
 
-    def _signal_used(self) -> None:
+    def _signal_used(self) -> bool:
+        """Set InterruptStatus for used buffers; returns whether the caller must trigger the IRQ (unlocked)."""
         fire = False
         for i, q in enumerate(self.queues):
             if q.dirty and not q.broken:
@@ -376,8 +378,8 @@ class MmioTransport:
                     self._fault(exc, i)
         if fire:
             self.interrupt_status |= INT_USED_BUFFER
-            self.irq.trigger()
             self._count("interrupts")
+        return fire
 
     def _run(self, work: Callable[[], None], queue: int) -> None:
         """Run device work under the lock, containing faults, then signal used buffers."""
@@ -389,7 +391,9 @@ class MmioTransport:
                 work()
             except GuestFault as exc:
                 self._fault(exc, queue)
-            self._signal_used()
+            fire = self._signal_used()
+        if fire:
+            self.irq.trigger()
         self._flush_events()
 
     # -- runtime entry points ---------------------------------------------------------------------
