@@ -190,3 +190,30 @@ def test_no_api_changes_audit_records(h):
         for method in ("delete", "put", "patch", "post"):
             assert c.request(method, "/v1/audit").status_code == 405
         assert c.delete("/v1/audit/1").status_code == 404
+
+
+def test_concurrent_creates_and_attachments_do_not_race(h, tenants):
+    import threading
+
+    t, _ = tenants
+    with h.client() as c:
+        disk = c.post(f"/v1/tenants/{t}/disks", json={"name": "contended", "size_mib": 1}).json()["id"]
+    results: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        with h.client() as c:
+            same = c.post("/v1/vms", json={"tenant": t, "name": "same-name", "kernel": "vmlinux"}).status_code
+            disk_user = c.post("/v1/vms", json={"tenant": t, "name": f"disk-user-{i}", "kernel": "vmlinux",
+                                                "drives": [{"disk": disk}]}).status_code
+        with lock:
+            results.extend([("same", same), ("disk", disk_user)])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for kind in ("same", "disk"):
+        codes = sorted(code for k, code in results if k == kind)
+        assert codes == [201] + [409] * 7, (kind, codes)

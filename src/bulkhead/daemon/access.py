@@ -131,9 +131,9 @@ class AccessOps(Core):
             self.authorize(ctx, "role/delete", s, visible=lambda: True)
         if role.builtin:
             raise ApiError(409, "built-in roles cannot be deleted")
-        if self.store.q1("SELECT 1 FROM assignments WHERE role_id = ?", (role.id,)):
-            raise ApiError(409, "the role is still assigned; remove its assignments first")
         with self.mutation(ctx, "204") as c:
+            if self.store.q1("SELECT 1 FROM assignments WHERE role_id = ?", (role.id,)):
+                raise ApiError(409, "the role is still assigned; remove its assignments first")
             c.execute("DELETE FROM roles WHERE id = ?", (role.id,))
         self.rbac_changed()
 

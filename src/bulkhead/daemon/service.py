@@ -13,6 +13,7 @@ raises ApiError(status, detail). The rules applied everywhere:
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -148,10 +149,14 @@ class Core:
     @contextmanager
     def mutation(self, ctx: ReqCtx, result: str = "200") -> Iterator[Any]:
         """A state transaction whose commit waits for the request's audit record (fail closed)."""
-        with self.store.txn() as conn:
-            yield conn
-            self.append(ctx.record(result))
-            ctx.audited = True
+        try:
+            with self.store.txn() as conn:
+                yield conn
+                self.append(ctx.record(result))
+                ctx.audited = True
+        except sqlite3.IntegrityError:  # a concurrent request created the same name first
+            ctx.audited = False
+            raise ApiError(409, "conflicts with an existing resource (created concurrently)") from None
 
     def append(self, rec: Record) -> int:
         try:
@@ -219,11 +224,11 @@ class Core:
 
     def tenant_delete(self, ctx: ReqCtx, tenant_id: str) -> None:
         self._tenant(ctx, tenant_id, "tenant/delete")
-        if self.store.q1("SELECT 1 FROM vms WHERE tenant = ?", (tenant_id,)) or self.store.q1(
-            "SELECT 1 FROM disks WHERE tenant = ?", (tenant_id,)
-        ):
-            raise ApiError(409, "the tenant still has VMs or disks; delete them first")
         with self.mutation(ctx, "204") as c:
+            if self.store.q1("SELECT 1 FROM vms WHERE tenant = ?", (tenant_id,)) or self.store.q1(
+                "SELECT 1 FROM disks WHERE tenant = ?", (tenant_id,)
+            ):
+                raise ApiError(409, "the tenant still has VMs or disks; delete them first")
             c.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
             c.execute("DELETE FROM assignments WHERE scope = ? OR scope LIKE ?",
                       (rbac.tenant_scope(tenant_id), rbac.tenant_scope(tenant_id) + "/%"))

@@ -71,6 +71,34 @@ class VmOps(Core):
         self.authorize(ctx, "vm/write", ts, visible=lambda: self.can_see_tenant(ctx.caller, tenant))
         kernel = self._image(body.kernel, "kernel")
         initrd = self._image(body.initrd, "initrd") if body.initrd else None
+        try:  # the runtime's own validation, so an accepted VM is one `bulkhead run` accepts
+            from bulkhead.runtime.config import VmConfig
+
+            VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
+                     mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log")
+        except ConfigError as exc:
+            raise config_error(exc) from None
+        vm_id = new_id()
+        ctx.vm = vm_id
+        ctx.detail["vm_name"] = body.name
+        now = now_iso()
+        with self.mutation(ctx, "201") as c:  # checks and insert in one transaction: no races
+            drives, nics = self._attachments(tenant, body)
+            if self.store.q1("SELECT 1 FROM vms WHERE tenant = ? AND name = ?", (tenant, body.name)):
+                raise ApiError(409, f"a VM named {body.name!r} already exists in this tenant")
+            spec = {"kernel": body.kernel, "initrd": body.initrd, "cmdline": body.cmdline, "mem_mib": body.mem_mib,
+                    "cpus": body.cpus, "drives": drives, "nics": nics, "rng": body.rng}
+            c.execute("INSERT INTO vms VALUES (?,?,?,?,?,NULL,NULL,?,?)",
+                      (vm_id, tenant, body.name, "stopped", json.dumps(spec, sort_keys=True), now, now))
+            c.execute("INSERT INTO vm_events(vm, time, event, detail) VALUES (?,?,?,?)",
+                      (vm_id, now, "created", json.dumps({"by": ctx.caller.id})))
+        row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
+        assert row is not None
+        return self.store.vm_out(row)
+
+    def _attachments(self, tenant: str, body: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Drives (disks of this tenant only; writable ones exclusive) and NICs (unique taps).
+        Raises ApiError 422/409. Called inside the create transaction."""
         drives = []
         seen: set[str] = set()
         for d in body.drives:
@@ -93,29 +121,7 @@ class VmOps(Core):
             nics.append({"tap": n.tap, "mac": (n.mac or "").lower() or None})
         if len({n["tap"] for n in nics}) != len(nics):
             raise ApiError(422, "each NIC needs its own tap")
-        try:  # the runtime's own validation, so an accepted VM is one `bulkhead run` accepts
-            from bulkhead.runtime.config import VmConfig
-
-            VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
-                     mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log")
-        except ConfigError as exc:
-            raise config_error(exc) from None
-        if self.store.q1("SELECT 1 FROM vms WHERE tenant = ? AND name = ?", (tenant, body.name)):
-            raise ApiError(409, f"a VM named {body.name!r} already exists in this tenant")
-        vm_id = new_id()
-        spec = {"kernel": body.kernel, "initrd": body.initrd, "cmdline": body.cmdline, "mem_mib": body.mem_mib,
-                "cpus": body.cpus, "drives": drives, "nics": nics, "rng": body.rng}
-        ctx.vm = vm_id
-        ctx.detail["vm_name"] = body.name
-        now = now_iso()
-        with self.mutation(ctx, "201") as c:
-            c.execute("INSERT INTO vms VALUES (?,?,?,?,?,NULL,NULL,?,?)",
-                      (vm_id, tenant, body.name, "stopped", json.dumps(spec, sort_keys=True), now, now))
-            c.execute("INSERT INTO vm_events(vm, time, event, detail) VALUES (?,?,?,?)",
-                      (vm_id, now, "created", json.dumps({"by": ctx.caller.id})))
-        row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
-        assert row is not None
-        return self.store.vm_out(row)
+        return drives, nics
 
     def _image(self, name: str, what: str) -> Any:
         path = self.paths.images / name
@@ -291,9 +297,9 @@ class VmOps(Core):
 
     def disk_delete(self, ctx: ReqCtx, disk_id: str) -> None:
         row = self._disk(ctx, disk_id, "disk/delete")
-        if self._disk_users(disk_id, writable_only=False):
-            raise ApiError(409, "the disk is attached to a VM; delete the VM first")
         with self.mutation(ctx, "204") as c:
+            if self._disk_users(disk_id, writable_only=False):
+                raise ApiError(409, "the disk is attached to a VM; delete the VM first")
             c.execute("DELETE FROM disks WHERE id = ?", (disk_id,))
         try:
             from pathlib import Path
