@@ -217,3 +217,18 @@ def test_concurrent_creates_and_attachments_do_not_race(h, tenants):
     for kind in ("same", "disk"):
         codes = sorted(code for k, code in results if k == kind)
         assert codes == [201] + [409] * 7, (kind, codes)
+
+
+def test_worker_security_events_are_audited_in_the_vms_scope(h, tenants):
+    t, u = tenants
+    v = h.vm(t, "faulty")
+    seq = h.daemon.security_event(v, "seccomp-kill", {"syscall": "ptrace", "pid": 1234})
+    mine = h.principal("sec-auditor", ("Auditor", f"/tenants/{t}"))
+    theirs = h.principal("other-auditor", ("Auditor", f"/tenants/{u}"))
+    with h.client(mine) as c:
+        recs = c.get("/v1/audit", params={"vm": v}).json()
+        ev = [r for r in recs if r["seq"] == seq]
+        assert ev and ev[0]["kind"] == "security" and ev[0]["action"] == "security/seccomp-kill"
+        assert "ptrace" in ev[0]["detail"]
+    with h.client(theirs) as c:
+        assert c.get("/v1/audit", params={"vm": v}).json() == []
