@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,10 +193,12 @@ def test_drives_are_idmapped_and_read_only_where_asked(vms: Vms, tmp_path: Path)
 
 def test_probes_are_refused_without_the_env_var(vms: Vms, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PROBES_ENV)
-    before = set(os.listdir(IDS_DIR)) if os.path.isdir(IDS_DIR) else set()
+    vm_id = f"t-refused-{uuid.uuid4().hex[:8]}"
     with pytest.raises(HostError, match=PROBES_ENV):
-        vms.spawn(probes=True)
-    assert (set(os.listdir(IDS_DIR)) if os.path.isdir(IDS_DIR) else set()) == before
+        spawn_worker(VmConfig(kernel=str(vms.kernel)), vm_id=vm_id, options=JailOptions(test_probes=True))
+    assert leftovers(vm_id) == []
+    records = [Path(IDS_DIR, n).read_text() for n in os.listdir(IDS_DIR)] if os.path.isdir(IDS_DIR) else []
+    assert not any(r.startswith(vm_id + " ") for r in records)
 
 
 def test_a_nic_brings_its_tap_and_tun_node_and_both_go_away(vms: Vms) -> None:
@@ -221,11 +224,11 @@ def test_a_real_vm_runs_in_the_jail(tmp_path: Path) -> None:
 
     img = payload("exit_code")
     out: list[bytes] = []
-    vm_ids_before = set(os.listdir("/run/bulkhead/jail")) if os.path.isdir("/run/bulkhead/jail") else set()
-    reason = run_jailed(VmConfig(kernel=str(img), cmdline="code=0x21", mem_mib=16), console=out.append)
+    vm_id = f"t-real-{uuid.uuid4().hex[:8]}"
+    reason = run_jailed(VmConfig(kernel=str(img), cmdline="code=0x21", mem_mib=16), console=out.append, vm_id=vm_id)
     assert (reason.kind, reason.status) == ("debug-exit", (0x21 << 1) | 1), reason
     assert b"EXIT 33" in b"".join(out)
-    assert (set(os.listdir("/run/bulkhead/jail")) if os.path.isdir("/run/bulkhead/jail") else set()) == vm_ids_before
+    assert leftovers(vm_id) == []
 
 
 def test_bulkhead_run_as_root_uses_the_jail(tmp_path: Path) -> None:
@@ -287,15 +290,25 @@ def test_jailed_backend_implements_the_daemon_contract(vms: Vms, tmp_path: Path)
                             on_security_event=lambda vm, kind, detail: events.append((vm, kind)))
     spec = SimpleNamespace(kernel=str(vms.kernel), initrd=None, cmdline="", mem_mib=8, cpus=1, drives=(), nics=(),
                            rng=False, console_path=str(tmp_path / "console.log"))
-    vm = "Tenant A/vm 1"  # not a valid jail id: mapped to a stable digest
+    vm = f"Tenant A/vm {uuid.uuid4().hex[:8]}"  # not a valid jail id: mapped to a stable digest
     pid = backend.start(vm, spec)
-    assert pid > 0 and jail_id(vm).startswith("d-")
+    try:
+        _backend_lifecycle(backend, backend_mod.BackendStatus, vm, pid)
+    finally:
+        backend.shutdown()
+    assert leftovers(jail_id(vm)) == [] and events == []
+
+
+def _backend_lifecycle(backend: Any, status: Any, vm: str, pid: int) -> None:
+    from bulkhead.sandbox.backend import jail_id
+
+    assert pid > 0 and jail_id(vm).startswith("d-") and jail_id(vm) == jail_id(vm[:])
     deadline = time.monotonic() + 10
     while backend.status(vm).state != "running":
         assert time.monotonic() < deadline
         time.sleep(0.01)
     backend.pause(vm)
-    assert backend.status(vm) == backend_mod.BackendStatus("paused", pid)
+    assert backend.status(vm) == status("paused", pid)
     backend.resume(vm)
     assert backend.status(vm).state == "running"
     deadline = time.monotonic() + 5
@@ -303,11 +316,10 @@ def test_jailed_backend_implements_the_daemon_contract(vms: Vms, tmp_path: Path)
         assert time.monotonic() < deadline
         time.sleep(0.01)
     backend.stop(vm)
-    assert backend.status(vm) == backend_mod.BackendStatus("exited", pid, 130)
+    assert backend.status(vm) == status("exited", pid, 130)
     exit_ = backend.exit_reason(vm)
     assert exit_ is not None and exit_.reason.kind == "interrupted"
     assert backend.status("nope").state == "absent"
-    assert leftovers(jail_id(vm)) == [] and events == []
 
 
 def test_console_input_reaches_the_guest_serial(vms: Vms) -> None:
@@ -319,3 +331,18 @@ def test_console_input_reaches_the_guest_serial(vms: Vms) -> None:
     while b"echo:ping" not in b"".join(got):
         assert time.monotonic() < deadline, got
         time.sleep(0.01)
+
+
+def test_a_host_process_that_exits_without_stopping_leaves_nothing(vms: Vms) -> None:
+    vm_id = f"t-atexit-{uuid.uuid4().hex[:8]}"
+    script = (
+        "from bulkhead.runtime.config import VmConfig\n"
+        "from bulkhead.sandbox.supervisor import spawn_worker\n"
+        f"h = spawn_worker(VmConfig(kernel={str(vms.kernel)!r}), vm_id={vm_id!r})\n"
+        "print(h.pid, flush=True)\n"
+    )  # exits at once, the worker still running
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert leftovers(vm_id) == []

@@ -118,6 +118,11 @@ class VmCgroup:
 
     # -- creation -------------------------------------------------------------------------------
     def create(self) -> None:
+        """Create the group(s) and write the limits. Raises HostError; a group that already exists
+        (another VM with this id) is left untouched."""
+        taken = [d for d in self.dirs.values() if os.path.exists(d)]
+        if taken:
+            raise HostError(f"cgroup {taken[0]} already exists (VM id in use?)")
         try:
             if self.version == 2:
                 self._create_v2()

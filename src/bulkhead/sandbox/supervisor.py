@@ -15,6 +15,7 @@ Whatever way the worker ends, its cgroup, jail directory, uid record and taps ar
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -146,6 +147,20 @@ def _read_status(pid: int) -> dict[str, str]:
     return out
 
 
+_LIVE: set[WorkerHandle] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _kill_live_workers() -> None:
+    """A host process that exits (even without stopping its VMs) still removes every trace of them."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for h in live:
+        with contextlib.suppress(Exception):
+            h.kill()
+
+
 class WorkerHandle:
     """One running worker. Thread-safe. Methods raise HostError when the worker is gone."""
 
@@ -175,6 +190,8 @@ class WorkerHandle:
         self._send_lock = threading.Lock()
         self._stderr = bytearray()
         self._done = threading.Event()
+        with _LIVE_LOCK:
+            _LIVE.add(self)
         self._reader = threading.Thread(target=self._read_loop, name=f"worker-{vm_id}", daemon=True)
         self._reader.start()
         stderr = getattr(proc, "stderr", None)
@@ -273,6 +290,8 @@ class WorkerHandle:
         if sec:
             self._security(reason.kind, reason.detail)
         self._cleanup()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
         self.exit = WorkerExit(reason, sec, rc, self._claimed, bytes(self._stderr).decode("utf-8", "replace"), peak)
         self._done.set()
         with self._cond:
@@ -566,7 +585,7 @@ def _forward_stdin(handle: WorkerHandle) -> None:
 
 
 def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
-               console: Callable[[bytes], None] | None = None) -> ExitReason:
+               console: Callable[[bytes], None] | None = None, vm_id: str | None = None) -> ExitReason:
     """Run one VM in a jailed worker until it stops (what `bulkhead run` does as root).
 
     Console output goes to `console`, else to config.serial (stdio, none, or a file). SIGINT/SIGTERM
@@ -592,7 +611,7 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
             def sink(data: bytes) -> None:
                 f.write(data)
                 f.flush()
-    handle = spawn_worker(config, options=options, on_console=sink)
+    handle = spawn_worker(config, vm_id=vm_id, options=options, on_console=sink)
     stop = threading.Event()
     old: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():

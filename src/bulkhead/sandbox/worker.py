@@ -137,6 +137,8 @@ class _Service:
         self.t0 = time.monotonic()
         self.machine: Any = None
         self.stop_requested = False
+        self.built = False
+        self.state_lock = threading.Lock()  # state, built and pause/resume calls change together
 
     def send(self, msg: Any) -> None:
         with self.send_lock:
@@ -176,12 +178,18 @@ class _Service:
             if self.state == "ready":
                 self.state = "starting"  # "running" once the VM is built
                 self.started.set()
-        elif isinstance(msg, Pause) and self.machine is not None and self.state == "running":
-            self.machine.pause()
-            self.state = "paused"
-        elif isinstance(msg, Resume) and self.machine is not None and self.state == "paused":
-            self.machine.resume()
-            self.state = "running"
+        elif isinstance(msg, Pause):
+            with self.state_lock:  # a pause while the VM is still being built applies when it is built
+                if self.state in ("running", "starting"):
+                    if self.built:
+                        self.machine.pause()
+                    self.state = "paused"
+        elif isinstance(msg, Resume):
+            with self.state_lock:
+                if self.state == "paused":
+                    if self.built:
+                        self.machine.resume()
+                    self.state = "running" if self.built else "starting"
         elif isinstance(msg, Stop):
             self.stop_requested = True
             if self.machine is None:
@@ -222,8 +230,12 @@ class _Service:
             if self.stop_requested:
                 reason = self._exit_reason("interrupted", "stopped by the host")
             else:
-                if self.state == "starting":
-                    self.state = "running"
+                with self.state_lock:
+                    self.built = True
+                    if self.state == "paused":
+                        self.machine.pause()
+                    elif self.state == "starting":
+                        self.state = "running"
                 reason = self.machine.run()
         except ConfigError as exc:
             reason = self._exit_reason("config-error", str(exc))
