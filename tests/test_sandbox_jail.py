@@ -346,3 +346,31 @@ def test_a_host_process_that_exits_without_stopping_leaves_nothing(vms: Vms) -> 
     pid = int(out.stdout)
     assert not os.path.exists(f"/proc/{pid}")
     assert leftovers(vm_id) == []
+
+
+def test_virtio_blk_and_rng_guests_run_in_the_jail(tmp_path: Path) -> None:
+    from bulkhead.sandbox.supervisor import run_jailed
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.virtio_payloads import build_virtio
+
+    rw, ro = tmp_path / "rw.img", tmp_path / "ro.img"
+    with open(rw, "wb") as f:
+        f.truncate(4 << 20)
+    ro_content = os.urandom(1 << 20)
+    ro.write_bytes(ro_content)
+    os.chmod(rw, 0o600)
+    os.chmod(ro, 0o400)
+    out: list[bytes] = []
+    vm_id = f"t-blk-{uuid.uuid4().hex[:8]}"
+    cfg = VmConfig(kernel=str(build_virtio("virtio_blk")), cmdline="seed=3", mem_mib=32,
+                   drives=(DriveConfig(str(rw), False), DriveConfig(str(ro), True)))
+    reason = run_jailed(cfg, console=out.append, vm_id=vm_id)
+    text = b"".join(out).decode(errors="replace")
+    assert (reason.kind, reason.status) == ("debug-exit", 1), text
+    assert "PASS" in text.splitlines()
+    assert ro.read_bytes() == ro_content and rw.read_bytes().strip(b"\0")  # written through the jail
+    assert leftovers(vm_id) == []
+    out.clear()
+    reason = run_jailed(VmConfig(kernel=str(build_virtio("virtio_rng")), mem_mib=32, rng=True), console=out.append)
+    assert reason.status == 1 and "PASS" in b"".join(out).decode().splitlines()
