@@ -126,8 +126,9 @@ def test_layers_below_seccomp_hold_on_their_own(lab: tuple[Vms, WorkerHandle, Pa
         r = attacker.probe(probe, arg)
         assert r is not None and r.outcome == "denied", (probe, r)
         assert r.detail.split()[-1].split(":")[-1] in errnos, (probe, r)
-    fork = attacker.probe("fork")  # without seccomp a fork works, but only inside the VM's pids limit
-    assert fork is not None
+    bomb = attacker.probe("fork-bomb")  # without seccomp fork works, but only up to the VM's pids limit
+    assert bomb is not None and bomb.outcome == "denied" and bomb.detail.endswith("EAGAIN"), bomb
+    assert 0 < int(bomb.detail.split()[1]) < 33
     assert attacker.status().state == "running"
     attacker.stop()
     _victim_ok(victim)

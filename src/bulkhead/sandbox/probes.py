@@ -218,6 +218,28 @@ def _fork(arg: str, svc: Any) -> tuple[str, str]:
     return "allowed", f"forked {pid}"
 
 
+def _fork_bomb(arg: str, svc: Any) -> tuple[str, str]:
+    r, w = os.pipe()
+    kids: list[int] = []
+    error = ""
+    for _ in range(int(arg or "10000")):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            break
+        if pid == 0:  # pragma: no cover - child: wait for the parent to let go, then leave
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+        kids.append(pid)
+    os.close(w)
+    for pid in kids:
+        os.waitpid(pid, 0)
+    os.close(r)
+    return ("denied" if error else "allowed"), f"forked {len(kids)} children; then: {error or 'no limit hit'}"
+
+
 def _thread_bomb(arg: str, svc: Any) -> tuple[str, str]:
     stop = threading.Event()
     threads = []
@@ -293,6 +315,7 @@ PROBES: dict[str, Callable[[str, Any], tuple[str, str]]] = {
     "init-module": _init_module,
     "finit-module": _finit_module,
     "fork": _fork,
+    "fork-bomb": _fork_bomb,
     "thread-bomb": _thread_bomb,
     "oom": _oom,
     "crash": _crash,
