@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import httpx  # noqa: E402
 
-from bulkhead.daemon.testkit import spawn_daemon, wait_serve_info  # noqa: E402
+from bulkhead.daemon.testkit import wait_serve_info  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -108,67 +108,87 @@ asyncio.run(main())
 """
 
 
-def api_bench(root: Path, n_get: int, n_create: int, engine: str = "casbin") -> dict[str, object]:
-    env = {}
-    proc, info = spawn_daemon(root, extra_env=env) if engine == "casbin" else _spawn_engine(root, engine)
-    url = f"https://127.0.0.1:{info['port']}"
-    out: dict[str, object] = {}
+class Target:
+    """One running server and a prepared client: a bulkhead daemon (casbin or pure) or the bare peer."""
+
+    def __init__(self, kind: str, root: Path) -> None:
+        self.kind, self.root = kind, root
+        if kind == "baseline":
+            (root / "baseline.json").unlink(missing_ok=True)
+            self.proc = subprocess.Popen([sys.executable, "-c", BASELINE, str(root), str(ROOT / "src")])
+            for _ in range(600):
+                if (root / "baseline.json").exists():
+                    break
+                time.sleep(0.05)
+            self.url = f"https://127.0.0.1:{json.loads((root / 'baseline.json').read_text())['port']}"
+            self.get_path = "/x"
+            self.client = httpx.Client(base_url=self.url, verify=ctx(root))
+            return
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bulkhead", "serve", "--state-dir", str(root), "--port", "0", "--backend",
+             "fake", "--engine", kind], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        info = wait_serve_info(root, self.proc)
+        self.url = f"https://127.0.0.1:{info['port']}"
+        self.client = httpx.Client(base_url=self.url, verify=ctx(root))
+        self.tenant = self.client.post("/v1/tenants", json={"name": f"b-{kind}"}).json()["id"]
+        vm = self.client.post("/v1/vms", json={"tenant": self.tenant, "name": "target", "kernel": "vmlinux"})
+        self.get_path = f"/v1/vms/{vm.json()['id']}"
+        self.created = 0
+
+    def get(self, i: int) -> None:
+        r = self.client.get(self.get_path)
+        assert r.status_code == 200, r.text
+
+    def create(self, i: int) -> None:
+        self.created += 1
+        r = self.client.post("/v1/vms", json={"tenant": self.tenant, "name": f"v{self.created}", "kernel": "vmlinux"})
+        assert r.status_code == 201, r.text
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def _merge(parts: list[dict[str, float]], lat_key: str = "") -> dict[str, float]:
+    rates = sorted(p["req_per_s"] for p in parts)
+    return {"rounds": len(parts), "n": sum(int(p["n"]) for p in parts), "req_per_s_median": rates[len(rates) // 2],
+            "req_per_s_min": rates[0], "req_per_s_max": rates[-1],
+            "p50_ms_median": sorted(p["p50_ms"] for p in parts)[len(parts) // 2],
+            "p99_ms_median": sorted(p["p99_ms"] for p in parts)[len(parts) // 2]}
+
+
+def api_bench(base: Path, n_get: int, n_create: int, rounds: int) -> dict[str, object]:
+    """All three servers run at once; rounds interleave them so the shared machine's noise hits each
+    equally. Reported: median over rounds of req/s, p50, p99."""
+    from bulkhead.daemon.setup import init_state_dir
+
+    targets = {}
+    for kind in ("casbin", "pure", "baseline"):
+        root = base / kind
+        init_state_dir(root)
+        (root / "images" / "vmlinux").write_bytes(b"k")
+        targets[kind] = Target(kind, root)
+    res: dict[str, dict[str, list[dict[str, float]]]] = {k: {} for k in targets}
     try:
-        with httpx.Client(base_url=url, verify=ctx(root)) as c:
-            tenant = c.post("/v1/tenants", json={"name": f"bench-{uuid.uuid4().hex[:6]}"}).json()["id"]
-            vm = c.post("/v1/vms", json={"tenant": tenant, "name": "target", "kernel": "vmlinux"}).json()["id"]
-            for _ in range(50):
-                c.get(f"/v1/vms/{vm}")
+        for t in targets.values():
+            timed(t.get, 100)  # warm up
+        for _ in range(rounds):
+            for kind, t in targets.items():
+                res[kind].setdefault("vm_get", []).append(timed(t.get, n_get))
+                if kind != "baseline":
+                    res[kind].setdefault("vm_create", []).append(timed(t.create, n_create))
 
-            def get(i: int) -> None:
-                r = c.get(f"/v1/vms/{vm}")
-                assert r.status_code == 200
+                def make(w: int, t: Target = t):
+                    cl = httpx.Client(base_url=t.url, verify=ctx(t.root))
+                    return (lambda i: cl.get(t.get_path)), cl.close
 
-            out["vm_get"] = timed(get, n_get)
-
-            def create(i: int) -> None:
-                r = c.post("/v1/vms", json={"tenant": tenant, "name": f"v{engine}{i}", "kernel": "vmlinux"})
-                assert r.status_code == 201, r.text
-
-            out["vm_create"] = timed(create, n_create)
-
-        def make_get(w: int):
-            cl = httpx.Client(base_url=url, verify=ctx(root))
-            return (lambda i: cl.get(f"/v1/vms/{vm}")), cl.close
-
-        out["vm_get_4conn"] = concurrent(make_get, n_get // 4, 4)
+                res[kind].setdefault("vm_get_4conn", []).append(concurrent(make, n_get // 4, 4))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        if proc.stdout:
-            proc.stdout.close()
-    return out
-
-
-def _spawn_engine(root: Path, engine: str):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "bulkhead", "serve", "--state-dir", str(root), "--port", "0",
-                             "--backend", "fake", "--engine", engine], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env)
-    return proc, wait_serve_info(root, proc)
-
-
-def baseline_bench(root: Path, n: int) -> dict[str, object]:
-    (root / "baseline.json").unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", BASELINE, str(root), str(ROOT / "src")])
-    try:
-        for _ in range(300):
-            if (root / "baseline.json").exists():
-                break
-            time.sleep(0.05)
-        port = json.loads((root / "baseline.json").read_text())["port"]
-        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ctx(root)) as c:
-            for _ in range(50):
-                c.get("/x")
-            return {"get": timed(lambda i: c.get("/x"), n)}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for t in targets.values():
+            t.close()
+    return {kind: {op: _merge(parts) for op, parts in ops.items()} for kind, ops in res.items()}
 
 
 def audit_bench(tmp: Path, n: int) -> dict[str, object]:
@@ -287,18 +307,11 @@ def main() -> int:
     p.add_argument("--verify-records", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
-    n_get, n_create, n_audit = (300, 100, 500) if a.quick else (3000, 1000, 3000)
+    n_get, n_create, n_audit, rounds = (200, 60, 500, 2) if a.quick else (1000, 300, 3000, 5)
     n_verify = a.verify_records or (20000 if a.quick else 1_000_000)
     results: dict[str, object] = {"quick": a.quick, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as d:
-        root = Path(d) / "state"
-        from bulkhead.daemon.setup import init_state_dir
-
-        init_state_dir(root)
-        (root / "images" / "vmlinux").write_bytes(b"k")
-        results["api_casbin"] = api_bench(root, n_get, n_create, "casbin")
-        results["api_pure"] = api_bench(root, n_get, n_create, "pure")
-        results["baseline_tls_asgi"] = baseline_bench(root, n_get)
+        results["api"] = api_bench(Path(d), n_get, n_create, rounds)
         results["audit"] = audit_bench(Path(d), n_audit)
         results["verify"] = verify_bench(Path(d), n_verify)
     results["rbac"] = rbac_bench(5000)
