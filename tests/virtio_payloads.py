@@ -218,6 +218,16 @@ print("SENT", flush=True)
 
 RESPONDER_MAC = "02:62:68:00:00:01"
 
+SNIFFER = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+print("READY", flush=True)
+while True:
+    frame = s.recv(1 << 18)
+    print(len(frame), frame[12:14].hex(), flush=True)
+"""
+
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
@@ -257,6 +267,28 @@ def responder(ns: str, tap: str, timeout: float = 60) -> Iterator[subprocess.Pop
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+
+
+@contextmanager
+def sniffer(ns: str, tap: str) -> Iterator[list[tuple[int, str]]]:
+    """Records (length, ethertype hex) of every frame the guest sends on the tap; the list is filled
+    when the block exits."""
+    frames: list[tuple[int, str]] = []
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", SNIFFER, tap],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY"
+        yield frames
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+        out, _ = proc.communicate(timeout=30)
+        for line in out.splitlines():
+            n, _, etype = line.partition(" ")
+            frames.append((int(n), etype))
 
 
 # ---- checks shared by both VMMs --------------------------------------------------------------------
@@ -325,6 +357,12 @@ ABUSE_CASES = (
     "notify_unset", "status_order", "features_no_v1", "indirect_ok", "indirect_nested", "indirect_len",
     "indirect_next", "status_readonly", "hdr_writable", "len_odd", "config_write_ro", "queue_sel_oob",
     "queue_change_live",
+)  # fmt: skip
+RNG_ABUSE_CASES = (
+    "rng_desc_oob", "rng_desc_mmio", "rng_desc_readonly", "rng_huge_len", "rng_chain_loop", "rng_avail_jump",
+)  # fmt: skip
+NET_ABUSE_CASES = (
+    "net_tx_oob", "net_tx_writable", "net_tx_short", "net_tx_huge", "net_chain_loop", "net_avail_jump",
 )  # fmt: skip
 
 

@@ -1,9 +1,11 @@
 /*
- * virtio_abuse: a hostile driver against the first virtio-blk device (drive 0, writable scratch).
+ * virtio_abuse: a hostile driver against the first virtio-blk device (drive 0, writable scratch), or
+ * with `dev=rng` / `dev=net` the first virtio-rng device / the TX queue of the first virtio-net device.
  * Each case breaks one rule of the virtio 1.2 split queue / mmio transport, observes what the device
  * did, then resets the device, brings it up again and checks that a normal read works.
  *
- * Command line: `case=NAME[,NAME...]` (default: all cases, in table order).
+ * Command line: `dev=blk|rng|net` (default blk), `case=NAME[,NAME...]` (default: all cases of that
+ * device, in table order).
  * One line per case:  ABUSE <name> <result> <recovered|broken> [detail...]
  *   result: needs_reset  the device set DEVICE_NEEDS_RESET (0x40) in the status register
  *           refused      a register write did not take (QueueReady/status/FEATURES_OK read back
@@ -37,9 +39,16 @@ static struct vio_dev devs[VIO_MAX_DEVS];
 static struct vio_dev *dev;
 static struct vio_queue q;
 static uint64_t ring_mem; /* 3 pages: desc, avail, used (reused by every setup) */
+static struct vio_queue rxq; /* net only: the RX queue, set up and left empty */
+static uint64_t ring_rx;     /* net only: its rings (3 pages) */
 static struct blk_req *hdr;
 static volatile uint8_t *st;
 static uint64_t data; /* 4 KiB */
+
+enum { T_BLK, T_RNG, T_NET };
+static int target;          /* dev=blk|rng|net */
+#define NET_F_MAC 5
+#define NET_HDR 12
 
 static const char *result_name(int r);
 
@@ -56,9 +65,20 @@ static void clear_rings(void) { memset((void *)ring_mem, 0, 3 * 4096); }
 /* Features negotiated, rings at ring_mem with QueueNum `size` (DRIVER_OK not yet written).
  * Returns QueueReady as read back. */
 static int setup_queue(uint16_t size, uint64_t desc, uint64_t avail, uint64_t used) {
-    if (vio_init(dev, 1ULL << BLK_F_RO | 1ULL << BLK_F_BLK_SIZE | 1ULL << BLK_F_FLUSH | 1ULL << F_INDIRECT_DESC) != 0)
+    uint64_t want = 1ULL << F_INDIRECT_DESC;
+    if (target == T_BLK)
+        want |= 1ULL << BLK_F_RO | 1ULL << BLK_F_BLK_SIZE | 1ULL << BLK_F_FLUSH;
+    if (target == T_NET)
+        want |= 1ULL << NET_F_MAC;
+    if (vio_init(dev, want) != 0)
         return -1;
     clear_rings();
+    if (target == T_NET) { /* queue 0 (RX) normally, the abused queue is TX (1) */
+        memset((void *)ring_rx, 0, 3 * 4096);
+        if (vio_queue_setup_raw(dev, &rxq, 0, QSIZE, ring_rx, ring_rx + 4096, ring_rx + 8192) != 1)
+            return -1;
+        return vio_queue_setup_raw(dev, &q, 1, size, desc, avail, used);
+    }
     return vio_queue_setup_raw(dev, &q, 0, size, desc, avail, used);
 }
 
@@ -85,6 +105,8 @@ static int outcome(void) {
     int s = status_flags();
     if (s >= 0)
         return s;
+    if (r == VIO_DONE && target != T_BLK)
+        return R_COMPLETED;
     if (r == VIO_DONE)
         return *st == 0 ? R_COMPLETED : *st == 0xee ? R_NO_STATUS : R_IOERR;
     return R_IGNORED;
@@ -125,7 +147,27 @@ static void publish(uint16_t head) {
     __asm__ volatile("" ::: "memory");
 }
 
+/* A TX frame at data: zero virtio-net header, broadcast, ethertype 0x88b5, 60 bytes. */
+static uint32_t net_frame(void) {
+    uint8_t *p = (uint8_t *)data;
+    memset(p, 0, NET_HDR + 60);
+    memset(p + NET_HDR, 0xff, 6);
+    p[NET_HDR + 6] = 0x02;
+    p[NET_HDR + 12] = 0x88;
+    p[NET_HDR + 13] = 0xb5;
+    return NET_HDR + 60;
+}
+
 static int normal_read(void) {
+    if (target == T_RNG) {
+        struct vio_buf b = {data, 16, 1};
+        uint32_t len = 0;
+        return vio_xfer(&q, &b, 1, 2000000, &len) == VIO_DONE && len > 0 && len <= 16;
+    }
+    if (target == T_NET) {
+        struct vio_buf b = {data, net_frame(), 0};
+        return vio_xfer(&q, &b, 1, 2000000, 0) == VIO_DONE;
+    }
     fill_hdr(BLK_T_IN, 0);
     struct vio_buf b[3] = {
         {(uint64_t)(uintptr_t)hdr, sizeof(*hdr), 0},
@@ -416,10 +458,51 @@ static int c_queue_change_live(void) {
     return normal_read() ? R_REFUSED : (status_flags() >= 0 ? status_flags() : R_ACCEPTED);
 }
 
+/* ---- virtio-rng (dev=rng) and virtio-net TX (dev=net): one-buffer requests ---- */
+static int one_buf(uint64_t addr, uint32_t len, int device_writes) {
+    struct vio_buf b = {addr, len, device_writes};
+    vio_submit(&q, &b, 1);
+    return outcome();
+}
+
+static int gen_chain_loop(void) {
+    int w = target == T_RNG ? VIRTQ_DESC_F_WRITE : 0;
+    if (target == T_NET)
+        net_frame();
+    raw_desc(0, data, NET_HDR + 30, (uint16_t)(VIRTQ_DESC_F_NEXT | w), 1);
+    raw_desc(1, data + NET_HDR + 30, 30, (uint16_t)(VIRTQ_DESC_F_NEXT | w), 0);
+    publish(0);
+    vio_notify(&q);
+    return outcome();
+}
+
+static int gen_avail_jump(void) {
+    int w = target == T_RNG;
+    struct vio_buf b = {data, target == T_NET ? net_frame() : 16, w};
+    vio_post(&q, &b, 1);
+    q.avail_idx = (uint16_t)(q.avail_idx + QSIZE + 3);
+    q.avail->idx = q.avail_idx;
+    vio_notify(&q);
+    return outcome();
+}
+
+static int rng_desc_oob(void) { return one_buf(0x10000000000ULL, 64, 1); }
+static int rng_desc_mmio(void) { return one_buf(0xc0000000ULL, 64, 1); }
+static int rng_desc_readonly(void) { return one_buf(data, 64, 0); }
+static int rng_huge_len(void) { return one_buf(data, 0xfffff000U, 1); }
+static int net_tx_oob(void) { return one_buf(0x10000000000ULL, 72, 0); }
+static int net_tx_writable(void) { return one_buf(data, net_frame(), 1); }
+static int net_tx_short(void) { return one_buf(data, 4, 0); }
+static int net_tx_huge(void) {
+    net_frame();
+    return one_buf(data, 0x20000, 0); /* 128 KiB: larger than any legal frame */
+}
+
 struct abuse_case {
     const char *name;
     int (*run)(void);
     int needs_working_device; /* bring the device up (DRIVER_OK) before the case */
+    int target;               /* T_BLK (default 0), T_RNG, T_NET */
 };
 
 static const struct abuse_case cases[] = {
@@ -450,6 +533,18 @@ static const struct abuse_case cases[] = {
     {"config_write_ro", c_config_write_ro, 1},
     {"queue_sel_oob", c_queue_sel_oob, 0},
     {"queue_change_live", c_queue_change_live, 1},
+    {"rng_desc_oob", rng_desc_oob, 1, T_RNG},
+    {"rng_desc_mmio", rng_desc_mmio, 1, T_RNG},
+    {"rng_desc_readonly", rng_desc_readonly, 1, T_RNG},
+    {"rng_huge_len", rng_huge_len, 1, T_RNG},
+    {"rng_chain_loop", gen_chain_loop, 1, T_RNG},
+    {"rng_avail_jump", gen_avail_jump, 1, T_RNG},
+    {"net_tx_oob", net_tx_oob, 1, T_NET},
+    {"net_tx_writable", net_tx_writable, 1, T_NET},
+    {"net_tx_short", net_tx_short, 1, T_NET},
+    {"net_tx_huge", net_tx_huge, 1, T_NET},
+    {"net_chain_loop", gen_chain_loop, 1, T_NET},
+    {"net_avail_jump", gen_avail_jump, 1, T_NET},
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
@@ -494,14 +589,26 @@ int main(const struct bh_bootinfo *bi) {
         printf("FAIL unknown case in %s\n", list);
         return 1;
     }
+    char which[16] = "blk";
+    bh_cmdline_get(bi->cmdline, "dev", which, sizeof(which));
+    uint32_t id = VIRTIO_ID_BLOCK;
+    if (strncmp(which, "rng", 4) == 0)
+        target = T_RNG, id = VIRTIO_ID_RNG;
+    else if (strncmp(which, "net", 4) == 0)
+        target = T_NET, id = VIRTIO_ID_NET;
+    else if (strncmp(which, "blk", 4) != 0) {
+        printf("FAIL unknown dev=%s\n", which);
+        return 1;
+    }
     int n = vio_find(bi->cmdline, devs, VIO_MAX_DEVS);
-    dev = vio_nth(devs, n, VIRTIO_ID_BLOCK, 0);
+    dev = vio_nth(devs, n, id, 0);
     ring_mem = vio_alloc(3 * 4096, 4096);
+    ring_rx = vio_alloc(3 * 4096, 4096);
     hdr = (struct blk_req *)vio_alloc(sizeof(*hdr), 16);
     st = (volatile uint8_t *)vio_alloc(1, 1);
     data = vio_alloc(4096, 4096);
     if (!dev || !data) {
-        printf("FAIL no virtio-blk device\n");
+        printf("FAIL no virtio-%s device\n", which);
         return 1;
     }
     if (bring_up() != 0 || !normal_read()) {
@@ -510,7 +617,7 @@ int main(const struct bh_bootinfo *bi) {
     }
     int ran = 0, recovered = 0;
     for (int i = 0; i < NCASES; i++) {
-        if (!selected(list, cases[i].name))
+        if (cases[i].target != target || !selected(list, cases[i].name))
             continue;
         detail[0] = 0;
         dlen = 0;
