@@ -207,6 +207,11 @@ def _run_config(config: VmConfig, *, quiet: bool, jail: bool, extra: dict[str, o
 
 
 def _jail_available() -> bool:
+    """The jail needs the sandbox package and libseccomp's Python binding (pyseccomp)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyseccomp") is None:
+        return False
     try:
         from bulkhead.sandbox import supervisor
     except ImportError:

@@ -22,6 +22,7 @@ EXIT_STATUS: dict[str, int] = {
     "worker-crash": 16,  # the worker process died (jailed mode)
     "seccomp-kill": 18,  # the worker was killed by its seccomp filter (jailed mode)
     "oom-kill": 20,  # the worker hit its cgroup memory limit (jailed mode)
+    "protocol-violation": 22,  # the worker sent a malformed or oversized message and was ended (jailed mode)
     "interrupted": 130,  # SIGINT/SIGTERM from the host
 }
 
