@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tests.virtio_payloads import Bulkhead, Devices, bench_phases, build_virtio, stream_lines
 
 pytestmark = pytest.mark.kvm
