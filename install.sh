@@ -18,6 +18,7 @@ PACKAGES=(
   libseccomp2 libseccomp-dev                    # seccomp allow-lists for the jailed workers
   iproute2 nftables                             # taps, bridges, filtering
   busybox-static cpio xz-utils                  # initramfs for Linux boot tests
+  strace                                        # tests: FLUSH must reach the image as fdatasync
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

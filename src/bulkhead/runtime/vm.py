@@ -403,7 +403,7 @@ class Machine:
             "mmio_unclaimed": {"reads": self.mmio.unclaimed_reads, "writes": self.mmio.unclaimed_writes},
             "post_code_writes": getattr(getattr(self, "post", None), "writes", 0),
             "guest_resident_bytes": resident,
-            "devices": {t.name: dict(t.stats) for t in self.transports},
+            "devices": {t.name: {**getattr(t.device, "stats", {}), **t.stats} for t in self.transports},
             "events": [{"time": t, "event": e, **d} for t, e, d in self.events],
         }
 
