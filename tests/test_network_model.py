@@ -212,7 +212,8 @@ def test_plan_from_nothing_then_idempotent_then_back_to_nothing() -> None:
     assert "tap_attach" not in ops  # taps are created by the daemon when a VM starts
     assert plan(d, d) == []
     down = plan(d, HostState())
-    assert [a.op for a in down] == ["dhcp_stop", "dhcp_stop", "nft_delete", "netns_delete", "netns_delete"]
+    assert [a.op for a in down] == ["dhcp_stop", "dhcp_stop", "nft_delete", "uplink_delete", "netns_delete",
+                                      "netns_delete"]
 
 
 def test_plan_removing_a_nic_reloads_dhcp_replaces_rules_deletes_its_tap() -> None:

@@ -381,14 +381,15 @@ def _dhcp_stop(d: DhcpSpec, config: HostConfig) -> None:
 
 def _write(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as f:
+        os.fchmod(f.fileno(), 0o644)
         f.write(text)
     os.replace(tmp, path)
 
 
 def _dhcp_start(d: DhcpSpec, config: HostConfig) -> None:
     _dhcp_stop(d, config)
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(config.state_dir, mode=0o711, exist_ok=True)  # dnsmasq re-reads hosts as nobody
     paths = dhcp_paths(config, d.network_id)
     _write(paths["hosts"], d.hosts)
     _write(paths["conf"], f"# bulkhead network {d.network_id}\n" + d.config)
@@ -432,7 +433,7 @@ def _execute(a: Action, config: HostConfig) -> None:
     elif a.op == "uplink_create":
         _uplink_create(t, config)
     elif a.op == "uplink_delete":
-        if t.netns:
+        if t.netns and os.path.exists(f"{NETNS_DIR}/{t.netns}"):
             _link_delete(t.netns, t.inner, config)
         _link_delete("", t.outer, config)
     elif a.op == "nft_apply":

@@ -288,8 +288,9 @@ def plan(observed: HostState, desired: HostState) -> list[Action]:
         if tp.netns not in gone_ns and (tp.netns, tp.name) not in want_taps:
             acts.append(Action("tap_delete", tp))
     for u in sorted(observed.uplinks - desired.uplinks, key=lambda u: u.inner):
-        if u.netns not in gone_ns:
-            acts.append(Action("uplink_delete", u))
+        # also when the namespace goes: the kernel destroys a dead namespace's veths asynchronously, and
+        # the host-side end must be gone when teardown returns
+        acts.append(Action("uplink_delete", u))
     for b in sorted(observed.bridges - desired.bridges, key=lambda b: b.name):
         if b.netns not in gone_ns:
             acts.append(Action("bridge_delete", b))
