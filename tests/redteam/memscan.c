@@ -8,7 +8,7 @@
  * searching for the value computed as (secret ^ K) ^ K at scan time only in a register.
  * Disk: every sector, 64 KiB per request, scanned at 8-byte alignment (repne scasq) like RAM: memory
  * leaking into a disk would arrive in whole pages or sectors.
- * `plant=1` (positive control): first store the secret at 48 MiB in this VM's own RAM.
+ * `plant=1` (positive control): first store the secret at 24 MiB in this VM's own RAM.
  * Output: `SCAN ram_bytes=<n> disk_bytes=<n>`, then `FOUND <where> 0x<addr>` or `NOTFOUND`, PASS.
  */
 #include "virtio.h"
@@ -73,7 +73,7 @@ int main(const struct bh_bootinfo *bi) {
      * binary scan cannot match it. The original command line in guest RAM is text too. */
     vio_arena_init(bi);
     if (vio_cmdline_u64(bi, "plant", 0))
-        *(volatile uint64_t *)0x3000000UL = masked ^ K;
+        *(volatile uint64_t *)0x1800000UL = masked ^ K;
     uint64_t ram = 0, disk = 0, hit = 0;
     const char *where = 0;
     for (unsigned i = 0; i < bi->n_e820 && !hit; i++) {
