@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import struct
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ def cstr(m: GuestMemory, addr: int, maxlen: int = 8192) -> bytes:
 
 
 def test_bootplan_fields_are_the_runtime_contract() -> None:
-    assert [f.name for f in dataclasses.fields(BootPlan)] == [
+    assert list(BootPlan._fields) == [
         "protocol", "long_mode", "rip", "rsp", "rsi", "rbx", "rflags", "cr0", "cr3", "cr4", "efer",
         "gdt", "idt", "cs", "ds", "es", "fs", "gs", "ss", "tr", "kernel_range", "initrd_range",
         "cmdline", "e820", "boot_info", "mptable", "cpus",

@@ -9,8 +9,7 @@ contained: reads return all ones, writes are dropped, both are counted.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from bulkhead.errors import ConfigError
 
@@ -25,12 +24,11 @@ class BusDevice(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
-@dataclass(frozen=True)
-class BusRange:
+class BusRange(NamedTuple):
     base: int
     length: int
     name: str
-    device: BusDevice = field(compare=False, repr=False)
+    device: BusDevice
 
     @property
     def end(self) -> int:

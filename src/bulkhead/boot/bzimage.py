@@ -12,7 +12,7 @@ use. Any malformed or unsupported image raises bulkhead.errors.ImageError with o
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bulkhead.errors import ImageError
 
@@ -89,8 +89,7 @@ _FIELDS: tuple[tuple[str, int, str, int], ...] = (
 FIELD_OFFSETS: dict[str, int] = {name: off for name, off, _, _ in _FIELDS}
 
 
-@dataclass(frozen=True, slots=True)
-class SetupHeader:
+class SetupHeader(NamedTuple):
     """The decoded setup header (field names as in bootparam.h's struct setup_header)."""
 
     setup_sects: int
@@ -139,8 +138,7 @@ class SetupHeader:
         return bool(self.xloadflags & XLF_KERNEL_64)
 
 
-@dataclass(frozen=True, slots=True)
-class BzImage:
+class BzImage(NamedTuple):
     """A validated bzImage: its header, where the pieces are in the file, and what it needs."""
 
     header: SetupHeader
@@ -161,8 +159,8 @@ def is_bzimage(data: bytes) -> bool:
     """True when `data` carries the boot flag 0xAA55 at 0x1fe and "HdrS" at 0x202."""
     if len(data) < 0x206:
         return False
-    boot_flag, = struct.unpack_from("<H", data, 0x1FE)
-    magic, = struct.unpack_from("<I", data, 0x202)
+    (boot_flag,) = struct.unpack_from("<H", data, 0x1FE)
+    (magic,) = struct.unpack_from("<I", data, 0x202)
     return bool(boot_flag == BOOT_FLAG and magic == HDRS_MAGIC)
 
 

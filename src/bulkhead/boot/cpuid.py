@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from bulkhead.errors import ConfigError
 
@@ -73,12 +73,11 @@ BRAND_LEAVES = (0x8000_0002, 0x8000_0003, 0x8000_0004)
 AMD_VENDORS = (b"AuthenticAMD", b"HygonGenuine")
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidEntry:
+class CpuidEntry(NamedTuple):
     """One CPUID table entry, as in KVM's struct kvm_cpuid_entry2."""
 
     function: int
-    index: int
+    index: int  # type: ignore[assignment]  # the KVM field name; shadows tuple.index
     flags: int
     eax: int
     ebx: int
@@ -122,26 +121,26 @@ def _filter_one(e: CpuidEntry, vcpu_id: int, cpus: int, amd: bool) -> CpuidEntry
         edx = e.edx & ~(L1_EDX_PSN | L1_EDX_HTT)
         if cpus > 1:
             edx |= L1_EDX_HTT
-        return replace(e, ebx=ebx, ecx=ecx & U32, edx=edx & U32)
+        return e._replace(ebx=ebx, ecx=ecx & U32, edx=edx & U32)
     if f in ZEROED_LEAVES:
-        return replace(e, eax=0, ebx=0, ecx=0, edx=0)
+        return e._replace(eax=0, ebx=0, ecx=0, edx=0)
     if f == 0x4:
         if e.eax & 0x1F == 0:  # no more caches
             return e
         level = (e.eax >> 5) & 0x7
         sharing = cpus - 1 if level >= 3 else 0
         eax = (e.eax & 0x3FFF) | (min(sharing, 0xFFF) << 14) | (min(cpus - 1, 0x3F) << 26)
-        return replace(e, eax=eax)
+        return e._replace(eax=eax)
     if f == 0x6:
-        return replace(e, eax=e.eax & L6_EAX_ARAT, ebx=0, ecx=0, edx=0)
+        return e._replace(eax=e.eax & L6_EAX_ARAT, ebx=0, ecx=0, edx=0)
     if f == 0x7 and e.index == 0:
-        return replace(e, ebx=e.ebx & ~(L7_EBX_SGX | L7_EBX_INTEL_PT) & U32, ecx=e.ecx & ~L7_ECX_SGX_LC & U32)
+        return e._replace(ebx=e.ebx & ~(L7_EBX_SGX | L7_EBX_INTEL_PT) & U32, ecx=e.ecx & ~L7_ECX_SGX_LC & U32)
     if f == 0x8000_0001:
-        return replace(e, ecx=e.ecx & ~E1_ECX_SVM & U32)
+        return e._replace(ecx=e.ecx & ~E1_ECX_SVM & U32)
     if amd and f == 0x8000_0008:
-        return replace(e, ecx=(e.ecx & ~0xF0FF & U32) | ((cpus - 1) & 0xFF))
+        return e._replace(ecx=(e.ecx & ~0xF0FF & U32) | ((cpus - 1) & 0xFF))
     if amd and f == 0x8000_001E:
-        return replace(e, eax=vcpu_id, ebx=vcpu_id & 0xFF, ecx=0)
+        return e._replace(eax=vcpu_id, ebx=vcpu_id & 0xFF, ecx=0)
     return e
 
 

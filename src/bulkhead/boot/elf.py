@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bulkhead.errors import ImageError
 
@@ -45,8 +45,7 @@ MAX_NOTES = 1024
 U64_MAX = (1 << 64) - 1
 
 
-@dataclass(frozen=True, slots=True)
-class LoadSegment:
+class LoadSegment(NamedTuple):
     """One PT_LOAD program header: file bytes [offset, offset+filesz) go to guest paddr; the rest of
     memsz is zero-filled."""
 
@@ -62,8 +61,7 @@ class LoadSegment:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True, slots=True)
-class Note:
+class Note(NamedTuple):
     """One ELF note (name without its terminating NUL)."""
 
     name: bytes
@@ -71,8 +69,7 @@ class Note:
     desc: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ElfImage:
+class ElfImage(NamedTuple):
     """A parsed ELF executable."""
 
     elf_class: int  # 32 or 64
@@ -135,9 +132,24 @@ def parse_elf(data: bytes) -> ElfImage:
     ehdr_fmt = "<HHIQQQIHHHHHH" if is64 else "<HHIIIIIHHHHHH"
     ehsize_min = 64 if is64 else 52
     if len(data) < ehsize_min:
-        raise ImageError(f"ELF image is truncated: {len(data)} bytes cannot hold its {ehsize_min}-byte header")
-    (e_type, e_machine, e_version, e_entry, e_phoff, _shoff, _flags, _ehsize, e_phentsize, e_phnum,
-     _shentsize, _shnum, _shstrndx) = struct.unpack_from(ehdr_fmt, data, 16)
+        raise ImageError(
+            f"ELF image is truncated: {len(data)} bytes cannot hold its {ehsize_min}-byte header"
+        )
+    (
+        e_type,
+        e_machine,
+        e_version,
+        e_entry,
+        e_phoff,
+        _shoff,
+        _flags,
+        _ehsize,
+        e_phentsize,
+        e_phnum,
+        _shentsize,
+        _shnum,
+        _shstrndx,
+    ) = struct.unpack_from(ehdr_fmt, data, 16)
     if e_type != ET_EXEC:
         raise ImageError(f"ELF type {e_type} is not an executable (ET_EXEC)")
     want_machine = EM_X86_64 if is64 else EM_386
@@ -182,7 +194,9 @@ def parse_elf(data: bytes) -> ElfImage:
         if p_filesz > p_memsz:
             raise ImageError(f"ELF segment {i} has filesz {p_filesz:#x} larger than memsz {p_memsz:#x}")
         if p_paddr + p_memsz > U64_MAX:
-            raise ImageError(f"ELF segment {i} at {p_paddr:#x} with size {p_memsz:#x} wraps the address space")
+            raise ImageError(
+                f"ELF segment {i} at {p_paddr:#x} with size {p_memsz:#x} wraps the address space"
+            )
         segments.append(LoadSegment(p_offset, p_paddr, p_vaddr, p_filesz, p_memsz, p_flags))
     if not any(s.memsz for s in segments):
         raise ImageError("ELF image has no loadable segment")
@@ -220,9 +234,7 @@ def check_placement(
     segs = sorted((s for s in segments if s.memsz), key=lambda s: s.paddr)
     for s in segs:
         if s.paddr < low_limit:
-            raise ImageError(
-                f"ELF segment at {s.paddr:#x} overlaps the boot structures below {low_limit:#x}"
-            )
+            raise ImageError(f"ELF segment at {s.paddr:#x} overlaps the boot structures below {low_limit:#x}")
         if not any(base <= s.paddr and s.end <= base + size for base, size in ram):
             raise ImageError(f"ELF segment [{s.paddr:#x}, {s.end:#x}) is not inside guest RAM")
         for r0, r1, what in reserved:

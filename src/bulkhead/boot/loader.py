@@ -19,7 +19,7 @@ memory through GuestMemory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bulkhead.boot import layout as L
 from bulkhead.boot.bzimage import BzImage, is_bzimage, parse_bzimage
@@ -69,8 +69,7 @@ FOUR_GIB = 1 << 32
 DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
 
 
-@dataclass(frozen=True, slots=True)
-class BootPlan:
+class BootPlan(NamedTuple):
     """Everything the runtime needs to set the boot vCPU's state, plus what was placed where.
 
     Registers are final values for KVM_SET_REGS / KVM_SET_SREGS. `kernel_range` is the guest

@@ -69,12 +69,7 @@ def checksum(data: bytes) -> int:
 
 def mptable_size(cpus: int) -> int:
     """Bytes the floating pointer plus configuration table take for `cpus` vCPUs."""
-    return (
-        MPF_SIZE
-        + MPC_HEADER_SIZE
-        + CPU_ENTRY_SIZE * cpus
-        + SMALL_ENTRY_SIZE * (1 + 1 + IOAPIC_PINS + 2)
-    )
+    return MPF_SIZE + MPC_HEADER_SIZE + CPU_ENTRY_SIZE * cpus + SMALL_ENTRY_SIZE * (1 + 1 + IOAPIC_PINS + 2)
 
 
 def build_mptable(cpus: int, base: int = MPTABLE_START) -> bytes:

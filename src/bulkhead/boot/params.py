@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bulkhead.boot.bzimage import BOOT_FLAG, CAN_USE_HEAP, HDRS_MAGIC, LOADED_HIGH, SETUP_HEADER_OFFSET
 from bulkhead.errors import ConfigError, ImageError
@@ -71,8 +71,7 @@ class ZP:
     E820_TABLE = 0x2D0
 
 
-@dataclass(frozen=True, slots=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     """One e820 entry: [addr, addr+size) of `type` (1 = RAM, 2 = reserved)."""
 
     addr: int

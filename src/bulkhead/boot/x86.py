@@ -15,7 +15,7 @@ after granularity scaling (a 4 GiB flat segment has limit 0xffffffff), as KVM ex
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bulkhead.boot.layout import (
     GDT_ENTRIES,
@@ -70,8 +70,7 @@ FLAGS_TSS = 0x008B  # G=0, P=1 DPL=0 S=0 type=0xb (busy 64-bit / 32-bit TSS)
 TSS_LIMIT = 0x67  # 104-byte TSS
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """A segment register as KVM's struct kvm_segment wants it (limit already scaled)."""
 
     selector: int

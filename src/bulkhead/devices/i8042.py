@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -67,13 +66,23 @@ OUTP_RESET = 0x01  # output port bit 0: CPU reset line, active low
 OUTP_DEFAULT = 0x03  # reset deasserted, A20 enabled
 
 
-@dataclass
 class I8042Metrics:
-    reads: int = 0
-    writes: int = 0
-    bad_access: int = 0
-    resets: int = 0
-    unknown_commands: int = 0
+    """Counters of the controller (a plain class: see SerialMetrics for why not a dataclass)."""
+
+    __slots__ = ("bad_access", "reads", "resets", "unknown_commands", "writes")
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.writes = 0
+        self.bad_access = 0
+        self.resets = 0
+        self.unknown_commands = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"I8042Metrics({self.as_dict()})"
 
 
 class I8042Device:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -132,18 +131,37 @@ def _ones(size: int) -> int:
     return (1 << (8 * size)) - 1 if 0 < size <= 8 else 0
 
 
-@dataclass
 class SerialMetrics:
-    """Counters of one UART. Pass one in to aggregate elsewhere; updated under the device lock."""
+    """Counters of one UART. Pass one in to aggregate elsewhere; updated under the device lock.
 
-    bytes_out: int = 0  # bytes the guest transmitted (accepted into the output buffer)
-    bytes_in: int = 0  # host input bytes accepted into the receive queue
-    bytes_read: int = 0  # bytes the guest read from RBR
-    rx_dropped: int = 0  # host input (or loopback) bytes dropped because the queue was full
-    rx_cleared: int = 0  # pending bytes discarded by the guest through FCR
-    tx_lost: int = 0  # output bytes lost because the sink raised OSError
-    bad_access: int = 0  # accesses of the wrong width or outside offsets 0-7
-    irq_triggers: int = 0  # interrupt edges raised
+    A plain class, not a dataclass: `dataclasses` costs ~15 ms of every VM start (docs/PERFORMANCE.md)."""
+
+    __slots__ = (
+        "bad_access",
+        "bytes_in",
+        "bytes_out",
+        "bytes_read",
+        "irq_triggers",
+        "rx_cleared",
+        "rx_dropped",
+        "tx_lost",
+    )
+
+    def __init__(self) -> None:
+        self.bytes_out = 0  # bytes the guest transmitted (accepted into the output buffer)
+        self.bytes_in = 0  # host input bytes accepted into the receive queue
+        self.bytes_read = 0  # bytes the guest read from RBR
+        self.rx_dropped = 0  # host input (or loopback) bytes dropped because the queue was full
+        self.rx_cleared = 0  # pending bytes discarded by the guest through FCR
+        self.tx_lost = 0  # output bytes lost because the sink raised OSError
+        self.bad_access = 0  # accesses of the wrong width or outside offsets 0-7
+        self.irq_triggers = 0  # interrupt edges raised
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"SerialMetrics({self.as_dict()})"
 
 
 class Serial:

@@ -132,7 +132,7 @@ def _config_from_args(ns: dict[str, object]) -> VmConfig:
 
     return VmConfig(
         kernel=str(ns["kernel"]),
-        initrd=ns["initrd"],  # type: ignore[arg-type]
+        initrd=ns["initrd"],
         cmdline=str(ns["cmdline"]),
         mem_mib=int(ns["mem"]),  # type: ignore[call-overload]
         cpus=int(ns["cpus"]),  # type: ignore[call-overload]

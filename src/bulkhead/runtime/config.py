@@ -7,11 +7,14 @@ Raises ConfigError with one clear sentence on bad input.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from bulkhead.errors import ConfigError
 
 __all__ = ["DriveConfig", "NetConfig", "RateLimit", "VmConfig", "parse_drive", "parse_net"]
+
+# These are NamedTuples (immutable records from the standard library), not dataclasses: importing
+# `dataclasses` pulls in inspect and tokenize, ~15 ms of every `bulkhead run` start (docs/PERFORMANCE.md).
 
 MAX_CPUS = 32
 MAX_CMDLINE = 4096
@@ -19,32 +22,28 @@ _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
-@dataclass(frozen=True)
-class RateLimit:
+class RateLimit(NamedTuple):
     """Token buckets: bytes per second and operations per second (0 = unlimited)."""
 
     bytes_per_sec: int = 0
     ops_per_sec: int = 0
 
 
-@dataclass(frozen=True)
-class DriveConfig:
+class DriveConfig(NamedTuple):
     path: str
     read_only: bool = False
     drive_id: str = ""
-    rate: RateLimit = field(default_factory=RateLimit)
+    rate: RateLimit = RateLimit()
 
 
-@dataclass(frozen=True)
-class NetConfig:
+class NetConfig(NamedTuple):
     tap: str
     mac: str = ""
-    rate: RateLimit = field(default_factory=RateLimit)
+    rate: RateLimit = RateLimit()
     tap_fd: int = -1  # an already-open tap passed in by the jailer
 
 
-@dataclass(frozen=True)
-class VmConfig:
+class _VmConfigFields(NamedTuple):
     kernel: str
     initrd: str | None = None
     cmdline: str = ""
@@ -57,7 +56,28 @@ class VmConfig:
     rng: bool = False
     expected_digest: str | None = None
 
-    def __post_init__(self) -> None:
+
+class VmConfig(_VmConfigFields):
+    """A validated VM configuration. Construction raises ConfigError on any bad value; so does _replace."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> VmConfig:
+        self = super().__new__(cls, *args, **kwargs)
+        self._validate()
+        return self
+
+    def _replace(self, **changes: Any) -> VmConfig:
+        return type(self)(**{**self._asdict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts/lists (JSON-ready), drives and NICs included."""
+        d = self._asdict()
+        d["drives"] = [{**x._asdict(), "rate": x.rate._asdict()} for x in self.drives]
+        d["nets"] = [{**x._asdict(), "rate": x.rate._asdict()} for x in self.nets]
+        return d
+
+    def _validate(self) -> None:
         if not self.kernel:
             raise ConfigError("a kernel image is required (--kernel PATH)")
         if not 2 <= self.mem_mib <= 64 * 1024:
@@ -65,7 +85,9 @@ class VmConfig:
         if not 1 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS}, not {self.cpus}")
         if len(self.cmdline.encode()) >= MAX_CMDLINE:
-            raise ConfigError(f"--cmdline is too long ({len(self.cmdline.encode())} bytes, limit {MAX_CMDLINE - 1})")
+            raise ConfigError(
+                f"--cmdline is too long ({len(self.cmdline.encode())} bytes, limit {MAX_CMDLINE - 1})"
+            )
         if "\x00" in self.cmdline:
             raise ConfigError("--cmdline must not contain NUL bytes")
         if self.boot_protocol not in ("auto", "linux", "pvh"):

@@ -6,7 +6,7 @@ uses an even status and the two can never be confused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["EXIT_STATUS", "ExitReason"]
 
@@ -27,8 +27,7 @@ EXIT_STATUS: dict[str, int] = {
 }
 
 
-@dataclass(frozen=True)
-class ExitReason:
+class ExitReason(NamedTuple):
     """kind is a key of EXIT_STATUS or "debug-exit"; status is what the process exits with."""
 
     kind: str

@@ -397,7 +397,7 @@ class Machine:
         if self.mem is not None and not self.mem.closed:
             resident = sum(n for r in self.mem.regions for _, n in r.resident_runs())
         return {
-            "exit": None if self._stop_reason is None else vars(self._stop_reason),
+            "exit": None if self._stop_reason is None else self._stop_reason._asdict(),
             "vcpu_exits": [r.exits for r in self.runners],
             "pio_unclaimed": {"reads": self.pio.unclaimed_reads, "writes": self.pio.unclaimed_writes},
             "mmio_unclaimed": {"reads": self.mmio.unclaimed_reads, "writes": self.mmio.unclaimed_writes},

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from bulkhead.errors import ConfigError, HostError
@@ -492,7 +492,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     drives = []
     for i, d in enumerate(config.drives):
         binds.append(BindSpec(_regular_file(d.path, "drive"), f"/vm/drive{i}", d.read_only))
-        drives.append(replace(d, path=f"/vm/drive{i}"))
+        drives.append(d._replace(path=f"/vm/drive{i}"))
 
     ids = IdAllocator(os.path.join(opts.base_dir, "ids"), opts.uid_base)
     uid = ids.allocate(vm_id)
@@ -515,12 +515,12 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         for n in config.nets:
             fd = _open_tap(n.tap)
             taps.append(fd)
-            nets.append(replace(n, tap_fd=fd))
-        inner = replace(config, kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
-                        serial="stdio", drives=tuple(drives), nets=tuple(nets))
+            nets.append(n._replace(tap_fd=fd))
+        inner = config._replace(kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
+                                serial="stdio", drives=tuple(drives), nets=tuple(nets))
         devices = ("kvm", "urandom") + (("net/tun",) if nets else ())
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
-                        opts.nofile, limits.pids_max, opts.seccomp, bool(nets), asdict(inner))
+                        opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict())
         sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
         # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
