@@ -68,14 +68,17 @@ class Result:
 
 
 class Vm:
-    """One `bulkhead run --no-jail --stats` process (started at once; `wait()` collects it)."""
+    """One `bulkhead run --no-jail --stats` process (started at once; `wait()` collects it).
 
-    def __init__(self, image: Path, *args: str, cmdline: str = "", mem: int = 64, stats: bool = True) -> None:
+    With `jail=True`: `bulkhead run` in its default, jailed mode (root only), without --stats (which
+    would select the in-process diagnostics mode)."""
+
+    def __init__(self, image: Path, *args: str, cmdline: str = "", mem: int = 64, jail: bool = False) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="bh-redteam-")
         self.stats_path = Path(self._tmp.name) / "stats.json"
-        cmd = [sys.executable, "-m", "bulkhead", "run", "--no-jail", "--kernel", str(image)]
-        cmd += ["--mem", str(mem), "--cmdline", cmdline, *args]
-        if stats:
+        cmd = [sys.executable, "-m", "bulkhead", "run", *(() if jail else ("--no-jail",))]
+        cmd += ["--kernel", str(image), "--mem", str(mem), "--cmdline", cmdline, *args]
+        if not jail:
             cmd += ["--stats", str(self.stats_path)]
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
@@ -121,8 +124,10 @@ class Vm:
         return Result(self.proc.returncode, text, err.decode(errors="replace"), stats, seconds)
 
 
-def boot(image: Path, *args: str, cmdline: str = "", mem: int = 64, timeout: float = 120) -> Result:
-    return Vm(image, *args, cmdline=cmdline, mem=mem).wait(timeout)
+def boot(
+    image: Path, *args: str, cmdline: str = "", mem: int = 64, timeout: float = 120, jail: bool = False
+) -> Result:
+    return Vm(image, *args, cmdline=cmdline, mem=mem, jail=jail).wait(timeout)
 
 
 def declared(kind: str) -> list[tuple[int, int, str]]:

@@ -225,3 +225,18 @@ def test_virtqueue_abuse_with_a_bystander(tmp_path: Path) -> None:
     assert all(f.get("device") == "virtio-blk0" and f.get("reason") for f in faults), faults[:3]
     assert res.stats["devices"]["virtio-blk0"]["guest_faults"] == needs_reset
     _bystander_ok(bystander, 2000)
+
+
+@pytest.mark.root
+def test_jailed_port_scan_and_triple_fault() -> None:
+    """The same attacks against `bulkhead run` in its default, jailed mode (root): the scan is contained
+    the same way and the triple fault stops only that VM with the same clean reason."""
+    res = boot(guest("portscan"), timeout=120, jail=True)
+    assert res.status == DEBUG_EXIT_OK and res.passed, res.why()
+    assert "--no-jail" not in res.err and "running unjailed" not in res.err, res.err
+    reads, writes = 3 * PORTS, 3 * (PORTS - SKIPPED_WRITE_PORTS)
+    assert res.lines("SCAN reads")[0].startswith(f"SCAN reads={reads} writes={writes} ")
+    pio = declared("pio")
+    assert [r for r in _resp(res.lines("RESP ")) if inside(r[0], r[1], pio) is None] == []
+    res = boot(guest("triplefault"), timeout=60, jail=True)
+    assert res.status == 8 and "VM stopped: triple-fault" in res.err, res.why()
