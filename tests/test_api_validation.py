@@ -145,3 +145,18 @@ def test_schemathesis_no_5xx_and_conformant_responses(h):
         ran += 1
     assert ran >= 25
     h.backend.shutdown()
+
+
+def test_oversized_chunked_body_is_413(h):
+    def gen():
+        yield b'{"name": "'
+        for _ in range(100):
+            yield b"a" * 1000
+        yield b'"}'
+
+    with h.client() as c:
+        r = c.post("/v1/tenants", content=gen(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        r = c.post("/v1/tenants", content=iter([b'{"name": ', b'"chunked-ok"}']),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 201

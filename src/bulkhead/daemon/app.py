@@ -92,16 +92,29 @@ class Gate:
                 if too_big:
                     await self._audited_reply(ctx, send, 413, f"request body over {self.max_body} bytes")
                     return
+        # read the whole body first (it is small by contract): an oversized one is refused before the app
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited_receive() -> Any:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:
-                    raise ApiError(413, f"request body over {self.max_body} bytes")
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client went away
+            body = msg.get("body", b"")
+            seen += len(body)
+            if seen > self.max_body:
+                await self._audited_reply(ctx, send, 413, f"request body over {self.max_body} bytes")
+                return
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay_receive() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
 
         replaced = False
 
@@ -126,11 +139,7 @@ class Gate:
                 return
             await send(msg)
 
-        try:
-            await self.app(scope, limited_receive, audited_send)
-        except ApiError as exc:  # body too large while streaming
-            if not ctx.audited:
-                await self._audited_reply(ctx, send, exc.status, exc.detail)
+        await self.app(scope, replay_receive, audited_send)
 
     async def _audited_reply(self, ctx: ReqCtx, send: Any, status: int, detail: str) -> None:
         try:
