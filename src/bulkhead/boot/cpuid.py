@@ -205,6 +205,7 @@ def declare_surfaces() -> None:
         "filter_cpuid built at boot (no exit to bulkhead); host brand string, serial number, "
         "frequency, PMU, SGX, PT and nested virtualisation are hidden, the hypervisor bit is set",
         handler="filter_cpuid (table set with KVM_SET_CPUID2)",
+        fuzz="fuzz/fuzz_cpuid.py",
         policy_brand=DEFAULT_BRAND,
         hidden_leaves=[hex(x) for x in sorted(ZEROED_LEAVES)],
     )
