@@ -282,3 +282,93 @@ def test_guard_rules_pin_every_address_of_the_nic() -> None:
     assert f"counter {tap}_mac {{ packets 7 bytes 700 }}" in text
     assert text.startswith("table bridge bt_guard\ndelete table bridge bt_guard\n")
     assert f"chain digest_{guard.digest}" in text
+
+
+# --- plan is correct: applying it (symbolically) yields the desired state -----------------------------
+
+def _simulate(s: HostState, actions) -> HostState:  # type: ignore[no-untyped-def]
+    ns, fwd = set(s.namespaces), set(s.forwarding)
+    br = {(b.netns, b.name): b for b in s.bridges}
+    taps = {(t.netns, t.name): t for t in s.taps}
+    ups = {(u.netns, u.inner): u for u in s.uplinks}
+    tabs = {(t.netns, t.family, t.name): t for t in s.tables}
+    dh = {(d.netns, d.network_id): d for d in s.dhcp}
+    for a in actions:
+        t = a.target
+        if a.op == "netns_create":
+            ns.add(t)
+        elif a.op == "netns_delete":
+            ns.discard(t)
+            fwd.discard(t)
+            for m in (br, taps, ups, tabs, dh):
+                for k in [k for k in m if k[0] == t]:
+                    assert m is not dh, "dnsmasq must be stopped before its namespace goes"
+                    del m[k]
+        elif a.op == "forwarding":
+            (fwd.add if a.detail else fwd.discard)(t)
+        elif a.op == "bridge_create":
+            assert t.netns in ns
+            br[(t.netns, t.name)] = t
+            for k, tp in list(taps.items()):
+                if tp.netns == t.netns and tp.bridge == t.name:
+                    taps[k] = type(tp)(tp.netns, tp.name, "")
+        elif a.op == "bridge_delete":
+            del br[(t.netns, t.name)]
+            for k, tp in list(taps.items()):
+                if tp.netns == t.netns and tp.bridge == t.name:
+                    taps[k] = type(tp)(tp.netns, tp.name, "")
+        elif a.op == "tap_delete":
+            del taps[(t.netns, t.name)]
+        elif a.op == "tap_attach":
+            assert (t.netns, t.bridge) in br
+            taps[(t.netns, t.name)] = t
+        elif a.op == "uplink_create":
+            assert t.netns in ns
+            ups[(t.netns, t.inner)] = t
+        elif a.op == "uplink_delete":
+            ups.pop((t.netns, t.inner), None)
+        elif a.op == "nft_apply":
+            assert t.netns == "" or t.netns in ns
+            tabs[(t.netns, t.family, t.name)] = t
+        elif a.op == "nft_delete":
+            del tabs[(t.netns, t.family, t.name)]
+        elif a.op in ("dhcp_start", "dhcp_reload"):
+            assert (t.netns, t.bridge) in br
+            dh[(t.netns, t.network_id)] = t
+        elif a.op == "dhcp_stop":
+            dh = {k: v for k, v in dh.items() if v.bridge != t.bridge}
+        else:
+            raise AssertionError(a.op)
+    return HostState(frozenset(ns), frozenset(fwd), frozenset(br.values()), frozenset(taps.values()),
+                     frozenset(ups.values()), frozenset(tabs.values()), frozenset(dh.values()))
+
+
+_scenario = st.fixed_dictionaries({
+    "nets": st.lists(st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.booleans()), max_size=4),
+    "nics": st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), max_size=6),
+})
+
+
+def _build(sc):  # type: ignore[no-untyped-def]
+    nets = []
+    for i, (tenant, egress) in enumerate(sc["nets"]):
+        nets.append(make_network(f"n{i}", tenant, f"net{i}", f"10.{i}.0.0/24", egress=egress))
+    nics = []
+    for vm, ni in sc["nics"]:
+        if ni < len(nets) and not any(n.vm_id == f"vm{vm}" for n in nics):
+            nics.append(attach_nic(f"vm{vm}", nets[ni].tenant, 0, nets[ni], nics))
+    return desired_state(nets, nics, CFG)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_scenario, _scenario)
+def test_plan_applied_reaches_the_desired_state(a, b) -> None:  # type: ignore[no-untyped-def]
+    before, after = _build(a), _build(b)
+    result = _simulate(before, plan(before, after))
+    kept_taps = {t for t in after.taps if any((o.netns, o.name) == (t.netns, t.name) for o in before.taps)}
+    assert result.taps == kept_taps  # taps are only created when a VM starts
+    for f in ("namespaces", "bridges", "uplinks", "tables", "dhcp"):
+        assert getattr(result, f) == getattr(after, f), f
+    assert result.forwarding - {""} == after.forwarding - {""}
+    assert ("" in after.forwarding) <= ("" in result.forwarding)
+    assert plan(result, after) == [] or all(a.op == "forwarding" and a.target == "" for a in plan(result, after))
