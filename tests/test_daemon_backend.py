@@ -95,6 +95,18 @@ def test_stop_escalates_to_sigkill(tmp_path, standin):
     assert 0.3 <= took < 5
 
 
+def test_console_survives_a_backend_restart(tmp_path, standin):
+    b = ProcessBackend(python=str(standin), console_root=tmp_path / "vm-root")
+    spec = _spec(tmp_path)
+    spec = VmSpec(**{**spec.__dict__, "console_path": str(tmp_path / "vm-root" / "v" / "console.log")})
+    b.start("v", spec)
+    assert _wait(lambda: b.console("v", 0, 100) != b"")
+    b.stop("v")
+    fresh = ProcessBackend(python=str(standin), console_root=tmp_path / "vm-root")  # a restarted daemon
+    assert fresh.console("v", 0, 100).startswith(b"args:")
+    assert fresh.console("v", 6, 3) == b"-m "
+
+
 def test_guest_exit_status_is_reported(tmp_path, standin):
     b = ProcessBackend(python=str(standin))
     b.start("v", _spec(tmp_path, "exit7"))

@@ -104,8 +104,9 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
 class ProcessBackend:
     """Each VM is a `bulkhead run` child process."""
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, console_root: Path | None = None) -> None:
         self._python = python or sys.executable
+        self.console_root = console_root  # <root>/<vm id>/console.log: readable after a daemon restart
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._consoles: dict[str, str] = {}
         self._paused: set[str] = set()
@@ -187,6 +188,8 @@ class ProcessBackend:
 
     def console(self, vm_id: str, offset: int, limit: int) -> bytes:
         path = self._consoles.get(vm_id)
+        if path is None and self.console_root is not None:
+            path = str(self.console_root / vm_id / "console.log")  # vm_id is a UUID checked by the API
         return _read_console(path, offset, limit) if path else b""
 
     def set_console(self, vm_id: str, path: str) -> None:

@@ -70,7 +70,11 @@ class Daemon(VmOps, AccessOps):
         store = Store(sd.state_db)
         store.initialize()
         audit = AuditLog(sd.audit_db, load_audit_key(sd.audit_key), sd.checkpoint, checkpoint_every)
-        d = cls(store, audit, backend or ProcessBackend(), state_dir, engine)
+        if backend is None:
+            backend = ProcessBackend(console_root=state_dir / "vms")
+        elif isinstance(backend, ProcessBackend) and backend.console_root is None:
+            backend.console_root = state_dir / "vms"
+        d = cls(store, audit, backend, state_dir, engine)
         if sd.ca_key.exists():
             from bulkhead.daemon import pki
 
