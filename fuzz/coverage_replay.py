@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         name = path.stem.removeprefix("fuzz_")
         module = _load(path)
         target = getattr(module, "TestOneInput", None) or module.run
-        dirs = [d for d in (seed_dir(name), Path(args.work) / name) if d is not None and d.is_dir()]
+        dirs = [
+            d
+            for d in (seed_dir(name), FUZZ_DIR / "regressions" / name, Path(args.work) / name)
+            if d is not None and d.is_dir()
+        ]
         files = [f for d in dirs for f in sorted(d.iterdir()) if f.is_file()]
         bad = 0
         for f in files:
