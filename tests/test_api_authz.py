@@ -232,3 +232,39 @@ def test_worker_security_events_are_audited_in_the_vms_scope(h, tenants):
         assert "ptrace" in ev[0]["detail"]
     with h.client(theirs) as c:
         assert c.get("/v1/audit", params={"vm": v}).json() == []
+
+
+@pytest.mark.parametrize(("status", "kind"), [(18, "seccomp-kill"), (14, "guest-fault"), (8, "triple-fault"),
+                                              (159, "seccomp-kill"), (1, None), (0, None)])
+def test_security_relevant_vmm_exits_become_security_events(h, tenants, status, kind):
+    t, _ = tenants
+    v = h.vm(t, f"exit-{status}")
+    with h.client() as c:
+        assert c.post(f"/v1/vms/{v}/start").status_code == 200
+        h.backend.exit(v, status)
+        assert c.get(f"/v1/vms/{v}").json()["exit_status"] == status
+        recs = [r for r in c.get("/v1/audit", params={"vm": v}).json() if r["kind"] == "security"]
+    assert [r["action"] for r in recs] == ([f"security/{kind}"] if kind else [])
+
+
+def test_monitor_notices_exits_without_a_read(h, tenants):
+    import time
+
+    t, _ = tenants
+    v = h.vm(t, "monitored")
+    with h.client() as c:
+        assert c.post(f"/v1/vms/{v}/start").status_code == 200
+    h.backend.exit(v, 14)
+    h.daemon.start_monitor(interval=0.05)
+    try:
+        deadline = time.monotonic() + 5
+        state = "running"
+        while state == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = h.daemon.store.q1("SELECT state FROM vms WHERE id = ?", (v,))["state"]
+    finally:
+        h.daemon._monitor_stop.set()
+        h.daemon._monitor.join(5)
+    assert state == "exited"
+    rows = h.daemon.store.q("SELECT event FROM vm_events WHERE vm = ? ORDER BY id", (v,))
+    assert [r["event"] for r in rows][-1] == "exited"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,33 @@ class Daemon(VmOps, AccessOps):
         self.event("system", "daemon.start", detail={"pid": os.getpid()})
         self.mark_lost_on_startup()
 
+    def monitor_once(self) -> None:
+        """Notice VMMs that ended on their own (audited as vm.exit, plus a security event when the exit
+        status says why), without waiting for someone to read the VM."""
+        for row in self.store.q("SELECT * FROM vms WHERE state IN ('running', 'paused')"):
+            with self._vm_lock(row["id"]):
+                fresh = self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
+                if fresh is not None:
+                    self._refresh(fresh)
+
+    def start_monitor(self, interval: float = 1.0) -> None:
+        self._monitor_stop = threading.Event()
+
+        def loop() -> None:
+            while not self._monitor_stop.wait(interval):
+                try:
+                    self.monitor_once()
+                except Exception as exc:  # the monitor must not die; the next round retries
+                    print(f"bulkheadd: VM monitor: {exc}", file=sys.stderr)
+
+        self._monitor = threading.Thread(target=loop, name="vm-monitor", daemon=True)
+        self._monitor.start()
+
     def close(self) -> None:
+        stop = getattr(self, "_monitor_stop", None)
+        if stop is not None:
+            stop.set()
+            self._monitor.join(10)
         try:
             self.backend.shutdown()
             self.event("system", "daemon.stop", detail={"pid": os.getpid()})

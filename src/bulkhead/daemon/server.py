@@ -173,6 +173,7 @@ def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: st
     daemon = Daemon.open(state_dir, backend, engine)
     try:
         daemon.start()
+        daemon.start_monitor()
         serving = Serving(daemon, state_dir, host, port)
 
         def announce(s: Serving) -> None:

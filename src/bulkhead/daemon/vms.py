@@ -25,6 +25,23 @@ from bulkhead.errors import ConfigError, HostError
 __all__ = ["VmOps"]
 
 CONSOLE_LIMIT = 65536
+_SECURITY_EXITS = ("reset", "triple-fault", "internal-error", "guest-fault", "worker-crash", "seccomp-kill",
+                   "oom-kill", "protocol-violation")
+
+
+def security_exit_kind(status: int | None) -> str | None:
+    """The security-relevant reason behind a `bulkhead run` exit status (see runtime.exits), or None.
+    A process killed by SIGSYS (status 128 + 31) is a seccomp kill as well."""
+    if status is None:
+        return None
+    if status == 128 + 31:
+        return "seccomp-kill"
+    from bulkhead.runtime.exits import EXIT_STATUS
+
+    for kind in _SECURITY_EXITS:
+        if EXIT_STATUS.get(kind) == status:
+            return kind
+    return None
 
 
 class VmOps(Core):
@@ -59,6 +76,12 @@ class VmOps(Core):
             return row  # not audited -> not recorded; try again later
         self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
         self.store.vm_event(row["id"], "exited", {"status": st.exit_status})
+        kind = security_exit_kind(st.exit_status)
+        if kind is not None:  # the VMM/worker stopped for a security reason: a security event too
+            try:
+                self.security_event(row["id"], kind, {"exit_status": st.exit_status, "source": "vmm exit status"})
+            except ApiError:
+                pass  # the vm.exit record above already holds the status
         return self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
 
     # ------------------------------------------------------------------ create / read / delete
