@@ -445,3 +445,43 @@ def test_deleting_a_vm_nic_and_a_network_leaves_nothing(world: World) -> None:
     assert cfg.bridge("net-b") not in ps
     world.nets[:] = world.nets[:1]
     world.nics[:] = nics
+
+
+HOST_SELF = r"""
+import json, subprocess, sys
+from bulkhead.network import host
+from bulkhead.network.model import attach_nic, make_network
+from bulkhead.network.state import HostConfig
+cfg = HostConfig(prefix=sys.argv[1], state_dir="/run/bulkhead-test-" + sys.argv[1])  # host = our own netns
+net = make_network("n-self", "t-self", "s", "10.9.0.0/24", egress=True)
+nic = attach_nic("vm-self", "t-self", 0, net, [])
+out = {}
+try:
+    host.reconcile([net], [nic], cfg)
+    out["again"] = [str(a) for a in host.reconcile([net], [nic], cfg)]
+    out["links"] = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    out["nft"] = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    out["fwd"] = open("/proc/sys/net/ipv4/ip_forward").read().strip()
+finally:
+    host.teardown(cfg)
+out["links_after"] = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+out["nft_after"] = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+print(json.dumps(out))
+"""
+
+
+def test_the_daemons_own_namespace_as_host() -> None:
+    """host_netns=None (what the daemon uses): run in a private, unnamed namespace so the real host is
+    untouched; the uplink's host end and the host table appear there and go with teardown."""
+    prefix = "s" + secrets.token_hex(1)
+    r = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", HOST_SELF, prefix], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    cfg = HostConfig(prefix=prefix)
+    outer = cfg.uplink("t-self")[1]
+    assert out["again"] == []
+    assert any(outer in line and "inet 100.127." in line for line in out["links"].splitlines()), out["links"]
+    assert f"table inet {prefix}_host" in out["nft"] and out["fwd"] == "1"
+    assert outer not in out["links_after"] and prefix not in out["nft_after"]
+    assert not os.path.exists(f"/run/netns/{cfg.netns('t-self')}")
