@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv6Address
 
 from bulkhead.network.model import Network, Nic, link_local
 
@@ -182,6 +182,3 @@ def repr_(name: str) -> str:
     """An interface name as an nft string literal (our names are [a-z0-9-], checked by the caller)."""
     return f'"{name}"'
 
-
-def address_set(addrs: Iterable[IPv4Address]) -> str:
-    return "{ " + ", ".join(str(a) for a in sorted(addrs)) + " }"
