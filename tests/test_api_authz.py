@@ -268,3 +268,16 @@ def test_monitor_notices_exits_without_a_read(h, tenants):
     assert state == "exited"
     rows = h.daemon.store.q("SELECT event FROM vm_events WHERE vm = ? ORDER BY id", (v,))
     assert [r["event"] for r in rows][-1] == "exited"
+
+
+def test_removing_an_assignment_takes_effect_on_the_next_request(h, tenants):
+    t, _ = tenants
+    v = h.vm(t, "revocable")
+    frank = h.principal("frank")
+    with h.client() as c:
+        a = c.post("/v1/assignments", json={"principal": "frank", "role": "VM Operator",
+                                            "scope": f"/tenants/{t}/vms/{v}"}).json()["id"]
+    with h.client(frank) as f, h.client() as c:
+        assert f.get(f"/v1/vms/{v}").status_code == 200
+        assert c.delete(f"/v1/assignments/{a}").status_code == 204
+        assert f.get(f"/v1/vms/{v}").status_code == 404

@@ -121,7 +121,7 @@ class AccessOps(Core):
             c.execute("INSERT INTO roles VALUES (?,?,?,?,?,?,0)", (
                 rid, body.name, body.description, json.dumps(body.actions), json.dumps(body.not_actions),
                 json.dumps(scopes)))
-        self.rbac_changed()
+            self.rbac_changed()
         return _role_out(rbac.RoleDef(rid, body.name, tuple(body.actions), tuple(body.not_actions),
                                       tuple(scopes), body.description, False))
 
@@ -135,7 +135,7 @@ class AccessOps(Core):
             if self.store.q1("SELECT 1 FROM assignments WHERE role_id = ?", (role.id,)):
                 raise ApiError(409, "the role is still assigned; remove its assignments first")
             c.execute("DELETE FROM roles WHERE id = ?", (role.id,))
-        self.rbac_changed()
+            self.rbac_changed()
 
     def _scope_visible(self, ctx: ReqCtx, scope: str) -> bool:
         tenant, _ = rbac.parse_scope(scope)
@@ -195,7 +195,7 @@ class AccessOps(Core):
         ctx.detail.update(assignment=aid, principal=prow["id"], role=role.name)
         with self.mutation(ctx, "201") as c:
             c.execute("INSERT INTO assignments VALUES (?,?,?,?)", (aid, prow["id"], role.id, scope))
-        self.rbac_changed()
+            self.rbac_changed()
         return _assignment_out(rbac.Assignment(aid, prow["id"], role.id, scope), {role.id: role.name})
 
     def assignment_delete(self, ctx: ReqCtx, aid: str) -> None:
@@ -207,7 +207,7 @@ class AccessOps(Core):
         ctx.detail.update(assignment=aid, principal=row["principal_id"])
         with self.mutation(ctx, "204") as c:
             c.execute("DELETE FROM assignments WHERE id = ?", (aid,))
-        self.rbac_changed()
+            self.rbac_changed()
 
 
 def _role_out(r: rbac.RoleDef) -> dict[str, Any]:

@@ -196,7 +196,12 @@ class AuditLog:
                     stop = True
                     break
                 batch.append(nxt)
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception as exc:  # never leave callers waiting: they fail closed
+                for p in batch:
+                    p.error = p.error or f"audit append failed: {exc!r}"
+                    p.done.set()
             if stop:
                 return
 

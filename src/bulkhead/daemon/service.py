@@ -103,7 +103,7 @@ class Core:
 
     # ------------------------------------------------------------------ RBAC
     def _fresh(self) -> rbac.Evaluator:
-        with self._rbac_lock:
+        with self.store.lock, self._rbac_lock:  # always store lock first: no lock-order inversion
             if self._generation != self.store.generation:
                 gen = self.store.generation
                 self.evaluator.load(self.store.roles(), self.store.assignments())
@@ -111,7 +111,10 @@ class Core:
         return self.evaluator
 
     def rbac_changed(self) -> None:
-        self.store.generation += 1
+        """Call inside the transaction that changes roles or assignments: evaluators reload on their next
+        decision, and their reload reads the store only after that transaction ends (it needs the lock)."""
+        with self.store.lock:
+            self.store.generation += 1
 
     def allowed(self, who: Caller, action: str, scope: str) -> bool:
         return self._fresh().allowed(who.id, action, scope)
@@ -232,7 +235,7 @@ class Core:
             c.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
             c.execute("DELETE FROM assignments WHERE scope = ? OR scope LIKE ?",
                       (rbac.tenant_scope(tenant_id), rbac.tenant_scope(tenant_id) + "/%"))
-        self.rbac_changed()
+            self.rbac_changed()
 
     # ------------------------------------------------------------------ audit read API
     def audit_query(self, ctx: ReqCtx, **filters: Any) -> list[dict[str, Any]]:

@@ -194,7 +194,7 @@ class VmOps(Core):
                 c.execute("DELETE FROM vm_events WHERE vm = ?", (vm_id,))
                 vs = rbac.vm_scope(row["tenant"], vm_id)
                 c.execute("DELETE FROM assignments WHERE scope = ?", (vs,))
-            self.rbac_changed()
+                self.rbac_changed()
             self.backend.forget(vm_id)
             shutil.rmtree(self.paths.vms / vm_id, ignore_errors=True)
 
