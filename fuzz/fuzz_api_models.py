@@ -1,7 +1,11 @@
 """atheris harness for the API request models (bulkhead.control.models): the JSON bodies a client sends.
 
-Input: byte 0 selects the request model; the rest is the raw request body given to
-`Model.model_validate_json`. A crash is any exception other than pydantic's ValidationError, or an
+Input: byte 0 selects the request model (low bits) and the mode (bit 7). Raw mode: the rest is the
+request body given to `Model.model_validate_json`. Structured mode: the rest drives a
+FuzzedDataProvider that builds a JSON object from the model's own field names (plus an unknown key
+sometimes) with fuzz-chosen value types, so mutations reach the field validators: pydantic-core is
+native code, so libFuzzer's coverage feedback sees little of it and raw bytes rarely get past the
+JSON syntax. A crash is any exception other than pydantic's ValidationError, or an
 accepted body whose values break the model's documented limits (re-checked here independently).
 
 Run: .venv/bin/python fuzz/fuzz_api_models.py -max_total_time=60 /tmp/bh-fuzz/api_models fuzz/corpus/api_models
@@ -10,6 +14,7 @@ Regenerate the seeds: .venv/bin/python fuzz/fuzz_api_models.py --write-seeds
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -36,12 +41,44 @@ SEEDS = {
 }
 
 
+@atheris.instrument_func
+def _value(fdp: atheris.FuzzedDataProvider, depth: int = 0) -> object:
+    kind = fdp.ConsumeIntInRange(0, 7 if depth < 2 else 4)
+    if kind == 0:
+        return fdp.ConsumeInt(8)
+    if kind == 1:
+        return fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 80))
+    if kind == 2:
+        return fdp.ConsumeBool()
+    if kind == 3:
+        return None
+    if kind == 4:
+        return fdp.ConsumeRegularFloat()
+    if kind == 5:
+        return "7f1f6a0e-2c1b-4c1a-9a53-3d2f0c6a1b2c"
+    if kind == 6:
+        return [_value(fdp, depth + 1) for _ in range(fdp.ConsumeIntInRange(0, 10))]
+    return {fdp.ConsumeUnicodeNoSurrogates(8): _value(fdp, depth + 1) for _ in range(fdp.ConsumeIntInRange(0, 3))}
+
+
+@atheris.instrument_func
+def _structured(model: type, data: bytes) -> bytes:
+    fdp = atheris.FuzzedDataProvider(data)
+    fields = [*model.model_fields, "unknown"]
+    body = {}
+    for _ in range(fdp.ConsumeIntInRange(0, len(fields) + 1)):
+        body[fields[fdp.ConsumeIntInRange(0, len(fields) - 1)]] = _value(fdp)
+    return json.dumps(body).encode()
+
+
+@atheris.instrument_func
 def TestOneInput(data: bytes) -> None:
     if not data:
         return
-    model = MODELS[data[0] % len(MODELS)]
+    model = MODELS[(data[0] & 0x7F) % len(MODELS)]
+    body = _structured(model, data[1:]) if data[0] & 0x80 else data[1:]
     try:
-        obj = model.model_validate_json(data[1:])
+        obj = model.model_validate_json(body)
     except ValidationError:
         return
     if isinstance(obj, m.VmCreate):
@@ -60,6 +97,8 @@ def write_seeds(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, (index, body) in SEEDS.items():
         (directory / name).write_bytes(bytes([index]) + body)
+    for index in range(len(MODELS)):
+        (directory / f"structured_{index}").write_bytes(bytes([0x80 | index]) + bytes(range(64)))
 
 
 def main() -> None:
