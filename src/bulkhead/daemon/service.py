@@ -160,6 +160,11 @@ class Core:
         except sqlite3.IntegrityError:  # a concurrent request created the same name first
             ctx.audited = False
             raise ApiError(409, "conflicts with an existing resource (created concurrently)") from None
+        except sqlite3.Error as exc:  # the state commit failed after the record was written: say so
+            if ctx.audited:
+                ctx.audited = False
+                ctx.detail["rolled_back"] = str(exc)
+            raise ApiError(503, f"the state database refused the change, nothing was changed ({exc})") from None
 
     def append(self, rec: Record) -> int:
         try:
