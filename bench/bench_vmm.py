@@ -31,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from bulkhead.guests.build import build  # noqa: E402
 
-BULKHEAD = [str(ROOT / ".venv/bin/bulkhead"), "run", "--no-jail", "-q"]
+# What users run: the launcher install.sh writes (Python -I -S); the venv's pip script otherwise.
+_LAUNCHER = shutil.which("bulkhead") or str(ROOT / ".venv/bin/bulkhead")
+BULKHEAD = [_LAUNCHER, "run", "--no-jail", "-q"]
+BULKHEAD_JAILED = [_LAUNCHER, "run", "-q"]
 QEMU = [
     "qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-nodefaults",
     "-no-user-config", "-nographic", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
@@ -70,7 +73,7 @@ def med(xs: list[float]) -> float:
 
 
 def bench_start(hello: Path, runs: int) -> dict[str, object]:
-    bh, qe, bh_rss, qe_rss, touched = [], [], [], [], []
+    bh, qe, bh_rss, qe_rss, touched, jailed = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         stats = Path(d) / "stats.json"
         for _ in range(runs):
@@ -81,8 +84,12 @@ def bench_start(hello: Path, runs: int) -> dict[str, object]:
             t, rss, _ = run_rss([*QEMU, "-kernel", str(hello)])
             qe.append(t)
             qe_rss.append(rss)
+            if os.geteuid() == 0:
+                jailed.append(run_rss([*BULKHEAD_JAILED, "--kernel", str(hello)])[0])
     return {
+        "launcher": _LAUNCHER,
         "bulkhead_s": med(bh), "qemu_s": med(qe), "ratio_qemu_over_bulkhead": med(qe) / med(bh),
+        "bulkhead_jailed_s": med(jailed) if jailed else None,
         "bulkhead_peak_rss_kib": med(bh_rss), "qemu_peak_rss_kib": med(qe_rss),
         "bulkhead_guest_touched_kib": med(touched),
         "bulkhead_overhead_kib": med(bh_rss) - med(touched),
