@@ -16,7 +16,7 @@ PACKAGES=(
   qemu-system-x86                               # the side-by-side peer in tests and benchmarks
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config  # TPM (tpm2-pytss builds against libtss2) for measured launch and attestation
   libseccomp2 libseccomp-dev                    # seccomp allow-lists for the jailed workers
-  iproute2 nftables                             # taps, bridges, filtering
+  iproute2 nftables dnsmasq-base iperf3         # taps, bridges, filtering, DHCP per network; iperf3: bench
   busybox-static cpio xz-utils                  # initramfs for Linux boot tests
   strace                                        # tests: FLUSH must reach the image as fdatasync
 )
