@@ -191,6 +191,7 @@ def _run_config(config: VmConfig, *, quiet: bool, jail: bool, extra: dict[str, o
 
         def runner(cfg: VmConfig) -> ExitReason:
             return run_vm(cfg, **opts)
+    restore_tty = _console_tty(config)
     try:
         reason = runner(config)
     except ConfigError as exc:
@@ -201,9 +202,34 @@ def _run_config(config: VmConfig, *, quiet: bool, jail: bool, extra: dict[str, o
         return EXIT_STATUS["host-error"]
     except KeyboardInterrupt:
         return EXIT_STATUS["interrupted"]
+    finally:
+        restore_tty()
     if not quiet:
         print(f"bulkhead: {reason.describe()}", file=sys.stderr)
     return int(reason.status)
+
+
+def _console_tty(config: VmConfig) -> Callable[[], None]:
+    """With the console on a terminal, pass keys to the guest as typed (cbreak: no line buffering, no local
+    echo; Ctrl-C still stops the VM). Returns the function that restores the terminal."""
+    if config.serial != "stdio" or not os.isatty(0):
+        return lambda: None
+    import termios
+    import tty
+
+    try:
+        saved = termios.tcgetattr(0)
+        tty.setcbreak(0)
+    except termios.error:
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        except termios.error:
+            pass
+
+    return restore
 
 
 def _jail_available() -> bool:
