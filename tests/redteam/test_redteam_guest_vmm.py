@@ -184,15 +184,12 @@ def test_msr_probe_is_contained() -> None:
         assert int(msr["0x10"].removeprefix("val="), 16) < 60 * 5_000_000_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VMM bug: MTRRdefType (0x2ff) is not in KVM_GET_MSR_INDEX_LIST, so "
-    "Machine._setup_vcpus drops it from boot_msrs and the guest sees MTRRs disabled",
-)
 def test_msr_boot_value_mtrr_def_type_is_applied() -> None:
     res = boot(guest("msr_probe"), timeout=60)
     msr = {ln.split()[1]: ln.split()[2] for ln in res.lines("MSR ")}
-    assert msr["0x2ff"] == "val=0xc06"
+    from bulkhead.boot.msrs import MSR_MTRR_DEF_TYPE, boot_msrs
+
+    assert msr["0x2ff"] == f"val={dict(boot_msrs())[MSR_MTRR_DEF_TYPE]:#x}"  # enable | write-back
 
 
 def test_virtqueue_abuse_with_a_bystander(tmp_path: Path) -> None:

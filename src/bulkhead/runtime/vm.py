@@ -81,6 +81,20 @@ def _read_image(path: str, what: str) -> bytes:
         os.close(fd)
 
 
+def _check_launch_digest(cfg: VmConfig, kernel: bytes, initrd: bytes | None) -> None:
+    """Refuse to build when the launch digest of these exact bytes differs from cfg.expected_digest.
+    Raises ConfigError with the reason (also when the integrity module is unavailable: fail closed)."""
+    try:
+        from bulkhead.integrity.errors import IntegrityError
+        from bulkhead.integrity.launch import check_expected_digest, launch_digest_for_config
+    except ImportError as exc:
+        raise ConfigError(f"cannot check the expected launch digest: {exc}") from None
+    try:
+        check_expected_digest(cfg, launch_digest_for_config(cfg, kernel, initrd))
+    except IntegrityError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class Machine:
     """One VM. Not reusable: build() once, run() once, then it is closed."""
 
@@ -153,6 +167,8 @@ class Machine:
         cfg = self.config
         kernel = _read_image(cfg.kernel, "kernel")
         initrd = _read_image(cfg.initrd, "initrd") if cfg.initrd else None
+        if cfg.expected_digest is not None:  # the bytes loaded below are the bytes measured: no TOCTOU
+            _check_launch_digest(cfg, kernel, initrd)
         self.kvm = Kvm()
         self._closers.append(self.kvm.close)
         max_vcpus = self.kvm.max_vcpus()
@@ -308,8 +324,7 @@ class Machine:
         from bulkhead.runtime.x86 import setup_vcpu
 
         supported = [CpuidEntry(*t) for t in self.kvm.supported_cpuid()]
-        supported_msrs = set(self.kvm.msr_index_list())
-        msrs = [(i, v) for i, v in boot_msrs() if i in supported_msrs]
+        msrs = boot_msrs()
         coalesced = self._coalesce_post
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
@@ -317,7 +332,9 @@ class Machine:
                 (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                 for e in filter_cpuid(supported, index, self.config.cpus)
             ]
-            setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0)
+            refused = setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0)
+            if refused and index == 0:
+                self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
             self.runners.append(
                 VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=coalesced)
             )

@@ -42,11 +42,11 @@ def setup_vcpu(
     msrs: list[tuple[int, int]],
     *,
     boot_cpu: bool,
-) -> None:
+) -> list[int]:
     """Program one vCPU. The boot CPU gets the plan's entry state; APs keep their reset state and wait for
     INIT/SIPI from the guest, as on real hardware."""
     vcpu.set_cpuid(cpuid)
-    vcpu.set_msrs(msrs)
+    refused = apply_msrs(vcpu, msrs)
     fpu = s.KvmFpu()
     fpu.fcw = 0x37F
     fpu.mxcsr = 0x1F80
@@ -55,7 +55,7 @@ def setup_vcpu(
     _set_lint(lapic)
     vcpu.set_lapic(lapic)
     if not boot_cpu:
-        return
+        return refused
     sregs = vcpu.get_sregs()
     for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
         setattr(sregs, name, _segment(getattr(plan, name)))
@@ -76,3 +76,21 @@ def setup_vcpu(
     vcpu.set_regs(regs)
     if vcpu.get_mp_state() != c.KVM_MP_STATE_RUNNABLE:
         vcpu.set_mp_state(c.KVM_MP_STATE_RUNNABLE)
+    return refused
+
+
+def apply_msrs(vcpu: Vcpu, msrs: list[tuple[int, int]]) -> list[int]:
+    """Set every MSR KVM accepts; return the indices it refused.
+
+    KVM_SET_MSRS stops at the first MSR it refuses and returns how many it set, so the rest are retried
+    after skipping that one. (Filtering by KVM_GET_MSR_INDEX_LIST instead silently dropped MSRs KVM
+    emulates but does not list, such as MTRRdefType.)"""
+    pending = list(msrs)
+    refused: list[int] = []
+    while pending:
+        done = vcpu.set_msrs(pending)
+        if done >= len(pending):
+            break
+        refused.append(pending[done][0])
+        pending = pending[done + 1 :]
+    return refused
