@@ -17,6 +17,8 @@ __all__ = [
     "DiskOut",
     "DriveSpec",
     "ErrorOut",
+    "IntegrityOut",
+    "MeasurementOut",
     "NicSpec",
     "PrincipalIssue",
     "PrincipalIssued",
@@ -40,6 +42,7 @@ Ref = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[
 Tap = Annotated[str, StringConstraints(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")]
 Mac = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")]
 Cmdline = Annotated[str, StringConstraints(max_length=4095, pattern=r"^[^\x00]*$")]
+Digest = Annotated[str, StringConstraints(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
 
 
 class _Req(BaseModel):
@@ -144,6 +147,9 @@ class VmCreate(_Req):
     drives: list[DriveSpec] = Field(default_factory=list, max_length=8)
     nics: list[NicSpec] = Field(default_factory=list, max_length=4)
     rng: bool = False
+    expected_digest: Digest | None = Field(
+        default=None, description="SHA-256 launch digest (lower-case hex) the VM must have to start; "
+        "see GET /vms/{id}/measurement. A start with any other digest is refused (409, audited).")
 
 
 class VmOut(BaseModel):
@@ -162,6 +168,7 @@ class VmOut(BaseModel):
     exit_status: int | None
     created: str
     updated: str
+    expected_digest: str | None = None
 
 
 class VmEventOut(BaseModel):
@@ -174,6 +181,33 @@ class ConsoleOut(BaseModel):
     offset: int
     next_offset: int
     data: str
+
+
+class MeasurementOut(BaseModel):
+    """A VM's guest launch digest, computed now from its current kernel/initrd files and configuration
+    (docs/INTEGRITY.md), next to the digest it was created with (if any) and the last measured launch."""
+
+    vm: str
+    digest: str
+    expected_digest: str | None
+    matches_expected: bool | None
+    last_launch_digest: str | None = Field(description="digest of the last start since the daemon started")
+    components: dict[str, str | int | list[str] | None]
+
+
+class IntegrityOut(BaseModel):
+    """Host integrity: `trusted` (a passing attestation within max_age_s), `untrusted` (with every
+    reason; no VM starts) or `off` (test harness / fake backend only; no guest can run)."""
+
+    state: str
+    mode: str
+    reasons: list[str]
+    last_success_age_s: float | None
+    max_age_s: float | None
+    attempts: int
+    failures: int
+    running_vms_when_untrusted: str
+    code: dict[str, str | bool | None]
 
 
 class ErrorOut(BaseModel):

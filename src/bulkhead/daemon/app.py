@@ -27,6 +27,8 @@ from bulkhead.control.models import (
     DiskCreate,
     DiskOut,
     ErrorOut,
+    IntegrityOut,
+    MeasurementOut,
     PrincipalIssue,
     PrincipalIssued,
     PrincipalOut,
@@ -284,6 +286,14 @@ def build_app(daemon: Any) -> Any:
     @r.get("/vms/{vm_id}/events", response_model=list[VmEventOut])
     def vm_events(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
         return d.vm_events(ctx, str(vm_id))
+
+    @r.get("/vms/{vm_id}/measurement", response_model=MeasurementOut)
+    def vm_measurement(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        return d.vm_measurement(ctx, str(vm_id))
+
+    @r.get("/integrity", response_model=IntegrityOut)
+    def integrity(ctx: ReqCtx = Ctx) -> Any:
+        return d.integrity_status(ctx)
 
     @r.get("/principals", response_model=list[PrincipalOut])
     def principal_list(ctx: ReqCtx = Ctx) -> Any:

@@ -17,7 +17,8 @@ from typing import Any
 
 from bulkhead.errors import ConfigError, HostError
 
-__all__ = ["audit_main", "cert_main", "init_main", "role_main", "serve_main", "tenant_main", "vm_main"]
+__all__ = ["audit_main", "cert_main", "init_main", "integrity_main", "role_main", "serve_main", "tenant_main",
+           "vm_main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,14 +128,38 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--engine", default="casbin", choices=["casbin", "pure"], help="RBAC evaluator")
     p.add_argument("--backend", default="process", choices=["process", "fake"],
                    help="process: `bulkhead run` children; fake: no VMs (testing)")
+    g = p.add_argument_group("integrity (docs/INTEGRITY.md)")
+    g.add_argument("--tpm", metavar="TCTI", help="the TPM: device:/dev/tpmrm0 or swtpm:host=H,port=P "
+                   "(default $BULKHEAD_TCTI, else /dev/tpmrm0 when present; none: untrusted, no VM starts)")
+    g.add_argument("--dev-tpm", action="store_true",
+                   help="development: run a software TPM under <state-dir>/integrity/devtpm (enrolled, with a "
+                   "starting policy when none exists)")
+    g.add_argument("--policy", type=Path, help="attestation policy (default <state-dir>/integrity/policy.json)")
+    g.add_argument("--enrollment", type=Path,
+                   help="AK enrollment from `bulkhead attest enroll` (default <state-dir>/integrity/enrollment.json)")
+    g.add_argument("--event-log", type=Path, help="measurement event log (default <state-dir>/integrity/events.jsonl)")
+    g.add_argument("--integrity", default="gate", choices=["gate", "off"],
+                   help="off: no integrity gate; refused unless --backend fake (no guest can run); audited")
 
     def go() -> int:
         args = p.parse_args(argv)
         from bulkhead.daemon.backend import FakeBackend, ProcessBackend
+        from bulkhead.daemon.integrity import IntegrityOptions
         from bulkhead.daemon.server import serve
 
+        if args.integrity == "off" and args.backend != "fake":
+            raise ConfigError("--integrity off is accepted only with --backend fake (no guest can run)")
+        if args.dev_tpm and args.tpm:
+            raise ConfigError("--dev-tpm and --tpm exclude each other")
+        sd = _state_dir(args)
+        opts = IntegrityOptions(args.integrity, args.tpm, args.dev_tpm, args.policy, args.enrollment, args.event_log)
+        policy, enrollment, log = opts.paths(sd)
+        config = {"state_dir": str(sd.resolve()), "listen": f"{args.host}:{args.port}", "engine": args.engine,
+                  "backend": args.backend, "integrity": args.integrity,
+                  "tpm": "dev-tpm" if args.dev_tpm else (opts.resolve_tcti() or "none"),
+                  "policy": str(policy), "enrollment": str(enrollment), "event_log": str(log)}
         backend = FakeBackend() if args.backend == "fake" else ProcessBackend()
-        return serve(_state_dir(args), args.host, args.port, backend, args.engine)
+        return serve(sd, args.host, args.port, backend, args.engine, integrity=opts, config=config)
 
     return _run(go)
 
@@ -242,10 +267,12 @@ def vm_main(argv: list[str]) -> int:
     cr.add_argument("--drive", action="append", default=[], help="DISK_ID[,ro]")
     cr.add_argument("--net", action="append", default=[], help="tap=NAME[,mac=MAC]")
     cr.add_argument("--rng", action="store_true")
+    cr.add_argument("--expected-digest", metavar="SHA256",
+                    help="launch digest the VM must have to start (see `bulkhead vm measurement`)")
     ls = sub.add_parser("list")
     ls.add_argument("--tenant")
     parsers = [cr, ls]
-    for name in ("get", "start", "stop", "pause", "resume", "delete", "events"):
+    for name in ("get", "start", "stop", "pause", "resume", "delete", "events", "measurement"):
         sp = sub.add_parser(name)
         sp.add_argument("vm")
         parsers.append(sp)
@@ -300,6 +327,8 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
         body = {"tenant": _tenant_id(c, args.tenant), "name": args.name, "kernel": args.kernel,
                 "initrd": args.initrd, "cmdline": args.cmdline, "mem_mib": args.mem, "cpus": args.cpus,
                 "drives": drives, "nics": nics, "rng": args.rng}
+        if args.expected_digest:
+            body["expected_digest"] = args.expected_digest.strip().lower()
         return _out(args, c.post("/vms", body), VM_COLS)
     if args.cmd == "list":
         tenant = _tenant_id(c, args.tenant) if args.tenant else None
@@ -318,6 +347,8 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
         return _out(args, c.delete(f"/vms/{vid}"), VM_COLS)
     if args.cmd == "events":
         return _out(args, c.get(f"/vms/{vid}/events"), ["time", "event", "detail"])
+    if args.cmd == "measurement":
+        return _out(args, c.get(f"/vms/{vid}/measurement"), [])
     if args.cmd == "console":
         res = c.get(f"/vms/{vid}/console", offset=args.offset)
         if args.json:
@@ -326,6 +357,24 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
             sys.stdout.write(res["data"])
         return 0
     return _out(args, c.post(f"/vms/{vid}/{args.cmd}"), VM_COLS)
+
+
+# ---------------------------------------------------------------------- integrity
+def integrity_main(argv: list[str]) -> int:
+    """`bulkhead integrity status`: the daemon's host integrity (exit 0 trusted, 1 untrusted or off)."""
+    p = _Parser(prog="bulkhead integrity", description="the daemon's host integrity state (GET /integrity)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    st = sub.add_parser("status")
+    _common(st)
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        with _client(args) as c:
+            res = c.get("/integrity")
+        _out(args, res, [])
+        return 0 if res.get("state") == "trusted" else 1
+
+    return _run(go)
 
 
 # ---------------------------------------------------------------------- role

@@ -25,6 +25,7 @@ from bulkhead.control.audit import Record
 from bulkhead.daemon.access import AccessOps
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, load_audit_key, now_iso
 from bulkhead.daemon.backend import ProcessBackend, VmBackend
+from bulkhead.daemon.integrity import NoTpm, check_off_allowed
 from bulkhead.daemon.service import ApiError, Caller, ReqCtx
 from bulkhead.daemon.store import Store
 from bulkhead.daemon.vms import VmOps
@@ -58,13 +59,19 @@ class Daemon(VmOps, AccessOps):
 
     def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin"):
         super().__init__(store, audit, backend, state_dir, engine)
+        self.integrity: Any = NoTpm()  # fail closed until a gate is installed (bulkhead.daemon.integrity)
+        self.code_integrity: dict[str, str | bool | None] = {"verified": False, "manifest_digest": None,
+                                                             "manifest": None}
         self._cert_cache: dict[str, tuple[str, str]] = {}
         self._cache_lock = threading.Lock()
 
     @classmethod
     def open(cls, state_dir: Path, backend: VmBackend | None = None, engine: str = "casbin",
-             checkpoint_every: int = 1000) -> Daemon:
-        """Open an initialized state directory. Raises HostError when it is not initialized or damaged."""
+             checkpoint_every: int = 1000, integrity: Any = None) -> Daemon:
+        """Open an initialized state directory. Raises HostError when it is not initialized or damaged,
+        or when `integrity` is IntegrityOff with a backend that runs guests outside tests.
+
+        `integrity` (bulkhead.daemon.integrity): None means NoTpm (untrusted: no VM starts)."""
         sd = StateDir(state_dir)
         if not sd.state_db.exists() or not sd.audit_key.exists():
             raise HostError(f"{state_dir} is not an initialized bulkhead state directory; run `bulkhead init`")
@@ -76,6 +83,14 @@ class Daemon(VmOps, AccessOps):
         elif isinstance(backend, ProcessBackend) and backend.console_root is None:
             backend.console_root = state_dir / "vms"
         d = cls(store, audit, backend, state_dir, engine)
+        if integrity is not None:
+            try:
+                check_off_allowed(integrity, backend)
+            except HostError:
+                audit.close()
+                store.close()
+                raise
+            d.integrity = integrity
         if sd.ca_key.exists():
             from bulkhead.daemon import pki
 
@@ -86,8 +101,32 @@ class Daemon(VmOps, AccessOps):
 
     def start(self) -> None:
         """Daemon start: audit it and apply the restart policy to VMs left running."""
-        self.event("system", "daemon.start", detail={"pid": os.getpid()})
+        st = self.integrity.status()
+        self.event("system", "daemon.start", detail={
+            "pid": os.getpid(), "integrity": {"mode": self.integrity.mode, "state": st["state"],
+                                              "reasons": st["reasons"][:8], "code": self.code_integrity}})
+        if self.integrity.mode == "off":
+            self.event("security", "security/integrity/gate-off", result="off", detail={"reasons": st["reasons"]})
+        if not self.code_integrity.get("verified"):
+            self.event("security", "security/integrity/code-unverified", result="unverified", detail=dict(self.code_integrity))
         self.mark_lost_on_startup()
+
+    def integrity_transition(self, tr: Any) -> None:
+        """Gate callback (bulkhead.integrity.gate.Transition): audit every change of the host's trust
+        state; with policy `running_vms_when_untrusted: stop`, stop the running VMs (each audited)."""
+        self.event("security", f"security/integrity/{tr.new}", result=tr.new,
+                   detail={"from": tr.old, "to": tr.new, "reasons": list(tr.reasons)[:16]})
+        if tr.new == "untrusted" and self.integrity.should_stop_running():
+            threading.Thread(target=self.stop_all_untrusted, args=(list(tr.reasons),), name="integrity-stop",
+                             daemon=True).start()
+
+    def integrity_status(self, ctx: Any) -> dict[str, Any]:
+        """GET /integrity: the host's trust state with every reason (any authenticated principal)."""
+        ctx.action, ctx.scope, ctx.decision = "integrity/read", "/", "allow"
+        st = dict(self.integrity.status())
+        st["code"] = dict(self.code_integrity)
+        return st
+
 
     def monitor_once(self) -> None:
         """Notice VMMs that ended on their own (audited as vm.exit, plus a security event when the exit
@@ -112,6 +151,7 @@ class Daemon(VmOps, AccessOps):
         self._monitor.start()
 
     def close(self) -> None:
+        self.integrity.stop()
         stop = getattr(self, "_monitor_stop", None)
         if stop is not None:
             stop.set()

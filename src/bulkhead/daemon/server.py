@@ -169,9 +169,26 @@ class Serving:
                     self.sd.socket.unlink()
 
 
-def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: str = "casbin") -> int:
+def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: str = "casbin",
+          integrity: Any = None, config: dict[str, Any] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT. First the code check (require_integrity("daemon")): on a
+    difference the refusal is audited and HostError (naming the file) is raised, nothing is served.
+    Then the integrity gate (`integrity`: bulkhead.daemon.integrity.IntegrityOptions) is started:
+    manifest and `config` digests measured, attested; without a TPM the host is untrusted."""
+    from bulkhead.daemon.integrity import IntegrityOptions, check_code, start_host_integrity
+
+    code, failure = check_code("daemon")
     daemon = Daemon.open(state_dir, backend, engine)
+    if failure is not None:
+        try:
+            daemon.event("security", "security/integrity/code-mismatch", result="refused",
+                         detail={"reason": str(failure), "path": failure.path or None})
+        finally:
+            daemon.close()
+        raise HostError(str(failure))
+    daemon.code_integrity = code
     try:
+        start_host_integrity(daemon, state_dir, integrity or IntegrityOptions(), config or {})
         daemon.start()
         daemon.start_monitor()
         serving = Serving(daemon, state_dir, host, port)

@@ -219,4 +219,5 @@ class Store:
             "exit_status": row["exit_status"],
             "created": row["created"],
             "updated": row["updated"],
+            "expected_digest": spec.get("expected_digest"),
         }

@@ -42,11 +42,17 @@ class Identity:
 
 class Harness:
     def __init__(self, root: Path, backend: VmBackend | None = None, engine: str = "casbin",
-                 checkpoint_every: int = 1000) -> None:
+                 checkpoint_every: int = 1000, integrity: Any = None) -> None:
+        """`integrity`: the daemon's HostIntegrity; default IntegrityOff("test harness") (accepted only
+        in a pytest process or with the FakeBackend, see bulkhead.daemon.integrity)."""
         self.root = root
         self.sd = init_state_dir(root) if not (root / "state.db").exists() else StateDir(root)
         self.backend = backend or FakeBackend()
-        self.daemon = Daemon.open(root, self.backend, engine, checkpoint_every)
+        if integrity is None:
+            from bulkhead.daemon.integrity import IntegrityOff
+
+            integrity = IntegrityOff("test harness")
+        self.daemon = Daemon.open(root, self.backend, engine, checkpoint_every, integrity=integrity)
         self.daemon.start()
         self.app = build_app(self.daemon)
         (root / "images" / "vmlinux").write_bytes(b"\x7fELF fake kernel for API tests")
@@ -150,12 +156,21 @@ def wait_serve_info(root: Path, proc: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError("daemon did not write serve.json in time")
 
 
-def spawn_daemon(root: Path, backend: str = "fake", extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+def spawn_daemon(root: Path, backend: str = "fake", extra_env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """`bulkhead serve` as a child. Unless `extra_args` say otherwise, a fake-backend daemon runs with
+    the explicit test settings: the code check skipped (BULKHEAD_DEV_SKIP_INTEGRITY=1) and
+    `--integrity off` (no guest can run with the fake backend)."""
     env = {**os.environ, **(extra_env or {})}
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    args = list(extra_args) if extra_args is not None else []
+    if extra_args is None and backend == "fake":
+        env.setdefault("BULKHEAD_DEV_SKIP_INTEGRITY", "1")
+        args = ["--integrity", "off"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bulkhead", "serve", "--state-dir", str(root), "--port", "0", "--backend", backend],
+        [sys.executable, "-m", "bulkhead", "serve", "--state-dir", str(root), "--port", "0", "--backend", backend,
+         *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )
     return proc, wait_serve_info(root, proc)

@@ -46,6 +46,7 @@ def security_exit_kind(status: int | None) -> str | None:
 
 class VmOps(Core):
     _vm_locks: dict[str, threading.Lock]
+    integrity: Any  # bulkhead.daemon.integrity.HostIntegrity, set by Daemon.open
 
     def _vm_lock(self, vm_id: str) -> threading.Lock:
         with self.store.lock:
@@ -111,6 +112,8 @@ class VmOps(Core):
                 raise ApiError(409, f"a VM named {body.name!r} already exists in this tenant")
             spec = {"kernel": body.kernel, "initrd": body.initrd, "cmdline": body.cmdline, "mem_mib": body.mem_mib,
                     "cpus": body.cpus, "drives": drives, "nics": nics, "rng": body.rng}
+            if getattr(body, "expected_digest", None):  # integrity: the launch digest this VM must have
+                spec["expected_digest"] = body.expected_digest
             c.execute("INSERT INTO vms VALUES (?,?,?,?,?,NULL,NULL,?,?)",
                       (vm_id, tenant, body.name, "stopped", json.dumps(spec, sort_keys=True), now, now))
             c.execute("INSERT INTO vm_events(vm, time, event, detail) VALUES (?,?,?,?)",
@@ -215,7 +218,9 @@ class VmOps(Core):
             pid = row["pid"]
             try:
                 if op == "start":
-                    pid = self.backend.start(vm_id, self._spec(row))
+                    spec = self._spec(row)
+                    self._launch_check(ctx, row, spec)  # integrity gate + measurement; ApiError refuses
+                    pid = self.backend.start(vm_id, spec)
                 elif op == "stop":
                     self.backend.stop(vm_id)
                     pid = None
@@ -249,6 +254,89 @@ class VmOps(Core):
             nics=tuple((n["tap"], n.get("mac") or "") for n in spec.get("nics", [])), rng=bool(spec.get("rng")),
             console_path=str(console),
         )
+
+    # ------------------------------------------------------------------ integrity
+    def _launch_check(self, ctx: ReqCtx, row: Any, spec: VmSpec) -> str:
+        """Measure the launch (kernel/initrd read once) and pass it through the host's integrity gate.
+
+        Refusals are audited as security events and raise ApiError: 409 when the launch digest differs
+        from the VM's expected_digest (e.g. its kernel was swapped) or is not allowed by the policy,
+        503 while the host is untrusted (or the image cannot be read)."""
+        from bulkhead.daemon.integrity import measure_spec
+        from bulkhead.integrity.errors import IntegrityError, LaunchDigestMismatch
+
+        vm_id = row["id"]
+        expected = json.loads(row["spec"]).get("expected_digest")
+        digest = None
+        try:
+            config, kernel, initrd, digest = measure_spec(spec, expected)
+            self.integrity.check_vm_start(config, kernel, initrd)
+        except ConfigError as exc:
+            raise config_error(exc) from None
+        except IntegrityError as exc:
+            mismatch = isinstance(exc, LaunchDigestMismatch)
+            untrusted = "host is untrusted" in str(exc)
+            kind = "launch-digest-mismatch" if mismatch else ("host-untrusted" if untrusted else "launch-refused")
+            detail: dict[str, Any] = {"reason": str(exc), "digest": digest, "expected_digest": expected}
+            if exc.path:
+                detail["path"] = exc.path
+            ctx.detail.update(error=str(exc), integrity=kind)
+            self.store.vm_event(vm_id, "start-refused", {"integrity": kind, "digest": digest})
+            try:
+                self.security_event(vm_id, f"integrity/{kind}", detail)
+            except ApiError:
+                pass  # the request's own record (ctx.detail) still says why; it is written before the reply
+            status = 503 if untrusted or (not mismatch and "not allowed" not in str(exc)) else 409
+            raise ApiError(status, str(exc)) from None
+        with self.store.lock:  # kept in memory (and in the request's audit record), not as a VM event
+            if not hasattr(self, "_launch_digests"):
+                self._launch_digests: dict[str, str] = {}
+            self._launch_digests[vm_id] = str(digest)
+        ctx.detail["launch_digest"] = digest
+        return str(digest)
+
+    def vm_measurement(self, ctx: ReqCtx, vm_id: str) -> dict[str, Any]:
+        """The VM's launch digest computed now from its current files and configuration. Raises ApiError
+        404/403 (access), 409 (a disk is gone), 503 (an image cannot be read)."""
+        from bulkhead.daemon.integrity import launch_components, measure_spec
+        from bulkhead.integrity.errors import IntegrityError
+
+        row = self._vm(ctx, vm_id, "vm/read")
+        expected = json.loads(row["spec"]).get("expected_digest")
+        try:
+            config, kernel, initrd, digest = measure_spec(self._spec(row))
+        except ConfigError as exc:
+            raise config_error(exc) from None
+        except IntegrityError as exc:
+            raise ApiError(503, str(exc)) from None
+        last = getattr(self, "_launch_digests", {}).get(vm_id)
+        return {"vm": vm_id, "digest": digest, "expected_digest": expected,
+                "matches_expected": None if expected is None else digest == expected,
+                "last_launch_digest": last,
+                "components": launch_components(config, kernel, initrd)}
+
+    def stop_all_untrusted(self, reasons: list[str]) -> list[str]:
+        """Policy `running_vms_when_untrusted: stop`: stop every running/paused VM, each audited first."""
+        stopped = []
+        for row in self.store.q("SELECT * FROM vms WHERE state IN ('running', 'paused')"):
+            with self._vm_lock(row["id"]):
+                fresh = self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
+                if fresh is None or fresh["state"] not in ("running", "paused"):
+                    continue
+                try:
+                    self.event("vm", "vm.stop", vm=row["id"], scope=rbac.vm_scope(row["tenant"], row["id"]),
+                               result="intent", detail={"from": fresh["state"], "to": "stopped",
+                                                        "reason": "host untrusted", "reasons": reasons[:8]})
+                except ApiError:
+                    continue  # not audited -> not done; the next round retries
+                try:
+                    self.backend.stop(row["id"])
+                except HostError:
+                    continue
+                self.store.set_vm_state(row["id"], "stopped", pid=None, exit_status=None)
+                self.store.vm_event(row["id"], "stopped", {"op": "stop", "by": "integrity gate"})
+                stopped.append(row["id"])
+        return stopped
 
     def vm_console(self, ctx: ReqCtx, vm_id: str, offset: int, limit: int) -> dict[str, Any]:
         self._vm(ctx, vm_id, "vm/console/read")

@@ -85,7 +85,7 @@ def _preimport(test_probes: bool) -> None:
 
     for name in ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "json", "base64", "binascii",
                  "ctypes", "fcntl", "mmap", "select", "struct", "errno", "resource", "traceback",
-                 "pyseccomp", "bulkhead.sandbox.policy"):
+                 "pyseccomp", "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):
         importlib.import_module(name)
     import bulkhead
 
