@@ -324,8 +324,7 @@ class Machine:
         from bulkhead.runtime.x86 import setup_vcpu
 
         supported = [CpuidEntry(*t) for t in self.kvm.supported_cpuid()]
-        supported_msrs = set(self.kvm.msr_index_list())
-        msrs = [(i, v) for i, v in boot_msrs() if i in supported_msrs]
+        msrs = boot_msrs()
         coalesced = self._coalesce_post
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
@@ -333,7 +332,9 @@ class Machine:
                 (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                 for e in filter_cpuid(supported, index, self.config.cpus)
             ]
-            setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0)
+            refused = setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0)
+            if refused and index == 0:
+                self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
             self.runners.append(
                 VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=coalesced)
             )
