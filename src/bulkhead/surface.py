@@ -63,6 +63,7 @@ KINDS = (
     "boot-parser",
     "worker-message",
     "api-route",
+    "net-frame",
 )
 
 # The boundaries of docs/THREAT_MODEL.md. "x-y": input crosses from x (less trusted) into y.

@@ -424,3 +424,24 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def declare_surfaces() -> None:
+    """Every message type of the host<->worker protocol (decode() is the parser for both directions)."""
+    from bulkhead.surface import declare
+
+    for direction, table, boundary_note in (
+        ("worker-to-host", WORKER_TO_HOST, "the daemon/supervisor parses what a possibly compromised worker sends"),
+        ("host-to-worker", HOST_TO_WORKER, "the worker parses what the supervisor sends"),
+    ):
+        for name in sorted(table):
+            declare(
+                "worker-message",
+                f"{direction}-{name}",
+                owner=__name__,
+                boundary="worker-daemon",
+                accepts=f"one JSON datagram <= {MAX_MESSAGE} bytes of type {name!r}, schema-checked by decode(); "
+                f"anything else ends the worker ({boundary_note})",
+                handler="decode",
+                fuzz="fuzz/fuzz_worker_protocol.py",
+            )
