@@ -170,6 +170,7 @@ def test_measurement_is_the_launch_digest_of_what_the_backend_gets(tmp_path: Pat
             assert c.post(f"/v1/vms/{vm}/start").status_code == 200
         spec = backend.got[vm]
         assert launch_digest_for_config(vm_config_of(spec)) == m["digest"]
+        assert spec.expected_digest == m["digest"]  # handed on, so the VMM re-checks the bytes it loads
         comp = m["components"]
         assert comp["devices"] == ["virtio-blk:id=,ro=1", "virtio-rng"]
         assert (comp["mem_mib"], comp["cpus"], comp["cmdline"]) == (96, 2, "console=ttyS0 quiet")
@@ -197,6 +198,44 @@ def test_the_vmm_refuses_bytes_that_differ_from_the_expected_digest(tmp_path: Pa
         assert m.kvm is None  # refused before any KVM resource exists
     finally:
         m.close()
+
+
+class SwapThenBuild(FakeBackend):
+    """A backend racing the daemon: the kernel file is swapped after the daemon measured it and before
+    the VMM reads it. The VMM (Machine.build) gets the daemon's digest as expected_digest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusal = ""
+
+    def start(self, vm_id: str, spec: Any) -> int:
+        from bulkhead.errors import HostError
+        from bulkhead.runtime.vm import Machine
+
+        Path(spec.kernel).write_bytes(b"\x7fELF swapped in the window")
+        m = Machine(vm_config_of(spec, spec.expected_digest)._replace(serial="none"))
+        try:
+            m.build()
+        except ConfigError as exc:
+            self.refusal = str(exc)
+            raise HostError(f"the VMM refused: {exc}") from None
+        finally:
+            m.close()
+        return super().start(vm_id, spec)
+
+
+def test_a_kernel_swapped_between_measurement_and_load_is_refused_by_the_vmm(tmp_path: Path) -> None:
+    backend = SwapThenBuild()
+    h = Harness(tmp_path / "s", backend=backend)
+    try:
+        vm = h.vm(h.tenant("acme"), "web", mem_mib=64)
+        with h.client() as c:
+            r = c.post(f"/v1/vms/{vm}/start")
+            assert r.status_code == 503 and "differs from the expected digest" in r.json()["detail"]
+            assert c.get(f"/v1/vms/{vm}").json()["state"] == "stopped"
+        assert "differs from the expected digest" in backend.refusal
+    finally:
+        h.close()
 
 
 # ---------------------------------------------------------------------------- code check at serve
@@ -482,3 +521,37 @@ def test_demo_guest_starts_through_the_daemon_on_an_attested_host(tmp_path: Path
         assert h.daemon.integrity.gate.attest_now().trusted
     finally:
         e.close()
+
+
+def test_cli_vm_measurement_expected_digest_and_integrity_status(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from bulkhead.daemon.cli import integrity_main, tenant_main, vm_main
+    from bulkhead.daemon.testkit import spawn_daemon
+
+    root = tmp_path / "s"
+    Harness(root).close()
+    (root / "images" / "vmlinux").write_bytes(b"\x7fELF cli kernel")
+    proc, info = spawn_daemon(root)
+    sock = ["--socket", info["socket"]]
+    try:
+        assert tenant_main(["create", "acme", *sock]) == 0
+        assert vm_main(["create", "--tenant", "acme", "--name", "probe", "--kernel", "vmlinux", "--mem", "64",
+                        *sock]) == 0
+        capsys.readouterr()
+        assert vm_main(["measurement", "probe", "--json", *sock]) == 0
+        m = json.loads(capsys.readouterr().out)
+        assert len(m["digest"]) == 64 and m["components"]["mem_mib"] == 64
+        assert vm_main(["create", "--tenant", "acme", "--name", "pinned", "--kernel", "vmlinux", "--mem", "64",
+                        "--expected-digest", m["digest"].upper(), "--json", *sock]) == 0
+        assert json.loads(capsys.readouterr().out)["expected_digest"] == m["digest"]
+        assert vm_main(["create", "--tenant", "acme", "--name", "bad", "--kernel", "vmlinux",
+                        "--expected-digest", "not-a-digest", *sock]) == 1
+        assert "expected_digest" in capsys.readouterr().err
+        (root / "images" / "vmlinux").write_bytes(b"\x7fELF swapped")
+        assert vm_main(["start", "pinned", *sock]) == 1
+        assert "differs from the expected digest" in capsys.readouterr().err
+        assert integrity_main(["status", "--json", *sock]) == 1  # off is not trusted
+        assert json.loads(capsys.readouterr().out)["state"] == "off"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -46,6 +46,9 @@ class VmSpec:
     nics: tuple[tuple[str, str], ...]  # (tap, mac)
     rng: bool
     console_path: str
+    # The launch digest the daemon measured and the gate allowed: a backend passes it to the VMM as
+    # VmConfig.expected_digest, and the VMM refuses to build from bytes with another digest (no TOCTOU).
+    expected_digest: str | None = None
 
     def run_args(self) -> list[str]:
         args = ["--kernel", self.kernel, "--mem", str(self.mem_mib), "--cpus", str(self.cpus)]

@@ -9,6 +9,7 @@ host paths chosen by the caller. Lifecycle operations append a `vm` audit record
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -219,7 +220,8 @@ class VmOps(Core):
             try:
                 if op == "start":
                     spec = self._spec(row)
-                    self._launch_check(ctx, row, spec)  # integrity gate + measurement; ApiError refuses
+                    digest = self._launch_check(ctx, row, spec)  # integrity gate + measurement; ApiError refuses
+                    spec = dataclasses.replace(spec, expected_digest=digest)  # the VMM re-checks its bytes
                     pid = self.backend.start(vm_id, spec)
                 elif op == "stop":
                     self.backend.stop(vm_id)
