@@ -305,6 +305,25 @@ def test_daemon_refuses_to_start_with_a_modified_package_file(tmp_path: Path) ->
                 if r["action"] == "security/integrity/code-mismatch"]) == 2
 
 
+def test_a_manifest_of_another_directory_does_not_vouch_for_the_running_code(tmp_path: Path) -> None:
+    """A valid signed manifest of a pristine copy, while the daemon imports a modified copy (PYTHONPATH):
+    refused, naming the running package."""
+    pkg, env = _signed_copy(tmp_path)
+    evil = tmp_path / "evil"
+    shutil.copytree(pkg, evil)
+    with open(evil / "bulkhead" / "bus.py", "a") as f:
+        f.write("\n# tampered\n")
+    env["PYTHONPATH"] = str(evil)
+    state = tmp_path / "state"
+    Harness(state).close()
+    proc = _serve(state, env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out.decode()
+    assert f"the running package {evil / 'bulkhead'}" in out.decode()
+    rec = [r for r in query_records(state / "audit.db", limit=None) if r["action"] == "security/integrity/code-mismatch"]
+    assert len(rec) == 1 and json.loads(rec[0]["detail"])["path"] == str(evil / "bulkhead")
+
+
 # ---------------------------------------------------------------------------- real swtpm
 
 

@@ -273,15 +273,32 @@ def check_code(role: str = "daemon") -> tuple[dict[str, str | bool | None], Inte
     """require_integrity(role) as data: (summary, None) when verified or explicitly skipped
     (BULKHEAD_DEV_SKIP_INTEGRITY=1, loud), (summary, error) when the code differs or the manifest is
     not trusted. The caller audits the error and refuses to start."""
-    from bulkhead.integrity.manifest import require_integrity
+    from bulkhead.integrity.manifest import package_root, require_integrity
 
     try:
         res = require_integrity(role)
+        if res.verified:
+            _bound_to_running_code(res.manifest_path, package_root())
     except IntegrityError as exc:
         return {"verified": False, "manifest_digest": None, "manifest": None, "skipped": False,
                 "error": str(exc), "path": exc.path or None}, exc
     return {"verified": res.verified, "manifest_digest": res.digest, "manifest": res.manifest_path,
             "skipped": not res.verified}, None
+
+
+def _bound_to_running_code(manifest_path: str, running: Path) -> None:
+    """The manifest must describe the package this process imported: a valid manifest of another
+    directory (e.g. a pristine copy elsewhere, with the daemon started from a modified one through
+    PYTHONPATH) vouches for nothing. Raises IntegrityError naming the running package directory."""
+    try:
+        doc = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+        recorded = Path(str(doc["manifest"]["package_root"])).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        raise IntegrityError(f"cannot read package_root from the manifest {manifest_path}",
+                             path=manifest_path) from None
+    if recorded != running.resolve():
+        raise IntegrityError(f"bulkhead refuses to start: the running package {running} is not the package "
+                             f"the manifest describes ({recorded})", path=str(running))
 
 
 def daemon_config_digest(config: dict[str, Any]) -> str:
