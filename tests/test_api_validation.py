@@ -55,7 +55,11 @@ def test_bad_tenant_bodies_are_422(h, body):
 @pytest.mark.parametrize("patch", [
     {"mem_mib": 1}, {"mem_mib": 1 << 20}, {"cpus": 0}, {"cpus": 33}, {"kernel": "../etc/passwd"},
     {"kernel": "/boot/vmlinuz"}, {"cmdline": "a" * 5000}, {"cmdline": "a\x00b"}, {"drives": [{"disk": "x"}]},
-    {"nics": [{"tap": "t" * 16}]}, {"nics": [{"tap": "t0", "mac": "01:00:5e:00:00:01"}]},
+    {"nics": [{"tap": "t0"}]}, {"nics": [{"network": "x"}]},
+    {"nics": [{"network": str(uuid.uuid4()), "mac": "01:00:5e:00:00:01"}]},
+    {"nics": [{"network": str(uuid.uuid4()), "rate": {"bytes_per_sec": -1}}]},
+    {"nics": [{"network": str(uuid.uuid4()), "ipv4": "10.0.0.1/24"}]},
+    {"nics": [{"network": str(uuid.uuid4())}]},
     {"drives": [{"disk": str(uuid.uuid4())}] * 9}, {"tenant": "not-a-uuid"},
 ])
 def test_bad_vm_bodies_are_4xx_with_a_reason(h, patch):

@@ -20,7 +20,8 @@ ALL = set(ACTIONS)
 EXPECTED_GRANTS: dict[str, set[str]] = {
     "Owner": ALL,
     "Contributor": ALL - {"role/write", "role/delete", "role/assign", "principal/write", "audit/read"},
-    "Reader": {"tenant/read", "vm/read", "vm/events/read", "disk/read", "principal/read", "role/read"},
+    "Reader": {"tenant/read", "vm/read", "vm/events/read", "disk/read", "network/read", "principal/read",
+               "role/read"},
     "VM Operator": {"vm/read", "vm/start", "vm/stop", "vm/console/read"},
     "Auditor": {"audit/read"},
 }

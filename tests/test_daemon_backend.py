@@ -11,6 +11,7 @@ import pytest
 
 from bulkhead.daemon.backend import ProcessBackend, VmSpec
 from bulkhead.errors import HostError
+from bulkhead.runtime.config import NetConfig, RateLimit
 
 STANDIN = r"""#!/bin/sh
 # invoked as: <this> -m bulkhead run ARGS...; writes its args to the --serial file, then waits
@@ -29,7 +30,7 @@ while true; do sleep 0.05; done
 
 def _spec(tmp: Path, cmdline: str = "") -> VmSpec:
     return VmSpec(kernel="/img/k", initrd="/img/i", cmdline=cmdline, mem_mib=64, cpus=2,
-                  drives=(("/d/a.img", True), ("/d/b.img", False)), nics=(("tap0", "52:54:00:00:00:01"),),
+                  drives=(("/d/a.img", True), ("/d/b.img", False)), nics=(NetConfig("tap0", "52:54:00:00:00:01", RateLimit(125000, 0)),),
                   rng=True, console_path=str(tmp / "vm" / "console.log"))
 
 
@@ -58,7 +59,7 @@ def test_run_args_are_the_runtime_flags(tmp_path):
     args = _spec(tmp_path, "console=ttyS0").run_args()
     assert args == ["--kernel", "/img/k", "--mem", "64", "--cpus", "2", "--initrd", "/img/i",
                     "--cmdline", "console=ttyS0", "--serial", str(tmp_path / "vm" / "console.log"),
-                    "--drive", "/d/a.img,ro", "--drive", "/d/b.img", "--net", "tap=tap0,mac=52:54:00:00:00:01",
+                    "--drive", "/d/a.img,ro", "--drive", "/d/b.img", "--net", "tap=tap0,mac=52:54:00:00:00:01,bw=125000",
                     "--rng"]
 
 

@@ -99,9 +99,10 @@ def test_restart_keeps_everything_and_marks_running_vms_lost(root):
     with httpx.Client(base_url=url, verify=_ctx(root)) as c:
         t = c.post("/v1/tenants", json={"name": "acme"}).json()["id"]
         disk = c.post(f"/v1/tenants/{t}/disks", json={"name": "root", "size_mib": 4}).json()["id"]
+        net = c.post(f"/v1/tenants/{t}/networks", json={"name": "lan", "ipv4_subnet": "10.9.0.0/24"}).json()["id"]
         vm = c.post("/v1/vms", json={"tenant": t, "name": "web", "kernel": "vmlinux", "cpus": 2, "mem_mib": 64,
                                      "drives": [{"disk": disk, "read_only": True}],
-                                     "nics": [{"tap": "tap-web0", "mac": "52:54:00:12:34:56"}]}).json()["id"]
+                                     "nics": [{"network": net, "mac": "52:54:00:12:34:56"}]}).json()["id"]
         idle = c.post("/v1/vms", json={"tenant": t, "name": "idle", "kernel": "vmlinux"}).json()["id"]
         assert c.post(f"/v1/vms/{vm}/start").json()["state"] == "running"
         role = c.post("/v1/roles", json={"name": "Starter", "actions": ["vm/read", "vm/start"],
@@ -118,8 +119,10 @@ def test_restart_keeps_everything_and_marks_running_vms_lost(root):
         with httpx.Client(base_url=url, verify=_ctx(root)) as c:
             got = c.get(f"/v1/vms/{vm}").json()
             assert got["state"] == "lost"
-            assert (got["cpus"], got["mem_mib"], got["drives"], got["nics"][0]["tap"]) == (
-                2, 64, [{"disk": disk, "read_only": True}], "tap-web0")
+            assert (got["cpus"], got["mem_mib"], got["drives"], got["nics"][0]["network"], got["nics"][0]["mac"],
+                    got["nics"][0]["ipv4"]) == (2, 64, [{"disk": disk, "read_only": True}], net, "52:54:00:12:34:56",
+                                                "10.9.0.2")
+            assert c.get(f"/v1/networks/{net}").json()["ipv4_gateway"] == "10.9.0.1"
             assert c.get(f"/v1/vms/{idle}").json()["state"] == "stopped"
             assert c.get(f"/v1/disks/{disk}").json()["size_mib"] == 4
             assert c.get(f"/v1/roles/{role}").json()["actions"] == ["vm/read", "vm/start"]

@@ -6,19 +6,25 @@ from __future__ import annotations
 from typing import Annotated
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 __all__ = [
     "AssignmentCreate",
     "AssignmentOut",
     "AuditRecordOut",
     "ConsoleOut",
+    "CounterOut",
     "DiskCreate",
     "DiskOut",
     "DriveSpec",
     "ErrorOut",
     "IntegrityOut",
     "MeasurementOut",
+    "NetworkCountersOut",
+    "NetworkCreate",
+    "NetworkOut",
+    "NicOut",
+    "NicRateSpec",
     "NicSpec",
     "PrincipalIssue",
     "PrincipalIssued",
@@ -39,7 +45,10 @@ ImageName = Annotated[str, StringConstraints(min_length=1, max_length=64, patter
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z*][a-z*/]*$")]
 Scope = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^/[a-z0-9/-]*$")]
 Ref = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
-Tap = Annotated[str, StringConstraints(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")]
+NetName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*$")]
+Subnet4 = Annotated[str, StringConstraints(min_length=9, max_length=18, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$")]
+Prefix6 = Annotated[str, StringConstraints(min_length=4, max_length=43, pattern=r"^[0-9a-fA-F:]+/[0-9]{1,3}$")]
+Addr4 = Annotated[str, StringConstraints(min_length=7, max_length=15, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")]
 Mac = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$")]
 Cmdline = Annotated[str, StringConstraints(max_length=4095, pattern=r"^[^\x00]*$")]
 Digest = Annotated[str, StringConstraints(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
@@ -131,9 +140,53 @@ class DriveSpec(_Req):
     read_only: bool = False
 
 
+class NetworkCreate(_Req):
+    name: NetName
+    ipv4_subnet: Subnet4 = Field(description="private IPv4 subnet without host bits, /16../29, e.g. 10.1.0.0/24")
+    ipv6_prefix: Prefix6 | None = Field(default=None, description="optional unicast IPv6 /64")
+    egress: StrictBool = Field(default=False, description="allow traffic to the outside (NAT); off by default")
+
+
+class NetworkOut(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    ipv4_subnet: str
+    ipv4_gateway: str
+    ipv6_prefix: str | None
+    egress: bool
+    created: str
+
+
+class CounterOut(BaseModel):
+    packets: int
+    bytes: int
+
+
+class NetworkCountersOut(BaseModel):
+    network: str
+    counters: dict[str, CounterOut] = Field(description="named drop counters of the network's NICs and tenant")
+
+
+class NicRateSpec(_Req):
+    bytes_per_sec: int = Field(default=0, ge=0, le=(1 << 40) - 1, description="0 = unlimited")
+    ops_per_sec: int = Field(default=0, ge=0, le=(1 << 40) - 1, description="0 = unlimited")
+
+
 class NicSpec(_Req):
-    tap: Tap
+    network: UUID = Field(description="a network of the VM's own tenant")
+    ipv4: Addr4 | None = Field(default=None, description="a free address of the network (default: lowest free)")
     mac: Mac | None = None
+    rate: NicRateSpec | None = None
+
+
+class NicOut(BaseModel):
+    index: int
+    network: str
+    mac: str
+    ipv4: str
+    ipv6: str | None
+    rate: NicRateSpec
 
 
 class VmCreate(_Req):
@@ -163,7 +216,7 @@ class VmOut(BaseModel):
     mem_mib: int
     cpus: int
     drives: list[DriveSpec]
-    nics: list[NicSpec]
+    nics: list[NicOut]
     rng: bool
     exit_status: int | None
     created: str

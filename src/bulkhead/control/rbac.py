@@ -38,6 +38,7 @@ __all__ = [
     "allowed_scopes",
     "granted_actions",
     "make_evaluator",
+    "network_scope",
     "parse_scope",
     "scope_within",
     "tenant_scope",
@@ -63,6 +64,8 @@ ACTIONS: tuple[str, ...] = (
     "disk/read",
     "disk/write",
     "disk/delete",
+    "network/read",
+    "network/write",
     "principal/read",
     "principal/write",
     "role/read",
@@ -74,7 +77,7 @@ ACTIONS: tuple[str, ...] = (
 
 _PATTERN_RE = re.compile(r"^[a-z*][a-z*/]{0,63}$")
 _ID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_SCOPE_RE = re.compile(rf"^/(tenants/({_ID_RE})(/(vms|disks)/({_ID_RE}))?)?$")
+_SCOPE_RE = re.compile(rf"^/(tenants/({_ID_RE})(/(vms|disks|networks)/({_ID_RE}))?)?$")
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ def validate_pattern(pattern: str) -> str:
 
 
 def validate_scope(scope: str) -> str:
-    """Check a scope string: `/`, `/tenants/{uuid}`, `/tenants/{uuid}/vms/{uuid}` (or `/disks/`).
+    """Check a scope string: `/`, `/tenants/{uuid}`, `/tenants/{uuid}/vms/{uuid}` (or `/disks/`, `/networks/`).
 
     Raises ConfigError.
     """
@@ -162,6 +165,10 @@ def tenant_scope(tenant_id: str) -> str:
 
 def vm_scope(tenant_id: str, vm_id: str) -> str:
     return f"/tenants/{tenant_id}/vms/{vm_id}"
+
+
+def network_scope(tenant_id: str, network_id: str) -> str:
+    return f"/tenants/{tenant_id}/networks/{network_id}"
 
 
 def scope_within(scope: str, container: str) -> bool:

@@ -29,6 +29,9 @@ from bulkhead.control.models import (
     ErrorOut,
     IntegrityOut,
     MeasurementOut,
+    NetworkCountersOut,
+    NetworkCreate,
+    NetworkOut,
     PrincipalIssue,
     PrincipalIssued,
     PrincipalOut,
@@ -248,6 +251,27 @@ def build_app(daemon: Any) -> Any:
     def disk_delete(disk_id: UUID, ctx: ReqCtx = Ctx) -> Response:
         d.disk_delete(ctx, str(disk_id))
         return Response(status_code=204)
+
+    @r.post("/tenants/{tenant_id}/networks", response_model=NetworkOut, status_code=201)
+    def network_create(tenant_id: UUID, body: NetworkCreate, ctx: ReqCtx = Ctx) -> Any:
+        return d.network_create(ctx, str(tenant_id), body)
+
+    @r.get("/tenants/{tenant_id}/networks", response_model=list[NetworkOut])
+    def network_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        return d.network_list(ctx, str(tenant_id))
+
+    @r.get("/networks/{network_id}", response_model=NetworkOut)
+    def network_get(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        return d.network_get(ctx, str(network_id))
+
+    @r.delete("/networks/{network_id}", status_code=204)
+    def network_delete(network_id: UUID, ctx: ReqCtx = Ctx) -> Response:
+        d.network_delete(ctx, str(network_id))
+        return Response(status_code=204)
+
+    @r.get("/networks/{network_id}/counters", response_model=NetworkCountersOut)
+    def network_counters(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        return d.network_counters(ctx, str(network_id))
 
     @r.post("/vms", response_model=VmOut, status_code=201)
     def vm_create(body: VmCreate, ctx: ReqCtx = Ctx) -> Any:

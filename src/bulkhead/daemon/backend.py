@@ -1,15 +1,20 @@
-"""How the daemon runs VMs: a small backend interface and two implementations.
+"""How the daemon runs VMs: a small backend interface and its implementations.
 
-`VmBackend` is the contract (the jailed worker of bulkhead.sandbox will implement it too):
+`VmBackend` is the contract (bulkhead.sandbox.backend.JailedBackend implements it too):
   start(vm_id, spec) / stop / pause / resume / status -> BackendStatus / console(vm_id, offset, limit).
 
-`ProcessBackend` runs each VM as a child process `python -m bulkhead run ... --serial <console file>`.
-Stop sends SIGTERM, then SIGKILL after a grace period. Pause/resume send SIGSTOP/SIGCONT to the VMM
-process: an INTERIM mechanism (it freezes the whole VMM, devices included; the worker protocol will
-replace it with a real vCPU pause). Children get PR_SET_PDEATHSIG(SIGKILL), so no VM outlives a crashed
+`ProcessBackend` (development and non-root hosts only: NO jail) runs each VM as a child process
+`python -m bulkhead run ... --serial <console file>`. Stop sends SIGTERM, then SIGKILL after a grace
+period. Pause/resume send SIGSTOP/SIGCONT to the VMM process (it freezes the whole VMM, devices
+included; the jailed backend pauses the vCPUs through the worker protocol instead). Children get PR_SET_PDEATHSIG(SIGKILL), so no VM outlives a crashed
 daemon; on restart the daemon marks such VMs `lost` (see docs/API.md).
 
-`FakeBackend` is the test double used where the API is tested: it records calls and writes console text.
+`FakeBackend` is the test double used where the API is tested: it records calls and writes console text,
+and holds a duplicate of each tap fd it is handed while the fake VM "runs" (so a tap lives exactly as long
+as it would with a real worker).
+
+The daemon's default backend as root is `bulkhead.sandbox.backend.JailedBackend` (one jailed worker per
+VM, real vCPU pause/resume over the worker protocol); see daemon.make_backend.
 Every method raises HostError when the host cannot do it.
 """
 
@@ -27,8 +32,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bulkhead.errors import HostError
+from bulkhead.runtime.config import NetConfig
 
-__all__ = ["BackendStatus", "FakeBackend", "ProcessBackend", "VmBackend", "VmSpec"]
+__all__ = ["BACKENDS", "BackendStatus", "FakeBackend", "ProcessBackend", "VmBackend", "VmSpec", "make_backend"]
+
+BACKENDS = ("auto", "jail", "process", "fake")
+PROCESS_WARNING = (
+    "WARNING: VMs run WITHOUT the jail (--backend process): every VMM is a plain child process of the daemon "
+    "with its privileges, no namespaces, no seccomp, no cgroup limits. Development only; never host "
+    "untrusted guests this way."
+)
 
 MAX_CONSOLE_READ = 1 << 20
 
@@ -43,9 +56,10 @@ class VmSpec:
     mem_mib: int
     cpus: int
     drives: tuple[tuple[str, bool], ...]  # (path, read_only)
-    nics: tuple[tuple[str, str], ...]  # (tap, mac)
+    nics: tuple[NetConfig, ...]  # tap name, MAC, rate; tap_fd >= 0 when the daemon opened the tap
     rng: bool
     console_path: str
+    netns: str = ""  # the tenant network namespace holding the NICs' taps ("" = the daemon's own)
     # The launch digest the daemon measured and the gate allowed: a backend passes it to the VMM as
     # VmConfig.expected_digest, and the VMM refuses to build from bytes with another digest (no TOCTOU).
     expected_digest: str | None = None
@@ -59,8 +73,13 @@ class VmSpec:
         args += ["--serial", self.console_path]
         for path, ro in self.drives:
             args += ["--drive", path + (",ro" if ro else "")]
-        for tap, mac in self.nics:
-            args += ["--net", f"tap={tap}" + (f",mac={mac}" if mac else "")]
+        for n in self.nics:
+            net = f"tap={n.tap}" + (f",mac={n.mac}" if n.mac else "")
+            if n.rate.bytes_per_sec:
+                net += f",bw={n.rate.bytes_per_sec}"
+            if n.rate.ops_per_sec:
+                net += f",ops={n.rate.ops_per_sec}"
+            args += ["--net", net]
         if self.rng:
             args.append("--rng")
         return args
@@ -105,7 +124,12 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
 
 
 class ProcessBackend:
-    """Each VM is a `bulkhead run` child process."""
+    """Each VM is a `bulkhead run` child process (NOT jailed: development and non-root hosts only).
+
+    A VMM process opens its taps by name, so the daemon gives it persistent taps and the process runs in
+    the tenant's network namespace (`nsenter --net=/run/netns/<ns>`, spec.netns) where they live."""
+
+    opens_taps_by_name = True
 
     def __init__(self, python: str | None = None, console_root: Path | None = None) -> None:
         self._python = python or sys.executable
@@ -123,6 +147,8 @@ class ProcessBackend:
             Path(spec.console_path).parent.mkdir(parents=True, exist_ok=True)
             Path(spec.console_path).write_bytes(b"")
             cmd = [self._python, "-m", "bulkhead", "run", *spec.run_args()]
+            if spec.nics and spec.netns:
+                cmd = ["nsenter", f"--net=/run/netns/{spec.netns}", *cmd]
             try:
                 proc = subprocess.Popen(
                     cmd,
@@ -220,6 +246,8 @@ class FakeBackend:
         self._lock = threading.Lock()
         self.fail_start = False
         self._pid = 40000
+        self._taps: dict[str, list[int]] = {}  # dups of the tap fds a "running" fake VM holds
+        self.specs: dict[str, VmSpec] = {}
 
     def start(self, vm_id: str, spec: VmSpec) -> int:
         with self._lock:
@@ -228,6 +256,9 @@ class FakeBackend:
                 raise HostError("injected start failure")
             self._pid += 1
             self._state[vm_id] = BackendStatus("running", self._pid)
+            self.specs[vm_id] = spec
+            self._release(vm_id)
+            self._taps[vm_id] = [os.dup(n.tap_fd) for n in spec.nics if n.tap_fd >= 0]
             self._console[vm_id] = bytearray(f"booting {os.path.basename(spec.kernel)} at {time.time():.0f}\n".encode())
             return self._pid
 
@@ -236,6 +267,11 @@ class FakeBackend:
             self.calls.append(("stop", vm_id))
             if vm_id in self._state:
                 self._state[vm_id] = BackendStatus("exited", None, 130)
+            self._release(vm_id)
+
+    def _release(self, vm_id: str) -> None:
+        for fd in self._taps.pop(vm_id, []):
+            os.close(fd)
 
     def pause(self, vm_id: str) -> None:
         with self._lock:
@@ -256,6 +292,7 @@ class FakeBackend:
     def exit(self, vm_id: str, status: int) -> None:
         with self._lock:
             self._state[vm_id] = BackendStatus("exited", None, status)
+            self._release(vm_id)
 
     def status(self, vm_id: str) -> BackendStatus:
         with self._lock:
@@ -270,10 +307,36 @@ class FakeBackend:
         with self._lock:
             self._state.pop(vm_id, None)
             self._console.pop(vm_id, None)
+            self._release(vm_id)
 
     def shutdown(self) -> None:
-        pass
+        with self._lock:
+            for vm_id in list(self._taps):
+                self._release(vm_id)
 
 
 def describe(backend: Any) -> str:
     return type(backend).__name__
+
+
+def make_backend(kind: str = "auto", console_root: Path | None = None, options: Any = None) -> Any:
+    """The daemon's VM backend. `auto`: the jail (bulkhead.sandbox.backend.JailedBackend) when running
+    as root, else ProcessBackend with a loud warning on stderr; `jail` (root only), `process` (warns),
+    `fake` (no VMs). `options` is a sandbox JailOptions. Raises ConfigError for an unknown kind and
+    HostError for `jail` without root."""
+    from bulkhead.errors import ConfigError
+
+    if kind not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {kind!r}")
+    if kind == "auto":
+        kind = "jail" if os.geteuid() == 0 else "process"
+    if kind == "fake":
+        return FakeBackend()
+    if kind == "process":
+        print(f"bulkheadd: {PROCESS_WARNING}", file=sys.stderr, flush=True)
+        return ProcessBackend(console_root=console_root)
+    if os.geteuid() != 0:
+        raise HostError("--backend jail needs root (use --backend process for development, without the jail)")
+    from bulkhead.sandbox.backend import JailedBackend
+
+    return JailedBackend(status_type=BackendStatus, options=options, console_root=console_root)

@@ -17,8 +17,8 @@ from typing import Any
 
 from bulkhead.errors import ConfigError, HostError
 
-__all__ = ["audit_main", "cert_main", "init_main", "integrity_main", "role_main", "serve_main", "tenant_main",
-           "vm_main"]
+__all__ = ["audit_main", "cert_main", "init_main", "integrity_main", "network_main", "role_main", "serve_main",
+           "tenant_main", "vm_main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,8 +126,13 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8443, help="0 picks a free port (written to serve.json)")
     p.add_argument("--engine", default="casbin", choices=["casbin", "pure"], help="RBAC evaluator")
-    p.add_argument("--backend", default="process", choices=["process", "fake"],
-                   help="process: `bulkhead run` children; fake: no VMs (testing)")
+    p.add_argument("--backend", default="auto", choices=["auto", "jail", "process", "fake"],
+                   help="jail: one jailed worker per VM (root; the default as root); process: UNJAILED "
+                   "`bulkhead run` children (development, non-root; warns); fake: no VMs (testing)")
+    p.add_argument("--network", choices=["host", "dry"], default=None,
+                   help="host: realise tenant networks on this host (default); dry: validate only, change "
+                   "nothing (default with --backend fake)")
+    p.add_argument("--net-prefix", default="bh", help="1-4 characters naming every network object bulkhead owns")
     g = p.add_argument_group("integrity (docs/INTEGRITY.md)")
     g.add_argument("--tpm", metavar="TCTI", help="the TPM: device:/dev/tpmrm0 or swtpm:host=H,port=P "
                    "(default $BULKHEAD_TCTI, else /dev/tpmrm0 when present; none: untrusted, no VM starts)")
@@ -143,7 +148,7 @@ def serve_main(argv: list[str]) -> int:
 
     def go() -> int:
         args = p.parse_args(argv)
-        from bulkhead.daemon.backend import FakeBackend, ProcessBackend
+        from bulkhead.daemon.backend import make_backend
         from bulkhead.daemon.integrity import IntegrityOptions
         from bulkhead.daemon.server import serve
 
@@ -158,10 +163,22 @@ def serve_main(argv: list[str]) -> int:
                   "backend": args.backend, "integrity": args.integrity,
                   "tpm": "dev-tpm" if args.dev_tpm else (opts.resolve_tcti() or "none"),
                   "policy": str(policy), "enrollment": str(enrollment), "event_log": str(log)}
-        backend = FakeBackend() if args.backend == "fake" else ProcessBackend()
-        return serve(sd, args.host, args.port, backend, args.engine, integrity=opts, config=config)
+        backend = make_backend(args.backend, console_root=sd / "vms")
+        return serve(sd, args.host, args.port, backend, args.engine, integrity=opts, config=config,
+                     net=_network_service(args))
 
     return _run(go)
+
+
+def _network_service(args: argparse.Namespace) -> Any:
+    """The daemon's NetworkService for `serve`: the host's (prefix --net-prefix), or a dry one."""
+    from bulkhead.daemon.networks import DryNetworkService
+    from bulkhead.network.service import NetworkService
+    from bulkhead.network.state import HostConfig
+
+    config = HostConfig(prefix=args.net_prefix)
+    mode = args.network or ("dry" if args.backend == "fake" else "host")
+    return DryNetworkService(config) if mode == "dry" else NetworkService(config)
 
 
 # ---------------------------------------------------------------------- cert
@@ -265,7 +282,8 @@ def vm_main(argv: list[str]) -> int:
     cr.add_argument("--mem", type=int, default=128)
     cr.add_argument("--cpus", type=int, default=1)
     cr.add_argument("--drive", action="append", default=[], help="DISK_ID[,ro]")
-    cr.add_argument("--net", action="append", default=[], help="tap=NAME[,mac=MAC]")
+    cr.add_argument("--net", action="append", default=[],
+                    help="NETWORK[,ip=A.B.C.D][,mac=MAC][,bw=BYTES_PER_S][,ops=PACKETS_PER_S] (network id or name)")
     cr.add_argument("--rng", action="store_true")
     cr.add_argument("--expected-digest", metavar="SHA256",
                     help="launch digest the VM must have to start (see `bulkhead vm measurement`)")
@@ -318,13 +336,9 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
             if opt not in ("", "ro", "rw"):
                 raise ConfigError(f"--drive {d!r}: the only options are ro and rw")
             drives.append({"disk": disk, "read_only": opt == "ro"})
-        nics = []
-        for n in args.net:
-            from bulkhead.runtime.config import parse_net
-
-            cfg = parse_net(n)
-            nics.append({"tap": cfg.tap, "mac": cfg.mac or None})
-        body = {"tenant": _tenant_id(c, args.tenant), "name": args.name, "kernel": args.kernel,
+        tenant_id = _tenant_id(c, args.tenant)
+        nics = [_nic_arg(c, tenant_id, n) for n in args.net]
+        body = {"tenant": tenant_id, "name": args.name, "kernel": args.kernel,
                 "initrd": args.initrd, "cmdline": args.cmdline, "mem_mib": args.mem, "cpus": args.cpus,
                 "drives": drives, "nics": nics, "rng": args.rng}
         if args.expected_digest:
@@ -373,6 +387,82 @@ def integrity_main(argv: list[str]) -> int:
             res = c.get("/integrity")
         _out(args, res, [])
         return 0 if res.get("state") == "trusted" else 1
+
+    return _run(go)
+
+
+def _nic_arg(c: Any, tenant: str, spec: str) -> dict[str, Any]:
+    """`NETWORK[,ip=..][,mac=..][,bw=..][,ops=..]` -> a NIC of a VM create request. Raises ConfigError."""
+    ref, *opts = spec.split(",")
+    nic: dict[str, Any] = {"network": _network_id(c, tenant, ref)}
+    rate: dict[str, int] = {}
+    for o in opts:
+        k, eq, v = o.partition("=")
+        if not eq or k not in ("ip", "mac", "bw", "ops"):
+            raise ConfigError(f"--net {spec!r}: options are ip=, mac=, bw= and ops=")
+        if k in ("bw", "ops"):
+            if not v.isdigit():
+                raise ConfigError(f"--net {spec!r}: {k}= takes a non-negative integer")
+            rate["bytes_per_sec" if k == "bw" else "ops_per_sec"] = int(v)
+        else:
+            nic["ipv4" if k == "ip" else "mac"] = v
+    if rate:
+        nic["rate"] = rate
+    return nic
+
+
+# ---------------------------------------------------------------------- network
+NET_COLS = ["id", "tenant", "name", "ipv4_subnet", "ipv4_gateway", "ipv6_prefix", "egress"]
+
+
+def _network_id(c: Any, tenant: str, ref: str) -> str:
+    for n in c.get(f"/tenants/{tenant}/networks"):
+        if ref in (n["id"], n["name"]):
+            return str(n["id"])
+    if len(ref) == 36 and ref.count("-") == 4:
+        return ref  # let the daemon answer
+    raise ConfigError(f"no network {ref!r} in the tenant (or you may not see it)")
+
+
+def network_main(argv: list[str]) -> int:
+    """`bulkhead network create|list|get|delete|counters`: tenant networks through the daemon."""
+    p = _Parser(prog="bulkhead network", description="manage tenant networks through the daemon")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    cr = sub.add_parser("create")
+    cr.add_argument("--tenant", required=True, help="tenant id or name")
+    cr.add_argument("--name", required=True)
+    cr.add_argument("--ipv4", required=True, help="subnet, e.g. 10.1.0.0/24")
+    cr.add_argument("--ipv6", help="optional /64 prefix")
+    cr.add_argument("--egress", action="store_true", help="allow traffic to the outside (NAT)")
+    ls = sub.add_parser("list")
+    ls.add_argument("--tenant", required=True)
+    parsers = [cr, ls]
+    for name in ("get", "delete", "counters"):
+        sp = sub.add_parser(name)
+        sp.add_argument("network", help="network id (or name with --tenant)")
+        sp.add_argument("--tenant", help="tenant id or name, to find a network by name")
+        parsers.append(sp)
+    for sp in parsers:
+        _common(sp)
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        with _client(args) as c:
+            if args.cmd == "create":
+                body = {"name": args.name, "ipv4_subnet": args.ipv4, "ipv6_prefix": args.ipv6, "egress": args.egress}
+                return _out(args, c.post(f"/tenants/{_tenant_id(c, args.tenant)}/networks", body), NET_COLS)
+            if args.cmd == "list":
+                return _out(args, c.get(f"/tenants/{_tenant_id(c, args.tenant)}/networks"), NET_COLS)
+            nid = _network_id(c, _tenant_id(c, args.tenant), args.network) if args.tenant else args.network
+            if args.cmd == "get":
+                return _out(args, c.get(f"/networks/{nid}"), NET_COLS)
+            if args.cmd == "delete":
+                return _out(args, c.delete(f"/networks/{nid}"), NET_COLS)
+            res = c.get(f"/networks/{nid}/counters")
+            if args.json:
+                return _out(args, res, [])
+            rows = [{"counter": k, **v} for k, v in res["counters"].items()]
+            return _out(args, rows, ["counter", "packets", "bytes"])
 
     return _run(go)
 

@@ -13,6 +13,7 @@ State directory (default /var/lib/bulkhead, or --state-dir / BULKHEAD_STATE_DIR)
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 from bulkhead.control.audit import Record
 from bulkhead.daemon.access import AccessOps
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, load_audit_key, now_iso
-from bulkhead.daemon.backend import ProcessBackend, VmBackend
+from bulkhead.daemon.backend import VmBackend, describe, make_backend
 from bulkhead.daemon.integrity import NoTpm, check_off_allowed
 from bulkhead.daemon.service import ApiError, Caller, ReqCtx
 from bulkhead.daemon.store import Store
@@ -67,11 +68,13 @@ class Daemon(VmOps, AccessOps):
 
     @classmethod
     def open(cls, state_dir: Path, backend: VmBackend | None = None, engine: str = "casbin",
-             checkpoint_every: int = 1000, integrity: Any = None) -> Daemon:
+             checkpoint_every: int = 1000, integrity: Any = None, net: Any = None) -> Daemon:
         """Open an initialized state directory. Raises HostError when it is not initialized or damaged,
         or when `integrity` is IntegrityOff with a backend that runs guests outside tests.
 
-        `integrity` (bulkhead.daemon.integrity): None means NoTpm (untrusted: no VM starts)."""
+        `integrity` (bulkhead.daemon.integrity): None means NoTpm (untrusted: no VM starts).
+        `backend` None: make_backend("auto") (the jail as root). `net`: a bulkhead.network NetworkService
+        (None: the host's, HostConfig())."""
         sd = StateDir(state_dir)
         if not sd.state_db.exists() or not sd.audit_key.exists():
             raise HostError(f"{state_dir} is not an initialized bulkhead state directory; run `bulkhead init`")
@@ -79,10 +82,11 @@ class Daemon(VmOps, AccessOps):
         store.initialize()
         audit = AuditLog(sd.audit_db, load_audit_key(sd.audit_key), sd.checkpoint, checkpoint_every)
         if backend is None:
-            backend = ProcessBackend(console_root=state_dir / "vms")
-        elif isinstance(backend, ProcessBackend) and backend.console_root is None:
-            backend.console_root = state_dir / "vms"
+            backend = make_backend("auto", console_root=state_dir / "vms")
+        elif getattr(backend, "console_root", False) is None:  # process or jailed backend without one
+            backend.console_root = state_dir / "vms"  # type: ignore[attr-defined]
         d = cls(store, audit, backend, state_dir, engine)
+        d._wire_backend(net)
         if integrity is not None:
             try:
                 check_off_allowed(integrity, backend)
@@ -103,13 +107,56 @@ class Daemon(VmOps, AccessOps):
         """Daemon start: audit it and apply the restart policy to VMs left running."""
         st = self.integrity.status()
         self.event("system", "daemon.start", detail={
-            "pid": os.getpid(), "integrity": {"mode": self.integrity.mode, "state": st["state"],
+            "pid": os.getpid(), "backend": describe(self.backend), "integrity": {"mode": self.integrity.mode, "state": st["state"],
                                               "reasons": st["reasons"][:8], "code": self.code_integrity}})
         if self.integrity.mode == "off":
             self.event("security", "security/integrity/gate-off", result="off", detail={"reasons": st["reasons"]})
         if not self.code_integrity.get("verified"):
             self.event("security", "security/integrity/code-unverified", result="unverified", detail=dict(self.code_integrity))
         self.mark_lost_on_startup()
+        self._clean_stale_jails()
+        self.reconcile_networks()  # rebuild what should exist on the host, remove what should not (audited)
+
+    def _wire_backend(self, net: Any) -> None:
+        """Networks (NetworkService) and the jailed backend's callbacks: worker security events become
+        audited security events; a worker exit is recorded (state, VM event, audit) with its reason."""
+        from bulkhead.network.service import NetworkService
+        from bulkhead.network.state import HostConfig
+
+        self.net = net if net is not None else NetworkService(HostConfig())
+        self._closing = False
+        hooks = getattr(self.backend, "set_hooks", None)
+        if hooks is not None:
+            hooks(on_security_event=self._worker_security_event, on_exit=self._worker_exited)
+
+    def _worker_security_event(self, vm_id: str, kind: str, detail: str) -> None:
+        with contextlib.suppress(ApiError):  # the log is down: the VM's exit record still holds the reason
+            self.security_event(vm_id, kind, {"detail": detail[:1024], "source": "jailed worker"})
+
+    def _worker_exited(self, vm_id: str, result: Any) -> None:
+        """A worker ended (any way): record it now rather than at the next read. Exits during daemon
+        shutdown are left to the restart policy (the VMs are marked lost at the next start)."""
+        if self._closing:
+            return
+        with self._vm_lock(vm_id):
+            row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
+            if row is not None:
+                self._refresh(row)
+
+    def _clean_stale_jails(self) -> None:
+        """Jail directories and cgroups a crashed daemon left behind (jailed backend only), audited."""
+        opts = getattr(self.backend, "options", None)
+        if opts is None or not hasattr(opts, "base_dir"):
+            return
+        from bulkhead.sandbox.supervisor import cleanup_stale
+
+        try:
+            cleaned = cleanup_stale(opts.base_dir, opts.cgroup_parent)
+        except (HostError, OSError) as exc:
+            self.event("system", "sandbox.cleanup", result="error", detail={"error": str(exc)})
+            return
+        if cleaned:
+            self.event("system", "sandbox.cleanup", result="ok", detail={"vms": cleaned[:100]})
 
     def integrity_transition(self, tr: Any) -> None:
         """Gate callback (bulkhead.integrity.gate.Transition): audit every change of the host's trust
@@ -126,7 +173,6 @@ class Daemon(VmOps, AccessOps):
         st = dict(self.integrity.status())
         st["code"] = dict(self.code_integrity)
         return st
-
 
     def monitor_once(self) -> None:
         """Notice VMMs that ended on their own (audited as vm.exit, plus a security event when the exit
@@ -156,6 +202,7 @@ class Daemon(VmOps, AccessOps):
         if stop is not None:
             stop.set()
             self._monitor.join(10)
+        self._closing = True
         try:
             self.backend.shutdown()
             self.event("system", "daemon.stop", detail={"pid": os.getpid()})

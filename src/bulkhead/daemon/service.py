@@ -235,8 +235,8 @@ class Core:
         with self.mutation(ctx, "204") as c:
             if self.store.q1("SELECT 1 FROM vms WHERE tenant = ?", (tenant_id,)) or self.store.q1(
                 "SELECT 1 FROM disks WHERE tenant = ?", (tenant_id,)
-            ):
-                raise ApiError(409, "the tenant still has VMs or disks; delete them first")
+            ) or self.store.q1("SELECT 1 FROM networks WHERE tenant = ?", (tenant_id,)):
+                raise ApiError(409, "the tenant still has VMs, disks or networks; delete them first")
             c.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
             c.execute("DELETE FROM assignments WHERE scope = ? OR scope LIKE ?",
                       (rbac.tenant_scope(tenant_id), rbac.tenant_scope(tenant_id) + "/%"))

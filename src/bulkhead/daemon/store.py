@@ -20,6 +20,7 @@ from typing import Any
 from bulkhead.control.rbac import BUILTIN_ROLES, Assignment, RoleDef
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.errors import HostError
+from bulkhead.network.service import SCHEMA as NETWORK_SCHEMA
 
 __all__ = ["Store", "new_id"]
 
@@ -61,7 +62,7 @@ class Store:
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(SCHEMA)
+            self._conn.executescript(SCHEMA + NETWORK_SCHEMA)  # networks and NICs: bulkhead.network.service
         except sqlite3.Error as exc:
             raise HostError(f"cannot open the state database {path}: {exc}") from None
         self._depth = 0

@@ -42,9 +42,10 @@ class Identity:
 
 class Harness:
     def __init__(self, root: Path, backend: VmBackend | None = None, engine: str = "casbin",
-                 checkpoint_every: int = 1000, integrity: Any = None) -> None:
+                 checkpoint_every: int = 1000, integrity: Any = None, net: Any = None) -> None:
         """`integrity`: the daemon's HostIntegrity; default IntegrityOff("test harness") (accepted only
-        in a pytest process or with the FakeBackend, see bulkhead.daemon.integrity)."""
+        in a pytest process or with the FakeBackend, see bulkhead.daemon.integrity).
+        `net`: the daemon's NetworkService; default DryNetworkService() (validation, no host changes)."""
         self.root = root
         self.sd = init_state_dir(root) if not (root / "state.db").exists() else StateDir(root)
         self.backend = backend or FakeBackend()
@@ -52,7 +53,11 @@ class Harness:
             from bulkhead.daemon.integrity import IntegrityOff
 
             integrity = IntegrityOff("test harness")
-        self.daemon = Daemon.open(root, self.backend, engine, checkpoint_every, integrity=integrity)
+        if net is None:
+            from bulkhead.daemon.networks import DryNetworkService
+
+            net = DryNetworkService()
+        self.daemon = Daemon.open(root, self.backend, engine, checkpoint_every, integrity=integrity, net=net)
         self.daemon.start()
         self.app = build_app(self.daemon)
         (root / "images" / "vmlinux").write_bytes(b"\x7fELF fake kernel for API tests")

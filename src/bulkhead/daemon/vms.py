@@ -1,8 +1,8 @@
 """VMs and disk images: create/list/get/delete, lifecycle operations, console, events.
 
 Isolation rules enforced here: a VM's drives must be disks of the VM's own tenant (a disk of another
-tenant is reported exactly like a missing one); a writable disk is attached to at most one VM; tap names
-are unique across VMs. Kernel and initrd are *names* of files in the daemon's image directory, never
+tenant is reported exactly like a missing one); a writable disk is attached to at most one VM; NICs attach
+to networks of the VM's own tenant only (networks.py). Kernel and initrd are *names* of files in the daemon's image directory, never
 host paths chosen by the caller. Lifecycle operations append a `vm` audit record before they act
 (fail closed) and are serialized per VM.
 """
@@ -19,7 +19,8 @@ from bulkhead.control import rbac
 from bulkhead.control.lifecycle import LifecycleError, next_state
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.backend import VmSpec
-from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx, config_error
+from bulkhead.daemon.networks import NetworkOps
+from bulkhead.daemon.service import NOT_FOUND, ApiError, ReqCtx, config_error
 from bulkhead.daemon.store import new_id
 from bulkhead.errors import ConfigError, HostError
 
@@ -45,7 +46,7 @@ def security_exit_kind(status: int | None) -> str | None:
     return None
 
 
-class VmOps(Core):
+class VmOps(NetworkOps):
     _vm_locks: dict[str, threading.Lock]
     integrity: Any  # bulkhead.daemon.integrity.HostIntegrity, set by Daemon.open
 
@@ -71,17 +72,19 @@ class VmOps(Core):
         st = self.backend.status(row["id"])
         if st.state in ("running", "paused"):
             return row
+        why, reported = self._exit_reason(row["id"])  # the jailed worker's host-decided reason, if any
         try:
             self.event("vm", "vm.exit", vm=row["id"], scope=rbac.vm_scope(row["tenant"], row["id"]),
-                       result=str(st.exit_status), detail={"from": row["state"], "to": "exited"})
+                       result=str(st.exit_status), detail={"from": row["state"], "to": "exited", **why})
         except ApiError:
             return row  # not audited -> not recorded; try again later
         self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
-        self.store.vm_event(row["id"], "exited", {"status": st.exit_status})
-        kind = security_exit_kind(st.exit_status)
-        if kind is not None:  # the VMM/worker stopped for a security reason: a security event too
+        self.store.vm_event(row["id"], "exited", {"status": st.exit_status, **why})
+        kind = why.get("reason") if why else security_exit_kind(st.exit_status)
+        if kind in _SECURITY_EXITS and not reported:  # stopped for a security reason: a security event too
             try:
-                self.security_event(row["id"], kind, {"exit_status": st.exit_status, "source": "vmm exit status"})
+                self.security_event(row["id"], str(kind), {"exit_status": st.exit_status, "source": "vmm exit status",
+                                                           **why})
             except ApiError:
                 pass  # the vm.exit record above already holds the status
         return self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
@@ -108,7 +111,7 @@ class VmOps(Core):
         ctx.detail["vm_name"] = body.name
         now = now_iso()
         with self.mutation(ctx, "201") as c:  # checks and insert in one transaction: no races
-            drives, nics = self._attachments(tenant, body)
+            drives, nics = self._attachments(tenant, body, c, vm_id)
             if self.store.q1("SELECT 1 FROM vms WHERE tenant = ? AND name = ?", (tenant, body.name)):
                 raise ApiError(409, f"a VM named {body.name!r} already exists in this tenant")
             spec = {"kernel": body.kernel, "initrd": body.initrd, "cmdline": body.cmdline, "mem_mib": body.mem_mib,
@@ -119,13 +122,16 @@ class VmOps(Core):
                       (vm_id, tenant, body.name, "stopped", json.dumps(spec, sort_keys=True), now, now))
             c.execute("INSERT INTO vm_events(vm, time, event, detail) VALUES (?,?,?,?)",
                       (vm_id, now, "created", json.dumps({"by": ctx.caller.id})))
+        if body.nics:  # guard rules and DHCP entries for the new NICs (taps come at start)
+            self.net_sync_quietly("vm create")
         row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
         assert row is not None
         return self.store.vm_out(row)
 
-    def _attachments(self, tenant: str, body: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Drives (disks of this tenant only; writable ones exclusive) and NICs (unique taps).
-        Raises ApiError 422/409. Called inside the create transaction."""
+    def _attachments(self, tenant: str, body: Any, c: Any, vm_id: str) -> tuple[list[dict[str, Any]],
+                                                                                list[dict[str, Any]]]:
+        """Drives (disks of this tenant only; writable ones exclusive) and NICs (networks of this tenant
+        only; rows inserted with `c`). Raises ApiError 422/409. Called inside the create transaction."""
         drives = []
         seen: set[str] = set()
         for d in body.drives:
@@ -141,14 +147,7 @@ class VmOps(Core):
             if self._disk_users(disk_id, writable_only=True):
                 raise ApiError(409, f"disk {disk_id} is attached writable to another VM")
             drives.append({"disk": disk_id, "read_only": d.read_only})
-        nics = []
-        for n in body.nics:
-            if self.store.q1("SELECT 1 FROM vms WHERE spec LIKE ?", (f'%"tap": "{n.tap}"%',)):
-                raise ApiError(409, f"tap {n.tap!r} is already used by a VM")
-            nics.append({"tap": n.tap, "mac": (n.mac or "").lower() or None})
-        if len({n["tap"] for n in nics}) != len(nics):
-            raise ApiError(422, "each NIC needs its own tap")
-        return drives, nics
+        return drives, self._attach_nics(c, vm_id, tenant, body.nics)
 
     def _image(self, name: str, what: str) -> Any:
         path = self.paths.images / name
@@ -198,9 +197,12 @@ class VmOps(Core):
                 c.execute("DELETE FROM vm_events WHERE vm = ?", (vm_id,))
                 vs = rbac.vm_scope(row["tenant"], vm_id)
                 c.execute("DELETE FROM assignments WHERE scope = ?", (vs,))
+                had_nics = c.execute("DELETE FROM nics WHERE vm = ?", (vm_id,)).rowcount > 0
                 self.rbac_changed()
             self.backend.forget(vm_id)
             shutil.rmtree(self.paths.vms / vm_id, ignore_errors=True)
+            if had_nics:  # its taps, guard rules and DHCP entries go
+                self.net_sync_quietly("vm delete")
 
     # ------------------------------------------------------------------ lifecycle
     def vm_op(self, ctx: ReqCtx, vm_id: str, op: str) -> dict[str, Any]:
@@ -222,7 +224,7 @@ class VmOps(Core):
                     spec = self._spec(row)
                     digest = self._launch_check(ctx, row, spec)  # integrity gate + measurement; ApiError refuses
                     spec = dataclasses.replace(spec, expected_digest=digest)  # the VMM re-checks its bytes
-                    pid = self.backend.start(vm_id, spec)
+                    pid = self._start_on_backend(vm_id, spec)  # NICs: taps made in the tenant namespace
                 elif op == "stop":
                     self.backend.stop(vm_id)
                     pid = None
@@ -235,7 +237,8 @@ class VmOps(Core):
                 ctx.detail["error"] = str(exc)
                 raise ApiError(409 if "not running" in str(exc) else 503, f"cannot {op} the VM: {exc}") from None
             self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
-            self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id})
+            self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id,
+                                             **(self._exit_reason(vm_id)[0] if op == "stop" else {})})
             final = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
             assert final is not None
             return self.store.vm_out(final)
@@ -253,7 +256,7 @@ class VmOps(Core):
             kernel=str(self.paths.images / spec["kernel"]),
             initrd=str(self.paths.images / spec["initrd"]) if spec.get("initrd") else None,
             cmdline=spec.get("cmdline", ""), mem_mib=spec["mem_mib"], cpus=spec["cpus"], drives=tuple(drives),
-            nics=tuple((n["tap"], n.get("mac") or "") for n in spec.get("nics", [])), rng=bool(spec.get("rng")),
+            nics=self._nic_configs(row["id"]), rng=bool(spec.get("rng")),
             console_path=str(console),
         )
 

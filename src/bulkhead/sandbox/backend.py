@@ -16,9 +16,11 @@ host cannot do it.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bulkhead.errors import HostError
@@ -36,12 +38,22 @@ def jail_id(vm_id: str) -> str:
     return vm_id if _ID.match(vm_id) else "d-" + hashlib.sha256(vm_id.encode()).hexdigest()[:20]
 
 
+def _net(n: Any) -> NetConfig:
+    """A spec NIC: a runtime NetConfig (possibly carrying an open tap fd) or a legacy (tap, mac) pair."""
+    if isinstance(n, NetConfig):
+        return n
+    tap, mac = n
+    return NetConfig(tap, mac)
+
+
 class JailedBackend:
     """One jailed worker per VM. Thread-safe."""
 
     def __init__(self, *, status_type: Callable[..., Any], options: JailOptions | None = None,
                  on_security_event: Callable[[str, str, str], None] | None = None,
-                 on_exit: Callable[[str, WorkerExit], None] | None = None) -> None:
+                 on_exit: Callable[[str, WorkerExit], None] | None = None,
+                 console_root: Path | None = None) -> None:
+        self.console_root = console_root  # <root>/<vm id>/console.log: readable after a daemon restart
         self._status = status_type
         self._options = options or JailOptions()
         self._on_security_event = on_security_event
@@ -50,8 +62,21 @@ class JailedBackend:
         self._consoles: dict[str, str] = {}
         self._lock = threading.Lock()
 
+    @property
+    def options(self) -> JailOptions:
+        return self._options
+
+    def set_hooks(self, *, on_security_event: Callable[[str, str, str], None] | None = None,
+                  on_exit: Callable[[str, WorkerExit], None] | None = None) -> None:
+        """Install the owner's callbacks (the daemon is built after its backend): security events
+        (vm_id, kind, detail) and worker exits (vm_id, WorkerExit), both called from worker threads."""
+        self._on_security_event = on_security_event
+        self._on_exit = on_exit
+
     def start(self, vm_id: str, spec: Any) -> int:
-        """Spawn, verify and start the VM's worker; returns the worker's host pid."""
+        """Spawn, verify and start the VM's worker; returns the worker's host pid. spec.nics holds
+        runtime NetConfigs; a NetConfig with tap_fd >= 0 hands an already-open tap to the worker (the
+        worker gets its own duplicate; the caller keeps and closes its fd)."""
         with self._lock:
             old = self._handles.get(vm_id)
             if old is not None and old.running:
@@ -59,11 +84,15 @@ class JailedBackend:
         config = VmConfig(
             kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, mem_mib=spec.mem_mib, cpus=spec.cpus,
             drives=tuple(DriveConfig(p, ro) for p, ro in spec.drives),
-            nets=tuple(NetConfig(tap, mac) for tap, mac in spec.nics), rng=spec.rng, serial="stdio",
+            nets=tuple(_net(n) for n in spec.nics), rng=spec.rng, serial="stdio",
         )
         path = spec.console_path
-        with open(path, "wb"):
-            pass
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            with open(path, "wb"):
+                pass
+        except OSError as exc:
+            raise HostError(f"cannot create the console file {path}: {exc.strerror}") from None
         lock = threading.Lock()
 
         def console(data: bytes) -> None:
@@ -120,6 +149,11 @@ class JailedBackend:
             raise
         return self._status("paused" if state == "paused" else "running", h.pid)
 
+    def worker(self, vm_id: str) -> WorkerHandle | None:
+        """The VM's current (or last) worker handle, if any (diagnostics and tests)."""
+        with self._lock:
+            return self._handles.get(vm_id)
+
     def exit_reason(self, vm_id: str) -> WorkerExit | None:
         """The host-decided exit of a VM's worker (kind, status, detail, security_event), if it ended."""
         with self._lock:
@@ -128,6 +162,8 @@ class JailedBackend:
 
     def console(self, vm_id: str, offset: int, limit: int) -> bytes:
         path = self._consoles.get(vm_id)
+        if path is None and self.console_root is not None:
+            path = str(self.console_root / vm_id / "console.log")  # the daemon's VM ids are checked UUIDs
         if path is None:
             return b""
         try:

@@ -513,7 +513,9 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         cgroup.create()
         nets = []
         for n in config.nets:
-            fd = _open_tap(n.tap)
+            # a tap the caller already opened (e.g. the daemon's, inside a tenant namespace) is duplicated;
+            # otherwise the tap is opened here by name
+            fd = os.dup(n.tap_fd) if n.tap_fd >= 0 else _open_tap(n.tap)
             taps.append(fd)
             nets.append(n._replace(tap_fd=fd))
         inner = config._replace(kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,

@@ -1,0 +1,203 @@
+"""The daemon runs VMs in the jail (root + KVM): a VM created and started through the API runs in a jailed
+worker (checked from /proc: not uid 0, seccomp filter, no_new_privs, no capabilities), pause/resume are
+real vCPU pauses through the worker protocol (the process is never SIGSTOPped), a stop leaves no jail
+directory, cgroup or mount, and every way a worker can end is recorded with its own reason in the VM's
+events and in the audit log (a killed worker, a crash, a seccomp kill, an OOM kill, a guest poweroff).
+A real guest payload runs through the API in the jail too. Stale jails are cleaned when the daemon starts.
+
+The fake-machine tests use the sandbox's test-probe hook (BULKHEAD_TEST_PROBES=1): the worker builds a KVM
+VM and touches guest RAM inside the jail, and named probes make it misbehave the way a compromised device
+model would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bulkhead.daemon.backend import BackendStatus, make_backend
+from bulkhead.daemon.testkit import Harness
+from bulkhead.sandbox.backend import JailedBackend
+from bulkhead.sandbox.supervisor import PROBES_ENV, JailOptions, leftovers
+
+pytestmark = [pytest.mark.root, pytest.mark.kvm, pytest.mark.timeout(180)]
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wait(pred: Any, timeout: float = 15.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def jailed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    monkeypatch.setenv(PROBES_ENV, "1")
+    backend = JailedBackend(status_type=BackendStatus, options=JailOptions(test_probes=True, memory_overhead_mib=64))
+    h = Harness(tmp_path / "s", backend=backend)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def _vm(h: Harness, name: str = "vm", mem: int = 8) -> str:
+    t = h.tenant(f"t-{uuid.uuid4().hex[:6]}")
+    return h.vm(t, name, mem_mib=mem)
+
+
+def _events(c: Any, vm: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(e["event"], json.loads(e["detail"])) for e in c.get(f"/v1/vms/{vm}/events").json()]
+
+
+def _audit(c: Any, vm: str) -> list[dict[str, Any]]:
+    return list(c.get("/v1/audit", params={"vm": vm, "limit": 10000}).json())
+
+
+def test_root_daemon_defaults_to_the_jail(tmp_path: Path) -> None:
+    assert isinstance(make_backend("auto"), JailedBackend)
+    assert isinstance(make_backend("jail"), JailedBackend)
+
+
+def test_a_vm_started_through_the_api_runs_jailed_and_pauses_for_real(jailed: Harness) -> None:
+    h = jailed
+    vm = _vm(h)
+    with h.client() as c:
+        got = c.post(f"/v1/vms/{vm}/start").json()
+        assert got["state"] == "running"
+        reaper = h.daemon.store.q1("SELECT pid FROM vms WHERE id = ?", (vm,))["pid"]
+        (worker,) = _children(reaper)
+        for pid in (reaper, worker):
+            st = _status(pid)
+            uids = st["Uid"].split()
+            assert uids[0] != "0" and len(set(uids)) == 1, st["Uid"]
+            assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1" and int(st["CapEff"], 16) == 0
+            assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+            assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert Path(f"/run/bulkhead/jail/{vm}/root").is_dir()
+
+        assert c.post(f"/v1/vms/{vm}/pause").json()["state"] == "paused"
+        assert h.backend.status(vm).state == "paused"  # the worker's own answer over the protocol
+        assert _status(worker)["State"][0] != "T"  # a vCPU pause, not SIGSTOP of the process
+        handle = h.backend.worker(vm)
+        assert handle is not None and "paused" in [n for n, _ in handle.events]
+        assert c.post(f"/v1/vms/{vm}/resume").json()["state"] == "running"
+        assert h.backend.status(vm).state == "running"
+        _wait(lambda: b"fake-vm: running" in c.get(f"/v1/vms/{vm}/console").json()["data"].encode())
+
+        assert c.post(f"/v1/vms/{vm}/stop").json()["state"] == "stopped"
+        assert leftovers(vm) == []
+        assert not os.path.exists(f"/proc/{reaper}") or _status(reaper)["State"][0] == "Z"
+        event, detail = _events(c, vm)[-1]
+        assert event == "stopped" and detail["reason"] == "interrupted"
+        # restartable, and deletable once stopped
+        assert c.post(f"/v1/vms/{vm}/start").json()["state"] == "running"
+        assert c.post(f"/v1/vms/{vm}/stop").json()["state"] == "stopped"
+        assert c.delete(f"/v1/vms/{vm}").status_code == 204
+    assert leftovers(vm) == []
+
+
+def _kill_worker(h: Harness, vm: str) -> None:
+    reaper = h.daemon.store.q1("SELECT pid FROM vms WHERE id = ?", (vm,))["pid"]
+    (worker,) = _children(reaper)
+    os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how, kind, security", [
+    ("kill", "worker-crash", True),       # the host-side view: the worker died of SIGKILL
+    ("crash", "worker-crash", True),      # SIGSEGV inside the worker
+    ("execve", "seccomp-kill", True),     # a system call outside the allow-list
+    ("oom", "oom-kill", True),            # over the memory cgroup limit
+    ("shutdown", "poweroff", False),      # the guest powered off: not a security event
+])
+def test_each_way_a_worker_ends_is_recorded_with_its_reason(jailed: Harness, how: str, kind: str,
+                                                           security: bool) -> None:
+    h = jailed
+    vm = _vm(h, f"end-{how}")
+    with h.client() as c:
+        assert c.post(f"/v1/vms/{vm}/start").json()["state"] == "running"
+        if how == "kill":
+            _kill_worker(h, vm)
+        else:
+            handle = h.backend.worker(vm)
+            assert handle is not None
+            handle.probe(how, timeout=30)
+        # recorded by the worker's exit callback, without anyone reading the VM
+        row = _wait(lambda: (r := h.daemon.store.q1("SELECT * FROM vms WHERE id = ?", (vm,)))["state"] == "exited"
+                    and r, timeout=40)
+        assert leftovers(vm) == []
+        event, detail = _events(c, vm)[-1]
+        assert event == "exited" and detail["reason"] == kind, detail
+        assert detail["status"] == row["exit_status"]
+        recs = _audit(c, vm)
+        exits = [r for r in recs if r["action"] == "vm.exit"]
+        assert len(exits) == 1 and json.loads(exits[0]["detail"])["reason"] == kind
+        sec = [r for r in recs if r["kind"] == "security" and r["action"] == f"security/{kind}"]
+        assert len(sec) == (1 if security else 0), [r["action"] for r in recs]
+        assert all(r["scope"] == exits[0]["scope"] for r in sec)
+        got = c.get(f"/v1/vms/{vm}").json()
+        assert (got["state"], got["exit_status"]) == ("exited", row["exit_status"])
+        assert c.delete(f"/v1/vms/{vm}").status_code == 204
+
+
+def test_a_real_guest_runs_in_the_jail_through_the_api(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.vmrun import payload
+
+    img = payload("exit_code")
+    h = Harness(tmp_path / "s", backend=make_backend("jail"))
+    try:
+        (h.root / "images" / "exit-code").write_bytes(img.read_bytes())
+        t = h.tenant("real")
+        with h.client() as c:
+            vm = c.post("/v1/vms", json={"tenant": t, "name": "g", "kernel": "exit-code", "cmdline": "code=0x21",
+                                         "mem_mib": 16}).json()["id"]
+            assert c.post(f"/v1/vms/{vm}/start").json()["state"] == "running"
+            got = _wait(lambda: (g := c.get(f"/v1/vms/{vm}").json())["state"] == "exited" and g, timeout=120)
+            assert got["exit_status"] == (0x21 << 1) | 1
+            assert "EXIT 33" in c.get(f"/v1/vms/{vm}/console").json()["data"]
+            event, detail = _events(c, vm)[-1]
+            assert event == "exited" and detail["reason"] == "debug-exit"
+            assert not [r for r in _audit(c, vm) if r["kind"] == "security"]
+        assert leftovers(vm) == []
+    finally:
+        h.close()
+
+
+def test_stale_jails_are_cleaned_when_the_daemon_starts(tmp_path: Path) -> None:
+    base = tmp_path / "run"
+    stale = f"t-stale-{uuid.uuid4().hex[:8]}"
+    (base / "jail" / stale / "root").mkdir(parents=True)  # no uid record: its supervisor is gone
+    h = Harness(tmp_path / "s", backend=JailedBackend(status_type=BackendStatus, options=JailOptions(
+        base_dir=str(base))))
+    try:
+        assert leftovers(stale, str(base)) == []
+        with h.client() as c:
+            recs = [r for r in c.get("/v1/audit", params={"limit": 1000}).json() if r["action"] == "sandbox.cleanup"]
+        assert json.loads(recs[-1]["detail"])["vms"] == [stale]
+    finally:
+        h.close()
