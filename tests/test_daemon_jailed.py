@@ -201,3 +201,76 @@ def test_stale_jails_are_cleaned_when_the_daemon_starts(tmp_path: Path) -> None:
         assert json.loads(recs[-1]["detail"])["vms"] == [stale]
     finally:
         h.close()
+
+
+@pytest.mark.parametrize("kind", ["jail", "process"])
+def test_a_guest_on_a_tenant_network_through_the_api(tmp_path: Path, kind: str) -> None:
+    """The whole path: network and VM created through the API, the daemon makes the tap inside the tenant
+    namespace and hands its fd to the jailed worker (jail), or makes a persistent tap and runs `bulkhead
+    run` under nsenter in the tenant namespace (process); the real virtio-net guest's 0x88b5 broadcast is
+    dropped at the bridge and shows up in GET /networks/{id}/counters; a frame from the bridge reaches the
+    guest; after the guest exits the jailed tap is gone (the persistent one goes with the VM), and deleting
+    everything leaves no namespace."""
+    import secrets
+
+    from pyroute2 import netns as pnetns
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.test_network_guest import bridge_sender
+    from tests.virtio_payloads import build_virtio
+
+    from bulkhead.network import host
+    from bulkhead.network.service import NetworkService
+    from bulkhead.network.state import HostConfig
+
+    image = build_virtio("virtio_net")
+    prefix = "j" + secrets.token_hex(1)
+    hns = f"{prefix}host"
+    pnetns.create(hns)
+    cfg = HostConfig(prefix=prefix, state_dir=f"/run/bulkhead-test-{prefix}", host_netns=hns)
+    h = Harness(tmp_path / "s", backend=make_backend(kind), net=NetworkService(cfg))
+    try:
+        (h.root / "images" / "virtio-net").write_bytes(image.read_bytes())
+        t = h.tenant("netted")
+        with h.client() as c:
+            net = c.post(f"/v1/tenants/{t}/networks", json={"name": "lan", "ipv4_subnet": "10.5.0.0/24"}).json()
+            vm = c.post("/v1/vms", json={"tenant": t, "name": "g", "kernel": "virtio-net", "mem_mib": 32,
+                                         "cmdline": "seed=7 net_timeout_ms=20000",
+                                         "nics": [{"network": net["id"]}]}).json()
+            mac, tap, ns = vm["nics"][0]["mac"], cfg.tap(vm["id"], 0), cfg.netns(t)
+            before = c.get(f"/v1/networks/{net['id']}/counters").json()["counters"][f"{mac}/proto"]["packets"]
+            with bridge_sender(ns, cfg.bridge(net["id"]), mac, b"bulkhead-pong 7"):
+                assert c.post(f"/v1/vms/{vm['id']}/start").json()["state"] == "running"
+                assert Path(f"/run/netns/{ns}").exists()
+                got = _wait(lambda: (g := c.get(f"/v1/vms/{vm['id']}").json())["state"] == "exited" and g,
+                            timeout=150)
+            console = c.get(f"/v1/vms/{vm['id']}/console").json()["data"]
+            assert got["exit_status"] == 1, console  # debug-exit 0: the guest saw its pong
+            assert any(line.startswith("NET tx ") and "result=1" in line for line in console.splitlines()), console
+            rx = [line for line in console.splitlines() if line.startswith("NET rx len=")]
+            assert rx and "bulkhead-pong" in rx[0] and mac in rx[0], console
+            after = c.get(f"/v1/networks/{net['id']}/counters").json()["counters"]
+            assert after[f"{mac}/proto"]["packets"] - before >= 1  # the guest's broadcast, dropped and counted
+            assert after[f"{mac}/mac"]["packets"] == 0
+            links = subprocess_links(ns)
+            assert cfg.bridge(net["id"]) in links
+            if kind == "jail":
+                assert tap not in links  # the tap died with the worker
+                assert leftovers(vm["id"]) == []
+            else:
+                assert tap in links  # persistent until the VM is deleted
+            assert c.delete(f"/v1/vms/{vm['id']}").status_code == 204
+            assert tap not in subprocess_links(ns)
+            assert c.delete(f"/v1/networks/{net['id']}").status_code == 204
+        assert not Path(f"/run/netns/{ns}").exists()
+    finally:
+        h.close()
+        host.teardown(cfg)
+        pnetns.remove(hns)
+
+
+def subprocess_links(ns: str) -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True, check=False).stdout
+    return {line.split(": ")[1].split("@")[0] for line in out.splitlines() if ": " in line}
