@@ -462,6 +462,28 @@ def test_policy_stop_stops_running_vms_when_the_host_becomes_untrusted(tmp_path:
 
 
 @tpm_needed
+def test_an_attestation_that_stops_arriving_is_audited_as_untrusted_without_any_query(tmp_path: Path) -> None:
+    e = TpmEnv(tmp_path, max_age_s=1, interval_s=0.5)
+    try:
+        h = e.h
+        assert _audit(h, "security/integrity/trusted")
+        h.daemon.integrity.gate.driver.stop()  # the attestation loop dies silently
+        h.daemon.start_monitor(0.1)
+
+        def went_untrusted() -> bool:
+            return any("stale" in r for rec in _audit(h, "security/integrity/untrusted")
+                       for r in json.loads(rec["detail"])["reasons"])
+
+        assert _wait_for(went_untrusted, 10), "staleness must be noticed and audited by the daemon itself"
+        vm = h.vm(h.tenant("acme"), "web")
+        with h.client() as c:
+            assert c.post(f"/v1/vms/{vm}/start").status_code == 503
+        assert _started(h) == []
+    finally:
+        e.close()
+
+
+@tpm_needed
 def test_unusable_policy_leaves_the_host_untrusted(tmp_path: Path) -> None:
     e = TpmEnv(tmp_path)
     try:

@@ -192,6 +192,10 @@ class Daemon(VmOps, AccessOps):
                     self.monitor_once()
                 except Exception as exc:  # the monitor must not die; the next round retries
                     print(f"bulkheadd: VM monitor: {exc}", file=sys.stderr)
+                try:  # applies staleness even when nobody asks: a silent attestation loop is audited
+                    self.integrity.status()
+                except Exception as exc:
+                    print(f"bulkheadd: integrity status: {exc}", file=sys.stderr)
 
         self._monitor = threading.Thread(target=loop, name="vm-monitor", daemon=True)
         self._monitor.start()
