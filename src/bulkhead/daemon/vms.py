@@ -69,7 +69,10 @@ class VmOps(NetworkOps):
         """Notice a VMM process that ended on its own: running/paused -> exited (audited)."""
         if row["state"] not in ("running", "paused"):
             return row
-        st = self.backend.status(row["id"])
+        try:
+            st = self.backend.status(row["id"])
+        except HostError:  # e.g. a jailed worker that does not answer in time: report the stored state
+            return row
         if st.state in ("running", "paused"):
             return row
         why, reported = self._exit_reason(row["id"])  # the jailed worker's host-decided reason, if any
