@@ -28,19 +28,22 @@ EXPECTED_GRANTS: dict[str, set[str]] = {
 
 T, U = str(uuid.uuid4()), str(uuid.uuid4())
 V1, V2, UV = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+N, UN = str(uuid.uuid4()), str(uuid.uuid4())
 TARGETS = {
     "own VM": f"/tenants/{T}/vms/{V1}",
     "other VM, own tenant": f"/tenants/{T}/vms/{V2}",
     "own tenant": f"/tenants/{T}",
+    "network of own tenant": f"/tenants/{T}/networks/{N}",
     "other tenant": f"/tenants/{U}",
     "VM of other tenant": f"/tenants/{U}/vms/{UV}",
+    "network of other tenant": f"/tenants/{U}/networks/{UN}",
     "root": "/",
 }
 LEVELS = {"vm": f"/tenants/{T}/vms/{V1}", "tenant": f"/tenants/{T}", "root": "/"}
 # Hand-written: which targets an assignment at each level reaches.
 REACH = {
     "vm": {"own VM"},
-    "tenant": {"own VM", "other VM, own tenant", "own tenant"},
+    "tenant": {"own VM", "other VM, own tenant", "own tenant", "network of own tenant"},
     "root": set(TARGETS),
 }
 
