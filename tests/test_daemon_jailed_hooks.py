@@ -141,3 +141,45 @@ def test_worker_security_events_are_audited(h):
         recs = [r for r in c.get("/v1/audit", params={"vm": vm}).json() if r["kind"] == "security"]
     assert [r["action"] for r in recs] == ["security/worker:device-reset"]
     assert json.loads(recs[0]["detail"]) == {"detail": "virtio-net queue reset", "source": "jailed worker"}
+
+
+def test_backend_choice_and_the_unjailed_warning(monkeypatch, capsys):
+    import os
+
+    from bulkhead.daemon.backend import ProcessBackend, make_backend
+    from bulkhead.errors import ConfigError
+    from bulkhead.sandbox.backend import JailedBackend
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert isinstance(make_backend("auto"), JailedBackend)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert isinstance(make_backend("auto"), ProcessBackend)  # not root: unjailed, and it says so
+    assert "WARNING: VMs run WITHOUT the jail" in capsys.readouterr().err
+    assert isinstance(make_backend("process"), ProcessBackend)
+    assert "WITHOUT the jail" in capsys.readouterr().err
+    with pytest.raises(HostError, match="needs root"):
+        make_backend("jail")
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        make_backend("qemu")
+    assert isinstance(make_backend("fake"), FakeBackend)
+
+
+def test_serve_network_options():
+    import argparse
+
+    from bulkhead.daemon.cli import _network_service
+    from bulkhead.daemon.networks import DryNetworkService
+    from bulkhead.errors import ConfigError
+    from bulkhead.network.service import NetworkService
+
+    def ns(**kw: Any) -> argparse.Namespace:
+        return argparse.Namespace(**{"network": None, "backend": "auto", "net_prefix": "bh", **kw})
+
+    assert isinstance(_network_service(ns(backend="fake")), DryNetworkService)
+    real = _network_service(ns())
+    assert type(real) is NetworkService and real.config.prefix == "bh"
+    assert type(_network_service(ns(backend="fake", network="host", net_prefix="t1"))) is NetworkService
+    assert isinstance(_network_service(ns(network="dry")), DryNetworkService)
+    with pytest.raises(ConfigError, match="network prefix"):
+        _network_service(ns(net_prefix="Bad-prefix"))
