@@ -132,6 +132,7 @@ def _kill_worker(h: Harness, vm: str) -> None:
     ("crash", "worker-crash", True),      # SIGSEGV inside the worker
     ("execve", "seccomp-kill", True),     # a system call outside the allow-list
     ("oom", "oom-kill", True),            # over the memory cgroup limit
+    ("send-raw", "protocol-violation", True),  # an oversized datagram on the worker channel
     ("shutdown", "poweroff", False),      # the guest powered off: not a security event
 ])
 def test_each_way_a_worker_ends_is_recorded_with_its_reason(jailed: Harness, how: str, kind: str,
