@@ -596,3 +596,67 @@ def test_cli_vm_measurement_expected_digest_and_integrity_status(tmp_path: Path,
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@tpm_needed
+def test_clean_install_attests_through_bulkhead_serve(tmp_path: Path) -> None:
+    """The operator's flow with the real `bulkhead serve`: signed manifest, a TPM given with --tpm, an
+    enrollment, a policy made from the daemon's own event log (`attest policy-init`); after a restart the
+    host is trusted, and a VM whose launch digest is added to the policy starts (fake backend)."""
+    pytest.importorskip("tpm2_pytss", reason="tpm2-pytss (and libtss2) not installed")
+    import httpx
+
+    from bulkhead.daemon.testkit import wait_serve_info
+    from bulkhead.integrity.cli import attest_main
+    from bulkhead.integrity.tpm import SwTpm
+
+    _, env = _signed_copy(tmp_path)
+    state = tmp_path / "state"
+    Harness(state).close()
+    (state / "images" / "vmlinux").write_bytes(b"\x7fELF clean install kernel")
+    integ = state / "integrity"
+    integ.mkdir()
+    sw = SwTpm(str(tmp_path / "tpm")).start()
+    try:
+        assert attest_main(["enroll", "--tcti", sw.tcti, "-o", str(integ / "enrollment.json")]) == 0
+        assert attest_main(["policy-init", "--enrollment", str(integ / "enrollment.json"),
+                            "-o", str(integ / "policy.json")]) == 0  # nothing allowed yet
+
+        def serve() -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+            p = subprocess.Popen([sys.executable, "-m", "bulkhead", "serve", "--state-dir", str(state), "--port", "0",
+                                  "--backend", "fake", "--tpm", sw.tcti], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, env=env, cwd=str(state))
+            return p, wait_serve_info(state, p)
+
+        def stop(p: subprocess.Popen[bytes]) -> None:
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=30)
+
+        proc, info = serve()
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=info["socket"]), base_url="http://b") as c:
+                st = c.get("/v1/integrity").json()
+                assert st["state"] == "untrusted" and st["code"]["verified"] is True
+        finally:
+            stop(proc)
+        # golden values from the daemon's own measurements, as an operator would at provisioning
+        assert attest_main(["policy-init", "--enrollment", str(integ / "enrollment.json"),
+                            "--log", str(integ / "events.jsonl"), "-o", str(integ / "policy.json")]) == 0
+        proc, info = serve()
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=info["socket"]), base_url="http://b") as c:
+                st = c.get("/v1/integrity").json()
+                assert st["state"] == "trusted" and st["mode"] == "tpm", st["reasons"]
+                t = c.post("/v1/tenants", json={"name": "acme"}).json()["id"]
+                vm = c.post("/v1/vms", json={"tenant": t, "name": "web", "kernel": "vmlinux"}).json()["id"]
+                assert c.post(f"/v1/vms/{vm}/start").status_code == 409  # not a golden value yet
+                policy = json.loads((integ / "policy.json").read_text())
+                policy["allowed"]["vm-launch"].append(c.get(f"/v1/vms/{vm}/measurement").json()["digest"])
+                (integ / "policy.json").write_text(json.dumps(policy))
+                r = c.post(f"/v1/vms/{vm}/start")
+                assert r.status_code == 200 and r.json()["state"] == "running", r.text
+                assert c.get("/v1/integrity").json()["state"] == "trusted"
+        finally:
+            stop(proc)
+    finally:
+        sw.cleanup()
