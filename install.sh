@@ -57,6 +57,20 @@ LAUNCHER
   chmod 755 "/usr/local/bin/$name"
 done
 
+# Sign a manifest of the installed code (docs/INTEGRITY.md): the daemon and every jailed worker verify the
+# files against it before they run. The release key is made here and its private half discarded, so no key on
+# this host can re-sign modified code. After changing the code, run ./install.sh again.
+install -d -m 0755 /etc/bulkhead
+KEYDIR=$(mktemp -d)
+trap 'rm -rf "$KEYDIR"' EXIT
+.venv/bin/python -m bulkhead manifest keygen "$KEYDIR/release" >/dev/null
+.venv/bin/python -m bulkhead manifest build --extra /usr/local/bin/bulkhead --extra /usr/local/bin/bulkheadd \
+    -o "$KEYDIR/manifest.unsigned.json" >/dev/null
+.venv/bin/python -m bulkhead manifest sign "$KEYDIR/manifest.unsigned.json" --key "$KEYDIR/release.key" \
+    -o /etc/bulkhead/manifest.json >/dev/null
+install -m 0644 "$KEYDIR/release.pub" /etc/bulkhead/release-key.pub
+.venv/bin/python -m bulkhead manifest verify >/dev/null
+
 # Build the demo guest now so `bulkhead demo` starts at once (it is rebuilt only when its sources change).
 .venv/bin/python -m bulkhead.guests.build demo.c >/dev/null
 echo "install.sh: done. Try: bulkhead demo"

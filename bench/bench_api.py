@@ -124,10 +124,13 @@ class Target:
             self.get_path = "/x"
             self.client = httpx.Client(base_url=self.url, verify=ctx(root))
             return
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        # The API benchmark measures the API, not VM starts: VM-less fake backend, integrity gate off (allowed
+        # only with the fake backend, loud and audited), code check skipped explicitly.
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BULKHEAD_DEV_SKIP_INTEGRITY": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bulkhead", "serve", "--state-dir", str(root), "--port", "0", "--backend",
-             "fake", "--engine", kind], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+             "fake", "--engine", kind, "--integrity", "off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env)
         info = wait_serve_info(root, self.proc)
         self.url = f"https://127.0.0.1:{info['port']}"
         self.client = httpx.Client(base_url=self.url, verify=ctx(root))

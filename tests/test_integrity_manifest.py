@@ -35,7 +35,7 @@ def install(tmp_path: Path) -> dict[str, Path]:
 
 def _require(install: dict[str, Path], **env: str) -> m.IntegrityResult:
     return require_integrity("daemon", manifest_path=str(install["manifest"]),
-                             pubkey_path=str(install["pub"]), environ=env)
+                             pubkey_path=str(install["pub"]), environ=env, running_root=install["pkg"])
 
 
 def test_manifest_records_every_package_file_and_skips_pycache(install: dict[str, Path]) -> None:

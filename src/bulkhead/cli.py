@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "manifest": ("bulkhead.integrity.cli", "manifest_main", "build, sign and verify the signed code manifest"),
     "attest": ("bulkhead.integrity.cli", "attest_main", "TPM attestation: enroll, quote, verify"),
     "dev": ("bulkhead.integrity.cli", "dev_main", "development helpers (dev tpm: run a swtpm)"),
+    "integrity": ("bulkhead.daemon.cli", "integrity_main", "host integrity state from the daemon (GET /integrity)"),
     "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
 }
 

@@ -82,6 +82,8 @@ class VmSpec:
             args += ["--net", net]
         if self.rng:
             args.append("--rng")
+        if getattr(self, "expected_digest", None):
+            args += ["--expected-digest", str(self.expected_digest)]
         return args
 
 
@@ -123,6 +125,9 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
+INTEGRITY_ENV = ("BULKHEAD_MANIFEST", "BULKHEAD_RELEASE_KEY", "BULKHEAD_DEV_SKIP_INTEGRITY")
+
+
 class ProcessBackend:
     """Each VM is a `bulkhead run` child process (NOT jailed: development and non-root hosts only).
 
@@ -157,7 +162,12 @@ class ProcessBackend:
                     stderr=subprocess.STDOUT,
                     preexec_fn=_pdeathsig,
                     close_fds=True,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.pathsep.join(sys.path)},
+                    env={
+                        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                        "PYTHONPATH": os.pathsep.join(sys.path),
+                        # where the signed manifest is (or the explicit, loud development skip of the check)
+                        **{k: os.environ[k] for k in INTEGRITY_ENV if k in os.environ},
+                    },
                 )
             except OSError as exc:
                 raise HostError(f"cannot start the VMM process: {exc}") from None

@@ -317,8 +317,12 @@ def require_integrity(
     manifest_path: str | None = None,
     pubkey_path: str | None = None,
     environ: Mapping[str, str] | None = None,
+    running_root: str | os.PathLike[str] | None = None,
 ) -> IntegrityResult:
     """The one-call start-up check for the daemon and every worker.
+
+    The manifest must describe the package actually running (`running_root`, default the imported
+    package's directory): a genuine manifest of some other intact copy vouches for nothing.
 
     Paths default to $BULKHEAD_MANIFEST / $BULKHEAD_RELEASE_KEY, then /etc/bulkhead/manifest.json and
     /etc/bulkhead/release-key.pub. The check is skipped ONLY when the environment has exactly
@@ -340,6 +344,14 @@ def require_integrity(
         return IntegrityResult(False, None, mpath)
     kpath = pubkey_path or env.get("BULKHEAD_RELEASE_KEY") or DEFAULT_PUBKEY
     manifest = load_signed_manifest(mpath, _read_pubkey(kpath))
+    running = Path(running_root).resolve() if running_root is not None else package_root()
+    recorded = Path(str(manifest["package_root"])).resolve()
+    if recorded != running:
+        raise IntegrityError(
+            f"bulkhead {role} refuses to start: the running package {running} is not the package "
+            f"the manifest describes ({recorded})",
+            path=str(running),
+        )
     diffs = diff_manifest(manifest)
     if diffs:
         first = diffs[0]

@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rng", action="store_true", help="virtio-rng device fed by the host's getrandom")
     p.add_argument("--no-jail", action="store_true", help="development: run the VM in this process, unjailed")
+    p.add_argument("--expected-digest", metavar="SHA256", help="refuse to boot unless the launch digest matches")
     p.add_argument(
         "--stats", metavar="FILE", help="write VM counters (exits, contained accesses, devices) as JSON"
     )
@@ -76,6 +77,7 @@ _RUN_FLAGS: dict[str, tuple[str, str]] = {
     "--rng": ("bool", "rng"),
     "--no-jail": ("bool", "no_jail"),
     "--stats": ("str", "stats"),
+    "--expected-digest": ("str", "expected_digest"),
     "--no-ioeventfd": ("bool", "no_ioeventfd"),
     "--quiet": ("bool", "quiet"),
     "-q": ("bool", "quiet"),
@@ -83,6 +85,7 @@ _RUN_FLAGS: dict[str, tuple[str, str]] = {
 _RUN_DEFAULTS: dict[str, object] = {
     "kernel": None, "initrd": None, "cmdline": "", "mem": 128, "cpus": 1, "serial": "stdio", "boot": "auto",
     "drive": [], "net": [], "rng": False, "no_jail": False, "stats": None, "no_ioeventfd": False, "quiet": False,
+    "expected_digest": None,
 }  # fmt: skip
 
 
@@ -141,6 +144,7 @@ def _config_from_args(ns: dict[str, object]) -> VmConfig:
         drives=tuple(parse_drive(d) for d in ns["drive"]),  # type: ignore[attr-defined]
         nets=tuple(parse_net(n) for n in ns["net"]),  # type: ignore[attr-defined]
         rng=bool(ns["rng"]),
+        expected_digest=ns["expected_digest"],
     )
 
 

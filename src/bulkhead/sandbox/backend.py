@@ -85,6 +85,7 @@ class JailedBackend:
             kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, mem_mib=spec.mem_mib, cpus=spec.cpus,
             drives=tuple(DriveConfig(p, ro) for p, ro in spec.drives),
             nets=tuple(_net(n) for n in spec.nics), rng=spec.rng, serial="stdio",
+            expected_digest=getattr(spec, "expected_digest", None),
         )
         path = spec.console_path
         try:

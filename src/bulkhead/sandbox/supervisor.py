@@ -468,6 +468,15 @@ def _verify_sandbox(handle: WorkerHandle, uid: int) -> None:
             raise HostError(f"sandbox verification failed for pid {pid}: {', '.join(bad)}")
 
 
+_INTEGRITY_ENV = ("BULKHEAD_MANIFEST", "BULKHEAD_RELEASE_KEY", "BULKHEAD_DEV_SKIP_INTEGRITY")
+
+
+def _worker_env() -> dict[str, str]:
+    """The worker starts from a clean environment; only where to find the signed manifest (or the explicit,
+    loud development skip of the code check) is passed on."""
+    return {k: os.environ[k] for k in _INTEGRITY_ENV if k in os.environ}
+
+
 def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOptions | None = None,
                  on_console: Callable[[bytes], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -533,7 +542,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
             argv += ["--tap-fd", str(fd)]
         if opts.test_probes:
             argv.append("--test-probes")
-        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, pass_fds=(sock_worker.fileno(), *taps), close_fds=True)
     except BaseException:
         for fd in taps:

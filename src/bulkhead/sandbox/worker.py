@@ -286,8 +286,12 @@ def main(argv: list[str]) -> int:
         print(f"bulkhead worker: {exc}", file=sys.stderr)
         return 2
     jail.close_fds({args["channel_fd"], *args["tap_fds"]})  # step 1
-    step = "spec"
+    step = "integrity"
     try:
+        from bulkhead.integrity.manifest import require_integrity
+
+        require_integrity("worker")  # before the jail: after pivot_root the package and manifest are unreachable
+        step = "spec"
         spec = jail.JailSpec.from_json(args["spec"])
         _preimport(args["test_probes"])
         sock = socket.socket(fileno=args["channel_fd"])
