@@ -25,7 +25,9 @@ with atheris.instrument_imports():
 
     from bulkhead.control import models as m
 
-MODELS = (m.TenantCreate, m.PrincipalIssue, m.RoleCreate, m.AssignmentCreate, m.DiskCreate, m.VmCreate)
+MODELS = (
+    m.TenantCreate, m.PrincipalIssue, m.RoleCreate, m.AssignmentCreate, m.DiskCreate, m.VmCreate, m.NetworkCreate,
+)  # fmt: skip
 
 SEEDS = {
     "tenant": (0, b'{"name":"acme","scope":"/t/acme"}'),
@@ -35,9 +37,10 @@ SEEDS = {
         b'{"tenant":"7f1f6a0e-2c1b-4c1a-9a53-3d2f0c6a1b2c","name":"web-1","kernel":"vmlinux",'
         b'"cmdline":"console=ttyS0","mem_mib":128,"cpus":2,'
         b'"drives":[{"disk":"0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0e","read_only":true}],'
-        b'"nics":[{"tap":"tap0","mac":"52:54:00:12:34:56"}],"rng":true}',
+        b'"nics":[{"network":"5d1c2b3a-4e5f-4a6b-8c7d-9e0f1a2b3c4d","mac":"52:54:00:12:34:56"}],"rng":true}',
     ),
     "vm_extra": (5, b'{"tenant":"x","name":"a","kernel":"k","evil":1}'),
+    "network": (6, b'{"name":"lan","ipv4_subnet":"10.0.0.0/24","egress":false}'),
 }
 
 

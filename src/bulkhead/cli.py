@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cert": ("bulkhead.daemon.cli", "cert_main", "issue or revoke client certificates"),
     "vm": ("bulkhead.daemon.cli", "vm_main", "manage VMs through the daemon"),
     "tenant": ("bulkhead.daemon.cli", "tenant_main", "manage tenants"),
+    "network": ("bulkhead.daemon.cli", "network_main", "manage tenant networks through the daemon"),
     "role": ("bulkhead.daemon.cli", "role_main", "manage role definitions and assignments"),
     "audit": ("bulkhead.daemon.cli", "audit_main", "show, export and verify the audit log"),
     "manifest": ("bulkhead.integrity.cli", "manifest_main", "build, sign and verify the signed code manifest"),
