@@ -534,7 +534,7 @@ def audit_main(argv: list[str]) -> int:
     for sp in (sh, ex):
         sp.add_argument("--since", help="ISO time, e.g. 2026-01-31 or 2026-01-31T12:00:00")
         sp.add_argument("--principal", help="principal id or name")
-        sp.add_argument("--vm", help="VM id")
+        sp.add_argument("--vm", help="VM id or name")
         _common(sp)
     sh.add_argument("--limit", type=int, default=100)
     ex.add_argument("--out", type=Path, help="file (default stdout)")
@@ -553,7 +553,10 @@ def audit_main(argv: list[str]) -> int:
             principal = args.principal
             if principal and len(principal) != 36:
                 principal = _principal_id(c, principal)
-            params = {"since": args.since, "principal": principal, "vm": args.vm}
+            vm = args.vm
+            if vm and not (len(vm) == 36 and vm.count("-") == 4):
+                vm = _vm_id(c, vm)  # a VM name, as the vm commands accept
+            params = {"since": args.since, "principal": principal, "vm": vm}
             if args.cmd == "show":
                 recs = c.get("/audit", **params, limit=max(1, min(args.limit, 10000)))
                 return _out(args, recs, ["seq", "time", "kind", "principal", "action", "decision", "result", "vm"])
