@@ -26,7 +26,7 @@ import errno
 import os
 import struct
 
-from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, VirtioDevice
+from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, ThrottledSingleQueueDevice
 from bulkhead.devices.virtio.queue import DescriptorChain, Queue, gather, scatter, slice_buffers
 from bulkhead.devices.virtio.ratelimit import RateLimiter
 from bulkhead.errors import ConfigError, GuestFault
@@ -93,7 +93,7 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class BlockDevice(VirtioDevice):
+class BlockDevice(ThrottledSingleQueueDevice):
     """virtio-blk on an open raw image fd (the caller owns and closes the fd).
 
     `read_only` must match how the fd was opened (O_RDONLY for read-only drives). `disk_id` is the
@@ -202,17 +202,6 @@ class BlockDevice(VirtioDevice):
                 q.add_used(mem, chain.head, self.handle(mem, chain))
             if self.limiter.deadline is not None or not q.enable_notification(mem):
                 return
-
-    def reset(self) -> None:
-        super().reset()
-        self.limiter.clear()
-
-    def next_deadline(self) -> float | None:
-        return self.limiter.deadline
-
-    def timer_due(self, now: float) -> None:
-        self.limiter.clear()
-        self.process_queue(0)
 
     def handle(self, mem: GuestMemory, chain: DescriptorChain) -> int:
         """Execute one request; returns the used length (bytes written to guest memory, status incl.).

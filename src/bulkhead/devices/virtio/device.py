@@ -8,6 +8,7 @@ containment of GuestFault. Device methods are always called with the transport l
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from bulkhead.devices import IrqLine
 from bulkhead.devices.virtio.queue import (
@@ -17,6 +18,9 @@ from bulkhead.devices.virtio.queue import (
     Queue,
 )
 from bulkhead.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from bulkhead.devices.virtio.ratelimit import RateLimiter
 
 __all__ = [
     "BASE_FEATURES",
@@ -114,3 +118,21 @@ class VirtioDevice:
 
     def timer_due(self, now: float) -> None:
         """A deadline from `next_deadline()` has passed: resume throttled work."""
+
+
+class ThrottledSingleQueueDevice(VirtioDevice):
+    """A one-queue device behind one RateLimiter (`self.limiter`): work refused by the limiter resumes on
+    queue 0 when its deadline passes, and a reset forgets the throttling."""
+
+    limiter: RateLimiter
+
+    def reset(self) -> None:
+        super().reset()
+        self.limiter.clear()
+
+    def next_deadline(self) -> float | None:
+        return self.limiter.deadline
+
+    def timer_due(self, now: float) -> None:
+        self.limiter.clear()
+        self.process_queue(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from bulkhead.devices.virtio.device import DEVICE_ID_RNG, VirtioDevice
+from bulkhead.devices.virtio.device import DEVICE_ID_RNG, ThrottledSingleQueueDevice
 from bulkhead.devices.virtio.queue import scatter
 from bulkhead.devices.virtio.ratelimit import RateLimiter
 from bulkhead.errors import GuestFault
@@ -25,7 +25,7 @@ def _getrandom(n: int) -> bytes:
     return os.getrandom(n)
 
 
-class RngDevice(VirtioDevice):
+class RngDevice(ThrottledSingleQueueDevice):
     """virtio-rng. `source(n)` returns n random bytes (os.getrandom by default; tests inject one)."""
 
     device_id = DEVICE_ID_RNG
@@ -65,17 +65,6 @@ class RngDevice(VirtioDevice):
             written = scatter(mem, chain.writable, 0, self.source(n)) if n else 0
             self.count("bytes", written)
             q.add_used(mem, chain.head, written)
-
-    def reset(self) -> None:
-        super().reset()
-        self.limiter.clear()
-
-    def next_deadline(self) -> float | None:
-        return self.limiter.deadline
-
-    def timer_due(self, now: float) -> None:
-        self.limiter.clear()
-        self.process_queue(0)
 
 
 def declare_surfaces() -> None:
