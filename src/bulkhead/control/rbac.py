@@ -163,12 +163,26 @@ def tenant_scope(tenant_id: str) -> str:
     return f"/tenants/{tenant_id}"
 
 
+OWNED_KINDS = ("vm", "disk", "network")  # tenant-owned resources: scope /tenants/{t}/{kind}s/{id}
+
+
+def owned_scope(kind: str, tenant_id: str, resource_id: str) -> str:
+    """The scope of a tenant-owned resource (`kind` in OWNED_KINDS)."""
+    if kind not in OWNED_KINDS:
+        raise ValueError(f"not a tenant-owned resource kind: {kind!r}")
+    return f"/tenants/{tenant_id}/{kind}s/{resource_id}"
+
+
 def vm_scope(tenant_id: str, vm_id: str) -> str:
-    return f"/tenants/{tenant_id}/vms/{vm_id}"
+    return owned_scope("vm", tenant_id, vm_id)
+
+
+def disk_scope(tenant_id: str, disk_id: str) -> str:
+    return owned_scope("disk", tenant_id, disk_id)
 
 
 def network_scope(tenant_id: str, network_id: str) -> str:
-    return f"/tenants/{tenant_id}/networks/{network_id}"
+    return owned_scope("network", tenant_id, network_id)
 
 
 def scope_within(scope: str, container: str) -> bool:

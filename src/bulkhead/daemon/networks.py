@@ -154,22 +154,15 @@ class NetworkOps(Core):
         return {**net.to_dict(), "created": created}
 
     def _network(self, ctx: ReqCtx, net_id: str, action: str) -> Any:
-        row = self.store.q1("SELECT * FROM networks WHERE id = ?", (net_id,))
-        if row is None:
-            raise self.deny_unknown(ctx, action)
-        scope = rbac.network_scope(row["tenant"], net_id)
-        self.authorize(ctx, action, scope, visible=lambda: self.allowed(ctx.caller, "network/read", scope))
-        return row
+        return self.owned_row(ctx, "network", net_id, action)
 
     def network_get(self, ctx: ReqCtx, net_id: str) -> dict[str, Any]:
         return _net_out(self._network(ctx, net_id, "network/read"))
 
     def network_list(self, ctx: ReqCtx, tenant: str) -> list[dict[str, Any]]:
         ctx.action, ctx.scope, ctx.decision = "network/read", rbac.tenant_scope(tenant), "allow"
-        readable = self.readable_scopes(ctx.caller, "network/read")
         rows = self.store.q("SELECT * FROM networks WHERE tenant = ? ORDER BY name", (tenant,))
-        return [_net_out(r) for r in rows
-                if any(rbac.scope_within(rbac.network_scope(tenant, r["id"]), s) for s in readable)]
+        return [_net_out(r) for r in self.visible_rows(ctx, "network", rows)]
 
     def network_delete(self, ctx: ReqCtx, net_id: str) -> None:
         self._network(ctx, net_id, "network/write")

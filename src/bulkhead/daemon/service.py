@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +147,30 @@ class Core:
         """The resource does not exist: same answer as an invisible one."""
         ctx.action, ctx.decision = action, "deny"
         return ApiError(404, NOT_FOUND)
+
+    _OWNED_ROW = {
+        "vm": "SELECT * FROM vms WHERE id = ?",
+        "disk": "SELECT * FROM disks WHERE id = ?",
+        "network": "SELECT * FROM networks WHERE id = ?",
+    }
+
+    def owned_row(self, ctx: ReqCtx, kind: str, row_id: str, action: str) -> Any:
+        """Load a tenant-owned resource and authorize `action` on it. Raises ApiError 404 when it does not
+        exist or the caller may not `{kind}/read` it (tenant isolation), 403 when it may see but not act."""
+        row = self.store.q1(self._OWNED_ROW[kind], (row_id,))
+        if row is None:
+            raise self.deny_unknown(ctx, action)
+        scope = rbac.owned_scope(kind, row["tenant"], row_id)
+        self.authorize(ctx, action, scope, visible=lambda: self.allowed(ctx.caller, f"{kind}/read", scope))
+        return row
+
+    def visible_rows(self, ctx: ReqCtx, kind: str, rows: Iterable[Any]) -> list[Any]:
+        """The rows of tenant-owned resources the caller may `{kind}/read` (lists never reveal the rest)."""
+        readable = self.readable_scopes(ctx.caller, f"{kind}/read")
+        return [
+            r for r in rows
+            if any(rbac.scope_within(rbac.owned_scope(kind, r["tenant"], r["id"]), s) for s in readable)
+        ]  # fmt: skip
 
     # ------------------------------------------------------------------ audit
     @contextmanager

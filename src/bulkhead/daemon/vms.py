@@ -57,13 +57,8 @@ class VmOps(NetworkOps):
             return self._vm_locks.setdefault(vm_id, threading.Lock())
 
     def _vm(self, ctx: ReqCtx, vm_id: str, action: str) -> Any:
-        row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
         ctx.vm = vm_id
-        if row is None:
-            raise self.deny_unknown(ctx, action)
-        scope = rbac.vm_scope(row["tenant"], vm_id)
-        self.authorize(ctx, action, scope, visible=lambda: self.allowed(ctx.caller, "vm/read", scope))
-        return row
+        return self.owned_row(ctx, "vm", vm_id, action)
 
     def _refresh(self, row: Any) -> Any:
         """Notice a VMM process that ended on its own: running/paused -> exited (audited)."""
@@ -172,18 +167,11 @@ class VmOps(NetworkOps):
 
     def vm_list(self, ctx: ReqCtx, tenant: str | None = None) -> list[dict[str, Any]]:
         ctx.action, ctx.scope, ctx.decision = "vm/read", rbac.tenant_scope(tenant) if tenant else "/", "allow"
-        readable = self.readable_scopes(ctx.caller, "vm/read")
-        if not readable:
-            return []
         if tenant:
             rows = self.store.q("SELECT * FROM vms WHERE tenant = ? ORDER BY created", (tenant,))
         else:
             rows = self.store.q("SELECT * FROM vms ORDER BY created")
-        out = []
-        for r in rows:
-            if any(rbac.scope_within(rbac.vm_scope(r["tenant"], r["id"]), s) for s in readable):
-                out.append(self.store.vm_out(self._refresh(r)))
-        return out
+        return [self.store.vm_out(self._refresh(r)) for r in self.visible_rows(ctx, "vm", rows)]
 
     def vm_delete(self, ctx: ReqCtx, vm_id: str) -> None:
         row = self._vm(ctx, vm_id, "vm/delete")
@@ -397,22 +385,15 @@ class VmOps(NetworkOps):
         return {"id": disk_id, "tenant": tenant, "name": name, "size_mib": size_mib, "created": created}
 
     def _disk(self, ctx: ReqCtx, disk_id: str, action: str) -> Any:
-        row = self.store.q1("SELECT * FROM disks WHERE id = ?", (disk_id,))
-        if row is None:
-            raise self.deny_unknown(ctx, action)
-        scope = f"/tenants/{row['tenant']}/disks/{disk_id}"
-        self.authorize(ctx, action, scope, visible=lambda: self.allowed(ctx.caller, "disk/read", scope))
-        return row
+        return self.owned_row(ctx, "disk", disk_id, action)
 
     def disk_get(self, ctx: ReqCtx, disk_id: str) -> dict[str, Any]:
         return _disk_out(self._disk(ctx, disk_id, "disk/read"))
 
     def disk_list(self, ctx: ReqCtx, tenant: str) -> list[dict[str, Any]]:
         ctx.action, ctx.scope, ctx.decision = "disk/read", rbac.tenant_scope(tenant), "allow"
-        readable = self.readable_scopes(ctx.caller, "disk/read")
         rows = self.store.q("SELECT * FROM disks WHERE tenant = ? ORDER BY name", (tenant,))
-        return [_disk_out(r) for r in rows
-                if any(rbac.scope_within(f"/tenants/{tenant}/disks/{r['id']}", s) for s in readable)]
+        return [_disk_out(r) for r in self.visible_rows(ctx, "disk", rows)]
 
     def disk_delete(self, ctx: ReqCtx, disk_id: str) -> None:
         row = self._disk(ctx, disk_id, "disk/delete")
