@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 
 from bulkhead.errors import GuestFault
@@ -73,8 +74,6 @@ class EventLoop:
                 pass
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        import time
-
         with self._lock:
             self._timers.append((time.monotonic() + max(delay, 0.0), callback))
         self._wake.trigger()
@@ -96,16 +95,12 @@ class EventLoop:
     # -- loop -------------------------------------------------------------------------------------
 
     def _next_timeout(self) -> float:
-        import time
-
         with self._lock:
             if not self._timers:
                 return -1
             return max(0.0, min(t for t, _ in self._timers) - time.monotonic())
 
     def _run_timers(self) -> None:
-        import time
-
         now = time.monotonic()
         with self._lock:
             due = [cb for t, cb in self._timers if t <= now]

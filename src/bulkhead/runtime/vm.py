@@ -366,10 +366,8 @@ class Machine:
             for r in self.runners:
                 r.join(2.0)
             self.loop.stop()
-            for r in self.runners:
-                if r.coalesced:
-                    r.drain_coalesced()
-                    break
+            if self.runners[0].coalesced:  # one ring per VM: writes still buffered reach their devices
+                self.runners[0].drain_coalesced()
             if self.serial is not None:
                 self.serial.flush()
             for sig, handler in old.items():
