@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkhead.devices.virtio import mmio
+from bulkhead.devices.virtio.faults import FaultReason
 from bulkhead.devices.virtio.mmio import MmioTransport, kernel_cmdline_entry
 from bulkhead.devices.virtio.queue import VIRTIO_F_VERSION_1, VIRTQ_DESC_F_NEXT
 from bulkhead.devices.virtio.rng import RngDevice
@@ -248,7 +249,8 @@ def test_guest_fault_is_contained(mem):
     assert r.status() & mmio.STATUS_NEEDS_RESET
     assert r.t.read(mmio.INTERRUPT_STATUS, 4) & 2 and r.irq.take() == 1
     assert r.events[-1][0] == "guest-fault" and r.events[-1][1]["queue"] == 0
-    assert "loop" in r.events[-1][1]["reason"]
+    assert r.events[-1][1]["reason"] == FaultReason.DESC_CHAIN_LOOP == "desc-chain-loop"
+    assert r.t.stats["fault.desc-chain-loop"] == 1 and r.t.stats["guest_faults"] == 1
     # The queue is stopped: new valid work is not processed until the driver resets the device.
     d.add_chain(writable=[4])
     r.t.notify(0)

@@ -27,9 +27,10 @@ import os
 import struct
 
 from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, ThrottledSingleQueueDevice
+from bulkhead.devices.virtio.faults import FaultReason, VirtioFault
 from bulkhead.devices.virtio.queue import DescriptorChain, Queue, gather, scatter, slice_buffers
 from bulkhead.devices.virtio.ratelimit import RateLimiter
-from bulkhead.errors import ConfigError, GuestFault
+from bulkhead.errors import ConfigError
 from bulkhead.memory import GuestMemory
 
 __all__ = [
@@ -207,9 +208,15 @@ class BlockDevice(ThrottledSingleQueueDevice):
         """Execute one request; returns the used length (bytes written to guest memory, status incl.).
         Raises GuestFault when the request is malformed."""
         if chain.read_len < _HDR.size:
-            raise GuestFault("virtio-blk request header shorter than 16 bytes", device=self.name)
+            raise VirtioFault(
+                FaultReason.BLK_HEADER_SHORT,
+                "virtio-blk request header shorter than 16 bytes",
+                device=self.name,
+            )
         if chain.write_len < 1:
-            raise GuestFault("virtio-blk request has no writable status byte", device=self.name)
+            raise VirtioFault(
+                FaultReason.BLK_NO_STATUS, "virtio-blk request has no writable status byte", device=self.name
+            )
         rtype, _reserved, sector = _HDR.unpack(gather(mem, chain.readable, 0, _HDR.size))
         last_addr, last_len = chain.writable[-1]
         status_buf = [(last_addr + last_len - 1, 1)]
@@ -225,12 +232,20 @@ class BlockDevice(ThrottledSingleQueueDevice):
         written = 0
         if rtype == VIRTIO_BLK_T_IN:
             if out_len:
-                raise GuestFault("virtio-blk read request carries device-readable data", device=self.name)
+                raise VirtioFault(
+                    FaultReason.BLK_DATA_DIRECTION,
+                    "virtio-blk read request carries device-readable data",
+                    device=self.name,
+                )
             status = self._rw(mem, data_in, sector, in_len, write=False)
             written = in_len if status == VIRTIO_BLK_S_OK else 0
         elif rtype == VIRTIO_BLK_T_OUT:
             if in_len:
-                raise GuestFault("virtio-blk write request carries device-writable data", device=self.name)
+                raise VirtioFault(
+                    FaultReason.BLK_DATA_DIRECTION,
+                    "virtio-blk write request carries device-writable data",
+                    device=self.name,
+                )
             status = self._rw(mem, data_out, sector, out_len, write=True)
         elif rtype == VIRTIO_BLK_T_FLUSH:
             status = self._flush()

@@ -11,9 +11,20 @@ ignored and counted. FEATURES_OK is refused (not set) unless the driver accepted
 and only offered bits. Queue registers can be written only between FEATURES_OK and DRIVER_OK, while
 the selected queue is not ready; setting QueueReady validates the queue against guest memory.
 
-Guest faults (bad queue setup, malformed chains or requests) are contained here: the transport sets
-DEVICE_NEEDS_RESET, raises a configuration-change interrupt, stops the queue, and reports
-`on_event("guest-fault", {...})`. No GuestFault ever leaves `read`/`write`/`notify`.
+The whole queue configuration (size, alignment, every ring inside RAM, no overlap; `Queue.validate`)
+is checked three times: at QueueReady=1, at DRIVER_OK and at the queue's first notification. An
+invalid one is never used.
+
+Guest faults (bad queue setup, malformed chains or requests) are contained here (virtio 1.2 §2.1.2):
+the transport sets DEVICE_NEEDS_RESET, raises a configuration-change interrupt (InterruptStatus bit 1)
+when DRIVER_OK is set -- or, for an error found before DRIVER_OK, at the moment the driver sets it --,
+stops all device work until the driver resets the device (Status = 0), counts the typed reason
+(`fault.<FaultReason>` in `stats`) and reports `on_event("guest-fault", {..., "reason": ...})`.
+NEEDS_RESET survives every status write except 0. No GuestFault ever leaves `read`/`write`/`notify`.
+
+Where QEMU is more lenient (it stores any status byte, accepts queue registers at any time and does
+not check ring layout at QueueReady), bulkhead is stricter, as §2.1.2/§3.1.1/§4.2.3 allow: the
+differences are listed, with the spec section for each, in tests/conformance/test_virtio_driver_errors.py.
 
 Threading: vCPU threads call read/write, the I/O thread calls notify/poll callbacks/timer_due; one
 lock per transport serialises them. The used-buffer interrupt is raised after the lock is released
@@ -28,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bulkhead.devices.virtio.device import IrqLine, PollCallback, VirtioDevice
+from bulkhead.devices.virtio.faults import reason_of
 from bulkhead.devices.virtio.queue import VIRTIO_F_VERSION_1, Queue
 from bulkhead.errors import GuestFault
 from bulkhead.memory import GuestMemory
@@ -305,11 +317,16 @@ class MmioTransport:
             if not feats >> VIRTIO_F_VERSION_1 & 1 or feats & ~offered:
                 self._count("features_rejected")
                 return  # FEATURES_OK stays clear; the driver must notice and give up
+        keep = self.status & STATUS_NEEDS_RESET  # only a reset clears it (§2.1.2)
         if added == STATUS_DRIVER_OK:
-            self.status = value & 0xFF
+            self.status = new | keep
+            if keep:
+                # The error came before DRIVER_OK, when no notification was allowed (§2.1.2 sends it
+                # "if DRIVER_OK is set"); the first moment it is, tell the driver.
+                self._config_interrupt()
             self._activate()
             return
-        self.status = value & 0xFF
+        self.status = new | keep
 
     def _activate(self) -> None:
         for q in self.queues:
@@ -337,11 +354,12 @@ class MmioTransport:
         self._count("guest_faults")
         if 0 <= queue < len(self.queues):
             self.queues[queue].broken = True
+        reason = reason_of(exc)
+        self._count(f"fault.{reason.value}")
         first = not self.status & STATUS_NEEDS_RESET
         self.status |= STATUS_NEEDS_RESET
         if self.status & STATUS_DRIVER_OK:
-            self.interrupt_status |= INT_CONFIG_CHANGE
-            self.irq.trigger()
+            self._config_interrupt()
         self._events.append(
             (
                 "guest-fault",
@@ -349,11 +367,17 @@ class MmioTransport:
                     "device": self.device.name,
                     "queue": queue,
                     "kind": exc.kind,
-                    "reason": str(exc),
+                    "reason": reason.value,
+                    "message": str(exc)[:240],
                     "first": first,
                 },
             )
         )
+
+    def _config_interrupt(self) -> None:
+        """InterruptStatus bit 1 and the interrupt line: the configuration-change notification (§4.2.2)."""
+        self.interrupt_status |= INT_CONFIG_CHANGE
+        self.irq.trigger()
 
     def _flush_events(self) -> None:
         if not self._events:
@@ -405,7 +429,16 @@ class MmioTransport:
             self._count("notify_ignored")
             return
         self._count("notifies")
-        self._run(lambda: self.device.process_queue(q), q)
+        self._run(lambda: self._process(q), q)
+
+    def _process(self, q: int) -> None:
+        queue = self.queues[q]
+        if not queue.notified:
+            # The third check of the whole configuration (after QueueReady and DRIVER_OK): nothing
+            # the driver can write changes it in between, so this guards bulkhead's own state.
+            queue.validate(self.mem)
+            queue.notified = True
+        self.device.process_queue(q)
 
     def ioeventfd_queues(self) -> list[tuple[int, int]]:
         """(register offset, datamatch) pairs the runtime should back with ioeventfds (4-byte writes)."""

@@ -20,9 +20,9 @@ import struct
 from typing import Protocol
 
 from bulkhead.devices.virtio.device import DEVICE_ID_NET, PollCallback, VirtioDevice
+from bulkhead.devices.virtio.faults import FaultReason, VirtioFault
 from bulkhead.devices.virtio.queue import DescriptorChain, Queue, slice_buffers
 from bulkhead.devices.virtio.ratelimit import RateLimiter
-from bulkhead.errors import GuestFault
 from bulkhead.memory import GuestMemory
 
 __all__ = [
@@ -164,9 +164,17 @@ class NetDevice(VirtioDevice):
 
     def _rx_one(self, mem: GuestMemory, chain: DescriptorChain) -> int | None:
         if chain.read_len:
-            raise GuestFault("virtio-net RX chain has device-readable buffers", device=self.name)
+            raise VirtioFault(
+                FaultReason.NET_RX_READABLE,
+                "virtio-net RX chain has device-readable buffers",
+                device=self.name,
+            )
         if chain.write_len < NET_HDR_SIZE:
-            raise GuestFault("virtio-net RX chain is smaller than the 12-byte header", device=self.name)
+            raise VirtioFault(
+                FaultReason.NET_RX_SHORT,
+                "virtio-net RX chain is smaller than the 12-byte header",
+                device=self.name,
+            )
         views = chain.write_views(mem)
         try:
             n = self.backend.read_frame_into(views)
@@ -205,9 +213,17 @@ class NetDevice(VirtioDevice):
                     continue
                 return
             if chain.write_len:
-                raise GuestFault("virtio-net TX chain has device-writable buffers", device=self.name)
+                raise VirtioFault(
+                    FaultReason.NET_TX_WRITABLE,
+                    "virtio-net TX chain has device-writable buffers",
+                    device=self.name,
+                )
             if chain.read_len < NET_HDR_SIZE:
-                raise GuestFault("virtio-net TX chain is smaller than the 12-byte header", device=self.name)
+                raise VirtioFault(
+                    FaultReason.NET_TX_SHORT,
+                    "virtio-net TX chain is smaller than the 12-byte header",
+                    device=self.name,
+                )
             frame_len = chain.read_len - NET_HDR_SIZE
             if not self.tx_limiter.try_consume(frame_len):
                 q.undo_pop()

@@ -17,8 +17,10 @@ Everything the guest controls is treated as an attacker's number, following rust
 - the available index may not move ahead of the device by more than the queue size;
 - every value read from the guest is masked to its width, every (addr, len) is checked by GuestMemory.
 
-A violation raises GuestFault (kind "virtqueue"); the transport then sets DEVICE_NEEDS_RESET and stops
-the queue. Memory-range violations surface as GuestMemoryError, itself a GuestFault.
+A violation raises VirtioFault (a GuestFault of kind "virtqueue") carrying a typed `FaultReason`
+(devices/virtio/faults.py); the transport then sets DEVICE_NEEDS_RESET and stops
+the queue. Ring and descriptor ranges outside RAM are RING_OUTSIDE_RAM / DESC_OUTSIDE_RAM; a
+GuestMemoryError can still surface from the device's own buffer accesses (reason GUEST_MEMORY).
 
 Memory ordering: the guest may run on another CPU. Buffers are published by the guest before it
 increments avail->idx and we read the index before the ring entries; we write used elements before
@@ -32,7 +34,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from bulkhead.errors import GuestFault
+from bulkhead.devices.virtio.faults import FaultReason, VirtioFault
+from bulkhead.errors import GuestMemoryError
 from bulkhead.memory import GuestMemory
 
 __all__ = [
@@ -76,8 +79,18 @@ _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
 
 
-def _fault(msg: str) -> GuestFault:
-    return GuestFault(msg, kind="virtqueue")
+def _fault(reason: FaultReason, msg: str) -> VirtioFault:
+    return VirtioFault(reason, msg)
+
+
+def _check(mem: GuestMemory, addr: int, length: int, reason: FaultReason, what: str) -> None:
+    """[addr, addr+length) wholly inside one RAM region (never wrapping 2**64), else VirtioFault."""
+    if addr + length > U64 + 1:
+        raise _fault(reason, f"{what} [{addr:#x}, +{length:#x}) wraps the 64-bit address space")
+    try:
+        mem.check_range(addr, length)
+    except GuestMemoryError as exc:
+        raise _fault(reason, f"{what}: {exc}") from None
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -169,6 +182,7 @@ class Queue:
         self.dirty = False  # used entries added since the transport last looked
         self.broken = False  # a GuestFault stopped this queue until reset
         self.chains_popped = 0
+        self.notified = False  # validated again at the first notification after activation
 
     # -- configuration ----------------------------------------------------------------------------
 
@@ -186,30 +200,40 @@ class Queue:
         return self.avail_ring + 4 + 2 * self.size
 
     def validate(self, mem: GuestMemory) -> None:
-        """Check size, alignment and that each ring area lies wholly in guest RAM.
-        Raises GuestFault (GuestMemoryError for ranges outside RAM)."""
+        """The whole configuration, as rust-vmm `Queue::is_valid` checks it (virtio 1.2 §2.7, §4.2.2):
+        size a non-zero power of two and at most QueueNumMax (`max_size`); desc 16-, avail 2-, used
+        4-byte aligned (§2.7 alignment table); each area's full extent inside one guest RAM region
+        (never the MMIO hole, never past the end of RAM, never wrapping 2**64); no two areas
+        overlapping. Raises VirtioFault with the reason of the first violation."""
         size = self.size
         if size == 0 or size > self.max_size or size & (size - 1):
-            raise _fault(f"queue size {size} is not a power of two in 1..{self.max_size}")
+            raise _fault(
+                FaultReason.QUEUE_SIZE_INVALID,
+                f"queue size {size} is not a power of two in 1..{self.max_size}",
+            )
         if self.desc_table & 15:
-            raise _fault(f"descriptor table {self.desc_table:#x} is not 16-byte aligned")
+            raise _fault(
+                FaultReason.RING_UNALIGNED, f"descriptor table {self.desc_table:#x} is not 16-byte aligned"
+            )
         if self.avail_ring & 1:
-            raise _fault(f"available ring {self.avail_ring:#x} is not 2-byte aligned")
+            raise _fault(
+                FaultReason.RING_UNALIGNED, f"available ring {self.avail_ring:#x} is not 2-byte aligned"
+            )
         if self.used_ring & 3:
-            raise _fault(f"used ring {self.used_ring:#x} is not 4-byte aligned")
+            raise _fault(FaultReason.RING_UNALIGNED, f"used ring {self.used_ring:#x} is not 4-byte aligned")
         areas = (
             ("descriptor table", self.desc_table, DESC_SIZE * size),
             ("available ring", self.avail_ring, 6 + 2 * size),  # flags, idx, ring[size], used_event
             ("used ring", self.used_ring, 6 + 8 * size),  # flags, idx, ring[size], avail_event
         )
-        for _name, addr, length in areas:
-            mem.check_range(addr, length)
+        for name, addr, length in areas:
+            _check(mem, addr, length, FaultReason.RING_OUTSIDE_RAM, name)
         # The device writes the used ring: letting it overlap the driver's areas would make the
         # device corrupt the descriptors or available ring it is about to parse.
         for i, (n1, a1, l1) in enumerate(areas):
             for n2, a2, l2 in areas[i + 1 :]:
                 if a1 < a2 + l2 and a2 < a1 + l1:
-                    raise _fault(f"{n1} at {a1:#x} overlaps the {n2} at {a2:#x}")
+                    raise _fault(FaultReason.RING_OVERLAP, f"{n1} at {a1:#x} overlaps the {n2} at {a2:#x}")
 
     def activate(self, mem: GuestMemory) -> None:
         """Validate and start from the guest's current indices (0 after reset)."""
@@ -218,6 +242,7 @@ class Queue:
         self.next_used = 0  # §2.7: both indices start at 0 after reset, whatever the ring holds
         self.signalled_used = 0
         self.signalled_valid = False
+        self.notified = False
 
     # -- available ring ---------------------------------------------------------------------------
 
@@ -227,7 +252,9 @@ class Queue:
         avail_idx = mem.read_u16(self.avail_ring + 2)
         n = (avail_idx - self.next_avail) & U16
         if n > self.size:
-            raise _fault(f"available index jumped by {n} (> queue size {self.size})")
+            raise _fault(
+                FaultReason.AVAIL_INDEX_JUMP, f"available index jumped by {n} (> queue size {self.size})"
+            )
         return n
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
@@ -240,7 +267,10 @@ class Queue:
         slot = self.next_avail & (self.size - 1)
         head = mem.read_u16(self.avail_ring + 4 + 2 * slot)
         if head >= self.size:
-            raise _fault(f"available ring entry {head} is not below queue size {self.size}")
+            raise _fault(
+                FaultReason.AVAIL_HEAD_OUT_OF_RANGE,
+                f"available ring entry {head} is not below queue size {self.size}",
+            )
         chain = self._parse_chain(mem, head)
         self.next_avail = (self.next_avail + 1) & U16
         self.chains_popped += 1
@@ -263,49 +293,67 @@ class Queue:
         while True:
             steps += 1
             if steps > count:
-                raise _fault("descriptor chain is longer than its table (loop?)")
+                raise _fault(FaultReason.DESC_CHAIN_LOOP, "descriptor chain is longer than its table (loop?)")
             addr, length, flags, nxt = unpack(tview, DESC_SIZE * index)
             chain.descriptors += 1
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
-                    raise _fault("nested indirect descriptor table")
+                    raise _fault(FaultReason.INDIRECT_NESTED, "nested indirect descriptor table")
                 if not self.indirect:
-                    raise _fault("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                    raise _fault(
+                        FaultReason.INDIRECT_WITHOUT_FEATURE,
+                        "indirect descriptor without VIRTIO_F_INDIRECT_DESC",
+                    )
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise _fault("descriptor has both INDIRECT and NEXT")
+                    raise _fault(FaultReason.INDIRECT_WITH_NEXT, "descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % DESC_SIZE:
-                    raise _fault(f"indirect table length {length} is not a non-zero multiple of 16")
+                    raise _fault(
+                        FaultReason.INDIRECT_BAD_LENGTH,
+                        f"indirect table length {length} is not a non-zero multiple of 16",
+                    )
                 if length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
                     raise _fault(
-                        f"indirect table has {length // DESC_SIZE} entries (> {MAX_INDIRECT_ENTRIES})"
+                        FaultReason.INDIRECT_TOO_LARGE,
+                        f"indirect table has {length // DESC_SIZE} entries (> {MAX_INDIRECT_ENTRIES})",
                     )
                 if addr & 15:
                     # Not required by the spec, but Linux always aligns; reading 16-byte entries
                     # straddling regions would otherwise need extra care.
-                    raise _fault(f"indirect table {addr:#x} is not 16-byte aligned")
+                    raise _fault(
+                        FaultReason.INDIRECT_UNALIGNED, f"indirect table {addr:#x} is not 16-byte aligned"
+                    )
+                _check(mem, addr, length, FaultReason.DESC_OUTSIDE_RAM, "indirect table")
                 tview = mem.view(addr, length)
                 count = length // DESC_SIZE
                 index, steps, in_indirect = 0, 0, True
                 continue
             if length:
-                mem.check_range(addr, length)
+                _check(mem, addr, length, FaultReason.DESC_OUTSIDE_RAM, f"descriptor {index}")
                 total += length
                 if total > self.max_chain_bytes:
-                    raise _fault(f"descriptor chain carries more than {self.max_chain_bytes} bytes")
+                    raise _fault(
+                        FaultReason.CHAIN_TOO_LARGE,
+                        f"descriptor chain carries more than {self.max_chain_bytes} bytes",
+                    )
                 if flags & VIRTQ_DESC_F_WRITE:
                     chain.writable.append((addr, length))
                     chain.write_len += length
                 else:
                     if chain.writable:
-                        raise _fault("device-readable descriptor after a device-writable one")
+                        raise _fault(
+                            FaultReason.DESC_ORDER, "device-readable descriptor after a device-writable one"
+                        )
                     chain.readable.append((addr, length))
                     chain.read_len += length
             elif not flags & VIRTQ_DESC_F_WRITE and chain.write_len:
-                raise _fault("device-readable descriptor after a device-writable one")
+                raise _fault(FaultReason.DESC_ORDER, "device-readable descriptor after a device-writable one")
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if nxt >= count:
-                raise _fault(f"next descriptor {nxt} is not below table size {count}")
+                raise _fault(
+                    FaultReason.DESC_NEXT_OUT_OF_RANGE,
+                    f"next descriptor {nxt} is not below table size {count}",
+                )
             index = nxt
 
     # -- used ring --------------------------------------------------------------------------------

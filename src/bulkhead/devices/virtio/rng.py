@@ -11,9 +11,9 @@ import os
 from collections.abc import Callable
 
 from bulkhead.devices.virtio.device import DEVICE_ID_RNG, ThrottledSingleQueueDevice
+from bulkhead.devices.virtio.faults import FaultReason, VirtioFault
 from bulkhead.devices.virtio.queue import scatter
 from bulkhead.devices.virtio.ratelimit import RateLimiter
-from bulkhead.errors import GuestFault
 
 __all__ = ["MAX_REQUEST", "QUEUE_SIZE", "RngDevice", "declare_surfaces"]
 
@@ -56,7 +56,11 @@ class RngDevice(ThrottledSingleQueueDevice):
                     continue
                 return
             if chain.read_len:
-                raise GuestFault("virtio-rng request has device-readable buffers", device=self.name)
+                raise VirtioFault(
+                    FaultReason.RNG_READABLE,
+                    "virtio-rng request has device-readable buffers",
+                    device=self.name,
+                )
             n = min(chain.write_len, MAX_REQUEST)
             if not self.limiter.try_consume(n):
                 q.undo_pop()
