@@ -15,7 +15,7 @@ from bulkhead.devices.virtio.queue import VIRTIO_F_VERSION_1, VIRTQ_DESC_F_NEXT
 from bulkhead.devices.virtio.rng import RngDevice
 from bulkhead.memory import GuestMemory
 from bulkhead.testing import FakeIrq
-from bulkhead.testing.virtqueue import setup_transport
+from bulkhead.testing.virtqueue import MockVirtqueueDriver, setup_transport
 
 ACK, DRV, FOK, DOK = (
     mmio.STATUS_ACKNOWLEDGE,
@@ -353,3 +353,138 @@ def test_surfaces_cover_every_virtio_slot():
     for e in entries:
         if "fuzz" in e:
             assert (Path(__file__).resolve().parent.parent / str(e["fuzz"])).exists(), e["fuzz"]
+
+
+# -- driver errors in the queue configuration (virtio 1.2 §2.1.2, §2.7, §4.2.3.2) -------------------
+
+GOOD_RINGS = (16, 0x10000, 0x11000, 0x12000)  # size, desc, avail, used
+
+
+def _configure(t: MmioTransport, size: int, desc: int, avail: int, used: int) -> int:
+    t.write(mmio.QUEUE_SEL, 4, 0)
+    t.write(mmio.QUEUE_NUM, 4, size)
+    for low, addr in (
+        (mmio.QUEUE_DESC_LOW, desc),
+        (mmio.QUEUE_DRIVER_LOW, avail),
+        (mmio.QUEUE_DEVICE_LOW, used),
+    ):
+        t.write(low, 4, addr & 0xFFFF_FFFF)
+        t.write(low + 4, 4, addr >> 32)
+    t.write(mmio.QUEUE_READY, 4, 1)
+    return t.read(mmio.QUEUE_READY, 4)
+
+
+@pytest.mark.parametrize(
+    ("rings", "reason"),
+    [
+        ((0, 0x10000, 0x11000, 0x12000), FaultReason.QUEUE_SIZE_INVALID),
+        ((12, 0x10000, 0x11000, 0x12000), FaultReason.QUEUE_SIZE_INVALID),
+        ((512, 0x10000, 0x11000, 0x12000), FaultReason.QUEUE_SIZE_INVALID),  # > QueueNumMax 256
+        ((16, 0x10008, 0x11000, 0x12000), FaultReason.RING_UNALIGNED),
+        ((16, 0x10000, 0x11001, 0x12000), FaultReason.RING_UNALIGNED),
+        ((16, 0x10000, 0x11000, 0x12002), FaultReason.RING_UNALIGNED),
+        ((16, 0xC000_0000, 0x11000, 0x12000), FaultReason.RING_OUTSIDE_RAM),  # MMIO hole
+        ((16, 0x10000, (4 << 20) - 8, 0x12000), FaultReason.RING_OUTSIDE_RAM),  # runs past the end of RAM
+        ((16, (1 << 64) - 128, 0x11000, 0x12000), FaultReason.RING_OUTSIDE_RAM),  # wraps 2**64
+        ((16, 0x10000, 0x10010, 0x12000), FaultReason.RING_OVERLAP),  # desc / avail
+        ((16, 0x10000, 0x11000, 0x11004), FaultReason.RING_OVERLAP),  # avail / used
+        ((16, 0x10000, 0x11000, 0x10000), FaultReason.RING_OVERLAP),  # desc / used
+    ],
+)
+def test_bad_queue_configuration_needs_reset_and_is_never_used(mem, rings, reason):
+    r = Rig(mem)
+    to_features_ok(r.t)
+    assert _configure(r.t, *rings) == 0  # QueueReady refused ...
+    assert r.status() == ACK | DRV | FOK | mmio.STATUS_NEEDS_RESET  # ... and NEEDS_RESET set
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) == 0 and r.irq.take() == 0  # no notification before DRIVER_OK
+    assert r.events[-1][1]["reason"] == reason.value and r.t.stats[f"fault.{reason.value}"] == 1
+    # The driver goes on regardless: DRIVER_OK keeps NEEDS_RESET and now sends the config-change
+    # notification (§2.1.2 "if DRIVER_OK is set"); a notify does nothing with the rejected rings.
+    r.t.write(mmio.STATUS, 4, ACK | DRV | FOK | DOK)
+    assert r.status() == ACK | DRV | FOK | DOK | mmio.STATUS_NEEDS_RESET
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) & mmio.INT_CONFIG_CHANGE and r.irq.take() == 1
+    r.t.write(mmio.QUEUE_NOTIFY, 4, 0)
+    assert r.dev.stats.get("bytes", 0) == 0 and r.t.stats["guest_faults"] == 1
+    (d,) = r.setup()  # a reset recovers the device
+    c = d.add_chain(writable=[4])
+    r.t.notify(0)
+    assert d.used() == [(c.head, 4)] and r.status() == ACK | DRV | FOK | DOK
+
+
+def test_needs_reset_is_cleared_only_by_reset(mem):
+    r = Rig(mem)
+    to_features_ok(r.t)
+    _configure(r.t, 12, 0x10000, 0x11000, 0x12000)
+    assert r.status() & mmio.STATUS_NEEDS_RESET
+    r.t.write(mmio.STATUS, 4, ACK | DRV | FOK)  # written back without the bit: it stays
+    assert r.status() & mmio.STATUS_NEEDS_RESET
+    r.t.write(mmio.STATUS, 4, ACK | DRV | FOK | DOK)
+    assert r.status() & mmio.STATUS_NEEDS_RESET
+    r.t.write(mmio.STATUS, 4, 0)
+    assert r.status() == 0
+
+
+def test_configuration_is_checked_again_at_the_first_notification(mem):
+    r = Rig(mem)
+    (d,) = r.setup()
+    r.t.queues[0].used_ring = 0xC000_0000  # what a bug elsewhere in bulkhead would look like
+    d.add_chain(writable=[4])
+    r.t.notify(0)
+    assert r.status() & mmio.STATUS_NEEDS_RESET and d.used() == []
+    assert r.events[-1][1]["reason"] == FaultReason.RING_OUTSIDE_RAM
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) & mmio.INT_CONFIG_CHANGE
+
+
+@pytest.mark.parametrize(
+    ("reg", "value"),
+    [(mmio.QUEUE_NUM, 4), (mmio.QUEUE_DESC_LOW, 0x20000), (mmio.QUEUE_DEVICE_HIGH, 1), (mmio.QUEUE_READY, 1)],
+)
+@pytest.mark.parametrize("after_driver_ok", [False, True])
+def test_live_queue_registers_are_ignored(mem, reg, value, after_driver_ok):
+    """§4.2.3.2 configures a queue before QueueReady and §3.1.1 before DRIVER_OK; a write to an
+    enabled queue (or after DRIVER_OK) is dropped and counted, and the validated rings stay in use.
+    (QEMU applies such writes; bulkhead keeps the configuration it validated.)"""
+    r = Rig(mem)
+    to_features_ok(r.t)
+    d = MockVirtqueueDriver(mem, 16, 0x10000, 0x8000)
+    assert _configure(r.t, 16, d.desc_table, d.avail_ring, d.used_ring) == 1
+    if after_driver_ok:
+        r.t.write(mmio.STATUS, 4, ACK | DRV | FOK | DOK)
+    r.t.write(mmio.QUEUE_SEL, 4, 0)
+    r.t.write(reg, 4, value)
+    assert r.t.stats["queue_write_refused"] == 1
+    q = r.t.queues[0]
+    assert (q.size, q.desc_table, q.used_ring) == (16, d.desc_table, d.used_ring)
+    if not after_driver_ok:
+        r.t.write(mmio.STATUS, 4, ACK | DRV | FOK | DOK)
+    c = d.add_chain(writable=[4])
+    r.t.notify(0)
+    assert d.used() == [(c.head, 4)] and not r.status() & mmio.STATUS_NEEDS_RESET
+
+
+@pytest.mark.parametrize(
+    ("writes", "expect"),
+    [
+        ([DOK], 0),  # DRIVER_OK before ACKNOWLEDGE
+        ([ACK, ACK | DRV, ACK | DRV | DOK], ACK | DRV),  # DRIVER_OK before FEATURES_OK
+        ([ACK, ACK | FOK], ACK),  # FEATURES_OK before DRIVER
+        ([ACK, ACK | DRV, ACK], ACK | DRV),  # clearing a bit without reset
+        ([ACK, ACK | DRV, ACK | DRV | mmio.STATUS_NEEDS_RESET], ACK | DRV),  # only the device sets it
+        ([ACK, ACK | DRV, ACK | DRV | mmio.STATUS_FAILED], ACK | DRV | mmio.STATUS_FAILED),
+    ],
+)
+def test_out_of_order_status_writes(mem, writes, expect):
+    """§2.1.1/§3.1.1: the driver sets the bits in order and never clears one (only a reset does);
+    bulkhead keeps the last valid status (QEMU stores any byte: tests/conformance)."""
+    r = Rig(mem)
+    for w in writes:
+        r.t.write(mmio.STATUS, 4, w)
+    assert r.status() == expect
+
+
+def test_features_ok_with_unoffered_feature_is_not_retained(mem):
+    """§3.1.1 step 5/6 and §2.2.1: the device does not set FEATURES_OK for a feature it did not offer."""
+    r = Rig(mem)
+    to_features_ok(r.t, 1 << VIRTIO_F_VERSION_1 | 1 << 63)
+    assert r.status() == ACK | DRV
+    assert r.t.stats["features_rejected"] == 1
