@@ -436,14 +436,12 @@ def test_configuration_is_checked_again_at_the_first_notification(mem):
 
 
 @pytest.mark.parametrize(
-    ("reg", "value"),
-    [(mmio.QUEUE_NUM, 4), (mmio.QUEUE_DESC_LOW, 0x20000), (mmio.QUEUE_DEVICE_HIGH, 1), (mmio.QUEUE_READY, 1)],
+    "reg", [mmio.QUEUE_NUM, mmio.QUEUE_DESC_LOW, mmio.QUEUE_DRIVER_HIGH, mmio.QUEUE_DEVICE_HIGH]
 )
 @pytest.mark.parametrize("after_driver_ok", [False, True])
-def test_live_queue_registers_are_ignored(mem, reg, value, after_driver_ok):
-    """§4.2.3.2 configures a queue before QueueReady and §3.1.1 before DRIVER_OK; a write to an
-    enabled queue (or after DRIVER_OK) is dropped and counted, and the validated rings stay in use.
-    (QEMU applies such writes; bulkhead keeps the configuration it validated.)"""
+def test_queue_register_write_on_a_ready_queue_needs_reset(mem, reg, after_driver_ok):
+    """§4.2.2.2: "When QueueReady is not zero, the driver MUST NOT access QueueNum, QueueDescLow, ...".
+    The write is not applied (the validated rings stay), and the device needs a reset (§2.1.2)."""
     r = Rig(mem)
     to_features_ok(r.t)
     d = MockVirtqueueDriver(mem, 16, 0x10000, 0x8000)
@@ -451,15 +449,38 @@ def test_live_queue_registers_are_ignored(mem, reg, value, after_driver_ok):
     if after_driver_ok:
         r.t.write(mmio.STATUS, 4, ACK | DRV | FOK | DOK)
     r.t.write(mmio.QUEUE_SEL, 4, 0)
-    r.t.write(reg, 4, value)
-    assert r.t.stats["queue_write_refused"] == 1
+    r.t.write(reg, 4, 4)
     q = r.t.queues[0]
-    assert (q.size, q.desc_table, q.used_ring) == (16, d.desc_table, d.used_ring)
+    assert (q.size, q.desc_table, q.avail_ring, q.used_ring) == (16, d.desc_table, d.avail_ring, d.used_ring)
+    assert r.status() & mmio.STATUS_NEEDS_RESET
+    assert r.events[-1][1]["reason"] == FaultReason.QUEUE_WRITE_WHILE_READY
     if not after_driver_ok:
         r.t.write(mmio.STATUS, 4, ACK | DRV | FOK | DOK)
+    assert r.t.read(mmio.INTERRUPT_STATUS, 4) & mmio.INT_CONFIG_CHANGE
+    d.add_chain(writable=[4])
+    r.t.notify(0)
+    assert d.used() == []  # no work until the reset
+
+
+def test_queue_ready_again_and_writes_after_driver_ok_are_dropped(mem):
+    """QueueReady=1 on an enabled queue, and queue registers of a disabled queue after DRIVER_OK
+    (§3.1.1 configures queues before DRIVER_OK), are dropped and counted; the device keeps working."""
+    r = Rig(mem)
+    to_features_ok(r.t)
+    d = MockVirtqueueDriver(mem, 16, 0x10000, 0x8000)
+    assert _configure(r.t, 16, d.desc_table, d.avail_ring, d.used_ring) == 1
+    r.t.write(mmio.QUEUE_READY, 4, 1)
+    r.t.write(mmio.STATUS, 4, ACK | DRV | FOK | DOK)
+    r.t.write(mmio.QUEUE_READY, 4, 1)
+    assert r.t.stats["queue_write_refused"] == 2
     c = d.add_chain(writable=[4])
     r.t.notify(0)
-    assert d.used() == [(c.head, 4)] and not r.status() & mmio.STATUS_NEEDS_RESET
+    assert d.used() == [(c.head, 4)] and r.status() == ACK | DRV | FOK | DOK
+    r.t.write(mmio.QUEUE_READY, 4, 0)  # the driver may stop its queue ...
+    r.t.write(mmio.QUEUE_NUM, 4, 8)  # ... but not reconfigure it after DRIVER_OK
+    r.t.write(mmio.QUEUE_READY, 4, 1)
+    assert r.t.read(mmio.QUEUE_READY, 4) == 0 and r.t.stats["queue_write_refused"] == 4
+    assert not r.status() & mmio.STATUS_NEEDS_RESET
 
 
 @pytest.mark.parametrize(

@@ -45,8 +45,11 @@ static struct blk_req *hdr;
 static volatile uint8_t *st;
 static uint64_t data; /* 4 KiB */
 
-enum { T_BLK, T_RNG, T_NET };
+enum { T_BLK, T_RNG, T_NET, T_ANY };
 static int target;          /* dev=blk|rng|net */
+static uint64_t ram_end;    /* end of the highest usable RAM range (e820) */
+static uint64_t big_mem;    /* rings for a queue of twice QueueNumMax */
+static uint32_t num_max;    /* QueueNumMax of the abused queue */
 #define NET_F_MAC 5
 #define NET_HDR 12
 
@@ -178,7 +181,7 @@ static int normal_read(void) {
 }
 
 /* ---- cases: each starts from a working device (DRIVER_OK) unless it sets up its own ---- */
-static char detail[96];
+static char detail[224];
 static unsigned dlen;
 
 static void dput(const char *t) {
@@ -458,6 +461,217 @@ static int c_queue_change_live(void) {
     return normal_read() ? R_REFUSED : (status_flags() >= 0 ? status_flags() : R_ACCEPTED);
 }
 
+/* ---- driver errors on every device (dev=blk|rng|net): queue configuration and status ----
+ * Each prints the Status register read back at each step: s_ready (after QueueReady=1), s_ok (after
+ * DRIVER_OK, which a hostile driver writes regardless), s_ntf (after the notify), and isr
+ * (InterruptStatus, bit 1 = configuration change). */
+static int qindex(void) { return target == T_NET ? 1 : 0; }
+
+/* A normal request for the target device, published and notified, not waited for. */
+static void submit_normal(void) {
+    if (target == T_RNG) {
+        struct vio_buf b = {data, 16, 1};
+        vio_submit(&q, &b, 1);
+        return;
+    }
+    if (target == T_NET) {
+        struct vio_buf b = {data, net_frame(), 0};
+        vio_submit(&q, &b, 1);
+        return;
+    }
+    fill_hdr(BLK_T_IN, 0);
+    struct vio_buf b[3] = {
+        {(uint64_t)(uintptr_t)hdr, sizeof(*hdr), 0},
+        {data, 512, 1},
+        {(uint64_t)(uintptr_t)st, 1, 1},
+    };
+    vio_submit(&q, b, 3);
+}
+
+static void dresult(const char *key, int r) {
+    char word[40];
+    unsigned k = 0;
+    while (*key && k + 2 < sizeof(word))
+        word[k++] = *key++;
+    word[k++] = '=';
+    for (const char *rn = result_name(r); *rn && k + 1 < sizeof(word);)
+        word[k++] = *rn++;
+    word[k] = 0;
+    dput(word);
+}
+
+/* The queue configuration given, QueueReady, DRIVER_OK, then a request (rings the guest may write)
+ * or a bare notify (rings outside RAM). */
+static int cfg_case(uint16_t size, uint64_t desc, uint64_t avail, uint64_t used, int writable) {
+    int ready = setup_queue(size, desc, avail, used);
+    uint32_t s1 = vio_status(dev);
+    vio_driver_ok(dev);
+    uint32_t s2 = vio_status(dev);
+    int r = R_IGNORED;
+    if (writable) {
+        submit_normal();
+        r = outcome();
+    } else {
+        vio_notify(&q);
+        bh_udelay(20000);
+    }
+    uint32_t s3 = vio_status(dev);
+    uint32_t isr = vio_read(dev, VIRTIO_MMIO_INTERRUPT_STATUS);
+    dhex("ready", (uint64_t)(int64_t)ready);
+    dhex("s_ready", s1);
+    dhex("s_ok", s2);
+    dhex("s_ntf", s3);
+    dhex("isr", isr);
+    if ((s1 | s2 | s3) & VIRTIO_STATUS_NEEDS_RESET)
+        return R_NEEDS_RESET;
+    if (s3 & VIRTIO_STATUS_FAILED)
+        return R_FAILED;
+    if (ready != 1)
+        return R_REFUSED;
+    if (writable)
+        dresult("request", r);
+    return R_ACCEPTED;
+}
+
+#define RM ring_mem
+static int g_qsize_zero(void) { return cfg_case(0, RM, RM + 4096, RM + 8192, 0); }
+static int g_qsize_npot(void) { return cfg_case(12, RM, RM + 4096, RM + 8192, 1); }
+static int g_qsize_over_max(void) {
+    uint32_t n = num_max * 2;
+    dhex("num_max", num_max);
+    if (!big_mem || n > 32768)
+        return R_UNSUPPORTED;
+    uint64_t avail = big_mem + ((16ULL * n + 4095) & ~4095ULL);
+    uint64_t used = avail + ((6 + 2ULL * n + 4095) & ~4095ULL);
+    memset((void *)big_mem, 0, (size_t)(used + 6 + 8ULL * n - big_mem));
+    return cfg_case((uint16_t)n, big_mem, avail, used, 1);
+}
+static int g_desc_unaligned(void) { return cfg_case(QSIZE, RM + 8, RM + 4096, RM + 8192, 1); }
+static int g_avail_unaligned(void) { return cfg_case(QSIZE, RM, RM + 4096 + 1, RM + 8192, 1); }
+static int g_used_unaligned(void) { return cfg_case(QSIZE, RM, RM + 4096, RM + 8192 + 2, 1); }
+static int g_desc_in_hole(void) { return cfg_case(QSIZE, 0xc0000000ULL, RM + 4096, RM + 8192, 0); }
+static int g_used_in_device(void) { return cfg_case(QSIZE, RM, RM + 4096, dev->base, 0); }
+static int g_avail_past_ram(void) { return cfg_case(QSIZE, RM, ram_end - 8, RM + 8192, 0); }
+static int g_desc_beyond_ram(void) { return cfg_case(QSIZE, ram_end, RM + 4096, RM + 8192, 0); }
+static int g_desc_wraps(void) { return cfg_case(QSIZE, 0xffffffffffffff80ULL, RM + 4096, RM + 8192, 0); }
+static int g_desc_avail_overlap(void) { return cfg_case(QSIZE, RM, RM + 16, RM + 8192, 1); }
+static int g_avail_used_overlap(void) { return cfg_case(QSIZE, RM, RM + 4096, RM + 4096 + 4, 1); }
+static int g_desc_used_overlap(void) { return cfg_case(QSIZE, RM, RM + 4096, RM, 1); }
+
+/* Status after a write: the case's result is `accepted` when the out-of-order value was stored. */
+static int status_case(uint32_t write, uint32_t must_have) {
+    vio_write(dev, VIRTIO_MMIO_STATUS, write);
+    uint32_t s = vio_status(dev);
+    dhex("wrote", write);
+    dhex("read", s);
+    if (s & VIRTIO_STATUS_NEEDS_RESET)
+        return R_NEEDS_RESET;
+    return (s & must_have) == must_have && s == write ? R_ACCEPTED : R_REFUSED;
+}
+
+/* DRIVER_OK set on a running device, then ACKNOWLEDGE|DRIVER written: two bits cleared without reset. */
+static int g_status_clear_bits(void) {
+    return status_case(VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER, VIRTIO_STATUS_DRIVER);
+}
+
+/* Features written, FEATURES_OK skipped, DRIVER_OK written. */
+static int g_status_driver_ok_early(void) {
+    vio_reset(dev);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+    return status_case(VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_DRIVER_OK,
+                       VIRTIO_STATUS_DRIVER_OK);
+}
+
+/* The driver writes DEVICE_NEEDS_RESET itself (only the device sets it, §2.1.2). */
+static int g_status_set_needs_reset(void) {
+    uint32_t w = vio_status(dev) | VIRTIO_STATUS_NEEDS_RESET;
+    vio_write(dev, VIRTIO_MMIO_STATUS, w);
+    uint32_t s = vio_status(dev);
+    dhex("wrote", w);
+    dhex("read", s);
+    return s & VIRTIO_STATUS_NEEDS_RESET ? R_ACCEPTED : R_REFUSED;
+}
+
+/* VERSION_1 plus feature bit 63, never offered, then FEATURES_OK. */
+static int g_features_unoffered(void) {
+    vio_reset(dev);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
+    vio_write(dev, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    vio_write(dev, VIRTIO_MMIO_DRIVER_FEATURES, 0x80000001U);
+    return status_case(VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK,
+                       VIRTIO_STATUS_FEATURES_OK);
+}
+
+/* The request on q after `s_ok`: completed (the change took effect or was harmless) or not. */
+static int after_change(void) {
+    uint32_t s = vio_status(dev);
+    dhex("s_ok", s);
+    submit_normal();
+    int r = outcome();
+    dhex("s_ntf", vio_status(dev));
+    dhex("isr", vio_read(dev, VIRTIO_MMIO_INTERRUPT_STATUS));
+    return r;
+}
+
+/* DRIVER_OK with the queue not yet enabled, then the queue set up and enabled after DRIVER_OK. */
+static int g_queue_after_driver_ok(void) {
+    uint64_t want = target == T_NET ? 1ULL << NET_F_MAC : 0;
+    if (vio_init(dev, want) != 0)
+        return R_FAILED;
+    if (target == T_NET && vio_queue_setup_raw(dev, &rxq, 0, QSIZE, ring_rx, ring_rx + 4096, ring_rx + 8192) != 1)
+        return R_FAILED;
+    vio_driver_ok(dev);
+    clear_rings();
+    int ready = vio_queue_setup_raw(dev, &q, (uint32_t)qindex(), QSIZE, RM, RM + 4096, RM + 8192);
+    dhex("ready", (uint64_t)ready);
+    int r = after_change();
+    dresult("request", r);
+    return r == R_NEEDS_RESET ? r : ready == 1 ? R_ACCEPTED : R_REFUSED;
+}
+
+/* QueueReady=1 written again on an enabled queue, after moving its descriptor table to 1 TiB. */
+static int g_queue_ready_again(void) {
+    if (setup_queue(QSIZE, RM, RM + 4096, RM + 8192) != 1)
+        return R_FAILED;
+    vio_write(dev, VIRTIO_MMIO_QUEUE_DESC_LOW, 0);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x100);
+    vio_write(dev, VIRTIO_MMIO_QUEUE_READY, 1);
+    dhex("s_ready", vio_status(dev));
+    vio_driver_ok(dev);
+    int r = after_change();
+    dresult("request", r);
+    /* completed: the old (valid) table stayed in use, the writes were refused */
+    return r == R_NEEDS_RESET || r == R_FAILED ? r : r == R_COMPLETED ? R_REFUSED : R_ACCEPTED;
+}
+
+/* QueueNum changed from 16 to 4 while the queue is enabled (before DRIVER_OK). */
+static int g_queue_resize_ready(void) {
+    if (setup_queue(QSIZE, RM, RM + 4096, RM + 8192) != 1)
+        return R_FAILED;
+    vio_write(dev, VIRTIO_MMIO_QUEUE_NUM, 4);
+    dhex("s_ready", vio_status(dev));
+    vio_driver_ok(dev);
+    /* slot 0 is the same for size 16 and 4: the request shows only that the device still works */
+    return after_change();
+}
+
+/* QueueReady=0 written on a live queue after DRIVER_OK, then a request on it. */
+static int g_queue_disable_live(void) {
+    vio_write(dev, VIRTIO_MMIO_QUEUE_SEL, (uint32_t)qindex());
+    vio_write(dev, VIRTIO_MMIO_QUEUE_READY, 0);
+    uint32_t rd = vio_read(dev, VIRTIO_MMIO_QUEUE_READY);
+    dhex("ready", rd);
+    int r = after_change();
+    dresult("request", r);
+    return r == R_NEEDS_RESET ? r : rd == 0 ? R_ACCEPTED : R_REFUSED;
+}
+
 /* ---- virtio-rng (dev=rng) and virtio-net TX (dev=net): one-buffer requests ---- */
 static int one_buf(uint64_t addr, uint32_t len, int device_writes) {
     struct vio_buf b = {addr, len, device_writes};
@@ -545,6 +759,29 @@ static const struct abuse_case cases[] = {
     {"net_tx_huge", net_tx_huge, 1, T_NET},
     {"net_chain_loop", gen_chain_loop, 1, T_NET},
     {"net_avail_jump", gen_avail_jump, 1, T_NET},
+    /* driver errors, on every device */
+    {"qsize_zero", g_qsize_zero, 0, T_ANY},
+    {"qsize_npot_any", g_qsize_npot, 0, T_ANY},
+    {"qsize_over_max", g_qsize_over_max, 0, T_ANY},
+    {"desc_unaligned", g_desc_unaligned, 0, T_ANY},
+    {"avail_unaligned", g_avail_unaligned, 0, T_ANY},
+    {"used_unaligned", g_used_unaligned, 0, T_ANY},
+    {"desc_in_hole", g_desc_in_hole, 0, T_ANY},
+    {"used_in_device", g_used_in_device, 0, T_ANY},
+    {"avail_past_ram", g_avail_past_ram, 0, T_ANY},
+    {"desc_beyond_ram", g_desc_beyond_ram, 0, T_ANY},
+    {"desc_wraps", g_desc_wraps, 0, T_ANY},
+    {"desc_avail_overlap", g_desc_avail_overlap, 0, T_ANY},
+    {"avail_used_overlap", g_avail_used_overlap, 0, T_ANY},
+    {"desc_used_overlap", g_desc_used_overlap, 0, T_ANY},
+    {"status_clear_bits", g_status_clear_bits, 1, T_ANY},
+    {"status_driver_ok_early", g_status_driver_ok_early, 0, T_ANY},
+    {"status_set_needs_reset", g_status_set_needs_reset, 1, T_ANY},
+    {"features_unoffered", g_features_unoffered, 0, T_ANY},
+    {"queue_after_driver_ok", g_queue_after_driver_ok, 0, T_ANY},
+    {"queue_ready_again", g_queue_ready_again, 0, T_ANY},
+    {"queue_resize_ready", g_queue_resize_ready, 0, T_ANY},
+    {"queue_disable_live", g_queue_disable_live, 1, T_ANY},
 };
 #define NCASES (int)(sizeof(cases) / sizeof(cases[0]))
 
@@ -611,13 +848,21 @@ int main(const struct bh_bootinfo *bi) {
         printf("FAIL no virtio-%s device\n", which);
         return 1;
     }
+    for (unsigned i = 0; i < bi->n_e820; i++)
+        if (bi->e820[i].type == 1 && bi->e820[i].addr + bi->e820[i].size > ram_end)
+            ram_end = bi->e820[i].addr + bi->e820[i].size;
+    vio_write(dev, VIRTIO_MMIO_QUEUE_SEL, (uint32_t)qindex());
+    num_max = vio_read(dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
+    if (num_max && num_max <= 16384)
+        big_mem = vio_alloc(26ULL * 2 * num_max + 3 * 4096, 4096);
+    printf("ABUSE_ENV ram_end=0x%lx num_max=%u base=0x%lx\n", ram_end, num_max, dev->base);
     if (bring_up() != 0 || !normal_read()) {
         printf("FAIL baseline request status=0x%x\n", vio_status(dev));
         return 1;
     }
     int ran = 0, recovered = 0;
     for (int i = 0; i < NCASES; i++) {
-        if (cases[i].target != target || !selected(list, cases[i].name))
+        if ((cases[i].target != target && cases[i].target != T_ANY) || !selected(list, cases[i].name))
             continue;
         detail[0] = 0;
         dlen = 0;

@@ -28,6 +28,7 @@ class FaultReason(StrEnum):
     RING_UNALIGNED = "ring-unaligned"  # §2.7 table: desc 16, avail 2, used 4
     RING_OUTSIDE_RAM = "ring-outside-ram"  # MMIO hole, past the end of RAM, or wrapping 2**64
     RING_OVERLAP = "ring-overlap"  # two of the three areas share bytes
+    QUEUE_WRITE_WHILE_READY = "queue-write-while-ready"  # §4.2.2.2 driver MUST NOT
     # available ring (§2.7.6; QEMU virtqueue_num_heads / virtqueue_get_head)
     AVAIL_INDEX_JUMP = "avail-index-jump"  # idx moved ahead by more than the queue size
     AVAIL_HEAD_OUT_OF_RANGE = "avail-head-out-of-range"

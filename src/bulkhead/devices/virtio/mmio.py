@@ -9,7 +9,8 @@ Device status is a transition table: ACKNOWLEDGE -> DRIVER -> FEATURES_OK -> DRI
 only adding the next bit; FAILED may be set at any time; writing 0 resets. Out-of-order writes are
 ignored and counted. FEATURES_OK is refused (not set) unless the driver accepted VIRTIO_F_VERSION_1
 and only offered bits. Queue registers can be written only between FEATURES_OK and DRIVER_OK, while
-the selected queue is not ready; setting QueueReady validates the queue against guest memory.
+the selected queue is not ready (after DRIVER_OK they are dropped and counted; on a ready queue the
+write is a driver error, §4.2.2.2: NEEDS_RESET, reason QUEUE_WRITE_WHILE_READY).
 
 The whole queue configuration (size, alignment, every ring inside RAM, no overlap; `Queue.validate`)
 is checked three times: at QueueReady=1, at DRIVER_OK and at the queue's first notification. An
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bulkhead.devices.virtio.device import IrqLine, PollCallback, VirtioDevice
-from bulkhead.devices.virtio.faults import reason_of
+from bulkhead.devices.virtio.faults import FaultReason, VirtioFault, reason_of
 from bulkhead.devices.virtio.queue import VIRTIO_F_VERSION_1, Queue
 from bulkhead.errors import GuestFault
 from bulkhead.memory import GuestMemory
@@ -275,7 +276,19 @@ class MmioTransport:
             else:
                 self._count("queue_write_refused")
             return
-        if q.ready or not phase_ok:
+        if q.ready:
+            # §4.2.2.2: "When QueueReady is not zero, the driver MUST NOT access QueueNum, QueueDescLow,
+            # ..., QueueDeviceHigh." A driver error: the validated configuration stays, the device
+            # needs a reset (QEMU applies the write and fails later on the new rings, or not at all).
+            self._count("queue_write_refused")
+            self._fault(
+                VirtioFault(
+                    FaultReason.QUEUE_WRITE_WHILE_READY, f"queue register {offset:#x} written while ready"
+                ),
+                self.queue_sel,
+            )
+            return
+        if not phase_ok:
             self._count("queue_write_refused")
             return
         if offset == QUEUE_NUM:
