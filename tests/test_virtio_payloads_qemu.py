@@ -71,7 +71,7 @@ def test_blk_write_flush_read_and_refusals(tmp_path: Path) -> None:
 
 def test_abuse_every_case_recovers_after_reset(tmp_path: Path) -> None:
     img0, _, _ = images(tmp_path)
-    res = run(QEMU.argv(build_virtio("virtio_abuse"), "", Devices(drives=[(img0, False)])))
+    res = run(QEMU.argv(build_virtio("virtio_abuse"), "set=own", Devices(drives=[(img0, False)])))
     assert res.status == QEMU.exit_status(0), (res.lines, res.stderr[-2000:])
     assert res.report.passed
     results = abuse_results(res)
@@ -112,7 +112,7 @@ def test_abuse_rng_huge_buffer_blocks_qemu_then_needs_reset() -> None:
 @pytest.mark.root
 def test_abuse_net_tx_cases_recover() -> None:
     with netns_with_tap() as (ns, tap):
-        res = run(QEMU.argv(build_virtio("virtio_abuse"), "dev=net", Devices(tap=tap)), netns=ns)
+        res = run(QEMU.argv(build_virtio("virtio_abuse"), "dev=net set=own", Devices(tap=tap)), netns=ns)
     assert res.status == QEMU.exit_status(0) and res.report.passed, res.lines
     results = abuse_results(res)
     assert list(results) == list(NET_ABUSE_CASES)

@@ -364,6 +364,18 @@ RNG_ABUSE_CASES = (
 NET_ABUSE_CASES = (
     "net_tx_oob", "net_tx_writable", "net_tx_short", "net_tx_huge", "net_chain_loop", "net_avail_jump",
 )  # fmt: skip
+# Driver errors run on every device (blk, rng, net TX), after that device's own cases: the queue
+# configuration at QueueReady / DRIVER_OK / first notify, and out-of-order status and queue writes.
+QUEUE_CONFIG_CASES = (
+    "qsize_zero", "qsize_npot_any", "qsize_over_max", "desc_unaligned", "avail_unaligned", "used_unaligned",
+    "desc_in_hole", "used_in_device", "avail_past_ram", "desc_beyond_ram", "desc_wraps",
+    "desc_avail_overlap", "avail_used_overlap", "desc_used_overlap",
+)  # fmt: skip
+STATUS_CASES = (
+    "status_clear_bits", "status_driver_ok_early", "status_set_needs_reset", "features_unoffered",
+    "queue_after_driver_ok", "queue_ready_again", "queue_resize_ready", "queue_disable_live",
+)  # fmt: skip
+ANY_ABUSE_CASES = QUEUE_CONFIG_CASES + STATUS_CASES
 
 
 def bench_phases(lines: list[tuple[float, str]]) -> dict[str, dict[str, float]]:
