@@ -476,3 +476,46 @@ def test_adjacent_rings_accepted(mem):
     q.size, q.desc_table, q.avail_ring = 16, 0x1000, 0x1000 + 16 * 16
     q.used_ring = q.avail_ring + 6 + 2 * 16 + 2  # the first 4-aligned address after the avail ring
     q.validate(mem)
+
+
+# -- the whole configuration against an independent statement of the rules -------------------------
+
+_LOW, _HIGH = (0, 1 << 20), (1 << 32, 1 << 20)
+_EDGE = st.sampled_from([0, _LOW[1], 0xC000_0000, _HIGH[0], _HIGH[0] + _HIGH[1], 1 << 64])
+_ADDR = st.one_of(
+    st.integers(0, (1 << 64) - 1),
+    st.builds(lambda e, d: (e + d) % (1 << 64), _EDGE, st.integers(-0x1000, 0x1000)),
+    st.integers(0, 0x4000),
+)
+
+
+def _rules(size: int, areas: list[tuple[int, int]]) -> bool:
+    """virtio 1.2 §2.7 / rust-vmm Queue::is_valid, written without queue.py."""
+    (desc, _), (avail, _), (used, _) = areas
+    if not 0 < size <= 256 or size & (size - 1) or desc % 16 or avail % 2 or used % 4:
+        return False
+    inside = all(any(b <= a and a + n <= b + ln for b, ln in (_LOW, _HIGH)) for a, n in areas)
+    apart = all(
+        a1 + n1 <= a2 or a2 + n2 <= a1 for i, (a1, n1) in enumerate(areas) for a2, n2 in areas[i + 1 :]
+    )
+    return inside and apart
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.one_of(st.sampled_from([0, 1, 2, 12, 16, 255, 256, 512]), st.integers(0, 1 << 32)),
+       desc=_ADDR, avail=_ADDR, used=_ADDR)  # fmt: skip
+def test_validate_accepts_exactly_the_valid_configurations(size, desc, avail, used):
+    mem = GuestMemory([_LOW, _HIGH])
+    try:
+        q = Queue(256)
+        q.size, q.desc_table, q.avail_ring, q.used_ring = size, desc, avail, used
+        areas = [(desc, 16 * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)]
+        try:
+            q.validate(mem)
+            accepted = True
+        except VirtioFault as exc:
+            assert isinstance(exc.reason, FaultReason)
+            accepted = False
+        assert accepted == _rules(size, areas)
+    finally:
+        mem.close()

@@ -407,7 +407,8 @@ def declare_surfaces() -> None:
         owner=__name__,
         boundary="guest-vmm",
         accepts="guest-written ring addresses, queue size, available ring and descriptor chains "
-        "(direct and one level of indirect); every violation raises GuestFault and stops the device",
+        "(direct and one level of indirect); the configuration is validated at QueueReady, DRIVER_OK and the "
+        "first notify; every violation raises VirtioFault with a typed FaultReason and stops the device",
         handler="Queue.validate/Queue.pop/Queue.needs_notification",
         fuzz="fuzz/fuzz_virtio_queue.py",
         spec="virtio 1.2 section 2.7",
