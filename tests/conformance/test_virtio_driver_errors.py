@@ -149,7 +149,7 @@ def _bulkhead(dev: str) -> Bulkhead:
 def _run(vmm: Vmm, dev: str, tmp: Path) -> dict[str, Case]:
     """All cases (own + driver errors) of `dev` on one VMM; rng_huge_len is left out (QEMU serves the
     4 GiB buffer on its vCPU thread for ~18 s: tests/test_virtio_payloads_qemu.py covers it alone)."""
-    append = f"dev={dev}"
+    append = f"dev={dev} set=all"
     if dev == "blk":
         img = tmp / f"{vmm.name}-disk.img"
         with open(img, "wb") as f:

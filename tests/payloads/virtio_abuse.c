@@ -5,8 +5,8 @@
  * did, then resets the device, brings it up again and checks that a normal read works.
  *
  * Command line: `dev=blk|rng|net` (default blk), `case=NAME[,NAME...]` (default: all cases of that
- * device, in table order), `set=own|any|all` (default all: the device's own cases, then the driver
- * errors every device gets: queue configuration, status and queue-register order).
+ * device, in table order), `set=own|any|all` (default own: the device's own cases; any: the driver
+ * errors every device gets (queue configuration, status and queue-register order); all: both).
  * Each driver-error case also prints the Status register read back after each step.
  * One line per case:  ABUSE <name> <result> <recovered|broken> [detail...]
  *   result: needs_reset  the device set DEVICE_NEEDS_RESET (0x40) in the status register
@@ -828,7 +828,7 @@ int main(const struct bh_bootinfo *bi) {
         printf("FAIL unknown case in %s\n", list);
         return 1;
     }
-    char set[8] = "all"; /* own: this device's cases only; any: the driver errors run on every device */
+    char set[8] = "own"; /* own: this device's cases only; any: the driver errors run on every device */
     bh_cmdline_get(bi->cmdline, "set", set, sizeof(set));
     int own = strncmp(set, "any", 4) != 0, any = strncmp(set, "own", 4) != 0;
     char which[16] = "blk";

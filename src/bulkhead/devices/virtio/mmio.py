@@ -276,7 +276,7 @@ class MmioTransport:
             else:
                 self._count("queue_write_refused")
             return
-        if q.ready:
+        if q.ready and not self.status & STATUS_NEEDS_RESET:
             # §4.2.2.2: "When QueueReady is not zero, the driver MUST NOT access QueueNum, QueueDescLow,
             # ..., QueueDeviceHigh." A driver error: the validated configuration stays, the device
             # needs a reset (QEMU applies the write and fails later on the new rings, or not at all).
@@ -288,7 +288,7 @@ class MmioTransport:
                 self.queue_sel,
             )
             return
-        if not phase_ok:
+        if q.ready or not phase_ok:  # (a ready queue of a device that already needs a reset: dropped)
             self._count("queue_write_refused")
             return
         if offset == QUEUE_NUM:
