@@ -504,7 +504,8 @@ def test_out_of_order_status_writes(mem, writes, expect):
 
 
 def test_features_ok_with_unoffered_feature_is_not_retained(mem):
-    """§3.1.1 step 5/6 and §2.2.1: the device does not set FEATURES_OK for a feature it did not offer."""
+    """§2.2.1 (the driver MUST NOT accept an unoffered feature) / §2.2.2 (the device MUST then fail to
+    set FEATURES_OK)."""
     r = Rig(mem)
     to_features_ok(r.t, 1 << VIRTIO_F_VERSION_1 | 1 << 63)
     assert r.status() == ACK | DRV

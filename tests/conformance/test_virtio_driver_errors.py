@@ -83,15 +83,15 @@ DIFFERENCES = {
     "ahead; QEMU 7.2's virtio-net TX served the published frame and did not flag it in this run",
     "indirect_nested": "§2.7.5.3.1: the driver MUST NOT set INDIRECT in an indirect table; QEMU serves it",
     "indirect_next": "§2.7.5.3.1: the driver MUST NOT set INDIRECT and NEXT together; QEMU serves it",
-    # status (§2.1.1: the driver MUST NOT clear a status bit; §3.1.1 order; §2.2.1 / §3.1.1 step 5-6
-    # FEATURES_OK only for offered features; §2.1.2 NEEDS_RESET is set by the device)
+    # status (§2.1.1: the driver MUST NOT clear a status bit; §3.1.1 order; §2.2.1/§2.2.2 FEATURES_OK
+    # only for offered features; §2.1.2 NEEDS_RESET is set by the device)
     "status_order": f"§3.1.1: ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK in order; {_STATUS}",
     "status_clear_bits": f"§2.1.1: the driver MUST NOT clear a device status bit; {_STATUS}",
     "status_driver_ok_early": f"§3.1.1: DRIVER_OK only after FEATURES_OK; {_STATUS}",
     "status_set_needs_reset": f"§2.1.2: DEVICE_NEEDS_RESET is the device's to set; {_STATUS}",
     "features_no_v1": "§6.1 / §4.2.2: a modern device requires VIRTIO_F_VERSION_1 before FEATURES_OK",
-    "features_unoffered": "§2.2.1 / §3.1.1 step 5-6: FEATURES_OK is not set for a feature never offered; "
-    "QEMU masks the bit off and sets FEATURES_OK",
+    "features_unoffered": "§2.2.1: the driver MUST NOT accept a feature the device did not offer; §2.2.2: "
+    "the device then fails to set FEATURES_OK; QEMU masks the bit off and sets FEATURES_OK",
     # queue registers (§4.2.2.2: no QueueNum/Desc/Driver/Device access while QueueReady != 0;
     # §3.1.1 step 7 configures queues before DRIVER_OK)
     "queue_change_live": "§4.2.2.2: queue registers MUST NOT be written while QueueReady != 0; QEMU applies them",
