@@ -82,6 +82,8 @@ CONSTANTS = [
         "KVM_SET_CPUID2",
         "KVM_GET_MP_STATE",
         "KVM_SET_MP_STATE",
+        "KVM_X86_GET_MCE_CAP_SUPPORTED",
+        "KVM_X86_SETUP_MCE",
         "KVM_COALESCED_MMIO_PAGE_OFFSET",
     ]
 ]

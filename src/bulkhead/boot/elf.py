@@ -3,7 +3,7 @@
 Only what a loader needs is decoded: the file header, PT_LOAD segments (loaded at their physical
 address p_paddr) and the notes in PT_NOTE segments. All arithmetic on file-supplied numbers is
 checked: a segment's file range must lie inside the file, filesz <= memsz, and address + size may not
-wrap. Placement checks against guest RAM and the boot structures are in `check_placement`.
+wrap. Placement checks against guest RAM and reserved ranges are in `check_placement`.
 
 Anything malformed raises bulkhead.errors.ImageError with one clear sentence.
 """
@@ -225,12 +225,13 @@ def check_placement(
     segments: Iterable[LoadSegment],
     ram: Sequence[tuple[int, int]],
     *,
-    low_limit: int,
+    low_limit: int = 0,
     reserved: Sequence[tuple[int, int, str]] = (),
 ) -> None:
     """Raise ImageError unless every non-empty segment lies wholly inside one RAM region
-    (given as (base, size) pairs), at or above `low_limit` (the boot structures live below it),
-    does not overlap another segment, and avoids each reserved (start, end, what) range."""
+    (given as (base, size) pairs), at or above `low_limit`, does not overlap another segment, and
+    avoids each reserved (start, end, what) range (the error names it and its range). The loader
+    passes no low limit: it checks the segments against its loader table instead."""
     segs = sorted((s for s in segments if s.memsz), key=lambda s: s.paddr)
     for s in segs:
         if s.paddr < low_limit:
@@ -239,7 +240,9 @@ def check_placement(
             raise ImageError(f"ELF segment [{s.paddr:#x}, {s.end:#x}) is not inside guest RAM")
         for r0, r1, what in reserved:
             if _overlaps(s.paddr, s.end, r0, r1):
-                raise ImageError(f"ELF segment [{s.paddr:#x}, {s.end:#x}) overlaps the {what}")
+                raise ImageError(
+                    f"ELF segment [{s.paddr:#x}, {s.end:#x}) overlaps the {what} [{r0:#x}, {r1:#x})"
+                )
     for a, b in itertools.pairwise(segs):
         if b.paddr < a.end:
             raise ImageError(f"ELF segments at {a.paddr:#x} and {b.paddr:#x} overlap")

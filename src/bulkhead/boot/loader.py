@@ -8,10 +8,11 @@ Formats are selected by magic: "\\x7fELF" -> ELF, 0xAA55 at 0x1fe + "HdrS" at 0x
 
 Everything is validated before the first byte is written into guest memory: the image itself, the
 command line against the protocol's limit (bzImage: its cmdline_size; Linux ELF: 2047 bytes; PVH:
-4095 bytes), the kernel's placement (inside guest RAM, above the boot structures below 1 MiB, below
-4 GiB), the initrd's placement (page aligned at the top of the first RAM region, below
+4095 bytes), the kernel's placement (inside guest RAM, clear of every structure of the loader table
+that this protocol writes, below 4 GiB; like rust-vmm's linux-loader, nothing else is reserved), the
+initrd's placement (page aligned at the top of the first RAM region, below
 min(initrd_addr_max + 1, end of the first region, 3 GiB), above the kernel) and the vCPU count.
-The low-memory layout is documented in bulkhead.boot.layout.
+The loader table (every structure written, its slot and owner) is bulkhead.boot.layout.LOADER_TABLE.
 
 No I/O: the caller reads the files; this module only reads the bytes it is given and writes guest
 memory through GuestMemory.
@@ -19,9 +20,11 @@ memory through GuestMemory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from bulkhead.boot import layout as L
+from bulkhead.boot.acpi import VirtioSlot, build_acpi
 from bulkhead.boot.bzimage import BzImage, is_bzimage, parse_bzimage
 from bulkhead.boot.elf import ElfImage, check_entry, check_placement, is_elf, parse_elf
 from bulkhead.boot.mptable import MAX_CPUS, build_mptable
@@ -50,7 +53,7 @@ from bulkhead.boot.x86 import (
 )
 from bulkhead.errors import ConfigError, ImageError
 from bulkhead.memory import GuestMemory
-from bulkhead.memory.layout import HIMEM_START, MMIO32_START
+from bulkhead.memory.layout import HIMEM_START, MMIO32_END, MMIO32_START
 
 __all__ = [
     "CMDLINE_LIMIT_LINUX_ELF",
@@ -104,6 +107,8 @@ class BootPlan(NamedTuple):
     boot_info: int  # guest address of the zero page or hvm_start_info
     mptable: int  # guest address of the MP floating pointer
     cpus: int
+    acpi_rsdp: int  # guest address of the ACPI RSDP
+    structures: tuple[tuple[str, int, int], ...]  # (loader-table name, start, end) actually written
 
 
 _Write = tuple[int, bytes | int]  # (guest address, bytes to copy, or a length to zero-fill)
@@ -138,6 +143,30 @@ def _place_initrd(size: int, limit_end: int, kernel_end: int) -> tuple[int, int]
     return start, start + size
 
 
+def _check_in_ram(what: str, start: int, end: int, ram: list[tuple[int, int]]) -> None:
+    """Raise ImageError unless [start, end) lies in one guest RAM region; say whether it is in the
+    32-bit MMIO hole or beyond the end of RAM."""
+    if any(base <= start and end <= base + size for base, size in ram):
+        return
+    if start < MMIO32_END and MMIO32_START < end:
+        raise ImageError(
+            f"{what} [{start:#x}, {end:#x}) is not inside guest RAM: it overlaps the 32-bit MMIO hole "
+            f"[{MMIO32_START:#x}, {MMIO32_END:#x})"
+        )
+    top = max(base + size for base, size in ram)
+    raise ImageError(f"{what} [{start:#x}, {end:#x}) is not inside guest RAM (guest RAM ends at {top:#x})")
+
+
+def _check_structures(what: str, start: int, end: int, written: list[tuple[str, int, int]]) -> None:
+    """Raise ImageError when [start, end) overlaps a boot structure in `written` (name, start, end)."""
+    for name, s0, s1 in written:
+        if start < s1 and s0 < end:
+            raise ImageError(
+                f"{what} [{start:#x}, {end:#x}) overlaps the {name} [{s0:#x}, {s1:#x}) that bulkhead "
+                "writes at boot (see the loader table in docs/GUEST_KERNEL.md)"
+            )
+
+
 def load_kernel(
     mem: GuestMemory,
     kernel: bytes,
@@ -146,12 +175,16 @@ def load_kernel(
     cmdline: str,
     cpus: int,
     protocol: str = "auto",
+    virtio: Sequence[VirtioSlot] = (),
 ) -> BootPlan:
     """Validate `kernel` (and `initrd`, `cmdline`) and write everything needed to boot into `mem`.
 
-    Raises ImageError (a ConfigError) for a malformed or unsuitable image or initrd, ConfigError
-    for a bad protocol name, command line or vCPU count, or guest RAM too small for the layout;
-    ValueError when `mem` is already closed. Guest memory is untouched when anything is rejected.
+    `virtio` lists the populated virtio-mmio slots, described in the ACPI DSDT.
+    Raises ImageError (a ConfigError) for a malformed or unsuitable image or initrd (among them one
+    that overlaps a structure of the loader table, bulkhead.boot.layout.LOADER_TABLE, or leaves guest
+    RAM), ConfigError for a bad protocol name, command line or vCPU count, or guest RAM too small for
+    the layout; ValueError when `mem` is already closed. Guest memory is untouched when anything is
+    rejected.
     """
     if mem.closed:
         raise ValueError("load_kernel needs open guest memory; this GuestMemory is closed")
@@ -164,7 +197,7 @@ def load_kernel(
     e820 = build_e820(ram)
     region0_end = ram[0][0] + ram[0][1]
     image = _detect(kernel)
-    writes: list[_Write] = []
+    writes: list[_Write] = []  # the kernel and initrd
 
     if isinstance(image, BzImage):
         if protocol == "pvh":
@@ -174,8 +207,6 @@ def load_kernel(
         limit = min(hdr.cmdline_size, L.CMDLINE_MAX - 1)
         raw_cmdline = _cmdline_bytes(cmdline, limit, "this bzImage")
         k0, k1 = image.load_address, image.load_address + image.memory_needed
-        if k0 < HIMEM_START:
-            raise ImageError(f"bzImage load address {k0:#x} overlaps the boot structures below 1 MiB")
         if k1 > region0_end:
             raise ImageError(
                 f"bzImage needs [{k0:#x}, {k1:#x}) (init_size {hdr.init_size:#x}) but guest RAM below "
@@ -186,6 +217,7 @@ def load_kernel(
         entry = image.entry64
         initrd_max_end = (hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX) + 1
         setup_header: bytes | None = image.header_bytes(kernel)
+        kernel_parts = [("bzImage kernel (load address + init_size)", k0, k1)]
     else:
         pvh_entry = find_pvh_entry(image)
         if protocol == "pvh" or (protocol == "auto" and pvh_entry is not None):
@@ -202,37 +234,45 @@ def load_kernel(
             entry = image.entry
             raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_LINUX_ELF, "the Linux ELF boot path")
             check_entry(image, entry)
-        check_placement(image.segments, ram, low_limit=HIMEM_START)
+        check_placement(image.segments, ram)
         k0, k1 = image.loaded_range
         if k1 > FOUR_GIB:
             raise ImageError(f"the ELF kernel ends at {k1:#x}, above the identity-mapped 4 GiB")
+        kernel_parts = []
         for seg in image.segments:
             if seg.memsz:
                 writes.append((seg.paddr, kernel[seg.offset : seg.offset + seg.filesz]))
                 writes.append((seg.paddr + seg.filesz, seg.memsz - seg.filesz))
+                kernel_parts.append(("ELF segment", seg.paddr, seg.end))
         initrd_max_end = FOUR_GIB
         setup_header = None
 
+    for what, a0, a1 in kernel_parts:
+        _check_in_ram(what, a0, a1, ram)
     initrd_range: tuple[int, int] | None = None
     if initrd is not None:
         limit_end = min(initrd_max_end, region0_end, MMIO32_START)
         initrd_range = _place_initrd(len(initrd), limit_end, k1)
         writes.append((initrd_range[0], bytes(initrd)))
 
-    writes.append((L.CMDLINE_START, raw_cmdline + b"\0"))
+    # The boot structures of the loader table, each tagged with its slot name.
+    acpi = build_acpi(cpus, virtio)
+    structs: list[tuple[str, int, bytes | int]] = [("command line", L.CMDLINE_START, raw_cmdline + b"\0")]
     cmdline_addr = L.CMDLINE_START
     if name == "pvh":
         modules = [(initrd_range[0], initrd_range[1] - initrd_range[0])] if initrd_range else []
-        writes.append((L.MEMMAP_START, build_memmap(e820)))
-        writes.append((L.MODLIST_START, build_modlist(modules)))
+        structs.append(("PVH memory map", L.MEMMAP_START, build_memmap(e820)))
+        if modules:
+            structs.append(("PVH module list", L.MODLIST_START, build_modlist(modules)))
         start_info = build_start_info(
             cmdline_addr=cmdline_addr,
             memmap_addr=L.MEMMAP_START,
             memmap_entries=len(e820),
             modlist_addr=L.MODLIST_START if modules else 0,
             nr_modules=len(modules),
+            rsdp_addr=L.ACPI_RSDP_START,
         )
-        writes.append((L.START_INFO_START, start_info))
+        structs.append(("PVH hvm_start_info", L.START_INFO_START, start_info))
         boot_info = L.START_INFO_START
     else:
         zero_page = build_boot_params(
@@ -242,22 +282,38 @@ def load_kernel(
             e820=e820,
             initrd=(initrd_range[0], initrd_range[1] - initrd_range[0]) if initrd_range else None,
             code32_start=k0 if setup_header is not None else 0,
+            acpi_rsdp_addr=L.ACPI_RSDP_START,
         )
-        writes.append((L.ZERO_PAGE_START, zero_page))
+        structs.append(("Linux boot_params (zero page)", L.ZERO_PAGE_START, zero_page))
+        structs.append(("page tables", L.PML4_START, build_page_tables(L.PML4_START)))
         boot_info = L.ZERO_PAGE_START
     gdt = build_gdt()
-    writes.append((L.GDT_START, gdt))
-    writes.append((L.IDT_START, L.IDT_LIMIT + 1))
-    writes.append((L.BOOT_STACK_POINTER & ~(PAGE - 1), PAGE))
-    writes.append((L.PML4_START, build_page_tables(L.PML4_START)))
-    writes.append((L.MPTABLE_START, build_mptable(cpus)))
+    structs.append(("boot TSS", L.BOOT_TSS_START, L.BOOT_TSS_SIZE))
+    structs.append(("GDT", L.GDT_START, gdt))
+    structs.append(("IDT", L.IDT_START, L.IDT_LIMIT + 1))
+    structs.append(("boot stack", L.BOOT_STACK_POINTER & ~(PAGE - 1), PAGE))
+    structs.append(("MP table", L.MPTABLE_START, build_mptable(cpus)))
+    structs.extend(acpi.writes())
+
+    written: list[tuple[str, int, int]] = []
+    for sname, addr, item in structs:
+        length = item if isinstance(item, int) else len(item)
+        slot = L.slot(sname)
+        if name not in slot.protocols or not slot.start <= addr <= addr + length <= slot.end:
+            raise AssertionError(f"{sname} [{addr:#x}, +{length:#x}) is outside its loader-table slot")
+        written.append((sname, addr, addr + length))
+    for what, a0, a1 in kernel_parts:
+        _check_structures(what, a0, a1, written)
+    if initrd_range is not None:
+        _check_structures("initrd", initrd_range[0], initrd_range[1], written)
 
     # Validate every destination before the first write.
-    for addr, item in writes:
+    all_writes = writes + [(addr, item) for _, addr, item in structs]
+    for addr, item in all_writes:
         length = item if isinstance(item, int) else len(item)
         if not mem.contains(addr, length):
             raise ImageError(f"boot data [{addr:#x}, +{length:#x}) does not fit in guest RAM")
-    for addr, item in writes:
+    for addr, item in all_writes:
         if isinstance(item, int):
             if item:
                 mem.fill(addr, item)
@@ -294,6 +350,8 @@ def load_kernel(
         boot_info=boot_info,
         mptable=L.MPTABLE_START,
         cpus=cpus,
+        acpi_rsdp=L.ACPI_RSDP_START,
+        structures=tuple(written),
     )
 
 

@@ -19,7 +19,11 @@ __all__ = [
     "MSR_MTRR_DEF_TYPE",
     "MSR_STAR",
     "MSR_SYSCALL_MASK",
+    "MCE_BANKS_DEF",
+    "MCG_CTL_P",
+    "MCG_SER_P",
     "boot_msrs",
+    "mcg_cap_for",
 ]
 
 MSR_IA32_TSC = 0x10
@@ -33,6 +37,15 @@ MSR_LSTAR = 0xC000_0082
 MSR_CSTAR = 0xC000_0083
 MSR_SYSCALL_MASK = 0xC000_0084
 MSR_KERNEL_GS_BASE = 0xC000_0102
+
+# MCG_CAP (IA32_MCG_CAP, MSR 0x179) as QEMU configures it (target/i386/cpu.c mce_init with
+# MCE_CAP_DEF = MCG_CTL_P | MCG_SER_P and MCE_BANKS_DEF = 10; target/i386/kvm/kvm.c masks it with
+# KVM_X86_GET_MCE_CAP_SUPPORTED and sets it with KVM_X86_SETUP_MCE). LMCE is off, QEMU's default
+# (its "lmce" CPU property is false). Without KVM_X86_SETUP_MCE, KVM leaves 32 banks (KVM_MAX_MCE_BANKS).
+MCG_CTL_P = 1 << 8
+MCG_SER_P = 1 << 24
+MCG_BANKS_MASK = 0xFF
+MCE_BANKS_DEF = 10
 
 MISC_ENABLE_FAST_STRING = 1 << 0
 MTRR_ENABLE = 1 << 11
@@ -54,6 +67,15 @@ def boot_msrs() -> list[tuple[int, int]]:
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WB),
     ]
+
+
+def mcg_cap_for(supported: int) -> int:
+    """The MCG_CAP to give every vCPU, from KVM_X86_GET_MCE_CAP_SUPPORTED's value (QEMU's rule:
+    (MCG_CTL_P | MCG_SER_P) & supported, banks = min(supported banks, 10)); 0 means "leave KVM's"."""
+    banks = min(supported & MCG_BANKS_MASK, MCE_BANKS_DEF)
+    if not banks:
+        return 0
+    return (supported & (MCG_CTL_P | MCG_SER_P)) | banks
 
 
 def declare_surfaces() -> None:

@@ -50,6 +50,7 @@ MINIMAL_KERNEL_ALIGNMENT = 0x0100_0000
 class ZP:
     """Offsets inside struct boot_params used here (bootparam.h)."""
 
+    ACPI_RSDP_ADDR = 0x070
     EXT_RAMDISK_IMAGE = 0x0C0
     EXT_RAMDISK_SIZE = 0x0C4
     EXT_CMD_LINE_PTR = 0x0C8
@@ -113,13 +114,15 @@ def build_boot_params(
     e820: Sequence[E820Entry],
     initrd: tuple[int, int] | None = None,
     code32_start: int = 0,
+    acpi_rsdp_addr: int = 0,
 ) -> bytes:
     """A 4096-byte struct boot_params.
 
     With `setup_header` (the raw bytes from offset 0x1f1 of a bzImage), the header is copied and
     the loader fields are filled in; without it a minimal valid header is made (boot flag, "HdrS",
     protocol 2.15, LOADED_HIGH, 16 MiB kernel alignment, `cmdline_size`). Always: type_of_loader
-    0xff, cmd_line_ptr (+ext_), ramdisk_image/size (+ext_), e820_entries and the e820 table.
+    0xff, cmd_line_ptr (+ext_), ramdisk_image/size (+ext_), acpi_rsdp_addr (protocol 2.14, offset
+    0x070), e820_entries and the e820 table.
     Raises ImageError when the header would overflow its slot, ConfigError for more than 128
     e820 entries or addresses that do not fit the fields.
     """
@@ -137,6 +140,7 @@ def build_boot_params(
         struct.pack_into("<I", zp, ZP.CMDLINE_SIZE, cmdline_size & 0xFFFF_FFFF)
         loadflags = LOADED_HIGH
     zp[ZP.SENTINEL] = 0
+    struct.pack_into("<Q", zp, ZP.ACPI_RSDP_ADDR, acpi_rsdp_addr & 0xFFFF_FFFF_FFFF_FFFF)
     zp[ZP.TYPE_OF_LOADER] = 0xFF
     zp[ZP.LOADFLAGS] = loadflags
     if code32_start:
@@ -180,7 +184,8 @@ def build_start_info(
     nr_modules: int = 0,
     rsdp_addr: int = 0,
 ) -> bytes:
-    """A 56-byte struct hvm_start_info, version 1 (magic 0x336ec578, flags 0)."""
+    """A 56-byte struct hvm_start_info, version 1 (magic 0x336ec578, flags 0); `rsdp_addr` is
+    rsdp_paddr, the ACPI RSDP (start_info.h: "Physical address of the RSDP ACPI data structure")."""
     return struct.pack(
         "<IIIIQQQQII",
         HVM_START_MAGIC,

@@ -18,6 +18,7 @@ import struct
 from typing import NamedTuple
 
 from bulkhead.boot.layout import (
+    BOOT_TSS_START,
     GDT_ENTRIES,
     PML4_START,
     SEL_CODE32,
@@ -66,8 +67,16 @@ GIB = 1 << 30
 FLAGS_CODE64 = 0xA09B  # G=1 L=1 D=0, P=1 DPL=0 S=1 type=0xb (exec/read, accessed)
 FLAGS_CODE32 = 0xC09B  # G=1 L=0 D=1, P=1 DPL=0 S=1 type=0xb
 FLAGS_DATA = 0xC093  # G=1 D/B=1, P=1 DPL=0 S=1 type=0x3 (read/write, accessed)
-FLAGS_TSS = 0x008B  # G=0, P=1 DPL=0 S=0 type=0xb (busy 64-bit / 32-bit TSS)
-TSS_LIMIT = 0x67  # 104-byte TSS
+# The boot TSS descriptor is Firecracker's (src/vmm/src/arch/x86_64/gdt.rs: gdt_entry(0x808b, 0, 0xfffff)):
+# G=1, P=1, DPL=0, S=0, type 0xb (busy 32-bit TSS; the same type code is a busy 64-bit TSS in long
+# mode), base 0, limit 0xfffff pages = 4 GiB. A TSS whose limit ends at 0x67 (the PVH ABI's minimum)
+# has no I/O permission bitmap; on PVM hosts ring-3 port I/O at IOPL 3 still consults the bitmap, so
+# such a guest faults there while it runs on QEMU (whose firmware leaves TR at its reset value, limit
+# 0xffff) and Firecracker. With this descriptor the I/O map base (offset 0x66 of the zeroed TSS) is 0
+# and the bitmap bit of port p is bit p%8 of guest byte p/8: zero (allowed) for every port except
+# 0x2800..0x297f, whose bits are the GDT's bytes at 0x500..0x530.
+FLAGS_TSS = 0x808B
+TSS_LIMIT = 0xF_FFFF
 
 
 class Segment(NamedTuple):
@@ -122,7 +131,7 @@ def segment_from_descriptor(selector: int, desc: int) -> Segment:
     )
 
 
-def _descriptors(tss_base: int = 0) -> list[int]:
+def _descriptors(tss_base: int = BOOT_TSS_START) -> list[int]:
     """The GDT as 8-byte words, indexed by selector >> 3."""
     gdt = [0] * GDT_ENTRIES
     gdt[SEL_CODE32 >> 3] = gdt_entry(FLAGS_CODE32, 0, 0xF_FFFF)
@@ -135,7 +144,7 @@ def _descriptors(tss_base: int = 0) -> list[int]:
 
 def build_gdt() -> bytes:
     """The boot GDT: null, 32-bit flat code (0x08), 64-bit code (0x10 = __BOOT_CS), flat data
-    (0x18 = __BOOT_DS), TSS placeholder (0x20, 16 bytes). Limit = len(result) - 1."""
+    (0x18 = __BOOT_DS), boot TSS (0x20, 16-byte system descriptor). Limit = len(result) - 1."""
     return b"".join(struct.pack("<Q", d) for d in _descriptors())
 
 
@@ -143,7 +152,7 @@ def segments_for(long_mode: bool) -> dict[str, Segment]:
     """Segment registers cs, ds, es, fs, gs, ss, tr as loaded for the chosen entry mode.
 
     Long mode: CS = 64-bit code 0x10; protected mode (PVH): CS = 32-bit flat code 0x08.
-    Data segments are the flat 4 GiB data segment 0x18; TR is the placeholder TSS 0x20.
+    Data segments are the flat 4 GiB data segment 0x18; TR is the boot TSS 0x20 (base 0, 4 GiB).
     """
     gdt = _descriptors()
     code_sel = SEL_CODE64 if long_mode else SEL_CODE32

@@ -131,6 +131,7 @@ class Machine:
         self._lock = threading.Lock()
         self._serial_file: int | None = None
         self._cmdline_extra: list[str] = []
+        self._virtio_slots: list[tuple[int, int, int]] = []  # (base, size, irq), described in the ACPI DSDT
         self._next_irq = VIRTIO_FIRST_IRQ
 
     # -- events -----------------------------------------------------------------------------------
@@ -162,6 +163,7 @@ class Machine:
     def build(self) -> None:
         """Validate and wire everything. Raises ConfigError, ImageError or HostError; nothing runs yet."""
         from bulkhead.boot import load_kernel
+        from bulkhead.boot.acpi import VirtioSlot
         from bulkhead.hypervisor.kvm import Kvm
 
         cfg = self.config
@@ -191,7 +193,13 @@ class Machine:
         self.attach_virtio_devices()
         cmdline = " ".join(p for p in (cfg.cmdline, *self._cmdline_extra) if p)
         self.plan = load_kernel(
-            self.mem, kernel, initrd=initrd, cmdline=cmdline, cpus=cfg.cpus, protocol=cfg.boot_protocol
+            self.mem,
+            kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            cpus=cfg.cpus,
+            protocol=cfg.boot_protocol,
+            virtio=[VirtioSlot(*slot) for slot in self._virtio_slots],
         )
         self._setup_vcpus()
         self.record("vm-built", protocol=self.plan.protocol, cpus=cfg.cpus, mem_mib=cfg.mem_mib)
@@ -316,15 +324,20 @@ class Machine:
         if irq > 23:
             raise ConfigError("too many virtio devices (at most 19)")
         self._cmdline_extra.append(f"virtio_mmio.device={VIRTIO_MMIO_SIZE:#x}@{base:#x}:{irq}")
+        self._virtio_slots.append((base, VIRTIO_MMIO_SIZE, irq))
         return base, irq
 
     def _setup_vcpus(self) -> None:
         from bulkhead.boot.cpuid import CpuidEntry, filter_cpuid
-        from bulkhead.boot.msrs import boot_msrs
+        from bulkhead.boot.msrs import boot_msrs, mcg_cap_for
         from bulkhead.runtime.x86 import setup_vcpu
 
         supported = [CpuidEntry(*t) for t in self.kvm.supported_cpuid()]
         msrs = boot_msrs()
+        try:
+            mcg_cap = mcg_cap_for(self.kvm.mce_cap_supported())
+        except HostError:
+            mcg_cap = 0  # no MCE emulation on this host: KVM's default stays
         coalesced = self._coalesce_post
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
@@ -332,7 +345,7 @@ class Machine:
                 (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                 for e in filter_cpuid(supported, index, self.config.cpus)
             ]
-            refused = setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0)
+            refused = setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0, mcg_cap=mcg_cap)
             if refused and index == 0:
                 self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
             self.runners.append(

@@ -42,9 +42,15 @@ def setup_vcpu(
     msrs: list[tuple[int, int]],
     *,
     boot_cpu: bool,
+    mcg_cap: int = 0,
 ) -> list[int]:
     """Program one vCPU. The boot CPU gets the plan's entry state; APs keep their reset state and wait for
-    INIT/SIPI from the guest, as on real hardware."""
+    INIT/SIPI from the guest, as on real hardware. `mcg_cap` (bulkhead.boot.msrs.mcg_cap_for) is set
+    with KVM_X86_SETUP_MCE when non-zero, before CPUID and MSRs (QEMU's order, kvm_arch_init_vcpu).
+    FPU: FCW 0x37f and MXCSR 0x1f80, the x87/SSE reset values (Intel SDM vol. 1 8.1.5, 10.2.3.1), as
+    Firecracker (arch/x86_64/regs.rs setup_fpu) and QEMU (x86_cpu_reset) hand over."""
+    if mcg_cap:
+        vcpu.setup_mce(mcg_cap)
     vcpu.set_cpuid(cpuid)
     refused = apply_msrs(vcpu, msrs)
     fpu = s.KvmFpu()

@@ -117,6 +117,15 @@ class Kvm(_Fd):
             n *= 2
         raise HostError("KVM GET_SUPPORTED_CPUID returned too many entries")
 
+    def mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED: the MCG_CAP bits and bank count KVM can emulate; 0 when the
+        host has no KVM_CAP_MCE."""
+        if self.check_extension(c.KVM_CAP_MCE) <= 0:
+            return 0
+        value = ctypes.c_uint64(0)
+        self.ioctl(c.KVM_X86_GET_MCE_CAP_SUPPORTED, value, "X86_GET_MCE_CAP_SUPPORTED")
+        return int(value.value)
+
     def msr_index_list(self) -> list[int]:
         n = 512
         buf = s.msr_list_type(n)()
@@ -253,6 +262,10 @@ class Vcpu(_Fd):
 
     def set_lapic(self, st: s.KvmLapicState) -> None:
         self.ioctl(c.KVM_SET_LAPIC, st, "SET_LAPIC")
+
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: set this vCPU's MCG_CAP (bank count in bits 0-7). Raises HostError."""
+        self.ioctl(c.KVM_X86_SETUP_MCE, ctypes.c_uint64(mcg_cap), "X86_SETUP_MCE")
 
     def get_mp_state(self) -> int:
         st = s.KvmMpState()
