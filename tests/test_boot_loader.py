@@ -43,7 +43,7 @@ def test_bootplan_fields_are_the_runtime_contract() -> None:
     assert list(BootPlan._fields) == [
         "protocol", "long_mode", "rip", "rsp", "rsi", "rbx", "rflags", "cr0", "cr3", "cr4", "efer",
         "gdt", "idt", "cs", "ds", "es", "fs", "gs", "ss", "tr", "kernel_range", "initrd_range",
-        "cmdline", "e820", "boot_info", "mptable", "cpus",
+        "cmdline", "e820", "boot_info", "mptable", "cpus", "acpi_rsdp", "structures",
     ]
 
 
@@ -186,12 +186,12 @@ def test_cmdline_limits(mem: GuestMemory, image: bytes, limit: int) -> None:
         # segment beyond RAM
         (make_elf([(0x3FF_0000, PAYLOAD, 0x20000)], 0x3FF_0000), None, "not inside guest RAM"),
         # segment on top of the boot structures
-        (make_elf([(0x9000, PAYLOAD, 0x1000)], 0x9000), None, "boot structures"),
+        (make_elf([(0x9000, PAYLOAD, 0x1000)], 0x9000), None, r"overlaps the page tables \[0x9000, 0xf000\)"),
         (make_elf([(0x100000, PAYLOAD, 0x1000)], 0x200000), None, "entry point"),
         (make_elf([(0x100000, PAYLOAD, 0x1000)], 0x100000, pvh_entry=0x300000), None, "PVH entry"),
         # bzImage whose init_size runs past RAM, or that wants to load into low memory
         (make_bzimage(PAYLOAD, init_size=64 * MIB), None, "init_size"),
-        (make_bzimage(PAYLOAD, pref_address=0x8000), None, "below 1 MiB"),
+        (make_bzimage(PAYLOAD, pref_address=0x8000), None, r"overlaps the boot stack \[0x8000, 0x9000\)"),
     ],
 )
 def test_rejections_leave_memory_untouched(mem: GuestMemory, image: bytes, initrd: bytes | None,

@@ -49,6 +49,7 @@ def test_gdt_descriptor_bits() -> None:
     assert q(gdt, L.SEL_DATA) == 0x00CF93000000FFFF  # flat data: read/write, accessed
     tss = q(gdt, L.SEL_TSS)
     assert (tss >> 40) & 0xF == 0xB and (tss >> 47) & 1 and not (tss >> 44) & 1
+    assert tss == 0x008F8B000000FFFF  # G=1, limit 0xfffff, base 0 (Firecracker's gdt.rs)
     assert q(gdt, L.SEL_TSS + 8) == 0
 
 
@@ -73,7 +74,9 @@ def test_segments_long_and_protected() -> None:
                 0x18, 0, 0xFFFF_FFFF, 3, 1, 1, 1, 1)
         assert segs["cs"].limit == 0xFFFF_FFFF and segs["cs"].present == 1 and segs["cs"].s == 1
         tr = segs["tr"]
-        assert (tr.selector, tr.type, tr.s, tr.present, tr.limit) == (0x20, 0xB, 0, 1, 0x67)
+        # Firecracker's boot TSS descriptor (gdt_entry(0x808b, 0, 0xfffff)): base 0, 4 GiB, busy TSS
+        assert (tr.selector, tr.type, tr.s, tr.present, tr.base, tr.g, tr.limit) == (
+            0x20, 0xB, 0, 1, 0, 1, 0xFFFF_FFFF)
 
 
 def test_boot_msrs() -> None:

@@ -69,10 +69,11 @@ def boot_msrs() -> list[tuple[int, int]]:
     ]
 
 
-def mcg_cap_for(supported: int) -> int:
-    """The MCG_CAP to give every vCPU, from KVM_X86_GET_MCE_CAP_SUPPORTED's value (QEMU's rule:
-    (MCG_CTL_P | MCG_SER_P) & supported, banks = min(supported banks, 10)); 0 means "leave KVM's"."""
-    banks = min(supported & MCG_BANKS_MASK, MCE_BANKS_DEF)
+def mcg_cap_for(supported: int, max_banks: int) -> int:
+    """The MCG_CAP to give every vCPU from KVM_X86_GET_MCE_CAP_SUPPORTED's flags and KVM_CAP_MCE's bank
+    count (QEMU's rule: (MCG_CTL_P | MCG_SER_P) & supported, banks = min(max_banks, 10)); 0 means
+    "no MCE emulation: leave KVM's default"."""
+    banks = min(max_banks & MCG_BANKS_MASK, MCE_BANKS_DEF)
     if not banks:
         return 0
     return (supported & (MCG_CTL_P | MCG_SER_P)) | banks

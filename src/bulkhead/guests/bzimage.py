@@ -32,6 +32,7 @@ __all__ = [
     "XLF_KERNEL_64",
     "elf_flat_image",
     "make_bzimage",
+    "make_bzimage_flat",
 ]
 
 LOAD_ADDRESS = 0x100000
@@ -102,7 +103,13 @@ def make_bzimage(elf: bytes) -> bytes:
     Raises ConfigError when the ELF is unsuitable (see elf_flat_image).
     """
     flat, memsz = elf_flat_image(elf)
-    flat += bytes(-len(flat) % 16)  # whole paragraphs: the file is exactly syssize * 16 bytes long
+    return make_bzimage_flat(flat, memsz)
+
+
+def make_bzimage_flat(flat: bytes, memsz: int) -> bytes:
+    """Build the bzImage from a flat protected-mode image loaded at LOAD_ADDRESS (32-bit entry at +0,
+    64-bit entry at +0x200) that needs `memsz` bytes of memory (its .bss included)."""
+    flat = bytes(flat) + bytes(-len(flat) % 16)  # whole paragraphs: the file is exactly syssize * 16 bytes long
     setup = bytearray((1 + SETUP_SECTS) * 512)
     stub = _real_mode_stub()
     setup[_STUB_OFFSET : _STUB_OFFSET + len(stub)] = stub

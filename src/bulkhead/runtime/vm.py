@@ -335,7 +335,7 @@ class Machine:
         supported = [CpuidEntry(*t) for t in self.kvm.supported_cpuid()]
         msrs = boot_msrs()
         try:
-            mcg_cap = mcg_cap_for(self.kvm.mce_cap_supported())
+            mcg_cap = mcg_cap_for(*self.kvm.mce_cap_supported())
         except HostError:
             mcg_cap = 0  # no MCE emulation on this host: KVM's default stays
         coalesced = self._coalesce_post

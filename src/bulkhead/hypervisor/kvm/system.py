@@ -117,14 +117,15 @@ class Kvm(_Fd):
             n *= 2
         raise HostError("KVM GET_SUPPORTED_CPUID returned too many entries")
 
-    def mce_cap_supported(self) -> int:
-        """KVM_X86_GET_MCE_CAP_SUPPORTED: the MCG_CAP bits and bank count KVM can emulate; 0 when the
-        host has no KVM_CAP_MCE."""
-        if self.check_extension(c.KVM_CAP_MCE) <= 0:
-            return 0
+    def mce_cap_supported(self) -> tuple[int, int]:
+        """(MCG_CAP flag bits KVM can emulate (KVM_X86_GET_MCE_CAP_SUPPORTED), maximum bank count
+        (KVM_CHECK_EXTENSION(KVM_CAP_MCE))); (0, 0) when the host has no KVM_CAP_MCE. Raises HostError."""
+        banks = self.check_extension(c.KVM_CAP_MCE)
+        if banks <= 0:
+            return 0, 0
         value = ctypes.c_uint64(0)
         self.ioctl(c.KVM_X86_GET_MCE_CAP_SUPPORTED, value, "X86_GET_MCE_CAP_SUPPORTED")
-        return int(value.value)
+        return int(value.value), banks
 
     def msr_index_list(self) -> list[int]:
         n = 512
