@@ -19,6 +19,7 @@ PACKAGES=(
   iproute2 nftables dnsmasq-base iperf3         # taps, bridges, filtering, DHCP per network; iperf3: bench
   busybox-static cpio xz-utils                  # initramfs for Linux boot tests
   strace                                        # tests: FLUSH must reach the image as fdatasync
+  acpica-tools                                  # tests: iasl disassembles the generated ACPI tables
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

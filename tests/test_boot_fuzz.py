@@ -88,10 +88,13 @@ def _check_load(mem: GuestMemory, data: bytes, initrd: bytes | None, protocol: s
     except ImageError:
         return
     k0, k1 = plan.kernel_range
-    assert HIMEM_START <= k0 <= k1 <= 16 * MIB
+    assert 0 <= k0 <= k1 <= 16 * MIB
+    if k0 >= HIMEM_START or plan.protocol == "linux-bzimage":  # one contiguous range: no structure inside
+        assert not any(k0 < e and s < k1 for _, s, e in plan.structures), (k0, k1, plan.structures)
     if plan.initrd_range is not None:
         i0, i1 = plan.initrd_range
         assert k1 <= i0 < i1 <= 16 * MIB and i0 % 4096 == 0
+        assert not any(i0 < e and s < i1 for _, s, e in plan.structures)
     assert plan.rip < 1 << 32
     assert (plan.protocol == "pvh") == (not plan.long_mode)
 

@@ -11,7 +11,6 @@ RESET_REG_SUPPORTED flag (its GED reset register; bulkhead resets through the i8
 from __future__ import annotations
 
 import pytest
-
 from tests.conformance.common import needs_both
 from tests.conformance.harness import Guest, build, run_both
 

@@ -10,7 +10,6 @@ path, and the memory map must describe the same usable RAM where both VMMs provi
 from __future__ import annotations
 
 import pytest
-
 from tests.conformance.common import needs_both
 from tests.conformance.harness import Guest, build, run_both
 

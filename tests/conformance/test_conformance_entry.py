@@ -9,7 +9,6 @@ ESP, EAX, TR's selector) differs on purpose; each difference is asserted exactly
 from __future__ import annotations
 
 import pytest
-
 from tests.conformance.common import needs_both
 from tests.conformance.harness import Guest, build, run_both
 

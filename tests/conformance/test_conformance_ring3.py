@@ -11,7 +11,6 @@ boot_tss case raised #GP on bulkhead (and triple-faulted a guest without an IDT)
 from __future__ import annotations
 
 import pytest
-
 from tests.conformance.common import needs_both
 from tests.conformance.harness import Guest, build, run_both
 

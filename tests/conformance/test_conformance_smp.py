@@ -5,7 +5,6 @@ ACPI MADT on both VMMs."""
 from __future__ import annotations
 
 import pytest
-
 from tests.conformance.common import needs_both
 from tests.conformance.harness import Guest, build, run_both
 

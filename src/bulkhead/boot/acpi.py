@@ -238,7 +238,7 @@ def build_acpi(cpus: int, virtio: Sequence[VirtioSlot] = ()) -> AcpiTables:
     if not 1 <= cpus <= 255:
         raise ConfigError(f"the ACPI MADT supports 1 to 254 vCPUs, not {cpus}")
     for s in virtio:
-        if not (0 <= s.base and s.base + s.size <= 1 << 32 and 0 < s.size and 0 <= s.irq < 256):
+        if not (s.base >= 0 and s.base + s.size <= 1 << 32 and s.size > 0 and 0 <= s.irq < 256):
             raise ConfigError(f"virtio-mmio slot {s} cannot be described in ACPI")
     xsdt = _table(b"XSDT", 1, struct.pack("<QQ", L.ACPI_FADT_START, L.ACPI_MADT_START))
     tables = AcpiTables(
@@ -249,9 +249,9 @@ def build_acpi(cpus: int, virtio: Sequence[VirtioSlot] = ()) -> AcpiTables:
         dsdt=_dsdt(virtio),
     )
     for name, addr, data in tables.writes():
-        s = L.slot(name)
-        if addr + len(data) > s.end:
+        slot = L.slot(name)
+        if addr + len(data) > slot.end:
             raise ConfigError(
-                f"the {name} ({len(data)} bytes) does not fit its slot [{s.start:#x}, {s.end:#x})"
+                f"the {name} ({len(data)} bytes) does not fit its slot [{slot.start:#x}, {slot.end:#x})"
             )
     return tables

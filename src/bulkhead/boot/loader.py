@@ -148,7 +148,7 @@ def _check_in_ram(what: str, start: int, end: int, ram: list[tuple[int, int]]) -
     32-bit MMIO hole or beyond the end of RAM."""
     if any(base <= start and end <= base + size for base, size in ram):
         return
-    if start < MMIO32_END and MMIO32_START < end:
+    if start < MMIO32_END and end > MMIO32_START:
         raise ImageError(
             f"{what} [{start:#x}, {end:#x}) is not inside guest RAM: it overlaps the 32-bit MMIO hole "
             f"[{MMIO32_START:#x}, {MMIO32_END:#x})"
@@ -234,6 +234,9 @@ def load_kernel(
             entry = image.entry
             raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_LINUX_ELF, "the Linux ELF boot path")
             check_entry(image, entry)
+        for seg in image.segments:
+            if seg.memsz:
+                _check_in_ram("ELF segment", seg.paddr, seg.end, ram)
         check_placement(image.segments, ram)
         k0, k1 = image.loaded_range
         if k1 > FOUR_GIB:

@@ -8,6 +8,9 @@ with write-back as the default memory type, so the guest does not run uncached.
 from __future__ import annotations
 
 __all__ = [
+    "MCE_BANKS_DEF",
+    "MCG_CTL_P",
+    "MCG_SER_P",
     "MSR_CSTAR",
     "MSR_IA32_MISC_ENABLE",
     "MSR_IA32_SYSENTER_CS",
@@ -19,9 +22,6 @@ __all__ = [
     "MSR_MTRR_DEF_TYPE",
     "MSR_STAR",
     "MSR_SYSCALL_MASK",
-    "MCE_BANKS_DEF",
-    "MCG_CTL_P",
-    "MCG_SER_P",
     "boot_msrs",
     "mcg_cap_for",
 ]
