@@ -17,8 +17,10 @@ from tests.conformance.harness import Guest, build, run_both
 pytestmark = needs_both
 
 
-@pytest.mark.parametrize("variant", ["ttext", "default"])
+@pytest.mark.parametrize("variant", ["ttext", "default", "bzimage"])
 def test_ring3_port_io_on_the_boot_tss(variant: str) -> None:
+    """PVH for the ELF variants; the bzImage enters QEMU through real mode (TR keeps its reset value)
+    and bulkhead through the 64-bit protocol (its boot TSS)."""
     q, b = run_both(Guest(build("ring3", variant), "boot_tss"))
     assert q.passed and b.passed, (q, b)
     assert not b.with_prefix("FAULT")
@@ -35,3 +37,12 @@ def test_ring3_on_a_guest_tss_with_an_io_bitmap() -> None:
         assert q.with_prefix(prefix) == b.with_prefix(prefix), prefix
     fault = b.facts("FAULT")
     assert (fault["vector"], fault["cpl"], fault["err"]) == ("13", "3", "0x0")  # #GP from ring 3
+
+
+def test_ring3_on_the_boot_tss_after_the_linux64_entry() -> None:
+    """The vmlinux-style ELF (no PVH note): QEMU microvm refuses it, bulkhead enters it in long mode
+    with the same boot TSS."""
+    q, b = run_both(Guest(build("ring3", "vmlinux"), "boot_tss"))
+    assert "without PVH ELF Note" in q.stderr
+    assert b.passed and not b.with_prefix("FAULT"), b
+    assert b.facts("RING3")["cpl"] == "3"

@@ -21,3 +21,14 @@ def test_smp_and_lapic_timer_match_qemu(cpus: int) -> None:
     assert sorted(q.with_prefix("APIC")) == sorted(b.with_prefix("APIC"))
     assert b.facts("CPUS_UP")["n"] == str(cpus)
     assert b.facts("TIMER") == {"ticks": "5", "hlt_wakeups": "5"}
+
+
+def test_smp_and_timer_through_the_bzimage_entry() -> None:
+    """QEMU enters the bzImage through real mode and passes no memory map on that path (the BIOS
+    would), so the payload cannot prove 0x70000 usable and does not start the APs there; bulkhead enters
+    through the 64-bit protocol with its e820 map and starts them. The LAPIC timer works on both."""
+    q, b = run_both(Guest(build("smp_timer", "bzimage"), cpus=2))
+    assert q.facts("TRAMPOLINE")["usable"] == "0" and q.facts("TRAMPOLINE")["map_entries"] == "0"
+    assert b.passed, b
+    assert b.facts("TRAMPOLINE")["usable"] == "1" and b.facts("CPUS_UP")["n"] == "2"
+    assert q.facts("TIMER") == b.facts("TIMER") == {"ticks": "5", "hlt_wakeups": "5"}
