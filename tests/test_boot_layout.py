@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,15 @@ def test_rsdp_address_in_start_info_and_boot_params(mem: GuestMemory) -> None:
     lnx = load_kernel(mem, make_bzimage(CODE), initrd=None, cmdline="", cpus=1)
     assert mem.read_u64(lnx.boot_info + 0x70) == L.ACPI_RSDP_START
     assert mem.read(L.ACPI_RSDP_START, 8) == b"RSD PTR "
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="needs /dev/kvm")
+def test_cli_refusal_names_the_structure(tmp_path: Path) -> None:
+    """`bulkhead run` stops with exit 2 and the loader's sentence, before the guest runs."""
+    img = tmp_path / "bad.elf"
+    img.write_bytes(make_elf([(0x9FC00, CODE, 0x100), (0x100000, CODE, 0x1000)], 0x100000, pvh_entry=0x100000))
+    p = subprocess.run([sys.executable, "-m", "bulkhead", "run", "--no-jail", "-q", "--kernel", str(img)],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 2, p
+    assert "ELF segment [0x9fc00, 0x9fd00) overlaps the MP table [0x9fc00, 0x9fd30)" in p.stderr

@@ -86,3 +86,14 @@ def test_boot_msrs() -> None:
     for idx in (0x10, 0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102):
         assert msrs[idx] == 0
     assert len(msrs) == len(boot_msrs())  # no duplicates
+
+
+def test_mcg_cap_follows_qemu() -> None:
+    from bulkhead.boot.msrs import MCG_CTL_P, MCG_SER_P, mcg_cap_for
+
+    lmce = 1 << 27
+    # this machine's KVM: flags CTL_P | SER_P, KVM_CAP_MCE = 32 banks -> QEMU's 0x100010a
+    assert mcg_cap_for(MCG_CTL_P | MCG_SER_P, 32) == 0x100010A
+    assert mcg_cap_for(MCG_CTL_P | MCG_SER_P | lmce, 32) == 0x100010A  # LMCE stays off (QEMU's default)
+    assert mcg_cap_for(MCG_CTL_P, 6) == MCG_CTL_P | 6  # fewer banks than 10: all of them
+    assert mcg_cap_for(0, 0) == 0  # no MCE emulation: leave KVM alone

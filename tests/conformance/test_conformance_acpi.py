@@ -33,3 +33,14 @@ def test_acpi_tables_match_qemu(cpus: int, rng: bool) -> None:
     assert q.facts("MADT")["lapics"] == b.facts("MADT")["lapics"] == str(cpus)
     assert q.facts("MADT")["lapic_addr"] == b.facts("MADT")["lapic_addr"]
     assert q.facts("DSDT")["lnro0005"] == b.facts("DSDT")["lnro0005"] == str(int(rng))
+
+
+def test_virtio_devices_in_the_dsdt_match_the_command_line() -> None:
+    """Each LNRO0005 device's _CRS gives the same window and interrupt as the device's
+    virtio_mmio.device= token (bulkhead announces both); QEMU's devices are described the same way
+    (a 0x200-byte window and one interrupt each) at its own addresses."""
+    q, b = run_both(Guest(build("acpi"), "x", cpus=1, rng=True))
+    assert q.passed and b.passed
+    assert b.with_prefix("VIRTIO") == ["VIRTIO base=0xd0000000 size=0x200 irq=5"]
+    (qv,) = [dict(w.split("=") for w in line.split()[1:]) for line in q.with_prefix("VIRTIO")]
+    assert qv["size"] == "0x200" and int(qv["irq"]) < 256

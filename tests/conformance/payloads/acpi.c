@@ -1,6 +1,7 @@
 /* ACPI discovery as a kernel does it: RSDP from the boot info (hvm_start_info.rsdp_paddr or
  * boot_params.acpi_rsdp_addr), else a scan of 0xe0000..0xfffff; then XSDT, FADT, MADT, DSDT.
- * Lines: RSDP, TABLE (one per XSDT entry), FADT, MADT, DSDT, PASS/FAIL. Format: README.md. */
+ * Lines: RSDP, TABLE (one per XSDT entry), FADT, MADT, DSDT, VIRTIO (one per LNRO0005 device: its
+ * _CRS memory window and interrupt), PASS/FAIL. Format: README.md. */
 #include "rt.h"
 
 static unsigned count_in(u64 addr, u32 len, const char *needle, unsigned n) {
@@ -9,6 +10,31 @@ static unsigned count_in(u64 addr, u32 len, const char *needle, unsigned n) {
         if (!ustrncmp((const char *)(addr + i), needle, n))
             c++;
     return c;
+}
+
+/* For each LNRO0005 _HID in the DSDT, the Memory32Fixed (0x86) and Extended Interrupt (0x89)
+ * descriptors of the _CRS that follows it (within 96 bytes). */
+static void virtio_devices(u64 dsdt, u32 len) {
+    for (u32 i = 0; i + 8 <= len; i++) {
+        if (ustrncmp((const char *)(dsdt + i), "LNRO0005", 8))
+            continue;
+        u64 base = 0, size = 0, irq = ~0ul;
+        for (u32 j = i + 8; j + 9 <= len && j < i + 96; j++) {
+            const u8 *p = (const u8 *)(dsdt + j);
+            if (p[0] == 0x86 && p[1] == 9 && p[2] == 0 && !size) {
+                base = *(const u32 *)(p + 4);
+                size = *(const u32 *)(p + 8);
+            } else if (p[0] == 0x89 && p[3] >= 1 && irq == ~0ul && size) {
+                irq = *(const u32 *)(p + 5);
+                break;
+            }
+        }
+        puts_("VIRTIO");
+        kv("base", base);
+        kv("size", size);
+        kvd("irq", irq);
+        nl();
+    }
 }
 
 static void sig(u64 t) {
@@ -83,6 +109,7 @@ int payload_main(void) {
         kvd("sum_ok", acpi_sum_ok(dsdt, len));
         kvd("lnro0005", count_in(dsdt, len, "LNRO0005", 8));
         nl();
+        virtio_devices(dsdt, len);
         bad |= !acpi_sum_ok(dsdt, len);
     }
     if (bad || !fadt || !madt || !dsdt) {
