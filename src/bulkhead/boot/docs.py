@@ -65,10 +65,10 @@ def render_cpu_state() -> str:
         ("DS, ES, SS, FS, GS", _seg(pvh.ds), _seg(lnx.ds),
          f"flat 4 GiB data ({_PVH}); `__BOOT_DS` 0x18 ({_LNX})"),
         ("TR", _seg(pvh.tr), _seg(lnx.tr),
-         f"a busy 32-bit TSS ({_PVH} asks limit 0x67); the descriptor is Firecracker's (gdt.rs: flags "
-         "0x808b, limit 0xfffff pages), so "
-         "ring-3 port I/O on the boot TSS works on PVM hosts as on QEMU (whose firmware leaves TR's "
-         "reset value, limit 0xffff)"),
+         f"a busy 32-bit TSS. Linux: Firecracker's descriptor (regs.rs: 0x808b, limit 0xfffff pages). "
+         f"PVH: the same, deliberately: {_PVH} asks limit 0x67 (Firecracker's PVH path follows it), but "
+         "that TSS has no I/O bitmap and ring-3 port I/O at IOPL 3 faults on PVM hosts, while it runs "
+         "on QEMU, whose firmware leaves TR's reset value (limit 0xffff)"),
         ("GDTR", f"`{pvh.gdt[0]:#x}`, limit `{pvh.gdt[1]:#x}`", f"`{lnx.gdt[0]:#x}`, limit `{lnx.gdt[1]:#x}`",
          "null, 32-bit code 0x08, 64-bit code 0x10, data 0x18, TSS 0x20 (16 bytes)"),
         ("IDTR", f"`{pvh.idt[0]:#x}`, limit `{pvh.idt[1]:#x}`", f"`{lnx.idt[0]:#x}`, limit `{lnx.idt[1]:#x}`",

@@ -67,14 +67,18 @@ GIB = 1 << 30
 FLAGS_CODE64 = 0xA09B  # G=1 L=1 D=0, P=1 DPL=0 S=1 type=0xb (exec/read, accessed)
 FLAGS_CODE32 = 0xC09B  # G=1 L=0 D=1, P=1 DPL=0 S=1 type=0xb
 FLAGS_DATA = 0xC093  # G=1 D/B=1, P=1 DPL=0 S=1 type=0x3 (read/write, accessed)
-# The boot TSS descriptor is Firecracker's (src/vmm/src/arch/x86_64/gdt.rs: gdt_entry(0x808b, 0, 0xfffff)):
-# G=1, P=1, DPL=0, S=0, type 0xb (busy 32-bit TSS; the same type code is a busy 64-bit TSS in long
-# mode), base 0, limit 0xfffff pages = 4 GiB. A TSS whose limit ends at 0x67 (the PVH ABI's minimum)
-# has no I/O permission bitmap; on PVM hosts ring-3 port I/O at IOPL 3 still consults the bitmap, so
-# such a guest faults there while it runs on QEMU (whose firmware leaves TR at its reset value, limit
-# 0xffff) and Firecracker. With this descriptor the I/O map base (offset 0x66 of the zeroed TSS) is 0
-# and the bitmap bit of port p is bit p%8 of guest byte p/8: zero (allowed) for every port except
-# 0x2800..0x297f, whose bits are the GDT's bytes at 0x500..0x530.
+# The boot TSS descriptor is the one Firecracker hands a Linux 64-bit guest (arch/x86_64/regs.rs,
+# LinuxBoot: gdt_entry(0x808b, 0, 0xfffff)): G=1, P=1, DPL=0, S=0, type 0xb (busy 32-bit TSS; the same
+# type code is a busy 64-bit TSS in long mode), base 0, limit 0xfffff pages = 4 GiB. bulkhead uses it
+# for PVH too, a deliberate deviation: the PVH ABI (docs/misc/pvh.pandoc) asks TR limit 0x67, and
+# Firecracker/Cloud Hypervisor's PVH path follow it (gdt_entry(0x008b, 0, 0x67)). A TSS that ends at
+# 0x67 has no I/O permission bitmap, and on PVM hosts ring-3 port I/O at IOPL 3 still consults the
+# bitmap, so such a guest faults there while it runs on QEMU, the oracle (its firmware never loads
+# TR: TR keeps its reset value, base 0, limit 0xffff). A larger limit is still a valid, busy 32-bit
+# TSS; a PVH guest sees the difference only through LSL on TR or that bitmap lookup.
+# The I/O map base (offset 0x66 of the zeroed TSS at 0) is 0, so the bitmap bit of port p is bit p%8
+# of guest byte p/8: zero (allowed) for every port except 0x2800..0x297f, whose bits are the GDT's
+# bytes at 0x500..0x530.
 FLAGS_TSS = 0x808B
 TSS_LIMIT = 0xF_FFFF
 
