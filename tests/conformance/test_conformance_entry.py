@@ -57,14 +57,21 @@ def test_vcpu_registers_match_qemu() -> None:
     assert b.facts("REG")["apic_base"] == "0xfee00900"  # xAPIC enabled, BSP
 
 
-def test_linux64_entry_state_follows_boot_protocol() -> None:
-    """An ELF without a PVH note (vmlinux-style) enters at e_entry in long mode (boot.rst "64-bit BOOT
-    PROTOCOL"). QEMU microvm cannot boot it (it loads ELF kernels only through the PVH note), so the
-    oracle here is the protocol text: paging on with an identity map, CS = __BOOT_CS (0x10),
-    DS/ES/SS = __BOOT_DS (0x18), RSI = boot_params, interrupts off."""
-    image = build("entry_state", "vmlinux")
-    q, b = run_both(Guest(image))
-    assert not q.lines and "without PVH ELF Note" in q.stderr, q  # QEMU refuses the image (status 1)
+@pytest.mark.parametrize("variant", ["vmlinux", "bzimage"])
+def test_linux64_entry_state_follows_boot_protocol(variant: str) -> None:
+    """bulkhead enters an ELF without a PVH note (vmlinux-style) at e_entry and a bzImage at its load
+    address + 0x200, in long mode (boot.rst "64-bit BOOT PROTOCOL"): paging on with an identity map,
+    CS = __BOOT_CS (0x10), DS/ES/SS = __BOOT_DS (0x18), RSI = boot_params, interrupts off.
+    QEMU microvm cannot take the 64-bit entry: it refuses the ELF (it loads ELF kernels only through the
+    PVH note) and enters the bzImage through its real-mode setup code, whose stub reaches the 32-bit
+    entry (paging off, ESI = boot_params). So the oracle for the 64-bit entry is the protocol text."""
+    q, b = run_both(Guest(build("entry_state", variant)))
+    if variant == "vmlinux":
+        assert not q.lines and "without PVH ELF Note" in q.stderr, q  # QEMU refuses the image (status 1)
+    else:
+        assert q.passed, q
+        qe = q.facts("ENTRY")
+        assert qe["proto"] == "0x3" and int(qe["cr0"], 16) & 0x80000001 == 1 and int(qe["esi"], 16)
     assert b.passed, b
     e = b.facts("ENTRY")
     assert e["proto"] == "0x2"
@@ -74,4 +81,5 @@ def test_linux64_entry_state_follows_boot_protocol() -> None:
     assert e["cr3"] == "0x9000"
     assert e["cs"] == "0x10" and e["ds"] == e["es"] == e["ss"] == "0x18"
     assert e["esi"] == "0x7000" and e["rsi_hi"] == "0x0"
+    assert e["tr"] == "0x20"
     assert int(e["eflags"], 16) & 0x200 == 0
