@@ -28,7 +28,7 @@ from bulkhead.daemon.app import build_app, inject_peer
 from bulkhead.daemon.daemon import Daemon, StateDir
 from bulkhead.errors import HostError
 
-__all__ = ["ALLOWED_LOCAL_UIDS", "Serving", "make_server_ssl", "serve"]
+__all__ = ["ALLOWED_LOCAL_UIDS", "Serving", "guard_forks", "make_server_ssl", "serve"]
 
 ALLOWED_LOCAL_UIDS = {0}
 
@@ -114,6 +114,45 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_fork_guard_installed = False
+
+
+def _before_fork() -> None:
+    # the forking thread blocks the stop signals, so the child starts with them blocked: none can reach
+    # the inherited handlers before _after_fork_in_child has reset them (the parent's other threads still
+    # take a SIGTERM meant for the daemon)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _after_fork_in_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not reach the daemon's signal handling: the asyncio loop's wakeup fd (the write
+    end of the loop's self-pipe, set by loop.add_signal_handler -> signal.set_wakeup_fd) is detached and
+    closed, and SIGTERM/SIGINT go back to their default action, so a signal sent to the child acts on the
+    child only (issue 12: a SIGTERM to pyroute2's forked helper stopped the daemon)."""
+    with contextlib.suppress(ValueError, OSError):
+        fd = signal.set_wakeup_fd(-1)
+        if fd >= 0:
+            os.close(fd)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def guard_forks() -> None:
+    """Install (once per process) the fork hooks above (os.register_at_fork: they run for os.fork and for
+    subprocess with preexec_fn; subprocess's plain fork+exec resets handlers itself and execs at once)."""
+    global _fork_guard_installed
+    if not _fork_guard_installed:
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
+        _fork_guard_installed = True
+
+
 class Serving:
     """Both listeners over one Daemon. `run()` blocks until `stop()` or SIGTERM/SIGINT."""
 
@@ -139,7 +178,8 @@ class Serving:
     async def _main(self, install_signals: bool) -> None:
         self._loop = asyncio.get_running_loop()
         if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            guard_forks()
+            for sig in _STOP_SIGNALS:
                 self._loop.add_signal_handler(sig, self.stop)
         tasks = [asyncio.create_task(self.tls_server.serve(sockets=[self.tcp]))]
         if self.unix_server is not None and self.unix is not None:
