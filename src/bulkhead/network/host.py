@@ -156,11 +156,11 @@ def netns_create(name: str) -> None:
     alone: unshare(2)), never by a forked child (pyroute2's `netns.create` forks). Raises HostError."""
     os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
     d = NETNS_DIR.encode()
-    if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
-        # not a mount point yet: bind it onto itself, then share it (what iproute2 does)
-        if _libc.mount(d, d, b"none", MS_BIND | MS_REC, None) != 0 or \
-                _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
-            raise HostError(f"cannot make {NETNS_DIR} a shared mount: {os.strerror(ctypes.get_errno())}")
+    # not a mount point yet: bind it onto itself, then share it (what iproute2 does)
+    if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0 and (
+            _libc.mount(d, d, b"none", MS_BIND | MS_REC, None) != 0
+            or _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0):
+        raise HostError(f"cannot make {NETNS_DIR} a shared mount: {os.strerror(ctypes.get_errno())}")
     path = f"{NETNS_DIR}/{name}"
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
