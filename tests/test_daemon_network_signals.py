@@ -35,7 +35,7 @@ from bulkhead.network.state import HostConfig
 
 pytestmark = [pytest.mark.timeout(300)]
 
-CYCLES = int(os.environ.get("BULKHEAD_NETOPS_CYCLES", "50"))  # 10 API operations per cycle
+CYCLES = int(os.environ.get("BULKHEAD_NETOPS_CYCLES", "25"))  # 10 API operations per cycle (500: set 50)
 
 
 def _cycle(c: httpx.Client, tenant: str, i: int) -> list[httpx.Response]:
@@ -63,7 +63,7 @@ def test_hundreds_of_network_and_nic_operations_do_not_stop_the_daemon(tmp_path:
     hns = f"{prefix}host"
     state = tmp_path / "state"
     Harness(state).close()  # an initialized state directory with images/vmlinux
-    host.netns_create(hns)
+    subprocess.run(["ip", "netns", "add", hns], check=True)
     env = {**os.environ, "BULKHEAD_DEV_SKIP_INTEGRITY": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115
@@ -102,7 +102,7 @@ def test_hundreds_of_network_and_nic_operations_do_not_stop_the_daemon(tmp_path:
         with contextlib.suppress(Exception):
             host.teardown(HostConfig(prefix=prefix, host_netns=hns))
         with contextlib.suppress(Exception):
-            host.netns_remove(hns)
+            subprocess.run(["ip", "netns", "del", hns], check=False)
     # exactly one daemon.stop by this daemon: the one our SIGTERM caused, as its last record
     recs = list(query_records(state / "audit.db", limit=None))
     stops = [i for i, r in enumerate(recs) if r["action"] == "daemon.stop" and json.loads(r["detail"])["pid"] == proc.pid]
