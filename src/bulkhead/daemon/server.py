@@ -156,13 +156,16 @@ def _after_fork_in_child() -> None:
     end of the loop's self-pipe, set by loop.add_signal_handler -> signal.set_wakeup_fd) is detached and
     closed, and SIGTERM/SIGINT go back to their default action, so a signal sent to the child acts on the
     child only (issue 12: a SIGTERM to pyroute2's forked helper stopped the daemon)."""
-    with contextlib.suppress(ValueError, OSError):
-        fd = signal.set_wakeup_fd(-1)
-        if fd >= 0:
-            os.close(fd)
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    try:
+        with contextlib.suppress(ValueError, OSError):
+            fd = signal.set_wakeup_fd(-1)
+            if fd >= 0:
+                os.close(fd)
+        for sig in _STOP_SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, signal.SIG_DFL)
+    finally:  # never leave a child (or what it execs) with the stop signals blocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def guard_forks() -> None:
