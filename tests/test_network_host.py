@@ -342,6 +342,67 @@ def test_spoofed_frames_are_dropped_and_counted(world: World) -> None:
             assert not any(x[:len(f)] == f for x in frames), f"{reason} spoof reached A2: {f[12:40].hex()}"
 
 
+DHCP_CLIENT = r"""
+import os, socket, struct, sys, time
+chaddr, htype, hlen = bytes.fromhex(sys.argv[1].replace(":", "")), int(sys.argv[2]), int(sys.argv[3])
+xid = int.from_bytes(os.urandom(4), "big")
+# RFC 2131 §2 (Figure 1): op htype hlen hops xid secs flags ciaddr yiaddr siaddr giaddr chaddr sname file
+bootp = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, htype, hlen, 0, xid, 0, 0x8000, bytes(4), bytes(4),
+                    bytes(4), bytes(4), chaddr.ljust(16, b"\0"), bytes(64), bytes(128))
+msg = bootp + b"\x63\x82\x53\x63" + b"\x35\x01\x01" + b"\xff"  # magic cookie, DHCPDISCOVER, end
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+s.bind(("0.0.0.0", 68))
+s.settimeout(0.5)
+end = time.time() + float(sys.argv[4])
+while time.time() < end:
+    s.sendto(msg, ("255.255.255.255", 67))
+    try:
+        data, _ = s.recvfrom(4096)
+    except socket.timeout:
+        continue
+    if len(data) >= 240 and data[0] == 2 and int.from_bytes(data[4:8], "big") == xid:
+        print("OFFER", socket.inet_ntoa(data[16:20]), data[28:34].hex(), flush=True)
+        break
+else:
+    print("NO-OFFER", flush=True)
+"""
+
+
+def test_dhcp_is_pinned_to_the_ports_own_mac(world: World) -> None:
+    """Issue 12, hole 4: a DHCP discover from A1's port carrying A2's MAC in BOOTP chaddr (RFC 2131 §2) was
+    offered A2's address. Now the guard drops it (and a wrong htype/hlen) as `<tap>_dhcp-chaddr`; the
+    same client with its own MAC is offered its own pinned address."""
+    a1, a2 = world.g[0], world.g[1]
+    tap = world.cfg.tap("a1", 0)
+    counter = f"{tap}_dhcp-chaddr"
+
+    def discover(chaddr: str, htype: int = 1, hlen: int = 6, seconds: float = 3) -> tuple[list[str], int]:
+        before = host.read_counters(world.cfg, "tenant-a")[counter][0]
+        r = a1.run([sys.executable, "-c", DHCP_CLIENT, chaddr, str(htype), str(hlen), str(seconds)], timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split(), host.read_counters(world.cfg, "tenant-a")[counter][0] - before
+
+    out, dropped = discover(a2.nic.mac)  # the attack: another NIC's lease
+    assert out == ["NO-OFFER"] and dropped >= 1, (out, dropped)
+    out, dropped = discover(a1.nic.mac, htype=6)  # own MAC, but not declared as Ethernet
+    assert out == ["NO-OFFER"] and dropped >= 1, (out, dropped)
+    # raw frames on the tap: a BOOTP header cut short, and a first fragment (chaddr could follow later)
+    short = udp4(a1.nic.mac, "ff:ff:ff:ff:ff:ff", str(a1.nic.ipv4), "255.255.255.255", bytes(40), 68, 67)
+    frag = bytearray(udp4(a1.nic.mac, "ff:ff:ff:ff:ff:ff", str(a1.nic.ipv4), "255.255.255.255", bytes(16), 68, 67))
+    frag[20:22] = b"\x20\x00"  # IPv4 flags: more fragments, offset 0
+    frag[24:26] = b"\0\0"
+    frag[24:26] = struct.pack("!H", _csum(bytes(frag[14:34])))
+    before = host.read_counters(world.cfg, "tenant-a")[counter][0]
+    a1.send_raw(short)
+    a1.send_raw(bytes(frag))
+    assert host.read_counters(world.cfg, "tenant-a")[counter][0] - before == 2
+    out, dropped = discover(a1.nic.mac, seconds=10)  # positive control: the port's own MAC
+    assert out == ["OFFER", str(a1.nic.ipv4), a1.nic.mac.replace(":", "")] and dropped == 0, (out, dropped)
+
+
 def test_a_vm_cannot_reach_host_addresses(world: World) -> None:
     a1 = world.g[0]
     up = next(iter(host.observe(world.cfg).uplinks))

@@ -261,6 +261,10 @@ class IntegrityOptions:
                 self.event_log or base / "events.jsonl")
 
     def resolve_tcti(self) -> str | None:
+        """The TCTI to open, or None for "no TPM configured" (`--tpm none`, serve --help; docs/INTEGRITY.md
+        "Gate modes": mode `none`): an explicit none is never looked up in $BULKHEAD_TCTI or /dev."""
+        if self.tcti == "none":
+            return None
         if self.tcti:
             return self.tcti
         env = os.environ.get("BULKHEAD_TCTI")

@@ -173,7 +173,8 @@ class NetworkOps(Core):
             ctx.detail["host_actions"] = len(self._sync_or_503("remove the network"))
 
     def network_counters(self, ctx: ReqCtx, net_id: str) -> dict[str, Any]:
-        """Drop counters: `<mac>/<reason>` for each NIC of the network (reasons mac, ip, arp, nd, proto)
+        """Drop counters: `<mac>/<reason>` for each NIC of the network (reasons mac, ip, arp, nd, proto,
+        dhcp-chaddr)
         and `tenant/<name>` for the tenant namespace's own (to_host, forward, unknown_port)."""
         row = self._network(ctx, net_id, "network/read")
         nics = [_nc(r) for r in self.store.q("SELECT * FROM nics WHERE network = ?", (net_id,))]

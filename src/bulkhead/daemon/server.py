@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from bulkhead.daemon.app import build_app, inject_peer
 from bulkhead.daemon.daemon import Daemon, StateDir
 from bulkhead.errors import HostError
 
-__all__ = ["ALLOWED_LOCAL_UIDS", "Serving", "make_server_ssl", "serve"]
+__all__ = ["ALLOWED_LOCAL_UIDS", "Serving", "guard_forks", "make_server_ssl", "serve"]
 
 ALLOWED_LOCAL_UIDS = {0}
 
@@ -47,7 +48,28 @@ def make_server_ssl(sd: StateDir) -> ssl.SSLContext:
     return ctx
 
 
+IDLE_CLOSE_GRACE_S = 0.5  # at shutdown: how long an idle TLS connection may take to exchange close_notify
+GRACEFUL_SHUTDOWN_S = 10.0  # at shutdown: the longest requests in flight may still run (then cancelled)
+
+
 class TlsProtocol(H11Protocol):
+    def shutdown(self) -> None:
+        """Graceful shutdown of one connection (uvicorn calls it on SIGTERM). An idle keep-alive connection
+        is closed at once, but asyncio's SSL transport then waits up to 30 s (ssl_shutdown_timeout) for the
+        peer's close_notify, and uvicorn waits for the connection to be gone: a single idle client held
+        the daemon's exit ~30 s (issue 12). The transport is aborted if it is not closed within
+        IDLE_CLOSE_GRACE_S (RFC 8446 §6.1 lets a side close without waiting for the peer's close_notify)."""
+        super().shutdown()
+        transport, loop = self.transport, asyncio.get_running_loop()
+
+        def cut() -> None:
+            if transport.is_closing() or self.cycle is None or self.cycle.response_complete:
+                transport.abort()
+            else:  # a request still in flight drains (bounded by GRACEFUL_SHUTDOWN_S)
+                loop.call_later(0.1, cut)
+
+        loop.call_later(IDLE_CLOSE_GRACE_S, cut)
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         sslobj = transport.get_extra_info("ssl_object")
@@ -114,6 +136,48 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_fork_guard_installed = False
+
+
+def _before_fork() -> None:
+    # the forking thread blocks the stop signals, so the child starts with them blocked: none can reach
+    # the inherited handlers before _after_fork_in_child has reset them (the parent's other threads still
+    # take a SIGTERM meant for the daemon)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _after_fork_in_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not reach the daemon's signal handling: the asyncio loop's wakeup fd (the write
+    end of the loop's self-pipe, set by loop.add_signal_handler -> signal.set_wakeup_fd) is detached and
+    closed, and SIGTERM/SIGINT go back to their default action, so a signal sent to the child acts on the
+    child only (issue 12: a SIGTERM to pyroute2's forked helper stopped the daemon)."""
+    try:
+        with contextlib.suppress(ValueError, OSError):
+            fd = signal.set_wakeup_fd(-1)
+            if fd >= 0:
+                os.close(fd)
+        for sig in _STOP_SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, signal.SIG_DFL)
+    finally:  # never leave a child (or what it execs) with the stop signals blocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def guard_forks() -> None:
+    """Install (once per process) the fork hooks above (os.register_at_fork: they run for os.fork and for
+    subprocess with preexec_fn; subprocess's plain fork+exec resets handlers itself and execs at once)."""
+    global _fork_guard_installed
+    if not _fork_guard_installed:
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
+        _fork_guard_installed = True
+
+
 class Serving:
     """Both listeners over one Daemon. `run()` blocks until `stop()` or SIGTERM/SIGINT."""
 
@@ -129,6 +193,7 @@ class Serving:
         app = build_app(daemon)
         common: dict[str, Any] = {"lifespan": "off", "log_level": "warning", "access_log": False,
                                   "timeout_keep_alive": 30, "h11_max_incomplete_event_size": 16384,
+                                  "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
                                   "server_header": False}
         self.tls_server = _Server(uvicorn.Config(app, http=TlsProtocol, ssl_context_factory=lambda c, f: self.ssl,
                                                  **common))
@@ -139,7 +204,8 @@ class Serving:
     async def _main(self, install_signals: bool) -> None:
         self._loop = asyncio.get_running_loop()
         if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            guard_forks()
+            for sig in _STOP_SIGNALS:
                 self._loop.add_signal_handler(sig, self.stop)
         tasks = [asyncio.create_task(self.tls_server.serve(sockets=[self.tcp]))]
         if self.unix_server is not None and self.unix is not None:
@@ -169,12 +235,56 @@ class Serving:
                     self.sd.socket.unlink()
 
 
+LOCK_NAME = "serve.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int | None:
+    """Hold the state directory for this daemon's life: an exclusive flock(2) on `<state>/serve.lock`
+    (close-on-exec, so no worker or helper inherits it; released by the kernel whatever way the daemon
+    ends), with our pid written in it. Returns the fd to keep open, or None when the directory does not
+    exist (Daemon.open then reports it). Raises HostError naming the holder's pid when another daemon
+    holds it, before anything in the directory is touched (serve.json, the socket, the audit log)."""
+    if not state_dir.is_dir():
+        return None
+    path = state_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise HostError(f"cannot open the state directory lock {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise HostError(f"the state directory {state_dir} is in use by another bulkheadd (pid {holder}, "
+                        f"holding {path}); stop it first or use another --state-dir") from None
+    except OSError as exc:
+        os.close(fd)
+        raise HostError(f"cannot lock {path}: {exc.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: str = "casbin",
           integrity: Any = None, config: dict[str, Any] | None = None, net: Any = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT. First the code check (require_integrity("daemon")): on a
-    difference the refusal is audited and HostError (naming the file) is raised, nothing is served.
+    """Run the daemon until SIGTERM/SIGINT. First the state directory is locked (lock_state_dir: a second
+    daemon on it is refused with HostError naming the holder). Then the code check
+    (require_integrity("daemon")): on a difference the refusal is audited and HostError (naming the file) is raised, nothing is served.
     Then the integrity gate (`integrity`: bulkhead.daemon.integrity.IntegrityOptions) is started:
     manifest and `config` digests measured, attested; without a TPM the host is untrusted."""
+    lock = lock_state_dir(state_dir)
+    try:
+        return _serve_locked(state_dir, host, port, backend, engine, integrity, config, net)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _serve_locked(state_dir: Path, host: str, port: int, backend: Any, engine: str, integrity: Any,
+                  config: dict[str, Any] | None, net: Any) -> int:
     from bulkhead.daemon.integrity import IntegrityOptions, check_code, start_host_integrity
 
     code, failure = check_code("daemon")

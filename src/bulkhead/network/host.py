@@ -12,7 +12,9 @@ it to the network's bridge and hands the open fd to the VMM (`NetConfig.tap_fd`,
 worker exits, so a stopped or crashed VM leaves no tap behind. `create_persistent_tap` exists for VMMs that
 open their tap by name (`ip netns exec <ns> bulkhead run --net tap=NAME`); reconcile removes it with its NIC.
 
-Every netlink call goes through pyroute2 (`IPRoute(netns=...)`); nftables through the `nft` command
+Every netlink call goes through pyroute2 over a netlink socket opened inside the namespace by a thread
+that entered it (`netlink_socket_in`; namespaces are created by `netns_create`): the daemon never forks
+for networking (docs/NETWORK.md, "Namespaces without fork"). nftables through the `nft` command
 (text rulesets replaced atomically); commands run inside a namespace through `nsenter --net=`.
 Raises HostError when the host refuses (not root, missing nft/dnsmasq, netlink errors).
 """
@@ -26,6 +28,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -56,6 +59,10 @@ __all__ = [
     "create_persistent_tap",
     "create_tap_for_nic",
     "delete_tap",
+    "ipr_in",
+    "netlink_socket_in",
+    "netns_create",
+    "netns_remove",
     "observe",
     "read_counters",
     "reconcile",
@@ -66,6 +73,7 @@ __all__ = [
 T = TypeVar("T")
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
+MS_BIND, MS_REC, MS_SHARED, MNT_DETACH = 0x1000, 0x4000, 1 << 20, 2
 TUNSETIFF, TUNSETPERSIST, TUNSETOFFLOAD, TUNSETVNETHDRSZ = 0x400454CA, 0x400454CB, 0x400454D0, 0x400454D8
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -114,12 +122,75 @@ def run_in_netns(path: str | None, fn: Callable[[], T]) -> T:
     return box["val"]  # type: ignore[no-any-return]
 
 
-def _ipr(ns: str, config: HostConfig) -> Any:
+def netlink_socket_in(path: str | None) -> int:
+    """A NETLINK_ROUTE socket (fd, close-on-exec) that belongs to the network namespace at `path` (None:
+    this process's). The socket is opened on a short-lived thread that has entered the namespace with
+    setns(2); a socket keeps the namespace it was created in for its whole life (netlink(7), network
+    namespaces(7)), so the caller's threads use it from the daemon's own namespace. No process is forked:
+    pyroute2's own `IPRoute(netns=...)` forks a helper (pyroute2 0.9.7 `netns.create_socket` ->
+    `ChildProcess`), and a forked child of the daemon inherits the asyncio loop's signal wakeup fd, so a
+    SIGTERM sent to that helper ran the daemon's stop handler (issue 12, docs/NETWORK.md)."""
+
+    def go() -> int:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                             socket.NETLINK_ROUTE).detach()
+
+    return run_in_netns(path, go)
+
+
+def ipr_in(path: str | None) -> Any:
+    """A pyroute2 IPRoute over `netlink_socket_in(path)` (owns the fd; use as a context manager)."""
     from pyroute2 import IPRoute
 
-    if ns == "":
-        return IPRoute(netns=config.host_netns) if config.host_netns else IPRoute()
-    return IPRoute(netns=ns)
+    return IPRoute(fileno=netlink_socket_in(path))
+
+
+def _ipr(ns: str, config: HostConfig) -> Any:
+    return ipr_in(_ns_path(ns, config))
+
+
+def netns_create(name: str) -> None:
+    """Create the named network namespace /run/netns/<name> as `ip netns add` does (ip-netns(8)): the
+    run directory made a shared mount, an empty file bind-mounted over by the new namespace. The namespace
+    is made by unshare(CLONE_NEWNET) on a short-lived thread (a thread may unshare its network namespace
+    alone: unshare(2)), never by a forked child (pyroute2's `netns.create` forks). Raises HostError."""
+    os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
+    d = NETNS_DIR.encode()
+    # not a mount point yet: bind it onto itself, then share it (what iproute2 does)
+    if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0 and (
+            _libc.mount(d, d, b"none", MS_BIND | MS_REC, None) != 0
+            or _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0):
+        raise HostError(f"cannot make {NETNS_DIR} a shared mount: {os.strerror(ctypes.get_errno())}")
+    path = f"{NETNS_DIR}/{name}"
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    except FileExistsError:
+        raise HostError(f"network namespace {name} already exists") from None
+    box: dict[str, str] = {}
+
+    def body() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            box["err"] = f"unshare: {os.strerror(ctypes.get_errno())}"
+            return
+        me = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+        if _libc.mount(me, path.encode(), b"none", MS_BIND, None) != 0:
+            box["err"] = f"bind mount: {os.strerror(ctypes.get_errno())}"
+
+    t = threading.Thread(target=body, name="bulkhead-netns-create")
+    t.start()
+    t.join()
+    if "err" in box:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise HostError(f"cannot create network namespace {name}: {box['err']}")
+
+
+def netns_remove(name: str) -> None:
+    """Unmount and remove /run/netns/<name> (a missing one is not an error)."""
+    path = f"{NETNS_DIR}/{name}"
+    _libc.umount2(path.encode(), MNT_DETACH)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _cmd(ns: str, config: HostConfig, argv: list[str], stdin: str | None = None,
@@ -280,9 +351,7 @@ def observe(config: HostConfig) -> HostState:
 
 
 def _netns_create(ns: str, config: HostConfig) -> None:
-    from pyroute2 import netns as pnetns
-
-    pnetns.create(ns)
+    netns_create(ns)
     # IPv6 off for the namespace's own stack (VMs still bridge IPv6 between themselves); bridged frames
     # never go through iptables/ip6tables/arptables (br_netfilter), only through our bridge table.
     for key, val in (("net.ipv6.conf.all.disable_ipv6", "1"), ("net.ipv6.conf.default.disable_ipv6", "1"),
@@ -294,10 +363,7 @@ def _netns_create(ns: str, config: HostConfig) -> None:
 
 
 def _netns_delete(ns: str, config: HostConfig) -> None:
-    from pyroute2 import netns as pnetns
-
-    with contextlib.suppress(FileNotFoundError):
-        pnetns.remove(ns)
+    netns_remove(ns)
 
 
 def _bridge_create(b: BridgeSpec, config: HostConfig) -> None:

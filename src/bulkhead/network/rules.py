@@ -11,8 +11,12 @@ Three tables, each replaced atomically as a whole (`nft -f`: declare, delete, de
   reports); neighbour advertisements may only claim the NIC's own addresses, and a source/target
   link-layer option must carry the NIC's MAC; no router advertisements or redirects, and no DHCP/DHCPv6
   server traffic from VMs. A frame from one of our taps that has no NIC chain is dropped. Every drop is
-  counted in a named counter `<tap>_<reason>` (reasons: mac, ip, arp, nd, proto) readable with
-  `nft -j list counters`.
+  counted in a named counter `<tap>_<reason>` (reasons: mac, ip, arp, nd, proto, dhcp-chaddr) readable
+  with `nft -j list counters`. DHCP is pinned to the port: a request to a DHCP server (UDP port 67) must
+  carry the NIC's own MAC in BOOTP `chaddr` with htype Ethernet and hlen 6 (RFC 2131 §2: the server
+  identifies the client by chaddr, so another NIC's MAC there would be offered that NIC's lease), and must
+  hold a whole BOOTP header in one unfragmented datagram (the bridge does not reassemble, so chaddr could
+  otherwise hide in a later fragment); anything else is dropped as `dhcp-chaddr`.
 - `inet <p>_tenant` in each tenant namespace: nothing reaches the namespace itself except DHCP on a
   network's bridge; forwarding only from egress-enabled networks out through the uplink (masqueraded),
   plus replies; networks of one tenant do not route to each other.
@@ -32,7 +36,14 @@ from bulkhead.network.model import Network, Nic, link_local
 
 __all__ = ["DROP_REASONS", "NftTable", "guard_table", "host_table", "render", "tenant_table"]
 
-DROP_REASONS = ("mac", "ip", "arp", "nd", "proto")
+DROP_REASONS = ("mac", "ip", "arp", "nd", "proto", "dhcp-chaddr")
+
+# BOOTP (RFC 951 §3; RFC 2131 §2, Figure 1) fields inside a UDP datagram, as nft raw-payload offsets in bits
+# from the transport header (@th): UDP header 8 bytes, then op(1) htype(1) hlen(1) hops(1) xid(4) secs(2)
+# flags(2) ciaddr giaddr yiaddr siaddr (4 each), chaddr(16) at byte 28, sname(64), file(128)
+_BOOTP_HTYPE_HLEN = (8 + 1) * 8  # 16 bits: htype 1 (Ethernet, RFC 1700 "ARP hardware"), hlen 6
+_BOOTP_CHADDR = (8 + 28) * 8  # the first hlen=6 bytes of chaddr: the client's MAC
+_BOOTP_MIN_UDP_LEN = 8 + 236  # UDP header + the fixed BOOTP header up to and including `file`
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,10 @@ def _nic_chain(tap: str, nic: Nic) -> str:
     accept
   }}
   chain ip4_{tap} {{
+    udp dport 67 ip frag-off & 0x2000 != 0 {c['dhcp-chaddr']} drop
+    udp dport 67 udp length < {_BOOTP_MIN_UDP_LEN} {c['dhcp-chaddr']} drop
+    udp dport 67 @th,{_BOOTP_HTYPE_HLEN},16 != 0x0106 {c['dhcp-chaddr']} drop
+    udp dport 67 @th,{_BOOTP_CHADDR},48 != {_mac_hex(mac)} {c['dhcp-chaddr']} drop
     ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept
     ip saddr != {ip4} {c['ip']} drop
     udp sport 67 {c['proto']} drop

@@ -57,17 +57,14 @@ class GuestStandIn:
         self.close()
 
     def open(self) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2 import netns as pnetns
-
-        pnetns.create(self.netns)
+        host.netns_create(self.netns)
         path = f"{host.NETNS_DIR}/{self.netns}"
         if self.mode == "tap":
             self.nic_fd = host.create_tap_for_nic(self.nic, self.config)
             self.guest_fd = host._open_tap_in(path, "eth0", persistent=False)
         elif self.mode == "veth":
             tenant_ns = self.config.netns(self.nic.tenant)
-            with IPRoute(netns=tenant_ns) as ipr:
+            with host.ipr_in(f"{host.NETNS_DIR}/{tenant_ns}") as ipr:
                 ipr.link("add", ifname=self.tap, kind="veth", peer="eth0")
                 ipr.link("set", index=ipr.link_lookup(ifname="eth0")[0], net_ns_fd=self.netns)
                 br = ipr.link_lookup(ifname=self.config.bridge(self.nic.network_id))[0]
@@ -76,7 +73,7 @@ class GuestStandIn:
             raise HostError(f"unknown stand-in mode {self.mode!r}")
         host._sysctl(self.netns, self.config, "net.ipv6.conf.eth0.accept_dad", "0")
         host._sysctl(self.netns, self.config, "net.ipv6.conf.eth0.dad_transmits", "0")
-        with IPRoute(netns=self.netns) as ipr:
+        with host.ipr_in(path) as ipr:
             idx = ipr.link_lookup(ifname="eth0")[0]
             ipr.link("set", index=idx, address=self.nic.mac)
             ipr.addr("add", index=idx, address=str(self.nic.ipv4), prefixlen=self.net.ipv4.prefixlen)
@@ -92,8 +89,6 @@ class GuestStandIn:
             self._thread.start()
 
     def close(self) -> None:
-        from pyroute2 import netns as pnetns
-
         if self._thread is not None:
             os.write(self._stop_w, b"x")
             self._thread.join(10)
@@ -105,8 +100,8 @@ class GuestStandIn:
         if self.mode == "veth":
             with contextlib.suppress(Exception):
                 host._link_delete(self.config.netns(self.nic.tenant), self.tap, self.config)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            pnetns.remove(self.netns)
+        with contextlib.suppress(OSError):
+            host.netns_remove(self.netns)
 
     # --- traffic -------------------------------------------------------------------------------------
     def _relay(self) -> None:
