@@ -128,6 +128,15 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
 INTEGRITY_ENV = ("BULKHEAD_MANIFEST", "BULKHEAD_RELEASE_KEY", "BULKHEAD_DEV_SKIP_INTEGRITY")
 
 
+def _gated_argv(python: str, args: list[str]) -> list[str]:
+    """`bulkhead <args>` through the pre-import integrity gate (bulkhead/_boot.py): the VMM process verifies
+    the code before importing any of it, with this process's package and site directories."""
+    boot: Any = sys.modules.get("bulkhead_boot")
+    if boot is None or not hasattr(boot, "worker_argv"):
+        from bulkhead import _boot as boot
+    return list(boot.worker_argv(python, args))
+
+
 class ProcessBackend:
     """Each VM is a `bulkhead run` child process (NOT jailed: development and non-root hosts only).
 
@@ -151,7 +160,7 @@ class ProcessBackend:
                 raise HostError("the VM is already running")
             Path(spec.console_path).parent.mkdir(parents=True, exist_ok=True)
             Path(spec.console_path).write_bytes(b"")
-            cmd = [self._python, "-m", "bulkhead", "run", *spec.run_args()]
+            cmd = _gated_argv(self._python, ["run", *spec.run_args()])
             if spec.nics and spec.netns:
                 cmd = ["nsenter", f"--net=/run/netns/{spec.netns}", *cmd]
             try:
