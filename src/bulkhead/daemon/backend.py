@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bulkhead.errors import HostError
+from bulkhead.errors import HostError, VmNotRunning
 from bulkhead.runtime.config import NetConfig
 
 __all__ = ["BACKENDS", "BackendStatus", "FakeBackend", "ProcessBackend", "VmBackend", "VmSpec", "make_backend"]
@@ -209,11 +209,11 @@ class ProcessBackend:
     def _signal(self, vm_id: str, sig: int) -> None:
         proc = self._proc(vm_id)
         if proc is None or proc.poll() is not None:
-            raise HostError("the VM process is not running")
+            raise VmNotRunning("the VM process is not running")
         try:
             proc.send_signal(sig)
         except ProcessLookupError:
-            raise HostError("the VM process is not running") from None
+            raise VmNotRunning("the VM process is not running") from None
 
     def pause(self, vm_id: str) -> None:
         self._signal(vm_id, signal.SIGSTOP)
@@ -297,7 +297,7 @@ class FakeBackend:
             self.calls.append(("pause", vm_id))
             st = self._state.get(vm_id)
             if st is None or st.state != "running":
-                raise HostError("the VM process is not running")
+                raise VmNotRunning("the VM process is not running")
             self._state[vm_id] = BackendStatus("paused", st.pid)
 
     def resume(self, vm_id: str) -> None:
@@ -305,7 +305,7 @@ class FakeBackend:
             self.calls.append(("resume", vm_id))
             st = self._state.get(vm_id)
             if st is None or st.state != "paused":
-                raise HostError("the VM process is not paused")
+                raise VmNotRunning("the VM process is not paused")
             self._state[vm_id] = BackendStatus("running", st.pid)
 
     def exit(self, vm_id: str, status: int) -> None:

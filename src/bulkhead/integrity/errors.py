@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bulkhead.errors import BulkheadError
 
-__all__ = ["IntegrityError", "LaunchDigestMismatch", "TpmError"]
+__all__ = ["CodeMismatch", "IntegrityError", "LaunchDigestMismatch", "TpmError"]
 
 
 class IntegrityError(BulkheadError):
@@ -16,6 +16,11 @@ class IntegrityError(BulkheadError):
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(message)
         self.path = path
+
+
+class CodeMismatch(IntegrityError):
+    """bulkhead's own installed code differs from the signed manifest (`path`: the first differing file),
+    or the manifest cannot be trusted. Audited as security/integrity/code-mismatch."""
 
 
 class LaunchDigestMismatch(IntegrityError):

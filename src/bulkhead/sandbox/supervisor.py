@@ -34,6 +34,7 @@ from typing import Any
 
 from bulkhead._boot import EXIT_INTEGRITY
 from bulkhead.errors import ConfigError, HostError
+from bulkhead.integrity.errors import CodeMismatch
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.exits import EXIT_STATUS, ExitReason
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
@@ -487,13 +488,9 @@ def _verify_sandbox(handle: WorkerHandle, uid: int) -> None:
             raise HostError(f"sandbox verification failed for pid {pid}: {', '.join(bad)}")
 
 
-class WorkerIntegrityError(HostError):
+class WorkerIntegrityError(CodeMismatch, HostError):
     """The worker's code does not match the signed manifest (the pre-import gate refused). `path` names the
     first differing file. A security event: the daemon audits it as security/integrity/code-mismatch."""
-
-    def __init__(self, message: str, *, path: str = "") -> None:
-        super().__init__(message)
-        self.path = path
 
 
 _INTEGRITY_ENV = ("BULKHEAD_MANIFEST", "BULKHEAD_RELEASE_KEY", "BULKHEAD_DEV_SKIP_INTEGRITY")
