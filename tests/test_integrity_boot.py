@@ -273,3 +273,29 @@ def test_injected_code_never_runs_in_the_jailed_worker(tmp_path: Path, rel: str)
     assert not tree.marker.exists(), "the injected code ran in the worker"
     assert got["refused"] and "differs from the signed manifest" in got["refused"], got
     assert got["path"] == str(tree.pkg / rel)
+
+
+def test_the_daemon_launcher_serves_from_the_verified_tree(tree: Tree) -> None:
+    """`bulkheadd` through the gate: the whole daemon imports from the verified tree (third-party packages
+    from the site directories), and its own code check reuses the gate's result: audited as verified."""
+    import signal
+
+    from bulkhead.daemon.auditlog import query_records
+    from bulkhead.daemon.testkit import Harness, wait_serve_info
+
+    state = tree.tmp / "state"
+    Harness(state).close()
+    proc = subprocess.Popen([str(tree.launchers["bulkheadd"]), "--state-dir", str(state), "--port", "0",
+                             "--backend", "fake"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=tree.env, cwd=str(state))
+    try:
+        wait_serve_info(state, proc, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    started = [json.loads(r["detail"]) for r in query_records(state / "audit.db", limit=None)
+               if r["action"] == "daemon.start"][-1]
+    code = started["integrity"]["code"]
+    assert code["verified"] is True, out.decode()
+    assert "SKIPPED" not in out.decode()
+    assert not list(tree.pkg.rglob("__pycache__/*.cpython-*.opt-*.pyc"))  # -B: nothing written into the tree
