@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bulkhead.errors import HostError
-from bulkhead.integrity.errors import IntegrityError
+from bulkhead.integrity.errors import HostUntrusted, IntegrityError
 from bulkhead.integrity.launch import check_expected_digest, config_devices, launch_digest_for_config
 from bulkhead.runtime.config import DriveConfig, NetConfig, VmConfig
 
@@ -174,7 +174,7 @@ class NoTpm:
         return _base_status(self.mode, "untrusted", [self.reason])
 
     def check_vm_start(self, config: VmConfig, kernel: bytes, initrd: bytes | None) -> str:
-        raise IntegrityError(f"VM start refused: the host is untrusted ({self.reason})")
+        raise HostUntrusted(f"VM start refused: the host is untrusted ({self.reason})")
 
     def should_stop_running(self) -> bool:
         return False

@@ -292,7 +292,12 @@ class VmOps(NetworkOps):
         from the VM's expected_digest (e.g. its kernel was swapped) or is not allowed by the policy,
         503 while the host is untrusted (or the image cannot be read)."""
         from bulkhead.daemon.integrity import check_boot, measure_spec
-        from bulkhead.integrity.errors import IntegrityError, LaunchDigestMismatch
+        from bulkhead.integrity.errors import (
+            HostUntrusted,
+            IntegrityError,
+            LaunchDigestMismatch,
+            LaunchNotAllowed,
+        )
         from bulkhead.integrity.launch import check_expected_digest
 
         vm_id = row["id"]
@@ -309,8 +314,10 @@ class VmOps(NetworkOps):
         except ConfigError as exc:
             raise config_error(exc) from None
         except IntegrityError as exc:
+            # by type: a changed launch 409, a launch the policy does not list 409, an untrusted host (or a
+            # gate/TPM/image failure) 503
             mismatch = isinstance(exc, LaunchDigestMismatch)
-            untrusted = "host is untrusted" in str(exc)
+            untrusted = isinstance(exc, HostUntrusted)
             kind = "launch-digest-mismatch" if mismatch else ("host-untrusted" if untrusted else "launch-refused")
             detail: dict[str, Any] = {"reason": str(exc), "digest": digest, "expected_digest": expected}
             if exc.path:
@@ -321,8 +328,8 @@ class VmOps(NetworkOps):
                 self.security_event(vm_id, f"integrity/{kind}", detail)
             except ApiError:
                 pass  # the request's own record (ctx.detail) still says why; it is written before the reply
-            status = 503 if untrusted or (not mismatch and "not allowed" not in str(exc)) else 409
-            raise ApiError(status, str(exc)) from None
+            status = 409 if isinstance(exc, LaunchDigestMismatch | LaunchNotAllowed) else 503
+            raise ApiError(status, str(exc), kind=kind) from None
         with self.store.lock:  # kept in memory (and in the request's audit record), not as a VM event
             if not hasattr(self, "_launch_digests"):
                 self._launch_digests: dict[str, str] = {}
