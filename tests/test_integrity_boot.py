@@ -299,3 +299,22 @@ def test_the_daemon_launcher_serves_from_the_verified_tree(tree: Tree) -> None:
     assert code["verified"] is True, out.decode()
     assert "SKIPPED" not in out.decode()
     assert not list(tree.pkg.rglob("__pycache__/*.cpython-*.opt-*.pyc"))  # -B: nothing written into the tree
+
+
+def test_the_gate_s_hand_written_refusal_is_the_protocol_s_message() -> None:
+    """The gate writes `integrity-refused` by hand (it may not import bulkhead.sandbox.protocol): the
+    datagram it sends must decode as exactly that typed message; after hello it is a violation."""
+    import socket
+
+    from bulkhead.sandbox.protocol import WORKER_TO_HOST, IntegrityRefused, decode
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    code = ("import sys; exec(open(sys.argv[1]).read(), g := {'__name__': 'g', '__file__': sys.argv[1]}); "
+            "g['_refuse'](g['Refusal']('modified', '/x/cli.py'), ['worker', '--channel-fd', sys.argv[2]])")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(SRC / "bulkhead" / "_boot.py"), str(b.fileno())],
+                         pass_fds=(b.fileno(),), capture_output=True, text=True, timeout=30)
+    b.close()
+    assert out.returncode == _boot.EXIT_INTEGRITY
+    assert out.stderr == "bulkhead: integrity check failed: /x/cli.py: modified\n"
+    assert decode(a.recv(65536), WORKER_TO_HOST) == IntegrityRefused(path="/x/cli.py", detail="modified")
+    a.close()
