@@ -411,7 +411,11 @@ def launch(argv: list[str]) -> int:
         pkg, manifest = checked["root"], checked["manifest"]
         RESULT = {"verified": True, "digest": checked["digest"], "root": pkg, "sites": sites, "boot": me,
                   "manifest_path": checked["manifest_path"]}
-    sys.path[:] = [p for p in sys.path if p and os.path.isabs(p)] + sites
+    # -I -S leaves only the standard library; never the package's own or parent directory (a module there
+    # would shadow the standard library), even when run without -I
+    here = os.path.dirname(os.path.realpath(me))
+    near = {here, os.path.dirname(here), pkg, os.path.dirname(pkg)}
+    sys.path[:] = [p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) not in near] + sites
     install_finder(pkg, manifest, rest)
     from bulkhead.cli import main
 
