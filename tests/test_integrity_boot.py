@@ -161,6 +161,20 @@ def test_code_injected_at_import_time_never_runs(tree: Tree, rel: str, launcher:
                                "signed manifest: modified (sha256 ")
 
 
+def test_without_the_gate_the_injected_code_runs_first(tree: Tree) -> None:
+    """The control for the test above (issue 12.2 as found): the launcher of before (sys.path prepend, then
+    `from bulkhead.cli import main`, the check only inside `serve`) runs injected code before any check."""
+    tree.inject("cli.py")
+    old = tree.tmp / "old-launcher"
+    old.write_text(f"#!{sys.executable} -IS\nimport sys\nsys.path[0:0] = {[str(tree.pkg.parent), *_boot.default_sites()]!r}\n"
+                   "from bulkhead.cli import main\nsys.exit(main())\n")
+    old.chmod(0o755)
+    out = subprocess.run([str(old), "serve", "--state-dir", str(tree.tmp / "s"), "--backend", "fake"],
+                         capture_output=True, text=True, timeout=60, env=tree.env)
+    assert out.returncode != 0  # serve's own check refuses...
+    assert tree.marker.exists()  # ...but only after the injected code ran
+
+
 def test_a_planted_bytecode_file_is_never_executed(tree: Tree) -> None:
     """A .pyc whose header matches cli.py's mtime and size (so CPython would use it) but compiled from
     other code: the gate runs only bytecode listed in the manifest, so it compiles the verified source."""
