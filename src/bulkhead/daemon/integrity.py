@@ -113,6 +113,7 @@ class _PlanOnlyMemory:
         from bulkhead.memory.layout import ram_regions
 
         self.regions = tuple(_Region(b, n) for b, n in ram_regions(mem_bytes))
+        self.size = sum(r.size for r in self.regions)
 
     from bulkhead.memory.guest import GuestMemory as _GM
 
