@@ -48,6 +48,7 @@ def write_seeds(directory: Path) -> None:
         p.SecurityEvent(kind="guest-fault", detail="virtio-blk0: descriptor outside guest RAM"),
         p.Exit(kind="debug-exit", status=1, detail=""),
         p.ProbeResult(name="open-host-file", outcome="denied", detail="EACCES"),
+        p.IntegrityRefused(path="/usr/lib/bulkhead/cli.py", detail="modified (sha256 0 != manifest 1)"),
         p.Start(),
         p.Stop(),
         p.Status(seq=7),

@@ -66,7 +66,8 @@ def test_run_args_are_the_runtime_flags(tmp_path):
 def test_lifecycle_with_signals(tmp_path, standin):
     b = ProcessBackend(python=str(standin))
     pid = b.start("v", _spec(tmp_path))
-    assert _wait(lambda: b.console("v", 0, 4096).startswith(b"args: -m bulkhead run --kernel /img/k"))
+    assert _wait(lambda: b.console("v", 0, 4096).startswith(b"args: -I -S -B "))  # through the integrity gate
+    assert b"/bulkhead/_boot.py --root " in b.console("v", 0, 4096) and b" -- run --kernel /img/k" in b.console("v", 0, 4096)
     with pytest.raises(HostError, match="already running"):
         b.start("v", _spec(tmp_path))
     b.pause("v")
@@ -105,7 +106,7 @@ def test_console_survives_a_backend_restart(tmp_path, standin):
     b.stop("v")
     fresh = ProcessBackend(python=str(standin), console_root=tmp_path / "vm-root")  # a restarted daemon
     assert fresh.console("v", 0, 100).startswith(b"args:")
-    assert fresh.console("v", 6, 3) == b"-m "
+    assert fresh.console("v", 6, 3) == b"-I "
 
 
 def test_guest_exit_status_is_reported(tmp_path, standin):

@@ -18,7 +18,7 @@ import pytest
 
 from bulkhead.daemon.auditlog import load_audit_pub, verify_files
 from bulkhead.daemon.cli import audit_main, cert_main, init_main, role_main, tenant_main, vm_main
-from bulkhead.daemon.testkit import spawn_daemon
+from bulkhead.daemon.testkit import fake_kernel, spawn_daemon
 
 
 def _ctx(root: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
@@ -93,7 +93,7 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_request(root):
 
 @pytest.mark.slow
 def test_restart_keeps_everything_and_marks_running_vms_lost(root):
-    (root / "images" / "vmlinux").write_bytes(b"kernel")
+    (root / "images" / "vmlinux").write_bytes(fake_kernel(b"kernel"))
     proc, info = spawn_daemon(root)
     url = f"https://127.0.0.1:{info['port']}"
     with httpx.Client(base_url=url, verify=_ctx(root)) as c:
@@ -141,7 +141,7 @@ def test_restart_keeps_everything_and_marks_running_vms_lost(root):
 
 @pytest.mark.slow
 def test_cli_end_to_end_over_mtls(root, capsys, tmp_path):
-    (root / "images" / "vmlinux").write_bytes(b"kernel")
+    (root / "images" / "vmlinux").write_bytes(fake_kernel(b"kernel"))
     proc, _ = spawn_daemon(root)
     auth = ["--state-dir", str(root), "--cert", str(root / "admin.pem"), "--key", str(root / "admin.key")]
     try:

@@ -29,7 +29,7 @@ from bulkhead.daemon.integrity import (
     start_host_integrity,
     vm_config_of,
 )
-from bulkhead.daemon.testkit import Harness
+from bulkhead.daemon.testkit import Harness, fake_kernel
 from bulkhead.errors import ConfigError
 from bulkhead.integrity.launch import launch_digest_for_config
 from bulkhead.runtime.config import VmConfig
@@ -571,7 +571,7 @@ def test_cli_vm_measurement_expected_digest_and_integrity_status(tmp_path: Path,
 
     root = tmp_path / "s"
     Harness(root).close()
-    (root / "images" / "vmlinux").write_bytes(b"\x7fELF cli kernel")
+    (root / "images" / "vmlinux").write_bytes(fake_kernel(b"cli kernel"))
     proc, info = spawn_daemon(root)
     sock = ["--socket", info["socket"]]
     try:
@@ -613,7 +613,7 @@ def test_clean_install_attests_through_bulkhead_serve(tmp_path: Path) -> None:
     _, env = _signed_copy(tmp_path)
     state = tmp_path / "state"
     Harness(state).close()
-    (state / "images" / "vmlinux").write_bytes(b"\x7fELF clean install kernel")
+    (state / "images" / "vmlinux").write_bytes(fake_kernel(b"clean install kernel"))
     integ = state / "integrity"
     integ.mkdir()
     sw = SwTpm(str(tmp_path / "tpm")).start()

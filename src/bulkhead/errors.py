@@ -16,6 +16,8 @@ __all__ = [
     "GuestMemoryError",
     "HostError",
     "ImageError",
+    "StartRefused",
+    "VmNotRunning",
 ]
 
 
@@ -31,8 +33,28 @@ class ImageError(ConfigError):
     """A kernel, initrd or disk image is malformed or does not fit the VM."""
 
 
+class StartRefused(ConfigError):
+    """The VMM refused the VM before its guest ran (the loader rejected the image, or the configuration).
+    `kind` is "image-invalid" (ImageError) or "config-invalid" (any other ConfigError)."""
+
+    def __init__(self, message: str, *, kind: str = "config-invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @classmethod
+    def of(cls, exc: ConfigError) -> StartRefused:
+        """The refusal for a ConfigError, its kind decided by its type."""
+        if isinstance(exc, StartRefused):
+            return exc
+        return cls(str(exc), kind="image-invalid" if isinstance(exc, ImageError) else "config-invalid")
+
+
 class HostError(BulkheadError):
     """The host lacks something bulkhead needs (KVM, a capability, a permission)."""
+
+
+class VmNotRunning(HostError):
+    """A lifecycle operation needs a running (or paused) VMM and there is none."""
 
 
 class GuestFault(BulkheadError):

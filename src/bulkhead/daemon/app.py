@@ -195,8 +195,10 @@ def build_app(daemon: Any) -> Any:
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         if exc.status == 422:  # same shape as pydantic's validation errors (HTTPValidationError)
-            return JSONResponse({"detail": [{"loc": ["body"], "msg": exc.detail, "type": "value_error"}]}, 422)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": exc.detail, "type": exc.kind or "value_error"}]},
+                                422)
+        body = {"detail": exc.detail, **({"kind": exc.kind} if exc.kind else {})}
+        return JSONResponse(body, status_code=exc.status)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

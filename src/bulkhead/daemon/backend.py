@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bulkhead.errors import HostError
+from bulkhead.errors import HostError, VmNotRunning
 from bulkhead.runtime.config import NetConfig
 
 __all__ = ["BACKENDS", "BackendStatus", "FakeBackend", "ProcessBackend", "VmBackend", "VmSpec", "make_backend"]
@@ -128,6 +128,15 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
 INTEGRITY_ENV = ("BULKHEAD_MANIFEST", "BULKHEAD_RELEASE_KEY", "BULKHEAD_DEV_SKIP_INTEGRITY")
 
 
+def _gated_argv(python: str, args: list[str]) -> list[str]:
+    """`bulkhead <args>` through the pre-import integrity gate (bulkhead/_boot.py): the VMM process verifies
+    the code before importing any of it, with this process's package and site directories."""
+    boot: Any = sys.modules.get("bulkhead_boot")
+    if boot is None or not hasattr(boot, "worker_argv"):
+        from bulkhead import _boot as boot
+    return list(boot.worker_argv(python, args))
+
+
 class ProcessBackend:
     """Each VM is a `bulkhead run` child process (NOT jailed: development and non-root hosts only).
 
@@ -151,7 +160,7 @@ class ProcessBackend:
                 raise HostError("the VM is already running")
             Path(spec.console_path).parent.mkdir(parents=True, exist_ok=True)
             Path(spec.console_path).write_bytes(b"")
-            cmd = [self._python, "-m", "bulkhead", "run", *spec.run_args()]
+            cmd = _gated_argv(self._python, ["run", *spec.run_args()])
             if spec.nics and spec.netns:
                 cmd = ["nsenter", f"--net=/run/netns/{spec.netns}", *cmd]
             try:
@@ -200,11 +209,11 @@ class ProcessBackend:
     def _signal(self, vm_id: str, sig: int) -> None:
         proc = self._proc(vm_id)
         if proc is None or proc.poll() is not None:
-            raise HostError("the VM process is not running")
+            raise VmNotRunning("the VM process is not running")
         try:
             proc.send_signal(sig)
         except ProcessLookupError:
-            raise HostError("the VM process is not running") from None
+            raise VmNotRunning("the VM process is not running") from None
 
     def pause(self, vm_id: str) -> None:
         self._signal(vm_id, signal.SIGSTOP)
@@ -288,7 +297,7 @@ class FakeBackend:
             self.calls.append(("pause", vm_id))
             st = self._state.get(vm_id)
             if st is None or st.state != "running":
-                raise HostError("the VM process is not running")
+                raise VmNotRunning("the VM process is not running")
             self._state[vm_id] = BackendStatus("paused", st.pid)
 
     def resume(self, vm_id: str) -> None:
@@ -296,7 +305,7 @@ class FakeBackend:
             self.calls.append(("resume", vm_id))
             st = self._state.get(vm_id)
             if st is None or st.state != "paused":
-                raise HostError("the VM process is not paused")
+                raise VmNotRunning("the VM process is not paused")
             self._state[vm_id] = BackendStatus("running", st.pid)
 
     def exit(self, vm_id: str, status: int) -> None:

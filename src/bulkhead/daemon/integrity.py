@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bulkhead.errors import HostError
-from bulkhead.integrity.errors import IntegrityError
+from bulkhead.integrity.errors import HostUntrusted, IntegrityError
 from bulkhead.integrity.launch import check_expected_digest, config_devices, launch_digest_for_config
 from bulkhead.runtime.config import DriveConfig, NetConfig, VmConfig
 
@@ -95,6 +95,57 @@ def measure_spec(spec: Any, expected_digest: str | None = None) -> tuple[VmConfi
     return config, kernel, initrd, launch_digest_for_config(config, kernel, initrd)
 
 
+class _Region:
+    __slots__ = ("base", "end", "size")
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self.size, self.end = base, size, base + size
+
+
+class _PlanOnlyMemory:
+    """Guest RAM as the loader sees it (the VMM's region layout and its bounds checks, borrowed from
+    GuestMemory) without allocating any: load_kernel checks every destination before its first write, so
+    a load into this validates exactly what the VMM's load would, and writes nothing."""
+
+    closed = False
+
+    def __init__(self, mem_bytes: int) -> None:
+        from bulkhead.memory.layout import ram_regions
+
+        self.regions = tuple(_Region(b, n) for b, n in ram_regions(mem_bytes))
+        self.size = sum(r.size for r in self.regions)
+
+    from bulkhead.memory.guest import GuestMemory as _GM
+
+    find = _GM.find
+    contains = _GM.contains
+    del _GM
+
+    def write(self, addr: int, data: Any) -> None:
+        return None
+
+    def fill(self, addr: int, length: int) -> None:
+        return None
+
+
+def check_boot(config: VmConfig, kernel: bytes, initrd: bytes | None) -> None:
+    """The VMM loader's own validation of this image, placement and configuration, run in the daemon
+    (bulkhead.boot.load_kernel on plan-only memory), so a VM the loader would refuse is refused at
+    `vm create` and `vm start` instead of being reported as started. The command line includes the
+    virtio-mmio announcements the VMM appends (one per device). Raises ImageError or ConfigError."""
+    from bulkhead.boot import load_kernel
+    from bulkhead.devices.virtio.mmio import kernel_cmdline_entry
+    from bulkhead.memory.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE
+
+    devices = len(config.drives) + len(config.nets) + (1 if config.rng else 0)
+    extra = [kernel_cmdline_entry(VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, 5 + i, VIRTIO_MMIO_SIZE)
+             for i in range(devices)]
+    cmdline = " ".join(p for p in (config.cmdline, *extra) if p)
+    plan_only: Any = _PlanOnlyMemory(config.mem_bytes)  # duck-typed: what load_kernel uses of GuestMemory
+    load_kernel(plan_only, kernel, initrd=initrd, cmdline=cmdline, cpus=config.cpus,
+                protocol=config.boot_protocol)
+
+
 def launch_components(config: VmConfig, kernel: bytes, initrd: bytes | None) -> dict[str, Any]:
     """The measured fields, for GET /vms/{id}/measurement (so a verifier can see what changed)."""
     return {
@@ -124,7 +175,7 @@ class NoTpm:
         return _base_status(self.mode, "untrusted", [self.reason])
 
     def check_vm_start(self, config: VmConfig, kernel: bytes, initrd: bytes | None) -> str:
-        raise IntegrityError(f"VM start refused: the host is untrusted ({self.reason})")
+        raise HostUntrusted(f"VM start refused: the host is untrusted ({self.reason})")
 
     def should_stop_running(self) -> bool:
         return False

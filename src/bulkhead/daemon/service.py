@@ -32,12 +32,14 @@ __all__ = ["ApiError", "Caller", "Core", "ReqCtx"]
 
 
 class ApiError(Exception):
-    """An error with an HTTP status and a one-sentence detail."""
+    """An error with an HTTP status and a one-sentence detail; `kind` (optional) types it for clients
+    (e.g. "image-invalid", "code-mismatch"): the 422 body's `type`, else a `kind` key next to `detail`."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, *, kind: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.kind = kind
 
 
 @dataclass(frozen=True)

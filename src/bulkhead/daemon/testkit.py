@@ -28,6 +28,15 @@ from bulkhead.daemon.daemon import Daemon, StateDir
 from bulkhead.daemon.setup import init_state_dir, issue_local
 from bulkhead.daemon.store import new_id
 
+
+def fake_kernel(tag: bytes = b"") -> bytes:
+    """A kernel image the loader accepts (a 64-bit ELF: `hlt` at 1 MiB), its bytes varied by `tag` so tests
+    that swap kernels get different launch digests. The daemon validates images at `vm create` and `vm start`
+    (docs/API.md), so API tests need loadable images even with the fake backend."""
+    from bulkhead.boot.craft import make_elf
+
+    return make_elf([(0x100000, b"\xf4" + tag, 0x1000)], 0x100000)
+
 __all__ = ["Harness", "Identity", "ServerThread", "spawn_daemon", "wait_serve_info"]
 
 
@@ -60,7 +69,7 @@ class Harness:
         self.daemon = Daemon.open(root, self.backend, engine, checkpoint_every, integrity=integrity, net=net)
         self.daemon.start()
         self.app = build_app(self.daemon)
-        (root / "images" / "vmlinux").write_bytes(b"\x7fELF fake kernel for API tests")
+        (root / "images" / "vmlinux").write_bytes(fake_kernel(b"fake kernel for API tests"))
         self.admin = self.identity_from_files("admin", self.sd.admin_cert, self.sd.admin_key)
 
     def close(self) -> None:

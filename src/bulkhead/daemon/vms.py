@@ -13,7 +13,7 @@ import dataclasses
 import json
 import shutil
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 from bulkhead.control import rbac
 from bulkhead.control.lifecycle import LifecycleError, next_state
@@ -22,7 +22,8 @@ from bulkhead.daemon.backend import VmSpec
 from bulkhead.daemon.networks import NetworkOps
 from bulkhead.daemon.service import NOT_FOUND, ApiError, ReqCtx, config_error
 from bulkhead.daemon.store import new_id
-from bulkhead.errors import ConfigError, HostError
+from bulkhead.errors import ConfigError, HostError, StartRefused, VmNotRunning
+from bulkhead.integrity.errors import CodeMismatch
 
 __all__ = ["VmOps"]
 
@@ -100,10 +101,11 @@ class VmOps(NetworkOps):
         try:  # the runtime's own validation, so an accepted VM is one `bulkhead run` accepts
             from bulkhead.runtime.config import VmConfig
 
-            VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
-                     mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log")
+            config = VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
+                              mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log", rng=bool(body.rng))
         except ConfigError as exc:
             raise config_error(exc) from None
+        self._check_images(ctx, config, len(body.drives), len(body.nics))
         vm_id = new_id()
         ctx.vm = vm_id
         ctx.detail["vm_name"] = body.name
@@ -125,6 +127,31 @@ class VmOps(NetworkOps):
         row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
         assert row is not None
         return self.store.vm_out(row)
+
+    def _check_images(self, ctx: ReqCtx, config: Any, drives: int, nics: int) -> None:
+        """`vm create`: the loader's validation of the image, its placement and the configuration (the
+        same check runs again at `vm start`, on the bytes that are then measured). Raises ApiError 422
+        (kind image-invalid | config-invalid) or 503 when an image cannot be read."""
+        from bulkhead.daemon.integrity import MAX_IMAGE, check_boot
+        from bulkhead.runtime.config import DriveConfig, NetConfig
+
+        images: list[bytes | None] = []
+        for path in (config.kernel, config.initrd):
+            if path is None:
+                images.append(None)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    images.append(f.read(MAX_IMAGE + 1))
+            except OSError as exc:
+                raise ApiError(503, f"cannot read the image {path.rsplit('/', 1)[-1]}: {exc.strerror}") from None
+        # the device count decides the command-line announcements the VMM appends
+        shaped = config._replace(drives=tuple(DriveConfig("/dev/null", True) for _ in range(drives)),
+                                 nets=tuple(NetConfig(f"tap{i}", "") for i in range(nics)))
+        try:
+            check_boot(shaped, images[0] or b"", images[1])
+        except ConfigError as exc:
+            self._refuse_boot(ctx, None, exc, "create")
 
     def _attachments(self, tenant: str, body: Any, c: Any, vm_id: str) -> tuple[list[dict[str, Any]],
                                                                                 list[dict[str, Any]]]:
@@ -223,10 +250,16 @@ class VmOps(NetworkOps):
                     self.backend.pause(vm_id)
                 elif op == "resume":
                     self.backend.resume(vm_id)
+            except StartRefused as exc:  # the loader or the VMM refused it before the guest ran: the caller's input
+                self.store.vm_event(vm_id, f"{op}-refused", {"kind": exc.kind, "error": str(exc)})
+                ctx.detail.update(error=str(exc), kind=exc.kind)
+                raise ApiError(422, f"cannot {op} the VM: {exc}", kind=exc.kind) from None
+            except CodeMismatch as exc:  # the worker's pre-import gate refused bulkhead's own code
+                self._code_mismatch(ctx, vm_id, exc)
             except HostError as exc:
                 self.store.vm_event(vm_id, f"{op}-failed", {"error": str(exc)})
                 ctx.detail["error"] = str(exc)
-                raise ApiError(409 if "not running" in str(exc) else 503, f"cannot {op} the VM: {exc}") from None
+                raise ApiError(409 if isinstance(exc, VmNotRunning) else 503, f"cannot {op} the VM: {exc}") from None
             self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
             self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id,
                                              **(self._exit_reason(vm_id)[0] if op == "stop" else {})})
@@ -258,20 +291,33 @@ class VmOps(NetworkOps):
         Refusals are audited as security events and raise ApiError: 409 when the launch digest differs
         from the VM's expected_digest (e.g. its kernel was swapped) or is not allowed by the policy,
         503 while the host is untrusted (or the image cannot be read)."""
-        from bulkhead.daemon.integrity import measure_spec
-        from bulkhead.integrity.errors import IntegrityError, LaunchDigestMismatch
+        from bulkhead.daemon.integrity import check_boot, measure_spec
+        from bulkhead.integrity.errors import (
+            HostUntrusted,
+            IntegrityError,
+            LaunchDigestMismatch,
+            LaunchNotAllowed,
+        )
+        from bulkhead.integrity.launch import check_expected_digest
 
         vm_id = row["id"]
         expected = json.loads(row["spec"]).get("expected_digest")
         digest = None
         try:
             config, kernel, initrd, digest = measure_spec(spec, expected)
+            check_expected_digest(config, digest)  # a swapped kernel is a security event before it is a bad image
+            try:  # the loader's own checks on the bytes just read: a guest it refuses is never "started"
+                check_boot(config, kernel, initrd)
+            except ConfigError as exc:
+                self._refuse_boot(ctx, vm_id, exc, "start")  # raises ApiError 422 with the kind
             self.integrity.check_vm_start(config, kernel, initrd)
         except ConfigError as exc:
             raise config_error(exc) from None
         except IntegrityError as exc:
+            # by type: a changed launch 409, a launch the policy does not list 409, an untrusted host (or a
+            # gate/TPM/image failure) 503
             mismatch = isinstance(exc, LaunchDigestMismatch)
-            untrusted = "host is untrusted" in str(exc)
+            untrusted = isinstance(exc, HostUntrusted)
             kind = "launch-digest-mismatch" if mismatch else ("host-untrusted" if untrusted else "launch-refused")
             detail: dict[str, Any] = {"reason": str(exc), "digest": digest, "expected_digest": expected}
             if exc.path:
@@ -282,14 +328,35 @@ class VmOps(NetworkOps):
                 self.security_event(vm_id, f"integrity/{kind}", detail)
             except ApiError:
                 pass  # the request's own record (ctx.detail) still says why; it is written before the reply
-            status = 503 if untrusted or (not mismatch and "not allowed" not in str(exc)) else 409
-            raise ApiError(status, str(exc)) from None
+            status = 409 if isinstance(exc, LaunchDigestMismatch | LaunchNotAllowed) else 503
+            raise ApiError(status, str(exc), kind=kind) from None
         with self.store.lock:  # kept in memory (and in the request's audit record), not as a VM event
             if not hasattr(self, "_launch_digests"):
                 self._launch_digests: dict[str, str] = {}
             self._launch_digests[vm_id] = str(digest)
         ctx.detail["launch_digest"] = digest
         return str(digest)
+
+    def _code_mismatch(self, ctx: ReqCtx, vm_id: str, exc: CodeMismatch) -> NoReturn:
+        """A worker refused to run because bulkhead's installed code differs from the signed manifest:
+        a security event (security/integrity/code-mismatch with the path), answered 503 (the host cannot
+        start a VMM; docs/API.md), the VM's events say why. Raises ApiError."""
+        detail = {"reason": str(exc), "path": exc.path, "source": "worker pre-import check"}
+        ctx.detail.update(error=str(exc), integrity="code-mismatch", path=exc.path)
+        self.store.vm_event(vm_id, "start-refused", {"integrity": "code-mismatch", "path": exc.path})
+        try:
+            self.security_event(vm_id, "integrity/code-mismatch", detail)
+        except ApiError:
+            pass  # the request's own record (ctx.detail) still says why
+        raise ApiError(503, f"cannot start the VM: bulkhead's installed code differs from the signed manifest "
+                            f"({exc.path}): {exc}", kind="code-mismatch") from None
+
+    def _refuse_boot(self, ctx: ReqCtx, vm_id: str | None, exc: ConfigError, op: str) -> NoReturn:
+        refused = StartRefused.of(exc)
+        ctx.detail.update(error=str(exc), kind=refused.kind)
+        if vm_id is not None:
+            self.store.vm_event(vm_id, f"{op}-refused", {"kind": refused.kind, "error": str(exc)})
+        raise ApiError(422, f"cannot {op} the VM: {exc}", kind=refused.kind) from None
 
     def vm_measurement(self, ctx: ReqCtx, vm_id: str) -> dict[str, Any]:
         """The VM's launch digest computed now from its current files and configuration. Raises ApiError

@@ -66,6 +66,8 @@ def _manifest(argv: list[str]) -> int:
     b = sub.add_parser("build", help="hash the installed bulkhead package, interpreter and entry point")
     b.add_argument("--root", help="package directory (default: the imported bulkhead package)")
     b.add_argument("--extra", action="append", default=[], metavar="PATH", help="another file to record")
+    b.add_argument("--bytecode", action="store_true",
+                   help="also record the cached bytecode now present (run compileall first; docs/INTEGRITY.md)")
     b.add_argument("-o", "--out", help="output file (default: stdout)")
     k = sub.add_parser("keygen", help="create an ed25519 release key pair: PREFIX.key and PREFIX.pub")
     k.add_argument("prefix")
@@ -84,7 +86,7 @@ def _manifest(argv: list[str]) -> int:
         if a.extra:
             externals = m._default_externals()
             externals.update({os.path.realpath(x): "extra" for x in a.extra})
-        manifest = m.build_manifest(a.root, externals)
+        manifest = m.build_manifest(a.root, externals, bytecode=a.bytecode)
         _write(a.out, json.dumps(manifest, indent=1, sort_keys=True))
         print(f"manifest: {len(manifest['files'])} package files, {len(manifest['external'])} external, "
               f"digest {m.manifest_digest(manifest)}", file=sys.stderr)

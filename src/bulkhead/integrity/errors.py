@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bulkhead.errors import BulkheadError
 
-__all__ = ["IntegrityError", "LaunchDigestMismatch", "TpmError"]
+__all__ = ["CodeMismatch", "HostUntrusted", "IntegrityError", "LaunchDigestMismatch", "LaunchNotAllowed", "TpmError"]
 
 
 class IntegrityError(BulkheadError):
@@ -16,6 +16,19 @@ class IntegrityError(BulkheadError):
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(message)
         self.path = path
+
+
+class CodeMismatch(IntegrityError):
+    """bulkhead's own installed code differs from the signed manifest (`path`: the first differing file),
+    or the manifest cannot be trusted. Audited as security/integrity/code-mismatch."""
+
+
+class HostUntrusted(IntegrityError):
+    """No VM may start: the host's integrity is not shown (no TPM, no recent passing attestation)."""
+
+
+class LaunchNotAllowed(IntegrityError):
+    """The guest's launch digest is not a golden value of the policy."""
 
 
 class LaunchDigestMismatch(IntegrityError):

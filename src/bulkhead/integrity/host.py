@@ -26,7 +26,7 @@ from typing import Any
 
 from bulkhead.integrity.attest import EVIDENCE_FORMAT, Verdict, nonce_digest, verify_evidence
 from bulkhead.integrity.canonical import canonical_json
-from bulkhead.integrity.errors import IntegrityError, TpmError
+from bulkhead.integrity.errors import HostUntrusted, IntegrityError, LaunchNotAllowed, TpmError
 from bulkhead.integrity.eventlog import (
     UNVERIFIED_MANIFEST_DIGEST,
     ZERO_PCR,
@@ -240,11 +240,11 @@ class IntegrityGate:
         """
         if not self.can_start_vm():
             reasons = "; ".join(self.core.reasons)
-            raise IntegrityError(f"VM start refused: the host is untrusted ({reasons})")
+            raise HostUntrusted(f"VM start refused: the host is untrusted ({reasons})")
         digest = launch_digest_for_config(config, kernel, initrd)
         check_expected_digest(config, digest)
         if digest not in self.policy.allowed["vm-launch"]:
-            raise IntegrityError(f"VM start refused: launch digest {digest} is not allowed by the policy")
+            raise LaunchNotAllowed(f"VM start refused: launch digest {digest} is not allowed by the policy")
         event = Event(self.policy.vm_pcr, "vm-launch", digest, f"vm kernel={Path(config.kernel).name}")
         self._with_tpm(lambda tpm: self._extend_logged(tpm, event))
         return digest

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bulkhead import _boot
 from bulkhead.integrity.canonical import canonical_json
 from bulkhead.integrity.errors import IntegrityError
 
@@ -77,18 +78,20 @@ def package_root() -> Path:
 
 
 def _walk_package(root: Path) -> dict[str, str]:
-    files: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    return _boot.walk_package(str(root))  # one walk for the pre-import gate and this module
+
+
+def _walk_bytecode(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every cached-bytecode file (``__pycache__/*.pyc``) under `root`."""
+    out: dict[str, str] = {}
+    for dirpath, _dirs, filenames in os.walk(root):
+        if os.path.basename(dirpath) != "__pycache__":
+            continue
         for name in sorted(filenames):
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            if full.is_symlink():
-                # A symlink could point anywhere; record its target text so a retarget is a difference.
-                files[rel] = "symlink:" + os.readlink(full)
-                continue
-            files[rel] = sha256_file(full)
-    return files
+            if name.endswith(".pyc"):
+                full = Path(dirpath) / name
+                out[full.relative_to(root).as_posix()] = sha256_file(full)
+    return out
 
 
 def _default_externals() -> dict[str, str]:
@@ -112,10 +115,14 @@ def build_manifest(
     root: str | os.PathLike[str] | None = None,
     externals: Mapping[str, str] | None = None,
     version: str | None = None,
+    bytecode: bool = False,
 ) -> dict[str, Any]:
     """Hash every file of the package (default: the imported one) plus the external files.
 
-    `externals` maps absolute path -> role (default: interpreter and worker entry point).
+    `externals` maps absolute path -> role (default: interpreter and worker entry point). With
+    `bytecode`, the cached bytecode present now (``__pycache__/*.pyc``, e.g. after ``compileall``) is
+    recorded under "bytecode": the pre-import gate (bulkhead._boot) executes a .pyc only when its digest
+    is listed there, and compiles the verified source otherwise.
     Raises IntegrityError if a file cannot be read.
     """
     if version is None:
@@ -127,9 +134,12 @@ def build_manifest(
     try:
         files = _walk_package(pkg)
         external = {p: sha256_file(p) for p in sorted(roles)}
+        compiled = _walk_bytecode(pkg) if bytecode else {}
     except OSError as exc:
         raise IntegrityError(f"cannot hash {exc.filename}: {exc.strerror}", path=str(exc.filename)) from None
+    extra: dict[str, Any] = {"bytecode": compiled} if compiled else {}
     return {
+        **extra,
         "format": FORMAT,
         "package": "bulkhead",
         "version": version,
@@ -254,30 +264,7 @@ def diff_manifest(manifest: Mapping[str, Any], root: str | os.PathLike[str] | No
     Package files are looked up under `root` (default: the manifest's package_root). Lines start with
     the absolute path so the first line names the first differing file.
     """
-    pkg = Path(root) if root is not None else Path(str(manifest["package_root"]))
-    recorded: Mapping[str, Any] = manifest["files"]
-    diffs: list[str] = []
-    try:
-        actual = _walk_package(pkg)
-    except OSError as exc:
-        return [f"{exc.filename}: unreadable ({exc.strerror})"]
-    for rel in sorted(set(recorded) | set(actual)):
-        full = str(pkg / rel)
-        if rel not in actual:
-            diffs.append(f"{full}: missing")
-        elif rel not in recorded:
-            diffs.append(f"{full}: unexpected file (not in the manifest)")
-        elif actual[rel] != recorded[rel]:
-            diffs.append(f"{full}: modified (sha256 {actual[rel]} != manifest {recorded[rel]})")
-    for path, digest in sorted(dict(manifest["external"]).items()):
-        try:
-            now = sha256_file(path)
-        except OSError as exc:
-            diffs.append(f"{path}: unreadable ({exc.strerror})")
-            continue
-        if now != digest:
-            diffs.append(f"{path}: modified (sha256 {now} != manifest {digest})")
-    return diffs
+    return _boot.diff_manifest(dict(manifest), None if root is None else str(root))
 
 
 def verify_installation(
@@ -300,6 +287,13 @@ def _read_pubkey(path: str | os.PathLike[str]) -> bytes:
             return f.read()
     except OSError as exc:
         raise IntegrityError(f"cannot read the release public key {path}: {exc.strerror}") from None
+
+
+def _booted_result() -> dict[str, Any] | None:
+    """The pre-import gate's result when this process was started through bulkhead/_boot.py."""
+    boot = sys.modules.get("bulkhead_boot")
+    result = getattr(boot, "RESULT", None)
+    return result if isinstance(result, dict) else None
 
 
 @dataclass(frozen=True)
@@ -343,8 +337,14 @@ def require_integrity(
         )
         return IntegrityResult(False, None, mpath)
     kpath = pubkey_path or env.get("BULKHEAD_RELEASE_KEY") or DEFAULT_PUBKEY
-    manifest = load_signed_manifest(mpath, _read_pubkey(kpath))
     running = Path(running_root).resolve() if running_root is not None else package_root()
+    booted = _booted_result()
+    if (booted is not None and booted.get("verified") and manifest_path is None and pubkey_path is None
+            and environ is None and Path(str(booted["root"])) == running):
+        # This process started through the pre-import gate, which verified this very package before
+        # any of it ran and imports only verified bytes: hashing it all again would prove nothing new.
+        return IntegrityResult(True, str(booted["digest"]), str(booted["manifest_path"]))
+    manifest = load_signed_manifest(mpath, _read_pubkey(kpath))
     recorded = Path(str(manifest["package_root"])).resolve()
     if recorded != running:
         raise IntegrityError(

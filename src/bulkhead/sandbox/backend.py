@@ -19,13 +19,15 @@ import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bulkhead.errors import HostError
+from bulkhead.errors import HostError, StartRefused, VmNotRunning
 from bulkhead.runtime.config import DriveConfig, NetConfig, VmConfig
 from bulkhead.sandbox.supervisor import JailOptions, WorkerExit, WorkerHandle, spawn_worker
+from bulkhead.sandbox.worker import GUEST_START_EVENT, START_REFUSED_EVENT
 
 __all__ = ["JailedBackend", "jail_id"]
 
@@ -44,6 +46,28 @@ def _net(n: Any) -> NetConfig:
         return n
     tap, mac = n
     return NetConfig(tap, mac)
+
+
+def _wait_guest_start(handle: WorkerHandle, timeout: float) -> None:
+    """Return once the worker has built the VM (its guest is about to run, or has run and ended). Raises
+    StartRefused (a ConfigError: the loader or the VMM refused the image or configuration) or HostError
+    when the worker ends before that: a start is never reported as a success when no guest ran."""
+    deadline = time.monotonic() + timeout
+    while not any(name == GUEST_START_EVENT for name, _ in list(handle.events)):
+        if not handle.running:
+            ended = handle.wait(10)
+            if any(name == GUEST_START_EVENT for name, _ in list(handle.events)):
+                return  # the guest ran and ended already
+            reason = ended.reason
+            if reason.kind == "config-error":
+                kinds = [f.get("kind") for name, f in list(handle.events) if name == START_REFUSED_EVENT]
+                kind = kinds[0] if kinds and kinds[0] in ("image-invalid", "config-invalid") else "config-invalid"
+                raise StartRefused(reason.detail, kind=str(kind))
+            raise HostError(f"the VM's worker ended before its guest ran: {reason.kind}: {reason.detail}")
+        if time.monotonic() > deadline:
+            handle.kill()
+            raise HostError(f"the VM was not built within {timeout} s")
+        time.sleep(0.005)
 
 
 class JailedBackend:
@@ -74,7 +98,10 @@ class JailedBackend:
         self._on_exit = on_exit
 
     def start(self, vm_id: str, spec: Any) -> int:
-        """Spawn, verify and start the VM's worker; returns the worker's host pid. spec.nics holds
+        """Spawn, verify and start the VM's worker; returns the worker's host pid once the VM is built (its
+        guest runs). Raises StartRefused when the VMM refuses the image or configuration before the guest
+        runs, WorkerIntegrityError (a HostError) when the worker's code fails the pre-import check, and
+        HostError otherwise. spec.nics holds
         runtime NetConfigs; a NetConfig with tap_fd >= 0 hands an already-open tap to the worker (the
         worker gets its own duplicate; the caller keeps and closes its fd)."""
         with self._lock:
@@ -110,17 +137,18 @@ class JailedBackend:
 
         handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
                               on_security_event=security, on_exit=exited)
-        handle.start()
         with self._lock:
             self._handles[vm_id] = handle
             self._consoles[vm_id] = path
+        handle.start()
+        _wait_guest_start(handle, self._options.ready_timeout)
         return handle.pid
 
     def _handle(self, vm_id: str) -> WorkerHandle:
         with self._lock:
             h = self._handles.get(vm_id)
         if h is None or not h.running:
-            raise HostError("the VM is not running")
+            raise VmNotRunning("the VM is not running")
         return h
 
     def stop(self, vm_id: str, grace: float = 5.0) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "Event",
     "Exit",
     "Hello",
+    "IntegrityRefused",
     "Message",
     "Pause",
     "Probe",
@@ -245,11 +246,23 @@ class ProbeResult(Message):
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class IntegrityRefused(Message):
+    """Sent instead of Hello by the pre-import gate (bulkhead/_boot.py, which writes this exact JSON by
+    hand: it runs before any bulkhead module may be imported) when the worker's code does not match the
+    signed manifest; the worker then exits with _boot.EXIT_INTEGRITY. Believed only with that exit status."""
+
+    TYPE: ClassVar[str] = "integrity-refused"
+    SPEC: ClassVar[dict[str, _Spec]] = {"path": _Str(MAX_TEXT), "detail": _Str(MAX_TEXT)}
+    path: str = ""
+    detail: str = ""
+
+
 HOST_TO_WORKER: dict[str, type[Message]] = {
     m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe)
 }
 WORKER_TO_HOST: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult)
+    m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult, IntegrityRefused)
 }
 
 

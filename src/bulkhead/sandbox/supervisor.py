@@ -32,7 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bulkhead._boot import EXIT_INTEGRITY
 from bulkhead.errors import ConfigError, HostError
+from bulkhead.integrity.errors import CodeMismatch
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.exits import EXIT_STATUS, ExitReason
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
@@ -46,6 +48,7 @@ from bulkhead.sandbox.protocol import (
     Event,
     Exit,
     Hello,
+    IntegrityRefused,
     Message,
     Pause,
     Probe,
@@ -58,6 +61,7 @@ from bulkhead.sandbox.protocol import (
     StatusReply,
     Stop,
 )
+from bulkhead.sandbox.stale import cleanup_stale, leftovers  # re-exported: they lived here
 
 __all__ = [
     "PROBES_ENV",
@@ -65,6 +69,7 @@ __all__ = [
     "JailOptions",
     "WorkerExit",
     "WorkerHandle",
+    "WorkerIntegrityError",
     "classify_exit",
     "cleanup_stale",
     "leftovers",
@@ -182,6 +187,7 @@ class WorkerHandle:
         self.exit: WorkerExit | None = None
         self._claimed: ExitReason | None = None
         self._violation: str | None = None
+        self._integrity: IntegrityRefused | None = None
         self._host_killed = False
         self._cond = threading.Condition()
         self._replies: dict[int, StatusReply] = {}
@@ -215,7 +221,11 @@ class WorkerHandle:
                 self.on_security_event(kind, detail)
 
     def _dispatch(self, msg: Message) -> None:
-        if isinstance(msg, Hello):
+        if isinstance(msg, IntegrityRefused):
+            if self.hello is not None or self._integrity is not None:
+                raise ProtocolError("integrity refusal after hello")  # only the pre-import gate sends it
+            self._integrity = msg
+        elif isinstance(msg, Hello):
             if self.hello is not None:
                 raise ProtocolError("second hello")
             if msg.probes and not self.test_probes:
@@ -334,12 +344,23 @@ class WorkerHandle:
             except OSError as exc:
                 raise HostError(f"VM {self.vm_id}: cannot reach the worker: {exc.strerror}") from None
 
+    @property
+    def integrity_refusal(self) -> IntegrityRefused | None:
+        """The pre-import gate's refusal, when the worker's exit status confirms it (else None)."""
+        if self._integrity is None or self.exit is None or self.exit.returncode != EXIT_INTEGRITY:
+            return None
+        return self._integrity
+
     def wait_ready(self, timeout: float) -> Hello:
-        """Block until the worker's hello (sandbox in place). Raises HostError if it dies first."""
+        """Block until the worker's hello (sandbox in place). Raises WorkerIntegrityError when the worker's
+        code failed the pre-import check, HostError if it dies first for another reason."""
         deadline = time.monotonic() + timeout
         while self.hello is None:
             if self._done.wait(0.01):
                 assert self.exit is not None
+                refused = self.integrity_refusal
+                if refused is not None:
+                    raise WorkerIntegrityError(refused.detail, path=refused.path)
                 raise HostError(f"VM {self.vm_id}: the worker failed before it was ready: "
                                 f"{self.exit.reason.detail}; {self.exit.stderr.strip()[-400:]}")
             if time.monotonic() > deadline:
@@ -468,7 +489,21 @@ def _verify_sandbox(handle: WorkerHandle, uid: int) -> None:
             raise HostError(f"sandbox verification failed for pid {pid}: {', '.join(bad)}")
 
 
+class WorkerIntegrityError(CodeMismatch, HostError):
+    """The worker's code does not match the signed manifest (the pre-import gate refused). `path` names the
+    first differing file. A security event: the daemon audits it as security/integrity/code-mismatch."""
+
+
 _INTEGRITY_ENV = ("BULKHEAD_MANIFEST", "BULKHEAD_RELEASE_KEY", "BULKHEAD_DEV_SKIP_INTEGRITY")
+
+
+def boot_argv(args: list[str]) -> list[str]:
+    """`python -I -S -B <bulkhead/_boot.py> ... -- <args>`: the same package and site directories as this
+    process (the launcher's, when it started through the gate)."""
+    boot: Any = sys.modules.get("bulkhead_boot")
+    if boot is None or not hasattr(boot, "worker_argv"):
+        from bulkhead import _boot as boot
+    return list(boot.worker_argv(sys.executable, args))
 
 
 def _worker_env() -> dict[str, str]:
@@ -535,9 +570,10 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
         # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
+        # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
+        # any bulkhead module is imported, and imports come only from the verified tree.
         argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
-                sys.executable, "-I", "-m", "bulkhead", "worker", "--channel-fd", str(sock_worker.fileno()),
-                "--spec", spec.to_json()]
+                *boot_argv(["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()])]
         for fd in taps:
             argv += ["--tap-fd", str(fd)]
         if opts.test_probes:
@@ -643,49 +679,3 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
         if out_file is not None:
             out_file.close()
     return result.reason
-
-
-def leftovers(vm_id: str, base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:
-    """Anything of VM `vm_id` still on the host: jail dir, cgroup dirs, mounts (for tests and audits)."""
-    found = []
-    jail = os.path.join(base_dir, "jail", vm_id)
-    if os.path.exists(jail):
-        found.append(jail)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        found += [line.strip() for line in f if f"/{vm_id}" in line]
-    probe = VmCgroup(vm_id, CgroupLimits(0, 0, 0), parent=cgroup_parent)
-    found += [d for d in probe.dirs.values() if os.path.exists(d)]
-    return found
-
-
-def cleanup_stale(base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:
-    """Remove what a crashed supervisor left behind; returns the VM ids cleaned.
-
-    A VM is stale when its uid record is missing or names a process that no longer exists. Its
-    cgroup is emptied (SIGKILL) and removed, its jail directory deleted, its uid released. Call it
-    when the daemon starts. Raises HostError if a cgroup cannot be removed.
-    """
-    jail_base = os.path.join(base_dir, "jail")
-    ids = IdAllocator(os.path.join(base_dir, "ids"))
-    owners: dict[str, tuple[int, int]] = {}  # vm_id -> (uid, allocating pid)
-    if os.path.isdir(ids.state_dir):
-        for name in os.listdir(ids.state_dir):
-            try:
-                with open(os.path.join(ids.state_dir, name), encoding="utf-8") as f:
-                    vm, pid = f.read().split()[:2]
-                owners[vm] = (int(name), int(pid))
-            except (OSError, ValueError):
-                continue
-    cleaned = []
-    for vm_id in sorted(os.listdir(jail_base)) if os.path.isdir(jail_base) else []:
-        owner = owners.get(vm_id)
-        if owner is not None and os.path.exists(f"/proc/{owner[1]}"):
-            continue
-        VmCgroup(vm_id, CgroupLimits(0, 0, 0), parent=cgroup_parent).remove()
-        for d in (os.path.join(jail_base, vm_id, "root"), os.path.join(jail_base, vm_id)):
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(d)
-        if owner is not None:
-            ids.release(owner[0])
-        cleaned.append(vm_id)
-    return cleaned

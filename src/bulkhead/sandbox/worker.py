@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from bulkhead.errors import BulkheadError, ConfigError, HostError
+from bulkhead.errors import BulkheadError, ConfigError, HostError, StartRefused
 from bulkhead.sandbox import jail
 from bulkhead.sandbox.policy import build_rules
 from bulkhead.sandbox.protocol import (
@@ -50,7 +50,12 @@ from bulkhead.sandbox.protocol import (
     Stop,
 )
 
-__all__ = ["main", "sanitize_event"]
+__all__ = ["GUEST_START_EVENT", "START_REFUSED_EVENT", "main", "sanitize_event"]
+
+# Events of the worker itself (not the runtime's): the VM is built and its guest is about to run; or the
+# VM was refused before its guest ran (field kind: image-invalid | config-invalid).
+GUEST_START_EVENT = "worker.guest-start"
+START_REFUSED_EVENT = "worker.start-refused"
 
 # Exit codes of the worker process before a VM ran (the host maps them to worker-crash + detail).
 EXIT_SETUP_FAILED = 70
@@ -236,8 +241,11 @@ class _Service:
                         self.machine.pause()
                     elif self.state == "starting":
                         self.state = "running"
+                self.event(GUEST_START_EVENT, {})  # the host's start succeeds only from here on
                 reason = self.machine.run()
         except ConfigError as exc:
+            if not self.built:  # refused before the guest ran: say by type whether the image was the cause
+                self.event(START_REFUSED_EVENT, {"kind": StartRefused.of(exc).kind})
             reason = self._exit_reason("config-error", str(exc))
         except HostError as exc:
             reason = self._exit_reason("host-error", str(exc))

@@ -1,0 +1,59 @@
+"""What a crashed supervisor leaves behind: finding it (tests, audits) and removing it (daemon start).
+
+Moved out of bulkhead.sandbox.supervisor (which re-exports both names)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+from bulkhead.sandbox.jail import IdAllocator
+
+__all__ = ["cleanup_stale", "leftovers"]
+
+
+def leftovers(vm_id: str, base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:
+    """Anything of VM `vm_id` still on the host: jail dir, cgroup dirs, mounts (for tests and audits)."""
+    found = []
+    jail = os.path.join(base_dir, "jail", vm_id)
+    if os.path.exists(jail):
+        found.append(jail)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        found += [line.strip() for line in f if f"/{vm_id}" in line]
+    probe = VmCgroup(vm_id, CgroupLimits(0, 0, 0), parent=cgroup_parent)
+    found += [d for d in probe.dirs.values() if os.path.exists(d)]
+    return found
+
+
+def cleanup_stale(base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:
+    """Remove what a crashed supervisor left behind; returns the VM ids cleaned.
+
+    A VM is stale when its uid record is missing or names a process that no longer exists. Its
+    cgroup is emptied (SIGKILL) and removed, its jail directory deleted, its uid released. Call it
+    when the daemon starts. Raises HostError if a cgroup cannot be removed.
+    """
+    jail_base = os.path.join(base_dir, "jail")
+    ids = IdAllocator(os.path.join(base_dir, "ids"))
+    owners: dict[str, tuple[int, int]] = {}  # vm_id -> (uid, allocating pid)
+    if os.path.isdir(ids.state_dir):
+        for name in os.listdir(ids.state_dir):
+            try:
+                with open(os.path.join(ids.state_dir, name), encoding="utf-8") as f:
+                    vm, pid = f.read().split()[:2]
+                owners[vm] = (int(name), int(pid))
+            except (OSError, ValueError):
+                continue
+    cleaned = []
+    for vm_id in sorted(os.listdir(jail_base)) if os.path.isdir(jail_base) else []:
+        owner = owners.get(vm_id)
+        if owner is not None and os.path.exists(f"/proc/{owner[1]}"):
+            continue
+        VmCgroup(vm_id, CgroupLimits(0, 0, 0), parent=cgroup_parent).remove()
+        for d in (os.path.join(jail_base, vm_id, "root"), os.path.join(jail_base, vm_id)):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(d)
+        if owner is not None:
+            ids.release(owner[0])
+        cleaned.append(vm_id)
+    return cleaned
