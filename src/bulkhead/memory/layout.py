@@ -13,6 +13,8 @@ does); the e820 map is what tells the guest which parts to use.
 
 from __future__ import annotations
 
+from bulkhead.config import MAX_MEM_MIB, MIN_MEM_MIB
+
 __all__ = [
     "EBDA_START",
     "HIMEM_START",
@@ -41,8 +43,8 @@ VIRTIO_MMIO_SIZE = 0x200
 IOAPIC_BASE = 0xFEC0_0000
 LAPIC_BASE = 0xFEE0_0000
 
-MIN_GUEST_MEM = 2 * MIB
-MAX_GUEST_MEM = 64 * GIB
+MIN_GUEST_MEM = MIN_MEM_MIB * MIB
+MAX_GUEST_MEM = MAX_MEM_MIB * MIB
 
 
 def ram_regions(mem_bytes: int) -> list[tuple[int, int]]:
