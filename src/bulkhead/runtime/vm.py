@@ -129,7 +129,6 @@ class Machine:
         self._stop_reason: ExitReason | None = None
         self._stopped = threading.Event()
         self._lock = threading.Lock()
-        self._serial_file: int | None = None
         self._cmdline_extra: list[str] = []
         self._virtio_slots: list[tuple[int, int, int]] = []  # (base, size, irq), described in the ACPI DSDT
         self._next_irq = VIRTIO_FIRST_IRQ
@@ -217,44 +216,30 @@ class Machine:
         for region in self.mem.regions:
             vm.set_user_memory_region(region.base, region.size, region.host_addr)
 
-    def _irq_line(self, gsi: int) -> EventFd:
+    # -- the builder API attach_* functions use (runtime/virtio.py: attach_virtio) -----------------
+
+    def add_closer(self, closer: Callable[[], None]) -> None:
+        """Run `closer` at teardown (in reverse order of registration)."""
+        self._closers.append(closer)
+
+    def irq_line(self, gsi: int) -> EventFd:
+        """An irqfd-backed interrupt line to `gsi` (closed at teardown)."""
         efd = EventFd()
         self.vm.irqfd(efd.fd, gsi)
-        self._closers.append(efd.close)
+        self.add_closer(efd.close)
         return efd
 
     def attach_serial(self) -> None:
         from bulkhead.devices.serial import Serial
+        from bulkhead.runtime.console import open_serial
 
         cfg = self.config
-        sink: Callable[[bytes], None]
-        if self._console is not None:
-            sink = self._console
-        elif cfg.serial == "stdio":
-            out_fd = sys.stdout.fileno()
-
-            def sink(data: bytes) -> None:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out_fd, view) :]
-
-        elif cfg.serial == "none":
-
-            def sink(data: bytes) -> None:
-                return None
-
-        else:
-            try:
-                fd = os.open(cfg.serial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                raise ConfigError(f"--serial {cfg.serial}: {exc.strerror}") from None
-            self._serial_file = fd
-            self._closers.append(lambda: os.close(fd))
-
-            def sink(data: bytes) -> None:
-                os.write(fd, data)
-
-        self.serial = Serial(self._irq_line(COM1_IRQ), sink)
+        sink = self._console
+        if sink is None:
+            console = open_serial(cfg.serial)  # ConfigError for a file that cannot be opened
+            self.add_closer(console.close)
+            sink = console.write
+        self.serial = Serial(self.irq_line(COM1_IRQ), sink)
         self.pio.register(COM1_BASE, SERIAL_LEN, self.serial, "serial-com1")
         if cfg.serial == "stdio" and self._console is None and self._console_input:
             self._attach_stdin()

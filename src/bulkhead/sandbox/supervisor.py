@@ -602,26 +602,12 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
     Console output goes to `console`, else to config.serial (stdio, none, or a file). SIGINT/SIGTERM
     stop the VM. Raises ConfigError/HostError like run_vm.
     """
-    sink = console
-    out_file = None
-    if sink is None:
-        if config.serial == "stdio":
-            out = sys.stdout.buffer
-            def sink(data: bytes) -> None:
-                out.write(data)
-                out.flush()
-        elif config.serial == "none":
-            def sink(data: bytes) -> None:
-                return None
-        else:
-            try:
-                out_file = open(config.serial, "ab")  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise ConfigError(f"--serial {config.serial}: {exc.strerror}") from None
-            f = out_file
-            def sink(data: bytes) -> None:
-                f.write(data)
-                f.flush()
+    out = None
+    if console is None:
+        from bulkhead.runtime.console import open_serial
+
+        out = open_serial(config.serial)  # the one console sink (runtime/console.py): ConfigError if unopenable
+    sink = console if out is None else out.write
     handle = spawn_worker(config, vm_id=vm_id, options=options, on_console=sink)
     stop = threading.Event()
     old: dict[signal.Signals, Any] = {}
@@ -640,8 +626,8 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
             signal.signal(sig, h)
         if handle.running:
             handle.kill()
-        if out_file is not None:
-            out_file.close()
+        if out is not None:
+            out.close()
     return result.reason
 
 
