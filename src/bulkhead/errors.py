@@ -16,6 +16,7 @@ __all__ = [
     "GuestMemoryError",
     "HostError",
     "ImageError",
+    "RefusedError",
 ]
 
 
@@ -33,6 +34,10 @@ class ImageError(ConfigError):
 
 class HostError(BulkheadError):
     """The host lacks something bulkhead needs (KVM, a capability, a permission)."""
+
+
+class RefusedError(BulkheadError):
+    """The other side refused a request (e.g. the daemon's API answered with an error status)."""
 
 
 class GuestFault(BulkheadError):

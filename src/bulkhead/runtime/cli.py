@@ -199,12 +199,11 @@ def _run_config(config: VmConfig, *, quiet: bool, jail: bool, extra: dict[str, o
     restore_tty = _console_tty(config)
     try:
         reason = runner(config)
-    except ConfigError as exc:
+    except (ConfigError, HostError) as exc:
+        from bulkhead.exitstatus import exit_status
+
         _report("bulkhead run", exc)
-        return EXIT_STATUS["config-error"]
-    except HostError as exc:
-        _report("bulkhead run", exc)
-        return EXIT_STATUS["host-error"]
+        return exit_status(exc) or EXIT_STATUS["host-error"]
     except KeyboardInterrupt:
         return EXIT_STATUS["interrupted"]
     finally:
