@@ -451,10 +451,9 @@ def run_vm(
         machine.build()
         reason = machine.run()
         if stats_path:
-            import json
+            from bulkhead.runtime.stats import write_stats
 
-            with open(stats_path, "w") as f:
-                json.dump(machine.stats(), f, indent=1, default=str)
+            write_stats(stats_path, machine.stats())
         return reason
     finally:
         machine.close()

@@ -54,6 +54,7 @@ from bulkhead.sandbox.protocol import (
     Resume,
     SecurityEvent,
     Start,
+    Stats,
     Status,
     StatusReply,
     Stop,
@@ -181,6 +182,7 @@ class WorkerHandle:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.exit: WorkerExit | None = None
         self._claimed: ExitReason | None = None
+        self.counters: dict[str, Any] | None = None  # the worker's `stats` message (untrusted diagnostics)
         self._violation: str | None = None
         self._host_killed = False
         self._cond = threading.Condition()
@@ -242,6 +244,10 @@ class WorkerHandle:
             if self._claimed is not None:
                 raise ProtocolError("second exit message")
             self._claimed = ExitReason(msg.kind, msg.status, msg.detail)
+        elif isinstance(msg, Stats):
+            if self.counters is not None or self._claimed is not None:
+                raise ProtocolError("stats sent twice or after exit")
+            self.counters = dict(msg.counters or {})
         elif isinstance(msg, StatusReply):
             with self._cond:
                 self._replies[msg.seq] = msg
@@ -596,11 +602,13 @@ def _forward_stdin(handle: WorkerHandle) -> None:
 
 
 def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
-               console: Callable[[bytes], None] | None = None, vm_id: str | None = None) -> ExitReason:
+               console: Callable[[bytes], None] | None = None, vm_id: str | None = None,
+               stats_path: str | None = None) -> ExitReason:
     """Run one VM in a jailed worker until it stops (what `bulkhead run` does as root).
 
     Console output goes to `console`, else to config.serial (stdio, none, or a file). SIGINT/SIGTERM
-    stop the VM. Raises ConfigError/HostError like run_vm.
+    stop the VM. With `stats_path`, the counters the worker sent (runtime/stats.py) are written there,
+    with the host's exit reason and the events it received. Raises ConfigError/HostError like run_vm.
     """
     out = None
     if console is None:
@@ -628,7 +636,18 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
             handle.kill()
         if out is not None:
             out.close()
+    if stats_path:
+        _write_stats(stats_path, handle, result.reason)
     return result.reason
+
+
+def _write_stats(path: str, handle: WorkerHandle, reason: ExitReason) -> None:
+    from bulkhead.runtime.stats import nest_counters, write_stats
+
+    stats = {"exit": reason._asdict(), **nest_counters(handle.counters or {}),
+             "events": [{"event": name, **fields} for name, fields in handle.events]}
+    stats.setdefault("devices", {})
+    write_stats(path, stats)
 
 
 def leftovers(vm_id: str, base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:

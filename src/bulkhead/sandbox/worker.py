@@ -45,6 +45,7 @@ from bulkhead.sandbox.protocol import (
     ProtocolError,
     Resume,
     Start,
+    Stats,
     Status,
     StatusReply,
     Stop,
@@ -212,6 +213,15 @@ class _Service:
             outcome, detail = probes.run(msg.name, msg.arg, self)
             self.send(ProbeResult(msg.name, outcome, detail[:MAX_TEXT]))
 
+    def _send_stats(self) -> None:
+        """The VM's counters for `bulkhead run --stats` (one `stats` message, before `exit`)."""
+        stats = getattr(self.machine, "stats", None)
+        if stats is not None:
+            from bulkhead.runtime.stats import flatten_counters
+
+            counters = {k: v for k, v in stats().items() if k not in ("exit", "events")}  # the host has both
+            self.send(Stats(dict(flatten_counters(counters))))
+
     def run(self) -> int:
         self.send(Hello(PROTOCOL_VERSION, os.getuid(), os.getgid(), os.getpid(), self.seccomp, self.test_probes))
         threading.Thread(target=self.reader, name="channel", daemon=True).start()
@@ -237,6 +247,7 @@ class _Service:
                     elif self.state == "starting":
                         self.state = "running"
                 reason = self.machine.run()
+                self._send_stats()
         except ConfigError as exc:
             reason = self._exit_reason("config-error", str(exc))
         except HostError as exc:
