@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.vmrun import payload  # noqa: E402
+from tests.vmrun import payload
 
 pytestmark = [pytest.mark.root, pytest.mark.kvm]
 
