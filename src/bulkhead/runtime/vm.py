@@ -19,7 +19,13 @@ from typing import Any
 from bulkhead.bus import Bus
 from bulkhead.errors import ConfigError, GuestFault, HostError
 from bulkhead.memory import GuestMemory
-from bulkhead.memory.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE
+from bulkhead.memory.layout import (
+    VIRTIO_FIRST_IRQ,
+    VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+    VIRTIO_MMIO_SLOTS,
+    VIRTIO_MMIO_STRIDE,
+)
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.eventloop import EventFd, EventLoop
 from bulkhead.runtime.exits import ExitReason
@@ -31,7 +37,6 @@ from bulkhead.devices import COM1_BASE, COM1_IRQ, SERIAL_LEN
 
 DEBUG_EXIT_BASE, DEBUG_EXIT_LEN = 0xF4, 4
 POST_PORT = 0x80
-VIRTIO_FIRST_IRQ = 5
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MAX_IMAGE = 512 << 20
@@ -131,7 +136,6 @@ class Machine:
         self._lock = threading.Lock()
         self._cmdline_extra: list[str] = []
         self._virtio_slots: list[tuple[int, int, int]] = []  # (base, size, irq), described in the ACPI DSDT
-        self._next_irq = VIRTIO_FIRST_IRQ
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -303,11 +307,9 @@ class Machine:
     def next_virtio_slot(self) -> tuple[int, int]:
         """(MMIO base, IRQ) for the next virtio-mmio device, and its command-line announcement."""
         index = len(self.transports)
-        base = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_STRIDE
-        irq = self._next_irq
-        self._next_irq += 1
-        if irq > 23:
-            raise ConfigError("too many virtio devices (at most 19)")
+        if index >= VIRTIO_MMIO_SLOTS:  # one IOAPIC pin each (memory/layout.py)
+            raise ConfigError(f"too many virtio devices (at most {VIRTIO_MMIO_SLOTS})")
+        base, irq = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_STRIDE, VIRTIO_FIRST_IRQ + index
         self._cmdline_extra.append(f"virtio_mmio.device={VIRTIO_MMIO_SIZE:#x}@{base:#x}:{irq}")
         self._virtio_slots.append((base, VIRTIO_MMIO_SIZE, irq))
         return base, irq
