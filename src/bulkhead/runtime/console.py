@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from bulkhead.errors import ConfigError
 
-__all__ = ["CONSOLE_MODE", "ConsoleSink", "open_serial"]
+__all__ = ["CONSOLE_MODE", "ConsoleSink", "forward_stdin", "open_serial"]
 
 CONSOLE_MODE = 0o600
 
@@ -67,3 +68,28 @@ def open_serial(target: str) -> ConsoleSink:
         return ConsoleSink(target)
     except OSError as exc:
         raise ConfigError(f"--serial {target}: {exc.strerror}") from None
+
+
+def forward_stdin(loop: Any, deliver: Callable[[bytes], None]) -> None:
+    """Host stdin -> `deliver` (the guest serial's input queue), read on the I/O thread `loop` (unjailed
+    `bulkhead run`; the jailed path forwards over the worker protocol). Nothing happens for a stdin that
+    cannot be polled (a regular file, /dev/null)."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+
+    def on_input() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            loop.remove_reader(fd)
+            return
+        deliver(data)
+
+    try:
+        loop.add_reader(fd, on_input)
+    except (PermissionError, OSError):
+        pass  # a regular file or /dev/null on stdin: nothing to forward

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -235,7 +234,7 @@ class Machine:
 
     def attach_serial(self) -> None:
         from bulkhead.devices.serial import Serial
-        from bulkhead.runtime.console import open_serial
+        from bulkhead.runtime.console import forward_stdin, open_serial
 
         cfg = self.config
         sink = self._console
@@ -246,31 +245,8 @@ class Machine:
         self.serial = Serial(self.irq_line(COM1_IRQ), sink)
         self.pio.register(COM1_BASE, SERIAL_LEN, self.serial, "serial-com1")
         if cfg.serial == "stdio" and self._console is None and self._console_input:
-            self._attach_stdin()
-
-    def _attach_stdin(self) -> None:
-        assert self.loop is not None
-        try:
-            fd = sys.stdin.fileno()
-        except (AttributeError, ValueError, OSError):
-            return
-        serial = self.serial
-
-        def on_input() -> None:
-            try:
-                data = os.read(fd, 4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                assert self.loop is not None
-                self.loop.remove_reader(fd)
-                return
-            serial.enqueue_input(data)
-
-        try:
-            self.loop.add_reader(fd, on_input)
-        except (PermissionError, OSError):
-            pass  # a regular file or /dev/null on stdin: nothing to forward
+            assert self.loop is not None
+            forward_stdin(self.loop, self.serial.enqueue_input)
 
     def attach_i8042(self) -> None:
         from bulkhead.devices.i8042 import I8042_BASE, I8042_LEN, I8042Device
