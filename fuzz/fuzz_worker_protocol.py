@@ -48,7 +48,7 @@ def write_seeds(directory: Path) -> None:
         p.SecurityEvent(kind="guest-fault", detail="virtio-blk0: descriptor outside guest RAM"),
         p.Exit(kind="debug-exit", status=1, detail=""),
         p.ProbeResult(name="open-host-file", outcome="denied", detail="EACCES"),
-        p.Stats(counters={"vcpu_exits.0": 41, "devices.virtio-blk0.queue_notify": 3}),
+        p.Stats(counters={"vcpu_exits:0": 41, "devices:virtio-blk0:fault.desc-chain-loop": 1}),
         p.Start(),
         p.Stop(),
         p.Status(seq=7),

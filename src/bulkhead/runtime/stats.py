@@ -2,11 +2,12 @@
 
 Machine.stats() is a nested dict. In the jail the worker sends its counters to the host in one `stats`
 message (sandbox/protocol.py), whose payload is a flat, schema-checked mapping of identifier -> integer:
-`flatten_counters` makes it ("devices.virtio-blk0.queue_notify": 3, "vcpu_exits.0": 41, ...) and
+`flatten_counters` makes it ("devices:virtio-blk0:fault.desc-chain-loop": 1, "vcpu_exits:0": 41, ...; the
+path separator is ":" because counter names themselves contain ".") and
 `nest_counters` turns it back into the nested shape, so the file has the same keys jailed or not. Only
 integer counters travel; the host adds what it knows itself (the exit reason, the events it received).
-A device name is lower-cased and any character outside [a-z0-9_:-] becomes "_" (a tap named "Tap.1"
-shows as "virtio-net-tap_1").
+A key is lower-cased and any character outside [a-z0-9_.-] becomes "_" (a tap named "Tap:1" shows as
+"virtio-net-tap_1").
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 __all__ = ["MAX_COUNTERS", "flatten_counters", "nest_counters", "write_stats"]
 
 MAX_COUNTERS = 256  # entries of one stats message (19 virtio devices with ~10 counters each fit)
-_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_:-")
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+SEP = ":"
 
 
 def _key(part: object) -> str:
@@ -26,7 +28,7 @@ def _key(part: object) -> str:
 
 
 def flatten_counters(stats: dict[str, Any]) -> dict[str, int]:
-    """The non-negative integer leaves of `stats` (dicts and lists, any depth), keyed by dotted path.
+    """The non-negative integer leaves of `stats` (dicts and lists, any depth), keyed by "a:b:c" paths.
 
     Keys stay within the protocol's 64-character identifiers; at most MAX_COUNTERS entries (first ones)."""
     out: dict[str, int] = {}
@@ -43,18 +45,18 @@ def flatten_counters(stats: dict[str, Any]) -> dict[str, int]:
                 out[prefix] = value
             return
         for k, v in items:
-            walk(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
+            walk(f"{prefix}{SEP}{_key(k)}" if prefix else _key(k), v)
 
     walk("", stats)
     return out
 
 
 def nest_counters(flat: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of flatten_counters: dotted keys -> nested dicts; a level whose keys are 0..n-1 -> a list."""
+    """The inverse of flatten_counters: "a:b:c" keys -> nested dicts; a level whose keys are 0..n-1 -> a list."""
     root: dict[str, Any] = {}
     for key, value in flat.items():
         node = root
-        *path, leaf = key.split(".")
+        *path, leaf = key.split(SEP)
         for part in path:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
