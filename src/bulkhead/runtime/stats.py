@@ -1,4 +1,4 @@
-"""VM counters (`bulkhead run --stats FILE`) as they travel and as they are written (pure but for write_stats).
+"""VM counters (`bulkhead run --stats FILE`): collected (machine_stats), carried, written (pure but for write_stats).
 
 Machine.stats() is a nested dict. In the jail the worker sends its counters to the host in one `stats`
 message (sandbox/protocol.py), whose payload is a flat, schema-checked mapping of identifier -> integer:
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["MAX_COUNTERS", "flatten_counters", "nest_counters", "write_stats"]
+__all__ = ["MAX_COUNTERS", "flatten_counters", "machine_stats", "nest_counters", "write_stats"]
 
 MAX_COUNTERS = 256  # entries of one stats message (19 virtio devices with ~10 counters each fit)
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
@@ -25,6 +25,23 @@ SEP = ":"
 def _key(part: object) -> str:
     text = str(part).lower()
     return "".join(ch if ch in _KEY_CHARS else "_" for ch in text) or "_"
+
+
+def machine_stats(m: Any, stop_reason: Any) -> dict[str, Any]:
+    """The counters of Machine `m` (runtime/vm.py Machine.stats) as the nested dict --stats writes."""
+    resident = 0
+    if m.mem is not None and not m.mem.closed:
+        resident = sum(n for r in m.mem.regions for _, n in r.resident_runs())
+    return {
+        "exit": None if stop_reason is None else stop_reason._asdict(),
+        "vcpu_exits": [r.exits for r in m.runners],
+        "pio_unclaimed": {"reads": m.pio.unclaimed_reads, "writes": m.pio.unclaimed_writes},
+        "mmio_unclaimed": {"reads": m.mmio.unclaimed_reads, "writes": m.mmio.unclaimed_writes},
+        "post_code_writes": getattr(getattr(m, "post", None), "writes", 0),
+        "guest_resident_bytes": resident,
+        "devices": {t.name: {**getattr(t.device, "stats", {}), **t.stats} for t in m.transports},
+        "events": [{"time": t, "event": e, **d} for t, e, d in m.events],
+    }
 
 
 def flatten_counters(stats: dict[str, Any]) -> dict[str, int]:

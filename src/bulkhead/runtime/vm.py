@@ -383,20 +383,10 @@ class Machine:
             r.resume()
 
     def stats(self) -> dict[str, Any]:
-        """Counters for diagnostics and benchmarks (call after run(), before close())."""
-        resident = 0
-        if self.mem is not None and not self.mem.closed:
-            resident = sum(n for r in self.mem.regions for _, n in r.resident_runs())
-        return {
-            "exit": None if self._stop_reason is None else self._stop_reason._asdict(),
-            "vcpu_exits": [r.exits for r in self.runners],
-            "pio_unclaimed": {"reads": self.pio.unclaimed_reads, "writes": self.pio.unclaimed_writes},
-            "mmio_unclaimed": {"reads": self.mmio.unclaimed_reads, "writes": self.mmio.unclaimed_writes},
-            "post_code_writes": getattr(getattr(self, "post", None), "writes", 0),
-            "guest_resident_bytes": resident,
-            "devices": {t.name: {**getattr(t.device, "stats", {}), **t.stats} for t in self.transports},
-            "events": [{"time": t, "event": e, **d} for t, e, d in self.events],
-        }
+        """Counters for diagnostics and benchmarks (call after run(), before close()): runtime/stats.py."""
+        from bulkhead.runtime.stats import machine_stats
+
+        return machine_stats(self, self._stop_reason)
 
     # -- teardown ---------------------------------------------------------------------------------
 
