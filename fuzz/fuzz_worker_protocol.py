@@ -49,6 +49,7 @@ def write_seeds(directory: Path) -> None:
         p.Exit(kind="debug-exit", status=1, detail=""),
         p.ProbeResult(name="open-host-file", outcome="denied", detail="EACCES"),
         p.IntegrityRefused(path="/usr/lib/bulkhead/cli.py", detail="modified (sha256 0 != manifest 1)"),
+        p.Stats(counters={"vcpu_exits:0": 41, "devices:virtio-blk0:fault.desc-chain-loop": 1}),
         p.Start(),
         p.Stop(),
         p.Status(seq=7),

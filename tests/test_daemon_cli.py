@@ -49,7 +49,7 @@ def test_cli_errors_are_one_line_with_exit_status(tmp_path, capsys):
     assert err.count("\n") == 1 and "--tenant" in err
     assert vm_main(["list", "--state-dir", str(tmp_path)]) == 2
     assert "no way to reach the daemon" in capsys.readouterr().err
-    assert main(["serve", "--state-dir", str(tmp_path / "missing"), "--port", "0"]) == 3
+    assert main(["serve", "--state-dir", str(tmp_path / "missing"), "--port", "0"]) == 4
     assert "not an initialized" in capsys.readouterr().err
 
 

@@ -179,7 +179,7 @@ def test_cli_end_to_end_over_mtls(root, capsys, tmp_path):
         assert vm_main(["list", "--state-dir", str(root), "--socket", str(root / "bulkhead.sock")]) == 0
         assert tenant_main(["list", "--state-dir", str(tmp_path / "nowhere")]) == 2  # nothing configured
         assert tenant_main(["list", "--state-dir", str(root), "--url", "https://127.0.0.1:1",
-                            "--cert", str(root / "admin.pem"), "--key", str(root / "admin.key")]) == 3
+                            "--cert", str(root / "admin.pem"), "--key", str(root / "admin.key")]) == 4
     finally:
         assert _stop(proc) == 0
     assert audit_main(["verify", "--state-dir", str(root)]) == 0

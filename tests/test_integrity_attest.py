@@ -203,5 +203,5 @@ def test_cli_enroll_quote_verify(swtpm: SwTpm, tmp_path: Path, capsys: pytest.Ca
     assert attest_main(["verify", q, "--policy", pol, "--enrollment", enr, "--nonce", "other", "--json"]) == 1
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["verdict"] == "untrusted" and verdict["reasons"]
-    # no TPM at that address: host error, exit 3
-    assert attest_main(["quote", "--tcti", "swtpm:host=127.0.0.1,port=1", "--nonce", "x", "--log", log]) == 3
+    # no TPM at that address: host error, exit 4 (bulkhead.exitstatus)
+    assert attest_main(["quote", "--tcti", "swtpm:host=127.0.0.1,port=1", "--nonce", "x", "--log", log]) == 4

@@ -287,7 +287,7 @@ def test_daemon_refuses_to_start_with_a_modified_package_file(tmp_path: Path) ->
         f.write("\n# tampered\n")
     proc = _serve(state, env)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 3, out.decode()
+    assert proc.returncode == 4, out.decode()  # a HostError (bulkhead.exitstatus)
     assert str(victim) in out.decode() and "differs from the signed manifest" in out.decode()
     assert not (state / "bulkhead.sock").exists()
     rec = [r for r in query_records(state / "audit.db", limit=None) if r["action"] == "security/integrity/code-mismatch"]
@@ -300,7 +300,7 @@ def test_daemon_refuses_to_start_with_a_modified_package_file(tmp_path: Path) ->
     victim.write_bytes((SRC / "bulkhead" / "bus.py").read_bytes())
     proc = _serve(state, env)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 3, out.decode()
+    assert proc.returncode == 4, out.decode()  # a HostError (bulkhead.exitstatus)
     assert len([r for r in query_records(state / "audit.db", limit=None)
                 if r["action"] == "security/integrity/code-mismatch"]) == 2
 
@@ -318,7 +318,7 @@ def test_a_manifest_of_another_directory_does_not_vouch_for_the_running_code(tmp
     Harness(state).close()
     proc = _serve(state, env)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 3, out.decode()
+    assert proc.returncode == 4, out.decode()  # a HostError (bulkhead.exitstatus)
     assert f"the running package {evil / 'bulkhead'}" in out.decode()
     rec = [r for r in query_records(state / "audit.db", limit=None) if r["action"] == "security/integrity/code-mismatch"]
     assert len(rec) == 1 and json.loads(rec[0]["detail"])["path"] == str(evil / "bulkhead")

@@ -26,6 +26,7 @@ ALL = [
     p.Hello(1, 100000, 100000, 1, True, False), p.StatusReply(3, "paused", 12), p.Console(b"hi\n\x1b[0m"),
     p.Event("vm-started", {"a": 1, "b": "x", "c": None, "d": True}), p.SecurityEvent("guest-fault", "queue"),
     p.Exit("poweroff", 0, ""), p.ProbeResult("mount", "denied", "EPERM"),
+    p.Stats({"vcpu_exits:0": 41, "devices:virtio-blk0:fault.desc-chain-loop": 1}),
 ]
 
 
@@ -35,6 +36,8 @@ def test_every_message_round_trips(msg: p.Message) -> None:
     out = p.decode(p.encode(msg), table)
     if isinstance(msg, p.Event):
         assert out == p.Event(msg.name, dict(msg.fields or {}))
+    elif isinstance(msg, p.Stats):
+        assert out == p.Stats(dict(msg.counters or {}))
     else:
         assert out == msg
 
@@ -177,6 +180,38 @@ def test_a_worker_cannot_claim_a_reason_its_exit_status_contradicts() -> None:
     proc.exit(1)
     result = handle.wait(5)
     assert result.reason.kind == "worker-crash" and result.security_event
+
+
+def test_stats_are_kept_once_and_a_second_copy_ends_the_worker() -> None:
+    """`bulkhead run --stats` in the jail: the counters arrive in one schema-checked `stats` message; a worker
+    that sends them twice (or after its exit claim) broke the protocol and is ended for it."""
+    handle, worker, proc = _fake_worker()
+    worker.send(HELLO)
+    worker.send(p.encode(p.Stats({"vcpu_exits:0": 5})))
+    worker.send(p.encode(p.Exit("poweroff", 0, "")))
+    worker.close()
+    proc.exit(0)
+    assert handle.wait(5).reason.kind == "poweroff" and handle.counters == {"vcpu_exits:0": 5}
+    handle, worker, proc = _fake_worker()
+    worker.send(HELLO)
+    worker.send(p.encode(p.Stats({"a": 1})))
+    worker.send(p.encode(p.Stats({"a": 2})))
+    result = handle.wait(5)
+    assert result.reason.kind == "protocol-violation" and proc.killed.is_set()
+    too_many = {f"c{i}": i for i in range(p.STATS_MAX_COUNTERS + 1)}
+    with pytest.raises(p.ProtocolError):
+        p.decode(_wire(type="stats", counters=too_many), p.WORKER_TO_HOST)
+
+
+def test_counters_cross_the_protocol_unchanged() -> None:
+    """What an unjailed `--stats` run writes is what the jailed host rebuilds from one `stats` message."""
+    from bulkhead.runtime.stats import flatten_counters, nest_counters
+
+    stats = {"vcpu_exits": [41, 7], "pio_unclaimed": {"reads": 3, "writes": 0}, "guest_resident_bytes": 4096,
+             "devices": {"virtio-blk0": {"fault.desc-chain-loop": 1, "guest_faults": 1, "queue_notify": 9},
+                         "virtio-rng": {"bytes": 64}}}
+    wire = p.decode(p.encode(p.Stats(dict(flatten_counters(stats)))), p.WORKER_TO_HOST)
+    assert isinstance(wire, p.Stats) and nest_counters(dict(wire.counters or {})) == stats
 
 
 def test_a_worker_cannot_claim_a_supervisor_only_reason() -> None:

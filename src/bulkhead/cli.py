@@ -55,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        from bulkhead.exitstatus import STATUS
+
         if exc.name and exc.name.startswith("bulkhead"):
             print(f"bulkhead: command {args[0]!r} is not available in this build ({exc.name} missing)", file=sys.stderr)
-            return 3
+            return STATUS["host-error"]
         print(f"bulkhead: command {args[0]!r} needs {exc.name!r}: run ./install.sh", file=sys.stderr)
-        return 3
+        return STATUS["host-error"]
     func = getattr(module, func_name)
     return int(func(args[1:]))
 

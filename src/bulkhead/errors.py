@@ -16,6 +16,7 @@ __all__ = [
     "GuestMemoryError",
     "HostError",
     "ImageError",
+    "RefusedError",
     "StartRefused",
     "VmNotRunning",
 ]
@@ -55,6 +56,10 @@ class HostError(BulkheadError):
 
 class VmNotRunning(HostError):
     """A lifecycle operation needs a running (or paused) VMM and there is none."""
+
+
+class RefusedError(BulkheadError):
+    """The other side refused a request (e.g. the daemon's API answered with an error status)."""
 
 
 class GuestFault(BulkheadError):

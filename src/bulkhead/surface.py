@@ -255,8 +255,10 @@ def main(argv: Sequence[str]) -> int:
     try:
         entries = collect()
     except ImportError as exc:
+        from bulkhead.exitstatus import STATUS
+
         print(f"bulkhead surface: cannot import {exc.name or exc}: {exc}", file=sys.stderr)
-        return 3
+        return STATUS["host-error"]
     except SurfaceError as exc:
         print(f"bulkhead surface: {exc}", file=sys.stderr)
         return 4

@@ -70,16 +70,15 @@ class Result:
 class Vm:
     """One `bulkhead run --no-jail --stats` process (started at once; `wait()` collects it).
 
-    With `jail=True`: `bulkhead run` in its default, jailed mode (root only), without --stats (which
-    would select the in-process diagnostics mode)."""
+    With `jail=True`: `bulkhead run --stats` in its default, jailed mode (root only; the worker sends its
+    counters over the worker protocol)."""
 
     def __init__(self, image: Path, *args: str, cmdline: str = "", mem: int = 64, jail: bool = False) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="bh-redteam-")
         self.stats_path = Path(self._tmp.name) / "stats.json"
         cmd = [sys.executable, "-m", "bulkhead", "run", *(() if jail else ("--no-jail",))]
         cmd += ["--kernel", str(image), "--mem", str(mem), "--cmdline", cmdline, *args]
-        if not jail:
-            cmd += ["--stats", str(self.stats_path)]
+        cmd += ["--stats", str(self.stats_path)]
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE

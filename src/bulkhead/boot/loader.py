@@ -27,7 +27,7 @@ from bulkhead.boot import layout as L
 from bulkhead.boot.acpi import VirtioSlot, build_acpi
 from bulkhead.boot.bzimage import BzImage, is_bzimage, parse_bzimage
 from bulkhead.boot.elf import ElfImage, check_entry, check_placement, is_elf, parse_elf
-from bulkhead.boot.mptable import MAX_CPUS, build_mptable
+from bulkhead.boot.mptable import build_mptable
 from bulkhead.boot.params import (
     E820Entry,
     build_boot_params,
@@ -51,6 +51,7 @@ from bulkhead.boot.x86 import (
     build_page_tables,
     segments_for,
 )
+from bulkhead.config import BOOT_PROTOCOLS, MAX_CPUS
 from bulkhead.errors import ConfigError, ImageError
 from bulkhead.memory import GuestMemory
 from bulkhead.memory.layout import HIMEM_START, MMIO32_END, MMIO32_START
@@ -63,7 +64,7 @@ __all__ = [
     "load_kernel",
 ]
 
-PROTOCOLS = ("auto", "pvh", "linux")
+PROTOCOLS = BOOT_PROTOCOLS  # bulkhead.config: the one list
 CMDLINE_LIMIT_LINUX_ELF = 2047
 CMDLINE_LIMIT_PVH = 4095
 PAGE = 0x1000

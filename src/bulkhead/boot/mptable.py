@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 
 from bulkhead.boot.layout import MPTABLE_END, MPTABLE_START
+from bulkhead.config import MAX_CPUS
 from bulkhead.errors import ConfigError
 from bulkhead.memory.layout import IOAPIC_BASE, LAPIC_BASE
 
@@ -58,8 +59,7 @@ MPF_SIZE = 16
 MPC_HEADER_SIZE = 44
 CPU_ENTRY_SIZE = 20
 SMALL_ENTRY_SIZE = 8
-# The EBDA slot is 1 KiB; 32 vCPUs fit with room to spare (284 + 20 * N bytes).
-MAX_CPUS = 32
+# The EBDA slot is 1 KiB; MAX_CPUS (32, bulkhead.config) vCPUs fit with room to spare (284 + 20 * N bytes).
 
 
 def checksum(data: bytes) -> int:

@@ -8,6 +8,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
+from bulkhead.config import MAX_CPUS, MAX_MEM_MIB, MIN_MEM_MIB
+
 __all__ = [
     "AssignmentCreate",
     "AssignmentOut",
@@ -195,8 +197,8 @@ class VmCreate(_Req):
     kernel: ImageName = Field(description="name of a kernel image in the daemon's image directory")
     initrd: ImageName | None = None
     cmdline: Cmdline = ""
-    mem_mib: int = Field(default=128, ge=2, le=65536)
-    cpus: int = Field(default=1, ge=1, le=32)
+    mem_mib: int = Field(default=128, ge=MIN_MEM_MIB, le=MAX_MEM_MIB)
+    cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
     drives: list[DriveSpec] = Field(default_factory=list, max_length=8)
     nics: list[NicSpec] = Field(default_factory=list, max_length=4)
     rng: bool = False

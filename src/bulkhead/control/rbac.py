@@ -177,10 +177,6 @@ def vm_scope(tenant_id: str, vm_id: str) -> str:
     return owned_scope("vm", tenant_id, vm_id)
 
 
-def disk_scope(tenant_id: str, disk_id: str) -> str:
-    return owned_scope("disk", tenant_id, disk_id)
-
-
 def network_scope(tenant_id: str, network_id: str) -> str:
     return owned_scope("network", tenant_id, network_id)
 

@@ -240,10 +240,6 @@ class ProcessBackend:
             path = str(self.console_root / vm_id / "console.log")  # vm_id is a UUID checked by the API
         return _read_console(path, offset, limit) if path else b""
 
-    def set_console(self, vm_id: str, path: str) -> None:
-        with self._lock:
-            self._consoles[vm_id] = path
-
     def forget(self, vm_id: str) -> None:
         with self._lock:
             self._procs.pop(vm_id, None)

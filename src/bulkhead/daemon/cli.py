@@ -3,7 +3,7 @@
 Every client command talks to the daemon (mTLS or the local socket, see client.py), prints a readable
 table by default and the raw JSON with --json. `audit verify` reads the audit files directly (a verifier
 must not trust the daemon). Exit status: 0 ok, 1 the API refused (the message says why), 2 bad usage
-(ConfigError), 3 host problem (HostError: daemon unreachable, files unreadable).
+(ConfigError), 4 host problem (HostError: daemon unreachable, files unreadable); bulkhead.exitstatus is the table.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _run(fn: Callable[[], int]) -> int:
     from bulkhead.daemon.client import ClientError
+    from bulkhead.exitstatus import exit_status
 
     try:
         return fn()
@@ -56,13 +57,10 @@ def _run(fn: Callable[[], int]) -> int:
         else:
             detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         print(f"bulkhead: refused ({exc.status}): {detail}", file=sys.stderr)
-        return 1
-    except ConfigError as exc:
+        return exit_status(exc) or 1
+    except (ConfigError, HostError) as exc:
         print(f"bulkhead: {exc}", file=sys.stderr)
-        return 2
-    except HostError as exc:
-        print(f"bulkhead: {exc}", file=sys.stderr)
-        return 3
+        return exit_status(exc) or 1
 
 
 def _client(args: argparse.Namespace) -> Any:

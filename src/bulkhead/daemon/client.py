@@ -17,12 +17,12 @@ from typing import Any
 
 import httpx
 
-from bulkhead.errors import ConfigError, HostError
+from bulkhead.errors import ConfigError, HostError, RefusedError
 
 __all__ = ["ApiClient", "ClientError", "Endpoint", "client_ssl", "resolve_endpoint"]
 
 
-class ClientError(Exception):
+class ClientError(RefusedError):
     def __init__(self, status: int, detail: Any) -> None:
         super().__init__(f"{status}: {detail}")
         self.status = status

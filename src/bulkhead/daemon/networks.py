@@ -268,6 +268,3 @@ class NetworkOps(Core):
         from bulkhead.network import host
 
         return host.create_persistent_tap(nic, self.net.config)
-
-    def _tenant_has_networks(self, tenant: str) -> bool:
-        return self.store.q1("SELECT 1 FROM networks WHERE tenant = ?", (tenant,)) is not None

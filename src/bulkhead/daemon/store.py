@@ -146,14 +146,6 @@ class Store:
                 return None, None
             return self.q1("SELECT * FROM principals WHERE id = ?", (cert["principal_id"],)), cert
 
-    def revoke_principal(self, principal_id: str) -> int:
-        with self.txn() as c:
-            cur = c.execute(
-                "UPDATE certs SET revoked = 1, revoked_at = ? WHERE principal_id = ? AND revoked = 0",
-                (now_iso(), principal_id),
-            )
-            return cur.rowcount
-
     def principal_out(self, row: sqlite3.Row) -> dict[str, Any]:
         cert = self.q1(
             "SELECT * FROM certs WHERE principal_id = ? ORDER BY not_after DESC LIMIT 1", (row["id"],)

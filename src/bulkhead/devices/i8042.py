@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bulkhead.devices import IrqLine
+    from bulkhead.devices.irq import IrqLine
 
 __all__ = ["I8042_BASE", "I8042_LEN", "I8042Device", "I8042Metrics", "declare_surfaces"]
 

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bulkhead.devices import IrqLine
+    from bulkhead.devices.irq import IrqLine
 
 __all__ = [
     "COM1_BASE",

@@ -1,7 +1,7 @@
 """CLI entry points: `bulkhead manifest ...`, `bulkhead attest ...`, `bulkhead dev tpm`.
 
 Each *_main(argv) returns an exit status: 0 success / trusted, 1 refused / untrusted / differences,
-2 user error (bad flag or file), 3 host error (TPM or swtpm unavailable).
+2 user error (bad flag or file), 4 host error (TPM or swtpm unavailable): the table is bulkhead.exitstatus.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bulkhead.integrity.errors import IntegrityError, TpmError
+from bulkhead.errors import ConfigError, HostError
+from bulkhead.integrity.errors import IntegrityError
 
 __all__ = ["attest_main", "dev_main", "manifest_main"]
 
@@ -47,12 +48,11 @@ def _run(fn: Any, argv: list[str]) -> int:
         return int(fn(argv))
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else 2
-    except TpmError as exc:
+    except (IntegrityError, ConfigError, HostError) as exc:  # TpmError is an IntegrityError (a host error)
+        from bulkhead.exitstatus import exit_status
+
         print(f"bulkhead: {exc}", file=sys.stderr)
-        return 3
-    except IntegrityError as exc:
-        print(f"bulkhead: {exc}", file=sys.stderr)
-        return 1
+        return exit_status(exc) or 1
 
 
 # ---- manifest -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bulkhead.config import VmConfig
 from bulkhead.integrity.attest import EVIDENCE_FORMAT, Verdict, nonce_digest, verify_evidence
 from bulkhead.integrity.canonical import canonical_json
 from bulkhead.integrity.errors import HostUntrusted, IntegrityError, LaunchNotAllowed, TpmError
@@ -39,7 +40,6 @@ from bulkhead.integrity.gate import GateCore, GateDriver, Transition
 from bulkhead.integrity.launch import check_expected_digest, launch_digest_for_config
 from bulkhead.integrity.policy import Enrollment, Policy, parse_enrollment, parse_policy
 from bulkhead.integrity.tpm import Tpm
-from bulkhead.runtime.config import VmConfig
 
 __all__ = ["IntegrityGate", "append_event", "config_digest", "make_evidence", "read_event_log"]
 

@@ -28,8 +28,8 @@ import os
 import struct
 from collections.abc import Iterable
 
+from bulkhead.config import VmConfig
 from bulkhead.integrity.errors import IntegrityError, LaunchDigestMismatch
-from bulkhead.runtime.config import VmConfig
 
 __all__ = [
     "LAUNCH_DOMAIN",

@@ -196,9 +196,6 @@ class GuestMemory:
     def read_u64(self, addr: int) -> int:
         return int(_U64.unpack(self.view(addr, 8))[0])
 
-    def write_u8(self, addr: int, value: int) -> None:
-        self.view(addr, 1)[0] = value & 0xFF
-
     def write_u16(self, addr: int, value: int) -> None:
         _U16.pack_into(self.view(addr, 2), 0, value & 0xFFFF)
 

@@ -13,6 +13,8 @@ does); the e820 map is what tells the guest which parts to use.
 
 from __future__ import annotations
 
+from bulkhead.config import MAX_MEM_MIB, MIN_MEM_MIB
+
 __all__ = [
     "EBDA_START",
     "HIMEM_START",
@@ -22,8 +24,10 @@ __all__ = [
     "MIN_GUEST_MEM",
     "MMIO32_END",
     "MMIO32_START",
+    "VIRTIO_FIRST_IRQ",
     "VIRTIO_MMIO_BASE",
     "VIRTIO_MMIO_SIZE",
+    "VIRTIO_MMIO_SLOTS",
     "VIRTIO_MMIO_STRIDE",
     "ram_regions",
 ]
@@ -38,11 +42,14 @@ MMIO32_END = 0x1_0000_0000
 VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_MMIO_STRIDE = 0x1000
 VIRTIO_MMIO_SIZE = 0x200
+# Each virtio-mmio slot has its own IOAPIC pin (edge, irqfd): GSIs 5..23, so 19 slots at most.
+VIRTIO_FIRST_IRQ = 5
+VIRTIO_MMIO_SLOTS = 24 - VIRTIO_FIRST_IRQ  # IOAPIC_PINS (boot/mptable.py) - the first virtio GSI
 IOAPIC_BASE = 0xFEC0_0000
 LAPIC_BASE = 0xFEE0_0000
 
-MIN_GUEST_MEM = 2 * MIB
-MAX_GUEST_MEM = 64 * GIB
+MIN_GUEST_MEM = MIN_MEM_MIB * MIB
+MAX_GUEST_MEM = MAX_MEM_MIB * MIB
 
 
 def ram_regions(mem_bytes: int) -> list[tuple[int, int]]:

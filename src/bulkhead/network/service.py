@@ -108,11 +108,11 @@ class NetworkService:
 
     @contextlib.contextmanager
     def vm_nets(self, nics: Iterable[Nic]) -> Iterator[list[Any]]:
-        """Create each NIC's tap and yield `runtime.config.NetConfig`s carrying the open fds (sorted by NIC
+        """Create each NIC's tap and yield `bulkhead.config.NetConfig`s carrying the open fds (sorted by NIC
         index); the daemon's copies of the fds are closed when the block ends (the worker keeps its own).
         Raises HostError."""
+        from bulkhead.config import NetConfig, RateLimit
         from bulkhead.network import host
-        from bulkhead.runtime.config import NetConfig, RateLimit
 
         fds: list[int] = []
         try:

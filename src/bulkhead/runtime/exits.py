@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from bulkhead.exitstatus import STATUS
+
 __all__ = ["EXIT_STATUS", "ExitReason"]
 
 EXIT_STATUS: dict[str, int] = {
     "poweroff": 0,  # the guest powered off (KVM system event)
-    "config-error": 2,  # user error: bad flag, config or image
-    "host-error": 4,  # host lacks something (KVM, capability, permission)
+    "config-error": STATUS["config-error"],  # 2, user error: bad flag, config or image (bulkhead.exitstatus)
+    "host-error": STATUS["host-error"],  # 4, host lacks something (KVM, capability, permission)
     "reset": 6,  # guest reset (i8042 0xfe, KVM system event reset)
     "triple-fault": 8,  # KVM_EXIT_SHUTDOWN
     "halted": 10,  # every vCPU halted with interrupts disabled: nothing can ever wake the guest

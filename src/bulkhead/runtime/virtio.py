@@ -12,18 +12,44 @@ import functools
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bulkhead.errors import HostError
 from bulkhead.memory.layout import VIRTIO_MMIO_SIZE
 from bulkhead.runtime.eventloop import EventFd
 
 if TYPE_CHECKING:
+    from bulkhead.bus import Bus
+    from bulkhead.config import VmConfig
     from bulkhead.devices.virtio.device import VirtioDevice
     from bulkhead.devices.virtio.mmio import MmioTransport
-    from bulkhead.runtime.vm import Machine
+    from bulkhead.memory import GuestMemory
+    from bulkhead.runtime.eventloop import EventLoop
 
-__all__ = ["attach_virtio", "default_mac"]
+__all__ = ["MachineBuilder", "attach_virtio", "default_mac"]
+
+
+class MachineBuilder(Protocol):
+    """The part of runtime.vm.Machine's builder API attach_virtio uses (public members only; this module
+    does not import runtime.vm, so the two do not import each other)."""
+
+    config: VmConfig
+    ioeventfd: bool
+    mmio: Bus
+    transports: list[Any]
+
+    @property
+    def mem(self) -> GuestMemory | None: ...
+    @property
+    def loop(self) -> EventLoop | None: ...
+    @property
+    def vm(self) -> Any: ...
+
+    def record(self, event: str, **detail: Any) -> None: ...
+    def add_closer(self, closer: Callable[[], None]) -> None: ...
+    def irq_line(self, gsi: int) -> EventFd: ...
+    def next_virtio_slot(self) -> tuple[int, int]: ...
 
 
 def default_mac(tap: str) -> str:
@@ -32,7 +58,7 @@ def default_mac(tap: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x52, 0x54, 0x00, h[0], h[1], h[2]))
 
 
-def attach_virtio(m: Machine) -> None:
+def attach_virtio(m: MachineBuilder) -> None:
     """Attach every virtio device of m.config, in a fixed order: drives, NICs, rng."""
     from bulkhead.devices.virtio.block import BlockDevice
     from bulkhead.devices.virtio.net import NetDevice, parse_mac
@@ -49,11 +75,11 @@ def attach_virtio(m: Machine) -> None:
             limiter=RateLimiter(d.rate.bytes_per_sec, d.rate.ops_per_sec),
             name=f"virtio-blk{i}",
         )
-        m._closers.append(functools.partial(os.close, dev.fd))
+        m.add_closer(functools.partial(os.close, dev.fd))
         _attach(m, dev)
     for n in cfg.nets:
         backend = TapBackend.adopt(n.tap_fd) if n.tap_fd >= 0 else open_tap(n.tap)
-        m._closers.append(backend.close)
+        m.add_closer(backend.close)
         mac = parse_mac(n.mac or default_mac(n.tap))
         r = n.rate
         net = NetDevice(
@@ -68,7 +94,7 @@ def attach_virtio(m: Machine) -> None:
         _attach(m, RngDevice())
 
 
-def _attach(m: Machine, dev: VirtioDevice) -> None:
+def _attach(m: MachineBuilder, dev: VirtioDevice) -> None:
     from bulkhead.devices.virtio.mmio import MmioTransport
 
     assert m.mem is not None and m.loop is not None
@@ -77,14 +103,14 @@ def _attach(m: Machine, dev: VirtioDevice) -> None:
     def on_event(kind: str, detail: dict[str, Any]) -> None:
         m.record(kind, **{"device": dev.name, **detail})
 
-    t = MmioTransport(dev, m.mem, m._irq_line(irq), on_event=on_event)
+    t = MmioTransport(dev, m.mem, m.irq_line(irq), on_event=on_event)
     m.mmio.register(base, VIRTIO_MMIO_SIZE, t, dev.name)
     m.transports.append(t)
     service = _Servicer(m, t)
     if m.ioeventfd:
         for offset, queue in t.ioeventfd_queues():
             efd = EventFd()
-            m._closers.append(efd.close)
+            m.add_closer(efd.close)
             try:
                 m.vm.ioeventfd(efd.fd, base + offset, 4, pio=False, datamatch=queue)
             except HostError as exc:
@@ -97,7 +123,7 @@ def _attach(m: Machine, dev: VirtioDevice) -> None:
 class _Servicer:
     """Runs device work on the I/O thread and keeps one rate-limit timer armed when a device is throttled."""
 
-    def __init__(self, m: Machine, t: MmioTransport) -> None:
+    def __init__(self, m: MachineBuilder, t: MmioTransport) -> None:
         self.m = m
         self.t = t
         self.armed = False

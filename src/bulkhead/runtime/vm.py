@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,13 @@ from typing import Any
 from bulkhead.bus import Bus
 from bulkhead.errors import ConfigError, GuestFault, HostError
 from bulkhead.memory import GuestMemory
-from bulkhead.memory.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE
+from bulkhead.memory.layout import (
+    VIRTIO_FIRST_IRQ,
+    VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+    VIRTIO_MMIO_SLOTS,
+    VIRTIO_MMIO_STRIDE,
+)
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.eventloop import EventFd, EventLoop
 from bulkhead.runtime.exits import ExitReason
@@ -31,7 +36,6 @@ from bulkhead.devices import COM1_BASE, COM1_IRQ, SERIAL_LEN
 
 DEBUG_EXIT_BASE, DEBUG_EXIT_LEN = 0xF4, 4
 POST_PORT = 0x80
-VIRTIO_FIRST_IRQ = 5
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MAX_IMAGE = 512 << 20
@@ -129,10 +133,8 @@ class Machine:
         self._stop_reason: ExitReason | None = None
         self._stopped = threading.Event()
         self._lock = threading.Lock()
-        self._serial_file: int | None = None
         self._cmdline_extra: list[str] = []
         self._virtio_slots: list[tuple[int, int, int]] = []  # (base, size, irq), described in the ACPI DSDT
-        self._next_irq = VIRTIO_FIRST_IRQ
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -217,71 +219,34 @@ class Machine:
         for region in self.mem.regions:
             vm.set_user_memory_region(region.base, region.size, region.host_addr)
 
-    def _irq_line(self, gsi: int) -> EventFd:
+    # -- the builder API attach_* functions use (runtime/virtio.py: attach_virtio) -----------------
+
+    def add_closer(self, closer: Callable[[], None]) -> None:
+        """Run `closer` at teardown (in reverse order of registration)."""
+        self._closers.append(closer)
+
+    def irq_line(self, gsi: int) -> EventFd:
+        """An irqfd-backed interrupt line to `gsi` (closed at teardown)."""
         efd = EventFd()
         self.vm.irqfd(efd.fd, gsi)
-        self._closers.append(efd.close)
+        self.add_closer(efd.close)
         return efd
 
     def attach_serial(self) -> None:
         from bulkhead.devices.serial import Serial
+        from bulkhead.runtime.console import forward_stdin, open_serial
 
         cfg = self.config
-        sink: Callable[[bytes], None]
-        if self._console is not None:
-            sink = self._console
-        elif cfg.serial == "stdio":
-            out_fd = sys.stdout.fileno()
-
-            def sink(data: bytes) -> None:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out_fd, view) :]
-
-        elif cfg.serial == "none":
-
-            def sink(data: bytes) -> None:
-                return None
-
-        else:
-            try:
-                fd = os.open(cfg.serial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                raise ConfigError(f"--serial {cfg.serial}: {exc.strerror}") from None
-            self._serial_file = fd
-            self._closers.append(lambda: os.close(fd))
-
-            def sink(data: bytes) -> None:
-                os.write(fd, data)
-
-        self.serial = Serial(self._irq_line(COM1_IRQ), sink)
+        sink = self._console
+        if sink is None:
+            console = open_serial(cfg.serial)  # ConfigError for a file that cannot be opened
+            self.add_closer(console.close)
+            sink = console.write
+        self.serial = Serial(self.irq_line(COM1_IRQ), sink)
         self.pio.register(COM1_BASE, SERIAL_LEN, self.serial, "serial-com1")
         if cfg.serial == "stdio" and self._console is None and self._console_input:
-            self._attach_stdin()
-
-    def _attach_stdin(self) -> None:
-        assert self.loop is not None
-        try:
-            fd = sys.stdin.fileno()
-        except (AttributeError, ValueError, OSError):
-            return
-        serial = self.serial
-
-        def on_input() -> None:
-            try:
-                data = os.read(fd, 4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                assert self.loop is not None
-                self.loop.remove_reader(fd)
-                return
-            serial.enqueue_input(data)
-
-        try:
-            self.loop.add_reader(fd, on_input)
-        except (PermissionError, OSError):
-            pass  # a regular file or /dev/null on stdin: nothing to forward
+            assert self.loop is not None
+            forward_stdin(self.loop, self.serial.enqueue_input)
 
     def attach_i8042(self) -> None:
         from bulkhead.devices.i8042 import I8042_BASE, I8042_LEN, I8042Device
@@ -318,11 +283,9 @@ class Machine:
     def next_virtio_slot(self) -> tuple[int, int]:
         """(MMIO base, IRQ) for the next virtio-mmio device, and its command-line announcement."""
         index = len(self.transports)
-        base = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_STRIDE
-        irq = self._next_irq
-        self._next_irq += 1
-        if irq > 23:
-            raise ConfigError("too many virtio devices (at most 19)")
+        if index >= VIRTIO_MMIO_SLOTS:  # one IOAPIC pin each (memory/layout.py)
+            raise ConfigError(f"too many virtio devices (at most {VIRTIO_MMIO_SLOTS})")
+        base, irq = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_STRIDE, VIRTIO_FIRST_IRQ + index
         self._cmdline_extra.append(f"virtio_mmio.device={VIRTIO_MMIO_SIZE:#x}@{base:#x}:{irq}")
         self._virtio_slots.append((base, VIRTIO_MMIO_SIZE, irq))
         return base, irq
@@ -420,20 +383,10 @@ class Machine:
             r.resume()
 
     def stats(self) -> dict[str, Any]:
-        """Counters for diagnostics and benchmarks (call after run(), before close())."""
-        resident = 0
-        if self.mem is not None and not self.mem.closed:
-            resident = sum(n for r in self.mem.regions for _, n in r.resident_runs())
-        return {
-            "exit": None if self._stop_reason is None else self._stop_reason._asdict(),
-            "vcpu_exits": [r.exits for r in self.runners],
-            "pio_unclaimed": {"reads": self.pio.unclaimed_reads, "writes": self.pio.unclaimed_writes},
-            "mmio_unclaimed": {"reads": self.mmio.unclaimed_reads, "writes": self.mmio.unclaimed_writes},
-            "post_code_writes": getattr(getattr(self, "post", None), "writes", 0),
-            "guest_resident_bytes": resident,
-            "devices": {t.name: {**getattr(t.device, "stats", {}), **t.stats} for t in self.transports},
-            "events": [{"time": t, "event": e, **d} for t, e, d in self.events],
-        }
+        """Counters for diagnostics and benchmarks (call after run(), before close()): runtime/stats.py."""
+        from bulkhead.runtime.stats import machine_stats
+
+        return machine_stats(self, self._stop_reason)
 
     # -- teardown ---------------------------------------------------------------------------------
 
@@ -466,10 +419,9 @@ def run_vm(
         machine.build()
         reason = machine.run()
         if stats_path:
-            import json
+            from bulkhead.runtime.stats import write_stats
 
-            with open(stats_path, "w") as f:
-                json.dump(machine.stats(), f, indent=1, default=str)
+            write_stats(stats_path, machine.stats())
         return reason
     finally:
         machine.close()

@@ -26,6 +26,7 @@ from typing import Any
 
 from bulkhead.errors import HostError, StartRefused, VmNotRunning
 from bulkhead.runtime.config import DriveConfig, NetConfig, VmConfig
+from bulkhead.runtime.console import ConsoleSink
 from bulkhead.sandbox.supervisor import JailOptions, WorkerExit, WorkerHandle, spawn_worker
 from bulkhead.sandbox.worker import GUEST_START_EVENT, START_REFUSED_EVENT
 
@@ -117,26 +118,26 @@ class JailedBackend:
         path = spec.console_path
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            with open(path, "wb"):
-                pass
+            sink = ConsoleSink(path, truncate=True)  # the one console sink (runtime/console.py), 0600
         except OSError as exc:
             raise HostError(f"cannot create the console file {path}: {exc.strerror}") from None
-        lock = threading.Lock()
-
-        def console(data: bytes) -> None:
-            with lock, open(path, "ab") as f:
-                f.write(data)
+        console = sink.write
 
         def security(kind: str, detail: str) -> None:
             if self._on_security_event is not None:
                 self._on_security_event(vm_id, kind, detail)
 
         def exited(result: WorkerExit) -> None:
+            sink.close()  # after the last console message: the reader has ended
             if self._on_exit is not None:
                 self._on_exit(vm_id, result)
 
-        handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
-                              on_security_event=security, on_exit=exited)
+        try:
+            handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
+                                  on_security_event=security, on_exit=exited)
+        except BaseException:
+            sink.close()
+            raise
         with self._lock:
             self._handles[vm_id] = handle
             self._consoles[vm_id] = path

@@ -44,6 +44,7 @@ __all__ = [
     "Resume",
     "SecurityEvent",
     "Start",
+    "Stats",
     "Status",
     "StatusReply",
     "Stop",
@@ -57,6 +58,7 @@ MAX_CONSOLE_CHUNK = 16 * 1024  # raw console bytes per message (base64 keeps it 
 MAX_TEXT = 1024  # any free-text string field
 MAX_NAME = 64  # identifiers: event names, probe names, exit kinds
 EVENT_MAX_FIELDS = 32
+STATS_MAX_COUNTERS = 256  # runtime/stats.py MAX_COUNTERS
 U32 = (1 << 32) - 1
 U63 = (1 << 63) - 1
 WORKER_STATES = ("ready", "starting", "running", "paused", "stopping", "stopped")
@@ -234,6 +236,16 @@ class Exit(Message):
 
 
 @dataclass(frozen=True)
+class Stats(Message):
+    """The VM's counters (`bulkhead run --stats`), flattened by runtime/stats.py, sent once before `exit`.
+    Untrusted like every worker claim: diagnostics only, the host decides nothing on them."""
+
+    TYPE: ClassVar[str] = "stats"
+    SPEC: ClassVar[dict[str, _Spec]] = {"counters": _Fields(STATS_MAX_COUNTERS)}
+    counters: dict[str, int | str | bool | None] | None = None
+
+
+@dataclass(frozen=True)
 class ProbeResult(Message):
     TYPE: ClassVar[str] = "probe-result"
     SPEC: ClassVar[dict[str, _Spec]] = {
@@ -262,7 +274,7 @@ HOST_TO_WORKER: dict[str, type[Message]] = {
     m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe)
 }
 WORKER_TO_HOST: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult, IntegrityRefused)
+    m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult, IntegrityRefused, Stats)
 }
 
 

@@ -57,6 +57,7 @@ from bulkhead.sandbox.protocol import (
     Resume,
     SecurityEvent,
     Start,
+    Stats,
     Status,
     StatusReply,
     Stop,
@@ -186,6 +187,7 @@ class WorkerHandle:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.exit: WorkerExit | None = None
         self._claimed: ExitReason | None = None
+        self.counters: dict[str, Any] | None = None  # the worker's `stats` message (untrusted diagnostics)
         self._violation: str | None = None
         self._integrity: IntegrityRefused | None = None
         self._host_killed = False
@@ -252,6 +254,10 @@ class WorkerHandle:
             if self._claimed is not None:
                 raise ProtocolError("second exit message")
             self._claimed = ExitReason(msg.kind, msg.status, msg.detail)
+        elif isinstance(msg, Stats):
+            if self.counters is not None or self._claimed is not None:
+                raise ProtocolError("stats sent twice or after exit")
+            self.counters = dict(msg.counters or {})
         elif isinstance(msg, StatusReply):
             with self._cond:
                 self._replies[msg.seq] = msg
@@ -632,32 +638,20 @@ def _forward_stdin(handle: WorkerHandle) -> None:
 
 
 def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
-               console: Callable[[bytes], None] | None = None, vm_id: str | None = None) -> ExitReason:
+               console: Callable[[bytes], None] | None = None, vm_id: str | None = None,
+               stats_path: str | None = None) -> ExitReason:
     """Run one VM in a jailed worker until it stops (what `bulkhead run` does as root).
 
     Console output goes to `console`, else to config.serial (stdio, none, or a file). SIGINT/SIGTERM
-    stop the VM. Raises ConfigError/HostError like run_vm.
+    stop the VM. With `stats_path`, the counters the worker sent (runtime/stats.py) are written there,
+    with the host's exit reason and the events it received. Raises ConfigError/HostError like run_vm.
     """
-    sink = console
-    out_file = None
-    if sink is None:
-        if config.serial == "stdio":
-            out = sys.stdout.buffer
-            def sink(data: bytes) -> None:
-                out.write(data)
-                out.flush()
-        elif config.serial == "none":
-            def sink(data: bytes) -> None:
-                return None
-        else:
-            try:
-                out_file = open(config.serial, "ab")  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise ConfigError(f"--serial {config.serial}: {exc.strerror}") from None
-            f = out_file
-            def sink(data: bytes) -> None:
-                f.write(data)
-                f.flush()
+    out = None
+    if console is None:
+        from bulkhead.runtime.console import open_serial
+
+        out = open_serial(config.serial)  # the one console sink (runtime/console.py): ConfigError if unopenable
+    sink = console if out is None else out.write
     handle = spawn_worker(config, vm_id=vm_id, options=options, on_console=sink)
     stop = threading.Event()
     old: dict[signal.Signals, Any] = {}
@@ -676,6 +670,18 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
             signal.signal(sig, h)
         if handle.running:
             handle.kill()
-        if out_file is not None:
-            out_file.close()
+        if out is not None:
+            out.close()
+    if stats_path:
+        _write_stats(stats_path, handle, result.reason)
     return result.reason
+
+
+def _write_stats(path: str, handle: WorkerHandle, reason: ExitReason) -> None:
+    from bulkhead.runtime.stats import nest_counters, write_stats
+
+    stats = {"exit": reason._asdict(), **nest_counters(handle.counters or {}),
+             "events": [{"event": name, **fields} for name, fields in handle.events]}
+    stats.setdefault("devices", {})
+    write_stats(path, stats)
+

@@ -45,6 +45,7 @@ from bulkhead.sandbox.protocol import (
     ProtocolError,
     Resume,
     Start,
+    Stats,
     Status,
     StatusReply,
     Stop,
@@ -217,6 +218,15 @@ class _Service:
             outcome, detail = probes.run(msg.name, msg.arg, self)
             self.send(ProbeResult(msg.name, outcome, detail[:MAX_TEXT]))
 
+    def _send_stats(self) -> None:
+        """The VM's counters for `bulkhead run --stats` (one `stats` message, before `exit`)."""
+        stats = getattr(self.machine, "stats", None)
+        if stats is not None:
+            from bulkhead.runtime.stats import flatten_counters
+
+            counters = {k: v for k, v in stats().items() if k not in ("exit", "events")}  # the host has both
+            self.send(Stats(dict(flatten_counters(counters))))
+
     def run(self) -> int:
         self.send(Hello(PROTOCOL_VERSION, os.getuid(), os.getgid(), os.getpid(), self.seccomp, self.test_probes))
         threading.Thread(target=self.reader, name="channel", daemon=True).start()
@@ -243,6 +253,7 @@ class _Service:
                         self.state = "running"
                 self.event(GUEST_START_EVENT, {})  # the host's start succeeds only from here on
                 reason = self.machine.run()
+                self._send_stats()
         except ConfigError as exc:
             if not self.built:  # refused before the guest ran: say by type whether the image was the cause
                 self.event(START_REFUSED_EVENT, {"kind": StartRefused.of(exc).kind})

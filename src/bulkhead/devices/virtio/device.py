@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from bulkhead.devices import IrqLine
+from bulkhead.devices.irq import IrqLine
 from bulkhead.devices.virtio.queue import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,

@@ -44,6 +44,7 @@ from bulkhead.devices.virtio.faults import FaultReason, VirtioFault, reason_of
 from bulkhead.devices.virtio.queue import VIRTIO_F_VERSION_1, Queue
 from bulkhead.errors import GuestFault
 from bulkhead.memory import GuestMemory
+from bulkhead.memory.layout import VIRTIO_MMIO_SLOTS
 
 __all__ = [
     "MAGIC_VALUE",
@@ -76,7 +77,7 @@ SHM_SEL, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH = 0x0AC, 0x0B0, 
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
 MMIO_SIZE = 0x200  # = bulkhead.memory.layout.VIRTIO_MMIO_SIZE
-MAX_SLOTS = 32  # virtio-mmio slots the runtime may register: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE
+MAX_SLOTS = VIRTIO_MMIO_SLOTS  # 19 slots the runtime may register: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE
 
 STATUS_ACKNOWLEDGE = 0x01
 STATUS_DRIVER = 0x02

@@ -127,13 +127,6 @@ class Kvm(_Fd):
         self.ioctl(c.KVM_X86_GET_MCE_CAP_SUPPORTED, value, "X86_GET_MCE_CAP_SUPPORTED")
         return int(value.value), banks
 
-    def msr_index_list(self) -> list[int]:
-        n = 512
-        buf = s.msr_list_type(n)()
-        buf.nmsrs = n
-        self.ioctl(c.KVM_GET_MSR_INDEX_LIST, buf, "GET_MSR_INDEX_LIST")
-        return list(buf.indices[: buf.nmsrs])
-
     def create_vm(self) -> Vm:
         fd = self.ioctl(c.KVM_CREATE_VM, 0, "CREATE_VM")
         return Vm(self, fd)
@@ -166,9 +159,6 @@ class Vm(_Fd):
 
     def create_pit2(self) -> None:
         self.ioctl(c.KVM_CREATE_PIT2, s.KvmPitConfig(0), "CREATE_PIT2")
-
-    def irq_line(self, irq: int, level: int) -> None:
-        self.ioctl(c.KVM_IRQ_LINE, s.KvmIrqLevel(irq, level), "IRQ_LINE")
 
     def irqfd(self, eventfd: int, gsi: int) -> None:
         self.ioctl(c.KVM_IRQFD, s.KvmIrqfd(eventfd, gsi, 0, 0), "IRQFD")
@@ -247,14 +237,6 @@ class Vcpu(_Fd):
         for i, (index, value) in enumerate(items):
             buf.entries[i] = s.KvmMsrEntry(index, 0, value)
         return self.ioctl(c.KVM_SET_MSRS, buf, "SET_MSRS")
-
-    def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
-        buf = s.msrs_type(len(indices))()
-        buf.nmsrs = len(indices)
-        for i, index in enumerate(indices):
-            buf.entries[i].index = index
-        n = self.ioctl(c.KVM_GET_MSRS, buf, "GET_MSRS")
-        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
 
     def get_lapic(self) -> s.KvmLapicState:
         st = s.KvmLapicState()
