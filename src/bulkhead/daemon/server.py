@@ -170,7 +170,8 @@ class Serving:
 
 
 def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: str = "casbin",
-          integrity: Any = None, config: dict[str, Any] | None = None, net: Any = None) -> int:
+          integrity: Any = None, config: dict[str, Any] | None = None, net: Any = None,
+          witnesses: Any = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. First the code check (require_integrity("daemon")): on a
     difference the refusal is audited and HostError (naming the file) is raised, nothing is served.
     Then the integrity gate (`integrity`: bulkhead.daemon.integrity.IntegrityOptions) is started:
@@ -178,7 +179,7 @@ def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: st
     from bulkhead.daemon.integrity import IntegrityOptions, check_code, start_host_integrity
 
     code, failure = check_code("daemon")
-    daemon = Daemon.open(state_dir, backend, engine, net=net)
+    daemon = Daemon.open(state_dir, backend, engine, net=net, witnesses=witnesses)  # witnesses: docs/AUDIT.md
     if failure is not None:
         try:
             daemon.event("security", "security/integrity/code-mismatch", result="refused",
