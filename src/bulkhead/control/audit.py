@@ -175,15 +175,15 @@ def verify(
         expected += 1
     n = expected - 1
     root = frontier.root()
-    if n == 0:
-        return VerifyReport(False, 0, 1, "the log is empty: every bulkhead log starts with its init record (wiped)",
-                            root=EMPTY_ROOT.hex())
     covered = max(all_cps, key=lambda s: s.cp.size)
     if covered.cp.size > n:
         return VerifyReport(
             False, n, n + 1,
             f"truncated: a signed checkpoint ({covered.source}) covers {covered.cp.size} records but only {n} "
             f"are present; record {n + 1} is the first missing", len(all_cps), root.hex())
+    if n == 0:
+        return VerifyReport(False, 0, 1, "the log is empty: every bulkhead log starts with its init record (wiped)",
+                            root=EMPTY_ROOT.hex())
     if head.cp.size < n:
         return VerifyReport(False, n, head.cp.size + 1, f"records {head.cp.size + 1}..{n} are not covered by the "
                             "signed head (appended without the key)", len(all_cps), root.hex())

@@ -103,7 +103,7 @@ class Verifier:
     @staticmethod
     def parse(text: str) -> Verifier:
         """`<name>+<hex hash>+<base64(alg || key)>`; the hash must match."""
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 2)
         if len(parts) != 3 or not _NAME.fullmatch(parts[0]) or not re.fullmatch(r"[0-9a-f]{8}", parts[1]):
             raise NoteError("a verifier key is <name>+<8 hex digits>+<base64 key>")
         raw = _b64d(parts[2])

@@ -357,7 +357,7 @@ class AuditLog:
         root = f.root()
         head = self._signed(f.size, root)
         make_cp = f.size > self._last_cp and (
-            force_cp or self._last_cp == 0 or f.size - self._last_cp >= self._every
+            force_cp or self._last_cp == 0 or f.size // self._every > self._last_cp // self._every
             or time.monotonic() - self._last_cp_time >= self._interval)
         try:
             if os.environ.get("BULKHEAD_AUDIT_FAIL"):  # fault injection for the fail-closed tests
