@@ -137,12 +137,23 @@ def serve_witness(root: Path, host: str, port: int) -> int:
         srv.serve_forever(poll_interval=0.2)
     finally:
         srv.server_close()
+        _paths(root)["serve.json"].unlink(missing_ok=True)
         try:
             log.append(Record.make(now_iso(), "system", {"pid": os.getpid()}, action="witness.stop"))
         finally:
             log.close()
             svc.close()  # type: ignore[attr-defined]
     return 0
+
+
+def _refuse_if_serving(root: Path) -> None:
+    """One writer per witness audit log: `add-log` while `serve` runs is refused (stop it first)."""
+    try:
+        pid = int(json.loads(_paths(root)["serve.json"].read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    raise ConfigError(f"the witness is serving (pid {pid}); stop it, add the log, start it again")
 
 
 def witness_main(argv: list[str]) -> int:
@@ -179,6 +190,8 @@ def witness_main(argv: list[str]) -> int:
             return 0
         if args.cmd == "add-log":
             from bulkhead.control.note import NoteError
+
+            _refuse_if_serving(root)
 
             svc = open_service(root)
             try:
