@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bulkhead.control.audit import Record
 from bulkhead.control.merkle import Frontier, leaf_hash
 from bulkhead.control.note import Checkpoint, Verifier, format_add_checkpoint, sign_note, verify_cosignature
-from bulkhead.daemon.auditlog import AuditLog, load_audit_key, make_audit_key, now_iso, query_records
+from bulkhead.daemon.auditlog import AuditLog, load_audit_key, now_iso, query_records
 from bulkhead.daemon.cli import audit_main
-from bulkhead.daemon.witness import WitnessOptions, WitnessPusher, WitnessService, make_witness_server
+from bulkhead.daemon.witness import WitnessOptions, WitnessPusher, make_witness_server
 from bulkhead.daemon.witness_cli import _server_ssl, init_witness, make_client, open_service, witness_main
 
 ORIGIN = "bulkhead.test/audit/feedfacecafebeef"
@@ -142,7 +142,7 @@ def test_the_witness_refuses_clients_without_its_certificate(host):
 
 
 def test_push_then_rollback_to_an_older_signed_state_is_detected(host, capsys):
-    root, w = host
+    root, _w = host
     log = _log(root)
     pusher = WitnessPusher(log, WitnessOptions.registered(root / "witnesses"))
     assert pusher.push_once() and not pusher.refusal(), pusher.errors
@@ -177,7 +177,7 @@ def test_push_then_rollback_to_an_older_signed_state_is_detected(host, capsys):
 
 
 def test_wipe_and_reinit_with_the_same_key_is_detected(host, capsys):
-    root, w = host
+    root, _w = host
     log = _log(root)
     _append(log, 5)
     assert WitnessPusher(log, WitnessOptions.registered(root / "witnesses")).push_once()

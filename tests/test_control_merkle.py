@@ -51,8 +51,8 @@ def PATH(m: int, D: list[bytes]) -> list[bytes]:
         return []
     k = k_of(n)
     if m < k:
-        return PATH(m, D[:k]) + [MTH(D[k:])]
-    return PATH(m - k, D[k:]) + [MTH(D[:k])]
+        return [*PATH(m, D[:k]), MTH(D[k:])]
+    return [*PATH(m - k, D[k:]), MTH(D[:k])]
 
 
 def SUBPROOF(m: int, D: list[bytes], b: bool) -> list[bytes]:
@@ -61,8 +61,8 @@ def SUBPROOF(m: int, D: list[bytes], b: bool) -> list[bytes]:
         return [] if b else [MTH(D)]
     k = k_of(n)
     if m <= k:
-        return SUBPROOF(m, D[:k], b) + [MTH(D[k:])]
-    return SUBPROOF(m - k, D[k:], False) + [MTH(D[:k])]
+        return [*SUBPROOF(m, D[:k], b), MTH(D[k:])]
+    return [*SUBPROOF(m - k, D[k:], False), MTH(D[:k])]
 
 
 def PROOF(m: int, D: list[bytes]) -> list[bytes]:

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.control.audit import FIELDS, Record, leaf_bytes
-from bulkhead.control.merkle import Frontier, leaf_hash, root_from_leaves, verify_consistency, verify_inclusion
+from bulkhead.control.audit import FIELDS, Record, decode_leaf, leaf_bytes
+from bulkhead.control.merkle import (
+    Frontier,
+    leaf_hash,
+    root_from_leaves,
+    verify_consistency,
+    verify_inclusion,
+)
 from bulkhead.daemon.auditlog import (
     AuditLog,
     load_audit_key,
@@ -69,6 +75,16 @@ def _tamper(d: Path, *sql: str, params: tuple = ()) -> None:
     conn.close()
 
 
+def _changed(d: Path, seq: int, **changes: str) -> tuple[str, tuple]:
+    """SQL + params replacing record `seq`'s stored content (leaf) by an edited copy, keeping its hash."""
+    conn = sqlite3.connect(d / "audit.db")
+    leaf = conn.execute("SELECT leaf FROM records WHERE seq = ?", (seq,)).fetchone()[0]
+    conn.close()
+    s, values = decode_leaf(leaf)
+    vals = dict(zip(FIELDS, values, strict=True)) | changes
+    return "UPDATE records SET leaf = ? WHERE seq = ?", (leaf_bytes(s, [vals[f] for f in FIELDS]), seq)
+
+
 def _row(d: Path, seq: int) -> tuple:
     conn = sqlite3.connect(d / "audit.db")
     row = conn.execute("SELECT * FROM records WHERE seq = ?", (seq,)).fetchone()
@@ -83,10 +99,19 @@ def test_untouched_log_verifies(log_dir):
     assert rep.checkpoints_checked == 1 + (1 + N // EVERY) + 1  # head + history (1, 5, 10, ...) + file
     leaves = [leaf_bytes(r["seq"], [r[f] for f in FIELDS]) for r in query_records(log_dir / "audit.db", limit=None)]
     assert rep.root == root_from_leaves(leaves).hex()
+    assert [r["result"] for r in query_records(log_dir / "audit.db", limit=None)] == ["200"] * N
+
+
+def test_a_tampered_index_column_can_neither_change_nor_leak_what_queries_show(log_dir):
+    _tamper(log_dir, "UPDATE records SET principal = 'p1', scope = '/tenants/x' WHERE seq = 3")
+    recs = list(query_records(log_dir / "audit.db", principal="p1", limit=None))
+    assert 3 not in [r["seq"] for r in recs] and all(r["principal"] == "p1" for r in recs)
+    assert list(query_records(log_dir / "audit.db", scopes=["/tenants/x"])) == []
 
 
 def test_modify_is_detected_and_named(log_dir):
-    _tamper(log_dir, "UPDATE records SET result = '403' WHERE seq = 7")
+    sql, params = _changed(log_dir, 7, result="403")
+    _tamper(log_dir, sql, params=params)
     rep = _verify(log_dir)
     assert not rep.ok and rep.first_bad == 7 and "modified" in rep.problem
 
@@ -100,14 +125,14 @@ def test_delete_is_detected_and_named(log_dir):
 def test_delete_and_renumber_is_detected(log_dir):
     _tamper(log_dir, "DELETE FROM records WHERE seq = 7", "UPDATE records SET seq = seq - 1 WHERE seq > 7")
     rep = _verify(log_dir)
-    assert not rep.ok and rep.first_bad == 7 and "modified" in rep.problem  # record 8's leaf is not record 7's
+    assert not rep.ok and rep.first_bad == 7 and "renumbered" in rep.problem  # record 8's leaf is not record 7's
 
 
 def test_insert_in_the_middle_with_a_well_formed_leaf_is_detected(log_dir):
     forged = _rec(99)
     lh = leaf_hash(leaf_bytes(8, forged.values()))
     _tamper(log_dir, "UPDATE records SET seq = -seq WHERE seq >= 8", "UPDATE records SET seq = 1 - seq WHERE seq < 0",
-            "INSERT INTO records VALUES (8,?,?,?,?,?,?,?,?,?,?,?)", params=(*forged.values(), lh))
+            "INSERT INTO records VALUES (8,'t','p','','/',?,?)", params=(leaf_bytes(8, forged.values()), lh))
     rep = _verify(log_dir)
     assert not rep.ok and rep.first_bad is not None and 6 <= rep.first_bad <= 9
 
@@ -115,7 +140,8 @@ def test_insert_in_the_middle_with_a_well_formed_leaf_is_detected(log_dir):
 def test_insert_at_the_end_is_detected(log_dir):
     forged = _rec(98)
     lh = leaf_hash(leaf_bytes(N + 1, forged.values()))
-    _tamper(log_dir, "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", params=(N + 1, *forged.values(), lh))
+    _tamper(log_dir, "INSERT INTO records VALUES (?,'t','p','','/',?,?)",
+            params=(N + 1, leaf_bytes(N + 1, forged.values()), lh))
     rep = _verify(log_dir)
     assert not rep.ok and rep.first_bad == N + 1 and "not covered by the signed head" in rep.problem
 
@@ -154,17 +180,21 @@ def test_rollback_of_the_database_is_caught_by_the_checkpoint_file(log_dir):
 
 
 def test_rewrite_with_recomputed_leaf_hashes_is_caught_by_signed_checkpoints(log_dir):
-    rows = [list(_row(log_dir, s)) for s in range(1, N + 1)]
-    rows[11][FIELDS.index("result") + 1] = "201"  # record 12
+    conn = sqlite3.connect(log_dir / "audit.db")
+    leaves = [bytes(r[0]) for r in conn.execute("SELECT leaf FROM records ORDER BY seq")]
+    conn.close()
+    s, values = decode_leaf(leaves[11])  # record 12
+    vals = list(values)
+    vals[FIELDS.index("result")] = "201"
+    leaves[11] = leaf_bytes(s, vals)
     f = Frontier()
     nodes = []
-    for r in rows:
-        r[-1] = leaf_hash(leaf_bytes(r[0], r[1:-1]))
-        nodes += f.append(r[-1])
-    cols = ", ".join(f"{x} = ?" for x in FIELDS)
+    for lf in leaves:
+        nodes += f.append(leaf_hash(lf))
     _tamper(log_dir, "DELETE FROM nodes")
     conn = sqlite3.connect(log_dir / "audit.db", isolation_level=None)
-    conn.executemany(f"UPDATE records SET {cols}, hash = ? WHERE seq = ?", [(*r[1:], r[0]) for r in rows])
+    conn.executemany("UPDATE records SET leaf = ?, hash = ? WHERE seq = ?",
+                     [(lf, leaf_hash(lf), i + 1) for i, lf in enumerate(leaves)])
     conn.executemany("INSERT INTO nodes VALUES (?,?,?)", nodes)
     conn.close()
     rep = _verify(log_dir)
@@ -211,7 +241,7 @@ def test_a_wiped_log_fails_verification_and_the_daemon_refuses_it(log_dir, how):
         rep = _verify(log_dir)
         assert not rep.ok and rep.problem
         assert any(w in rep.problem for w in ("wiped", "truncated", "missing", "empty"))
-    with pytest.raises(HostError, match="wiped|does not exist|no checkpoint file|no signed head"):
+    with pytest.raises(HostError, match=r"wiped|does not exist|no checkpoint file|no signed head"):
         _open(log_dir)
 
 
@@ -236,13 +266,14 @@ def test_verify_with_another_key_fails(log_dir, tmp_path):
     other.mkdir()
     make_audit_key(other / "k", other / "p")
     rep = verify_files(log_dir / "audit.db", load_verifier(None, log_dir / "audit.db", other / "p"))
-    assert not rep.ok and "not signed by" in rep.problem or "does not verify" in rep.problem
+    assert not rep.ok and ("not signed by" in rep.problem or "does not verify" in rep.problem)
 
 
 def test_verify_cli_names_the_first_bad_record(log_dir, capsys):
     assert audit_main(["verify", "--state-dir", str(log_dir)]) == 0
     assert f"audit log OK: {N} records" in capsys.readouterr().out
-    _tamper(log_dir, "UPDATE records SET principal = 'mallory' WHERE seq = 13")
+    sql, params = _changed(log_dir, 13, principal="mallory")
+    _tamper(log_dir, sql, params=params)
     assert audit_main(["verify", "--state-dir", str(log_dir)]) == 1
     assert "first bad record 13" in capsys.readouterr().out
     assert audit_main(["verify", "--state-dir", str(log_dir), "--json"]) == 1
@@ -284,7 +315,7 @@ def test_checkpoint_and_prove_cli(log_dir, capsys):
 
 def test_records_are_append_only_in_sqlite_too(log_dir):
     conn = sqlite3.connect(log_dir / "audit.db")
-    for sql in ("UPDATE records SET result = 'x' WHERE seq = 1", "DELETE FROM records WHERE seq = 1",
+    for sql in ("UPDATE records SET leaf = x'00' WHERE seq = 1", "DELETE FROM records WHERE seq = 1",
                 "DELETE FROM checkpoints", "DELETE FROM nodes", "UPDATE meta SET value = 'x'"):
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             conn.execute(sql)
@@ -294,7 +325,7 @@ def test_records_are_append_only_in_sqlite_too(log_dir):
 
 def test_daemon_refuses_to_open_a_truncated_log(log_dir):
     _tamper(log_dir, "DELETE FROM records WHERE seq = 20")
-    with pytest.raises(HostError, match="does not match its signed head|no node"):
+    with pytest.raises(HostError, match=r"does not match its signed head|no node"):
         _open(log_dir)
 
 

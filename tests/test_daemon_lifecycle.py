@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bulkhead.daemon.auditlog import load_audit_pub, verify_files
+from bulkhead.daemon.auditlog import load_verifier, verify_files
 from bulkhead.daemon.cli import audit_main, cert_main, init_main, role_main, tenant_main, vm_main
 from bulkhead.daemon.testkit import spawn_daemon
 
@@ -79,7 +79,7 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_request(root):
     missing = [a for a in acked if a[0] not in logged]
     assert not missing, f"{len(missing)} acknowledged requests are not in the audit log"
     assert all(logged[rid] == str(status) for rid, status, _ in acked)
-    rep = verify_files(root / "audit.db", load_audit_pub(root / "audit.pub"), root / "audit.checkpoint.json")
+    rep = verify_files(root / "audit.db", load_verifier(root / "audit.vkey", root / "audit.db"), root / "audit.checkpoint")
     assert rep.ok, rep.problem
     # the state agrees: every acknowledged create exists after a restart, and the log reopens
     proc, info = spawn_daemon(root)

@@ -3,8 +3,9 @@
 Leaf (RFC 9162 2.1 via bulkhead.control.merkle): record seq (from 1) is leaf index seq-1 and its leaf
 input is `leaf_bytes(seq, values)`: a length-prefixed (4-byte big-endian) concatenation of the UTF-8
 fields "bulkhead-audit-v2", seq, time, kind, principal, action, scope, decision, result, request_id, vm,
-detail, so no two different records encode alike. Each stored row keeps its leaf hash; the interior
-complete-subtree hashes are stored beside them (daemon/auditlog.py), so proofs cost O(log n) reads.
+detail, so no two different records encode alike. The leaf input is what is stored (and what queries
+decode and show), with its leaf hash; the interior complete-subtree hashes are stored beside them
+(daemon/auditlog.py), so proofs cost O(log n) reads and verification never decodes a record.
 
 Checkpoints (bulkhead.control.note): C2SP tlog-checkpoint notes signed with the host's ed25519 audit key,
 origin `bulkhead.<hostid>/audit/<logid>`. The signed *head* (the latest tree) is what makes truncation
@@ -20,12 +21,13 @@ checkpoint covers (truncated), and an empty or headless log (wiped). It never ra
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bulkhead.control.merkle import EMPTY_ROOT, Frontier, leaf_hash
+from bulkhead.control.merkle import EMPTY_ROOT
 from bulkhead.control.note import Checkpoint, NoteError, Verifier, open_note
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "Record",
     "SignedCheckpoint",
     "VerifyReport",
+    "decode_leaf",
     "leaf_bytes",
     "parse_signed",
     "verify",
@@ -42,6 +45,7 @@ __all__ = [
 FIELDS = ("time", "kind", "principal", "action", "scope", "decision", "result", "request_id", "vm", "detail")
 MAX_FIELD = 16384
 _TAG = b"\x00\x00\x00\x11bulkhead-audit-v2"
+
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,25 @@ def leaf_bytes(seq: int, values: Sequence[object]) -> bytes:
         b = ("" if v is None else str(v)).encode("utf-8", "surrogatepass")
         parts.append(len(b).to_bytes(4, "big") + b)
     return b"".join(parts)
+
+
+def decode_leaf(leaf: bytes) -> tuple[int, tuple[str, ...]]:
+    """(seq, field values) of a leaf input; raises ValueError unless it is exactly leaf_bytes' output."""
+    if not leaf.startswith(_TAG):
+        raise ValueError("not a bulkhead-audit-v2 leaf")
+    out: list[str] = []
+    i, n = len(_TAG), len(leaf)
+    for _ in range(1 + len(FIELDS)):
+        if i + 4 > n:
+            raise ValueError("truncated leaf")
+        ln = int.from_bytes(leaf[i : i + 4], "big")
+        if i + 4 + ln > n:
+            raise ValueError("truncated leaf")
+        out.append(leaf[i + 4 : i + 4 + ln].decode("utf-8", "surrogatepass"))
+        i += 4 + ln
+    if i != n or not out[0].isdigit() or str(int(out[0])) != out[0]:
+        raise ValueError("malformed leaf")
+    return int(out[0]), tuple(out[1:])
 
 
 @dataclass(frozen=True)
@@ -115,18 +138,19 @@ class VerifyReport:
         }
 
 
-Row = Sequence[Any]  # (seq, *FIELDS values, leaf hash: bytes)
-NodeRow = Sequence[Any]  # (level >= 1, index, hash: bytes), ascending (level, index)
+Row = Sequence[Any]  # (seq, leaf input: bytes, leaf hash: bytes)
+NodeLevel = Callable[[int], bytes]  # level >= 1 -> the stored hashes of that level, ascending index, concatenated
 
 
 def verify(
     rows: Iterable[Row],
     head: SignedCheckpoint | None,
     checkpoints: Sequence[SignedCheckpoint] = (),
-    nodes: Iterable[NodeRow] | None = None,
+    nodes: NodeLevel | None = None,
 ) -> VerifyReport:
     """Verify `rows` (ascending seq) against the signed `head` and other signed `checkpoints` (already
-    opened with the log's verifier key: parse_signed), and the stored interior `nodes` if given."""
+    opened with the log's verifier key: parse_signed), and the stored interior nodes (`nodes`) if given.
+    A leaf's own seq must be its position (so a renumbered record is caught as such)."""
     if head is None:
         return VerifyReport(False, 0, 1, "no signed head checkpoint: the log was wiped or never initialised")
     all_cps = [head, *checkpoints]
@@ -136,20 +160,20 @@ def verify(
         if prev.cp.root != sc.cp.root:
             return VerifyReport(False, 0, sc.cp.size or 1, f"two signed checkpoints disagree about size {sc.cp.size} "
                                 f"({prev.source} and {sc.source})")
-    frontier = Frontier()
-    nf = len(FIELDS)
+    # The frontier (merkle.Frontier.append) inlined: this loop is the whole cost of verifying a log.
+    levels: list[int] = []
+    hashes: list[bytes] = []
+    made: dict[int, list[bytes]] = {}
     expected = 1
     last_good = 0
-    made: dict[int, list[bytes]] = {}
-    collect = nodes is not None
+    sha = hashlib.sha256
+    tag_len = len(_TAG)
     for row in rows:
         try:
-            seq = int(row[0])
-            values = tuple(row[1 : 1 + nf])
-            stored = bytes(row[1 + nf])
-            if len(values) != nf:
-                raise ValueError
-        except (TypeError, ValueError, IndexError):
+            seq, leaf, stored = row
+            seq = int(seq)
+            leaf = bytes(leaf)
+        except (TypeError, ValueError):
             return VerifyReport(False, expected - 1, expected, f"record {expected} is malformed")
         if seq != expected:
             if seq > expected:
@@ -157,16 +181,27 @@ def verify(
             else:
                 what = f"record {seq} appears out of order after record {expected - 1} (reordered or inserted)"
             return VerifyReport(False, expected - 1, expected, what)
-        lh = leaf_hash(leaf_bytes(seq, values))
-        if lh != stored:
+        h = sha(b"\x00" + leaf).digest()
+        if h != stored:
             return VerifyReport(False, expected - 1, seq, f"record {seq} does not match its leaf hash (modified)")
-        new = frontier.append(lh)
-        if collect:
-            for level, _idx, h in new:
-                made.setdefault(level, []).append(h)
+        sb = b"%d" % seq
+        if leaf[:tag_len] != _TAG or leaf[tag_len : tag_len + 4 + len(sb)] != len(sb).to_bytes(4, "big") + sb:
+            return VerifyReport(False, expected - 1, seq, f"record {seq} is not the record for position {seq} "
+                                "(renumbered, reordered or forged)")
+        level = 0
+        while levels and levels[-1] == level:
+            levels.pop()
+            h = sha(b"\x01" + hashes.pop() + h).digest()
+            level += 1
+            lst = made.get(level)
+            if lst is None:
+                made[level] = lst = []
+            lst.append(h)
+        levels.append(level)
+        hashes.append(h)
         hit = want.get(seq)
         if hit is not None:
-            if frontier.root() != hit.cp.root:
+            if _fold(hashes) != hit.cp.root:
                 return VerifyReport(
                     False, expected - 1, last_good + 1,
                     f"records {last_good + 1}..{seq} differ from the signed checkpoint at {seq} ({hit.source}): "
@@ -174,7 +209,7 @@ def verify(
             last_good = seq
         expected += 1
     n = expected - 1
-    root = frontier.root()
+    root = _fold(hashes)
     covered = max(all_cps, key=lambda s: s.cp.size)
     if covered.cp.size > n:
         return VerifyReport(
@@ -188,26 +223,21 @@ def verify(
         return VerifyReport(False, n, head.cp.size + 1, f"records {head.cp.size + 1}..{n} are not covered by the "
                             "signed head (appended without the key)", len(all_cps), root.hex())
     if nodes is not None:
-        bad = _check_nodes(nodes, made)
-        if bad:
-            return VerifyReport(False, n, None, bad, len(all_cps), root.hex())
+        for level in range(1, max(made, default=0) + 2):
+            mine, stored_level = b"".join(made.get(level, ())), nodes(level)
+            if mine != stored_level:
+                idx = next((i for i in range(0, max(len(mine), len(stored_level)), 32)
+                            if mine[i : i + 32] != stored_level[i : i + 32]), 0) // 32
+                return VerifyReport(False, n, None, f"stored tree node (level {level}, index {idx}) does not match "
+                                    "the records", len(all_cps), root.hex())
     return VerifyReport(True, n, None, "", len(all_cps), root.hex())
 
 
-def _check_nodes(nodes: Iterable[NodeRow], made: dict[int, list[bytes]]) -> str:
-    """The stored interior nodes must be exactly the recomputed ones (proofs are served from them)."""
-    want_total = sum(len(v) for v in made.values())
-    count = 0
-    for row in nodes:
-        try:
-            level, idx, h = int(row[0]), int(row[1]), bytes(row[2])
-            ok = made[level][idx] == h
-        except (TypeError, ValueError, IndexError, KeyError):
-            ok = False
-            level, idx = -1, -1
-        if not ok:
-            return f"stored tree node (level {level}, index {idx}) does not match the records"
-        count += 1
-    if count != want_total:
-        return f"the stored tree has {count} interior nodes, the records make {want_total}"
-    return ""
+def _fold(hashes: list[bytes]) -> bytes:
+    """MTH from the frontier's complete subtrees (highest first)."""
+    if not hashes:
+        return EMPTY_ROOT
+    r = hashes[-1]
+    for h in reversed(hashes[:-1]):
+        r = hashlib.sha256(b"\x01" + h + r).digest()
+    return r

@@ -45,6 +45,7 @@ from bulkhead.control.audit import (
     Record,
     SignedCheckpoint,
     VerifyReport,
+    decode_leaf,
     leaf_bytes,
     parse_signed,
     verify,
@@ -71,9 +72,8 @@ __all__ = [
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records(
-  seq INTEGER PRIMARY KEY, time TEXT NOT NULL, kind TEXT NOT NULL, principal TEXT NOT NULL,
-  action TEXT NOT NULL, scope TEXT NOT NULL, decision TEXT NOT NULL, result TEXT NOT NULL,
-  request_id TEXT NOT NULL, vm TEXT NOT NULL, detail TEXT NOT NULL, hash BLOB NOT NULL);
+  seq INTEGER PRIMARY KEY, time TEXT NOT NULL, principal TEXT NOT NULL, vm TEXT NOT NULL, scope TEXT NOT NULL,
+  leaf BLOB NOT NULL, hash BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS records_principal ON records(principal);
 CREATE INDEX IF NOT EXISTS records_vm ON records(vm);
 CREATE INDEX IF NOT EXISTS records_time ON records(time);
@@ -88,8 +88,8 @@ TRIGGERS = "".join(
     f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op} BEFORE {op.upper()} ON {t} "
     f"BEGIN SELECT RAISE(ABORT, 'audit {t} are append-only'); END;\n"
     for t in _GUARDED for op in ("update", "delete"))
-_COLS = "seq, " + ", ".join(FIELDS) + ", hash"  # constants only: no user input reaches SQL text
-_INSERT = f"INSERT INTO records({_COLS}) VALUES ({','.join('?' * 12)})"  # noqa: S608
+_INSERT = "INSERT INTO records(seq, time, principal, vm, scope, leaf, hash) VALUES (?,?,?,?,?,?,?)"
+_IDX = [FIELDS.index(f) for f in ("time", "principal", "vm", "scope")]
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9.-]")
 
 
@@ -350,8 +350,9 @@ class AuditLog:
         for p in batch:
             seq = f.size + 1
             values = p.record.values()
-            lh = leaf_hash(leaf_bytes(seq, values))
-            rows.append((seq, *values, lh))
+            leaf = leaf_bytes(seq, values)
+            lh = leaf_hash(leaf)
+            rows.append((seq, *(values[i] for i in _IDX), leaf, lh))
             nodes.extend(f.append(lh))
             p.seq = seq
         root = f.root()
@@ -506,10 +507,13 @@ def verify_files(db: Path, verifier: Verifier, checkpoint_file: Path | None = No
             except NoteError as exc:
                 return VerifyReport(False, 0, 1, f"the checkpoint file {checkpoint_file} is bad: {exc}")
         cps.extend(extra)
-        cur = conn.execute(f"SELECT {_COLS} FROM records ORDER BY seq")  # noqa: S608
-        nodes = _flat(conn.cursor().execute("SELECT level, idx, hash FROM nodes ORDER BY level, idx")) \
-            if check_nodes else None
-        return verify(_flat(cur), head, cps, nodes)
+        cur = conn.execute("SELECT seq, leaf, hash FROM records ORDER BY seq")
+
+        def level(lv: int) -> bytes:
+            c = conn.execute("SELECT hash FROM nodes WHERE level = ? ORDER BY idx", (lv,))
+            return b"".join([bytes(r[0]) for r in c.fetchall()])
+
+        return verify(_flat(cur), head, cps, level if check_nodes else None)
     finally:
         conn.close()
 
@@ -560,19 +564,34 @@ def query_records(
             where.append("(" + " OR ".join("(scope = ? OR scope LIKE ?)" for _ in scopes) + ")")
             for s in scopes:
                 args.extend([s, s + "/%"])  # scopes are validated: no LIKE wildcards
-    sql = f"SELECT {_COLS} FROM records WHERE {' AND '.join(where)} ORDER BY seq"  # noqa: S608 - placeholders
+    sql = f"SELECT seq, leaf FROM records WHERE {' AND '.join(where)} ORDER BY seq"  # noqa: S608 - placeholders
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     try:
         for row in _flat(conn.execute(sql, args)):
+            try:
+                seq_, values = decode_leaf(bytes(row[1]))
+            except (ValueError, TypeError):
+                raise HostError(f"audit record {row[0]} is damaged; run `bulkhead audit verify`") from None
             d: dict[str, Any] = {"seq": row[0]}
-            values = row[1 : 1 + len(FIELDS)]
             d.update(zip(FIELDS, values, strict=True))
+            # the index columns only select: what is shown (and filtered on) is what the tree commits to
+            if seq_ != row[0] or not _matches(d, since, principal, vm, scopes):
+                continue
             if leaf:
-                d["leaf"] = base64.b64encode(leaf_bytes(row[0], values)).decode()
+                d["leaf"] = base64.b64encode(bytes(row[1])).decode()
             yield d
     finally:
         conn.close()
+
+
+def _matches(d: dict[str, Any], since: str | None, principal: str | None, vm: str | None,
+             scopes: list[str] | None) -> bool:
+    if (since and d["time"] < since) or (principal and d["principal"] != principal) or (vm and d["vm"] != vm):
+        return False
+    if scopes is None or "/" in scopes:
+        return True
+    return any(d["scope"] == s or d["scope"].startswith(s + "/") for s in scopes)
 
 
 def export_jsonl(records: Iterator[dict[str, Any]]) -> Iterator[str]:
