@@ -235,3 +235,52 @@ def test_daemon_pushes_to_a_live_witness_and_mutations_flow(host):
     finally:
         h.close()
     assert w.svc.db.execute("SELECT size FROM logs").fetchone()[0] >= 1
+
+
+def test_witness_serve_is_its_own_process_and_audits_itself(tmp_path, wdir):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from bulkhead.daemon.setup import init_state_dir
+    from bulkhead.daemon.witness import WitnessSpec
+
+    sd = init_state_dir(tmp_path / "sd")
+    assert witness_main(["add-log", (sd.root / "audit.vkey").read_text().strip(), "--state-dir", str(wdir)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "bulkhead", "audit", "witness", "serve", "--state-dir", str(wdir),
+                             "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (wdir / "serve.json").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        port = json.loads((wdir / "serve.json").read_text())["port"]
+        assert witness_main(["add-log", "x+00000000+AA==", "--state-dir", str(wdir)]) == 2  # one writer
+        bundle = make_client(wdir, "host1", f"https://127.0.0.1:{port}")
+        assert witness_main(["add", str(bundle), "--state-dir", str(sd.root)]) == 0
+        log = _log(sd.root)
+        assert WitnessPusher(log, WitnessOptions.registered(sd.root / "witnesses")).push_once()
+        log.close()
+        assert audit_main(["verify", "--state-dir", str(sd.root), "--witness", WitnessSpec.load(bundle).name]) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        proc.stdout.close()
+    actions = [r["action"] for r in query_records(wdir / "audit.db", limit=None)]
+    assert actions[-3:] == ["witness.start", "witness.add-checkpoint", "witness.stop"] or \
+        {"witness.start", "witness.add-checkpoint", "witness.stop"} <= set(actions)
+    assert audit_main(["verify", "--state-dir", str(wdir)]) == 0
+    assert not (wdir / "serve.json").exists()
+
+
+def test_serve_refuses_an_unregistered_witness(tmp_path, capsys):
+    from bulkhead.daemon.cli import serve_main
+    from bulkhead.daemon.setup import init_state_dir
+
+    sd = init_state_dir(tmp_path / "sd")
+    assert serve_main(["--state-dir", str(sd.root), "--backend", "fake", "--integrity", "off",
+                       "--witness", "https://nowhere:1"]) == 2
+    assert "not registered witnesses" in capsys.readouterr().err

@@ -426,3 +426,16 @@ def test_api_proofs_under_rbac(h):
     with h.client() as c:  # the local root principal (Owner at /) proves anything
         assert c.get("/v1/audit/proof/inclusion", params={"seq": theirs[0]["seq"]}).status_code == 200
     assert v
+
+
+def test_the_daemon_refuses_a_wiped_state_dir_but_init_makes_a_new_one(tmp_path):
+    from bulkhead.daemon.daemon import Daemon
+    from bulkhead.daemon.setup import init_state_dir
+
+    sd = init_state_dir(tmp_path / "sd")
+    assert _verify(sd.root).ok and _verify(sd.root).records == 1  # init's record, signed
+    _tamper(sd.root, "DELETE FROM records", "DELETE FROM nodes", "DELETE FROM head", "DELETE FROM checkpoints")
+    sd.checkpoint.unlink()
+    with pytest.raises(HostError, match="wiped"):
+        Daemon.open(sd.root)
+    assert audit_main(["verify", "--state-dir", str(sd.root)]) == 1
