@@ -235,7 +235,7 @@ class AuditLog:
         self.verifier = Verifier.for_key(self.origin, key)
         self._last_cp = int(self._conn.execute("SELECT COALESCE(MAX(size), 0) FROM checkpoints").fetchone()[0])
         self._last_cp_time = time.monotonic()
-        self._queue: queue.Queue[_Pending | _Hook | None] = queue.Queue()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._writer, name="audit-writer", daemon=True)
         self._thread.start()
@@ -275,7 +275,13 @@ class AuditLog:
         return self._frontier.size
 
     def head_note(self) -> str:
-        row = self._conn.execute("SELECT note FROM head WHERE id = 1").fetchone()
+        """The signed head (also after close: then from a read-only connection)."""
+        conn = _readonly(self.path) if self._closed else self._conn
+        try:
+            row = conn.execute("SELECT note FROM head WHERE id = 1").fetchone()
+        finally:
+            if conn is not self._conn:
+                conn.close()
         return str(row[0]) if row else ""
 
     def latest_checkpoint(self) -> str:
@@ -308,12 +314,8 @@ class AuditLog:
                 continue
             if first is None:
                 return
-            if isinstance(first, _Hook):
-                first.fn()
-                continue
             batch = [first]
             stop = False
-            hook: _Hook | None = None
             while len(batch) < 1024:
                 try:
                     nxt = self._queue.get_nowait()
@@ -322,13 +324,8 @@ class AuditLog:
                 if nxt is None:
                     stop = True
                     break
-                if isinstance(nxt, _Hook):
-                    hook = nxt
-                    break
                 batch.append(nxt)
             self._safe_commit(batch)
-            if hook is not None:
-                hook.fn()
             if stop:
                 return
 
@@ -399,22 +396,6 @@ class AuditLog:
         except HostError:
             pass  # the signed head and the checkpoints table still hold it
 
-    def checkpoint_now(self) -> str:
-        """Make a history checkpoint of the current tree now (no-op when the latest one covers it)."""
-        done = threading.Event()
-
-        def go() -> None:
-            if self._frontier.size > self._last_cp:
-                self._commit([], force_cp=True)
-            done.set()
-
-        if self._closed or not self._thread.is_alive():
-            go()
-        else:
-            self._queue.put(_Hook(go))
-            done.wait(30)
-        return self.latest_checkpoint()
-
     def close(self) -> None:
         """Stop the writer, write the final checkpoint (clean shutdown), close the database."""
         if self._closed:
@@ -428,13 +409,6 @@ class AuditLog:
             except Exception as exc:
                 print(f"bulkheadd: final audit checkpoint: {exc!r}", flush=True)
         self._conn.close()
-
-
-class _Hook:
-    """A callable run by the writer thread between batches (checkpoint_now)."""
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.fn = fn
 
 
 def _readonly(path: Path) -> sqlite3.Connection:

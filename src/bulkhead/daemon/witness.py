@@ -386,10 +386,17 @@ class WitnessPusher:
         self._thread.start()
 
     def stop(self, final: bool = False) -> None:
+        """Stop pushing; `final`: push the shutdown checkpoint once more, unless the witnesses were
+        failing (a shutdown is not held up by an unreachable witness)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
+        if final and not self.errors:
+            try:
+                self.push_once()
+            except Exception as exc:  # shutdown goes on; the next start pushes again
+                print(f"bulkheadd: final witness push: {exc!r}", flush=True)
 
 
 def witness_checkpoints(state_dir: Path, select: list[str], verifier: Verifier) -> list[SignedCheckpoint]:
