@@ -195,85 +195,19 @@ def api_bench(base: Path, n_get: int, n_create: int, rounds: int) -> dict[str, o
 
 
 def audit_bench(tmp: Path, n: int) -> dict[str, object]:
-    from bulkhead.control.audit import Record
-    from bulkhead.daemon.auditlog import AuditLog, load_audit_key, make_audit_key
+    """Append throughput of the audit log (bench/bench_audit.py)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_audit import append_bench
 
-    make_audit_key(tmp / "k", tmp / "p")
-    log = AuditLog(tmp / "a.db", load_audit_key(tmp / "k"), tmp / "cp.json")
-    rec = Record.make("2026-01-01T00:00:00.000000Z", "api", {"method": "GET", "path": "/v1/vms/x"},
-                      principal=str(uuid.uuid4()), action="vm/read", scope="/tenants/a/vms/b", decision="allow",
-                      result="200", request_id=str(uuid.uuid4()), vm=str(uuid.uuid4()))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        log.append(rec)
-    one = n / (time.perf_counter() - t0)
-    threads = 8
-    per = n // threads
-
-    def w() -> None:
-        for _ in range(per):
-            log.append(rec)
-
-    ts = [threading.Thread(target=w) for _ in range(threads)]
-    t0 = time.perf_counter()
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    many = per * threads / (time.perf_counter() - t0)
-    log.close()
-    return {"appends_per_s_1_writer": one, "appends_per_s_8_writers": many, "n": n}
+    return append_bench(tmp, n)
 
 
 def verify_bench(tmp: Path, n: int) -> dict[str, object]:
-    """Generate n records directly (same chain code, one transaction), then time `audit verify`."""
-    import sqlite3
+    """`audit verify` of n records from scratch, plus proof costs (bench/bench_audit.py)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_audit import verify_bench as vb
 
-    from bulkhead.control.audit import GENESIS, Record, chain_hash, sign_checkpoint
-    from bulkhead.daemon.auditlog import SCHEMA, load_audit_key, load_audit_pub, make_audit_key, verify_files
-
-    make_audit_key(tmp / "vk", tmp / "vp")
-    key = load_audit_key(tmp / "vk")
-    db = tmp / "big.db"
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
-    t0 = time.perf_counter()
-    prev = GENESIS
-    conn.execute("BEGIN")
-    batch = []
-    for seq in range(1, n + 1):
-        values = Record.make(f"2026-01-01T00:00:00.{seq % 1000000:06d}Z", "api", {"i": seq}, principal="p",
-                             action="vm/read", scope="/", decision="allow", result="200",
-                             request_id=f"r{seq}", vm="").values()
-        h = chain_hash(prev, seq, values)
-        batch.append((seq, *values, prev, h))
-        prev = h
-        if len(batch) == 50000:
-            conn.executemany(f"INSERT INTO records VALUES ({','.join('?' * 13)})", batch)
-            batch = []
-        if seq % 1000 == 0:
-            conn.execute("INSERT INTO checkpoints VALUES (?, ?)", (seq, sign_checkpoint(key, seq, h, "t").to_json()))
-    if batch:
-        conn.executemany(f"INSERT INTO records VALUES ({','.join('?' * 13)})", batch)
-    conn.execute("INSERT INTO head VALUES (1, ?)", (sign_checkpoint(key, n, prev, "t").to_json(),))
-    conn.execute("COMMIT")
-    conn.close()
-    gen = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rep = verify_files(db, load_audit_pub(tmp / "vp"))
-    took = time.perf_counter() - t0
-    assert rep.ok and rep.records == n, rep
-    # peer: SHA-256 alone over the same number of records' bytes (the floor for any chain verifier)
-    import hashlib
-
-    blob = b"x" * 200
-    t0 = time.perf_counter()
-    for _ in range(n):
-        hashlib.sha256(blob).digest()
-    floor = time.perf_counter() - t0
-    return {"records": n, "verify_s": took, "records_per_s": n / took, "generate_s": gen,
-            "sha256_only_s": floor, "checkpoints": rep.checkpoints_checked}
+    return vb(tmp, n)
 
 
 def rbac_bench(n: int) -> dict[str, object]:

@@ -4,7 +4,6 @@ hold, scoped audit reading, and the audit record of every request."""
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 
 import pytest
@@ -176,10 +175,10 @@ def test_every_request_is_audited_with_its_decision(h, tenants):
     with h.client(eve) as c:
         r = c.post(f"/v1/vms/{v}/start")
         rid = r.headers["x-request-id"]
-    conn = sqlite3.connect(h.root / "audit.db")
-    row = conn.execute("SELECT principal, action, scope, decision, result, vm FROM records WHERE request_id = ?",
-                       (rid,)).fetchall()
-    conn.close()
+    from bulkhead.daemon.auditlog import query_records
+
+    row = [(r["principal"], r["action"], r["scope"], r["decision"], r["result"], r["vm"])
+           for r in query_records(h.root / "audit.db", limit=None) if r["request_id"] == rid]
     assert row == [(eve.principal_id, "vm/start", f"/tenants/{u}/vms/{v}", "deny", "404", v)]
 
 

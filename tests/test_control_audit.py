@@ -1,85 +1,190 @@
-"""The pure audit core: any single change to a chained log is caught and located (hypothesis), checkpoint
-signatures, encoding injectivity; and the pure VM lifecycle table."""
+"""The pure audit core: C2SP signed notes / checkpoints / cosignatures (against the Go `note` package's
+published example, byte for byte), leaf encoding injectivity, any single change to a log is caught and
+located (hypothesis), an empty or headless log is a failure; and the pure VM lifecycle table."""
 
 from __future__ import annotations
+
+import base64
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bulkhead.control.audit import (
-    FIELDS,
-    GENESIS,
-    Checkpoint,
-    Record,
-    chain_hash,
-    sign_checkpoint,
-    verify,
-    verify_checkpoint,
-)
+from bulkhead.control.audit import FIELDS, Record, decode_leaf, leaf_bytes, parse_signed, verify
 from bulkhead.control.lifecycle import STATES, TRANSITIONS, LifecycleError, next_state
+from bulkhead.control.merkle import Frontier, leaf_hash
+from bulkhead.control.note import (
+    ALG_COSIGNATURE,
+    Checkpoint,
+    NoteError,
+    Verifier,
+    cosign,
+    format_add_checkpoint,
+    open_note,
+    parse_add_checkpoint,
+    sign_note,
+    verify_cosignature,
+)
 
 KEY = Ed25519PrivateKey.generate()
-PUB = KEY.public_key()
+ORIGIN = "bulkhead.test/audit/0123456789abcdef"
+V = Verifier.for_key(ORIGIN, KEY)
+
+# golang.org/x/mod/sumdb/note's documented example (key, text, signature).
+GO_SKEY = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"
+GO_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
+GO_TEXT = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
+GO_SIG = ("\u2014 PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6"
+          "RyyBwJnAM=\n")
 
 
-def build(n: int) -> tuple[list[tuple], Checkpoint]:
-    rows, prev = [], GENESIS
-    for seq in range(1, n + 1):
-        vals = Record.make(f"t{seq}", "api", {"n": seq}, principal=f"p{seq % 2}", result="200").values()
-        h = chain_hash(prev, seq, vals)
-        rows.append((seq, *vals, prev, h))
-        prev = h
-    return rows, sign_checkpoint(KEY, n, prev, "now")
+def test_signed_note_matches_the_go_note_package_byte_for_byte():
+    key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(GO_SKEY.split("+", 4)[4])[1:])
+    assert str(Verifier.for_key("PeterNeumann", key)) == GO_VKEY
+    assert sign_note(GO_TEXT, "PeterNeumann", key) == GO_TEXT + "\n" + GO_SIG
+    assert open_note(GO_TEXT + "\n" + GO_SIG, Verifier.parse(GO_VKEY)) == GO_TEXT
+    with pytest.raises(NoteError):
+        open_note(GO_TEXT.replace("you", "we", 1) + "\n" + GO_SIG, Verifier.parse(GO_VKEY))
+    with pytest.raises(NoteError, match="hash does not match"):
+        Verifier.parse(GO_VKEY.replace("c74f20a3", "c74f20a4"))
 
 
-def test_encoding_is_injective_across_field_boundaries():
+def signed(size: int, root: bytes) -> str:
+    return sign_note(Checkpoint(ORIGIN, size, root).text(), ORIGIN, KEY)
+
+
+def test_checkpoint_format_and_signature():
+    note = signed(5, b"\x02" * 32)
+    b64 = base64.b64encode(bytes([2]) * 32).decode()
+    assert note.startswith(f"{ORIGIN}\n5\n{b64}\n\n\u2014 {ORIGIN} ")
+    sc = parse_signed(note, V, "t")
+    assert (sc.cp.size, sc.cp.root) == (5, b"\x02" * 32)
+    for bad in (note.replace("\n5\n", "\n6\n"), note.replace(ORIGIN, ORIGIN + "x", 1), note[:-3] + "AA\n",
+                note.replace("\n\n", "\n")):
+        with pytest.raises(NoteError):
+            parse_signed(bad, V, "t")
+    other = Verifier.for_key(ORIGIN, Ed25519PrivateKey.generate())
+    with pytest.raises(NoteError):
+        parse_signed(note, other, "t")
+    for text in ("o\n05\nAAAA\n", "o\n1\n" + base64.b64encode(b"x" * 31).decode() + "\n", "o\n1\n", "\n1\nAA==\n"):
+        with pytest.raises(NoteError):
+            Checkpoint.parse(text)
+    ext = Checkpoint("o", 1, b"\x01" * 32, ("ext line",))
+    assert Checkpoint.parse(ext.text()) == ext
+
+
+def test_cosignature_v1():
+    wkey = Ed25519PrivateKey.generate()
+    wv = Verifier.for_key("witness.example/w1", wkey, ALG_COSIGNATURE)
+    assert Verifier.parse(str(wv)) == wv
+    note = signed(3, b"\x05" * 32)
+    text = note[: note.rfind("\n\n") + 1]
+    line = cosign(text, wv.name, wkey, 1700000000)
+    raw = base64.b64decode(line.split(" ")[2])
+    assert raw[:4] == wv.hash and int.from_bytes(raw[4:12], "big") == 1700000000 and len(raw) == 76
+    assert verify_cosignature(note + line, wv) == 1700000000
+    assert open_note(note + line, V) == text  # the log signature still verifies beside it
+    with pytest.raises(NoteError):
+        verify_cosignature(signed(4, b"\x05" * 32) + line, wv)
+    with pytest.raises(NoteError):  # a note signature (0x01) is not a cosignature (0x04)
+        verify_cosignature(note, Verifier.for_key(ORIGIN, KEY, ALG_COSIGNATURE))
+
+
+def test_add_checkpoint_body_round_trip():
+    body = format_add_checkpoint(7, [b"\x01" * 32, b"\x02" * 32], signed(9, b"\x03" * 32))
+    assert body.startswith(b"old 7\n" + base64.b64encode(b"\x01" * 32) + b"\n")
+    req = parse_add_checkpoint(body)
+    assert req.old == 7 and req.proof == (b"\x01" * 32, b"\x02" * 32)
+    for bad in (b"old 07\n\nx", b"old 1\nAAAA\n\nx", b"new 1\n\nx", b"old 1\n", b"\xff"):
+        with pytest.raises(NoteError):
+            parse_add_checkpoint(bad)
+
+
+def test_leaf_encoding_is_injective_across_field_boundaries():
     a = ["ab", "c"] + [""] * (len(FIELDS) - 2)
     b = ["a", "bc"] + [""] * (len(FIELDS) - 2)
-    assert chain_hash(GENESIS, 1, a) != chain_hash(GENESIS, 1, b)
-    assert chain_hash(GENESIS, 1, a) != chain_hash(GENESIS, 2, a)
+    assert leaf_bytes(1, a) != leaf_bytes(1, b)
+    assert leaf_bytes(1, a) != leaf_bytes(2, a)
+    assert leaf_bytes(1, a).startswith(b"\x00\x00\x00\x11bulkhead-audit-v2")
+    assert decode_leaf(leaf_bytes(12, a)) == (12, tuple(a))
+    for bad in (b"", leaf_bytes(1, a)[:-1], leaf_bytes(1, a) + b"x", leaf_bytes(1, a[:-1]),
+                leaf_bytes(1, a).replace(b"\x00\x00\x00\x011", b"\x00\x00\x00\x01x", 1)):
+        with pytest.raises(ValueError):
+            decode_leaf(bad)
 
 
-def test_checkpoint_signature_covers_every_field():
-    cp = sign_checkpoint(KEY, 5, b"\x02" * 32, "t")
-    assert verify_checkpoint(PUB, cp)
-    for bad in (Checkpoint(6, cp.head, cp.time, cp.signature), Checkpoint(5, "00" * 32, cp.time, cp.signature),
-                Checkpoint(5, cp.head, "u", cp.signature), Checkpoint(5, cp.head, cp.time, "zz")):
-        assert not verify_checkpoint(PUB, bad)
-    assert Checkpoint.from_json(cp.to_json()) == cp
+def build(n: int) -> tuple[list[tuple], list[str]]:
+    rows, f, notes = [], Frontier(), []
+    for seq in range(1, n + 1):
+        vals = Record.make(f"t{seq}", "api", {"n": seq}, principal=f"p{seq % 2}", result="200").values()
+        leaf = leaf_bytes(seq, vals)
+        lh = leaf_hash(leaf)
+        rows.append((seq, leaf, lh))
+        f.append(lh)
+        notes.append(signed(seq, f.root()))
+    return rows, notes
+
+
+def test_empty_or_headless_log_fails():
+    rows, notes = build(3)
+    assert verify(rows, parse_signed(notes[-1], V, "head")).ok
+    rep = verify([], None)
+    assert not rep.ok and "wiped" in rep.problem
+    rep = verify(rows, None)
+    assert not rep.ok and "no signed head" in rep.problem
+    rep = verify([], parse_signed(notes[0], V, "head"))
+    assert not rep.ok and "truncated" in rep.problem
+    empty_head = parse_signed(signed(0, Frontier().root()), V, "head")
+    rep = verify([], empty_head)
+    assert not rep.ok and "empty" in rep.problem
 
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(2, 30), data=st.data())
 def test_any_single_tampering_is_detected_at_or_before_the_change(n, data):
-    rows, head = build(n)
-    assert verify(rows, PUB, head).ok
-    kind = data.draw(st.sampled_from(["modify", "delete", "swap", "truncate", "duplicate"]))
+    rows, notes = build(n)
+    head = parse_signed(notes[-1], V, "head")
+    assert verify(rows, head).ok
+    kind = data.draw(st.sampled_from(["modify", "delete", "swap", "truncate", "duplicate", "rehash"]))
     k = data.draw(st.integers(0, n - 1))
     bad = list(rows)
-    if kind == "modify":
-        col = data.draw(st.integers(1, len(FIELDS)))
+    if kind == "modify":  # any byte of the stored leaf
         row = list(bad[k])
-        row[col] = str(row[col]) + "x"
+        pos = data.draw(st.integers(0, len(row[1]) - 1))
+        row[1] = row[1][:pos] + bytes([row[1][pos] ^ 0x20]) + row[1][pos + 1 :]
+        bad[k] = tuple(row)
+    elif kind == "rehash":  # modified and its leaf hash recomputed: only the tree root can tell
+        row = list(bad[k])
+        s_, values = decode_leaf(row[1])
+        row[1] = leaf_bytes(s_, ["mallory", *values[1:]])
+        row[2] = leaf_hash(row[1])
         bad[k] = tuple(row)
     elif kind == "delete":
         del bad[k]
     elif kind == "swap":
         j = data.draw(st.integers(0, n - 1).filter(lambda j: j != k))
         a, b = sorted((k, j))
-        # contents swapped, seq column kept in place (what swapping rows in the table looks like)
-        bad[a], bad[b] = (bad[a][0], *bad[b][1:]), (bad[b][0], *bad[a][1:])
+        bad[a], bad[b] = (bad[a][0], *bad[b][1:]), (bad[b][0], *bad[a][1:])  # contents swapped, seq kept
         k = a
     elif kind == "truncate":
         bad = bad[:k]
     else:
         bad.insert(k + 1, bad[k])
-    rep = verify(bad, PUB, head)
+    cps = [parse_signed(x, V, "history") for x in notes[4::5]]
+    rep = verify(bad, head, cps)
     assert not rep.ok
     assert rep.first_bad is not None and 1 <= rep.first_bad <= k + 2
     if kind in ("modify", "delete", "swap", "truncate"):
         assert rep.first_bad == k + 1
+
+
+def test_pure_verifier_survives_hostile_rows():
+    head = parse_signed(signed(1, b"\x01" * 32), V, "head")
+    for rows in ([("x",)], [(1, None)], [(1, "notbytes", b"")], [(0, b"", b"")], [(1, "a")], [(1, b"x", b"y", b"z")]):
+        assert not verify(rows, head).ok
+    with pytest.raises(NoteError):
+        parse_signed("[1]", V, "x")
 
 
 def test_lifecycle_table():

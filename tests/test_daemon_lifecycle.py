@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import ssl
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bulkhead.daemon.auditlog import load_audit_pub, verify_files
+from bulkhead.daemon.auditlog import load_verifier, verify_files
 from bulkhead.daemon.cli import audit_main, cert_main, init_main, role_main, tenant_main, vm_main
 from bulkhead.daemon.testkit import fake_kernel, spawn_daemon
 
@@ -73,13 +72,13 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_request(root):
         t.join(15)
     proc.stdout.close()
     assert len(acked) > 20, "the burst did not get going"
-    conn = sqlite3.connect(root / "audit.db")
-    logged = {r[0]: r[1] for r in conn.execute("SELECT request_id, result FROM records WHERE kind = 'api'")}
-    conn.close()
+    from bulkhead.daemon.auditlog import query_records
+
+    logged = {r["request_id"]: r["result"] for r in query_records(root / "audit.db", limit=None) if r["kind"] == "api"}
     missing = [a for a in acked if a[0] not in logged]
     assert not missing, f"{len(missing)} acknowledged requests are not in the audit log"
     assert all(logged[rid] == str(status) for rid, status, _ in acked)
-    rep = verify_files(root / "audit.db", load_audit_pub(root / "audit.pub"), root / "audit.checkpoint.json")
+    rep = verify_files(root / "audit.db", load_verifier(root / "audit.vkey", root / "audit.db"), root / "audit.checkpoint")
     assert rep.ok, rep.problem
     # the state agrees: every acknowledged create exists after a restart, and the log reopens
     proc, info = spawn_daemon(root)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-import sqlite3
 import ssl
 import stat
 
@@ -119,10 +118,11 @@ def test_revoked_certificate_is_refused_even_on_a_live_connection(srv):
         assert r.status_code == 401 and r.json()["detail"] == "client certificate revoked"
     with httpx.Client(base_url=s.url, verify=ctx) as c:
         assert c.get("/v1/tenants").status_code == 401
-    conn = sqlite3.connect(h.root / "audit.db")
-    rows = conn.execute("SELECT detail FROM records WHERE kind = 'security' AND result = '401'").fetchall()
-    conn.close()
-    assert any("revoked" in r[0] for r in rows)
+    from bulkhead.daemon.auditlog import query_records
+
+    rows = [r["detail"] for r in query_records(h.root / "audit.db", limit=None)
+            if r["kind"] == "security" and r["result"] == "401"]
+    assert any("revoked" in r for r in rows)
 
 
 def test_certificate_unknown_to_the_daemon_is_refused(srv):

@@ -1,50 +1,51 @@
-"""The audit log's record format, hash chain, signed checkpoints and verification (pure, no I/O).
+"""The audit log's record format, Merkle tree leaves, signed checkpoints and verification (pure, no I/O).
 
-Chain: record k (seq = k, from 1) has hash
-    h_k = SHA-256("bulkhead-audit-v1" || h_{k-1} || enc(seq, time, kind, principal, action, scope,
-                                                       decision, result, request_id, vm, detail))
-with h_0 = 32 zero bytes and enc() a length-prefixed (4-byte big-endian) concatenation of UTF-8 fields,
-so no two different records encode alike. Each stored row keeps `prev` (h_{k-1}) and `hash` (h_k).
+Leaf (RFC 9162 2.1 via bulkhead.control.merkle): record seq (from 1) is leaf index seq-1 and its leaf
+input is `leaf_bytes(seq, values)`: a length-prefixed (4-byte big-endian) concatenation of the UTF-8
+fields "bulkhead-audit-v2", seq, time, kind, principal, action, scope, decision, result, request_id, vm,
+detail, so no two different records encode alike. The leaf input is what is stored (and what queries
+decode and show), with its leaf hash; the interior complete-subtree hashes are stored beside them
+(daemon/auditlog.py), so proofs cost O(log n) reads and verification never decodes a record.
 
-Checkpoint: (size, head hash, time) signed with the daemon's ed25519 key. The signed *head* checkpoint
-(size = number of records) is what makes truncation detectable: a verifier that finds fewer records than
-a valid checkpoint covers reports the first missing record.
+Checkpoints (bulkhead.control.note): C2SP tlog-checkpoint notes signed with the host's ed25519 audit key,
+origin `bulkhead.<hostid>/audit/<logid>`. The signed *head* (the latest tree) is what makes truncation
+and unsigned appends detectable, history checkpoints and witness-cosigned checkpoints are what make a
+rewrite with a stolen key, a wipe or a rollback detectable.
 
-`verify()` walks rows in seq order and reports the first bad record: a missing seq (deleted), a row that
-does not link to its predecessor (inserted / reordered / deleted and renumbered), content that does not
-match its hash (modified), records beyond the signed head (appended without the key), or fewer records
-than a checkpoint covers (truncated). It never raises on hostile data; it returns a VerifyReport.
+`verify()` streams the rows in seq order, recomputes every leaf hash and the tree, and reports the first
+bad record: a missing seq (deleted), a seq out of order (reordered/inserted), content that does not
+match its leaf hash (modified), a tree that differs from a signed checkpoint (rewritten: the first bad
+record lies after the last matching checkpoint), records beyond the signed head, fewer records than a
+checkpoint covers (truncated), and an empty or headless log (wiped). It never raises on hostile data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from bulkhead.control.merkle import EMPTY_ROOT
+from bulkhead.control.note import Checkpoint, NoteError, Verifier, open_note
 
 __all__ = [
     "FIELDS",
-    "GENESIS",
-    "Checkpoint",
+    "MAX_FIELD",
     "Record",
+    "SignedCheckpoint",
     "VerifyReport",
-    "chain_hash",
-    "checkpoint_message",
-    "sign_checkpoint",
+    "decode_leaf",
+    "leaf_bytes",
+    "parse_signed",
     "verify",
-    "verify_checkpoint",
 ]
 
-GENESIS = b"\x00" * 32
-_DOMAIN = b"bulkhead-audit-v1"
-_CP_DOMAIN = b"bulkhead-audit-checkpoint-v1\n"
 FIELDS = ("time", "kind", "principal", "action", "scope", "decision", "result", "request_id", "vm", "detail")
 MAX_FIELD = 16384
+_TAG = b"\x00\x00\x00\x11bulkhead-audit-v2"
+
 
 
 @dataclass(frozen=True)
@@ -71,57 +72,49 @@ class Record:
         return Record(time=time, kind=kind, detail=text, **kw)
 
 
-def _enc(seq: int, values: Sequence[object]) -> bytes:
-    parts = [str(seq).encode()]
-    parts.extend(("" if v is None else str(v)).encode("utf-8", "surrogatepass") for v in values)
-    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+def leaf_bytes(seq: int, values: Sequence[object]) -> bytes:
+    """The leaf input of record `seq`: the exact canonical bytes the tree commits to."""
+    parts = [_TAG]
+    s = str(seq).encode()
+    parts.append(len(s).to_bytes(4, "big") + s)
+    for v in values:
+        b = ("" if v is None else str(v)).encode("utf-8", "surrogatepass")
+        parts.append(len(b).to_bytes(4, "big") + b)
+    return b"".join(parts)
 
 
-def chain_hash(prev: bytes, seq: int, values: Sequence[object]) -> bytes:
-    """h_seq from h_{seq-1} and the record's field values (in FIELDS order)."""
-    return hashlib.sha256(_DOMAIN + bytes(prev) + _enc(seq, values)).digest()
+def decode_leaf(leaf: bytes) -> tuple[int, tuple[str, ...]]:
+    """(seq, field values) of a leaf input; raises ValueError unless it is exactly leaf_bytes' output."""
+    if not leaf.startswith(_TAG):
+        raise ValueError("not a bulkhead-audit-v2 leaf")
+    out: list[str] = []
+    i, n = len(_TAG), len(leaf)
+    for _ in range(1 + len(FIELDS)):
+        if i + 4 > n:
+            raise ValueError("truncated leaf")
+        ln = int.from_bytes(leaf[i : i + 4], "big")
+        if i + 4 + ln > n:
+            raise ValueError("truncated leaf")
+        out.append(leaf[i + 4 : i + 4 + ln].decode("utf-8", "surrogatepass"))
+        i += 4 + ln
+    if i != n or not out[0].isdigit() or str(int(out[0])) != out[0]:
+        raise ValueError("malformed leaf")
+    return int(out[0]), tuple(out[1:])
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    size: int
-    head: str  # hex of h_size (GENESIS for size 0)
-    time: str
-    signature: str  # hex ed25519 signature over checkpoint_message()
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {"size": self.size, "head": self.head, "time": self.time, "signature": self.signature},
-            sort_keys=True,
-        )
-
-    @staticmethod
-    def from_json(text: str) -> Checkpoint:
-        """Raises ValueError on anything that is not a checkpoint object."""
-        d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError("checkpoint is not a JSON object")
-        size, head, time, sig = d.get("size"), d.get("head"), d.get("time"), d.get("signature")
-        if not isinstance(size, int) or size < 0 or not all(isinstance(x, str) for x in (head, time, sig)):
-            raise ValueError("checkpoint fields are missing or of the wrong type")
-        return Checkpoint(size, str(head), str(time), str(sig))
+class SignedCheckpoint:
+    note: str
+    cp: Checkpoint
+    source: str  # "head", "history", "file", "witness <name>", ...
 
 
-def checkpoint_message(size: int, head: str, time: str) -> bytes:
-    return _CP_DOMAIN + f"{size}\n{head}\n{time}\n".encode()
-
-
-def sign_checkpoint(key: Ed25519PrivateKey, size: int, head: bytes, time: str) -> Checkpoint:
-    hx = head.hex()
-    return Checkpoint(size, hx, time, key.sign(checkpoint_message(size, hx, time)).hex())
-
-
-def verify_checkpoint(pub: Ed25519PublicKey, cp: Checkpoint) -> bool:
-    try:
-        pub.verify(bytes.fromhex(cp.signature), checkpoint_message(cp.size, cp.head, cp.time))
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+def parse_signed(note: str, verifier: Verifier, source: str) -> SignedCheckpoint:
+    """Open a checkpoint note signed by the log's key. Raises NoteError (also for another origin)."""
+    cp = Checkpoint.parse(open_note(note, verifier))
+    if cp.origin != verifier.name:
+        raise NoteError(f"the checkpoint is for log {cp.origin!r}, not {verifier.name!r}")
+    return SignedCheckpoint(note, cp, source)
 
 
 @dataclass
@@ -131,6 +124,7 @@ class VerifyReport:
     first_bad: int | None = None  # seq of the first bad record (None when ok)
     problem: str = ""
     checkpoints_checked: int = 0
+    root: str = ""  # hex MTH of the records present
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -140,93 +134,110 @@ class VerifyReport:
             "first_bad": self.first_bad,
             "problem": self.problem,
             "checkpoints_checked": self.checkpoints_checked,
+            "root": self.root,
         }
 
 
-Row = Sequence[Any]  # (seq, *FIELDS values, prev: bytes, hash: bytes)
+Row = Sequence[Any]  # (seq, leaf input: bytes, leaf hash: bytes)
+NodeLevel = Callable[[int], bytes]  # level >= 1 -> the stored hashes of that level, ascending index, concatenated
 
 
 def verify(
     rows: Iterable[Row],
-    pub: Ed25519PublicKey,
-    head: Checkpoint | None,
-    checkpoints: Sequence[Checkpoint] = (),
+    head: SignedCheckpoint | None,
+    checkpoints: Sequence[SignedCheckpoint] = (),
+    nodes: NodeLevel | None = None,
 ) -> VerifyReport:
-    """Verify the chain of `rows` (in ascending seq order) against the signed `head` and `checkpoints`.
-
-    Returns a VerifyReport naming the first bad record; never raises on malformed rows.
-    """
-    all_cps = [c for c in ([head] if head else []) + list(checkpoints)]
-    for cp in all_cps:
-        if not verify_checkpoint(pub, cp):
-            return VerifyReport(False, 0, cp.size or 1, f"checkpoint for size {cp.size} has a bad signature")
-    want: dict[int, str] = {}
-    for cp in all_cps:
-        if want.setdefault(cp.size, cp.head) != cp.head:
-            return VerifyReport(False, 0, cp.size, f"two signed checkpoints disagree about record {cp.size}")
-    nfields = len(FIELDS)
+    """Verify `rows` (ascending seq) against the signed `head` and other signed `checkpoints` (already
+    opened with the log's verifier key: parse_signed), and the stored interior nodes (`nodes`) if given.
+    A leaf's own seq must be its position (so a renumbered record is caught as such)."""
+    if head is None:
+        return VerifyReport(False, 0, 1, "no signed head checkpoint: the log was wiped or never initialised")
+    all_cps = [head, *checkpoints]
+    want: dict[int, SignedCheckpoint] = {}
+    for sc in all_cps:
+        prev = want.setdefault(sc.cp.size, sc)
+        if prev.cp.root != sc.cp.root:
+            return VerifyReport(False, 0, sc.cp.size or 1, f"two signed checkpoints disagree about size {sc.cp.size} "
+                                f"({prev.source} and {sc.source})")
+    # The frontier (merkle.Frontier.append) inlined: this loop is the whole cost of verifying a log.
+    levels: list[int] = []
+    hashes: list[bytes] = []
+    made: dict[int, list[bytes]] = {}
     expected = 1
-    prev = GENESIS
-    last_good_cp = 0
+    last_good = 0
+    sha = hashlib.sha256
+    tag_len = len(_TAG)
     for row in rows:
         try:
-            seq = int(row[0])
-            values = tuple(row[1 : 1 + nfields])
-            stored_prev = bytes(row[1 + nfields])
-            stored_hash = bytes(row[2 + nfields])
-        except (TypeError, ValueError, IndexError):
+            seq, leaf, stored = row
+            seq = int(seq)
+            leaf = bytes(leaf)
+        except (TypeError, ValueError):
             return VerifyReport(False, expected - 1, expected, f"record {expected} is malformed")
         if seq != expected:
             if seq > expected:
-                what = f"record {expected} is missing (deleted)" if expected > 0 else "bad sequence"
+                what = f"record {expected} is missing (deleted)"
             else:
                 what = f"record {seq} appears out of order after record {expected - 1} (reordered or inserted)"
             return VerifyReport(False, expected - 1, expected, what)
-        if stored_prev != prev:
-            return VerifyReport(
-                False,
-                expected - 1,
-                seq,
-                f"record {seq} does not link to record {seq - 1} (inserted, deleted or reordered)",
-            )
-        h = chain_hash(prev, seq, values)
-        if h != stored_hash:
-            return VerifyReport(False, expected - 1, seq, f"record {seq} does not match its hash (modified)")
-        cp_head = want.get(seq)
-        if cp_head is not None:
-            if cp_head != h.hex():
+        h = sha(b"\x00" + leaf).digest()
+        if h != stored:
+            return VerifyReport(False, expected - 1, seq, f"record {seq} does not match its leaf hash (modified)")
+        sb = b"%d" % seq
+        if leaf[:tag_len] != _TAG or leaf[tag_len : tag_len + 4 + len(sb)] != len(sb).to_bytes(4, "big") + sb:
+            return VerifyReport(False, expected - 1, seq, f"record {seq} is not the record for position {seq} "
+                                "(renumbered, reordered or forged)")
+        level = 0
+        while levels and levels[-1] == level:
+            levels.pop()
+            h = sha(b"\x01" + hashes.pop() + h).digest()
+            level += 1
+            lst = made.get(level)
+            if lst is None:
+                made[level] = lst = []
+            lst.append(h)
+        levels.append(level)
+        hashes.append(h)
+        hit = want.get(seq)
+        if hit is not None:
+            if _fold(hashes) != hit.cp.root:
                 return VerifyReport(
-                    False,
-                    expected - 1,
-                    last_good_cp + 1,
-                    f"records {last_good_cp + 1}..{seq} differ from the signed checkpoint at {seq} "
-                    "(rewritten); the first bad record is in that range",
-                )
-            last_good_cp = seq
-        prev = h
+                    False, expected - 1, last_good + 1,
+                    f"records {last_good + 1}..{seq} differ from the signed checkpoint at {seq} ({hit.source}): "
+                    "rewritten; the first bad record is in that range")
+            last_good = seq
         expected += 1
     n = expected - 1
-    covered = max((cp.size for cp in all_cps), default=0)
-    if covered > n:
+    root = _fold(hashes)
+    covered = max(all_cps, key=lambda s: s.cp.size)
+    if covered.cp.size > n:
         return VerifyReport(
-            False,
-            n,
-            n + 1,
-            f"truncated: a signed checkpoint covers {covered} records but only {n} are present; "
-            f"record {n + 1} is the first missing",
-            len(all_cps),
-        )
-    if 0 in want and want[0] != GENESIS.hex():
-        return VerifyReport(False, n, 1, "the signed checkpoint for an empty log is not the genesis hash")
-    if head is None:
-        if n > 0:
-            return VerifyReport(False, n, 1, "no signed head checkpoint, but the log has records")
-    elif head.size < n:
-        return VerifyReport(
-            False,
-            n,
-            head.size + 1,
-            f"records {head.size + 1}..{n} are not covered by the signed head (appended without the key)",
-            len(all_cps),
-        )
-    return VerifyReport(True, n, None, "", len(all_cps))
+            False, n, n + 1,
+            f"truncated: a signed checkpoint ({covered.source}) covers {covered.cp.size} records but only {n} "
+            f"are present; record {n + 1} is the first missing", len(all_cps), root.hex())
+    if n == 0:
+        return VerifyReport(False, 0, 1, "the log is empty: every bulkhead log starts with its init record (wiped)",
+                            root=EMPTY_ROOT.hex())
+    if head.cp.size < n:
+        return VerifyReport(False, n, head.cp.size + 1, f"records {head.cp.size + 1}..{n} are not covered by the "
+                            "signed head (appended without the key)", len(all_cps), root.hex())
+    if nodes is not None:
+        for level in range(1, max(made, default=0) + 2):
+            mine, stored_level = b"".join(made.get(level, ())), nodes(level)
+            if mine != stored_level:
+                idx = next((i for i in range(0, max(len(mine), len(stored_level)), 32)
+                            if mine[i : i + 32] != stored_level[i : i + 32]), 0) // 32
+                return VerifyReport(False, n, None, f"stored tree node (level {level}, index {idx}) does not match "
+                                    "the records", len(all_cps), root.hex())
+    return VerifyReport(True, n, None, "", len(all_cps), root.hex())
+
+
+def _fold(hashes: list[bytes]) -> bytes:
+    """MTH from the frontier's complete subtrees (highest first)."""
+    if not hashes:
+        return EMPTY_ROOT
+    r = hashes[-1]
+    for h in reversed(hashes[:-1]):
+        r = hashlib.sha256(b"\x01" + h + r).digest()
+    return r

@@ -287,6 +287,31 @@ class AuditRecordOut(BaseModel):
     request_id: str
     vm: str
     detail: str
+    leaf: str | None = None  # base64 leaf input (RFC 9162 tree, docs/AUDIT.md), with ?leaf=true
+
+
+class InclusionProofOut(BaseModel):
+    leaf_index: int
+    tree_size: int
+    leaf_hash: str
+    path: list[str]
+    root_hash: str
+
+
+class ConsistencyProofOut(BaseModel):
+    old_size: int
+    new_size: int
+    old_root: str
+    new_root: str
+    path: list[str]
+
+
+class CheckpointOut(BaseModel):
+    note: str
+    origin: str
+    tree_size: int
+    root_hash: str
+    verifier_key: str
 
 
 class VerifyOut(BaseModel):

@@ -23,10 +23,13 @@ from bulkhead.control.models import (
     AssignmentCreate,
     AssignmentOut,
     AuditRecordOut,
+    CheckpointOut,
+    ConsistencyProofOut,
     ConsoleOut,
     DiskCreate,
     DiskOut,
     ErrorOut,
+    InclusionProofOut,
     IntegrityOut,
     MeasurementOut,
     NetworkCountersOut,
@@ -367,17 +370,32 @@ def build_app(daemon: Any) -> Any:
         d.assignment_delete(ctx, str(assignment_id))
         return Response(status_code=204)
 
-    @r.get("/audit", response_model=list[AuditRecordOut])
+    @r.get("/audit", response_model=list[AuditRecordOut], response_model_exclude_none=True)
     def audit_list(
         since: str | None = Query(None, max_length=40, pattern=_SINCE),
         principal: UUID | None = None,
         vm: UUID | None = None,
         after: int = Query(0, ge=0, le=1 << 62),
         limit: int = Query(1000, ge=1, le=10000),
+        leaf: bool = False,
         ctx: ReqCtx = Ctx,
     ) -> Any:
         return d.audit_query(ctx, since=since, principal=str(principal) if principal else None,
-                             vm=str(vm) if vm else None, after_seq=after, limit=limit)
+                             vm=str(vm) if vm else None, after_seq=after, limit=limit, leaf=leaf)
+
+    @r.get("/audit/checkpoint", response_model=CheckpointOut)
+    def audit_checkpoint(ctx: ReqCtx = Ctx) -> Any:
+        return d.audit_checkpoint(ctx)
+
+    @r.get("/audit/proof/inclusion", response_model=InclusionProofOut)
+    def audit_inclusion(seq: int = Query(..., ge=1, le=1 << 62), size: int | None = Query(None, ge=1, le=1 << 62),
+                        ctx: ReqCtx = Ctx) -> Any:
+        return d.audit_inclusion(ctx, seq, size)
+
+    @r.get("/audit/proof/consistency", response_model=ConsistencyProofOut)
+    def audit_consistency(old: int = Query(..., ge=1, le=1 << 62), new: int = Query(..., ge=1, le=1 << 62),
+                          ctx: ReqCtx = Ctx) -> Any:
+        return d.audit_consistency(ctx, old, new)
 
     api.include_router(r)
     return Gate(api, daemon)

@@ -143,6 +143,13 @@ def serve_main(argv: list[str]) -> int:
     g.add_argument("--event-log", type=Path, help="measurement event log (default <state-dir>/integrity/events.jsonl)")
     g.add_argument("--integrity", default="gate", choices=["gate", "off"],
                    help="off: no integrity gate; refused unless --backend fake (no guest can run); audited")
+    w = p.add_argument_group("audit witnesses (docs/AUDIT.md)")
+    w.add_argument("--witness", help="NAME|URL[,...]: push checkpoints to these registered witnesses "
+                   "(default: every one under <state-dir>/witnesses)")
+    w.add_argument("--witness-quorum", type=int, default=0, help="cosignatures needed (default: all witnesses)")
+    w.add_argument("--witness-grace", type=float, default=0.0,
+                   help="seconds without a witness quorum before mutations are refused (default 0: fail closed)")
+    w.add_argument("--checkpoint-interval", type=float, default=60.0, help="seconds between checkpoints")
 
     def go() -> int:
         args = p.parse_args(argv)
@@ -162,8 +169,14 @@ def serve_main(argv: list[str]) -> int:
                   "tpm": "dev-tpm" if args.dev_tpm else (opts.resolve_tcti() or "none"),
                   "policy": str(policy), "enrollment": str(enrollment), "event_log": str(log)}
         backend = make_backend(args.backend, console_root=sd / "vms")
+        from bulkhead.daemon.witness import WitnessOptions
+
+        wsel = [x for x in (args.witness or "").split(",") if x]
+        wopts = WitnessOptions.registered(sd / "witnesses", wsel, quorum=args.witness_quorum,
+                                          grace=args.witness_grace, checkpoint_interval=args.checkpoint_interval)
+        config["witnesses"] = ",".join(s.name for s in wopts.witnesses)
         return serve(sd, args.host, args.port, backend, args.engine, integrity=opts, config=config,
-                     net=_network_service(args))
+                     net=_network_service(args), witnesses=wopts)
 
     return _run(go)
 
@@ -525,10 +538,15 @@ def role_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------- audit
 def audit_main(argv: list[str]) -> int:
-    p = _Parser(prog="bulkhead audit", description="show, export and verify the audit log")
+    """`bulkhead audit show|export|verify|checkpoint|prove|witness` (docs/AUDIT.md)."""
+    if argv[:1] == ["witness"]:
+        from bulkhead.daemon.witness_cli import witness_main
+
+        return witness_main(argv[1:])
+    p = _Parser(prog="bulkhead audit", description="show, export, prove and verify the audit log")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sh = sub.add_parser("show")
-    ex = sub.add_parser("export", help="all matching records as JSON lines")
+    ex = sub.add_parser("export", help="all matching records as JSON lines, each with its leaf input (`leaf`)")
     for sp in (sh, ex):
         sp.add_argument("--since", help="ISO time, e.g. 2026-01-31 or 2026-01-31T12:00:00")
         sp.add_argument("--principal", help="principal id or name")
@@ -539,14 +557,36 @@ def audit_main(argv: list[str]) -> int:
     ve = sub.add_parser("verify", help="verify the audit files directly (no daemon needed)")
     _common(ve, client=False)
     ve.add_argument("--db", type=Path)
-    ve.add_argument("--pub", type=Path, help="audit public key (PEM)")
-    ve.add_argument("--checkpoint", type=Path, help="a checkpoint file kept elsewhere")
+    ve.add_argument("--verifier-key", help="the log's note verifier key (text or file; default <state-dir>/audit.vkey)")
+    ve.add_argument("--pub", type=Path, help="audit public key (PEM), named by the database's origin")
+    ve.add_argument("--checkpoint", type=Path, help="a checkpoint note kept elsewhere (default <state-dir>/audit.checkpoint)")
+    ve.add_argument("--witness", action="append", default=[],
+                    help="check against this witness's latest cosigned checkpoint (registered name or URL; "
+                    "repeatable, comma lists; `all`: every registered witness)")
     ve.add_argument("--json", action="store_true")
+    cp = sub.add_parser("checkpoint", help="print the latest signed checkpoint (C2SP signed note)")
+    _common(cp, client=False)
+    cp.add_argument("--verifier-key", action="store_true", help="print the note verifier key instead")
+    pr = sub.add_parser("prove", help="inclusion / consistency proofs (RFC 9162), from the files or the API")
+    psub = pr.add_subparsers(dest="kind", required=True, parser_class=_Parser)
+    pi = psub.add_parser("inclusion")
+    pi.add_argument("seq", type=int)
+    pi.add_argument("--size", type=int, help="tree size (default: the current one)")
+    pc = psub.add_parser("consistency")
+    pc.add_argument("old", type=int)
+    pc.add_argument("new", type=int)
+    for sp in (pi, pc):
+        _common(sp)
+        sp.add_argument("--db", type=Path, help="read this database instead of asking the daemon")
 
     def go() -> int:
         args = p.parse_args(argv)
         if args.cmd == "verify":
             return _verify(args)
+        if args.cmd == "checkpoint":
+            return _checkpoint(args)
+        if args.cmd == "prove":
+            return _prove(args)
         with _client(args) as c:
             principal = args.principal
             if principal and len(principal) != 36:
@@ -562,7 +602,7 @@ def audit_main(argv: list[str]) -> int:
             after = 0
             try:
                 while True:
-                    recs = c.get("/audit", **params, after=after, limit=10000)
+                    recs = c.get("/audit", **params, after=after, limit=10000, leaf="true")
                     for r in recs:
                         out.write(json.dumps(r, sort_keys=True) + "\n")
                     if len(recs) < 10000:
@@ -575,18 +615,76 @@ def audit_main(argv: list[str]) -> int:
     return _run(go)
 
 
+def _prove(args: argparse.Namespace) -> int:
+    if args.db is None and (args.url or args.socket or not (_state_dir(args) / "audit.db").exists()):
+        with _client(args) as c:
+            if args.kind == "inclusion":
+                res = c.get("/audit/proof/inclusion", seq=args.seq, size=args.size)
+            else:
+                res = c.get("/audit/proof/consistency", old=args.old, new=args.new)
+        return _out(args, res, [])
+    from bulkhead.daemon.auditlog import TreeReader, _readonly
+
+    conn = _readonly(args.db or _state_dir(args) / "audit.db")
+    try:
+        size = int(conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+        t = TreeReader(conn)
+        try:
+            if args.kind == "inclusion":
+                n = size if args.size is None else args.size
+                if n > size:
+                    raise ConfigError(f"the log has {size} records, not {n}")
+                res = t.inclusion(args.seq, n)
+            else:
+                if args.new > size:
+                    raise ConfigError(f"the log has {size} records, not {args.new}")
+                res = t.consistency(args.old, args.new)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    finally:
+        conn.close()
+    return _out(args, res, [])
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from bulkhead.daemon.auditlog import _readonly, load_verifier
+
+    root = _state_dir(args)
+    if args.verifier_key:
+        print(str(load_verifier(root / "audit.vkey", root / "audit.db")))
+        return 0
+    conn = _readonly(root / "audit.db")
+    try:
+        row = conn.execute("SELECT note FROM head WHERE id = 1").fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        raise HostError(f"{root / 'audit.db'} has no signed checkpoint (wiped?)")
+    sys.stdout.write(row[0])
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
-    from bulkhead.daemon.auditlog import load_audit_pub, verify_files
+    from bulkhead.daemon.auditlog import load_verifier, verify_files
 
     root = _state_dir(args)
     db = args.db or root / "audit.db"
-    pub = load_audit_pub(args.pub or root / "audit.pub")
-    cp = args.checkpoint or root / "audit.checkpoint.json"
-    rep = verify_files(db, pub, cp)
+    vk = args.verifier_key if args.verifier_key else (None if args.pub else root / "audit.vkey")
+    verifier = load_verifier(vk, db, args.pub)
+    cp = args.checkpoint or root / "audit.checkpoint"
+    extra: list[Any] = []
+    if args.witness:
+        from bulkhead.daemon.witness import witness_checkpoints
+
+        extra = witness_checkpoints(root, [w for x in args.witness for w in x.split(",") if w], verifier)
+    rep = verify_files(db, verifier, cp, extra)
     if args.json:
         print(json.dumps(rep.as_dict()))
     elif rep.ok:
-        print(f"audit log OK: {rep.records} records, {rep.checkpoints_checked} signed checkpoints checked")
+        wit = f", {len(extra)} from witnesses" if extra else ""
+        print(f"audit log OK: {rep.records} records, {rep.checkpoints_checked} signed checkpoints checked{wit}, "
+              f"root {rep.root}")
     else:
-        print(f"audit log BAD: first bad record {rep.first_bad}: {rep.problem}")
+        where = f"first bad record {rep.first_bad}: " if rep.first_bad else ""
+        print(f"audit log BAD: {where}{rep.problem}")
     return 0 if rep.ok else 1

@@ -4,9 +4,10 @@ State directory (default /var/lib/bulkhead, or --state-dir / BULKHEAD_STATE_DIR)
   ca.pem ca.key              the bulkhead CA (key 0600)
   server.pem server.key      the daemon's TLS certificate
   admin.pem admin.key        the first admin client certificate (Owner at /)
-  audit.key audit.pub        ed25519 key that signs audit checkpoints
+  audit.key audit.pub        ed25519 key that signs audit checkpoints; audit.vkey: its note verifier key
   state.db                   resources, principals, certificates (revocation list), roles, assignments
-  audit.db                   the audit log (its own file); audit.checkpoint.json: latest signed checkpoint
+  audit.db                   the audit log (its own file); audit.checkpoint: latest signed checkpoint
+  witnesses/                 registered witnesses (docs/AUDIT.md)
   bulkhead.sock              the local bootstrap socket (0600, root only), while serving
   images/ disks/ vms/        kernel/initrd images, tenant disk images, per-VM console output
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 from bulkhead.control.audit import Record
 from bulkhead.daemon.access import AccessOps
+from bulkhead.daemon.auditapi import AuditOps
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, load_audit_key, now_iso
 from bulkhead.daemon.backend import VmBackend, describe, make_backend
 from bulkhead.daemon.integrity import NoTpm, check_off_allowed
@@ -48,15 +50,15 @@ class StateDir:
             "ca_cert": "ca.pem", "ca_key": "ca.key", "server_cert": "server.pem", "server_key": "server.key",
             "admin_cert": "admin.pem", "admin_key": "admin.key", "audit_key": "audit.key",
             "audit_pub": "audit.pub", "state_db": "state.db", "audit_db": "audit.db",
-            "checkpoint": "audit.checkpoint.json", "socket": "bulkhead.sock", "serve_info": "serve.json",
+            "checkpoint": "audit.checkpoint", "audit_vkey": "audit.vkey", "witnesses": "witnesses", "socket": "bulkhead.sock", "serve_info": "serve.json",
         }
         if name in files:
             return self.root / files[name]
         raise AttributeError(name)
 
 
-class Daemon(VmOps, AccessOps):
-    """All operations; see service.py, access.py and vms.py."""
+class Daemon(AuditOps, VmOps, AccessOps):
+    """All operations; see service.py, access.py, vms.py and auditapi.py."""
 
     def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin"):
         super().__init__(store, audit, backend, state_dir, engine)
@@ -68,24 +70,32 @@ class Daemon(VmOps, AccessOps):
 
     @classmethod
     def open(cls, state_dir: Path, backend: VmBackend | None = None, engine: str = "casbin",
-             checkpoint_every: int = 1000, integrity: Any = None, net: Any = None) -> Daemon:
+             checkpoint_every: int = 1000, integrity: Any = None, net: Any = None,
+             witnesses: Any = None) -> Daemon:
         """Open an initialized state directory. Raises HostError when it is not initialized or damaged,
         or when `integrity` is IntegrityOff with a backend that runs guests outside tests.
 
         `integrity` (bulkhead.daemon.integrity): None means NoTpm (untrusted: no VM starts).
         `backend` None: make_backend("auto") (the jail as root). `net`: a bulkhead.network NetworkService
-        (None: the host's, HostConfig())."""
+        (None: the host's, HostConfig()). `witnesses`: bulkhead.daemon.witness.WitnessOptions (None: the
+        registered witnesses under <state-dir>/witnesses, if any, with the default policy)."""
         sd = StateDir(state_dir)
         if not sd.state_db.exists() or not sd.audit_key.exists():
             raise HostError(f"{state_dir} is not an initialized bulkhead state directory; run `bulkhead init`")
         store = Store(sd.state_db)
         store.initialize()
-        audit = AuditLog(sd.audit_db, load_audit_key(sd.audit_key), sd.checkpoint, checkpoint_every)
+        from bulkhead.daemon.witness import WitnessOptions, WitnessPusher
+
+        wopts = witnesses if witnesses is not None else WitnessOptions.registered(sd.witnesses)
+        audit = AuditLog(sd.audit_db, load_audit_key(sd.audit_key), sd.checkpoint, checkpoint_every,
+                         checkpoint_interval=wopts.checkpoint_interval)
+        pusher = WitnessPusher(audit, wopts) if wopts.witnesses else None
         if backend is None:
             backend = make_backend("auto", console_root=state_dir / "vms")
         elif getattr(backend, "console_root", False) is None:  # process or jailed backend without one
             backend.console_root = state_dir / "vms"  # type: ignore[attr-defined]
         d = cls(store, audit, backend, state_dir, engine)
+        d.witnesses = pusher
         d._wire_backend(net)
         if integrity is not None:
             try:
@@ -113,6 +123,8 @@ class Daemon(VmOps, AccessOps):
             self.event("security", "security/integrity/gate-off", result="off", detail={"reasons": st["reasons"]})
         if not self.code_integrity.get("verified"):
             self.event("security", "security/integrity/code-unverified", result="unverified", detail=dict(self.code_integrity))
+        if self.witnesses is not None:
+            self.witnesses.start()  # pushes the current checkpoint now, then every new one
         self.mark_lost_on_startup()
         self._clean_stale_jails()
         self.reconcile_networks()  # rebuild what should exist on the host, remove what should not (audited)
@@ -212,7 +224,9 @@ class Daemon(VmOps, AccessOps):
             self.event("system", "daemon.stop", detail={"pid": os.getpid()})
         except ApiError:
             pass
-        self.audit.close()
+        self.audit.close()  # writes the shutdown checkpoint
+        if self.witnesses is not None:
+            self.witnesses.stop(final=True)
         self.store.close()
 
     # ------------------------------------------------------------------ authentication

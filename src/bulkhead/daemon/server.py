@@ -269,7 +269,8 @@ def lock_state_dir(state_dir: Path) -> int | None:
 
 
 def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: str = "casbin",
-          integrity: Any = None, config: dict[str, Any] | None = None, net: Any = None) -> int:
+          integrity: Any = None, config: dict[str, Any] | None = None, net: Any = None,
+          witnesses: Any = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. First the state directory is locked (lock_state_dir: a second
     daemon on it is refused with HostError naming the holder). Then the code check
     (require_integrity("daemon")): on a difference the refusal is audited and HostError (naming the file) is raised, nothing is served.
@@ -277,18 +278,18 @@ def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: st
     manifest and `config` digests measured, attested; without a TPM the host is untrusted."""
     lock = lock_state_dir(state_dir)
     try:
-        return _serve_locked(state_dir, host, port, backend, engine, integrity, config, net)
+        return _serve_locked(state_dir, host, port, backend, engine, integrity, config, net, witnesses)
     finally:
         if lock is not None:
             os.close(lock)
 
 
 def _serve_locked(state_dir: Path, host: str, port: int, backend: Any, engine: str, integrity: Any,
-                  config: dict[str, Any] | None, net: Any) -> int:
+                  config: dict[str, Any] | None, net: Any, witnesses: Any = None) -> int:
     from bulkhead.daemon.integrity import IntegrityOptions, check_code, start_host_integrity
 
     code, failure = check_code("daemon")
-    daemon = Daemon.open(state_dir, backend, engine, net=net)
+    daemon = Daemon.open(state_dir, backend, engine, net=net, witnesses=witnesses)  # witnesses: docs/AUDIT.md
     if failure is not None:
         try:
             daemon.event("security", "security/integrity/code-mismatch", result="refused",

@@ -27,7 +27,7 @@ def init_state_dir(root: Path, admin_name: str = "admin", hosts: list[str] | Non
     except OSError as exc:
         raise HostError(f"cannot create {root}: {exc}") from None
     if force:
-        for p in (sd.state_db, sd.audit_db, sd.checkpoint):
+        for p in (sd.state_db, sd.audit_db, sd.checkpoint, sd.audit_vkey):
             for suffix in ("", "-wal", "-shm"):
                 Path(str(p) + suffix).unlink(missing_ok=True)
     ca = pki.make_ca()
@@ -53,7 +53,8 @@ def init_state_dir(root: Path, admin_name: str = "admin", hosts: list[str] | Non
     store.close()
     pki.write_private(sd.admin_key, pki.key_pem(akey))
     pki.write_private(sd.admin_cert, pki.cert_pem(issued.cert), 0o644)
-    log = AuditLog(sd.audit_db, load_audit_key(sd.audit_key), sd.checkpoint)
+    log = AuditLog(sd.audit_db, load_audit_key(sd.audit_key), sd.checkpoint, create=True)  # docs/AUDIT.md
+    pki.write_private(sd.audit_vkey, f"{log.verifier}\n".encode(), 0o644)
     from bulkhead.control.audit import Record
     from bulkhead.daemon.auditlog import now_iso
 
