@@ -134,16 +134,23 @@ def check_boot(config: VmConfig, kernel: bytes, initrd: bytes | None) -> None:
     `vm create` and `vm start` instead of being reported as started. The command line includes the
     virtio-mmio announcements the VMM appends (one per device). Raises ImageError or ConfigError."""
     from bulkhead.boot import load_kernel
+    from bulkhead.boot.acpi import VirtioSlot
     from bulkhead.devices.virtio.mmio import kernel_cmdline_entry
-    from bulkhead.memory.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE
+    from bulkhead.memory.layout import (
+        VIRTIO_FIRST_IRQ,
+        VIRTIO_MMIO_BASE,
+        VIRTIO_MMIO_SIZE,
+        VIRTIO_MMIO_STRIDE,
+    )
 
     devices = len(config.drives) + len(config.nets) + (1 if config.rng else 0)
-    extra = [kernel_cmdline_entry(VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, 5 + i, VIRTIO_MMIO_SIZE)
+    slots = [VirtioSlot(VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + i)
              for i in range(devices)]
+    extra = [kernel_cmdline_entry(s.base, s.irq, s.size) for s in slots]
     cmdline = " ".join(p for p in (config.cmdline, *extra) if p)
     plan_only: Any = _PlanOnlyMemory(config.mem_bytes)  # duck-typed: what load_kernel uses of GuestMemory
     load_kernel(plan_only, kernel, initrd=initrd, cmdline=cmdline, cpus=config.cpus,
-                protocol=config.boot_protocol)
+                protocol=config.boot_protocol, virtio=slots)
 
 
 def launch_components(config: VmConfig, kernel: bytes, initrd: bytes | None) -> dict[str, Any]:
