@@ -57,7 +57,7 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> Non
                                 env={**os.environ, "BULKHEAD_DEV_SKIP_INTEGRITY": "1",
                                      "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
         took = time.monotonic() - t0
-        assert second.returncode == 3, second.stdout + second.stderr
+        assert second.returncode == 4, second  # HostError (bulkhead.exitstatus).stdout + second.stderr
         assert f"pid {first.pid}" in second.stderr and str(state) in second.stderr, second.stderr
         assert "Traceback" not in second.stderr
         assert took < 10, took  # refused at once (an interpreter start), no waiting on the lock

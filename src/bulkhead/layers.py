@@ -24,8 +24,8 @@ class Layer(NamedTuple):
 # Bottom first.
 LAYERS: tuple[Layer, ...] = (
     Layer("foundation", True, ("=bulkhead", "bulkhead.errors", "bulkhead.integrity.errors", "bulkhead.exitstatus",
-                               "bulkhead.surface", "bulkhead.config", "bulkhead.layers"),
-          "error taxonomy and the exit-status table, attack-surface registry, the VM configuration "
+                               "bulkhead.surface", "bulkhead.config", "bulkhead.layers", "bulkhead._boot"),
+          "error taxonomy and the exit-status table, the pre-import integrity gate (stdlib only), attack-surface registry, the VM configuration "
           "declaration (fields + limits), this table"),
     Layer("memory, bus", True, ("bulkhead.memory", "bulkhead.bus"),
           "guest physical map, bounds-checked guest RAM, PIO/MMIO range registry"),
@@ -45,7 +45,7 @@ LAYERS: tuple[Layer, ...] = (
     Layer("sandbox", False, ("bulkhead.sandbox",), "jail, cgroups, supervisor (host side), worker, jailed backend"),
     Layer("daemon", False, ("bulkhead.daemon",), "HTTPS+mTLS API, store, audit log, services, client"),
     Layer("entry points", False, ("bulkhead.cli", "bulkhead.__main__", "bulkhead.runtime.cli",
-                                  "bulkhead.daemon.cli", "bulkhead.integrity.cli"),
+                                  "bulkhead.daemon.cli", "bulkhead.daemon.witness_cli", "bulkhead.integrity.cli"),
           "the `bulkhead` commands"),
 )
 

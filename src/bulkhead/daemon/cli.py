@@ -539,10 +539,10 @@ def role_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------- audit
 def audit_main(argv: list[str]) -> int:
     """`bulkhead audit show|export|verify|checkpoint|prove|witness` (docs/AUDIT.md)."""
-    if argv[:1] == ["witness"]:
-        from bulkhead.daemon.witness_cli import witness_main
+    if argv[:1] == ["witness"]:  # dispatched by name, like bulkhead.cli's table: witness_cli builds on this module
+        import importlib
 
-        return witness_main(argv[1:])
+        return int(importlib.import_module("bulkhead.daemon.witness_cli").witness_main(argv[1:]))
     p = _Parser(prog="bulkhead audit", description="show, export, prove and verify the audit log")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sh = sub.add_parser("show")
