@@ -250,9 +250,11 @@ def _tables(ns: str, config: HostConfig) -> set[NftTable]:
     if res.returncode != 0:
         return set()
     found: dict[tuple[str, str], str] = {}
+    # only the tables this module owns: the overlay's (network/overlay.py, `<p>_ovl`) are reconciled there
+    ours = {f"{config.prefix}_{t}" for t in ("guard", "tenant", "host")}
     for item in json.loads(res.stdout).get("nftables", []):
         ch = item.get("chain")
-        if not ch or not str(ch.get("table", "")).startswith(config.prefix + "_"):
+        if not ch or str(ch.get("table", "")) not in ours:
             continue
         key = (ch["family"], ch["table"])
         name = str(ch.get("name", ""))
