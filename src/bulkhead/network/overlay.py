@@ -26,9 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import signal
 import threading
-import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
@@ -190,24 +188,12 @@ def _wg_create(link: WgLink, config: HostConfig) -> None:
             _kernel_wg = False
     stale = _userspace_pid(link.name, config)
     if stale is not None:
-        _kill(stale)
+        host.terminate(stale)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f"{WG_RUN_DIR}/{link.name}.sock")
     host._cmd("", config, ["wireguard-go", link.name])
     if _userspace_pid(link.name, config) is None:
         raise HostError(f"wireguard-go did not start for {link.name}")
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.01)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def _wg_configure(conf: WgConf, config: HostConfig) -> None:
@@ -236,7 +222,7 @@ def _wg_delete(link: WgLink, config: HostConfig) -> None:
     pid = _userspace_pid(link.name, config)
     host._link_delete("", link.name, config)
     if pid is not None:
-        _kill(pid)
+        host.terminate(pid)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f"{WG_RUN_DIR}/{link.name}.sock")
 
@@ -287,35 +273,20 @@ def _execute(a: Action, config: HostConfig) -> None:
     fn(t, config)
 
 
-def _apply(actions: list[Action], config: HostConfig) -> list[Action]:
-    done = []
-    for a in actions:
-        try:
-            _execute(a, config)
-        except HostError:
-            raise
-        except OSError as exc:
-            raise HostError(f"overlay action {a} failed: {exc.strerror or exc}") from None
-        except Exception as exc:  # pyroute2 NetlinkError and friends
-            raise HostError(f"overlay action {a} failed: {exc}") from None
-        done.append(a)
-    return done
-
-
 def reconcile(spec: OverlaySpec, config: HostConfig) -> list[Action]:
     """Make this host's overlay match `spec`; returns the actions taken ([] when it already did). The
     tenant networks' namespaces and bridges must exist (`host.reconcile` first). Overlay networks left
     out of `spec` lose their VXLAN device. Raises ConfigError or HostError."""
     desired = desired_overlay(spec, config)
     with _lock:
-        return _apply(plan_overlay(observe(config), desired), config)
+        return host.apply(plan_overlay(observe(config), desired), config, _execute)
 
 
 def teardown(config: HostConfig) -> list[Action]:
     """Remove the WireGuard interface (and its wireguard-go), every VXLAN device and overlay table
     bulkhead owns under config.prefix. Raises HostError."""
     with _lock:
-        return _apply(plan_overlay(observe(config), OverlayState()), config)
+        return host.apply(plan_overlay(observe(config), OverlayState()), config, _execute)
 
 
 def status(config: HostConfig) -> dict[str, Any]:
