@@ -13,7 +13,6 @@ an authenticated peer host; each with a positive control that shows the attack p
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import socket
@@ -30,7 +29,7 @@ import pytest
 from bulkhead.network import host, overlay
 from bulkhead.network.model import Network, Nic, attach_nic, make_network
 from bulkhead.network.overlay_model import OverlayNetwork, OverlayPeer, OverlaySpec, make_overlay, wg_name
-from bulkhead.network.standin import GuestStandIn
+from bulkhead.network.standin import GuestStandIn, sniffing
 from bulkhead.network.state import HostConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
@@ -41,29 +40,6 @@ if os.geteuid() != 0 or not all(os.path.exists(p) for p in ("/usr/bin/wg", "/usr
 UNDERLAY = "198.19.7.{}"
 ATTACKER = UNDERLAY.format(66)
 VNI_A, VNI_B = 100, 200
-
-SNIFF = r"""
-import socket, sys, json, time, select
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((sys.argv[2], 0))
-end = time.time() + float(sys.argv[1])
-print("ready", flush=True)
-out = []
-while time.time() < end:
-    r, _, _ = select.select([s, sys.stdin], [], [], max(0.0, end - time.time()))
-    if s in r:
-        data, addr = s.recvfrom(65535)
-        if addr[2] != socket.PACKET_OUTGOING:
-            out.append(data.hex())
-    elif r:
-        time.sleep(0.5)
-        while select.select([s], [], [], 0)[0]:
-            data, addr = s.recvfrom(65535)
-            if addr[2] != socket.PACKET_OUTGOING:
-                out.append(data.hex())
-        break
-print(json.dumps(out), flush=True)
-"""
 
 SEND_UDP = r"""
 import socket, sys
@@ -185,29 +161,6 @@ def fleet() -> Iterator[Fleet]:
         assert not os.path.exists(f"{overlay.WG_RUN_DIR}/{wg_name(h.cfg, h.name)}.sock")
         assert not [n for n in os.listdir("/run/netns") if n.startswith(h.cfg.prefix)]
         assert not os.path.exists(h.cfg.state_dir)
-
-
-@contextlib.contextmanager
-def sniffing(targets: dict[str, tuple[str, str]], seconds: float = 40.0) -> Iterator[dict[str, list[bytes]]]:
-    """Record every frame arriving at `targets` {label: (netns, interface)} while the with-body runs."""
-    procs = {k: subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-c", SNIFF,
-                                  str(seconds), ifname], text=True, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for k, (ns, ifname) in targets.items()}
-    result: dict[str, list[bytes]] = {}
-    try:
-        for p in procs.values():
-            assert p.stdout is not None
-            assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
-        yield result
-        for k, p in procs.items():
-            out, _ = p.communicate(timeout=30)
-            result[k] = [bytes.fromhex(h) for h in json.loads(out.strip().splitlines()[-1])]
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def _guest(f: Fleet, vm: str) -> tuple[str, str]:
