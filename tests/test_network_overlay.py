@@ -94,9 +94,17 @@ def _snap(ns: str) -> dict[str, list[str]]:
     return out
 
 
+B_HOSTS = frozenset({"host-1", "host-2"})  # tenant B's network is carried by hosts 1 and 2 only
+
+
+def _carried(h: HostBox, nets: list[Network]) -> list[Network]:
+    return [n for n in nets if n.tenant == "tenant-a" or h.name in B_HOSTS]
+
+
 def _overlay_spec(h: HostBox, hosts: list[HostBox], nets: list[Network]) -> OverlaySpec:
     peers = [OverlayPeer(o.name, f"{o.underlay}:51820", o.pub) for o in hosts]
-    ovn = [OverlayNetwork(n, VNI_A if n.tenant == "tenant-a" else VNI_B) for n in nets]
+    ovn = [OverlayNetwork(n, VNI_A) if n.tenant == "tenant-a" else OverlayNetwork(n, VNI_B, B_HOSTS)
+           for n in _carried(h, nets)]
     return make_overlay(h.name, h.underlay, h.priv, peers, ovn, local_nics=h.nics)
 
 
@@ -134,7 +142,7 @@ def fleet() -> Iterator[Fleet]:
             local = [n for n in nics if placement[n.vm_id][0] == i]
             hosts.append(HostBox(f"host-{i}", ns, cfg, UNDERLAY.format(i), priv, pub, local))
         for h in hosts:
-            host.reconcile([a, b], h.nics, h.cfg)
+            host.reconcile(_carried(h, [a, b]), h.nics, h.cfg)
             h.spec = _overlay_spec(h, hosts, [a, b])
             overlay.reconcile(h.spec, h.cfg)
         for h in hosts:
@@ -351,3 +359,21 @@ def test_dhcp_and_the_gateway_stay_local(fleet: Fleet, tmp_path: Any) -> None:
     dhcp = [x for x in seen["a2"] if x[6:12] == a3_mac and x[12:14] == b"\x08\x00" and x[23] == 17]
     assert not dhcp, "a DHCP request crossed the overlay"
     del c0
+
+
+def test_a_peer_host_cannot_reach_a_network_it_does_not_carry(fleet: Fleet) -> None:
+    """Host 3 is a WireGuard peer but does not carry tenant B's network: its VXLAN with B's VNI is
+    dropped by host 2 (overlay_vni); the same datagram from host 1, which carries B, is delivered."""
+    h1, h2, h3 = fleet.hosts
+    assert h2.spec is not None
+    b2 = fleet.g["b2"]
+    c0 = overlay.read_counters(h2.cfg)["overlay_vni"][0]
+    m_h3, m_h1 = (b"VNI-" + secrets.token_hex(6).encode() for _ in range(2))
+    with sniffing({"b2": _guest(fleet, "b2")}) as seen:
+        for ns, m in ((h3.netns, m_h3), (h1.netns, m_h1)):
+            fr = _frame("02:55:55:55:55:55", "10.20.0.55", m)
+            _sh(ns, sys.executable, "-c", SEND_RAW_UDP, str(h2.spec.overlay_ip), "4789", _vxlan(VNI_B, fr).hex())
+    assert not _with(seen["b2"], m_h3), "a host that does not carry the network injected into it"
+    assert _with(seen["b2"], m_h1), "control: the carrying host's frame was not delivered"
+    assert overlay.read_counters(h2.cfg)["overlay_vni"][0] >= c0 + 1
+    assert b2.nic.network_id == "net-b"

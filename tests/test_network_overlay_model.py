@@ -135,3 +135,17 @@ def test_peer_change_rewrites_config_fdb_and_host_table() -> None:
     ops = [a.op for a in plan_overlay(d, d2)]
     assert sorted(ops) == sorted(["wg_configure", "nft_apply", "fdb_set", "fdb_set"])
     assert all(v.remotes == {IPv4Address(overlay_address("h2"))} for v in d2.vxlans)
+
+
+def test_a_network_carried_by_some_hosts_only() -> None:
+    s = _spec(networks=[OverlayNetwork(NET_A, 100), OverlayNetwork(NET_B, 200, frozenset({"h1", "h2"}))])
+    d = desired_overlay(s, CFG)
+    vb = next(v for v in d.vxlans if v.vni == 200)
+    va = next(v for v in d.vxlans if v.vni == 100)
+    assert vb.remotes == {overlay_address("h2")} and va.remotes == {overlay_address("h2"), overlay_address("h3")}
+    host_t = next(t for t in d.tables if t.netns == "")
+    rule = f"@th,96,24 200 ip saddr != {{ {overlay_address('h2')} }} counter name \"overlay_vni\" drop"
+    assert rule in host_t.body and "@th,96,24 100" not in host_t.body
+    assert host_t.body.index(rule) < host_t.body.index("udp dport 4789 accept")
+    with pytest.raises(ConfigError, match="names host 'h9', which is not a peer"):
+        _spec(networks=[OverlayNetwork(NET_A, 100, frozenset({"h9"}))])

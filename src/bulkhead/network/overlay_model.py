@@ -14,7 +14,8 @@ may only send inner packets from its own overlay address).
 
 nftables (text, replaced atomically like `rules.py`):
 - `inet <p>_ovl` in the host namespace: VXLAN's UDP port is accepted only from the WireGuard interface
-  and only from peer overlay addresses; a VXLAN datagram arriving on any other interface (plain VXLAN
+  and only from peer overlay addresses, and a VNI only from the peers that carry that network
+  (`overlay_vni`, when the network lists its hosts); a VXLAN datagram arriving on any other interface (plain VXLAN
   injected on the underlay) is dropped and counted (`underlay_vxlan`); nothing else from the overlay
   reaches the host (`overlay_other`) or is routed (`overlay_forward`); nothing addressed to the overlay
   pool leaves by any other interface (`cleartext_out`: a missing tunnel fails closed, never in clear).
@@ -33,7 +34,7 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
@@ -71,7 +72,8 @@ WG_OVERHEAD = 80  # outer IPv6 40 + UDP 8 + WireGuard data header 16 + tag 16 (w
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 MAX_VNI = (1 << 24) - 1
 _HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-HOST_COUNTERS = ("underlay_vxlan", "overlay_other", "overlay_forward", "cleartext_out")
+HOST_COUNTERS = ("underlay_vxlan", "overlay_vni", "overlay_other", "overlay_forward", "cleartext_out")
+_VNI_BITS = (8 + 4) * 8  # the VNI: bytes 4-6 of the VXLAN header after the UDP header (RFC 7348 §5), in @th bits
 TENANT_COUNTERS = ("ovl_in_mac", "ovl_in_proto", "ovl_in_dhcp", "ovl_in_gw", "ovl_in_nd", "ovl_out_dhcp", "ovl_out_gw")
 
 
@@ -121,10 +123,14 @@ class OverlayPeer:
 
 @dataclass(frozen=True)
 class OverlayNetwork:
-    """A tenant network that spans hosts and its VXLAN network identifier."""
+    """A tenant network that spans hosts, its VXLAN network identifier, and the ids of the other hosts
+    that carry it (None: every peer). Only those hosts get this network's frames, and VXLAN of this VNI
+    from any other peer is dropped in the host table (`overlay_vni`): a peer host can reach only the
+    tenant networks it carries itself."""
 
     network: Network
     vni: int
+    hosts: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,12 @@ def make_overlay(host_id: str, underlay: str, private_key: str, peers: Iterable[
         if on.vni in vnis:
             raise ConfigError(f"networks {vnis[on.vni]!r} and {on.network.id!r} have the same VNI {on.vni}")
         vnis[on.vni] = on.network.id
+        if on.hosts is not None:
+            hosts = frozenset(on.hosts) - {host_id}
+            unknown = sorted(hosts - {r.host_id for r in resolved})
+            if unknown:
+                raise ConfigError(f"network {on.network.id!r} names host {unknown[0]!r}, which is not a peer")
+            on = OverlayNetwork(on.network, on.vni, hosts)
         nets.append(on)
     return OverlaySpec(host_id, own_ip, private_key, listen_port, me, pool,
                        tuple(sorted(resolved, key=lambda r: r.host_id)), tuple(sorted(nets, key=lambda n: n.network.id)),
@@ -296,16 +308,21 @@ def _digest_table(netns: str, family: str, name: str, counters: tuple[str, ...],
 
 
 def host_overlay_table(config: HostConfig, wg: str, peers: Iterable[IPv4Address], pool: IPv4Network,
-                       vxlan_port: int) -> NftTable:
-    """`inet <p>_ovl` in the host namespace (see the module docstring)."""
+                       vxlan_port: int, vni_peers: Mapping[int, Iterable[IPv4Address]] | None = None) -> NftTable:
+    """`inet <p>_ovl` in the host namespace (see the module docstring). `vni_peers`: for a VNI, the only
+    peers whose VXLAN of that VNI is accepted."""
     ips = sorted(peers)
     w = repr_(wg)
     accept = []
+    for vni, allowed in sorted((vni_peers or {}).items()):
+        a = sorted(allowed)
+        cond = f"ip saddr != {{ {', '.join(str(i) for i in a)} }} " if a else ""
+        accept.append(f'    iifname {w} udp dport {vxlan_port} @th,{_VNI_BITS},24 {vni} {cond}counter name "overlay_vni" drop')
     if ips:
         s = "{ " + ", ".join(str(i) for i in ips) + " }"
-        accept = [f"    iifname {w} ip saddr {s} udp dport {vxlan_port} accept",
-                  f"    iifname {w} ip saddr {s} icmp type {{ echo-request, echo-reply, destination-unreachable, "
-                  "time-exceeded } accept"]
+        accept += [f"    iifname {w} ip saddr {s} udp dport {vxlan_port} accept",
+                   f"    iifname {w} ip saddr {s} icmp type {{ echo-request, echo-reply, destination-unreachable, "
+                   "time-exceeded } accept"]
     body = "\n".join([
         "  chain input {", "    type filter hook input priority -20; policy accept;",
         f'    iifname != {w} udp dport {vxlan_port} counter name "underlay_vxlan" drop',
@@ -359,8 +376,10 @@ def tenant_overlay_table(config: HostConfig, netns: str, vxlans: Iterable[tuple[
 
 def overlay_tables(spec: OverlaySpec, config: HostConfig) -> frozenset[NftTable]:
     """The host table and one bridge table per tenant namespace with overlay networks."""
+    limited = {on.vni: [p.overlay_ip for p in spec.peers if p.host_id in on.hosts]
+               for on in spec.networks if on.hosts is not None}
     out = {host_overlay_table(config, wg_name(config, spec.host_id), (p.overlay_ip for p in spec.peers),
-                              spec.pool, spec.vxlan_port)}
+                              spec.pool, spec.vxlan_port, limited)}
     by_ns: dict[str, list[tuple[str, Network]]] = {}
     for on in spec.networks:
         by_ns.setdefault(config.netns(on.network.tenant), []).append((vxlan_name(config, on.network.id), on.network))
@@ -377,9 +396,12 @@ def desired_overlay(spec: OverlaySpec, config: HostConfig) -> OverlayState:
     link = WgLink(wg, IPv4Interface(f"{spec.overlay_ip}/{spec.pool.prefixlen}"), spec.wg_mtu)
     conf = WgConf(wg, spec.listen_port, spec.private_key,
                   frozenset((p.public_key, f"{p.ip}:{p.port}", f"{p.overlay_ip}/32") for p in spec.peers))
-    remotes = frozenset(p.overlay_ip for p in spec.peers)
+    def remotes(on: OverlayNetwork) -> frozenset[IPv4Address]:
+        return frozenset(p.overlay_ip for p in spec.peers if on.hosts is None or p.host_id in on.hosts)
+
     vx = frozenset(VxlanSpec(config.netns(on.network.tenant), vxlan_name(config, on.network.id), on.vni,
-                             spec.overlay_ip, spec.vxlan_port, spec.vxlan_mtu, config.bridge(on.network.id), remotes)
+                             spec.overlay_ip, spec.vxlan_port, spec.vxlan_mtu, config.bridge(on.network.id),
+                             remotes(on))
                    for on in spec.networks)
     names = [v.name for v in vx]
     if len(set(names)) != len(names):
