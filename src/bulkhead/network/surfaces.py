@@ -47,7 +47,8 @@ def declare_surfaces() -> None:
         accepts="any UDP datagram from the underlay to a host: only WireGuard (listen port) is served, by "
         "wireguard-go or the kernel, which drops what does not authenticate as a configured peer; plain "
         "VXLAN to the VXLAN port from any interface but the WireGuard one is dropped and counted "
-        "(underlay_vxlan), as is anything else arriving through the tunnel (overlay_other)",
+        "(underlay_vxlan), as is a VNI from a peer that does not carry its network (overlay_vni) and anything "
+        "else arriving through the tunnel (overlay_other)",
         in_kernel=True,
         third_party="wireguard-go",
         spec="WireGuard whitepaper §5; RFC 7348",
