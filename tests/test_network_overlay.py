@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from bulkhead.errors import HostError
 from bulkhead.network import host, overlay
 from bulkhead.network.model import Network, Nic, attach_nic, make_network
 from bulkhead.network.overlay_model import OverlayNetwork, OverlayPeer, OverlaySpec, make_overlay, wg_name
@@ -377,3 +378,17 @@ def test_a_peer_host_cannot_reach_a_network_it_does_not_carry(fleet: Fleet) -> N
     assert _with(seen["b2"], m_h1), "control: the carrying host's frame was not delivered"
     assert overlay.read_counters(h2.cfg)["overlay_vni"][0] >= c0 + 1
     assert b2.nic.network_id == "net-b"
+
+
+def test_an_overlay_before_its_networks_is_a_clear_error(fleet: Fleet) -> None:
+    """Host 3 does not carry tenant B: an overlay spec that names B there fails with one sentence and
+    leaves no VXLAN device behind; the host's own spec still reconciles to nothing."""
+    h3 = fleet.hosts[2]
+    assert h3.spec is not None
+    wrong = make_overlay(h3.name, h3.underlay, h3.priv, [OverlayPeer(o.name, o.underlay, o.pub) for o in fleet.hosts],
+                         [OverlayNetwork(fleet.nets[0], VNI_A), OverlayNetwork(fleet.nets[1], VNI_B)],
+                         local_nics=h3.nics)
+    with pytest.raises(HostError, match=r"does not exist: reconcile the tenant networks \(host.reconcile\) before"):
+        overlay.reconcile(wrong, h3.cfg)
+    assert f"{h3.cfg.prefix}x" not in _sh(h3.netns, "ip", "-o", "link").stdout
+    assert [str(a) for a in overlay.reconcile(h3.spec, h3.cfg)] == []

@@ -114,9 +114,12 @@ def observe(config: HostConfig) -> OverlayState:
     wprefix, xprefix = config.prefix + "w", config.prefix + "x"
     link: WgLink | None = None
     conf: WgConf | None = None
+    vxlans: set[VxlanSpec] = set()
     with host._ipr("", config) as ipr:
         for lk in ipr.get_links():
             name = lk.get_attr("IFLA_IFNAME")
+            if name.startswith(xprefix):  # a VXLAN whose move into its tenant namespace failed: removed
+                vxlans.add(VxlanSpec("", name, 0, IPv4Address(0), 0, 0, ""))
             if not name.startswith(wprefix) or link is not None:
                 continue
             addrs = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(family=2, index=lk["index"])]
@@ -124,7 +127,6 @@ def observe(config: HostConfig) -> OverlayState:
                           int(lk.get_attr("IFLA_MTU")), bool(lk["flags"] & 1))
     if link is not None:
         conf = _wg_dump(link.name, config)
-    vxlans: set[VxlanSpec] = set()
     tables: set[NftTable] = set()
     namespaces = sorted(n for n in os.listdir(host.NETNS_DIR) if config.owns_netns(n)) \
         if os.path.isdir(host.NETNS_DIR) else []
@@ -228,6 +230,9 @@ def _wg_delete(link: WgLink, config: HostConfig) -> None:
 
 
 def _vxlan_create(v: VxlanSpec, config: HostConfig) -> None:
+    if not os.path.exists(f"{host.NETNS_DIR}/{v.netns}"):
+        raise HostError(f"tenant namespace {v.netns} does not exist: reconcile the tenant networks "
+                        "(host.reconcile) before the overlay")
     host._link_delete(v.netns, v.name, config)
     host._link_delete("", v.name, config)
     # created in the host namespace: its UDP socket lives there for the device's whole life
