@@ -16,7 +16,7 @@ from typing import Any
 
 from bulkhead.control import rbac
 from bulkhead.daemon.auditlog import now_iso
-from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx, config_error
+from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx
 from bulkhead.daemon.store import new_id
 from bulkhead.errors import ConfigError
 
@@ -45,7 +45,7 @@ class AccessOps(Core):
         try:
             pub = pki.csr_public_key(csr_pem)
         except ConfigError as exc:
-            raise config_error(exc) from None
+            raise ApiError.of(exc) from None
         row = self.store.q1("SELECT * FROM principals WHERE name = ?", (name,))
         if row is not None and row["kind"] != "cert":
             raise ApiError(409, f"{name!r} is a reserved principal name")
@@ -110,7 +110,7 @@ class AccessOps(Core):
                 rbac.validate_pattern(p)
         except ConfigError as exc:
             ctx.action, ctx.decision = "role/write", "deny"
-            raise config_error(exc) from None
+            raise ApiError.of(exc) from None
         for s in scopes:
             self.authorize(ctx, "role/write", s, visible=partial(self._scope_visible, ctx, s))
         if self.store.q1("SELECT 1 FROM roles WHERE name = ?", (body.name,)):
@@ -168,7 +168,7 @@ class AccessOps(Core):
             rbac.validate_scope(scope)
         except ConfigError as exc:
             ctx.decision = "deny"
-            raise config_error(exc) from None
+            raise ApiError.of(exc) from None
         if "/disks/" in scope:
             ctx.decision = "deny"
             raise ApiError(422, "roles are assignable at /, /tenants/<t> or /tenants/<t>/vms/<v>")

@@ -48,6 +48,7 @@ from bulkhead.control.models import (
     WhoAmI,
 )
 from bulkhead.daemon.service import ApiError, ReqCtx
+from bulkhead.errors import BulkheadError
 
 __all__ = ["MAX_BODY", "PEER_KEY", "build_app", "inject_peer"]
 
@@ -196,12 +197,15 @@ def build_app(daemon: Any) -> Any:
     )
 
     @api.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        if exc.status == 422:  # same shape as pydantic's validation errors (HTTPValidationError)
-            return JSONResponse({"detail": [{"loc": ["body"], "msg": exc.detail, "type": exc.kind or "value_error"}]},
+    @api.exception_handler(BulkheadError)
+    async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+        """The one handler: an operation's ApiError, or a domain error answered by api_status.TABLE."""
+        err = exc if isinstance(exc, ApiError) else ApiError.of(exc)
+        if err.status == 422:  # same shape as pydantic's validation errors (HTTPValidationError)
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": err.detail, "type": err.kind or "value_error"}]},
                                 422)
-        body = {"detail": exc.detail, **({"kind": exc.kind} if exc.kind else {})}
-        return JSONResponse(body, status_code=exc.status)
+        body = {"detail": err.detail, **({"kind": err.kind} if err.kind else {})}
+        return JSONResponse(body, status_code=err.status)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -291,5 +291,5 @@ class Daemon(AuditOps, VmOps, AccessOps):
         try:
             self.audit.append(ctx.record(result))
         except AuditUnavailable as exc:
-            raise ApiError(503, f"audit log unavailable, the response is withheld ({exc})") from None
+            raise ApiError.of(exc, f"audit log unavailable, the response is withheld ({exc})") from None
         ctx.audited = True

@@ -28,7 +28,7 @@ from typing import Any
 from bulkhead.control import rbac
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.backend import VmSpec
-from bulkhead.daemon.service import ApiError, Core, ReqCtx, config_error
+from bulkhead.daemon.service import ApiError, Core, ReqCtx
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.network.model import Network, Nic
 from bulkhead.network.service import NetworkService, network_from_row, nic_from_row, nic_row
@@ -101,7 +101,7 @@ class NetworkOps(Core):
         try:
             return self.net_sync()
         except HostError as exc:
-            raise ApiError(503, f"the host could not {what}: {exc}") from None
+            raise ApiError.of(exc, f"the host could not {what}: {exc}") from None
 
     def net_sync_quietly(self, reason: str) -> None:
         """A sync after a committed change: a failure is audited (system event) and repaired by the next
@@ -145,7 +145,7 @@ class NetworkOps(Core):
             try:
                 net = self.net.new_network(tenant, body.model_dump(), [_nw(r) for r in rows])
             except ConfigError as exc:
-                raise config_error(exc) from None
+                raise ApiError.of(exc) from None
             ctx.detail.update(network=net.id, ipv4_subnet=str(net.ipv4), egress=net.egress)
             c.execute("INSERT INTO networks(id, tenant, name, ipv4, ipv6, egress, created) VALUES (?,?,?,?,?,?,?)",
                       (net.id, tenant, net.name, str(net.ipv4), str(net.ipv6) if net.ipv6 else None,
@@ -181,7 +181,7 @@ class NetworkOps(Core):
         try:
             raw = self.net.counters(row["tenant"])
         except HostError as exc:
-            raise ApiError(503, f"cannot read the network's counters: {exc}") from None
+            raise ApiError.of(exc, f"cannot read the network's counters: {exc}") from None
         taps = {self.net.tap_name(n) + "_": n.mac for n in nics}
         prefix = self.net.config.prefix + "n"
         out: dict[str, dict[str, int]] = {}
@@ -214,7 +214,7 @@ class NetworkOps(Core):
                 existing = [_nc(r) for r in self.store.q("SELECT * FROM nics WHERE network = ?", (net_id,))]
                 nic = self.net.new_nic(vm_id, tenant, i, _nw(row), existing + built, spec)
             except ConfigError as exc:
-                raise config_error(exc) from None
+                raise ApiError.of(exc) from None
             built.append(nic)
         for nic in built:
             r = nic_row(nic)

@@ -23,10 +23,10 @@ from typing import Any
 
 from bulkhead.control import rbac
 from bulkhead.control.audit import Record
+from bulkhead.daemon.api_status import status_of
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, now_iso
 from bulkhead.daemon.backend import VmBackend
 from bulkhead.daemon.store import Store
-from bulkhead.errors import ConfigError
 
 __all__ = ["ApiError", "Caller", "Core", "ReqCtx"]
 
@@ -40,6 +40,16 @@ class ApiError(Exception):
         self.status = status
         self.detail = detail
         self.kind = kind
+
+    @classmethod
+    def of(cls, exc: BaseException, detail: str | None = None) -> ApiError:
+        """The answer to a domain exception: its status and kind from the one table (api_status.py),
+        `detail` (default: the exception's message) worded by the operation. Raises TypeError for an
+        exception the table does not know (a bug, not a refusal)."""
+        hit = status_of(exc)
+        if hit is None:
+            raise TypeError(f"{type(exc).__name__} is not in the API status table") from exc
+        return cls(hit[0], str(exc) if detail is None else detail, kind=hit[1])
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,7 @@ class Core:
         try:
             return self.audit.append(rec)
         except AuditUnavailable as exc:
-            raise ApiError(503, f"audit log unavailable, nothing was changed ({exc})") from None
+            raise ApiError.of(exc, f"audit log unavailable, nothing was changed ({exc})") from None
 
     def event(self, kind: str, action: str, *, vm: str = "", scope: str = "", principal: str = "",
               result: str = "", request_id: str = "", detail: dict[str, Any] | None = None) -> int:
@@ -280,6 +290,3 @@ class Core:
         ctx.decision = "allow"
         return list(query_records(self.audit.path, scopes=None if "/" in scopes else scopes, **filters))
 
-
-def config_error(exc: ConfigError) -> ApiError:
-    return ApiError(422, str(exc))

@@ -20,9 +20,9 @@ from bulkhead.control.lifecycle import LifecycleError, next_state
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.backend import VmSpec
 from bulkhead.daemon.networks import NetworkOps
-from bulkhead.daemon.service import NOT_FOUND, ApiError, ReqCtx, config_error
+from bulkhead.daemon.service import NOT_FOUND, ApiError, ReqCtx
 from bulkhead.daemon.store import new_id
-from bulkhead.errors import ConfigError, HostError, StartRefused, VmNotRunning
+from bulkhead.errors import ConfigError, HostError, StartRefused
 from bulkhead.integrity.errors import CodeMismatch
 
 __all__ = ["VmOps"]
@@ -104,7 +104,7 @@ class VmOps(NetworkOps):
             config = VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
                               mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log", rng=bool(body.rng))
         except ConfigError as exc:
-            raise config_error(exc) from None
+            raise ApiError.of(exc) from None
         self._check_images(ctx, config, len(body.drives), len(body.nics))
         vm_id = new_id()
         ctx.vm = vm_id
@@ -144,7 +144,7 @@ class VmOps(NetworkOps):
                 with open(path, "rb") as f:
                     images.append(f.read(MAX_IMAGE + 1))
             except OSError as exc:
-                raise ApiError(503, f"cannot read the image {path.rsplit('/', 1)[-1]}: {exc.strerror}") from None
+                raise ApiError.of(HostError(f"cannot read the image {path.rsplit('/', 1)[-1]}: {exc.strerror}")) from None
         # the device count decides the command-line announcements the VMM appends
         shaped = config._replace(drives=tuple(DriveConfig("/dev/null", True) for _ in range(drives)),
                                  nets=tuple(NetConfig(f"tap{i}", "") for i in range(nics)))
@@ -209,7 +209,7 @@ class VmOps(NetworkOps):
             try:
                 next_state(row["state"], "delete")
             except LifecycleError as exc:
-                raise ApiError(409, str(exc)) from None
+                raise ApiError.of(exc) from None
             with self.mutation(ctx, "204") as c:
                 c.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
                 c.execute("DELETE FROM vm_events WHERE vm = ?", (vm_id,))
@@ -232,7 +232,7 @@ class VmOps(NetworkOps):
             try:
                 new = next_state(row["state"], op)
             except LifecycleError as exc:
-                raise ApiError(409, str(exc)) from None
+                raise ApiError.of(exc) from None
             # fail closed: the lifecycle change is recorded before it happens
             self.event("vm", f"vm.{op}", vm=vm_id, scope=ctx.scope, principal=ctx.caller.id, result="intent",
                        request_id=ctx.request_id, detail={"from": row["state"], "to": new})
@@ -253,13 +253,13 @@ class VmOps(NetworkOps):
             except StartRefused as exc:  # the loader or the VMM refused it before the guest ran: the caller's input
                 self.store.vm_event(vm_id, f"{op}-refused", {"kind": exc.kind, "error": str(exc)})
                 ctx.detail.update(error=str(exc), kind=exc.kind)
-                raise ApiError(422, f"cannot {op} the VM: {exc}", kind=exc.kind) from None
+                raise ApiError.of(exc, f"cannot {op} the VM: {exc}") from None
             except CodeMismatch as exc:  # the worker's pre-import gate refused bulkhead's own code
                 self._code_mismatch(ctx, vm_id, exc)
             except HostError as exc:
                 self.store.vm_event(vm_id, f"{op}-failed", {"error": str(exc)})
                 ctx.detail["error"] = str(exc)
-                raise ApiError(409 if isinstance(exc, VmNotRunning) else 503, f"cannot {op} the VM: {exc}") from None
+                raise ApiError.of(exc, f"cannot {op} the VM: {exc}") from None
             self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
             self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id,
                                              **(self._exit_reason(vm_id)[0] if op == "stop" else {})})
@@ -293,10 +293,7 @@ class VmOps(NetworkOps):
         503 while the host is untrusted (or the image cannot be read)."""
         from bulkhead.daemon.integrity import check_boot, measure_spec
         from bulkhead.integrity.errors import (
-            HostUntrusted,
             IntegrityError,
-            LaunchDigestMismatch,
-            LaunchNotAllowed,
         )
         from bulkhead.integrity.launch import check_expected_digest
 
@@ -312,13 +309,12 @@ class VmOps(NetworkOps):
                 self._refuse_boot(ctx, vm_id, exc, "start")  # raises ApiError 422 with the kind
             self.integrity.check_vm_start(config, kernel, initrd)
         except ConfigError as exc:
-            raise config_error(exc) from None
+            raise ApiError.of(exc) from None
         except IntegrityError as exc:
-            # by type: a changed launch 409, a launch the policy does not list 409, an untrusted host (or a
-            # gate/TPM/image failure) 503
-            mismatch = isinstance(exc, LaunchDigestMismatch)
-            untrusted = isinstance(exc, HostUntrusted)
-            kind = "launch-digest-mismatch" if mismatch else ("host-untrusted" if untrusted else "launch-refused")
+            # status and kind by type (api_status.TABLE): a changed launch or one the policy does not list
+            # 409, an untrusted host (or a gate/TPM/image failure) 503
+            refusal = ApiError.of(exc)
+            kind = str(refusal.kind)
             detail: dict[str, Any] = {"reason": str(exc), "digest": digest, "expected_digest": expected}
             if exc.path:
                 detail["path"] = exc.path
@@ -328,8 +324,7 @@ class VmOps(NetworkOps):
                 self.security_event(vm_id, f"integrity/{kind}", detail)
             except ApiError:
                 pass  # the request's own record (ctx.detail) still says why; it is written before the reply
-            status = 409 if isinstance(exc, LaunchDigestMismatch | LaunchNotAllowed) else 503
-            raise ApiError(status, str(exc), kind=kind) from None
+            raise refusal from None
         with self.store.lock:  # kept in memory (and in the request's audit record), not as a VM event
             if not hasattr(self, "_launch_digests"):
                 self._launch_digests: dict[str, str] = {}
@@ -348,15 +343,15 @@ class VmOps(NetworkOps):
             self.security_event(vm_id, "integrity/code-mismatch", detail)
         except ApiError:
             pass  # the request's own record (ctx.detail) still says why
-        raise ApiError(503, f"cannot start the VM: bulkhead's installed code differs from the signed manifest "
-                            f"({exc.path}): {exc}", kind="code-mismatch") from None
+        raise ApiError.of(exc, f"cannot start the VM: bulkhead's installed code differs from the signed manifest "
+                               f"({exc.path}): {exc}") from None
 
     def _refuse_boot(self, ctx: ReqCtx, vm_id: str | None, exc: ConfigError, op: str) -> NoReturn:
         refused = StartRefused.of(exc)
         ctx.detail.update(error=str(exc), kind=refused.kind)
         if vm_id is not None:
             self.store.vm_event(vm_id, f"{op}-refused", {"kind": refused.kind, "error": str(exc)})
-        raise ApiError(422, f"cannot {op} the VM: {exc}", kind=refused.kind) from None
+        raise ApiError.of(refused, f"cannot {op} the VM: {exc}") from None
 
     def vm_measurement(self, ctx: ReqCtx, vm_id: str) -> dict[str, Any]:
         """The VM's launch digest computed now from its current files and configuration. Raises ApiError
@@ -369,9 +364,9 @@ class VmOps(NetworkOps):
         try:
             config, kernel, initrd, digest = measure_spec(self._spec(row))
         except ConfigError as exc:
-            raise config_error(exc) from None
+            raise ApiError.of(exc) from None
         except IntegrityError as exc:
-            raise ApiError(503, str(exc)) from None
+            raise ApiError.of(exc) from None
         last = getattr(self, "_launch_digests", {}).get(vm_id)
         return {"vm": vm_id, "digest": digest, "expected_digest": expected,
                 "matches_expected": None if expected is None else digest == expected,
@@ -441,7 +436,7 @@ class VmOps(NetworkOps):
             with open(path, "xb") as f:
                 f.truncate(size_mib << 20)  # sparse
         except OSError as exc:
-            raise ApiError(503, f"cannot create the disk image: {exc.strerror}") from None
+            raise ApiError.of(HostError(f"cannot create the disk image: {exc.strerror}")) from None
         created = now_iso()
         try:
             with self.mutation(ctx, "201") as c:
