@@ -397,3 +397,20 @@ def _plan(k: _Kernel, boot_info: int, gdt: bytes, initrd_range: tuple[int, int] 
         acpi_rsdp=L.ACPI_RSDP_START,
         structures=tuple(written),
     )
+
+
+def declare_surfaces() -> None:
+    """Declare the boot loader's image-facing entry point (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "boot-parser",
+        "load-kernel",
+        owner=__name__,
+        boundary="image-vmm",
+        accepts="user-supplied kernel bytes (format chosen by magic), initrd bytes and command line; "
+        "every placement is validated before guest memory is written; bad input -> ImageError/ConfigError",
+        handler="load_kernel",
+        fuzz="fuzz/fuzz_boot_images.py",
+        spec="Documentation/arch/x86/boot.rst; Xen PVH start info",
+    )

@@ -40,11 +40,7 @@ class DiskService:
         return users
 
     def disk_create(self, ctx: ReqCtx, tenant: str, name: str, size_mib: int) -> dict[str, Any]:
-        ts = rbac.tenant_scope(tenant)
-        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
-            ctx.scope = ts
-            raise self.core.deny_unknown(ctx, "disk/write")
-        self.core.authorize(ctx, "disk/write", ts, visible=lambda: self.core.can_see_tenant(ctx.caller, tenant))
+        self.core.authorize_in_tenant(ctx, "disk/write", tenant)
         if self.store.q1("SELECT 1 FROM disks WHERE tenant = ? AND name = ?", (tenant, name)):
             raise ApiError(409, f"a disk named {name!r} already exists in this tenant")
         disk_id = new_id()

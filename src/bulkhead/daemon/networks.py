@@ -142,11 +142,7 @@ class TenantNetworkService:
 
     # ------------------------------------------------------------------ networks
     def network_create(self, ctx: ReqCtx, tenant: str, body: Any) -> dict[str, Any]:
-        ts = rbac.tenant_scope(tenant)
-        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
-            ctx.scope = ts
-            raise self.core.deny_unknown(ctx, "network/write")
-        self.core.authorize(ctx, "network/write", ts, visible=lambda: self.core.can_see_tenant(ctx.caller, tenant))
+        self.core.authorize_in_tenant(ctx, "network/write", tenant)
         created = now_iso()
         with self.core.mutation(ctx, "201") as c:  # validation, insert and host change in one transaction
             rows = self.store.q("SELECT * FROM networks WHERE tenant = ?", (tenant,))

@@ -163,6 +163,15 @@ class Core:
             raise ApiError(403, f"{ctx.caller.name} may not {action} at this scope")
         raise ApiError(404, NOT_FOUND)
 
+    def authorize_in_tenant(self, ctx: ReqCtx, action: str, tenant: str) -> None:
+        """Authorize creating a resource in `tenant`: a missing tenant and one the caller may not see get
+        the same 404; a visible one without `action` 403 (docs/RBAC.md)."""
+        ts = rbac.tenant_scope(tenant)
+        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
+            ctx.scope = ts
+            raise self.deny_unknown(ctx, action)
+        self.authorize(ctx, action, ts, visible=lambda: self.can_see_tenant(ctx.caller, tenant))
+
     def deny_unknown(self, ctx: ReqCtx, action: str) -> ApiError:
         """The resource does not exist: same answer as an invisible one."""
         ctx.action, ctx.decision = action, "deny"

@@ -119,11 +119,7 @@ class VmService:
     # ------------------------------------------------------------------ create / read / delete
     def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
         tenant = str(body.tenant)
-        ts = rbac.tenant_scope(tenant)
-        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
-            ctx.scope = ts
-            raise self.core.deny_unknown(ctx, "vm/write")
-        self.core.authorize(ctx, "vm/write", ts, visible=lambda: self.core.can_see_tenant(ctx.caller, tenant))
+        self.core.authorize_in_tenant(ctx, "vm/write", tenant)
         kernel = self._image(body.kernel, "kernel")
         initrd = self._image(body.initrd, "initrd") if body.initrd else None
         try:  # the runtime's own validation, so an accepted VM is one `bulkhead run` accepts
