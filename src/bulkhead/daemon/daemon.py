@@ -83,7 +83,7 @@ class Daemon:
         self.store = store
         self.audit = audit
         self.backend = backend
-        self.witnesses = witnesses
+        self._witnesses = witnesses  # read-only: the audit gate (core) holds the same object
         self.core = Core(store, audit, state_dir, engine, witnesses)
         self.tenants = TenantService(self.core)
         self.access = AccessService(self.core, ca)
@@ -109,6 +109,11 @@ class Daemon:
     def integrity(self, gate: HostIntegrity) -> None:
         """The server installs the TPM-backed gate after open (bulkhead.daemon.integrity)."""
         self.vms.integrity = gate
+
+    @property
+    def witnesses(self) -> WitnessPusher | None:
+        """The witness pusher (docs/AUDIT.md), the one the audit gate consults."""
+        return self._witnesses
 
     @property
     def net(self) -> NetworkService:
