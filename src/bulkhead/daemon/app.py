@@ -397,13 +397,19 @@ def build_app(daemon: Any) -> Any:
                           ctx: ReqCtx = Ctx) -> Any:
         return d.audit_consistency(ctx, old, new)
 
+    from bulkhead.daemon import opsroutes
+    from bulkhead.daemon.metrics import Observe
+
+    opsroutes.install(api, r, d)  # metrics, per-VM stats, images, attestation policy
     api.include_router(r)
-    return Gate(api, daemon)
+    return Observe(Gate(api, daemon), daemon)  # one log line + metrics per request
 
 
 def openapi_document(daemon: Any) -> dict[str, Any]:
     app = build_app(daemon)
-    doc: dict[str, Any] = app.app.openapi()
+    while not hasattr(app, "openapi"):  # Observe -> Gate -> FastAPI
+        app = app.app
+    doc: dict[str, Any] = app.openapi()
     return doc
 
 

@@ -184,6 +184,17 @@ class JailedBackend:
         with self._lock:
             return self._handles.get(vm_id)
 
+    def stats(self, vm_id: str) -> dict[str, Any] | None:
+        """The counters the VM's worker sent in its `stats` message (at the end of its last run), nested as
+        `bulkhead run --stats` writes them (daemon/vmstats.py). Untrusted diagnostics. None: none yet."""
+        from bulkhead.runtime.stats import nest_counters
+
+        with self._lock:
+            h = self._handles.get(vm_id)
+        if h is None or h.counters is None:
+            return None
+        return nest_counters(h.counters)
+
     def exit_reason(self, vm_id: str) -> WorkerExit | None:
         """The host-decided exit of a VM's worker (kind, status, detail, security_event), if it ended."""
         with self._lock:
