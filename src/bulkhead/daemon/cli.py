@@ -143,6 +143,9 @@ def serve_main(argv: list[str]) -> int:
     g.add_argument("--event-log", type=Path, help="measurement event log (default <state-dir>/integrity/events.jsonl)")
     g.add_argument("--integrity", default="gate", choices=["gate", "off"],
                    help="off: no integrity gate; refused unless --backend fake (no guest can run); audited")
+    p.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"],
+                   help="stderr log lines (one per request and lifecycle event; the journal under systemd)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     w = p.add_argument_group("audit witnesses (docs/AUDIT.md)")
     w.add_argument("--witness", help="NAME|URL[,...]: push checkpoints to these registered witnesses "
                    "(default: every one under <state-dir>/witnesses)")
@@ -157,6 +160,9 @@ def serve_main(argv: list[str]) -> int:
         from bulkhead.daemon.integrity import IntegrityOptions
         from bulkhead.daemon.server import serve
 
+        from bulkhead.daemon.logsetup import configure
+
+        configure(args.log_format, args.log_level)
         if args.integrity == "off" and args.backend != "fake":
             raise ConfigError("--integrity off is accepted only with --backend fake (no guest can run)")
         if args.dev_tpm and args.tpm:
@@ -301,7 +307,7 @@ def vm_main(argv: list[str]) -> int:
     ls = sub.add_parser("list")
     ls.add_argument("--tenant")
     parsers = [cr, ls]
-    for name in ("get", "start", "stop", "pause", "resume", "delete", "events", "measurement"):
+    for name in ("get", "start", "stop", "pause", "resume", "delete", "events", "measurement", "stats"):
         sp = sub.add_parser(name)
         sp.add_argument("vm")
         parsers.append(sp)
@@ -372,6 +378,10 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
         return _out(args, c.delete(f"/vms/{vid}"), VM_COLS)
     if args.cmd == "events":
         return _out(args, c.get(f"/vms/{vid}/events"), ["time", "event", "detail"])
+    if args.cmd == "stats":  # daemon/ops_cli.py, by name (it builds on this module)
+        import importlib
+
+        return int(importlib.import_module("bulkhead.daemon.ops_cli").vm_stats(c, args))
     if args.cmd == "measurement":
         return _out(args, c.get(f"/vms/{vid}/measurement"), [])
     if args.cmd == "console":
@@ -389,10 +399,13 @@ def integrity_main(argv: list[str]) -> int:
     """`bulkhead integrity status`: the daemon's host integrity (exit 0 trusted, 1 untrusted or off)."""
     p = _Parser(prog="bulkhead integrity", description="the daemon's host integrity state (GET /integrity)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    st = sub.add_parser("status")
+    st = sub.add_parser("status", help="trusted or untrusted, with every reason")
     _common(st)
 
     def go() -> int:
+        if not argv:  # no subcommand: the usage, not argparse's "arguments are required: cmd"
+            print(p.format_usage().rstrip() + "\n\n  status   the daemon's host integrity (exit 0 trusted)")
+            return 2
         args = p.parse_args(argv)
         with _client(args) as c:
             res = c.get("/integrity")

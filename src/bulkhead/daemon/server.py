@@ -221,6 +221,12 @@ class Serving:
         return [s for s in (self.tls_server, self.unix_server) if s is not None]
 
     def stop(self) -> None:
+        from bulkhead.daemon.logsetup import lifecycle
+        from bulkhead.daemon.sdnotify import notify
+
+        if not any(s.should_exit for s in self._servers()):
+            notify("STOPPING=1", "STATUS=stopping")  # systemd: the stop has begun (sd_notify(3))
+            lifecycle("daemon.stopping", pid=os.getpid())
         for s in self._servers():
             s.should_exit = True
 
@@ -310,8 +316,16 @@ def _serve_locked(state_dir: Path, host: str, port: int, backend: Any, engine: s
             tmp.write_text(json.dumps(info))
             os.replace(tmp, s.sd.serve_info)
             print(f"bulkheadd listening on https://{s.host}:{s.port} and {s.sd.socket}", flush=True)
+            from bulkhead.daemon.logsetup import lifecycle
+            from bulkhead.daemon.sdnotify import notify
+
+            lifecycle("daemon.ready", pid=os.getpid(), listen=f"https://{s.host}:{s.port}", socket=str(s.sd.socket))
+            notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=listening on https://{s.host}:{s.port}")
 
         serving.run(on_started=announce)
     finally:
         daemon.close()
+        from bulkhead.daemon.logsetup import lifecycle
+
+        lifecycle("daemon.stopped", pid=os.getpid())
     return 0

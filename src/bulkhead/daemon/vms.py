@@ -19,6 +19,7 @@ from bulkhead.control import rbac
 from bulkhead.control.lifecycle import LifecycleError, next_state
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.backend import VmSpec
+from bulkhead.daemon.logsetup import lifecycle
 from bulkhead.daemon.networks import NetworkOps
 from bulkhead.daemon.service import NOT_FOUND, ApiError, ReqCtx, config_error
 from bulkhead.daemon.store import new_id
@@ -78,6 +79,8 @@ class VmOps(NetworkOps):
         except ApiError:
             return row  # not audited -> not recorded; try again later
         self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
+        lifecycle("vm.state", vm=row["id"], name=row["name"], op="exit", to="exited", exit_status=st.exit_status,
+                  **{k: v for k, v in why.items() if k == "reason"})
         self.store.vm_event(row["id"], "exited", {"status": st.exit_status, **why})
         kind = why.get("reason") if why else security_exit_kind(st.exit_status)
         if kind in _SECURITY_EXITS and not reported:  # stopped for a security reason: a security event too
@@ -177,7 +180,8 @@ class VmOps(NetworkOps):
     def _image(self, name: str, what: str) -> Any:
         path = self.paths.images / name
         if "/" in name or name.startswith(".") or not path.is_file():
-            raise ApiError(422, f"{what} image {name!r} is not in the daemon's image directory")
+            raise ApiError(422, f"{what} image {name!r} is not in the daemon's image directory "
+                           f"{self.paths.images} (add it with `bulkhead image import FILE --name {name}`)")
         return path
 
     def _disk_users(self, disk_id: str, writable_only: bool) -> list[str]:
@@ -261,6 +265,7 @@ class VmOps(NetworkOps):
                 ctx.detail["error"] = str(exc)
                 raise ApiError(409 if isinstance(exc, VmNotRunning) else 503, f"cannot {op} the VM: {exc}") from None
             self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
+            lifecycle("vm.state", vm=vm_id, name=row["name"], op=op, to=new, by=ctx.caller.name)
             self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id,
                                              **(self._exit_reason(vm_id)[0] if op == "stop" else {})})
             final = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
