@@ -93,7 +93,7 @@ def metrics_of(daemon: Any) -> Metrics:
 
 def _audit_size(daemon: Any) -> int:
     try:
-        return int(daemon.audit.size())
+        return int(daemon.audit.size)
     except Exception:
         return 0
 
