@@ -165,8 +165,9 @@ def test_vm_stats_api_and_cli(harness: Harness, capsys: pytest.CaptureFixture[st
 @pytest.mark.timeout(180)
 def test_a_real_guests_counters_come_from_its_jailed_worker(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bulkhead.daemon.backend import make_backend
     from tests.vmrun import payload
+
+    from bulkhead.daemon.backend import make_backend
 
     img = payload("exit_code")
     h = Harness(tmp_path / "s", backend=make_backend("jail"))

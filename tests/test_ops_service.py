@@ -89,7 +89,7 @@ def test_serve_notifies_ready_and_stopping(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(sock_path))
         s.settimeout(30)
-        proc, info = spawn_daemon(tmp_path / "s", extra_env={"NOTIFY_SOCKET": str(sock_path)})
+        proc, _info = spawn_daemon(tmp_path / "s", extra_env={"NOTIFY_SOCKET": str(sock_path)})
         try:
             ready = s.recv(4096).decode().split("\n")
             assert ready[0] == "READY=1" and f"MAINPID={proc.pid}" in ready

@@ -70,14 +70,28 @@ def _client(args: argparse.Namespace) -> Any:
     return ApiClient(ep)
 
 
+def human(v: Any) -> str:
+    """A value as a person reads it: no Python reprs (None, [], {}, True)."""
+    if v is None or v == "" or v == [] or v == {}:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, list | tuple):
+        return ",".join(human(x) for x in v)
+    if isinstance(v, dict):
+        return " ".join(f"{k}={human(x)}" for k, x in v.items() if x not in (None, "", [], {}))
+    return str(v)
+
+
 def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    """A plain-text table; cells are shortened to 40 characters."""
+    """A plain-text table; cells are shortened to 40 characters, except the last column (e.g. DETAIL),
+    which is printed whole."""
 
-    def cell(v: Any) -> str:
-        s = "-" if v is None or v == "" else (",".join(map(str, v)) if isinstance(v, list) else str(v))
-        return s if len(s) <= 40 else s[:37] + "..."
+    def cell(v: Any, last: bool) -> str:
+        s = human(v)
+        return s if last or len(s) <= 40 else s[:37] + "..."
 
-    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[cell(r.get(c), i == len(cols) - 1) for i, c in enumerate(cols)] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
@@ -94,8 +108,25 @@ def _out(args: argparse.Namespace, data: Any, cols: Sequence[str]) -> int:
     else:
         width = max(len(k) for k in data) if data else 0
         for k, v in data.items():
-            print(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, list | dict) else v}")
+            print(f"{k.ljust(width)}  {human(v)}")
     return 0
+
+
+def _names(c: Any, path: str) -> dict[str, str]:
+    """id -> name of the tenants or principals the caller may list ({} when it may not)."""
+    from bulkhead.daemon.client import ClientError
+
+    try:
+        return {str(x["id"]): str(x["name"]) for x in c.get(path)}
+    except ClientError:
+        return {}
+
+
+def _named(rows: Any, key: str, names: dict[str, str]) -> Any:
+    """Rows (or one row) with `key` shown by name when known (the id stays in --json output)."""
+    if isinstance(rows, dict):
+        return {**rows, key: names.get(str(rows.get(key)), rows.get(key))}
+    return [{**r, key: names.get(str(r.get(key)), r.get(key))} for r in rows]
 
 
 # ---------------------------------------------------------------------- init / serve
@@ -158,9 +189,8 @@ def serve_main(argv: list[str]) -> int:
         args = p.parse_args(argv)
         from bulkhead.daemon.backend import make_backend
         from bulkhead.daemon.integrity import IntegrityOptions
-        from bulkhead.daemon.server import serve
-
         from bulkhead.daemon.logsetup import configure
+        from bulkhead.daemon.server import serve
 
         configure(args.log_format, args.log_level)
         if args.integrity == "off" and args.backend != "fake":
@@ -363,7 +393,8 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
         return _out(args, c.post("/vms", body), VM_COLS)
     if args.cmd == "list":
         tenant = _tenant_id(c, args.tenant) if args.tenant else None
-        return _out(args, c.get("/vms", tenant=tenant), VM_COLS)
+        vms = c.get("/vms", tenant=tenant)
+        return _out(args, vms if args.json else _named(vms, "tenant", _names(c, "/tenants")), VM_COLS)
     if args.cmd == "disk-create":
         body = {"name": args.name, "size_mib": args.size}
         return _out(args, c.post(f"/tenants/{_tenant_id(c, args.tenant)}/disks", body), disk_cols)
@@ -373,11 +404,23 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
         return _out(args, c.delete(f"/disks/{args.disk}"), disk_cols)
     vid = _vm_id(c, args.vm)
     if args.cmd == "get":
-        return _out(args, c.get(f"/vms/{vid}"), VM_COLS)
+        vm = c.get(f"/vms/{vid}")
+        return _out(args, vm if args.json else _named(vm, "tenant", _names(c, "/tenants")), VM_COLS)
     if args.cmd == "delete":
         return _out(args, c.delete(f"/vms/{vid}"), VM_COLS)
     if args.cmd == "events":
-        return _out(args, c.get(f"/vms/{vid}/events"), ["time", "event", "detail"])
+        events = c.get(f"/vms/{vid}/events")
+        if not args.json:  # DETAIL whole (the last column), principals by name
+            who = _names(c, "/principals")
+            for e in events:
+                try:
+                    d = json.loads(e["detail"]) if isinstance(e["detail"], str) else e["detail"]
+                except ValueError:
+                    continue
+                if isinstance(d, dict) and "by" in d:
+                    d["by"] = who.get(str(d["by"]), d["by"])
+                e["detail"] = d
+        return _out(args, events, ["time", "event", "detail"])
     if args.cmd == "stats":  # daemon/ops_cli.py, by name (it builds on this module)
         import importlib
 
@@ -544,7 +587,12 @@ def role_main(argv: list[str]) -> int:
             if args.cmd == "unassign":
                 return _out(args, c.delete(f"/assignments/{args.assignment}"), acols)
             pid = _principal_id(c, args.principal) if args.principal else None
-            return _out(args, c.get("/assignments", principal=pid), acols)
+            rows = c.get("/assignments", principal=pid)
+            if not args.json:
+                rows = [{**r, "principal": n} for r, n in
+                        zip(rows, [x["principal_id"] for x in _named(rows, "principal_id", _names(c, "/principals"))],
+                            strict=True)]
+            return _out(args, rows, acols if args.json else ["id", "principal", "role_name", "scope"])
 
     return _run(go)
 
@@ -610,6 +658,8 @@ def audit_main(argv: list[str]) -> int:
             params = {"since": args.since, "principal": principal, "vm": vm}
             if args.cmd == "show":
                 recs = c.get("/audit", **params, limit=max(1, min(args.limit, 10000)))
+                if not args.json:
+                    recs = _named(recs, "principal", _names(c, "/principals"))
                 return _out(args, recs, ["seq", "time", "kind", "principal", "action", "decision", "result", "vm"])
             out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
             after = 0

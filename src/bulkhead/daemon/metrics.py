@@ -52,7 +52,7 @@ class Metrics:
 
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
-        disable_created_metrics()  # no `_created` series: they double every family for no operator use
+        disable_created_metrics()  # type: ignore[no-untyped-call] # no `_created` series: they double every family for no operator use
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter("bulkhead_api_requests", "API requests by method, route template and status",
                                 ["method", "route", "status"], registry=self.registry)

@@ -1,0 +1,83 @@
+"""Issue 19, polish: `bulkhead -V`, generated shell completion and man page (at no start-time cost),
+`bulkhead integrity` without a subcommand, tables without Python reprs and with names instead of UUIDs,
+`vm events` not cutting DETAIL, exit 3 for an unreachable daemon."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bulkhead.cli import COMMANDS, main
+from bulkhead.daemon.testkit import Harness, ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from bulkhead import __version__
+
+    assert main(["-V"]) == 0 and capsys.readouterr().out == f"bulkhead {__version__}\n"
+
+
+def test_completion_and_man_page_are_generated_from_the_argparse_tree(tmp_path: Path) -> None:
+    from bulkhead.clitree import build_parser
+    from bulkhead.clitree import main as tree_main
+
+    tree = build_parser()
+    sub = next(a for a in tree._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(sub.choices) == {n for n, (_, _, h) in COMMANDS.items() if not h.startswith("(internal)")}
+    out = subprocess.run([sys.executable, "-m", "bulkhead.clitree", "completion", "bash"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    for word in ("allow-digest", "revoke-digest", "import", "stats", "--expected-digest", "--log-format"):
+        assert word in out, word
+    assert tree_main(["man", "-o", str(tmp_path / "bulkhead.1")]) == 0
+    roff = (tmp_path / "bulkhead.1").read_text()
+    assert roff.startswith(".TH BULKHEAD") and "bulkhead image" in roff and "bulkhead serve" in roff
+
+
+def test_no_start_time_cost() -> None:
+    code = ("import sys, bulkhead.cli as c; c.main(['-V']); "
+            "bad = [m for m in ('shtab', 'argparse_manpage', 'argparse', 'bulkhead.clitree') if m in sys.modules]; "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, timeout=60,
+                          env={"PYTHONPATH": str(ROOT / "src")}).returncode == 0
+
+
+def test_integrity_without_subcommand_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["integrity"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: bulkhead integrity") and "status" in out and "required" not in out + err
+
+
+def test_tables_show_names_and_no_reprs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    h = Harness(tmp_path / "s")
+    try:
+        t = h.tenant("acme")
+        vm = h.vm(t, "web", cmdline="console=ttyS0 " + "x" * 80)
+        with h.client() as c:  # an event whose detail is long
+            c.post(f"/v1/vms/{vm}/start")
+            c.post(f"/v1/vms/{vm}/stop")
+        with ServerThread(h):
+            common = ["--socket", str(h.sd.socket)]
+            assert main(["vm", "get", "web", *common]) == 0
+            out = capsys.readouterr().out
+            assert "None" not in out and "[]" not in out and "acme" in out
+            assert "x" * 80 in out  # nothing cut in the detail view
+            assert main(["vm", "list", *common]) == 0
+            out = capsys.readouterr().out
+            assert "acme" in out and t not in out  # the tenant's name, not its UUID
+            assert main(["vm", "events", "web", *common]) == 0
+            out = capsys.readouterr().out
+            assert "..." not in out and "root@local" in out  # DETAIL whole, principals by name
+            assert main(["vm", "get", "web", "--json", *common]) == 0
+            full = json.loads(capsys.readouterr().out)
+            assert full["tenant"] == t and full["initrd"] is None  # --json keeps everything
+            assert main(["role", "assignments", *common]) == 0
+            out = capsys.readouterr().out
+            assert "root@local" in out
+    finally:
+        h.close()
