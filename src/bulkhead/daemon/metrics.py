@@ -199,13 +199,14 @@ class Observe:
     """ASGI middleware outside the Gate: one log line and one metrics observation per HTTP request."""
 
     def __init__(self, app: Any, daemon: Any) -> None:
-        self.app = app
+        self.inner = app  # the Gate
+        self.app = getattr(app, "app", app)  # the FastAPI app, for introspection (openapi), as on the Gate
         self.daemon = daemon
         self.log = request_logger()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.inner(scope, receive, send)
             return
         start = time.perf_counter()
         status = 0
@@ -217,7 +218,7 @@ class Observe:
             await send(msg)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.inner(scope, receive, send_wrapper)
         finally:
             self._record(scope, status or 500, time.perf_counter() - start)
 
