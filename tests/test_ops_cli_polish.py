@@ -81,3 +81,22 @@ def test_tables_show_names_and_no_reprs(tmp_path: Path, capsys: pytest.CaptureFi
             assert "root@local" in out
     finally:
         h.close()
+
+
+def test_the_api_takes_tenant_names_where_the_cli_does(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "s")
+    try:
+        t = h.tenant("acme")
+        other = h.tenant("other")
+        eve = h.principal("eve", ("Contributor", f"/tenants/{t}"))
+        with h.client(eve) as c:
+            r = c.post("/v1/vms", json={"tenant": "acme", "name": "a", "kernel": "vmlinux"})
+            assert r.status_code == 201 and r.json()["tenant"] == t
+            assert [v["name"] for v in c.get("/v1/vms", params={"tenant": "acme"}).json()] == ["a"]
+            # another tenant by name: the same 404 as an unknown one (names do not bypass isolation)
+            assert c.post("/v1/vms", json={"tenant": "other", "name": "b", "kernel": "vmlinux"}).status_code == 404
+            assert c.post("/v1/vms", json={"tenant": "nope", "name": "b", "kernel": "vmlinux"}).status_code == 404
+            assert c.get("/v1/vms", params={"tenant": "other"}).json() == []
+        assert other
+    finally:
+        h.close()

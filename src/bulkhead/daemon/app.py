@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 import anyio
@@ -283,8 +283,10 @@ def build_app(daemon: Any) -> Any:
         return d.vm_create(ctx, body)
 
     @r.get("/vms", response_model=list[VmOut])
-    def vm_list(tenant: UUID | None = None, ctx: ReqCtx = Ctx) -> Any:
-        return d.vm_list(ctx, str(tenant) if tenant else None)
+    def vm_list(tenant: UUID | Annotated[str, Query(min_length=1, max_length=64,
+                                                    pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None,
+                ctx: ReqCtx = Ctx) -> Any:
+        return d.vm_list(ctx, d.tenant_ref(str(tenant)) if tenant else None)  # tenant id or name
 
     @r.get("/vms/{vm_id}", response_model=VmOut)
     def vm_get(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:

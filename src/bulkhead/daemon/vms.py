@@ -92,8 +92,14 @@ class VmOps(NetworkOps):
         return self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
 
     # ------------------------------------------------------------------ create / read / delete
+    def tenant_ref(self, ref: str) -> str:
+        """A tenant id, or the id of the tenant named `ref` (the API takes names where the CLI does); an
+        unknown name is returned as is, so it gets the answer of an unknown id (404)."""
+        row = self.store.q1("SELECT id FROM tenants WHERE id = ? OR name = ?", (ref, ref))
+        return str(row["id"]) if row is not None else ref
+
     def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
-        tenant = str(body.tenant)
+        tenant = self.tenant_ref(str(body.tenant))
         ts = rbac.tenant_scope(tenant)
         if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
             ctx.scope = ts
