@@ -174,8 +174,9 @@ def test_a_real_guests_counters_come_from_its_jailed_worker(tmp_path: Path) -> N
     """The `unclaimed` payload touches I/O nobody claims (contained, counted) and ends; the `echo` payload
     polls COM1 for a few seconds: its counters are read from the running worker and grow."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bulkhead.daemon.backend import make_backend
     from tests.vmrun import payload
+
+    from bulkhead.daemon.backend import make_backend
 
     h = Harness(tmp_path / "s", backend=make_backend("jail"))
     try:
