@@ -100,3 +100,20 @@ def test_the_api_takes_tenant_names_where_the_cli_does(tmp_path: Path) -> None:
         assert other
     finally:
         h.close()
+
+
+@pytest.mark.skipif(subprocess.run(["bash", "--version"], capture_output=True).returncode != 0, reason="no bash")
+def test_bash_completion_completes_subcommands(tmp_path: Path) -> None:
+    script = tmp_path / "bulkhead.bash"
+    script.write_text(subprocess.run([sys.executable, "-m", "bulkhead.clitree", "completion", "bash"],
+                                     capture_output=True, text=True, check=True, timeout=60).stdout)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(words)
+        prog = (f'source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; '
+                f'_shtab_bulkhead bulkhead {words[-1]} {words[-2]}; echo "${{COMPREPLY[@]}}"')
+        return subprocess.run(["bash", "-c", prog], capture_output=True, text=True, timeout=30).stdout.split()
+
+    assert complete("bulkhead", "vm", "st") == ["start", "stop", "stats"]
+    assert complete("bulkhead", "attest", "policy", "a") == ["allow-digest"]
+    assert "import" in complete("bulkhead", "image", "i")
