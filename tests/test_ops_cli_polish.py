@@ -117,3 +117,22 @@ def test_bash_completion_completes_subcommands(tmp_path: Path) -> None:
     assert complete("bulkhead", "vm", "st") == ["start", "stop", "stats"]
     assert complete("bulkhead", "attest", "policy", "a") == ["allow-digest"]
     assert "import" in complete("bulkhead", "image", "i")
+
+
+def test_the_api_takes_names_in_tenant_and_principal_paths(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "s")
+    try:
+        t = h.tenant("acme")
+        h.tenant("other")
+        bob = h.principal("bob", ("Reader", f"/tenants/{t}"))
+        with h.client(bob) as c:
+            assert c.get("/v1/tenants/acme").json()["id"] == t
+            assert c.get("/v1/tenants/acme/disks").status_code == 200
+            assert c.get("/v1/tenants/other").status_code == 404  # by name or id: invisible is not found
+            assert c.get("/v1/tenants/..%2Fx").status_code in (404, 422)
+        with h.client() as c:
+            assert c.get("/v1/principals/bob").json()["id"] == bob.principal_id
+            assert c.post("/v1/principals/bob/revoke").json()["name"] == "bob"
+            assert c.get("/v1/principals/nobody").status_code == 404
+    finally:
+        h.close()

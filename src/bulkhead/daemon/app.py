@@ -16,6 +16,7 @@ from uuid import UUID
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import Path as FastPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -176,6 +177,10 @@ def inject_peer(app: Any, peer: dict[str, Any]) -> Any:
     return wrapped
 
 
+# A path segment naming a tenant or principal by id or by name (the API takes names where the CLI does).
+NameRef = Annotated[str, FastPath(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._@-]*$")]
+
+
 def ctx_of(request: Request) -> ReqCtx:
     ctx: ReqCtx = request.scope["bulkhead.ctx"]
     return ctx
@@ -232,21 +237,21 @@ def build_app(daemon: Any) -> Any:
         return d.tenant_list(ctx)
 
     @r.get("/tenants/{tenant_id}", response_model=TenantOut)
-    def tenant_get(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.tenant_get(ctx, str(tenant_id))
+    def tenant_get(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return d.tenant_get(ctx, d.tenant_ref(str(tenant_id)))
 
     @r.delete("/tenants/{tenant_id}", status_code=204)
-    def tenant_delete(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        d.tenant_delete(ctx, str(tenant_id))
+    def tenant_delete(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Response:
+        d.tenant_delete(ctx, d.tenant_ref(str(tenant_id)))
         return Response(status_code=204)
 
     @r.post("/tenants/{tenant_id}/disks", response_model=DiskOut, status_code=201)
-    def disk_create(tenant_id: UUID, body: DiskCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.disk_create(ctx, str(tenant_id), body.name, body.size_mib)
+    def disk_create(tenant_id: UUID | NameRef, body: DiskCreate, ctx: ReqCtx = Ctx) -> Any:
+        return d.disk_create(ctx, d.tenant_ref(str(tenant_id)), body.name, body.size_mib)
 
     @r.get("/tenants/{tenant_id}/disks", response_model=list[DiskOut])
-    def disk_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.disk_list(ctx, str(tenant_id))
+    def disk_list(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return d.disk_list(ctx, d.tenant_ref(str(tenant_id)))
 
     @r.get("/disks/{disk_id}", response_model=DiskOut)
     def disk_get(disk_id: UUID, ctx: ReqCtx = Ctx) -> Any:
@@ -258,12 +263,12 @@ def build_app(daemon: Any) -> Any:
         return Response(status_code=204)
 
     @r.post("/tenants/{tenant_id}/networks", response_model=NetworkOut, status_code=201)
-    def network_create(tenant_id: UUID, body: NetworkCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.network_create(ctx, str(tenant_id), body)
+    def network_create(tenant_id: UUID | NameRef, body: NetworkCreate, ctx: ReqCtx = Ctx) -> Any:
+        return d.network_create(ctx, d.tenant_ref(str(tenant_id)), body)
 
     @r.get("/tenants/{tenant_id}/networks", response_model=list[NetworkOut])
-    def network_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.network_list(ctx, str(tenant_id))
+    def network_list(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return d.network_list(ctx, d.tenant_ref(str(tenant_id)))
 
     @r.get("/networks/{network_id}", response_model=NetworkOut)
     def network_get(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
@@ -335,12 +340,12 @@ def build_app(daemon: Any) -> Any:
         return d.principal_issue(ctx, body.name, body.csr_pem, body.days)
 
     @r.get("/principals/{principal_id}", response_model=PrincipalOut)
-    def principal_get(principal_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.principal_get(ctx, str(principal_id))
+    def principal_get(principal_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return d.principal_get(ctx, d.principal_ref(str(principal_id)))
 
     @r.post("/principals/{principal_id}/revoke", response_model=PrincipalOut)
-    def principal_revoke(principal_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.principal_revoke(ctx, str(principal_id))
+    def principal_revoke(principal_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return d.principal_revoke(ctx, d.principal_ref(str(principal_id)))
 
     @r.get("/roles", response_model=list[RoleOut])
     def role_list(ctx: ReqCtx = Ctx) -> Any:

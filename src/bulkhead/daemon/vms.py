@@ -98,6 +98,11 @@ class VmOps(NetworkOps):
         row = self.store.q1("SELECT id FROM tenants WHERE id = ? OR name = ?", (ref, ref))
         return str(row["id"]) if row is not None else ref
 
+    def principal_ref(self, ref: str) -> str:
+        """A principal id, or the id of the principal named `ref` (unknown: returned as is -> 404)."""
+        row = self.store.q1("SELECT id FROM principals WHERE id = ? OR name = ?", (ref, ref))
+        return str(row["id"]) if row is not None else ref
+
     def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
         tenant = self.tenant_ref(str(body.tenant))
         ts = rbac.tenant_scope(tenant)
