@@ -69,6 +69,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record), sort_keys=False, default=str)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """To whatever sys.stderr is when a record is written (not the stream of the moment of configure)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure(fmt: str = "logfmt", level: str = "info", stream: TextIO | None = None) -> logging.Logger:
     """Install one handler on the `bulkhead` logger (idempotent: a second call replaces it). Returns it."""
     if fmt not in LOG_FORMATS:
@@ -79,7 +87,7 @@ def configure(fmt: str = "logfmt", level: str = "info", stream: TextIO | None = 
     for h in list(root.handlers):
         if getattr(h, _HANDLER_MARK, False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
     setattr(handler, _HANDLER_MARK, True)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     root.addHandler(handler)
