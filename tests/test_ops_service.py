@@ -78,6 +78,11 @@ def test_sd_notify_sends_one_datagram(tmp_path: Path, abstract: bool) -> None:
         assert notify("READY=1", "STATUS=up", env={"NOTIFY_SOCKET": name})
         assert s.recv(4096) == b"READY=1\nSTATUS=up"
     assert not notify("READY=1", env={})  # not under systemd: nothing
+    from bulkhead.daemon.sdnotify import watchdog_interval
+
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None  # for another pid
+    assert watchdog_interval({}) is None and watchdog_interval({"WATCHDOG_USEC": "x"}) is None
     assert not notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "gone")})  # unreachable: no error
 
 
@@ -89,13 +94,18 @@ def test_serve_notifies_ready_and_stopping(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(sock_path))
         s.settimeout(30)
-        proc, _info = spawn_daemon(tmp_path / "s", extra_env={"NOTIFY_SOCKET": str(sock_path)})
+        proc, _info = spawn_daemon(tmp_path / "s", extra_env={"NOTIFY_SOCKET": str(sock_path),
+                                                             "WATCHDOG_USEC": "200000"})
         try:
-            ready = s.recv(4096).decode().split("\n")
-            assert ready[0] == "READY=1" and f"MAINPID={proc.pid}" in ready
+            got = [s.recv(4096).decode() for _ in range(4)]
+            ready = next(m for m in got if m.startswith("READY=1")).split("\n")
+            assert f"MAINPID={proc.pid}" in ready
             assert (tmp_path / "s" / "serve.json").exists()  # READY comes after the listeners are up
+            assert got.count("WATCHDOG=1") >= 2  # pinged every WATCHDOG_USEC/2 from the event loop
             proc.send_signal(signal.SIGTERM)
-            assert s.recv(4096).decode().split("\n")[0] == "STOPPING=1"
+            while (m := s.recv(4096).decode()) == "WATCHDOG=1":
+                pass
+            assert m.split("\n")[0] == "STOPPING=1"
             out = proc.communicate(timeout=30)[0].decode()
         finally:
             if proc.poll() is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["notify"]
+__all__ = ["notify", "watchdog_interval"]
 
 
 def notify(*assignments: str, env: dict[str, str] | None = None) -> bool:
@@ -31,3 +31,17 @@ def notify(*assignments: str, env: dict[str, str] | None = None) -> bool:
     except OSError:
         return False
     return True
+
+
+def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of $WATCHDOG_USEC), or None when systemd's watchdog is off or
+    meant for another process ($WATCHDOG_PID names another pid); sd_watchdog_enabled(3)."""
+    e = env if env is not None else os.environ
+    try:
+        usec = int(e.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = e.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 2e6

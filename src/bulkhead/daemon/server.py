@@ -215,7 +215,24 @@ class Serving:
                 break
             await asyncio.sleep(0.01)
         self.started.set()
-        await asyncio.gather(*tasks)
+        from bulkhead.daemon.sdnotify import watchdog_interval
+
+        interval = watchdog_interval()
+        pinger = asyncio.create_task(self._watchdog(interval)) if interval else None
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+
+    async def _watchdog(self, interval: float) -> None:
+        """systemd WatchdogSec=: WATCHDOG=1 from the serving event loop itself, so a loop that hangs stops
+        the pings and systemd restarts the daemon (sd_watchdog_enabled(3): ping at half the period)."""
+        from bulkhead.daemon.sdnotify import notify
+
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     def _servers(self) -> list[_Server]:
         return [s for s in (self.tls_server, self.unix_server) if s is not None]
