@@ -136,3 +136,11 @@ def test_the_api_takes_names_in_tenant_and_principal_paths(tmp_path: Path) -> No
             assert c.get("/v1/principals/nobody").status_code == 404
     finally:
         h.close()
+
+
+def test_a_missing_subcommand_names_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["vm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bulkhead vm needs a command: create, list" in err and "cmd" not in err
+    assert main(["image"]) == 2
+    assert "import, list, delete" in capsys.readouterr().err

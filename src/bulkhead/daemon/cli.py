@@ -23,6 +23,10 @@ __all__ = ["audit_main", "cert_main", "init_main", "integrity_main", "network_ma
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit 2
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and message.endswith(f"required: {sub.dest}"):  # no subcommand: name them
+            raise ConfigError(f"{self.prog} needs a command: {', '.join(sub.choices)} "
+                              f"(`{self.prog} COMMAND --help` for its options)")
         raise ConfigError(f"{self.prog}: {message}")
 
 
