@@ -12,3 +12,15 @@ fuzz:
 # Every harness for ~10 s (CI).
 fuzz-short:
 	$(PYTHON) fuzz/run_all.py --seconds 10 --work $(FUZZ_WORK)-short
+
+.PHONY: completion man
+# Shell completion and the man page, generated from the argparse tree (bulkhead/clitree.py); install.sh
+# installs them. No cost at `bulkhead` start: nothing here runs then.
+completion:
+	mkdir -p build
+	$(PYTHON) -m bulkhead.clitree completion bash > build/bulkhead.bash
+	$(PYTHON) -m bulkhead.clitree completion zsh > build/_bulkhead
+
+man:
+	mkdir -p build
+	$(PYTHON) -m bulkhead.clitree man -o build/bulkhead.1

@@ -4,6 +4,9 @@
 # in /usr/local/bin, and the demo guest (built once with gcc and cached).
 set -euo pipefail
 cd "$(dirname "$0")"
+STEP=0
+STEPS=8
+step() { STEP=$((STEP + 1)); echo "install.sh: [$STEP/$STEPS] $*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install.sh: run as root (it installs system packages and /usr/local/bin/bulkhead)" >&2
@@ -27,10 +30,13 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+step "system packages"
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "install.sh: installing system packages: ${missing[*]}"
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "install.sh: installing ${#missing[@]} system packages: ${missing[*]}"
+  apt-get update
+  apt-get install -y --no-install-recommends "${missing[@]}"
+else
+  echo "install.sh: all ${#PACKAGES[@]} system packages present"
 fi
 
 PY=${PYTHON:-python3}
@@ -38,11 +44,13 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "install.sh: bulkhead needs Python >= 3.11 ($PY is $("$PY" --version 2>&1))" >&2
   exit 1
 fi
+step "Python virtualenv (.venv) and pinned dependencies"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[mgmt,dev,fuzz,api-test]'
+.venv/bin/pip install --progress-bar on --upgrade pip
+.venv/bin/pip install --progress-bar on -e '.[mgmt,dev,fuzz,api-test]'
+step "bytecode and the launchers /usr/local/bin/bulkhead, bulkheadd"
 # The launchers run Python with -I -S -B and go through bulkhead/_boot.py (docs/INTEGRITY.md): the signed
 # manifest and every file of the package are verified BEFORE any bulkhead module is imported, and imports
 # then come only from the verified tree. No site processing (it costs ~10 ms of every VM start): the site
@@ -58,6 +66,7 @@ done
 # Sign a manifest of the installed code (docs/INTEGRITY.md): the daemon and every jailed worker verify the
 # files against it before they run. The release key is made here and its private half discarded, so no key on
 # this host can re-sign modified code. After changing the code, run ./install.sh again.
+step "signed code manifest /etc/bulkhead/manifest.json"
 install -d -m 0755 /etc/bulkhead
 KEYDIR=$(mktemp -d)
 trap 'rm -rf "$KEYDIR"' EXIT
@@ -70,5 +79,24 @@ install -m 0644 "$KEYDIR/release.pub" /etc/bulkhead/release-key.pub
 .venv/bin/python -m bulkhead manifest verify >/dev/null
 
 # Build the demo guest now so `bulkhead demo` starts at once (it is rebuilt only when its sources change).
+step "demo guest (gcc, cached)"
 .venv/bin/python -m bulkhead.guests.build demo.c >/dev/null
+
+# Shell completion and the man page, generated from the argparse tree (bulkhead/clitree.py): nothing of
+# this runs when `bulkhead` starts.
+step "shell completion (bash, zsh)"
+install -d -m 0755 /usr/share/bash-completion/completions /usr/share/zsh/vendor-completions
+.venv/bin/python -m bulkhead.clitree completion bash > /usr/share/bash-completion/completions/bulkhead
+.venv/bin/python -m bulkhead.clitree completion zsh > /usr/share/zsh/vendor-completions/_bulkhead
+step "man page bulkhead(1)"
+install -d -m 0755 /usr/local/share/man/man1
+.venv/bin/python -m bulkhead.clitree man -o /usr/local/share/man/man1/bulkhead.1
+step "systemd unit /etc/systemd/system/bulkhead.service"
+install -m 0644 systemd/bulkhead.service /etc/systemd/system/bulkhead.service
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  echo "install.sh: run \`bulkhead init\` once, then \`systemctl enable --now bulkhead\`"
+else
+  echo "install.sh: systemd is not running here; the unit is installed for when it is"
+fi
 echo "install.sh: done. Try: bulkhead demo"

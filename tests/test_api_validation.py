@@ -60,7 +60,7 @@ def test_bad_tenant_bodies_are_422(h, body):
     {"nics": [{"network": str(uuid.uuid4()), "rate": {"bytes_per_sec": -1}}]},
     {"nics": [{"network": str(uuid.uuid4()), "ipv4": "10.0.0.1/24"}]},
     {"nics": [{"network": str(uuid.uuid4())}]},
-    {"drives": [{"disk": str(uuid.uuid4())}] * 9}, {"tenant": "not-a-uuid"},
+    {"drives": [{"disk": str(uuid.uuid4())}] * 9}, {"tenant": "not a uuid/nor a name"},
 ])
 def test_bad_vm_bodies_are_4xx_with_a_reason(h, patch):
     t = h.tenant(f"t-{uuid.uuid4().hex[:8]}")

@@ -19,11 +19,13 @@ ALL = set(ACTIONS)
 # Hand-written: what each built-in role must grant (written out, not derived from the patterns).
 EXPECTED_GRANTS: dict[str, set[str]] = {
     "Owner": ALL,
-    "Contributor": ALL - {"role/write", "role/delete", "role/assign", "principal/write", "audit/read"},
+    "Contributor": ALL - {"role/write", "role/delete", "role/assign", "principal/write", "audit/read",
+                          "integrity/policy/write"},
     "Reader": {"tenant/read", "vm/read", "vm/events/read", "disk/read", "network/read", "principal/read",
-               "role/read"},
+               "role/read", "metrics/read", "image/read", "integrity/policy/read"},
     "VM Operator": {"vm/read", "vm/start", "vm/stop", "vm/console/read"},
     "Auditor": {"audit/read"},
+    "Monitoring Reader": {"metrics/read"},
 }
 
 T, U = str(uuid.uuid4()), str(uuid.uuid4())

@@ -34,7 +34,7 @@ def test_init_creates_the_ca_certificates_and_keys(tmp_path, capsys):
     row = store.q1("SELECT p.name, r.name AS role, a.scope FROM assignments a JOIN principals p ON p.id = a.principal_id "
                    "JOIN roles r ON r.id = a.role_id WHERE p.name = 'ops'")
     assert tuple(row) == ("ops", "Owner", "/")
-    assert {r.name for r in store.roles()} == {"Owner", "Contributor", "Reader", "VM Operator", "Auditor"}
+    assert {r.name for r in store.roles()} == {"Owner", "Contributor", "Reader", "VM Operator", "Auditor", "Monitoring Reader"}
     store.close()
     capsys.readouterr()
     assert init_main(["--state-dir", str(root)]) == 2
@@ -47,8 +47,12 @@ def test_cli_errors_are_one_line_with_exit_status(tmp_path, capsys):
     assert vm_main(["create", "--name", "x", "--state-dir", str(tmp_path)]) == 2  # --tenant missing
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tenant" in err
-    assert vm_main(["list", "--state-dir", str(tmp_path)]) == 2
-    assert "no way to reach the daemon" in capsys.readouterr().err
+    assert vm_main(["list", "--state-dir", str(tmp_path)]) == 3  # unreachable (bulkhead.exitstatus)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "bulkhead.sock") in err
+    assert vm_main(["list", "--socket", str(tmp_path / "nowhere.sock")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "nowhere.sock") in err
     assert main(["serve", "--state-dir", str(tmp_path / "missing"), "--port", "0"]) == 4
     assert "not an initialized" in capsys.readouterr().err
 

@@ -176,9 +176,9 @@ def test_cli_end_to_end_over_mtls(root, capsys, tmp_path):
         lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
         assert lines and lines[0]["seq"] == 1 and all({"principal", "action", "decision"} <= set(x) for x in lines)
         assert vm_main(["list", "--state-dir", str(root), "--socket", str(root / "bulkhead.sock")]) == 0
-        assert tenant_main(["list", "--state-dir", str(tmp_path / "nowhere")]) == 2  # nothing configured
+        assert tenant_main(["list", "--state-dir", str(tmp_path / "nowhere")]) == 3  # no daemon to reach
         assert tenant_main(["list", "--state-dir", str(root), "--url", "https://127.0.0.1:1",
-                            "--cert", str(root / "admin.pem"), "--key", str(root / "admin.key")]) == 4
+                            "--cert", str(root / "admin.pem"), "--key", str(root / "admin.key")]) == 3
     finally:
         assert _stop(proc) == 0
     assert audit_main(["verify", "--state-dir", str(root)]) == 0

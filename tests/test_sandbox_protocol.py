@@ -203,6 +203,27 @@ def test_stats_are_kept_once_and_a_second_copy_ends_the_worker() -> None:
         p.decode(_wire(type="stats", counters=too_many), p.WORKER_TO_HOST)
 
 
+def test_stats_asked_for_are_answered_each_time_and_unasked_copies_still_end_the_worker() -> None:
+    """GET /vms/{id}/stats asks a running worker (`status` with stats=true): each answer replaces the
+    counters; a worker pushing copies nobody asked for (beyond its final one) is ended for it."""
+    import threading
+
+    handle, worker, proc = _fake_worker()
+    worker.send(HELLO)
+    for n in (1, 2):
+        got = threading.Thread(target=handle.status, kwargs={"stats": True})
+        got.start()
+        req = p.decode(worker.recv(4096), p.HOST_TO_WORKER)
+        assert isinstance(req, p.Status) and req.stats
+        worker.send(p.encode(p.Stats({"vcpu_exits:0": n})))
+        worker.send(p.encode(p.StatusReply(req.seq, "running", 5)))
+        got.join(5)
+        assert handle.counters == {"vcpu_exits:0": n}
+    worker.send(p.encode(p.Stats({"vcpu_exits:0": 3})))  # the final, unasked copy: accepted
+    worker.send(p.encode(p.Stats({"vcpu_exits:0": 4})))  # another one: a violation
+    assert handle.wait(5).reason.kind == "protocol-violation" and proc.killed.is_set()
+
+
 def test_counters_cross_the_protocol_unchanged() -> None:
     """What an unjailed `--stats` run writes is what the jailed host rebuilds from one `stats` message."""
     from bulkhead.runtime.stats import flatten_counters, nest_counters

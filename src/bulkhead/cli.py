@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "attest": ("bulkhead.integrity.cli", "attest_main", "TPM attestation: enroll, quote, verify"),
     "dev": ("bulkhead.integrity.cli", "dev_main", "development helpers (dev tpm: run a swtpm)"),
     "integrity": ("bulkhead.daemon.cli", "integrity_main", "host integrity state from the daemon (GET /integrity)"),
+    "image": ("bulkhead.daemon.ops_cli", "image_main", "import, list and delete kernel/initrd images"),
     "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
 }
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else 2
-    if args[0] == "--version":
+    if args[0] in ("--version", "-V"):
         from bulkhead import __version__
 
         print(f"bulkhead {__version__}")

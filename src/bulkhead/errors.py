@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "BulkheadError",
     "ConfigError",
+    "DaemonUnreachable",
     "GuestFault",
     "GuestMemoryError",
     "HostError",
@@ -56,6 +57,10 @@ class HostError(BulkheadError):
 
 class VmNotRunning(HostError):
     """A lifecycle operation needs a running (or paused) VMM and there is none."""
+
+
+class DaemonUnreachable(HostError):
+    """No daemon answered at any of the endpoints tried (the message names each one). Exit status 3."""
 
 
 class RefusedError(BulkheadError):

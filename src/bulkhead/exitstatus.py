@@ -15,6 +15,7 @@ STATUS: dict[str, int] = {
     "ok": 0,
     "refused": 1,  # the other side said no: the API refused the request, integrity could not be shown
     "config-error": 2,  # the user's input is wrong: a flag, a file, a config, an image
+    "unreachable": 3,  # client commands only: no daemon answered at the endpoints tried (named in the message)
     "host-error": 4,  # the host lacks something: KVM, a capability, a permission, the daemon, the TPM
 }
 
@@ -23,10 +24,11 @@ def error_table() -> tuple[tuple[type[BaseException], str, str], ...]:
     """(exception type, kind, meaning), most specific first: the first isinstance match wins.
 
     Imported lazily: integrity.errors loads the integrity package, which the VM start path must not pay for."""
-    from bulkhead.errors import ConfigError, HostError, RefusedError
+    from bulkhead.errors import ConfigError, DaemonUnreachable, HostError, RefusedError
     from bulkhead.integrity.errors import IntegrityError, TpmError
 
     return (
+        (DaemonUnreachable, "unreachable", "no daemon answered at the endpoints tried (each is named)"),
         (TpmError, "host-error", "the TPM is missing, unreachable or refused a command"),
         (IntegrityError, "refused", "integrity could not be shown (a file differs, a quote does not verify)"),
         (RefusedError, "refused", "the daemon's API refused the request (the message says why)"),

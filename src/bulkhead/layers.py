@@ -46,7 +46,8 @@ LAYERS: tuple[Layer, ...] = (
     Layer("sandbox", False, ("bulkhead.sandbox",), "jail, cgroups, supervisor (host side), worker, jailed backend"),
     Layer("daemon", False, ("bulkhead.daemon",), "HTTPS+mTLS API, store, audit log, services, client"),
     Layer("entry points", False, ("bulkhead.cli", "bulkhead.__main__", "bulkhead.runtime.cli",
-                                  "bulkhead.daemon.cli", "bulkhead.daemon.witness_cli", "bulkhead.integrity.cli"),
+                                  "bulkhead.daemon.cli", "bulkhead.daemon.witness_cli", "bulkhead.daemon.ops_cli", "bulkhead.clitree",
+                                  "bulkhead.integrity.cli"),
           "the `bulkhead` commands"),
 )
 

@@ -192,7 +192,7 @@ class NicOut(BaseModel):
 
 
 class VmCreate(_Req):
-    tenant: UUID
+    tenant: UUID | Name = Field(description="tenant id or name")
     name: Name
     kernel: ImageName = Field(description="name of a kernel image in the daemon's image directory")
     initrd: ImageName | None = None

@@ -73,6 +73,12 @@ ACTIONS: tuple[str, ...] = (
     "role/delete",
     "role/assign",
     "audit/read",
+    "metrics/read",
+    "image/read",
+    "image/write",
+    "image/delete",
+    "integrity/policy/read",
+    "integrity/policy/write",
 )
 
 _PATTERN_RE = re.compile(r"^[a-z*][a-z*/]{0,63}$")
@@ -108,9 +114,10 @@ BUILTIN_ROLES: tuple[RoleDef, ...] = (
         "",
         "Contributor",
         ("*",),
-        ("role/write", "role/delete", "role/assign", "principal/write", "audit/read"),
+        ("role/write", "role/delete", "role/assign", "principal/write", "audit/read", "integrity/policy/write"),
         ("/",),
-        "manage everything except access (roles, assignments, principals) and the audit log",
+        "manage everything except access (roles, assignments, principals), the audit log and the attestation "
+        "policy",
         True,
     ),
     RoleDef(
@@ -132,6 +139,7 @@ BUILTIN_ROLES: tuple[RoleDef, ...] = (
         True,
     ),
     RoleDef("", "Auditor", ("audit/read",), (), ("/",), "read the audit log only", True),
+    RoleDef("", "Monitoring Reader", ("metrics/read",), (), ("/",), "scrape GET /metrics only", True),
 )
 
 

@@ -30,7 +30,7 @@ from bulkhead.control.models import (
     WhoAmI,
 )
 from bulkhead.daemon.auditlog import now_iso
-from bulkhead.daemon.routing import Ctx, router
+from bulkhead.daemon.routing import Ctx, NameRef, router
 from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx
 from bulkhead.daemon.store import new_id
 from bulkhead.errors import ConfigError
@@ -267,12 +267,12 @@ def access_routes(svc: Callable[[], AccessService]) -> APIRouter:
         return svc().principal_issue(ctx, body.name, body.csr_pem, body.days)
 
     @r.get("/principals/{principal_id}", response_model=PrincipalOut)
-    def principal_get(principal_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return svc().principal_get(ctx, str(principal_id))
+    def principal_get(principal_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return svc().principal_get(ctx, svc().core.principal_ref(str(principal_id)))
 
     @r.post("/principals/{principal_id}/revoke", response_model=PrincipalOut)
-    def principal_revoke(principal_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return svc().principal_revoke(ctx, str(principal_id))
+    def principal_revoke(principal_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return svc().principal_revoke(ctx, svc().core.principal_ref(str(principal_id)))
 
     @r.get("/roles", response_model=list[RoleOut])
     def role_list(ctx: ReqCtx = Ctx) -> Any:

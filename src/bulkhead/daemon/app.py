@@ -23,7 +23,9 @@ from bulkhead.daemon.access import access_routes
 from bulkhead.daemon.auditapi import audit_routes
 from bulkhead.daemon.daemon import Daemon, daemon_routes
 from bulkhead.daemon.disks import disk_routes
+from bulkhead.daemon.metrics import Observe
 from bulkhead.daemon.networks import network_routes
+from bulkhead.daemon.opsroutes import ops_routes
 from bulkhead.daemon.service import ApiError, ReqCtx
 from bulkhead.daemon.tenants import tenant_routes
 from bulkhead.daemon.vms import vm_routes
@@ -199,12 +201,14 @@ def build_app(daemon: Daemon | None) -> Any:
     api.include_router(vm_routes(lambda: the().vms))
     api.include_router(daemon_routes(the))
     api.include_router(audit_routes(lambda: the().audit_api))
-    return Gate(api, daemon)
+    for ops in ops_routes(the):  # metrics, images, attestation policy (daemon/opsroutes.py)
+        api.include_router(ops)
+    return Observe(Gate(api, daemon), lambda: the().metrics)  # one log line + metrics per request
 
 
 def openapi_document(daemon: Daemon | None) -> dict[str, Any]:
     app = build_app(daemon)
-    doc: dict[str, Any] = app.app.openapi()
+    doc: dict[str, Any] = app.app.openapi()  # Observe.app is the FastAPI app, as on the Gate
     return doc
 
 

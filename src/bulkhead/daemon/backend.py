@@ -160,7 +160,9 @@ class ProcessBackend:
                 raise HostError("the VM is already running")
             Path(spec.console_path).parent.mkdir(parents=True, exist_ok=True)
             Path(spec.console_path).write_bytes(b"")
-            cmd = _gated_argv(self._python, ["run", *spec.run_args()])
+            stats_path = str(Path(spec.console_path).with_name("stats.json"))
+            Path(stats_path).unlink(missing_ok=True)
+            cmd = _gated_argv(self._python, ["run", *spec.run_args(), "--stats", stats_path])
             if spec.nics and spec.netns:
                 cmd = ["nsenter", f"--net=/run/netns/{spec.netns}", *cmd]
             try:
@@ -184,6 +186,19 @@ class ProcessBackend:
             self._consoles[vm_id] = spec.console_path
             self._paused.discard(vm_id)
             return proc.pid
+
+    def stats(self, vm_id: str) -> dict[str, Any] | None:
+        """The counters `bulkhead run --stats` wrote when the VM's last run ended (daemon/vmstats.py)."""
+        import json
+
+        path = self._consoles.get(vm_id)
+        if path is None:
+            return None
+        try:
+            data = json.loads(Path(path).with_name("stats.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def _proc(self, vm_id: str) -> subprocess.Popen[bytes] | None:
         with self._lock:
@@ -263,6 +278,12 @@ class FakeBackend:
         self._pid = 40000
         self._taps: dict[str, list[int]] = {}  # dups of the tap fds a "running" fake VM holds
         self.specs: dict[str, VmSpec] = {}
+        self.counters: dict[str, dict[str, Any]] = {}  # vm id -> nested counters a test plays as the VMM's
+
+    def stats(self, vm_id: str) -> dict[str, Any] | None:
+        """The counters a test set for the VM (the shape of `bulkhead run --stats`; daemon/vmstats.py)."""
+        with self._lock:
+            return self.counters.get(vm_id)
 
     def start(self, vm_id: str, spec: VmSpec) -> int:
         with self._lock:

@@ -23,6 +23,10 @@ __all__ = ["audit_main", "cert_main", "init_main", "integrity_main", "network_ma
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit 2
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and message.endswith(f"required: {sub.dest}"):  # no subcommand: name them
+            raise ConfigError(f"{self.prog} needs a command: {', '.join(sub.choices)} "
+                              f"(`{self.prog} COMMAND --help` for its options)")
         raise ConfigError(f"{self.prog}: {message}")
 
 
@@ -70,14 +74,28 @@ def _client(args: argparse.Namespace) -> Any:
     return ApiClient(ep)
 
 
+def human(v: Any) -> str:
+    """A value as a person reads it: no Python reprs (None, [], {}, True)."""
+    if v is None or v == "" or v == [] or v == {}:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, list | tuple):
+        return ",".join(human(x) for x in v)
+    if isinstance(v, dict):
+        return " ".join(f"{k}={human(x)}" for k, x in v.items() if x not in (None, "", [], {}))
+    return str(v)
+
+
 def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    """A plain-text table; cells are shortened to 40 characters."""
+    """A plain-text table; cells are shortened to 40 characters, except the last column (e.g. DETAIL),
+    which is printed whole."""
 
-    def cell(v: Any) -> str:
-        s = "-" if v is None or v == "" else (",".join(map(str, v)) if isinstance(v, list) else str(v))
-        return s if len(s) <= 40 else s[:37] + "..."
+    def cell(v: Any, last: bool) -> str:
+        s = human(v)
+        return s if last or len(s) <= 40 else s[:37] + "..."
 
-    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[cell(r.get(c), i == len(cols) - 1) for i, c in enumerate(cols)] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
@@ -94,8 +112,25 @@ def _out(args: argparse.Namespace, data: Any, cols: Sequence[str]) -> int:
     else:
         width = max(len(k) for k in data) if data else 0
         for k, v in data.items():
-            print(f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, list | dict) else v}")
+            print(f"{k.ljust(width)}  {human(v)}")
     return 0
+
+
+def _names(c: Any, path: str) -> dict[str, str]:
+    """id -> name of the tenants or principals the caller may list ({} when it may not)."""
+    from bulkhead.daemon.client import ClientError
+
+    try:
+        return {str(x["id"]): str(x["name"]) for x in c.get(path)}
+    except ClientError:
+        return {}
+
+
+def _named(rows: Any, key: str, names: dict[str, str]) -> Any:
+    """Rows (or one row) with `key` shown by name when known (the id stays in --json output)."""
+    if isinstance(rows, dict):
+        return {**rows, key: names.get(str(rows.get(key)), rows.get(key))}
+    return [{**r, key: names.get(str(r.get(key)), r.get(key))} for r in rows]
 
 
 # ---------------------------------------------------------------------- init / serve
@@ -143,6 +178,9 @@ def serve_main(argv: list[str]) -> int:
     g.add_argument("--event-log", type=Path, help="measurement event log (default <state-dir>/integrity/events.jsonl)")
     g.add_argument("--integrity", default="gate", choices=["gate", "off"],
                    help="off: no integrity gate; refused unless --backend fake (no guest can run); audited")
+    p.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"],
+                   help="stderr log lines (one per request and lifecycle event; the journal under systemd)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     w = p.add_argument_group("audit witnesses (docs/AUDIT.md)")
     w.add_argument("--witness", help="NAME|URL[,...]: push checkpoints to these registered witnesses "
                    "(default: every one under <state-dir>/witnesses)")
@@ -155,8 +193,10 @@ def serve_main(argv: list[str]) -> int:
         args = p.parse_args(argv)
         from bulkhead.daemon.backend import make_backend
         from bulkhead.daemon.integrity import IntegrityOptions
+        from bulkhead.daemon.logsetup import configure
         from bulkhead.daemon.server import serve
 
+        configure(args.log_format, args.log_level)
         if args.integrity == "off" and args.backend != "fake":
             raise ConfigError("--integrity off is accepted only with --backend fake (no guest can run)")
         if args.dev_tpm and args.tpm:
@@ -301,7 +341,7 @@ def vm_main(argv: list[str]) -> int:
     ls = sub.add_parser("list")
     ls.add_argument("--tenant")
     parsers = [cr, ls]
-    for name in ("get", "start", "stop", "pause", "resume", "delete", "events", "measurement"):
+    for name in ("get", "start", "stop", "pause", "resume", "delete", "events", "measurement", "stats"):
         sp = sub.add_parser(name)
         sp.add_argument("vm")
         parsers.append(sp)
@@ -357,7 +397,8 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
         return _out(args, c.post("/vms", body), VM_COLS)
     if args.cmd == "list":
         tenant = _tenant_id(c, args.tenant) if args.tenant else None
-        return _out(args, c.get("/vms", tenant=tenant), VM_COLS)
+        vms = c.get("/vms", tenant=tenant)
+        return _out(args, vms if args.json else _named(vms, "tenant", _names(c, "/tenants")), VM_COLS)
     if args.cmd == "disk-create":
         body = {"name": args.name, "size_mib": args.size}
         return _out(args, c.post(f"/tenants/{_tenant_id(c, args.tenant)}/disks", body), disk_cols)
@@ -367,11 +408,27 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
         return _out(args, c.delete(f"/disks/{args.disk}"), disk_cols)
     vid = _vm_id(c, args.vm)
     if args.cmd == "get":
-        return _out(args, c.get(f"/vms/{vid}"), VM_COLS)
+        vm = c.get(f"/vms/{vid}")
+        return _out(args, vm if args.json else _named(vm, "tenant", _names(c, "/tenants")), VM_COLS)
     if args.cmd == "delete":
         return _out(args, c.delete(f"/vms/{vid}"), VM_COLS)
     if args.cmd == "events":
-        return _out(args, c.get(f"/vms/{vid}/events"), ["time", "event", "detail"])
+        events = c.get(f"/vms/{vid}/events")
+        if not args.json:  # DETAIL whole (the last column), principals by name
+            who = _names(c, "/principals")
+            for e in events:
+                try:
+                    d = json.loads(e["detail"]) if isinstance(e["detail"], str) else e["detail"]
+                except ValueError:
+                    continue
+                if isinstance(d, dict) and "by" in d:
+                    d["by"] = who.get(str(d["by"]), d["by"])
+                e["detail"] = d
+        return _out(args, events, ["time", "event", "detail"])
+    if args.cmd == "stats":  # daemon/ops_cli.py, by name (it builds on this module)
+        import importlib
+
+        return int(importlib.import_module("bulkhead.daemon.ops_cli").vm_stats(c, args))
     if args.cmd == "measurement":
         return _out(args, c.get(f"/vms/{vid}/measurement"), [])
     if args.cmd == "console":
@@ -389,10 +446,13 @@ def integrity_main(argv: list[str]) -> int:
     """`bulkhead integrity status`: the daemon's host integrity (exit 0 trusted, 1 untrusted or off)."""
     p = _Parser(prog="bulkhead integrity", description="the daemon's host integrity state (GET /integrity)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    st = sub.add_parser("status")
+    st = sub.add_parser("status", help="trusted or untrusted, with every reason")
     _common(st)
 
     def go() -> int:
+        if not argv:  # no subcommand: the usage, not argparse's "arguments are required: cmd"
+            print(p.format_usage().rstrip() + "\n\n  status   the daemon's host integrity (exit 0 trusted)")
+            return 2
         args = p.parse_args(argv)
         with _client(args) as c:
             res = c.get("/integrity")
@@ -531,7 +591,12 @@ def role_main(argv: list[str]) -> int:
             if args.cmd == "unassign":
                 return _out(args, c.delete(f"/assignments/{args.assignment}"), acols)
             pid = _principal_id(c, args.principal) if args.principal else None
-            return _out(args, c.get("/assignments", principal=pid), acols)
+            rows = c.get("/assignments", principal=pid)
+            if not args.json:
+                rows = [{**r, "principal": n} for r, n in
+                        zip(rows, [x["principal_id"] for x in _named(rows, "principal_id", _names(c, "/principals"))],
+                            strict=True)]
+            return _out(args, rows, acols if args.json else ["id", "principal", "role_name", "scope"])
 
     return _run(go)
 
@@ -597,6 +662,8 @@ def audit_main(argv: list[str]) -> int:
             params = {"since": args.since, "principal": principal, "vm": vm}
             if args.cmd == "show":
                 recs = c.get("/audit", **params, limit=max(1, min(args.limit, 10000)))
+                if not args.json:
+                    recs = _named(recs, "principal", _names(c, "/principals"))
                 return _out(args, recs, ["seq", "time", "kind", "principal", "action", "decision", "result", "vm"])
             out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
             after = 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from bulkhead.errors import ConfigError, HostError, RefusedError
+from bulkhead.errors import ConfigError, DaemonUnreachable, RefusedError
 
 __all__ = ["ApiClient", "ClientError", "Endpoint", "client_ssl", "resolve_endpoint"]
 
@@ -70,13 +70,15 @@ def resolve_endpoint(state_dir: Path, *, url: str | None = None, socket: str | N
     sock = state_dir / "bulkhead.sock"
     if sock.exists():
         return Endpoint("http://bulkheadd", socket=str(sock))
-    raise ConfigError(
-        "no way to reach the daemon: pass --cert/--key (mTLS) or --socket, or run as root next to a serving daemon"
+    raise DaemonUnreachable(
+        f"no daemon to reach: tried the local socket {sock} (absent: is bulkheadd running with --state-dir "
+        f"{state_dir}? `systemctl status bulkhead`), and no --cert/--key (mTLS) or --socket was given"
     )
 
 
 class ApiClient:
     def __init__(self, ep: Endpoint, timeout: float = 30.0) -> None:
+        self.endpoint = ep
         if ep.socket:
             self._http = httpx.Client(transport=httpx.HTTPTransport(uds=ep.socket), base_url=ep.url, timeout=timeout)
         else:
@@ -99,7 +101,8 @@ class ApiClient:
             resp = self._http.request(method, "/v1" + path, json=body,
                                       params={k: v for k, v in (params or {}).items() if v is not None})
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
-            raise HostError(f"cannot reach the daemon: {exc}") from None
+            where = f"the local socket {self.endpoint.socket}" if self.endpoint.socket else self.endpoint.url
+            raise DaemonUnreachable(f"cannot reach the daemon at {where}: {exc}") from None
         if resp.status_code == 204:
             return None
         try:

@@ -72,7 +72,7 @@ class StateDir:
 class Daemon:
     """The management plane: its services as fields, each constructed fully here from what it is given
     (docs/ARCHITECTURE.md "The daemon"): `core` (store, audit log, RBAC), `tenants`, `access`,
-    `networks`, `disks`, `vms` (with the host's integrity gate) and `audit_api`. The daemon itself
+    `networks`, `disks`, `vms` (with the host's integrity gate), `audit_api` and `metrics`. The daemon itself
     keeps the process's life (open, start, monitor, close) and the authentication of peers."""
 
     def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin",
@@ -92,6 +92,9 @@ class Daemon:
         # fail closed until a gate is installed (bulkhead.daemon.integrity)
         self.vms = VmService(self.core, backend, self.networks, self.disks, integrity or NoTpm())
         self.audit_api = AuditService(self.core)
+        from bulkhead.daemon.metrics import Metrics  # prometheus_client: only for a daemon
+
+        self.metrics = Metrics(self)  # GET /metrics, and one observation per request (daemon/metrics.py)
         self.code_integrity: dict[str, str | bool | None] = {"verified": False, "manifest_digest": None,
                                                              "manifest": None}
         self._cert_cache: dict[str, tuple[str, str]] = {}

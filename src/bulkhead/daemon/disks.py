@@ -17,7 +17,7 @@ from fastapi import APIRouter, Response
 from bulkhead.control import rbac
 from bulkhead.control.models import DiskCreate, DiskOut
 from bulkhead.daemon.auditlog import now_iso
-from bulkhead.daemon.routing import Ctx, router
+from bulkhead.daemon.routing import Ctx, NameRef, router
 from bulkhead.daemon.service import ApiError, Core, ReqCtx
 from bulkhead.daemon.store import new_id
 from bulkhead.errors import HostError
@@ -92,12 +92,12 @@ def disk_routes(svc: Callable[[], DiskService]) -> APIRouter:
     r = router()
 
     @r.post("/tenants/{tenant_id}/disks", response_model=DiskOut, status_code=201)
-    def disk_create(tenant_id: UUID, body: DiskCreate, ctx: ReqCtx = Ctx) -> Any:
-        return svc().disk_create(ctx, str(tenant_id), body.name, body.size_mib)
+    def disk_create(tenant_id: UUID | NameRef, body: DiskCreate, ctx: ReqCtx = Ctx) -> Any:
+        return svc().disk_create(ctx, svc().core.tenant_ref(str(tenant_id)), body.name, body.size_mib)
 
     @r.get("/tenants/{tenant_id}/disks", response_model=list[DiskOut])
-    def disk_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return svc().disk_list(ctx, str(tenant_id))
+    def disk_list(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return svc().disk_list(ctx, svc().core.tenant_ref(str(tenant_id)))
 
     @r.get("/disks/{disk_id}", response_model=DiskOut)
     def disk_get(disk_id: UUID, ctx: ReqCtx = Ctx) -> Any:

@@ -32,7 +32,7 @@ from bulkhead.control import rbac
 from bulkhead.control.models import NetworkCountersOut, NetworkCreate, NetworkOut
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.backend import VmBackend, VmSpec
-from bulkhead.daemon.routing import Ctx, router
+from bulkhead.daemon.routing import Ctx, NameRef, router
 from bulkhead.daemon.service import ApiError, Core, ReqCtx
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.network.model import Network, Nic
@@ -271,12 +271,12 @@ def network_routes(svc: Callable[[], TenantNetworkService]) -> APIRouter:
     r = router()
 
     @r.post("/tenants/{tenant_id}/networks", response_model=NetworkOut, status_code=201)
-    def network_create(tenant_id: UUID, body: NetworkCreate, ctx: ReqCtx = Ctx) -> Any:
-        return svc().network_create(ctx, str(tenant_id), body)
+    def network_create(tenant_id: UUID | NameRef, body: NetworkCreate, ctx: ReqCtx = Ctx) -> Any:
+        return svc().network_create(ctx, svc().core.tenant_ref(str(tenant_id)), body)
 
     @r.get("/tenants/{tenant_id}/networks", response_model=list[NetworkOut])
-    def network_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return svc().network_list(ctx, str(tenant_id))
+    def network_list(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return svc().network_list(ctx, svc().core.tenant_ref(str(tenant_id)))
 
     @r.get("/networks/{network_id}", response_model=NetworkOut)
     def network_get(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:

@@ -215,12 +215,35 @@ class Serving:
                 break
             await asyncio.sleep(0.01)
         self.started.set()
-        await asyncio.gather(*tasks)
+        from bulkhead.daemon.sdnotify import watchdog_interval
+
+        interval = watchdog_interval()
+        pinger = asyncio.create_task(self._watchdog(interval)) if interval else None
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+
+    async def _watchdog(self, interval: float) -> None:
+        """systemd WatchdogSec=: WATCHDOG=1 from the serving event loop itself, so a loop that hangs stops
+        the pings and systemd restarts the daemon (sd_watchdog_enabled(3): ping at half the period)."""
+        from bulkhead.daemon.sdnotify import notify
+
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     def _servers(self) -> list[_Server]:
         return [s for s in (self.tls_server, self.unix_server) if s is not None]
 
     def stop(self) -> None:
+        from bulkhead.daemon.logsetup import lifecycle
+        from bulkhead.daemon.sdnotify import notify
+
+        if not any(s.should_exit for s in self._servers()):
+            notify("STOPPING=1", "STATUS=stopping")  # systemd: the stop has begun (sd_notify(3))
+            lifecycle("daemon.stopping", pid=os.getpid())
         for s in self._servers():
             s.should_exit = True
 
@@ -310,8 +333,16 @@ def _serve_locked(state_dir: Path, host: str, port: int, backend: Any, engine: s
             tmp.write_text(json.dumps(info))
             os.replace(tmp, s.sd.serve_info)
             print(f"bulkheadd listening on https://{s.host}:{s.port} and {s.sd.socket}", flush=True)
+            from bulkhead.daemon.logsetup import lifecycle
+            from bulkhead.daemon.sdnotify import notify
+
+            lifecycle("daemon.ready", pid=os.getpid(), listen=f"https://{s.host}:{s.port}", socket=str(s.sd.socket))
+            notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=listening on https://{s.host}:{s.port}")
 
         serving.run(on_started=announce)
     finally:
         daemon.close()
+        from bulkhead.daemon.logsetup import lifecycle
+
+        lifecycle("daemon.stopped", pid=os.getpid())
     return 0

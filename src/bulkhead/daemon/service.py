@@ -146,6 +146,17 @@ class Core:
         """Scopes within which `action` is allowed (everything inside one of them is allowed)."""
         return rbac.allowed_scopes(self._fresh(), who.id, action, self.my_scopes(who))
 
+    def tenant_ref(self, ref: str) -> str:
+        """A tenant id, or the id of the tenant named `ref` (the API takes names where the CLI does); an
+        unknown name is returned as is, so it gets the answer of an unknown id (404)."""
+        row = self.store.q1("SELECT id FROM tenants WHERE id = ? OR name = ?", (ref, ref))
+        return str(row["id"]) if row is not None else ref
+
+    def principal_ref(self, ref: str) -> str:
+        """A principal id, or the id of the principal named `ref` (unknown: returned as is -> 404)."""
+        row = self.store.q1("SELECT id FROM principals WHERE id = ? OR name = ?", (ref, ref))
+        return str(row["id"]) if row is not None else ref
+
     def can_see_tenant(self, who: Caller, tenant_id: str) -> bool:
         ts = rbac.tenant_scope(tenant_id)
         if self.allowed(who, "tenant/read", ts):

@@ -114,6 +114,13 @@ class Store:
                         (new_id(), r.name, r.description, json.dumps(list(r.actions)),
                          json.dumps(list(r.not_actions)), json.dumps(list(r.assignable_scopes))),
                     )
+                else:  # a built-in role follows this release's definition (a new not-action applies at once)
+                    c.execute(
+                        "UPDATE roles SET description = ?, actions = ?, not_actions = ?, assignable_scopes = ? "
+                        "WHERE name = ? AND builtin = 1",
+                        (r.description, json.dumps(list(r.actions)), json.dumps(list(r.not_actions)),
+                         json.dumps(list(r.assignable_scopes)), r.name),
+                    )
             if c.execute("SELECT 1 FROM principals WHERE kind = 'local'").fetchone() is None:
                 pid = new_id()
                 c.execute("INSERT INTO principals VALUES (?,?,?,?)", (pid, "root@local", "local", now_iso()))

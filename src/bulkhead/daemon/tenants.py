@@ -16,7 +16,7 @@ from fastapi import APIRouter, Response
 from bulkhead.control import rbac
 from bulkhead.control.models import TenantCreate, TenantOut
 from bulkhead.daemon.auditlog import now_iso
-from bulkhead.daemon.routing import Ctx, router
+from bulkhead.daemon.routing import Ctx, NameRef, router
 from bulkhead.daemon.service import ApiError, Core, ReqCtx
 from bulkhead.daemon.store import new_id
 
@@ -89,12 +89,12 @@ def tenant_routes(svc: Callable[[], TenantService]) -> APIRouter:
         return svc().tenant_list(ctx)
 
     @r.get("/tenants/{tenant_id}", response_model=TenantOut)
-    def tenant_get(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return svc().tenant_get(ctx, str(tenant_id))
+    def tenant_get(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Any:
+        return svc().tenant_get(ctx, svc().core.tenant_ref(str(tenant_id)))
 
     @r.delete("/tenants/{tenant_id}", status_code=204)
-    def tenant_delete(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        svc().tenant_delete(ctx, str(tenant_id))
+    def tenant_delete(tenant_id: UUID | NameRef, ctx: ReqCtx = Ctx) -> Response:
+        svc().tenant_delete(ctx, svc().core.tenant_ref(str(tenant_id)))
         return Response(status_code=204)
 
     return r

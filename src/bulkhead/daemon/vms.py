@@ -22,15 +22,18 @@ from fastapi import APIRouter, Query, Response
 from bulkhead.control import rbac
 from bulkhead.control.lifecycle import LifecycleError, next_state
 from bulkhead.control.models import ConsoleOut, MeasurementOut, VmCreate, VmEventOut, VmOut
+from bulkhead.control.opsmodels import VmStatsOut
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.backend import VmBackend, VmSpec
 from bulkhead.daemon.disks import DiskService
 from bulkhead.daemon.integrity import HostIntegrity
 from bulkhead.daemon.launchcheck import LaunchCheck
+from bulkhead.daemon.logsetup import lifecycle
 from bulkhead.daemon.networks import TenantNetworkService
-from bulkhead.daemon.routing import Ctx, router
+from bulkhead.daemon.routing import Ctx, TenantRefQuery, router
 from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx
 from bulkhead.daemon.store import new_id
+from bulkhead.daemon.vmstats import vm_stats
 from bulkhead.errors import ConfigError, HostError, StartRefused
 from bulkhead.integrity.errors import CodeMismatch
 
@@ -106,6 +109,8 @@ class VmService:
         except ApiError:
             return row  # not audited -> not recorded; try again later
         self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
+        lifecycle("vm.state", vm=row["id"], name=row["name"], op="exit", to="exited", exit_status=st.exit_status,
+                  **{k: v for k, v in why.items() if k == "reason"})
         self.store.vm_event(row["id"], "exited", {"status": st.exit_status, **why})
         kind = why.get("reason") if why else security_exit_kind(st.exit_status)
         if kind in _SECURITY_EXITS and not reported:  # stopped for a security reason: a security event too
@@ -118,7 +123,7 @@ class VmService:
 
     # ------------------------------------------------------------------ create / read / delete
     def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
-        tenant = str(body.tenant)
+        tenant = self.core.tenant_ref(str(body.tenant))  # a tenant id or name (docs/API.md)
         self.core.authorize_in_tenant(ctx, "vm/write", tenant)
         kernel = self._image(body.kernel, "kernel")
         initrd = self._image(body.initrd, "initrd") if body.initrd else None
@@ -176,7 +181,8 @@ class VmService:
     def _image(self, name: str, what: str) -> Any:
         path = self.paths.images / name
         if "/" in name or name.startswith(".") or not path.is_file():
-            raise ApiError(422, f"{what} image {name!r} is not in the daemon's image directory")
+            raise ApiError(422, f"{what} image {name!r} is not in the daemon's image directory "
+                           f"{self.paths.images} (add it with `bulkhead image import FILE --name {name}`)")
         return path
 
     def vm_get(self, ctx: ReqCtx, vm_id: str) -> dict[str, Any]:
@@ -252,6 +258,7 @@ class VmService:
                 ctx.detail["error"] = str(exc)
                 raise ApiError.of(exc, f"cannot {op} the VM: {exc}") from None
             self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
+            lifecycle("vm.state", vm=vm_id, name=row["name"], op=op, to=new, by=ctx.caller.name)
             self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id,
                                              **(self.exit_reason(vm_id)[0] if op == "stop" else {})})
             final = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
@@ -354,8 +361,8 @@ def vm_routes(svc: Callable[[], VmService]) -> APIRouter:
         return svc().vm_create(ctx, body)
 
     @r.get("/vms", response_model=list[VmOut])
-    def vm_list(tenant: UUID | None = None, ctx: ReqCtx = Ctx) -> Any:
-        return svc().vm_list(ctx, str(tenant) if tenant else None)
+    def vm_list(tenant: UUID | TenantRefQuery | None = None, ctx: ReqCtx = Ctx) -> Any:
+        return svc().vm_list(ctx, svc().core.tenant_ref(str(tenant)) if tenant else None)  # tenant id or name
 
     @r.get("/vms/{vm_id}", response_model=VmOut)
     def vm_get(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
@@ -390,5 +397,11 @@ def vm_routes(svc: Callable[[], VmService]) -> APIRouter:
     @r.get("/vms/{vm_id}/measurement", response_model=MeasurementOut)
     def vm_measurement(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
         return svc().vm_measurement(ctx, str(vm_id))
+
+    @r.get("/vms/{vm_id}/stats", response_model=VmStatsOut, name="vm_stats",
+           summary="per-VM counters (exits, device I/O, faults, throttling)")
+    def vm_stats_route(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        vms = svc()
+        return vm_stats(vms.core, vms.backend, ctx, str(vm_id))  # daemon/vmstats.py
 
     return r

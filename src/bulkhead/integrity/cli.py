@@ -223,7 +223,12 @@ def _attest_policy_init(a: argparse.Namespace) -> int:
 
 
 def attest_main(argv: list[str]) -> int:
-    """`bulkhead attest enroll|quote|verify|policy-init`."""
+    """`bulkhead attest enroll|quote|verify|policy-init`; `attest policy ...` goes through the daemon
+    (bulkhead.daemon.ops_cli, dispatched by name like bulkhead.cli's table)."""
+    if argv[:1] == ["policy"]:
+        import importlib
+
+        return int(importlib.import_module("bulkhead.daemon.ops_cli").policy_main(argv[1:]))
     return _run(_attest, argv)
 
 

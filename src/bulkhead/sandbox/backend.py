@@ -15,6 +15,7 @@ host cannot do it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -183,6 +184,22 @@ class JailedBackend:
         """The VM's current (or last) worker handle, if any (diagnostics and tests)."""
         with self._lock:
             return self._handles.get(vm_id)
+
+    def stats(self, vm_id: str) -> dict[str, Any] | None:
+        """The VM's counters, nested as `bulkhead run --stats` writes them (daemon/vmstats.py): asked of a
+        running worker now (a `status` with stats), else those its worker sent when its last run ended.
+        Untrusted diagnostics. None: none yet."""
+        from bulkhead.runtime.stats import nest_counters
+
+        with self._lock:
+            h = self._handles.get(vm_id)
+        if h is None:
+            return None
+        if h.running:
+            with contextlib.suppress(HostError):
+                h.status(timeout=2.0, stats=True)
+        counters = h.counters
+        return None if counters is None else nest_counters(counters)
 
     def exit_reason(self, vm_id: str) -> WorkerExit | None:
         """The host-decided exit of a VM's worker (kind, status, detail, security_event), if it ended."""

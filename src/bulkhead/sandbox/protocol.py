@@ -140,9 +140,12 @@ class Stop(Message):
 
 @dataclass(frozen=True)
 class Status(Message):
+    """`stats`: the worker sends a `stats` message (the VM's counters so far) before its status-reply."""
+
     TYPE: ClassVar[str] = "status"
-    SPEC: ClassVar[dict[str, _Spec]] = {"seq": _Int(0, U32)}
+    SPEC: ClassVar[dict[str, _Spec]] = {"seq": _Int(0, U32), "stats": _Bool()}
     seq: int = 0
+    stats: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,8 @@ class Exit(Message):
 
 @dataclass(frozen=True)
 class Stats(Message):
-    """The VM's counters (`bulkhead run --stats`), flattened by runtime/stats.py, sent once before `exit`.
+    """The VM's counters (`bulkhead run --stats`), flattened by runtime/stats.py: sent before `exit`, and
+    before the status-reply of a `status` with stats=true (each replaces the last; none after `exit`).
     Untrusted like every worker claim: diagnostics only, the host decides nothing on them."""
 
     TYPE: ClassVar[str] = "stats"

@@ -188,6 +188,8 @@ class WorkerHandle:
         self.exit: WorkerExit | None = None
         self._claimed: ExitReason | None = None
         self.counters: dict[str, Any] | None = None  # the worker's `stats` message (untrusted diagnostics)
+        self._stats_asked = 0  # status requests with stats=true not yet answered by a `stats` message
+        self._stats_final = False
         self._violation: str | None = None
         self._integrity: IntegrityRefused | None = None
         self._host_killed = False
@@ -255,9 +257,18 @@ class WorkerHandle:
                 raise ProtocolError("second exit message")
             self._claimed = ExitReason(msg.kind, msg.status, msg.detail)
         elif isinstance(msg, Stats):
-            if self.counters is not None or self._claimed is not None:
-                raise ProtocolError("stats sent twice or after exit")
-            self.counters = dict(msg.counters or {})
+            # one answer per `status` that asked for stats, and one unasked copy (the final counters, before
+            # `exit`); anything else, or anything after the exit claim, breaks the protocol
+            if self._claimed is not None:
+                raise ProtocolError("stats sent after exit")
+            with self._cond:
+                if self._stats_asked > 0:
+                    self._stats_asked -= 1
+                elif self._stats_final:
+                    raise ProtocolError("stats sent twice unasked")
+                else:
+                    self._stats_final = True
+            self.counters = dict(msg.counters or {})  # replaces the last (bounded: one message's worth)
         elif isinstance(msg, StatusReply):
             with self._cond:
                 self._replies[msg.seq] = msg
@@ -387,12 +398,15 @@ class WorkerHandle:
         for i in range(0, len(data), MAX_CONSOLE_CHUNK):
             self._send(ConsoleIn(data[i : i + MAX_CONSOLE_CHUNK]))
 
-    def status(self, timeout: float = 2.0) -> StatusReply:
-        """Ask the worker for its state. Raises HostError if it does not answer in time."""
+    def status(self, timeout: float = 2.0, stats: bool = False) -> StatusReply:
+        """Ask the worker for its state (with `stats`, its counters first: self.counters is fresh once this
+        returns). Raises HostError if it does not answer in time."""
         with self._cond:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             seq = self._seq
-        self._send(Status(seq))
+            if stats:
+                self._stats_asked += 1
+        self._send(Status(seq, stats))
         with self._cond:
             if not self._cond.wait_for(lambda: seq in self._replies or self._done.is_set(), timeout):
                 raise HostError(f"VM {self.vm_id}: no status reply within {timeout} s")

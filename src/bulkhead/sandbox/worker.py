@@ -145,6 +145,8 @@ class _Service:
         self.stop_requested = False
         self.built = False
         self.state_lock = threading.Lock()  # state, built and pause/resume calls change together
+        self.stats_lock = threading.Lock()  # no `stats` message after the final one (it precedes `exit`)
+        self.stats_final = False
 
     def send(self, msg: Any) -> None:
         with self.send_lock:
@@ -205,6 +207,10 @@ class _Service:
             self.machine.request_stop(self._exit_reason("interrupted", "stopped by the host"))
         elif isinstance(msg, Status):
             uptime = int((time.monotonic() - self.t0) * 1000)
+            if msg.stats:
+                with self.stats_lock:
+                    if self.built and not self.stats_final:
+                        self._send_stats()  # counters so far (GET /vms/{id}/stats, /metrics)
             self.send(StatusReply(msg.seq, self.state, uptime))
         elif isinstance(msg, ConsoleIn):
             serial = getattr(self.machine, "serial", None)
@@ -224,7 +230,14 @@ class _Service:
         if stats is not None:
             from bulkhead.runtime.stats import flatten_counters
 
-            counters = {k: v for k, v in stats().items() if k not in ("exit", "events")}  # the host has both
+            for _ in range(3):  # while the VM runs, a device may add a counter as they are read: retry
+                try:
+                    counters = {k: v for k, v in stats().items() if k not in ("exit", "events")}  # the host has both
+                    break
+                except RuntimeError:
+                    continue
+            else:
+                return
             self.send(Stats(dict(flatten_counters(counters))))
 
     def run(self) -> int:
@@ -253,7 +266,9 @@ class _Service:
                         self.state = "running"
                 self.event(GUEST_START_EVENT, {})  # the host's start succeeds only from here on
                 reason = self.machine.run()
-                self._send_stats()
+                with self.stats_lock:
+                    self._send_stats()
+                    self.stats_final = True
         except ConfigError as exc:
             if not self.built:  # refused before the guest ran: say by type whether the image was the cause
                 self.event(START_REFUSED_EVENT, {"kind": StartRefused.of(exc).kind})
