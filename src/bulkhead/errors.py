@@ -17,6 +17,7 @@ __all__ = [
     "HostError",
     "ImageError",
     "RefusedError",
+    "SnapshotError",
     "StartRefused",
     "VmNotRunning",
 ]
@@ -32,6 +33,11 @@ class ConfigError(BulkheadError):
 
 class ImageError(ConfigError):
     """A kernel, initrd or disk image is malformed or does not fit the VM."""
+
+
+class SnapshotError(ImageError):
+    """A snapshot file is malformed, altered, truncated, foreign (another host or VM), of another version,
+    or not allowed (its launch digest, or a second restore without --clone). Nothing is restored."""
 
 
 class StartRefused(ConfigError):

@@ -145,6 +145,25 @@ class I8042Device:
         if reset:
             self._on_reset()
 
+    def save_state(self) -> dict[str, object]:
+        """Controller registers and the queued reply, for a snapshot (the VM is paused)."""
+        from bulkhead.devices.state import b64
+
+        with self._lock:
+            return {"status": self._status, "control": self._control, "outp": self._outp, "cmd": self._cmd,
+                    "buf": b64(self._buf)}
+
+    def load_state(self, doc: object) -> None:
+        """Restore save_state() output. Raises ValueError (nothing changed) for a bad document."""
+        from bulkhead.devices.state import fields
+
+        st = fields(doc, {"status": (0, 0xFF), "control": (0, 0xFF), "outp": (0, 0xFF), "cmd": (0, 0xFF),
+                          "buf": "blob:16"}, "i8042")
+        with self._lock:
+            self._status, self._control = int(st["status"]), int(st["control"])
+            self._outp, self._cmd = int(st["outp"]), int(st["cmd"])
+            self._buf = bytearray(st["buf"])
+
     @property
     def control(self) -> int:
         with self._lock:

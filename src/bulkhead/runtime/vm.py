@@ -85,6 +85,15 @@ def _read_image(path: str, what: str) -> bytes:
         os.close(fd)
 
 
+def _launch_digest(cfg: VmConfig, kernel: bytes, initrd: bytes | None) -> str | None:
+    """The launch digest of the bytes being loaded, or None where the integrity module is not installed."""
+    try:
+        from bulkhead.integrity.launch import launch_digest_for_config
+    except ImportError:
+        return None
+    return launch_digest_for_config(cfg, kernel, initrd)
+
+
 def _check_launch_digest(cfg: VmConfig, kernel: bytes, initrd: bytes | None) -> None:
     """Refuse to build when the launch digest of these exact bytes differs from cfg.expected_digest.
     Raises ConfigError with the reason (also when the integrity module is unavailable: fail closed)."""
@@ -111,8 +120,14 @@ class Machine:
         console_input: bool = True,
         coalesce_post: bool = True,
         ioeventfd: bool = True,
+        measure: bool = False,
     ) -> None:
         self.config = config
+        self.measure = measure  # compute the launch digest at build (a snapshot records it)
+        self.launch_digest: str | None = None
+        self.cpuid_tables: list[list[tuple[int, int, int, int, int, int, int]]] = []
+        self.mcg_cap = 0
+        self.i8042: Any = None
         self.ioeventfd = ioeventfd
         self._console = console
         self._on_event = on_event
@@ -173,6 +188,8 @@ class Machine:
         initrd = _read_image(cfg.initrd, "initrd") if cfg.initrd else None
         if cfg.expected_digest is not None:  # the bytes loaded below are the bytes measured: no TOCTOU
             _check_launch_digest(cfg, kernel, initrd)
+        if self.measure:
+            self.launch_digest = _launch_digest(cfg, kernel, initrd)
         self.kvm = Kvm()
         self._closers.append(self.kvm.close)
         max_vcpus = self.kvm.max_vcpus()
@@ -257,6 +274,7 @@ class Machine:
             )
         )
         self.pio.register(I8042_BASE, I8042_LEN, dev, "i8042")
+        self.i8042 = dev
 
     def attach_debug_exit(self) -> None:
         from bulkhead.devices.debug_exit import DebugExit
@@ -302,18 +320,68 @@ class Machine:
         except HostError:
             mcg_cap = 0  # no MCE emulation on this host: KVM's default stays
         coalesced = self._coalesce_post
+        self.mcg_cap = mcg_cap
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
             cpuid = [
                 (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                 for e in filter_cpuid(supported, index, self.config.cpus)
             ]
+            self.cpuid_tables.append(cpuid)
             refused = setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0, mcg_cap=mcg_cap)
             if refused and index == 0:
                 self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
             self.runners.append(
                 VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=coalesced)
             )
+
+    def build_restored(self, restore: Any) -> None:
+        """Rebuild this machine from an opened snapshot (runtime/snapshot.py open_restore) instead of a
+        kernel: same platform and devices, then memory, chips, vCPUs and device registers from the file.
+        Raises SnapshotError, ConfigError or HostError; nothing runs yet."""
+        from bulkhead.hypervisor.kvm import Kvm
+        from bulkhead.hypervisor.kvm.state import set_vcpu_state, set_vm_state
+        from bulkhead.runtime import snapshot as snap
+
+        cfg = self.config
+        if cfg.drives or cfg.nets or cfg.rng:
+            raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
+        self.launch_digest = restore.header["launch_digest"]
+        self.kvm = Kvm()
+        self._closers.append(self.kvm.close)
+        if cfg.cpus > self.kvm.max_vcpus():
+            raise HostError(f"the snapshot has {cfg.cpus} vCPUs, more than this host's KVM allows")
+        try:
+            self.mem = GuestMemory.for_size(cfg.mem_bytes)
+        except MemoryError as exc:
+            raise HostError(str(exc)) from None
+        self._closers.append(self.mem.close)
+        self.vm = self.kvm.create_vm()
+        self._closers.append(self.vm.close)
+        self._setup_vm_platform()
+        self.loop = EventLoop(self._on_fault, self._on_loop_error)
+        self._closers.append(self.loop.close)
+        self.attach_serial()
+        self.attach_i8042()
+        self.attach_debug_exit()
+        self.attach_post_port()
+        snap.restore_memory(self, restore)
+        set_vm_state(self.vm, restore.state["vm"])
+        self.mcg_cap = restore.state["cpuid"]["mcg_cap"]
+        for index, vstate in enumerate(restore.state["vcpus"]):
+            vcpu = self.vm.create_vcpu(index)
+            if self.mcg_cap:
+                vcpu.setup_mce(self.mcg_cap)
+            vcpu.set_cpuid(vstate["cpuid"])
+            self.cpuid_tables.append(vstate["cpuid"])
+            refused = set_vcpu_state(vcpu, vstate)
+            if refused:
+                self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
+            self.runners.append(
+                VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=self._coalesce_post)
+            )
+        snap.restore_devices(self, restore)
+        self.record("vm-restored", snapshot=restore.header["snapshot_id"], cpus=cfg.cpus, mem_mib=cfg.mem_mib)
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -408,16 +476,36 @@ def run_vm(
     console_input: bool = True,
     stats_path: str | None = None,
     ioeventfd: bool = True,
+    snapshot: Any = None,
+    restore: Any = None,
+    on_restored: Callable[[], object] | None = None,
 ) -> ExitReason:
     """Build and run one VM to completion. Raises ConfigError/ImageError/HostError before the guest runs.
 
-    With `stats_path`, counters (see Machine.stats) are written there as JSON when the VM stops."""
+    With `stats_path`, counters (see Machine.stats) are written there as JSON when the VM stops.
+    `restore` (runtime/snapshot.py Restore) rebuilds the VM from a snapshot instead of booting `config`'s
+    kernel. `snapshot` (SnapshotRequest): when the host stops the VM (SIGINT/SIGTERM), the paused machine
+    is saved there and the reason is "snapshotted"; a guest that stops by itself is not saved."""
     machine = Machine(
-        config, console=console, on_event=on_event, console_input=console_input, ioeventfd=ioeventfd
+        config, console=console, on_event=on_event, console_input=console_input, ioeventfd=ioeventfd,
+        measure=snapshot is not None,
     )
     try:
-        machine.build()
+        if restore is not None:
+            machine.build_restored(restore)
+            if on_restored is not None:
+                on_restored()  # e.g. the restore ledger: raises SnapshotError for a second restore
+        else:
+            machine.build()
         reason = machine.run()
+        if snapshot is not None and reason.kind == "interrupted":
+            from bulkhead.runtime.snapshot import save_machine
+
+            info = save_machine(machine, snapshot.path, host_key=snapshot.host_key, vm_id=snapshot.vm_id)
+            reason = ExitReason.of(
+                "snapshotted", f"saved to {info['path']} ({info['pages']} pages, {info['bytes']} bytes, "
+                f"snapshot {info['snapshot_id']})"
+            )
         if stats_path:
             from bulkhead.runtime.stats import write_stats
 
@@ -425,6 +513,8 @@ def run_vm(
         return reason
     finally:
         machine.close()
+        if restore is not None:
+            restore.close()
 
 
 def declare_surfaces() -> None:
