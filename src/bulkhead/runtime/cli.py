@@ -209,6 +209,8 @@ def _snapshot_options(ns: dict[str, object], config: VmConfig, extra: dict[str, 
     from bulkhead.runtime.snapshot import SnapshotRequest, open_restore
     from bulkhead.snapshot.keys import default_key_path, load_host_key, record_restore
 
+    if config.drives or config.nets or config.rng:
+        raise ConfigError("--snapshot-on-exit and --restore do not support virtio devices yet (docs/SNAPSHOT.md)")
     key_path = str(ns["snapshot_key"] or default_key_path())
     vm_id = uuid.uuid4().hex
     if ns["restore"]:

@@ -293,14 +293,21 @@ def open_restore(
 
         def close() -> None:
             reader.release()
-            data.close()
+            _close_map(data)
 
         return Restore(header, state, config, reader, close)
     except BaseException:
-        if "reader" in locals():
-            reader.release()
-        data.close()
+        _close_map(data)
         raise
+
+
+def _close_map(data: mmap.mmap) -> None:
+    """Unmap now if no view of it is left; otherwise (a view held by an exception being raised) the
+    mapping goes with its last reference. It is a private read-only map: nothing is lost either way."""
+    try:
+        data.close()
+    except BufferError:
+        pass
 
 
 def restore_memory(machine: Machine, restore: Restore) -> None:

@@ -243,6 +243,13 @@ class SnapshotReader:
 
     def __init__(self, data: Any) -> None:  # bytes, memoryview or mmap
         self._data = memoryview(data)
+        try:
+            self._parse_header()
+        except BaseException:
+            self._data.release()
+            raise
+
+    def _parse_header(self) -> None:
         if len(self._data) < len(MAGIC) + 4:
             raise SnapshotError("not a bulkhead snapshot: the file is too short")
         if bytes(self._data[: len(MAGIC)]) != MAGIC:
