@@ -198,15 +198,28 @@ def run_main(argv: list[str]) -> int:
 
             _report("bulkhead run", exc)
             return exit_status(exc) or EXIT_STATUS["config-error"]
-    return _run_config(config, quiet=bool(ns["quiet"]), jail=jail, extra=extra)
+    cleanup = extra.pop("cleanup", None)
+    try:
+        return _run_config(config, quiet=bool(ns["quiet"]), jail=jail, extra=extra)
+    finally:
+        if callable(cleanup):
+            cleanup()
 
 
 def _snapshot_options(ns: dict[str, object], config: VmConfig, extra: dict[str, object]) -> VmConfig:
-    """Open the snapshot to restore (authenticated, checked, recorded in the restore ledger) and/or load the
-    host key for --snapshot-on-exit. Returns the configuration to run. Raises ConfigError/SnapshotError."""
+    """Authenticate and decrypt the snapshot to restore into memfds, and/or load the host key for
+    --snapshot-on-exit. Returns the configuration to run. Raises ConfigError/SnapshotError."""
     import uuid
 
-    from bulkhead.runtime.snapshot import SnapshotRequest, open_restore
+    from bulkhead.runtime.snapshot import (
+        RestoreSource,
+        SnapshotTarget,
+        decrypt_into,
+        guest_memfds,
+        load_restore_state,
+        open_restore,
+        scrub_memfd,
+    )
     from bulkhead.snapshot.keys import default_key_path, load_host_key, record_restore
 
     if config.drives or config.nets or config.rng:
@@ -215,16 +228,32 @@ def _snapshot_options(ns: dict[str, object], config: VmConfig, extra: dict[str, 
     vm_id = uuid.uuid4().hex
     if ns["restore"]:
         restore = open_restore(str(ns["restore"]), host_key=lambda: load_host_key(key_path, create=False),
-                               serial=config.serial,
-                               expected_digest=config.expected_digest)
-        snapshot_id, clone = restore.header["snapshot_id"], bool(ns["clone"])
-        extra["restore"] = restore
-        # Recorded once the machine is rebuilt (memory authenticated), before its guest runs.
-        extra["on_restored"] = lambda: record_restore(key_path, snapshot_id, clone=clone)
+                               serial=config.serial, expected_digest=config.expected_digest)
+        try:
+            memory_fd, state_fd = guest_memfds(restore.config.mem_bytes)
+            decrypt_into(restore, memory_fd, state_fd)  # every memory chunk authenticated before a vCPU exists
+        finally:
+            restore.close()
+        header, state = load_restore_state(state_fd)
+        snapshot_id, clone = header["snapshot_id"], bool(ns["clone"])
+        # Recorded once the machine is rebuilt, before its guest runs.
+        extra["restore"] = RestoreSource(header, state, memory_fd, state_fd,
+                                         lambda: record_restore(key_path, snapshot_id, clone=clone))
         config = restore.config
-        vm_id = restore.header["vm_id"] if not ns["clone"] else vm_id
+        vm_id = header["vm_id"] if not clone else vm_id
+    else:
+        memory_fd, state_fd = guest_memfds(config.mem_bytes)
+    mem_bytes = config.mem_bytes
+
+    def cleanup() -> None:
+        scrub_memfd(memory_fd, mem_bytes)  # guest RAM: zeroed before the pages go
+        os.close(memory_fd)
+        os.close(state_fd)
+
+    extra["cleanup"] = cleanup
     if ns["snapshot_on_exit"]:
-        extra["snapshot"] = SnapshotRequest(str(ns["snapshot_on_exit"]), load_host_key(key_path, create=True), vm_id)
+        extra["snapshot"] = SnapshotTarget(str(ns["snapshot_on_exit"]), load_host_key(key_path, create=True), vm_id,
+                                           memory_fd, state_fd)
     return config
 
 

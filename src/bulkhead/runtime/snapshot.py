@@ -19,10 +19,14 @@ is replayed after restore and the guest's output shows a character twice (tests/
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
+import json
 import mmap
 import os
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,10 +34,11 @@ from typing import Any, NamedTuple
 
 from bulkhead import __version__
 from bulkhead.config import VmConfig
-from bulkhead.errors import ConfigError, GuestMemoryError, HostError, SnapshotError
+from bulkhead.errors import ConfigError, HostError, SnapshotError
 from bulkhead.snapshot.format import (
     CHUNK_PAGES,
     FORMAT,
+    MAX_STATE,
     PAGE,
     SnapshotReader,
     b64,
@@ -44,32 +49,13 @@ from bulkhead.snapshot.format import (
 )
 
 Machine = Any  # bulkhead.runtime.vm.Machine (which imports this module: no import back)
-__all__ = ["Restore", "SnapshotRequest", "open_restore", "page_runs", "save_machine"]
+__all__ = ["Restore", "RestoreSource", "SnapshotTarget", "decrypt_into", "guest_memfds", "load_restore_state", "open_restore",
+           "save_state", "scrub_memfd", "seal_snapshot"]
 
 _ZERO = bytes(PAGE)
 _CONFIG_KEYS = ("kernel", "initrd", "cmdline", "mem_mib", "cpus", "boot_protocol", "expected_digest")
 MAX_MSRS = 1024
 MAX_CPUID = 256
-
-
-def page_runs(machine: Machine) -> Iterator[tuple[int, int, memoryview]]:
-    """(pfn, npages, view) runs of guest pages that are not all zero, at most CHUNK_PAGES each."""
-    assert machine.mem is not None
-    for region in machine.mem.regions:
-        mem = region.mem
-        assert mem is not None
-        for off, length in region.resident_runs():
-            start = None
-            for page in range(off, off + length, PAGE):
-                nonzero = mem[page : page + PAGE] != _ZERO
-                if nonzero and start is None:
-                    start = page
-                if start is not None and (not nonzero or page - start >= CHUNK_PAGES * PAGE):
-                    yield (region.base + start) // PAGE, (page - start) // PAGE, mem[start:page]
-                    start = page if nonzero else None
-            if start is not None:
-                end = off + length
-                yield (region.base + start) // PAGE, (end - start) // PAGE, mem[start:end]
 
 
 def _complete_pending_io(machine: Machine) -> None:
@@ -106,27 +92,194 @@ def _state(machine: Machine) -> dict[str, Any]:
     }
 
 
-def save_machine(machine: Machine, path: str, *, host_key: bytes, vm_id: str) -> dict[str, Any]:
-    """Write `machine` (run() has returned) to `path`: a temporary file in the same directory, fsynced,
-    then renamed, so a crash or a full disk never leaves a half snapshot under `path`. Returns a summary."""
+def save_state(machine: Machine, state_fd: int) -> None:
+    """Worker side (jailed or not): quiesce the stopped machine and write its state document into
+    `state_fd` (the memory is already in the host's memfd). The document is checked by the host."""
     if machine.transports:
         raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
     _complete_pending_io(machine)
-    state = _state(machine)
-    runs = list(page_runs(machine))
-    state["memory"]["runs"] = [[pfn, n] for pfn, n, _ in runs]
+    write_state_fd(state_fd, _state(machine))
+
+
+# -- memfds shared with the worker -------------------------------------------------------------------
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A memfd of exactly `size` bytes that nobody (the worker included) can grow or shrink."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_state_fd(fd: int, doc: dict[str, Any]) -> None:
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    if len(data) > MAX_STATE:
+        raise SnapshotError(f"snapshot state is larger than {MAX_STATE} bytes")
+    os.pwrite(fd, struct.pack("<Q", len(data)) + data, 0)
+
+
+def read_state_fd(fd: int) -> dict[str, Any]:
+    """Read a state document a worker (untrusted) or the host wrote. Raises SnapshotError."""
+    head = os.pread(fd, 8, 0)
+    if len(head) != 8:
+        raise SnapshotError("the VM's state was not written")
+    (n,) = struct.unpack("<Q", head)
+    if not 0 < n <= MAX_STATE:
+        raise SnapshotError(f"the VM's state document has an impossible length {n}")
+    data = os.pread(fd, n, 8)
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise SnapshotError("the VM's state document is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise SnapshotError("the VM's state document is not an object")
+    return doc
+
+
+def _flat_regions(mem_bytes: int) -> list[tuple[int, int, int]]:
+    """(guest base, size, offset in the memfd) per RAM region, as GuestMemory(fd=) maps them."""
+    from bulkhead.memory.layout import ram_regions
+
+    out, off = [], 0
+    for base, size in sorted(ram_regions(mem_bytes)):
+        out.append((base, size, off))
+        off += size
+    return out
+
+
+def memfd_runs(memory: memoryview, mem_bytes: int, fd: int) -> Iterator[tuple[int, int, memoryview]]:
+    """(pfn, npages, view) runs of non-zero guest pages in the memfd, at most CHUNK_PAGES each.
+    SEEK_DATA/SEEK_HOLE find what was ever written (swapped-out pages count as data, unlike mincore);
+    within that, all-zero pages are skipped."""
+    for base, size, off in _flat_regions(mem_bytes):
+        pos, end = off, off + size
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            start = None
+            for page in range(data - data % PAGE, hole, PAGE):
+                nonzero = memory[page : page + PAGE] != _ZERO
+                if nonzero and start is None:
+                    start = page
+                if start is not None and (not nonzero or page - start >= CHUNK_PAGES * PAGE):
+                    yield (base + start - off) // PAGE, (page - start) // PAGE, memory[start:page]
+                    start = page if nonzero else None
+            if start is not None:
+                yield (base + start - off) // PAGE, (hole - start) // PAGE, memory[start:hole]
+            pos = hole
+
+
+@contextlib.contextmanager
+def _mapped(fd: int, size: int) -> Iterator[memoryview]:
+    """A shared read-write view of a memfd. Unmapped on the way out, unless a view of it is still held
+    (by an exception being raised): then it goes with its last reference."""
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    view = memoryview(m)
+    try:
+        yield view
+    finally:
+        try:
+            view.release()
+            m.close()
+        except BufferError:
+            pass
+
+
+def scrub_memfd(fd: int, size: int) -> None:
+    """Zero every page of a guest-RAM memfd that holds data, then free them (the worker does not scrub
+    memory it does not own: bulkhead/memory/guest.py)."""
+    with _mapped(fd, size) as view:
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            view[data:hole] = bytes(hole - data)
+            pos = hole
+    # the pages themselves go when the last fd of the memfd is closed
+
+
+class RestoreSource(NamedTuple):
+    """A snapshot decrypted into memfds (decrypt_into) and its checked (header, state)."""
+
+    header: dict[str, Any]
+    state: dict[str, Any]
+    memory_fd: int
+    state_fd: int
+    on_built: Callable[[], object]
+
+
+class SnapshotTarget(NamedTuple):
+    """Where to save the VM when the host stops it, with which host key, under which VM id; the memfds
+    the VM's memory and state document live in (made by new_target)."""
+
+    path: str
+    host_key: bytes
+    vm_id: str
+    memory_fd: int
+    state_fd: int
+
+
+def guest_memfds(mem_bytes: int) -> tuple[int, int]:
+    """(memory fd, state fd) for a VM whose host may snapshot or restore it."""
+    memory = sealed_memfd("bulkhead-guest-ram", mem_bytes)
+    try:
+        state = sealed_memfd("bulkhead-vm-state", MAX_STATE + 8)
+    except OSError:
+        os.close(memory)
+        raise
+    return memory, state
+
+
+def seal_snapshot(target: SnapshotTarget, *, config: VmConfig, launch_digest: str | None) -> dict[str, Any]:
+    """Host side: check the state document the worker wrote, read guest memory from the memfd and write
+    the authenticated, encrypted snapshot file. Nothing the worker wrote is believed about the VM's
+    identity: VM id, launch digest, memory size and vCPU count come from the host."""
     header = {
         "format": FORMAT,
         "bulkhead": __version__,
         "snapshot_id": uuid.uuid4().hex,
-        "vm_id": vm_id,
-        "launch_digest": machine.launch_digest,
-        "host_key_id": key_id(host_key),
+        "vm_id": target.vm_id,
+        "launch_digest": launch_digest,
+        "host_key_id": key_id(target.host_key),
         "created": int(time.time()),
-        "mem_bytes": machine.config.mem_bytes,
-        "cpus": machine.config.cpus,
+        "mem_bytes": config.mem_bytes,
+        "cpus": config.cpus,
     }
-    parts = write_snapshot(header, state, runs, host_key=host_key, dek=os.urandom(32), key_nonce=os.urandom(12))
+    state = read_state_fd(target.state_fd)
+    frames = max(b + s for b, s, _ in _flat_regions(config.mem_bytes)) // PAGE
+    probe = json.loads(json.dumps(state))
+    check_state(probe, header, page_frames=frames)
+    check_vcpus(probe)
+    check_vm(probe["vm"])
+    _check_config(probe["config"], header, "none")
+    with _mapped(target.memory_fd, config.mem_bytes) as view:
+        runs = list(memfd_runs(view, config.mem_bytes, target.memory_fd))
+        state["memory"] = {"runs": [[pfn, n] for pfn, n, _ in runs]}
+        parts = write_snapshot(header, state, runs, host_key=target.host_key, dek=os.urandom(32),
+                               key_nonce=os.urandom(12))
+        size = _write_file(target.path, parts)
+        pages = sum(n for _, n, _ in runs)
+        del runs, parts
+    return {"path": target.path, "snapshot_id": header["snapshot_id"], "bytes": size, "pages": pages}
+
+
+def _write_file(path: str, parts: Iterator[bytes]) -> int:
+    """A temporary file in the same directory, fsynced, then renamed: a crash or a full disk never leaves
+    a half snapshot under `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     size = 0
@@ -153,8 +306,7 @@ def save_machine(machine: Machine, path: str, *, host_key: bytes, vm_id: str) ->
     except BaseException:
         _unlink(tmp)
         raise
-    pages = sum(n for _, n, _ in runs)
-    return {"path": path, "snapshot_id": header["snapshot_id"], "bytes": size, "pages": pages}
+    return size
 
 
 def _unlink(path: str) -> None:
@@ -164,19 +316,12 @@ def _unlink(path: str) -> None:
         pass
 
 
-class SnapshotRequest(NamedTuple):
-    """Where to save the VM when the host stops it, with which host key, under which VM id."""
-
-    path: str
-    host_key: bytes
-    vm_id: str
-
-
 class Restore(NamedTuple):
     """An opened, authenticated snapshot: header, checked state, and the reader for its memory."""
 
     header: dict[str, Any]
     state: dict[str, Any]
+    raw: dict[str, Any]
     config: VmConfig
     reader: SnapshotReader
     close: Any
@@ -283,6 +428,7 @@ def open_restore(
                 f"snapshot's launch digest {header['launch_digest']} is not the expected {expected_digest}"
             )
         raw = reader.open(host_key if isinstance(host_key, bytes) else host_key())
+        original = json.loads(json.dumps(raw))
         from bulkhead.memory.layout import ram_regions
 
         frames = max(base + size for base, size in ram_regions(header["mem_bytes"])) // PAGE
@@ -295,7 +441,7 @@ def open_restore(
             reader.release()
             _close_map(data)
 
-        return Restore(header, state, config, reader, close)
+        return Restore(header, state, original, config, reader, close)
     except BaseException:
         _close_map(data)
         raise
@@ -310,19 +456,43 @@ def _close_map(data: mmap.mmap) -> None:
         pass
 
 
-def restore_memory(machine: Machine, restore: Restore) -> None:
-    """Decrypt the memory chunks into the machine's fresh (zeroed) guest RAM; then the end block."""
-    assert machine.mem is not None
-    for pfn, npages, plain in restore.reader.chunks(restore.state["memory"]["runs"]):
-        try:
-            machine.mem.write(pfn * PAGE, plain)
-        except GuestMemoryError:
-            raise SnapshotError(f"snapshot memory run at page {pfn:#x} (+{npages}) is outside guest RAM") from None
-    restore.reader.finish()
+def decrypt_into(restore: Restore, memory_fd: int, state_fd: int) -> None:
+    """Host side: decrypt and authenticate every memory chunk into the guest-RAM memfd, check the end
+    block, and write the checked state document for the machine (in this process or a jailed worker).
+    Nothing reaches the memfds that failed authentication is ever run: a failure here raises before any
+    vCPU exists."""
+    mem_bytes = restore.config.mem_bytes
+    flat = _flat_regions(mem_bytes)
+    with _mapped(memory_fd, mem_bytes) as view:
+        for pfn, npages, plain in restore.reader.chunks(restore.state["memory"]["runs"]):
+            addr = pfn * PAGE
+            for base, size, off in flat:
+                if base <= addr and addr + npages * PAGE <= base + size:
+                    view[off + addr - base : off + addr - base + len(plain)] = plain
+                    break
+            else:
+                raise SnapshotError(f"snapshot memory run at page {pfn:#x} (+{npages}) is outside guest RAM")
+        restore.reader.finish()
+    write_state_fd(state_fd, {"header": restore.header, "state": restore.raw})
 
 
-def restore_devices(machine: Machine, restore: Restore) -> None:
-    devices = restore.state["devices"]
+def load_restore_state(state_fd: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Machine side: the (header, checked state) the host wrote with decrypt_into. Checked again here:
+    the same functions, so the machine never depends on the host having called them."""
+    doc = read_state_fd(state_fd)
+    if set(doc) != {"header", "state"}:
+        raise SnapshotError("the restore document has the wrong fields")
+    from bulkhead.snapshot.format import check_header
+
+    header = check_header(doc["header"])
+    state = check_state(doc["state"], header, page_frames=max(b + s for b, s, _ in _flat_regions(header["mem_bytes"])) // PAGE)
+    state["vcpus"] = check_vcpus(state)
+    state["vm"] = check_vm(state["vm"])
+    return header, state
+
+
+def restore_devices(machine: Machine, state: dict[str, Any]) -> None:
+    devices = state["devices"]
     if not isinstance(devices, dict) or set(devices) != {"serial", "i8042"}:
         raise SnapshotError("snapshot state: devices has the wrong fields (virtio devices are not supported yet)")
     try:

@@ -121,9 +121,11 @@ class Machine:
         coalesce_post: bool = True,
         ioeventfd: bool = True,
         measure: bool = False,
+        memory_fd: int = -1,
     ) -> None:
         self.config = config
-        self.measure = measure  # compute the launch digest at build (a snapshot records it)
+        self.measure = measure
+        self.memory_fd = memory_fd  # guest RAM in the host's memfd (snapshots), else anonymous memory  # compute the launch digest at build (a snapshot records it)
         self.launch_digest: str | None = None
         self.cpuid_tables: list[list[tuple[int, int, int, int, int, int, int]]] = []
         self.mcg_cap = 0
@@ -195,22 +197,10 @@ class Machine:
         max_vcpus = self.kvm.max_vcpus()
         if cfg.cpus > max_vcpus:
             raise HostError(f"--cpus {cfg.cpus} is more than this host's KVM allows ({max_vcpus})")
-        try:
-            self.mem = GuestMemory.for_size(cfg.mem_bytes)
-        except MemoryError as exc:
-            raise HostError(str(exc)) from None
-        self._closers.append(self.mem.close)
-        self.vm = self.kvm.create_vm()
-        self._closers.append(self.vm.close)
-        self._setup_vm_platform()
-        self.loop = EventLoop(self._on_fault, self._on_loop_error)
-        self._closers.append(self.loop.close)
-        self.attach_serial()
-        self.attach_i8042()
-        self.attach_debug_exit()
-        self.attach_post_port()
+        self._platform()
         self.attach_virtio_devices()
         cmdline = " ".join(p for p in (cfg.cmdline, *self._cmdline_extra) if p)
+        assert self.mem is not None
         self.plan = load_kernel(
             self.mem,
             kernel,
@@ -335,24 +325,10 @@ class Machine:
                 VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=coalesced)
             )
 
-    def build_restored(self, restore: Any) -> None:
-        """Rebuild this machine from an opened snapshot (runtime/snapshot.py open_restore) instead of a
-        kernel: same platform and devices, then memory, chips, vCPUs and device registers from the file.
-        Raises SnapshotError, ConfigError or HostError; nothing runs yet."""
-        from bulkhead.hypervisor.kvm import Kvm
-        from bulkhead.hypervisor.kvm.state import set_vcpu_state, set_vm_state
-        from bulkhead.runtime import snapshot as snap
-
-        cfg = self.config
-        if cfg.drives or cfg.nets or cfg.rng:
-            raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
-        self.launch_digest = restore.header["launch_digest"]
-        self.kvm = Kvm()
-        self._closers.append(self.kvm.close)
-        if cfg.cpus > self.kvm.max_vcpus():
-            raise HostError(f"the snapshot has {cfg.cpus} vCPUs, more than this host's KVM allows")
+    def _platform(self) -> None:
+        """Guest RAM, the KVM VM with its in-kernel chips, the I/O loop and the legacy devices."""
         try:
-            self.mem = GuestMemory.for_size(cfg.mem_bytes)
+            self.mem = GuestMemory.for_size(self.config.mem_bytes, fd=self.memory_fd)
         except MemoryError as exc:
             raise HostError(str(exc)) from None
         self._closers.append(self.mem.close)
@@ -365,10 +341,29 @@ class Machine:
         self.attach_i8042()
         self.attach_debug_exit()
         self.attach_post_port()
-        snap.restore_memory(self, restore)
-        set_vm_state(self.vm, restore.state["vm"])
-        self.mcg_cap = restore.state["cpuid"]["mcg_cap"]
-        for index, vstate in enumerate(restore.state["vcpus"]):
+
+    def build_restored(self, header: dict[str, Any], state: dict[str, Any]) -> None:
+        """Rebuild this machine from a snapshot instead of a kernel (runtime/snapshot.py): guest RAM is
+        the memfd the host decrypted it into (memory_fd); chips, vCPUs and device registers come from the
+        checked `state`. Raises SnapshotError, ConfigError or HostError; nothing runs yet."""
+        from bulkhead.hypervisor.kvm import Kvm
+        from bulkhead.hypervisor.kvm.state import set_vcpu_state, set_vm_state
+        from bulkhead.runtime import snapshot as snap
+
+        cfg = self.config
+        if cfg.drives or cfg.nets or cfg.rng:
+            raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
+        if self.memory_fd < 0:
+            raise HostError("a restore needs the guest memory the host decrypted (memory_fd)")
+        self.launch_digest = header["launch_digest"]
+        self.kvm = Kvm()
+        self._closers.append(self.kvm.close)
+        if cfg.cpus > self.kvm.max_vcpus():
+            raise HostError(f"the snapshot has {cfg.cpus} vCPUs, more than this host's KVM allows")
+        self._platform()
+        set_vm_state(self.vm, state["vm"])
+        self.mcg_cap = state["cpuid"]["mcg_cap"]
+        for index, vstate in enumerate(state["vcpus"]):
             vcpu = self.vm.create_vcpu(index)
             if self.mcg_cap:
                 vcpu.setup_mce(self.mcg_cap)
@@ -380,8 +375,8 @@ class Machine:
             self.runners.append(
                 VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=self._coalesce_post)
             )
-        snap.restore_devices(self, restore)
-        self.record("vm-restored", snapshot=restore.header["snapshot_id"], cpus=cfg.cpus, mem_mib=cfg.mem_mib)
+        snap.restore_devices(self, state)
+        self.record("vm-restored", snapshot=header["snapshot_id"], cpus=cfg.cpus, mem_mib=cfg.mem_mib)
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -478,30 +473,31 @@ def run_vm(
     ioeventfd: bool = True,
     snapshot: Any = None,
     restore: Any = None,
-    on_restored: Callable[[], object] | None = None,
 ) -> ExitReason:
     """Build and run one VM to completion. Raises ConfigError/ImageError/HostError before the guest runs.
 
     With `stats_path`, counters (see Machine.stats) are written there as JSON when the VM stops.
-    `restore` (runtime/snapshot.py Restore) rebuilds the VM from a snapshot instead of booting `config`'s
-    kernel. `snapshot` (SnapshotRequest): when the host stops the VM (SIGINT/SIGTERM), the paused machine
-    is saved there and the reason is "snapshotted"; a guest that stops by itself is not saved."""
+    `restore` (runtime/snapshot.py RestoreSource): rebuild the VM from the memfds the host decrypted a
+    snapshot into, instead of booting `config`'s kernel. `snapshot` (SnapshotTarget): when the host stops
+    the VM (SIGINT/SIGTERM), save it; the reason is then "snapshotted". A guest that stops by itself is
+    not saved."""
+    fds = restore if restore is not None else snapshot
     machine = Machine(
         config, console=console, on_event=on_event, console_input=console_input, ioeventfd=ioeventfd,
-        measure=snapshot is not None,
+        measure=snapshot is not None, memory_fd=fds.memory_fd if fds is not None else -1,
     )
     try:
         if restore is not None:
-            machine.build_restored(restore)
-            if on_restored is not None:
-                on_restored()  # e.g. the restore ledger: raises SnapshotError for a second restore
+            machine.build_restored(restore.header, restore.state)
+            restore.on_built()  # e.g. the restore ledger: raises SnapshotError for a second restore
         else:
             machine.build()
         reason = machine.run()
         if snapshot is not None and reason.kind == "interrupted":
-            from bulkhead.runtime.snapshot import save_machine
+            from bulkhead.runtime.snapshot import save_state, seal_snapshot
 
-            info = save_machine(machine, snapshot.path, host_key=snapshot.host_key, vm_id=snapshot.vm_id)
+            save_state(machine, snapshot.state_fd)
+            info = seal_snapshot(snapshot, config=machine.config, launch_digest=machine.launch_digest)
             reason = ExitReason.of(
                 "snapshotted", f"saved to {info['path']} ({info['pages']} pages, {info['bytes']} bytes, "
                 f"snapshot {info['snapshot_id']})"
@@ -513,8 +509,6 @@ def run_vm(
         return reason
     finally:
         machine.close()
-        if restore is not None:
-            restore.close()
 
 
 def declare_surfaces() -> None:
