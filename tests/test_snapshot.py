@@ -21,19 +21,27 @@ pytestmark = [pytest.mark.kvm]
 CMDLINE = "count=24 delay=15000000"
 
 
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bulkhead", "run", "--no-jail", *args]
+def _cmd(*args: str, jail: bool = False) -> list[str]:
+    return [sys.executable, "-m", "bulkhead", "run", *([] if jail else ["--no-jail"]), *args]
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def _run(*args: str, timeout: float = 120, jail: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_cmd(*args, jail=jail), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
 
 
-def _interrupted(kernel: Path, snap: Path, key: Path, after_lines: int) -> subprocess.CompletedProcess[str]:
+def _root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the jailed path needs root")
+
+
+def _interrupted(kernel: Path, snap: Path, key: Path, after_lines: int, *, jail: bool = False,
+                 ) -> subprocess.CompletedProcess[str]:
     """Start the counter guest with --snapshot-on-exit and SIGTERM it once it printed `after_lines` lines
     plus a random extra delay (the moment is not chosen by the test: mid-delay or mid-print)."""
     p = subprocess.Popen(
-        _cmd("--kernel", str(kernel), "--cmdline", CMDLINE, "--snapshot-on-exit", str(snap), "--snapshot-key", str(key)),
+        _cmd("--kernel", str(kernel), "--cmdline", CMDLINE, "--snapshot-on-exit", str(snap), "--snapshot-key", str(key),
+             jail=jail),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert p.stdout is not None
@@ -61,17 +69,23 @@ def reference(kernel: Path) -> str:
     return r.stdout
 
 
+@pytest.mark.parametrize(("save_jailed", "restore_jailed"), [(False, False), (True, True), (True, False)],
+                         ids=["unjailed", "jailed", "jailed-then-unjailed"])
 def test_interrupted_and_restored_prints_what_an_uninterrupted_run_prints(
-    kernel: Path, reference: str, tmp_path: Path
+    kernel: Path, reference: str, tmp_path: Path, save_jailed: bool, restore_jailed: bool
 ) -> None:
+    """The jailed default path (as root) and the development path give the same guest, and a snapshot of
+    one restores on the other: the file format and the memfd layout are the same."""
+    if save_jailed or restore_jailed:
+        _root()
     seed = int.from_bytes(os.urandom(4), "little")
     random.seed(seed)
     snap, key = tmp_path / "vm.bhs", tmp_path / "host.key"
-    first = _interrupted(kernel, snap, key, random.randint(1, 20))
+    first = _interrupted(kernel, snap, key, random.randint(1, 20), jail=save_jailed)
     assert first.returncode == 24, (seed, first.stderr)
     assert "snapshotted" in first.stderr and snap.exists()
     assert (snap.stat().st_mode & 0o777) == 0o600 and (key.stat().st_mode & 0o777) == 0o600
-    second = _run("--restore", str(snap), "--snapshot-key", str(key))
+    second = _run("--restore", str(snap), "--snapshot-key", str(key), jail=restore_jailed)
     assert second.returncode == 1, (seed, second.stderr)
     assert first.stdout + second.stdout == reference, f"seed {seed}"
 
@@ -164,3 +178,41 @@ def test_bad_snapshot_flags_are_usage_errors(kernel: Path, tmp_path: Path) -> No
     assert r.returncode == 2 and "virtio" in r.stderr
     r = _run("--restore", str(kernel), "--snapshot-key", str(tmp_path / "k"))
     assert r.returncode == 2 and "bad magic" in r.stderr
+
+
+def test_jailed_restore_refuses_a_tampered_snapshot_before_a_worker_starts(saved: tuple[Path, Path]) -> None:
+    """The host authenticates every byte before it spawns the jailed worker: the altered memory never
+    reaches a VMM process."""
+    _root()
+    snap, key = saved
+    data = bytearray(snap.read_bytes())
+    data[len(data) - 3000] ^= 0x80
+    snap.write_bytes(bytes(data))
+    r = _run("--restore", str(snap), "--snapshot-key", str(key), jail=True)
+    assert r.returncode == 2 and "guest memory" in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("jail", [False, True], ids=["unjailed", "jailed"])
+def test_two_vcpus_with_the_lapic_timer_ticking_resume_as_if_never_paused(tmp_path: Path, jail: bool) -> None:
+    """2 vCPUs: the BSP sleeps in hlt between LAPIC timer interrupts and hands work to the AP, which spins.
+    A restore that lost the timer's state, the AP's registers or the IDT hangs or prints otherwise."""
+    if jail:
+        _root()
+    kernel = payload("ticker")
+    args = ("--kernel", str(kernel), "--cpus", "2", "--cmdline", "count=40")
+    ref = _run(*args, jail=jail)
+    assert ref.returncode == 1, ref.stderr
+    seed = int.from_bytes(os.urandom(4), "little")
+    random.seed(seed)
+    snap, key = tmp_path / "t.bhs", tmp_path / "k"
+    p = subprocess.Popen(_cmd(*args, "--snapshot-on-exit", str(snap), "--snapshot-key", str(key), jail=jail),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    assert p.stdout is not None
+    seen = [p.stdout.readline() for _ in range(random.randint(2, 30))]
+    time.sleep(random.uniform(0, 0.03))
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 24, (seed, err)
+    rest = _run("--restore", str(snap), "--snapshot-key", str(key), jail=jail)
+    assert rest.returncode == 1, (seed, rest.stderr)
+    assert "".join(seen) + out + rest.stdout == ref.stdout, f"seed {seed}"

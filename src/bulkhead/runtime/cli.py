@@ -265,9 +265,10 @@ def _run_config(config: VmConfig, *, quiet: bool, jail: bool, extra: dict[str, o
         from bulkhead.sandbox.supervisor import run_jailed
 
         stats_path = (extra or {}).get("stats_path")
+        snap = {k: v for k, v in (extra or {}).items() if k in ("snapshot", "restore")}
 
         def runner(cfg: VmConfig) -> ExitReason:
-            return run_jailed(cfg, stats_path=stats_path)  # type: ignore[arg-type]
+            return run_jailed(cfg, stats_path=stats_path, **snap)  # type: ignore[arg-type]
     else:
         if jail and os.geteuid() == 0:
             print(

@@ -522,11 +522,16 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                  on_console: Callable[[bytes], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  on_security_event: Callable[[str, str], None] | None = None,
-                 on_exit: Callable[[WorkerExit], None] | None = None) -> WorkerHandle:
+                 on_exit: Callable[[WorkerExit], None] | None = None,
+                 snapshot_fds: tuple[int, int] | None = None, restore: bool = False,
+                 snapshot: bool = False) -> WorkerHandle:
     """Start a jailed worker for `config` and return once its sandbox is in place and verified.
 
     The VM does not run until handle.start(). Raises ConfigError (bad id or image path),
     HostError (not root, cgroups/jail unavailable, worker failed before it was ready).
+    `snapshot_fds` (memory, state): the host's memfds of runtime/snapshot.py. With `restore` the worker
+    rebuilds the VM from them (no kernel is bound into the jail); with `snapshot` a host stop makes it
+    write its state there (the host seals the file: the snapshot key never enters the jail).
     """
     opts = options or JailOptions()
     if os.geteuid() != 0:
@@ -536,8 +541,10 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     vm_id = vm_id or uuid.uuid4().hex[:12]
     if not _VM_ID.match(vm_id):
         raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
-    binds = [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
-    if config.initrd:
+    if (restore or snapshot) and snapshot_fds is None:
+        raise HostError("a snapshot or restore needs the host's memfds")
+    binds = [] if restore else [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
+    if config.initrd and not restore:
         binds.append(BindSpec(_regular_file(config.initrd, "initrd"), "/vm/initrd", True))
     drives = []
     for i, d in enumerate(config.drives):
@@ -582,10 +589,15 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                 *boot_argv(["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()])]
         for fd in taps:
             argv += ["--tap-fd", str(fd)]
+        extra_fds: tuple[int, ...] = ()
+        if snapshot_fds is not None:
+            extra_fds = snapshot_fds
+            argv += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
+            argv += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
         if opts.test_probes:
             argv.append("--test-probes")
         proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, pass_fds=(sock_worker.fileno(), *taps), close_fds=True)
+                                stderr=subprocess.PIPE, pass_fds=(sock_worker.fileno(), *taps, *extra_fds), close_fds=True)
     except BaseException:
         for fd in taps:
             os.close(fd)
@@ -639,20 +651,40 @@ def _forward_stdin(handle: WorkerHandle) -> None:
 
 def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
                console: Callable[[bytes], None] | None = None, vm_id: str | None = None,
-               stats_path: str | None = None) -> ExitReason:
+               stats_path: str | None = None, snapshot: Any = None, restore: Any = None) -> ExitReason:
     """Run one VM in a jailed worker until it stops (what `bulkhead run` does as root).
 
     Console output goes to `console`, else to config.serial (stdio, none, or a file). SIGINT/SIGTERM
     stop the VM. With `stats_path`, the counters the worker sent (runtime/stats.py) are written there,
     with the host's exit reason and the events it received. Raises ConfigError/HostError like run_vm.
+    `snapshot` (runtime/snapshot.py SnapshotTarget) and `restore` (RestoreSource) as in run_vm: the
+    jailed worker runs the VM, the host authenticates, decrypts, checks and seals.
     """
+    launch_digest = None
+    if snapshot is not None and restore is None:
+        from bulkhead.integrity.launch import launch_digest_for_config
+
+        launch_digest = launch_digest_for_config(config)  # the host measures: the worker's word is not taken
+    elif restore is not None:
+        launch_digest = restore.header["launch_digest"]
+    fds = restore if restore is not None else snapshot
+    snap_kw: dict[str, Any] = {}
+    if fds is not None:
+        snap_kw = {"snapshot_fds": (fds.memory_fd, fds.state_fd), "restore": restore is not None,
+                   "snapshot": snapshot is not None}
     out = None
     if console is None:
         from bulkhead.runtime.console import open_serial
 
         out = open_serial(config.serial)  # the one console sink (runtime/console.py): ConfigError if unopenable
     sink = console if out is None else out.write
-    handle = spawn_worker(config, vm_id=vm_id, options=options, on_console=sink)
+    handle = spawn_worker(config, vm_id=vm_id, options=options, on_console=sink, **snap_kw)
+    if restore is not None:
+        try:
+            restore.on_built()  # the restore ledger, once the jail is verified and before the guest runs
+        except BaseException:
+            handle.kill()
+            raise
     stop = threading.Event()
     old: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -672,9 +704,16 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
             handle.kill()
         if out is not None:
             out.close()
+    reason = result.reason
+    if snapshot is not None and reason.kind == "snapshotted":
+        from bulkhead.runtime.snapshot import seal_snapshot
+
+        info = seal_snapshot(snapshot, config=config, launch_digest=launch_digest)
+        reason = ExitReason.of("snapshotted", f"saved to {info['path']} ({info['pages']} pages, {info['bytes']} "
+                               f"bytes, snapshot {info['snapshot_id']})")
     if stats_path:
-        _write_stats(stats_path, handle, result.reason)
-    return result.reason
+        _write_stats(stats_path, handle, reason)
+    return reason
 
 
 def _write_stats(path: str, handle: WorkerHandle, reason: ExitReason) -> None:

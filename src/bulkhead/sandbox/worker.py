@@ -64,7 +64,8 @@ EXIT_HOST_GONE = 130
 
 
 def _parse(argv: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"channel_fd": -1, "spec": "", "tap_fds": [], "test_probes": False, "no_jail": False}
+    out: dict[str, Any] = {"channel_fd": -1, "spec": "", "tap_fds": [], "test_probes": False, "no_jail": False,
+                           "memory_fd": -1, "state_fd": -1, "restore": False, "snapshot": False}
     it = iter(argv)
     for a in it:
         if a == "--channel-fd":
@@ -77,8 +78,14 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             out["test_probes"] = True
         elif a == "--no-jail":
             out["no_jail"] = True
+        elif a in ("--memory-fd", "--state-fd"):  # snapshots: the host's memfds (runtime/snapshot.py)
+            out[a[2:].replace("-", "_")] = int(next(it))
+        elif a in ("--restore", "--snapshot"):
+            out[a[2:]] = True
         else:
             raise ConfigError(f"bulkhead worker: unknown argument {a!r} (internal command)")
+    if (out["restore"] or out["snapshot"]) and (out["memory_fd"] < 3 or out["state_fd"] < 3):
+        raise ConfigError("bulkhead worker: --restore/--snapshot need --memory-fd and --state-fd")
     if out["channel_fd"] < 3 or not out["spec"]:
         raise ConfigError("bulkhead worker is internal: started by the supervisor with --channel-fd and --spec")
     return out
@@ -132,8 +139,10 @@ def sanitize_event(name: str, detail: dict[str, Any]) -> Event:
 class _Service:
     """The jailed worker's protocol loop: a reader thread for host messages, the VM in the main thread."""
 
-    def __init__(self, channel: Channel, spec: jail.JailSpec, test_probes: bool, seccomp: bool) -> None:
+    def __init__(self, channel: Channel, spec: jail.JailSpec, test_probes: bool, seccomp: bool,
+                 snap: dict[str, Any] | None = None) -> None:
         self.ch = channel
+        self.snap = snap or {"memory_fd": -1, "state_fd": -1, "restore": False, "snapshot": False}
         self.spec = spec
         self.test_probes = test_probes
         self.seccomp = seccomp
@@ -239,9 +248,15 @@ class _Service:
         else:
             from bulkhead.runtime.vm import Machine
 
-            self.machine = Machine(config, console=self.console, on_event=self.event, console_input=False)
+            self.machine = Machine(config, console=self.console, on_event=self.event, console_input=False,
+                                   memory_fd=self.snap["memory_fd"])
         try:
-            self.machine.build()
+            if self.snap["restore"]:
+                from bulkhead.runtime.snapshot import load_restore_state
+
+                self.machine.build_restored(*load_restore_state(self.snap["state_fd"]))
+            else:
+                self.machine.build()
             if self.stop_requested:
                 reason = self._exit_reason("interrupted", "stopped by the host")
             else:
@@ -253,6 +268,11 @@ class _Service:
                         self.state = "running"
                 self.event(GUEST_START_EVENT, {})  # the host's start succeeds only from here on
                 reason = self.machine.run()
+                if self.snap["snapshot"] and reason.kind == "interrupted":
+                    from bulkhead.runtime.snapshot import save_state
+
+                    save_state(self.machine, self.snap["state_fd"])  # the host checks it, then seals the file
+                    reason = self._exit_reason("snapshotted", "state saved for the host")
                 self._send_stats()
         except ConfigError as exc:
             if not self.built:  # refused before the guest ran: say by type whether the image was the cause
@@ -304,7 +324,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, StopIteration) as exc:
         print(f"bulkhead worker: {exc}", file=sys.stderr)
         return 2
-    jail.close_fds({args["channel_fd"], *args["tap_fds"]})  # step 1
+    snap = {k: args[k] for k in ("memory_fd", "state_fd", "restore", "snapshot")}
+    snap_fds = [fd for fd in (args["memory_fd"], args["state_fd"]) if fd >= 3]
+    jail.close_fds({args["channel_fd"], *args["tap_fds"], *snap_fds})  # step 1
     step = "integrity"
     try:
         from bulkhead.integrity.manifest import require_integrity
@@ -316,7 +338,7 @@ def main(argv: list[str]) -> int:
         sock = socket.socket(fileno=args["channel_fd"])
         channel = Channel(sock, HOST_TO_WORKER)
         if args["no_jail"]:
-            service = _Service(channel, spec, args["test_probes"], seccomp=False)
+            service = _Service(channel, spec, args["test_probes"], seccomp=False, snap=snap)
             os._exit(service.run())
         step = "cgroup"
         for path in spec.cgroup_procs:  # step 2
@@ -355,7 +377,7 @@ def main(argv: list[str]) -> int:
             while os.read(gate_r, 1):  # say hello only when both processes are in the sandbox
                 pass
             os.close(gate_r)
-            service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp)
+            service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp, snap=snap)
             os._exit(service.run())
         step = "reaper privileges"
         os.close(gate_r)
@@ -367,7 +389,7 @@ def main(argv: list[str]) -> int:
                 continue
         os.close(oom_fd)
         sock.close()
-        for fd in args["tap_fds"]:
+        for fd in (*args["tap_fds"], *snap_fds):
             os.close(fd)
         jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=16, nproc=spec.nproc)
         if spec.seccomp:
