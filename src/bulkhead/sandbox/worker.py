@@ -60,6 +60,7 @@ START_REFUSED_EVENT = "worker.start-refused"
 
 # Exit codes of the worker process before a VM ran (the host maps them to worker-crash + detail).
 EXIT_SETUP_FAILED = 70
+EARLY_INPUT = 64 * 1024  # console input kept while the VM is still being built
 EXIT_HOST_GONE = 130
 
 
@@ -154,6 +155,7 @@ class _Service:
         self.stop_requested = False
         self.built = False
         self.state_lock = threading.Lock()  # state, built and pause/resume calls change together
+        self.early_input = bytearray()
 
     def send(self, msg: Any) -> None:
         with self.send_lock:
@@ -216,9 +218,12 @@ class _Service:
             uptime = int((time.monotonic() - self.t0) * 1000)
             self.send(StatusReply(msg.seq, self.state, uptime))
         elif isinstance(msg, ConsoleIn):
-            serial = getattr(self.machine, "serial", None)
-            if serial is not None:
-                serial.enqueue_input(msg.data)
+            with self.state_lock:
+                serial = getattr(self.machine, "serial", None) if self.built else None
+                if serial is None:  # typed before the VM is built: kept (bounded like the UART's queue)
+                    self.early_input += msg.data[: EARLY_INPUT - len(self.early_input)]
+                    return
+            serial.enqueue_input(msg.data)
         elif isinstance(msg, Probe):
             if not self.test_probes:
                 os._exit(EXIT_SETUP_FAILED)  # a probe request without --test-probes: refuse hard
@@ -262,6 +267,9 @@ class _Service:
             else:
                 with self.state_lock:
                     self.built = True
+                    if self.early_input and getattr(self.machine, "serial", None) is not None:
+                        self.machine.serial.enqueue_input(bytes(self.early_input))
+                        self.early_input.clear()
                     if self.state == "paused":
                         self.machine.pause()
                     elif self.state == "starting":
