@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.vmrun import payload
 
 pytestmark = [pytest.mark.kvm]

@@ -363,3 +363,21 @@ class SnapshotReader:
     @property
     def finished(self) -> bool:
         return self._finished
+
+
+def declare_surfaces() -> None:
+    """The snapshot file is user-supplied input to the restore path (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "boot-parser",
+        "snapshot-file",
+        owner=__name__,
+        boundary="image-vmm",
+        accepts="a snapshot file given to --restore: magic, bounded canonical JSON header, AES-256-GCM key, "
+        "state and memory blocks authenticated before use, state schema-checked; anything else -> SnapshotError, "
+        "nothing restored",
+        handler="SnapshotReader, check_header, check_state",
+        fuzz="fuzz/fuzz_snapshot.py",
+        spec="docs/SNAPSHOT.md; NIST SP 800-38D (GCM)",
+    )
