@@ -22,6 +22,7 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
+    from bulkhead.devices import i8042, serial
     from bulkhead.devices.i8042 import I8042Device
     from bulkhead.devices.serial import Serial
     from bulkhead.errors import SnapshotError
@@ -84,8 +85,8 @@ def TestOneInput(data: bytes) -> None:
                 check_vcpus(state)
                 check_vm(state["vm"])
                 devices = state["devices"]
-                Serial(_Irq(), lambda b: None).load_state(devices.get("serial"))
-                I8042Device(lambda: None).load_state(devices.get("i8042"))
+                serial.load_state(Serial(_Irq(), lambda b: None), devices.get("serial"))
+                i8042.load_state(I8042Device(lambda: None), devices.get("i8042"))
         except (SnapshotError, ValueError):
             pass
 
@@ -94,9 +95,8 @@ def write_seeds(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "genuine").write_bytes(b"\x00" + GENUINE)
     (directory / "edit").write_bytes(b"\x01" + (100).to_bytes(2, "little") + b"\x01")
-    serial = Serial(_Irq(), lambda b: None).save_state()
-    i8042 = I8042Device(lambda: None).save_state()
-    doc = {**STATE, "devices": {"serial": serial, "i8042": i8042}, "vm": {}, "cpuid": {"mcg_cap": 0, "entries": [[]]}}
+    doc = {**STATE, "devices": {"serial": serial.save_state(Serial(_Irq(), lambda b: None)),
+                                "i8042": i8042.save_state(I8042Device(lambda: None))}, "vm": {}, "cpuid": {"mcg_cap": 0, "entries": [[]]}}
     (directory / "state").write_bytes(b"\x02" + json.dumps(doc).encode())
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bulkhead.devices.irq import IrqLine
 
-__all__ = ["I8042_BASE", "I8042_LEN", "I8042Device", "I8042Metrics", "declare_surfaces"]
+__all__ = ["I8042_BASE", "I8042_LEN", "I8042Device", "I8042Metrics", "declare_surfaces", "load_state", "save_state"]
 
 I8042_BASE = 0x60
 I8042_LEN = 5
@@ -145,25 +145,6 @@ class I8042Device:
         if reset:
             self._on_reset()
 
-    def save_state(self) -> dict[str, object]:
-        """Controller registers and the queued reply, for a snapshot (the VM is paused)."""
-        from bulkhead.devices.state import b64
-
-        with self._lock:
-            return {"status": self._status, "control": self._control, "outp": self._outp, "cmd": self._cmd,
-                    "buf": b64(self._buf)}
-
-    def load_state(self, doc: object) -> None:
-        """Restore save_state() output. Raises ValueError (nothing changed) for a bad document."""
-        from bulkhead.devices.state import fields
-
-        st = fields(doc, {"status": (0, 0xFF), "control": (0, 0xFF), "outp": (0, 0xFF), "cmd": (0, 0xFF),
-                          "buf": "blob:16"}, "i8042")
-        with self._lock:
-            self._status, self._control = int(st["status"]), int(st["control"])
-            self._outp, self._cmd = int(st["outp"]), int(st["cmd"])
-            self._buf = bytearray(st["buf"])
-
     @property
     def control(self) -> int:
         with self._lock:
@@ -204,6 +185,27 @@ class I8042Device:
 
     def _kbd_irq_enabled(self) -> bool:
         return self._kbd_irq is not None and bool(self._control & CB_KBD_INT)
+
+
+def save_state(dev: I8042Device) -> dict[str, object]:
+    """Controller registers and the queued reply, for a snapshot (the VM is paused)."""
+    from bulkhead.devices.state import b64
+
+    with dev._lock:
+        return {"status": dev._status, "control": dev._control, "outp": dev._outp, "cmd": dev._cmd,
+                "buf": b64(dev._buf)}
+
+
+def load_state(dev: I8042Device, doc: object) -> None:
+    """Restore save_state() output. Raises ValueError (nothing changed) for a bad document."""
+    from bulkhead.devices.state import fields
+
+    st = fields(doc, {"status": (0, 0xFF), "control": (0, 0xFF), "outp": (0, 0xFF), "cmd": (0, 0xFF),
+                      "buf": "blob:16"}, "i8042")
+    with dev._lock:
+        dev._status, dev._control = int(st["status"]), int(st["control"])
+        dev._outp, dev._cmd = int(st["outp"]), int(st["cmd"])
+        dev._buf = bytearray(st["buf"])
 
 
 def declare_surfaces() -> None:

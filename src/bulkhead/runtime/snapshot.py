@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from bulkhead import __version__
 from bulkhead.config import VmConfig
+from bulkhead.devices import i8042, serial
 from bulkhead.errors import ConfigError, HostError, SnapshotError
 from bulkhead.snapshot.format import (
     CHUNK_PAGES,
@@ -87,7 +88,7 @@ def _state(machine: Machine) -> dict[str, Any]:
         "cpuid": {"mcg_cap": machine.mcg_cap, "entries": [list(map(list, e)) for e in machine.cpuid_tables]},
         "vcpus": vcpus,
         "vm": {k: b64(v) for k, v in get_vm_state(machine.vm).items()},
-        "devices": {"serial": machine.serial.save_state(), "i8042": machine.i8042.save_state()},
+        "devices": {"serial": serial.save_state(machine.serial), "i8042": i8042.save_state(machine.i8042)},
         "memory": {"runs": []},
     }
 
@@ -496,7 +497,41 @@ def restore_devices(machine: Machine, state: dict[str, Any]) -> None:
     if not isinstance(devices, dict) or set(devices) != {"serial", "i8042"}:
         raise SnapshotError("snapshot state: devices has the wrong fields (virtio devices are not supported yet)")
     try:
-        machine.serial.load_state(devices["serial"])
-        machine.i8042.load_state(devices["i8042"])
+        serial.load_state(machine.serial, devices["serial"])
+        i8042.load_state(machine.i8042, devices["i8042"])
     except ValueError as exc:
         raise SnapshotError(f"snapshot state: {exc}") from None
+
+
+def restore_machine(machine: Machine, header: dict[str, Any], state: dict[str, Any]) -> None:
+    """Rebuild `machine` from a snapshot instead of a kernel (runtime/snapshot.py): guest RAM is
+    the memfd the host decrypted it into (memory_fd); chips, vCPUs and device registers come from the
+    checked `state`. Raises SnapshotError, ConfigError or HostError; nothing runs yet."""
+    from bulkhead.hypervisor.kvm import Kvm
+    from bulkhead.hypervisor.kvm.state import set_vcpu_state, set_vm_state
+
+    cfg = machine.config
+    if cfg.drives or cfg.nets or cfg.rng:
+        raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
+    if machine.memory_fd < 0:
+        raise HostError("a restore needs the guest memory the host decrypted (memory_fd)")
+    machine.launch_digest = header["launch_digest"]
+    machine.kvm = Kvm()
+    machine.add_closer(machine.kvm.close)
+    if cfg.cpus > machine.kvm.max_vcpus():
+        raise HostError(f"the snapshot has {cfg.cpus} vCPUs, more than this host's KVM allows")
+    machine.platform()
+    set_vm_state(machine.vm, state["vm"])
+    machine.mcg_cap = state["cpuid"]["mcg_cap"]
+    for index, vstate in enumerate(state["vcpus"]):
+        vcpu = machine.vm.create_vcpu(index)
+        if machine.mcg_cap:
+            vcpu.setup_mce(machine.mcg_cap)
+        vcpu.set_cpuid(vstate["cpuid"])
+        machine.cpuid_tables.append(vstate["cpuid"])
+        refused = set_vcpu_state(vcpu, vstate)
+        if refused:
+            machine.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
+        machine.add_runner(vcpu)
+    restore_devices(machine, state)
+    machine.record("vm-restored", snapshot=header["snapshot_id"], cpus=cfg.cpus, mem_mib=cfg.mem_mib)

@@ -124,12 +124,10 @@ class Machine:
         memory_fd: int = -1,
     ) -> None:
         self.config = config
-        self.measure = measure
-        self.memory_fd = memory_fd  # guest RAM in the host's memfd (snapshots), else anonymous memory  # compute the launch digest at build (a snapshot records it)
+        # Snapshots (runtime/snapshot.py): guest RAM in the host's memfd; measure: the launch digest at build.
+        self.measure, self.memory_fd, self.mcg_cap = measure, memory_fd, 0
         self.launch_digest: str | None = None
         self.cpuid_tables: list[list[tuple[int, int, int, int, int, int, int]]] = []
-        self.mcg_cap = 0
-        self.i8042: Any = None
         self.ioeventfd = ioeventfd
         self._console = console
         self._on_event = on_event
@@ -197,7 +195,7 @@ class Machine:
         max_vcpus = self.kvm.max_vcpus()
         if cfg.cpus > max_vcpus:
             raise HostError(f"--cpus {cfg.cpus} is more than this host's KVM allows ({max_vcpus})")
-        self._platform()
+        self.platform()
         self.attach_virtio_devices()
         cmdline = " ".join(p for p in (cfg.cmdline, *self._cmdline_extra) if p)
         assert self.mem is not None
@@ -309,7 +307,6 @@ class Machine:
             mcg_cap = mcg_cap_for(*self.kvm.mce_cap_supported())
         except HostError:
             mcg_cap = 0  # no MCE emulation on this host: KVM's default stays
-        coalesced = self._coalesce_post
         self.mcg_cap = mcg_cap
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
@@ -321,11 +318,9 @@ class Machine:
             refused = setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0, mcg_cap=mcg_cap)
             if refused and index == 0:
                 self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
-            self.runners.append(
-                VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=coalesced)
-            )
+            self.add_runner(vcpu)
 
-    def _platform(self) -> None:
+    def platform(self) -> None:
         """Guest RAM, the KVM VM with its in-kernel chips, the I/O loop and the legacy devices."""
         try:
             self.mem = GuestMemory.for_size(self.config.mem_bytes, fd=self.memory_fd)
@@ -342,41 +337,11 @@ class Machine:
         self.attach_debug_exit()
         self.attach_post_port()
 
-    def build_restored(self, header: dict[str, Any], state: dict[str, Any]) -> None:
-        """Rebuild this machine from a snapshot instead of a kernel (runtime/snapshot.py): guest RAM is
-        the memfd the host decrypted it into (memory_fd); chips, vCPUs and device registers come from the
-        checked `state`. Raises SnapshotError, ConfigError or HostError; nothing runs yet."""
-        from bulkhead.hypervisor.kvm import Kvm
-        from bulkhead.hypervisor.kvm.state import set_vcpu_state, set_vm_state
-        from bulkhead.runtime import snapshot as snap
-
-        cfg = self.config
-        if cfg.drives or cfg.nets or cfg.rng:
-            raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
-        if self.memory_fd < 0:
-            raise HostError("a restore needs the guest memory the host decrypted (memory_fd)")
-        self.launch_digest = header["launch_digest"]
-        self.kvm = Kvm()
-        self._closers.append(self.kvm.close)
-        if cfg.cpus > self.kvm.max_vcpus():
-            raise HostError(f"the snapshot has {cfg.cpus} vCPUs, more than this host's KVM allows")
-        self._platform()
-        set_vm_state(self.vm, state["vm"])
-        self.mcg_cap = state["cpuid"]["mcg_cap"]
-        for index, vstate in enumerate(state["vcpus"]):
-            vcpu = self.vm.create_vcpu(index)
-            if self.mcg_cap:
-                vcpu.setup_mce(self.mcg_cap)
-            vcpu.set_cpuid(vstate["cpuid"])
-            self.cpuid_tables.append(vstate["cpuid"])
-            refused = set_vcpu_state(vcpu, vstate)
-            if refused:
-                self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
-            self.runners.append(
-                VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=self._coalesce_post)
-            )
-        snap.restore_devices(self, state)
-        self.record("vm-restored", snapshot=header["snapshot_id"], cpus=cfg.cpus, mem_mib=cfg.mem_mib)
+    def add_runner(self, vcpu: Any) -> None:
+        """Run `vcpu` with this machine's buses and stop/fault handlers."""
+        self.runners.append(
+            VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=self._coalesce_post)
+        )
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -398,7 +363,7 @@ class Machine:
             self.loop.start()
             for r in self.runners:
                 r.start()
-            self._supervise()
+            _supervise(self)
         finally:
             for r in self.runners:
                 r.stop()
@@ -414,28 +379,6 @@ class Machine:
         reason = self._stop_reason or ExitReason.of("internal-error", "VM stopped without a reason")
         self.record("vm-stopped", kind=reason.kind, status=reason.status, detail=reason.detail)
         return reason
-
-    def _supervise(self) -> None:
-        """Wait for a stop request; meanwhile detect a VM whose vCPUs all sit in HLT with interrupts off."""
-        last = [-1] * len(self.runners)
-        idle_rounds = 0
-        while not self._stopped.wait(HALT_POLL):
-            if self.serial is not None:
-                self.serial.flush()  # a prompt without a newline must not wait for the VM to stop
-            quiet = [r.exits == last[i] for i, r in enumerate(self.runners)]
-            last = [r.exits for r in self.runners]
-            for r, q in zip(self.runners, quiet, strict=True):
-                if q:
-                    r.kick()
-            time.sleep(0.005)
-            if all(quiet) and all(r.halted_no_irq for r in self.runners):
-                idle_rounds += 1
-                if idle_rounds >= 2:
-                    self.request_stop(
-                        ExitReason.of("halted", "every vCPU is halted with interrupts disabled")
-                    )
-            else:
-                idle_rounds = 0
 
     def pause(self) -> None:
         for r in self.runners:
@@ -463,6 +406,29 @@ class Machine:
                 pass
 
 
+def _supervise(self: Machine) -> None:
+    """Wait for a stop request; meanwhile detect a VM whose vCPUs all sit in HLT with interrupts off."""
+    last = [-1] * len(self.runners)
+    idle_rounds = 0
+    while not self._stopped.wait(HALT_POLL):
+        if self.serial is not None:
+            self.serial.flush()  # a prompt without a newline must not wait for the VM to stop
+        quiet = [r.exits == last[i] for i, r in enumerate(self.runners)]
+        last = [r.exits for r in self.runners]
+        for r, q in zip(self.runners, quiet, strict=True):
+            if q:
+                r.kick()
+        time.sleep(0.005)
+        if all(quiet) and all(r.halted_no_irq for r in self.runners):
+            idle_rounds += 1
+            if idle_rounds >= 2:
+                self.request_stop(
+                    ExitReason.of("halted", "every vCPU is halted with interrupts disabled")
+                )
+        else:
+            idle_rounds = 0
+
+
 def run_vm(
     config: VmConfig,
     *,
@@ -488,7 +454,9 @@ def run_vm(
     )
     try:
         if restore is not None:
-            machine.build_restored(restore.header, restore.state)
+            from bulkhead.runtime.snapshot import restore_machine
+
+            restore_machine(machine, restore.header, restore.state)
             restore.on_built()  # e.g. the restore ledger: raises SnapshotError for a second restore
         else:
             machine.build()

@@ -257,9 +257,9 @@ class _Service:
                                    memory_fd=self.snap["memory_fd"])
         try:
             if self.snap["restore"]:
-                from bulkhead.runtime.snapshot import load_restore_state
+                from bulkhead.runtime.snapshot import load_restore_state, restore_machine
 
-                self.machine.build_restored(*load_restore_state(self.snap["state_fd"]))
+                restore_machine(self.machine, *load_restore_state(self.snap["state_fd"]))
             else:
                 self.machine.build()
             if self.stop_requested:
