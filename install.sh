@@ -17,6 +17,7 @@ PACKAGES=(
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config  # TPM (tpm2-pytss builds against libtss2) for measured launch and attestation
   libseccomp2 libseccomp-dev                    # seccomp allow-lists for the jailed workers
   iproute2 nftables dnsmasq-base iperf3         # taps, bridges, filtering, DHCP per network; iperf3: bench
+  wireguard-go wireguard-tools                  # the cross-host overlay: userspace WireGuard where the kernel has no module, and wg
   busybox-static cpio xz-utils                  # initramfs for Linux boot tests
   strace                                        # tests: FLUSH must reach the image as fdatasync
   acpica-tools                                  # tests: iasl disassembles the generated ACPI tables

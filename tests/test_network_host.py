@@ -31,34 +31,12 @@ from pyroute2 import netns as pnetns
 from bulkhead.network import host
 from bulkhead.network.model import Network, Nic, attach_nic, link_local, make_network
 from bulkhead.network.standin import GuestStandIn
+from bulkhead.network.standin import sniffing as standin_sniffing
 from bulkhead.network.state import HostConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 OUTSIDE_IP, HOST_OUT_IP = "198.18.0.2", "198.18.0.1"
-
-SNIFF = r"""
-import socket, sys, json, time, select
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind(("eth0", 0))
-end = time.time() + float(sys.argv[1])
-print("ready", flush=True)
-out = []
-while time.time() < end:
-    r, _, _ = select.select([s, sys.stdin], [], [], max(0.0, end - time.time()))
-    if s in r:
-        data, addr = s.recvfrom(65535)
-        if addr[2] != socket.PACKET_OUTGOING:
-            out.append(data.hex())
-    elif r:
-        time.sleep(0.3)  # stragglers still in flight
-        while select.select([s], [], [], 0)[0]:
-            data, addr = s.recvfrom(65535)
-            if addr[2] != socket.PACKET_OUTGOING:
-                out.append(data.hex())
-        break
-print(json.dumps(out), flush=True)
-"""
 
 SEND = r"""
 import socket, sys, subprocess
@@ -183,22 +161,8 @@ def world() -> Iterator[World]:
 @contextlib.contextmanager
 def sniffing(*guests: GuestStandIn, seconds: float = 60.0) -> Iterator[dict[str, list[bytes]]]:
     """Record every frame arriving at each guest's eth0 while the with-body runs."""
-    procs = [g.popen([sys.executable, "-c", SNIFF, str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE) for g in guests]
-    result: dict[str, list[bytes]] = {}
-    try:
-        for p in procs:
-            assert p.stdout is not None
-            assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
-        yield result
-        for g, p in zip(guests, procs, strict=True):
-            out, _ = p.communicate(timeout=30)
-            result[g.nic.vm_id] = [bytes.fromhex(h) for h in json.loads(out.strip().splitlines()[-1])]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    with standin_sniffing({g.nic.vm_id: (g.netns, "eth0") for g in guests}, seconds) as seen:
+        yield seen
 
 
 def _mac(s: str) -> bytes:

@@ -22,6 +22,7 @@ SECTIONS = (
     "API client to daemon",
     "Tenant to tenant",
     "Host code integrity",
+    "Underlay to host",
 )
 
 

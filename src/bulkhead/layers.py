@@ -37,9 +37,11 @@ LAYERS: tuple[Layer, ...] = (
           "the worker protocol; the snapshot file format"),
     Layer("hypervisor", False, ("bulkhead.hypervisor",), "the only code that touches /dev/kvm"),
     Layer("host services", False, ("=bulkhead.integrity", "bulkhead.integrity.tpm", "bulkhead.integrity.host",
-                                   "bulkhead.network.host", "bulkhead.network.service", "bulkhead.network.standin",
+                                   "bulkhead.network.host", "bulkhead.network.overlay", "bulkhead.network.service",
+                                   "bulkhead.network.standin",
                                    "bulkhead.guests", "bulkhead.snapshot.keys"),
-          "TPM access, host integrity, nftables/pyroute2/dnsmasq, guest builds (gcc), the snapshot host key; the integrity "
+          "TPM access, host integrity, nftables/pyroute2/dnsmasq, WireGuard/VXLAN overlay, guest builds (gcc), "
+          "the snapshot host key; the integrity "
           "package's __init__ re-exports its host API"),
     Layer("runtime", False, ("bulkhead.runtime",), "Machine, vCPU threads, I/O loop, virtio wiring, taps, console"),
     Layer("sandbox", False, ("bulkhead.sandbox",), "jail, cgroups, supervisor (host side), worker, jailed backend"),

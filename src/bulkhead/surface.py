@@ -75,6 +75,7 @@ BOUNDARIES = (
     "client-daemon",  # API client -> management daemon
     "tenant-tenant",  # one tenant -> another tenant's resources
     "host-integrity",  # installed code and configuration -> measured launch
+    "underlay-host",  # the network between fleet hosts (and other hosts on it) -> a host's overlay
 )
 
 _RANGE_KINDS = ("pio", "mmio")

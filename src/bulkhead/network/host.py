@@ -68,6 +68,7 @@ __all__ = [
     "reconcile",
     "run_in_netns",
     "teardown",
+    "terminate",
 ]
 
 T = TypeVar("T")
@@ -250,9 +251,11 @@ def _tables(ns: str, config: HostConfig) -> set[NftTable]:
     if res.returncode != 0:
         return set()
     found: dict[tuple[str, str], str] = {}
+    # only the tables this module owns: the overlay's (network/overlay.py, `<p>_ovl`) are reconciled there
+    ours = {f"{config.prefix}_{t}" for t in ("guard", "tenant", "host")}
     for item in json.loads(res.stdout).get("nftables", []):
         ch = item.get("chain")
-        if not ch or not str(ch.get("table", "")).startswith(config.prefix + "_"):
+        if not ch or str(ch.get("table", "")) not in ours:
             continue
         key = (ch["family"], ch["table"])
         name = str(ch.get("name", ""))
@@ -428,18 +431,23 @@ def _nft_delete(t: NftTable, config: HostConfig) -> None:
     _cmd(t.netns, config, ["nft", "delete", "table", t.family, t.name], check=False)
 
 
+def terminate(pid: int) -> None:
+    """SIGTERM a daemon we started (dnsmasq, wireguard-go), wait up to 5 s, then SIGKILL it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 def _dhcp_stop(d: DhcpSpec, config: HostConfig) -> None:
     pid = _dnsmasq_pid(config, d.bridge)
     if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.01)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        terminate(pid)
     for ext in ("conf", "hosts", "leases", "pid", "log"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(config.state_dir, f"{d.bridge}.{ext}"))
@@ -518,12 +526,15 @@ def _execute(a: Action, config: HostConfig) -> None:
         raise HostError(f"unknown network action {a.op}")
 
 
-def apply(actions: Iterable[Action], config: HostConfig) -> list[Action]:
-    """Execute actions in order; returns those done. Raises HostError (netlink/nft failures included)."""
+def apply(actions: Iterable[Action], config: HostConfig,
+          execute: Callable[[Action, HostConfig], None] | None = None) -> list[Action]:
+    """Execute actions in order (with `execute`, default this module's executor; the overlay passes its
+    own); returns those done. Raises HostError (netlink/nft failures included)."""
+    run = execute or _execute
     done = []
     for a in actions:
         try:
-            _execute(a, config)
+            run(a, config)
         except HostError:
             raise
         except OSError as exc:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import select
 import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from bulkhead.errors import HostError
@@ -28,9 +31,57 @@ from bulkhead.network import host
 from bulkhead.network.model import Network, Nic
 from bulkhead.network.state import HostConfig
 
-__all__ = ["VNET_HDR", "GuestStandIn"]
+__all__ = ["VNET_HDR", "GuestStandIn", "sniffing"]
 
 VNET_HDR = bytes(12)
+
+# AF_PACKET recorder: every frame arriving at interface argv[2] for argv[1] seconds or until stdin speaks
+_SNIFF = r"""
+import socket, sys, json, time, select
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[2], 0))
+end = time.time() + float(sys.argv[1])
+print("ready", flush=True)
+out = []
+def take():
+    data, addr = s.recvfrom(65535)
+    if addr[2] != socket.PACKET_OUTGOING:
+        out.append(data.hex())
+while time.time() < end:
+    r, _, _ = select.select([s, sys.stdin], [], [], max(0.0, end - time.time()))
+    if s in r:
+        take()
+    elif r:
+        time.sleep(0.4)  # stragglers still in flight
+        while select.select([s], [], [], 0)[0]:
+            take()
+        break
+print(json.dumps(out), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def sniffing(targets: dict[str, tuple[str, str]], seconds: float = 60.0) -> Iterator[dict[str, list[bytes]]]:
+    """Record every frame arriving at each target {label: (named netns, interface)} while the with-body
+    runs; the dict yielded is filled with {label: [frames]} when the body ends. Raises HostError."""
+    procs = {k: subprocess.Popen(["nsenter", f"--net={host.NETNS_DIR}/{ns}", "--", sys.executable, "-c", _SNIFF,
+                                  str(seconds), ifname], text=True, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, (ns, ifname) in targets.items()}
+    result: dict[str, list[bytes]] = {}
+    try:
+        for p in procs.values():
+            if p.stdout is None or p.stdout.readline().strip() != "ready":
+                raise HostError(f"sniffer did not start: {p.stderr.read() if p.stderr else ''}")
+        yield result
+        for k, p in procs.items():
+            out, _ = p.communicate(timeout=30)
+            result[k] = [bytes.fromhex(h) for h in json.loads(out.strip().splitlines()[-1])]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 class GuestStandIn:

@@ -34,6 +34,7 @@ __all__ = [
     "HostState",
     "TapSpec",
     "UplinkSpec",
+    "bridge_mac",
     "desired_state",
     "dhcp_paths",
     "digest",
@@ -177,7 +178,9 @@ def dhcp_paths(config: HostConfig, network_id: str) -> dict[str, str]:
     return {k: f"{base}.{k}" for k in ("conf", "hosts", "leases", "pid", "log")}
 
 
-def _bridge_mac(network_id: str) -> str:
+def bridge_mac(network_id: str) -> str:
+    """The MAC of a network's bridge (the gateway): the same on every host, so the gateway is local
+    everywhere (the overlay keeps it off VXLAN: docs/NETWORK.md, "Overlay")."""
     h = hashlib.sha256(f"bulkhead-bridge\0{network_id}".encode()).digest()
     return ":".join(f"{b:02x}" for b in ((h[0] & 0xFC) | 0x02, *h[1:6]))
 
@@ -210,7 +213,7 @@ def desired_state(networks: Iterable[Network], nics: Iterable[Nic], config: Host
         for net in sorted(tnets, key=lambda n: n.id):
             br = claim(config.bridge(net.id), f"network {net.id}")
             brs.append((br, net))
-            bridges.add(BridgeSpec(ns, br, _bridge_mac(net.id), IPv4Interface(f"{net.gateway4}/{net.ipv4.prefixlen}"),
+            bridges.add(BridgeSpec(ns, br, bridge_mac(net.id), IPv4Interface(f"{net.gateway4}/{net.ipv4.prefixlen}"),
                                    net.id))
             paths = dhcp_paths(config, net.id)
             conf = dnsmasq_config(net, br, paths)

@@ -39,3 +39,29 @@ def declare_surfaces() -> None:
         third_party="dnsmasq",
         test="tests/test_network_host.py",
     )
+    declare(
+        "net-frame",
+        "overlay-underlay-udp",
+        owner="bulkhead.network.overlay",
+        boundary="underlay-host",
+        accepts="any UDP datagram from the underlay to a host: only WireGuard (listen port) is served, by "
+        "wireguard-go or the kernel, which drops what does not authenticate as a configured peer; plain "
+        "VXLAN to the VXLAN port from any interface but the WireGuard one is dropped and counted "
+        "(underlay_vxlan), as is a VNI from a peer that does not carry its network (overlay_vni) and anything "
+        "else arriving through the tunnel (overlay_other)",
+        in_kernel=True,
+        third_party="wireguard-go",
+        spec="WireGuard whitepaper §5; RFC 7348",
+        test="tests/test_network_overlay.py",
+    )
+    declare(
+        "net-frame",
+        "overlay-peer-frames",
+        owner="bulkhead.network.overlay_model",
+        boundary="tenant-tenant",
+        accepts="VXLAN frames from an authenticated peer host (its overlay address only: WireGuard allowed-IPs) "
+        "into the tenant network of their VNI; a frame claiming a local NIC's MAC, the gateway's MAC or "
+        "address, DHCP, router advertisements or a non-IP ethertype is dropped and counted (ovl_in_*)",
+        in_kernel=True,
+        test="tests/test_network_overlay.py",
+    )
