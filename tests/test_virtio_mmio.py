@@ -510,3 +510,22 @@ def test_features_ok_with_unoffered_feature_is_not_retained(mem):
     to_features_ok(r.t, 1 << VIRTIO_F_VERSION_1 | 1 << 63)
     assert r.status() == ACK | DRV
     assert r.t.stats["features_rejected"] == 1
+
+
+def test_status_transition_is_the_spec_state_machine() -> None:
+    """virtio 1.2 §3.1.1 order, §2.1.2 NEEDS_RESET (device-only, cleared by reset), FEATURES_OK refused
+    without VERSION_1 or beyond the offer: the pure machine MmioTransport applies."""
+    ack, drv, fok, dok = mmio.STATUS_ACKNOWLEDGE, mmio.STATUS_DRIVER, mmio.STATUS_FEATURES_OK, mmio.STATUS_DRIVER_OK
+    v1 = 1 << VIRTIO_F_VERSION_1
+    t = mmio.status_transition
+    assert t(ack | drv, 0, v1, v1) == ("reset", 0)
+    assert t(0, ack, v1, 0) == ("set", ack)
+    assert t(0, ack | drv, v1, 0) == ("status_rejected", 0)  # skips ACKNOWLEDGE
+    assert t(ack, ack | mmio.STATUS_NEEDS_RESET, v1, 0) == ("status_rejected", ack)  # the driver may not set it
+    assert t(ack | drv, ack | drv | fok, v1, 0) == ("features_rejected", ack | drv)  # no VERSION_1
+    assert t(ack | drv, ack | drv | fok, v1, v1 | 1) == ("features_rejected", ack | drv)  # beyond the offer
+    assert t(ack | drv, ack | drv | fok, v1, v1) == ("set", ack | drv | fok)
+    broken = ack | drv | fok | mmio.STATUS_NEEDS_RESET
+    assert t(broken, ack | drv | fok | dok, v1, v1) == ("driver-ok", broken | dok)  # NEEDS_RESET is kept
+    assert t(ack, mmio.STATUS_FAILED, v1, 0) == ("set", ack | mmio.STATUS_FAILED)
+    assert t(ack | mmio.STATUS_FAILED, ack | drv, v1, 0) == ("status_rejected", ack | mmio.STATUS_FAILED)

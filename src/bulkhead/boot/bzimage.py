@@ -183,6 +183,24 @@ def parse_bzimage(data: bytes) -> BzImage:
     the header is inconsistent with the file.
     """
     data = bytes(data)
+    hdr, header_end, version = _setup_header(data)
+    setup_size, kernel_size = _kernel_extent(data, hdr)
+    load, init_size = _check_load(hdr, version, kernel_size)
+    memory_needed = max(init_size, kernel_size)
+    return BzImage(
+        header=hdr,
+        setup_size=setup_size,
+        header_end=header_end,
+        kernel_offset=setup_size,
+        kernel_size=kernel_size,
+        load_address=load,
+        entry64=load + 0x200,
+        memory_needed=memory_needed,
+    )
+
+
+def _setup_header(data: bytes) -> tuple[SetupHeader, int, int]:
+    """The real-mode setup header (boot.rst "The Real-Mode Kernel Header"): (header, its end, version)."""
     if len(data) < 0x206:
         raise ImageError(f"bzImage is truncated: {len(data)} bytes cannot hold a setup header")
     if not is_bzimage(data):
@@ -199,6 +217,11 @@ def parse_bzimage(data: bytes) -> BzImage:
         raise ImageError("bzImage is truncated inside its setup header")
     hdr = _decode(data, header_end, version)
 
+    return hdr, header_end, version
+
+
+def _kernel_extent(data: bytes, hdr: SetupHeader) -> tuple[int, int]:
+    """(setup size, protected-mode kernel size) in the file, from setup_sects and syssize."""
     sects = hdr.setup_sects or 4
     setup_size = (sects + 1) * 512
     if len(data) <= setup_size:
@@ -222,6 +245,11 @@ def parse_bzimage(data: bytes) -> BzImage:
         raise ImageError(
             f"bzImage kernel is only {kernel_size} bytes: its 64-bit entry at offset 0x200 lies outside it"
         )
+    return setup_size, kernel_size
+
+
+def _check_load(hdr: SetupHeader, version: int, kernel_size: int) -> tuple[int, int]:
+    """The loading flags and addresses the 64-bit protocol needs; returns (load address, init_size)."""
     if not hdr.loadflags & LOADED_HIGH:
         raise ImageError("bzImage is not LOADED_HIGH (a zImage): only high-loaded kernels are supported")
     if not hdr.kernel_64:
@@ -253,17 +281,7 @@ def parse_bzimage(data: bytes) -> BzImage:
         raise ImageError(
             f"bzImage load address {load:#x} is not aligned to kernel_alignment {hdr.kernel_alignment:#x}"
         )
-    memory_needed = max(init_size, kernel_size)
-    return BzImage(
-        header=hdr,
-        setup_size=setup_size,
-        header_end=header_end,
-        kernel_offset=setup_size,
-        kernel_size=kernel_size,
-        load_address=load,
-        entry64=load + 0x200,
-        memory_needed=memory_needed,
-    )
+    return load, init_size
 
 
 def declare_surfaces() -> None:

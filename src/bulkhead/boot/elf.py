@@ -119,6 +119,22 @@ def parse_elf(data: bytes) -> ElfImage:
     range that wraps, or a malformed note. No PT_LOAD segment with memory is also an error.
     """
     data = bytes(data)
+    is64, e_machine, e_entry, e_phoff, e_phnum = _elf_header(data)
+    segments, notes = _program_headers(data, is64, e_phoff, e_phnum)
+    if not any(s.memsz for s in segments):
+        raise ImageError("ELF image has no loadable segment")
+    return ElfImage(
+        elf_class=64 if is64 else 32,
+        machine=e_machine,
+        entry=e_entry,
+        segments=tuple(segments),
+        notes=tuple(notes),
+    )
+
+
+def _elf_header(data: bytes) -> tuple[bool, int, int, int, int]:
+    """The ELF header's checks (System V gABI, "ELF Header"); returns (is64, e_machine, e_entry,
+    e_phoff, e_phnum)."""
     if len(data) < 16 or not is_elf(data):
         raise ImageError("not an ELF image: the ELF magic is missing")
     ei_class, ei_data, ei_version = data[4], data[5], data[6]
@@ -169,6 +185,12 @@ def parse_elf(data: bytes) -> ElfImage:
     if e_phoff + e_phnum * phentsize > len(data):
         raise ImageError("ELF image is truncated: its program header table runs past the end of the file")
 
+    return is64, e_machine, e_entry, e_phoff, e_phnum
+
+
+def _program_headers(data: bytes, is64: bool, e_phoff: int, e_phnum: int) -> tuple[list[LoadSegment], list[Note]]:
+    """PT_LOAD segments and the notes of PT_NOTE segments (gABI "Program Header"); others are skipped."""
+    phentsize = 56 if is64 else 32
     segments: list[LoadSegment] = []
     notes: list[Note] = []
     for i in range(e_phnum):
@@ -198,15 +220,7 @@ def parse_elf(data: bytes) -> ElfImage:
                 f"ELF segment {i} at {p_paddr:#x} with size {p_memsz:#x} wraps the address space"
             )
         segments.append(LoadSegment(p_offset, p_paddr, p_vaddr, p_filesz, p_memsz, p_flags))
-    if not any(s.memsz for s in segments):
-        raise ImageError("ELF image has no loadable segment")
-    return ElfImage(
-        elf_class=64 if is64 else 32,
-        machine=e_machine,
-        entry=e_entry,
-        segments=tuple(segments),
-        notes=tuple(notes),
-    )
+    return segments, notes
 
 
 def check_entry(image: ElfImage, entry: int, what: str = "entry point") -> None:

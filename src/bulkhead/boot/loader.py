@@ -168,6 +168,19 @@ def _check_structures(what: str, start: int, end: int, written: list[tuple[str, 
             )
 
 
+class _Kernel(NamedTuple):
+    """The kernel as one boot protocol loads it: what to write, where it lies, how it is entered."""
+
+    protocol: str  # linux-bzimage | linux-elf | pvh
+    entry: int
+    raw_cmdline: bytes
+    writes: list[_Write]
+    parts: list[tuple[str, int, int]]  # (what, start, end) of guest RAM the kernel takes
+    loaded: tuple[int, int]
+    initrd_max_end: int
+    setup_header: bytes | None
+
+
 def load_kernel(
     mem: GuestMemory,
     kernel: bytes,
@@ -198,72 +211,86 @@ def load_kernel(
     e820 = build_e820(ram)
     region0_end = ram[0][0] + ram[0][1]
     image = _detect(kernel)
-    writes: list[_Write] = []  # the kernel and initrd
-
     if isinstance(image, BzImage):
-        if protocol == "pvh":
-            raise ImageError("a bzImage has no PVH entry point; PVH needs an ELF kernel with a PVH note")
-        name = "linux-bzimage"
-        hdr = image.header
-        limit = min(hdr.cmdline_size, L.CMDLINE_MAX - 1)
-        raw_cmdline = _cmdline_bytes(cmdline, limit, "this bzImage")
-        k0, k1 = image.load_address, image.load_address + image.memory_needed
-        if k1 > region0_end:
-            raise ImageError(
-                f"bzImage needs [{k0:#x}, {k1:#x}) (init_size {hdr.init_size:#x}) but guest RAM below "
-                f"the MMIO hole ends at {region0_end:#x}"
-            )
-        writes.append((k0, kernel[image.kernel_offset : image.kernel_offset + image.kernel_size]))
-        writes.append((k0 + image.kernel_size, image.memory_needed - image.kernel_size))
-        entry = image.entry64
-        initrd_max_end = (hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX) + 1
-        setup_header: bytes | None = image.header_bytes(kernel)
-        kernel_parts = [("bzImage kernel (load address + init_size)", k0, k1)]
+        k = _bzimage_kernel(image, kernel, protocol, cmdline, region0_end)
     else:
-        pvh_entry = find_pvh_entry(image)
-        if protocol == "pvh" or (protocol == "auto" and pvh_entry is not None):
-            if pvh_entry is None:
-                raise ImageError("the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
-            name = "pvh"
-            entry = pvh_entry
-            raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_PVH, "the PVH boot protocol")
-            check_entry(image, entry, "PVH entry point")
-        else:
-            if image.elf_class != 64:
-                raise ImageError("a 32-bit ELF kernel can only boot through PVH, and it has no PVH note")
-            name = "linux-elf"
-            entry = image.entry
-            raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_LINUX_ELF, "the Linux ELF boot path")
-            check_entry(image, entry)
-        for seg in image.segments:
-            if seg.memsz:
-                _check_in_ram("ELF segment", seg.paddr, seg.end, ram)
-        check_placement(image.segments, ram)
-        k0, k1 = image.loaded_range
-        if k1 > FOUR_GIB:
-            raise ImageError(f"the ELF kernel ends at {k1:#x}, above the identity-mapped 4 GiB")
-        kernel_parts = []
-        for seg in image.segments:
-            if seg.memsz:
-                writes.append((seg.paddr, kernel[seg.offset : seg.offset + seg.filesz]))
-                writes.append((seg.paddr + seg.filesz, seg.memsz - seg.filesz))
-                kernel_parts.append(("ELF segment", seg.paddr, seg.end))
-        initrd_max_end = FOUR_GIB
-        setup_header = None
-
-    for what, a0, a1 in kernel_parts:
+        k = _elf_kernel(image, kernel, protocol, cmdline, ram)
+    writes = list(k.writes)
+    for what, a0, a1 in k.parts:
         _check_in_ram(what, a0, a1, ram)
     initrd_range: tuple[int, int] | None = None
     if initrd is not None:
-        limit_end = min(initrd_max_end, region0_end, MMIO32_START)
-        initrd_range = _place_initrd(len(initrd), limit_end, k1)
+        limit_end = min(k.initrd_max_end, region0_end, MMIO32_START)
+        initrd_range = _place_initrd(len(initrd), limit_end, k.loaded[1])
         writes.append((initrd_range[0], bytes(initrd)))
+    structs, boot_info, gdt = _boot_structures(k, cpus, virtio, e820, initrd_range)
+    written = _check_slots(k, structs, initrd_range)
+    _write_all(mem, writes + [(addr, item) for _, addr, item in structs])
+    return _plan(k, boot_info, gdt, initrd_range, cmdline, e820, cpus, written)
 
-    # The boot structures of the loader table, each tagged with its slot name.
+
+def _bzimage_kernel(image: BzImage, kernel: bytes, protocol: str, cmdline: str, region0_end: int) -> _Kernel:
+    """The Linux boot protocol's 64-bit entry of a bzImage (Documentation/arch/x86/boot.rst)."""
+    if protocol == "pvh":
+        raise ImageError("a bzImage has no PVH entry point; PVH needs an ELF kernel with a PVH note")
+    hdr = image.header
+    limit = min(hdr.cmdline_size, L.CMDLINE_MAX - 1)
+    raw_cmdline = _cmdline_bytes(cmdline, limit, "this bzImage")
+    k0, k1 = image.load_address, image.load_address + image.memory_needed
+    if k1 > region0_end:
+        raise ImageError(
+            f"bzImage needs [{k0:#x}, {k1:#x}) (init_size {hdr.init_size:#x}) but guest RAM below "
+            f"the MMIO hole ends at {region0_end:#x}"
+        )
+    writes: list[_Write] = [(k0, kernel[image.kernel_offset : image.kernel_offset + image.kernel_size]),
+                            (k0 + image.kernel_size, image.memory_needed - image.kernel_size)]
+    return _Kernel("linux-bzimage", image.entry64, raw_cmdline, writes,
+                   [("bzImage kernel (load address + init_size)", k0, k1)], (k0, k1),
+                   (hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX) + 1, image.header_bytes(kernel))
+
+
+def _elf_kernel(image: ElfImage, kernel: bytes, protocol: str, cmdline: str, ram: list[tuple[int, int]]) -> _Kernel:
+    """An ELF kernel: entered through its PVH note (Xen's hvm_start_info) or, 64-bit, as Linux ELF."""
+    pvh_entry = find_pvh_entry(image)
+    if protocol == "pvh" or (protocol == "auto" and pvh_entry is not None):
+        if pvh_entry is None:
+            raise ImageError("the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
+        name = "pvh"
+        entry = pvh_entry
+        raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_PVH, "the PVH boot protocol")
+        check_entry(image, entry, "PVH entry point")
+    else:
+        if image.elf_class != 64:
+            raise ImageError("a 32-bit ELF kernel can only boot through PVH, and it has no PVH note")
+        name = "linux-elf"
+        entry = image.entry
+        raw_cmdline = _cmdline_bytes(cmdline, CMDLINE_LIMIT_LINUX_ELF, "the Linux ELF boot path")
+        check_entry(image, entry)
+    for seg in image.segments:
+        if seg.memsz:
+            _check_in_ram("ELF segment", seg.paddr, seg.end, ram)
+    check_placement(image.segments, ram)
+    k0, k1 = image.loaded_range
+    if k1 > FOUR_GIB:
+        raise ImageError(f"the ELF kernel ends at {k1:#x}, above the identity-mapped 4 GiB")
+    writes: list[_Write] = []
+    parts = []
+    for seg in image.segments:
+        if seg.memsz:
+            writes.append((seg.paddr, kernel[seg.offset : seg.offset + seg.filesz]))
+            writes.append((seg.paddr + seg.filesz, seg.memsz - seg.filesz))
+            parts.append(("ELF segment", seg.paddr, seg.end))
+    return _Kernel(name, entry, raw_cmdline, writes, parts, (k0, k1), FOUR_GIB, None)
+
+
+def _boot_structures(k: _Kernel, cpus: int, virtio: Sequence[VirtioSlot], e820: tuple[E820Entry, ...],
+                     initrd_range: tuple[int, int] | None) -> tuple[list[tuple[str, int, bytes | int]], int, bytes]:
+    """The boot structures of the loader table, each tagged with its slot name; the address the entry
+    gets in rsi/rbx (zero page or hvm_start_info); the GDT."""
     acpi = build_acpi(cpus, virtio)
-    structs: list[tuple[str, int, bytes | int]] = [("command line", L.CMDLINE_START, raw_cmdline + b"\0")]
+    structs: list[tuple[str, int, bytes | int]] = [("command line", L.CMDLINE_START, k.raw_cmdline + b"\0")]
     cmdline_addr = L.CMDLINE_START
-    if name == "pvh":
+    if k.protocol == "pvh":
         modules = [(initrd_range[0], initrd_range[1] - initrd_range[0])] if initrd_range else []
         structs.append(("PVH memory map", L.MEMMAP_START, build_memmap(e820)))
         if modules:
@@ -280,12 +307,12 @@ def load_kernel(
         boot_info = L.START_INFO_START
     else:
         zero_page = build_boot_params(
-            setup_header=setup_header,
+            setup_header=k.setup_header,
             cmdline_addr=cmdline_addr,
             cmdline_size=CMDLINE_LIMIT_LINUX_ELF,
             e820=e820,
             initrd=(initrd_range[0], initrd_range[1] - initrd_range[0]) if initrd_range else None,
-            code32_start=k0 if setup_header is not None else 0,
+            code32_start=k.loaded[0] if k.setup_header is not None else 0,
             acpi_rsdp_addr=L.ACPI_RSDP_START,
         )
         structs.append(("Linux boot_params (zero page)", L.ZERO_PAGE_START, zero_page))
@@ -298,21 +325,29 @@ def load_kernel(
     structs.append(("boot stack", L.BOOT_STACK_POINTER & ~(PAGE - 1), PAGE))
     structs.append(("MP table", L.MPTABLE_START, build_mptable(cpus)))
     structs.extend(acpi.writes())
+    return structs, boot_info, gdt
 
+
+def _check_slots(k: _Kernel, structs: list[tuple[str, int, bytes | int]],
+                 initrd_range: tuple[int, int] | None) -> list[tuple[str, int, int]]:
+    """Each structure inside its loader-table slot (bulkhead.boot.layout), and neither the kernel nor the
+    initrd over any of them. Returns (name, start, end) of each structure."""
     written: list[tuple[str, int, int]] = []
     for sname, addr, item in structs:
         length = item if isinstance(item, int) else len(item)
         slot = L.slot(sname)
-        if name not in slot.protocols or not slot.start <= addr <= addr + length <= slot.end:
+        if k.protocol not in slot.protocols or not slot.start <= addr <= addr + length <= slot.end:
             raise AssertionError(f"{sname} [{addr:#x}, +{length:#x}) is outside its loader-table slot")
         written.append((sname, addr, addr + length))
-    for what, a0, a1 in kernel_parts:
+    for what, a0, a1 in k.parts:
         _check_structures(what, a0, a1, written)
     if initrd_range is not None:
         _check_structures("initrd", initrd_range[0], initrd_range[1], written)
+    return written
 
-    # Validate every destination before the first write.
-    all_writes = writes + [(addr, item) for _, addr, item in structs]
+
+def _write_all(mem: GuestMemory, all_writes: list[_Write]) -> None:
+    """Validate every destination before the first write (guest memory is untouched on a refusal)."""
     for addr, item in all_writes:
         length = item if isinstance(item, int) else len(item)
         if not mem.contains(addr, length):
@@ -324,12 +359,17 @@ def load_kernel(
         else:
             mem.write(addr, item)
 
-    long_mode = name != "pvh"
+
+def _plan(k: _Kernel, boot_info: int, gdt: bytes, initrd_range: tuple[int, int] | None, cmdline: str,
+          e820: tuple[E820Entry, ...], cpus: int, written: list[tuple[str, int, int]]) -> BootPlan:
+    """The register state the entry expects: 64-bit long mode with paging (Linux), or 32-bit protected
+    mode without paging (PVH, boot_info in ebx)."""
+    long_mode = k.protocol != "pvh"
     segs = segments_for(long_mode)
     return BootPlan(
-        protocol=name,
+        protocol=k.protocol,
         long_mode=long_mode,
-        rip=entry,
+        rip=k.entry,
         rsp=L.BOOT_STACK_POINTER,
         rsi=boot_info if long_mode else 0,
         rbx=0 if long_mode else boot_info,
@@ -347,7 +387,7 @@ def load_kernel(
         gs=segs["gs"],
         ss=segs["ss"],
         tr=segs["tr"],
-        kernel_range=(k0, k1),
+        kernel_range=k.loaded,
         initrd_range=initrd_range,
         cmdline=cmdline,
         e820=e820,

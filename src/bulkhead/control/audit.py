@@ -154,12 +154,9 @@ def verify(
     if head is None:
         return VerifyReport(False, 0, 1, "no signed head checkpoint: the log was wiped or never initialised")
     all_cps = [head, *checkpoints]
-    want: dict[int, SignedCheckpoint] = {}
-    for sc in all_cps:
-        prev = want.setdefault(sc.cp.size, sc)
-        if prev.cp.root != sc.cp.root:
-            return VerifyReport(False, 0, sc.cp.size or 1, f"two signed checkpoints disagree about size {sc.cp.size} "
-                                f"({prev.source} and {sc.source})")
+    want = _by_size(all_cps)
+    if isinstance(want, VerifyReport):
+        return want
     # The frontier (merkle.Frontier.append) inlined: this loop is the whole cost of verifying a log.
     levels: list[int] = []
     hashes: list[bytes] = []
@@ -208,8 +205,24 @@ def verify(
                     "rewritten; the first bad record is in that range")
             last_good = seq
         expected += 1
-    n = expected - 1
-    root = _fold(hashes)
+    return _complete(expected - 1, _fold(hashes), head, all_cps, made, nodes)
+
+
+def _by_size(all_cps: list[SignedCheckpoint]) -> dict[int, SignedCheckpoint] | VerifyReport:
+    """The signed checkpoints by tree size, or the failure when two disagree about one size."""
+    want: dict[int, SignedCheckpoint] = {}
+    for sc in all_cps:
+        prev = want.setdefault(sc.cp.size, sc)
+        if prev.cp.root != sc.cp.root:
+            return VerifyReport(False, 0, sc.cp.size or 1, f"two signed checkpoints disagree about size {sc.cp.size} "
+                                f"({prev.source} and {sc.source})")
+    return want
+
+
+def _complete(n: int, root: bytes, head: SignedCheckpoint, all_cps: list[SignedCheckpoint],
+              made: dict[int, list[bytes]], nodes: NodeLevel | None) -> VerifyReport:
+    """After every record matched: nothing truncated, nothing appended past the signed head, and the
+    stored interior nodes equal the ones the records make."""
     covered = max(all_cps, key=lambda s: s.cp.size)
     if covered.cp.size > n:
         return VerifyReport(

@@ -1,4 +1,5 @@
-"""The HTTP API (FastAPI). Routes are thin: they parse with pydantic models and call the Daemon.
+"""The HTTP API (FastAPI): the Gate in front, then each service's routes (declared in its module: they
+parse with pydantic models and call the service).
 
 The `Gate` ASGI middleware runs in front of every request: it authenticates the connection's peer (mTLS
 certificate -> principal, or the local root socket -> bootstrap principal), refuses unknown, revoked and
@@ -12,52 +13,26 @@ from __future__ import annotations
 import json
 import uuid
 from typing import Any
-from uuid import UUID
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from bulkhead.control.models import (
-    AssignmentCreate,
-    AssignmentOut,
-    AuditRecordOut,
-    CheckpointOut,
-    ConsistencyProofOut,
-    ConsoleOut,
-    DiskCreate,
-    DiskOut,
-    ErrorOut,
-    InclusionProofOut,
-    IntegrityOut,
-    MeasurementOut,
-    NetworkCountersOut,
-    NetworkCreate,
-    NetworkOut,
-    PrincipalIssue,
-    PrincipalIssued,
-    PrincipalOut,
-    RoleCreate,
-    RoleOut,
-    TenantCreate,
-    TenantOut,
-    VmCreate,
-    VmEventOut,
-    VmOut,
-    WhoAmI,
-)
+from bulkhead.daemon.access import access_routes
+from bulkhead.daemon.auditapi import audit_routes
+from bulkhead.daemon.daemon import Daemon, daemon_routes
+from bulkhead.daemon.disks import disk_routes
+from bulkhead.daemon.networks import network_routes
 from bulkhead.daemon.service import ApiError, ReqCtx
+from bulkhead.daemon.tenants import tenant_routes
+from bulkhead.daemon.vms import vm_routes
+from bulkhead.errors import BulkheadError
 
 __all__ = ["MAX_BODY", "PEER_KEY", "build_app", "inject_peer"]
 
 MAX_BODY = 64 * 1024
 PEER_KEY = "bulkhead.peer"
-_ERR = {"model": ErrorOut}
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: _ERR, 403: _ERR, 404: _ERR, 409: _ERR, 413: _ERR, 503: _ERR,
-}
-_SINCE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]{1,15}Z?)?$"
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> tuple[dict[str, Any], bytes]:
@@ -176,15 +151,7 @@ def inject_peer(app: Any, peer: dict[str, Any]) -> Any:
     return wrapped
 
 
-def ctx_of(request: Request) -> ReqCtx:
-    ctx: ReqCtx = request.scope["bulkhead.ctx"]
-    return ctx
-
-
-Ctx = Depends(ctx_of)
-
-
-def build_app(daemon: Any) -> Any:
+def build_app(daemon: Daemon | None) -> Any:
     """The ASGI application: FastAPI routes behind the Gate."""
     api = FastAPI(
         title="bulkhead management API",
@@ -196,12 +163,15 @@ def build_app(daemon: Any) -> Any:
     )
 
     @api.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        if exc.status == 422:  # same shape as pydantic's validation errors (HTTPValidationError)
-            return JSONResponse({"detail": [{"loc": ["body"], "msg": exc.detail, "type": exc.kind or "value_error"}]},
+    @api.exception_handler(BulkheadError)
+    async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+        """The one handler: an operation's ApiError, or a domain error answered by api_status.TABLE."""
+        err = exc if isinstance(exc, ApiError) else ApiError.of(exc)
+        if err.status == 422:  # same shape as pydantic's validation errors (HTTPValidationError)
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": err.detail, "type": err.kind or "value_error"}]},
                                 422)
-        body = {"detail": exc.detail, **({"kind": exc.kind} if exc.kind else {})}
-        return JSONResponse(body, status_code=exc.status)
+        body = {"detail": err.detail, **({"kind": err.kind} if err.kind else {})}
+        return JSONResponse(body, status_code=err.status)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -216,192 +186,23 @@ def build_app(daemon: Any) -> Any:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - a bug
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
-    r = APIRouter(prefix="/v1", responses=ERRORS)
-    d = daemon
+    def the() -> Daemon:
+        if daemon is None:  # built for its schema only (openapi_document)
+            raise RuntimeError("this app has no daemon")
+        return daemon
 
-    @r.get("/whoami", response_model=WhoAmI)
-    def whoami(ctx: ReqCtx = Ctx) -> Any:
-        return d.whoami(ctx)
-
-    @r.post("/tenants", response_model=TenantOut, status_code=201)
-    def tenant_create(body: TenantCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.tenant_create(ctx, body.name)
-
-    @r.get("/tenants", response_model=list[TenantOut])
-    def tenant_list(ctx: ReqCtx = Ctx) -> Any:
-        return d.tenant_list(ctx)
-
-    @r.get("/tenants/{tenant_id}", response_model=TenantOut)
-    def tenant_get(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.tenant_get(ctx, str(tenant_id))
-
-    @r.delete("/tenants/{tenant_id}", status_code=204)
-    def tenant_delete(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        d.tenant_delete(ctx, str(tenant_id))
-        return Response(status_code=204)
-
-    @r.post("/tenants/{tenant_id}/disks", response_model=DiskOut, status_code=201)
-    def disk_create(tenant_id: UUID, body: DiskCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.disk_create(ctx, str(tenant_id), body.name, body.size_mib)
-
-    @r.get("/tenants/{tenant_id}/disks", response_model=list[DiskOut])
-    def disk_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.disk_list(ctx, str(tenant_id))
-
-    @r.get("/disks/{disk_id}", response_model=DiskOut)
-    def disk_get(disk_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.disk_get(ctx, str(disk_id))
-
-    @r.delete("/disks/{disk_id}", status_code=204)
-    def disk_delete(disk_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        d.disk_delete(ctx, str(disk_id))
-        return Response(status_code=204)
-
-    @r.post("/tenants/{tenant_id}/networks", response_model=NetworkOut, status_code=201)
-    def network_create(tenant_id: UUID, body: NetworkCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.network_create(ctx, str(tenant_id), body)
-
-    @r.get("/tenants/{tenant_id}/networks", response_model=list[NetworkOut])
-    def network_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.network_list(ctx, str(tenant_id))
-
-    @r.get("/networks/{network_id}", response_model=NetworkOut)
-    def network_get(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.network_get(ctx, str(network_id))
-
-    @r.delete("/networks/{network_id}", status_code=204)
-    def network_delete(network_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        d.network_delete(ctx, str(network_id))
-        return Response(status_code=204)
-
-    @r.get("/networks/{network_id}/counters", response_model=NetworkCountersOut)
-    def network_counters(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.network_counters(ctx, str(network_id))
-
-    @r.post("/vms", response_model=VmOut, status_code=201)
-    def vm_create(body: VmCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.vm_create(ctx, body)
-
-    @r.get("/vms", response_model=list[VmOut])
-    def vm_list(tenant: UUID | None = None, ctx: ReqCtx = Ctx) -> Any:
-        return d.vm_list(ctx, str(tenant) if tenant else None)
-
-    @r.get("/vms/{vm_id}", response_model=VmOut)
-    def vm_get(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.vm_get(ctx, str(vm_id))
-
-    @r.delete("/vms/{vm_id}", status_code=204)
-    def vm_delete(vm_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        d.vm_delete(ctx, str(vm_id))
-        return Response(status_code=204)
-
-    def _op(op: str) -> None:
-        def handler(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-            return d.vm_op(ctx, str(vm_id), op)
-
-        handler.__name__ = f"vm_{op}"
-        r.post(f"/vms/{{vm_id}}/{op}", response_model=VmOut, name=f"vm_{op}")(handler)
-
-    for op in ("start", "stop", "pause", "resume"):
-        _op(op)
-
-    @r.get("/vms/{vm_id}/console", response_model=ConsoleOut)
-    def vm_console(
-        vm_id: UUID, offset: int = Query(0, ge=0, le=1 << 40), limit: int = Query(65536, ge=1, le=65536),
-        ctx: ReqCtx = Ctx,
-    ) -> Any:
-        return d.vm_console(ctx, str(vm_id), offset, limit)
-
-    @r.get("/vms/{vm_id}/events", response_model=list[VmEventOut])
-    def vm_events(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.vm_events(ctx, str(vm_id))
-
-    @r.get("/vms/{vm_id}/measurement", response_model=MeasurementOut)
-    def vm_measurement(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.vm_measurement(ctx, str(vm_id))
-
-    @r.get("/integrity", response_model=IntegrityOut)
-    def integrity(ctx: ReqCtx = Ctx) -> Any:
-        return d.integrity_status(ctx)
-
-    @r.get("/principals", response_model=list[PrincipalOut])
-    def principal_list(ctx: ReqCtx = Ctx) -> Any:
-        return d.principal_list(ctx)
-
-    @r.post("/principals", response_model=PrincipalIssued, status_code=201)
-    def principal_issue(body: PrincipalIssue, ctx: ReqCtx = Ctx) -> Any:
-        return d.principal_issue(ctx, body.name, body.csr_pem, body.days)
-
-    @r.get("/principals/{principal_id}", response_model=PrincipalOut)
-    def principal_get(principal_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.principal_get(ctx, str(principal_id))
-
-    @r.post("/principals/{principal_id}/revoke", response_model=PrincipalOut)
-    def principal_revoke(principal_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.principal_revoke(ctx, str(principal_id))
-
-    @r.get("/roles", response_model=list[RoleOut])
-    def role_list(ctx: ReqCtx = Ctx) -> Any:
-        return d.role_list(ctx)
-
-    @r.post("/roles", response_model=RoleOut, status_code=201)
-    def role_create(body: RoleCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.role_create(ctx, body)
-
-    @r.get("/roles/{role_id}", response_model=RoleOut)
-    def role_get(role_id: UUID, ctx: ReqCtx = Ctx) -> Any:
-        return d.role_get(ctx, str(role_id))
-
-    @r.delete("/roles/{role_id}", status_code=204)
-    def role_delete(role_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        d.role_delete(ctx, str(role_id))
-        return Response(status_code=204)
-
-    @r.get("/assignments", response_model=list[AssignmentOut])
-    def assignment_list(principal: UUID | None = None, ctx: ReqCtx = Ctx) -> Any:
-        return d.assignment_list(ctx, str(principal) if principal else None)
-
-    @r.post("/assignments", response_model=AssignmentOut, status_code=201)
-    def assignment_create(body: AssignmentCreate, ctx: ReqCtx = Ctx) -> Any:
-        return d.assignment_create(ctx, body.principal, body.role, body.scope)
-
-    @r.delete("/assignments/{assignment_id}", status_code=204)
-    def assignment_delete(assignment_id: UUID, ctx: ReqCtx = Ctx) -> Response:
-        d.assignment_delete(ctx, str(assignment_id))
-        return Response(status_code=204)
-
-    @r.get("/audit", response_model=list[AuditRecordOut], response_model_exclude_none=True)
-    def audit_list(
-        since: str | None = Query(None, max_length=40, pattern=_SINCE),
-        principal: UUID | None = None,
-        vm: UUID | None = None,
-        after: int = Query(0, ge=0, le=1 << 62),
-        limit: int = Query(1000, ge=1, le=10000),
-        leaf: bool = False,
-        ctx: ReqCtx = Ctx,
-    ) -> Any:
-        return d.audit_query(ctx, since=since, principal=str(principal) if principal else None,
-                             vm=str(vm) if vm else None, after_seq=after, limit=limit, leaf=leaf)
-
-    @r.get("/audit/checkpoint", response_model=CheckpointOut)
-    def audit_checkpoint(ctx: ReqCtx = Ctx) -> Any:
-        return d.audit_checkpoint(ctx)
-
-    @r.get("/audit/proof/inclusion", response_model=InclusionProofOut)
-    def audit_inclusion(seq: int = Query(..., ge=1, le=1 << 62), size: int | None = Query(None, ge=1, le=1 << 62),
-                        ctx: ReqCtx = Ctx) -> Any:
-        return d.audit_inclusion(ctx, seq, size)
-
-    @r.get("/audit/proof/consistency", response_model=ConsistencyProofOut)
-    def audit_consistency(old: int = Query(..., ge=1, le=1 << 62), new: int = Query(..., ge=1, le=1 << 62),
-                          ctx: ReqCtx = Ctx) -> Any:
-        return d.audit_consistency(ctx, old, new)
-
-    api.include_router(r)
+    # each service declares its routes; they find the service at request time (daemon None: the schema)
+    api.include_router(access_routes(lambda: the().access))
+    api.include_router(tenant_routes(lambda: the().tenants))
+    api.include_router(disk_routes(lambda: the().disks))
+    api.include_router(network_routes(lambda: the().networks))
+    api.include_router(vm_routes(lambda: the().vms))
+    api.include_router(daemon_routes(the))
+    api.include_router(audit_routes(lambda: the().audit_api))
     return Gate(api, daemon)
 
 
-def openapi_document(daemon: Any) -> dict[str, Any]:
+def openapi_document(daemon: Daemon | None) -> dict[str, Any]:
     app = build_app(daemon)
     doc: dict[str, Any] = app.app.openapi()
     return doc

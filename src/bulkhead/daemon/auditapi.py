@@ -1,4 +1,4 @@
-"""The audit log's proof API (docs/AUDIT.md) and the witness-quorum gate on mutations.
+"""The audit log's read and proof API (docs/AUDIT.md); the witness-quorum gate is Core.append.
 
 - `GET /v1/audit/checkpoint`: the signed head checkpoint and the log's verifier key; any caller holding
   audit/read somewhere (a checkpoint reveals only a size and a hash).
@@ -13,26 +13,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+from uuid import UUID
+
+from fastapi import APIRouter, Query
 
 from bulkhead.control import rbac
-from bulkhead.control.audit import Record
+from bulkhead.control.models import AuditRecordOut, CheckpointOut, ConsistencyProofOut, InclusionProofOut
 from bulkhead.control.note import Checkpoint
 from bulkhead.daemon.auditlog import query_records
+from bulkhead.daemon.routing import Ctx, router
 from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx
 
-__all__ = ["AuditOps"]
+__all__ = ["AuditService", "audit_routes"]
+
+_SINCE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]{1,15}Z?)?$"
 
 
-class AuditOps(Core):
-    witnesses: Any = None  # bulkhead.daemon.witness.WitnessPusher, or None (no witnesses configured)
+class AuditService:
+    """GET /audit and the proofs over the log (docs/AUDIT.md), within the caller's audit/read scopes."""
 
-    def append(self, rec: Record) -> int:
-        if rec.kind == "api" and self.witnesses is not None:
-            why = self.witnesses.refusal()
-            if why:
-                raise ApiError(503, f"no witness quorum, nothing was changed ({why})")
-        return super().append(rec)
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.audit = core.audit
 
     def audit_query(self, ctx: ReqCtx, leaf: bool = False, **filters: Any) -> list[dict[str, Any]]:
         """GET /audit: records within the caller's audit/read scopes (`leaf`: with leaf inputs)."""
@@ -41,7 +45,7 @@ class AuditOps(Core):
 
     def _audit_reader_scopes(self, ctx: ReqCtx) -> list[str]:
         ctx.action, ctx.scope = "audit/read", "/"
-        scopes = self.readable_scopes(ctx.caller, "audit/read")
+        scopes = self.core.readable_scopes(ctx.caller, "audit/read")
         if not scopes:
             ctx.decision = "deny"
             raise ApiError(404, NOT_FOUND)
@@ -85,8 +89,39 @@ class AuditOps(Core):
         n = self._size(new, old)
         t = self.audit.reader()
         try:
-            return t.consistency(old, n)
-        except ValueError as exc:
-            raise ApiError(422, str(exc)) from None
+            return t.consistency(old, n)  # a ConfigError is answered by the status table (422)
         finally:
             t.conn.close()
+
+
+def audit_routes(svc: Callable[[], AuditService]) -> APIRouter:
+    r = router()
+
+    @r.get("/audit", response_model=list[AuditRecordOut], response_model_exclude_none=True)
+    def audit_list(
+        since: str | None = Query(None, max_length=40, pattern=_SINCE),
+        principal: UUID | None = None,
+        vm: UUID | None = None,
+        after: int = Query(0, ge=0, le=1 << 62),
+        limit: int = Query(1000, ge=1, le=10000),
+        leaf: bool = False,
+        ctx: ReqCtx = Ctx,
+    ) -> Any:
+        return svc().audit_query(ctx, since=since, principal=str(principal) if principal else None,
+                             vm=str(vm) if vm else None, after_seq=after, limit=limit, leaf=leaf)
+
+    @r.get("/audit/checkpoint", response_model=CheckpointOut)
+    def audit_checkpoint(ctx: ReqCtx = Ctx) -> Any:
+        return svc().audit_checkpoint(ctx)
+
+    @r.get("/audit/proof/inclusion", response_model=InclusionProofOut)
+    def audit_inclusion(seq: int = Query(..., ge=1, le=1 << 62), size: int | None = Query(None, ge=1, le=1 << 62),
+                        ctx: ReqCtx = Ctx) -> Any:
+        return svc().audit_inclusion(ctx, seq, size)
+
+    @r.get("/audit/proof/consistency", response_model=ConsistencyProofOut)
+    def audit_consistency(old: int = Query(..., ge=1, le=1 << 62), new: int = Query(..., ge=1, le=1 << 62),
+                          ctx: ReqCtx = Ctx) -> Any:
+        return svc().audit_consistency(ctx, old, new)
+
+    return r

@@ -52,7 +52,7 @@ from bulkhead.control.audit import (
 )
 from bulkhead.control.merkle import Frontier, consistency_proof, inclusion_proof, leaf_hash, subtree_hash
 from bulkhead.control.note import Checkpoint, NoteError, Verifier, sign_note
-from bulkhead.errors import BulkheadError, HostError
+from bulkhead.errors import BulkheadError, ConfigError, HostError
 
 __all__ = [
     "AuditLog",
@@ -178,7 +178,7 @@ class TreeReader:
     def consistency(self, old: int, new: int) -> dict[str, Any]:
         """The consistency proof between the trees of `old` and `new` records (RFC 9162 2.1.4), hex."""
         if not 1 <= old <= new:
-            raise ValueError(f"no consistency proof from {old} to {new} records (1 <= OLD <= NEW)")
+            raise ConfigError(f"no consistency proof from {old} to {new} records (1 <= OLD <= NEW)")
         path = consistency_proof(self, old, new)
         return {"old_size": old, "new_size": new, "old_root": self.root(old).hex(),
                 "new_root": self.root(new).hex(), "path": [p.hex() for p in path]}

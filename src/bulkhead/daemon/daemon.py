@@ -19,22 +19,34 @@ import datetime as dt
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter
 
 from bulkhead.control.audit import Record
-from bulkhead.daemon.access import AccessOps
-from bulkhead.daemon.auditapi import AuditOps
+from bulkhead.control.models import IntegrityOut
+from bulkhead.daemon.access import AccessService
+from bulkhead.daemon.auditapi import AuditService
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, load_audit_key, now_iso
 from bulkhead.daemon.backend import VmBackend, describe, make_backend
-from bulkhead.daemon.integrity import NoTpm, check_off_allowed
-from bulkhead.daemon.service import ApiError, Caller, ReqCtx
+from bulkhead.daemon.disks import DiskService
+from bulkhead.daemon.integrity import HostIntegrity, NoTpm, check_off_allowed
+from bulkhead.daemon.networks import TenantNetworkService
+from bulkhead.daemon.routing import Ctx, router
+from bulkhead.daemon.service import ApiError, Caller, Core, ReqCtx
 from bulkhead.daemon.store import Store
-from bulkhead.daemon.vms import VmOps
+from bulkhead.daemon.tenants import TenantService
+from bulkhead.daemon.vms import VmService
 from bulkhead.errors import HostError
+from bulkhead.network.service import NetworkService
 
-__all__ = ["Daemon", "StateDir", "default_state_dir"]
+if TYPE_CHECKING:
+    from bulkhead.daemon.witness import WitnessOptions, WitnessPusher
+
+__all__ = ["Daemon", "StateDir", "daemon_routes", "default_state_dir"]
 
 
 def default_state_dir() -> Path:
@@ -57,21 +69,73 @@ class StateDir:
         raise AttributeError(name)
 
 
-class Daemon(AuditOps, VmOps, AccessOps):
-    """All operations; see service.py, access.py, vms.py and auditapi.py."""
+class Daemon:
+    """The management plane: its services as fields, each constructed fully here from what it is given
+    (docs/ARCHITECTURE.md "The daemon"): `core` (store, audit log, RBAC), `tenants`, `access`,
+    `networks`, `disks`, `vms` (with the host's integrity gate) and `audit_api`. The daemon itself
+    keeps the process's life (open, start, monitor, close) and the authentication of peers."""
 
-    def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin"):
-        super().__init__(store, audit, backend, state_dir, engine)
-        self.integrity: Any = NoTpm()  # fail closed until a gate is installed (bulkhead.daemon.integrity)
+    def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin",
+                 *, net: NetworkService | None = None, integrity: HostIntegrity | None = None,
+                 witnesses: WitnessPusher | None = None, ca: Any = None) -> None:
+        from bulkhead.network.state import HostConfig
+
+        self.store = store
+        self.audit = audit
+        self.backend = backend
+        self._witnesses = witnesses  # read-only: the audit gate (core) holds the same object
+        self.core = Core(store, audit, state_dir, engine, witnesses)
+        self.tenants = TenantService(self.core)
+        self.access = AccessService(self.core, ca)
+        self.networks = TenantNetworkService(self.core, net if net is not None else NetworkService(HostConfig()))
+        self.disks = DiskService(self.core)
+        # fail closed until a gate is installed (bulkhead.daemon.integrity)
+        self.vms = VmService(self.core, backend, self.networks, self.disks, integrity or NoTpm())
+        self.audit_api = AuditService(self.core)
         self.code_integrity: dict[str, str | bool | None] = {"verified": False, "manifest_digest": None,
                                                              "manifest": None}
         self._cert_cache: dict[str, tuple[str, str]] = {}
         self._cache_lock = threading.Lock()
+        self._closing = False
+        hooks = getattr(backend, "set_hooks", None)  # the jailed backend reports its workers
+        if hooks is not None:
+            hooks(on_security_event=self._worker_security_event, on_exit=self._worker_exited)
+
+    @property
+    def integrity(self) -> HostIntegrity:
+        return self.vms.integrity
+
+    @integrity.setter
+    def integrity(self, gate: HostIntegrity) -> None:
+        """The server installs the TPM-backed gate after open (bulkhead.daemon.integrity)."""
+        self.vms.integrity = gate
+
+    @property
+    def witnesses(self) -> WitnessPusher | None:
+        """The witness pusher (docs/AUDIT.md), the one the audit gate consults."""
+        return self._witnesses
+
+    @property
+    def net(self) -> NetworkService:
+        return self.networks.net
+
+    def event(self, kind: str, action: str, **kw: Any) -> int:
+        """An audited lifecycle / security / system record (Core.event; raises ApiError 503)."""
+        return self.core.event(kind, action, **kw)
+
+    def security_event(self, vm_id: str, kind: str, detail: dict[str, Any]) -> int:
+        return self.core.security_event(vm_id, kind, detail)
+
+    def rbac_changed(self) -> None:
+        self.core.rbac_changed()
+
+    def monitor_once(self) -> None:
+        self.vms.monitor_once()
 
     @classmethod
     def open(cls, state_dir: Path, backend: VmBackend | None = None, engine: str = "casbin",
-             checkpoint_every: int = 1000, integrity: Any = None, net: Any = None,
-             witnesses: Any = None) -> Daemon:
+             checkpoint_every: int = 1000, integrity: HostIntegrity | None = None,
+             net: NetworkService | None = None, witnesses: WitnessOptions | None = None) -> Daemon:
         """Open an initialized state directory. Raises HostError when it is not initialized or damaged,
         or when `integrity` is IntegrityOff with a backend that runs guests outside tests.
 
@@ -94,9 +158,6 @@ class Daemon(AuditOps, VmOps, AccessOps):
             backend = make_backend("auto", console_root=state_dir / "vms")
         elif getattr(backend, "console_root", False) is None:  # process or jailed backend without one
             backend.console_root = state_dir / "vms"  # type: ignore[attr-defined]
-        d = cls(store, audit, backend, state_dir, engine)
-        d.witnesses = pusher
-        d._wire_backend(net)
         if integrity is not None:
             try:
                 check_off_allowed(integrity, backend)
@@ -104,11 +165,12 @@ class Daemon(AuditOps, VmOps, AccessOps):
                 audit.close()
                 store.close()
                 raise
-            d.integrity = integrity
+        ca = None
         if sd.ca_key.exists():
             from bulkhead.daemon import pki
 
-            d.ca = pki.CertBundle(pki.load_key(sd.ca_key), pki.load_cert(sd.ca_cert))
+            ca = pki.CertBundle(pki.load_key(sd.ca_key), pki.load_cert(sd.ca_cert))
+        d = cls(store, audit, backend, state_dir, engine, net=net, integrity=integrity, witnesses=pusher, ca=ca)
         for sub in ("images", "disks", "vms"):
             (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
         return d
@@ -125,21 +187,9 @@ class Daemon(AuditOps, VmOps, AccessOps):
             self.event("security", "security/integrity/code-unverified", result="unverified", detail=dict(self.code_integrity))
         if self.witnesses is not None:
             self.witnesses.start()  # pushes the current checkpoint now, then every new one
-        self.mark_lost_on_startup()
+        self.vms.mark_lost_on_startup()
         self._clean_stale_jails()
-        self.reconcile_networks()  # rebuild what should exist on the host, remove what should not (audited)
-
-    def _wire_backend(self, net: Any) -> None:
-        """Networks (NetworkService) and the jailed backend's callbacks: worker security events become
-        audited security events; a worker exit is recorded (state, VM event, audit) with its reason."""
-        from bulkhead.network.service import NetworkService
-        from bulkhead.network.state import HostConfig
-
-        self.net = net if net is not None else NetworkService(HostConfig())
-        self._closing = False
-        hooks = getattr(self.backend, "set_hooks", None)
-        if hooks is not None:
-            hooks(on_security_event=self._worker_security_event, on_exit=self._worker_exited)
+        self.networks.reconcile_networks()  # rebuild what should exist on the host, remove what should not (audited)
 
     def _worker_security_event(self, vm_id: str, kind: str, detail: str) -> None:
         with contextlib.suppress(ApiError):  # the log is down: the VM's exit record still holds the reason
@@ -150,10 +200,10 @@ class Daemon(AuditOps, VmOps, AccessOps):
         shutdown are left to the restart policy (the VMs are marked lost at the next start)."""
         if self._closing:
             return
-        with self._vm_lock(vm_id):
+        with self.vms.vm_lock(vm_id):
             row = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
             if row is not None:
-                self._refresh(row)
+                self.vms.refresh(row)
 
     def _clean_stale_jails(self) -> None:
         """Jail directories and cgroups a crashed daemon left behind (jailed backend only), audited."""
@@ -176,24 +226,15 @@ class Daemon(AuditOps, VmOps, AccessOps):
         self.event("security", f"security/integrity/{tr.new}", result=tr.new,
                    detail={"from": tr.old, "to": tr.new, "reasons": list(tr.reasons)[:16]})
         if tr.new == "untrusted" and self.integrity.should_stop_running():
-            threading.Thread(target=self.stop_all_untrusted, args=(list(tr.reasons),), name="integrity-stop",
+            threading.Thread(target=self.vms.stop_all_untrusted, args=(list(tr.reasons),), name="integrity-stop",
                              daemon=True).start()
 
-    def integrity_status(self, ctx: Any) -> dict[str, Any]:
+    def integrity_status(self, ctx: ReqCtx) -> dict[str, Any]:
         """GET /integrity: the host's trust state with every reason (any authenticated principal)."""
         ctx.action, ctx.scope, ctx.decision = "integrity/read", "/", "allow"
         st = dict(self.integrity.status())
         st["code"] = dict(self.code_integrity)
         return st
-
-    def monitor_once(self) -> None:
-        """Notice VMMs that ended on their own (audited as vm.exit, plus a security event when the exit
-        status says why), without waiting for someone to read the VM."""
-        for row in self.store.q("SELECT * FROM vms WHERE state IN ('running', 'paused')"):
-            with self._vm_lock(row["id"]):
-                fresh = self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
-                if fresh is not None:
-                    self._refresh(fresh)
 
     def start_monitor(self, interval: float = 1.0) -> None:
         self._monitor_stop = threading.Event()
@@ -281,7 +322,7 @@ class Daemon(AuditOps, VmOps, AccessOps):
             from bulkhead.daemon import pki
 
             detail["fingerprint"] = pki.fingerprint(bytes(der))
-        self.append(Record.make(now_iso(), "security", detail, action="auth", decision="deny",
+        self.core.append(Record.make(now_iso(), "security", detail, action="auth", decision="deny",
                                 result="401", request_id=rid))
 
     def append_request(self, ctx: ReqCtx, result: str) -> None:
@@ -291,5 +332,16 @@ class Daemon(AuditOps, VmOps, AccessOps):
         try:
             self.audit.append(ctx.record(result))
         except AuditUnavailable as exc:
-            raise ApiError(503, f"audit log unavailable, the response is withheld ({exc})") from None
+            raise ApiError.of(exc, f"audit log unavailable, the response is withheld ({exc})") from None
         ctx.audited = True
+
+
+def daemon_routes(daemon: Callable[[], Daemon]) -> APIRouter:
+    """The daemon's own route: the host's trust state (the gate and the code check)."""
+    r = router()
+
+    @r.get("/integrity", response_model=IntegrityOut)
+    def integrity(ctx: ReqCtx = Ctx) -> Any:
+        return daemon().integrity_status(ctx)
+
+    return r

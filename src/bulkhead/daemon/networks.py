@@ -21,20 +21,25 @@ host changes. Raises ApiError (404/409/422/503) like the other operations.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
+from uuid import UUID
+
+from fastapi import APIRouter, Response
 
 from bulkhead.control import rbac
+from bulkhead.control.models import NetworkCountersOut, NetworkCreate, NetworkOut
 from bulkhead.daemon.auditlog import now_iso
-from bulkhead.daemon.backend import VmSpec
-from bulkhead.daemon.service import ApiError, Core, ReqCtx, config_error
+from bulkhead.daemon.backend import VmBackend, VmSpec
+from bulkhead.daemon.routing import Ctx, router
+from bulkhead.daemon.service import ApiError, Core, ReqCtx
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.network.model import Network, Nic
 from bulkhead.network.service import NetworkService, network_from_row, nic_from_row, nic_row
 from bulkhead.runtime.config import NetConfig, RateLimit
 
-__all__ = ["DryNetworkService", "NetworkOps"]
+__all__ = ["DryNetworkService", "TenantNetworkService", "network_routes"]
 
 
 class DryNetworkService(NetworkService):
@@ -79,8 +84,13 @@ def _nic_out(n: Nic) -> dict[str, Any]:
     return d
 
 
-class NetworkOps(Core):
-    net: NetworkService  # set by Daemon.open
+class TenantNetworkService:
+    """Tenant networks (routes below) and the VM NICs on them; `net` makes the host match the store."""
+
+    def __init__(self, core: Core, net: NetworkService) -> None:
+        self.core = core
+        self.store = core.store
+        self.net = net
 
     # ------------------------------------------------------------------ host synchronisation
     def _net_rows(self) -> tuple[list[Network], list[Nic]]:
@@ -101,7 +111,7 @@ class NetworkOps(Core):
         try:
             return self.net_sync()
         except HostError as exc:
-            raise ApiError(503, f"the host could not {what}: {exc}") from None
+            raise ApiError.of(exc, f"the host could not {what}: {exc}") from None
 
     def net_sync_quietly(self, reason: str) -> None:
         """A sync after a committed change: a failure is audited (system event) and repaired by the next
@@ -110,11 +120,11 @@ class NetworkOps(Core):
             actions = self.net_sync()
         except HostError as exc:
             with contextlib.suppress(ApiError):
-                self.event("system", "network.reconcile", result="error", detail={"reason": reason, "error": str(exc)})
+                self.core.event("system", "network.reconcile", result="error", detail={"reason": reason, "error": str(exc)})
             return
         if actions:
             with contextlib.suppress(ApiError):
-                self.event("system", "network.reconcile", result="ok",
+                self.core.event("system", "network.reconcile", result="ok",
                            detail={"reason": reason, "actions": actions[:100]})
 
     def reconcile_networks(self) -> list[str]:
@@ -123,29 +133,25 @@ class NetworkOps(Core):
         try:
             actions = self.net_sync()
         except HostError as exc:
-            self.event("system", "network.reconcile", result="error", detail={"reason": "daemon start",
+            self.core.event("system", "network.reconcile", result="error", detail={"reason": "daemon start",
                                                                              "error": str(exc)})
             return []
-        self.event("system", "network.reconcile", result="ok",
+        self.core.event("system", "network.reconcile", result="ok",
                    detail={"reason": "daemon start", "actions": actions[:200], "count": len(actions)})
         return actions
 
     # ------------------------------------------------------------------ networks
     def network_create(self, ctx: ReqCtx, tenant: str, body: Any) -> dict[str, Any]:
-        ts = rbac.tenant_scope(tenant)
-        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
-            ctx.scope = ts
-            raise self.deny_unknown(ctx, "network/write")
-        self.authorize(ctx, "network/write", ts, visible=lambda: self.can_see_tenant(ctx.caller, tenant))
+        self.core.authorize_in_tenant(ctx, "network/write", tenant)
         created = now_iso()
-        with self.mutation(ctx, "201") as c:  # validation, insert and host change in one transaction
+        with self.core.mutation(ctx, "201") as c:  # validation, insert and host change in one transaction
             rows = self.store.q("SELECT * FROM networks WHERE tenant = ?", (tenant,))
             if any(r["name"] == body.name for r in rows):
                 raise ApiError(409, f"a network named {body.name!r} already exists in this tenant")
             try:
                 net = self.net.new_network(tenant, body.model_dump(), [_nw(r) for r in rows])
             except ConfigError as exc:
-                raise config_error(exc) from None
+                raise ApiError.of(exc) from None
             ctx.detail.update(network=net.id, ipv4_subnet=str(net.ipv4), egress=net.egress)
             c.execute("INSERT INTO networks(id, tenant, name, ipv4, ipv6, egress, created) VALUES (?,?,?,?,?,?,?)",
                       (net.id, tenant, net.name, str(net.ipv4), str(net.ipv6) if net.ipv6 else None,
@@ -154,7 +160,7 @@ class NetworkOps(Core):
         return {**net.to_dict(), "created": created}
 
     def _network(self, ctx: ReqCtx, net_id: str, action: str) -> Any:
-        return self.owned_row(ctx, "network", net_id, action)
+        return self.core.owned_row(ctx, "network", net_id, action)
 
     def network_get(self, ctx: ReqCtx, net_id: str) -> dict[str, Any]:
         return _net_out(self._network(ctx, net_id, "network/read"))
@@ -162,11 +168,11 @@ class NetworkOps(Core):
     def network_list(self, ctx: ReqCtx, tenant: str) -> list[dict[str, Any]]:
         ctx.action, ctx.scope, ctx.decision = "network/read", rbac.tenant_scope(tenant), "allow"
         rows = self.store.q("SELECT * FROM networks WHERE tenant = ? ORDER BY name", (tenant,))
-        return [_net_out(r) for r in self.visible_rows(ctx, "network", rows)]
+        return [_net_out(r) for r in self.core.visible_rows(ctx, "network", rows)]
 
     def network_delete(self, ctx: ReqCtx, net_id: str) -> None:
         self._network(ctx, net_id, "network/write")
-        with self.mutation(ctx, "204") as c:
+        with self.core.mutation(ctx, "204") as c:
             if self.store.q1("SELECT 1 FROM nics WHERE network = ?", (net_id,)):
                 raise ApiError(409, "VMs still have NICs on the network; delete those VMs first")
             c.execute("DELETE FROM networks WHERE id = ?", (net_id,))
@@ -181,7 +187,7 @@ class NetworkOps(Core):
         try:
             raw = self.net.counters(row["tenant"])
         except HostError as exc:
-            raise ApiError(503, f"cannot read the network's counters: {exc}") from None
+            raise ApiError.of(exc, f"cannot read the network's counters: {exc}") from None
         taps = {self.net.tap_name(n) + "_": n.mac for n in nics}
         prefix = self.net.config.prefix + "n"
         out: dict[str, dict[str, int]] = {}
@@ -194,7 +200,7 @@ class NetworkOps(Core):
         return {"network": net_id, "counters": out}
 
     # ------------------------------------------------------------------ VM NICs
-    def _attach_nics(self, c: Any, vm_id: str, tenant: str, nics: Any) -> list[dict[str, Any]]:
+    def attach_nics(self, c: Any, vm_id: str, tenant: str, nics: Any) -> list[dict[str, Any]]:
         """Validate the NICs of a VM create request and insert their rows (inside the create transaction).
         Returns the NICs as stored in the VM's spec. Raises ApiError 422."""
         built: list[Nic] = []
@@ -214,7 +220,7 @@ class NetworkOps(Core):
                 existing = [_nc(r) for r in self.store.q("SELECT * FROM nics WHERE network = ?", (net_id,))]
                 nic = self.net.new_nic(vm_id, tenant, i, _nw(row), existing + built, spec)
             except ConfigError as exc:
-                raise config_error(exc) from None
+                raise ApiError.of(exc) from None
             built.append(nic)
         for nic in built:
             r = nic_row(nic)
@@ -229,37 +235,28 @@ class NetworkOps(Core):
         except ConfigError as exc:
             raise HostError(f"the state database holds an invalid NIC record: {exc}") from None
 
-    def _nic_configs(self, vm_id: str) -> tuple[NetConfig, ...]:
+    def nic_configs(self, vm_id: str) -> tuple[NetConfig, ...]:
         """The VM's NICs as the runtime sees them (tap name, pinned MAC, rate), without fds: what a start
         runs and what the launch measurement covers."""
         return tuple(NetConfig(self.net.tap_name(n), n.mac, RateLimit(n.rate.bytes_per_sec, n.rate.ops_per_sec))
                      for n in self._vm_nics(vm_id))
 
-    def _exit_reason(self, vm_id: str) -> tuple[dict[str, Any], bool]:
-        """({reason, detail} of the backend's host-decided exit, or {}), and whether the backend has already
-        reported it as a security event (jailed workers: seccomp kill, protocol violation)."""
-        get = getattr(self.backend, "exit_reason", None)
-        res = get(vm_id) if get is not None else None
-        if res is None:
-            return {}, False
-        return {"reason": res.reason.kind, "detail": res.reason.detail[:512]}, bool(res.security_event)
-
-    def _start_on_backend(self, vm_id: str, spec: VmSpec) -> int:
+    def start_with_nics(self, backend: VmBackend, vm_id: str, spec: VmSpec) -> int:
         """backend.start with the VM's NICs realised on the host (taps in the tenant namespace). Raises
         HostError."""
         nics = self._vm_nics(vm_id)
         if not nics:
-            return self.backend.start(vm_id, spec)
+            return backend.start(vm_id, spec)
         self.net_sync()  # the bridge and the NICs' guard rules exist before any tap does
         netns = self.net.config.netns(nics[0].tenant)
-        if getattr(self.backend, "opens_taps_by_name", False):
+        if getattr(backend, "opens_taps_by_name", False):
             nets = []
             for nic in nics:
                 netns, tap = self._persistent_tap(nic)
                 nets.append(NetConfig(tap, nic.mac, RateLimit(nic.rate.bytes_per_sec, nic.rate.ops_per_sec)))
-            return self.backend.start(vm_id, replace(spec, nics=tuple(nets), netns=netns))
+            return backend.start(vm_id, replace(spec, nics=tuple(nets), netns=netns))
         with self.net.vm_nets(nics) as opened:
-            return self.backend.start(vm_id, replace(spec, nics=tuple(opened), netns=netns))
+            return backend.start(vm_id, replace(spec, nics=tuple(opened), netns=netns))
 
     def _persistent_tap(self, nic: Nic) -> tuple[str, str]:
         make = getattr(self.net, "create_persistent_tap", None)
@@ -268,3 +265,30 @@ class NetworkOps(Core):
         from bulkhead.network import host
 
         return host.create_persistent_tap(nic, self.net.config)
+
+
+def network_routes(svc: Callable[[], TenantNetworkService]) -> APIRouter:
+    r = router()
+
+    @r.post("/tenants/{tenant_id}/networks", response_model=NetworkOut, status_code=201)
+    def network_create(tenant_id: UUID, body: NetworkCreate, ctx: ReqCtx = Ctx) -> Any:
+        return svc().network_create(ctx, str(tenant_id), body)
+
+    @r.get("/tenants/{tenant_id}/networks", response_model=list[NetworkOut])
+    def network_list(tenant_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        return svc().network_list(ctx, str(tenant_id))
+
+    @r.get("/networks/{network_id}", response_model=NetworkOut)
+    def network_get(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        return svc().network_get(ctx, str(network_id))
+
+    @r.delete("/networks/{network_id}", status_code=204)
+    def network_delete(network_id: UUID, ctx: ReqCtx = Ctx) -> Response:
+        svc().network_delete(ctx, str(network_id))
+        return Response(status_code=204)
+
+    @r.get("/networks/{network_id}/counters", response_model=NetworkCountersOut)
+    def network_counters(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
+        return svc().network_counters(ctx, str(network_id))
+
+    return r

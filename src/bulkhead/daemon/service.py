@@ -19,16 +19,15 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bulkhead.control import rbac
 from bulkhead.control.audit import Record
+from bulkhead.daemon.api_status import status_of
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, now_iso
-from bulkhead.daemon.backend import VmBackend
 from bulkhead.daemon.store import Store
-from bulkhead.errors import ConfigError
 
-__all__ = ["ApiError", "Caller", "Core", "ReqCtx"]
+__all__ = ["NOT_FOUND", "ApiError", "Caller", "Core", "Paths", "ReqCtx", "WitnessGate"]
 
 
 class ApiError(Exception):
@@ -40,6 +39,16 @@ class ApiError(Exception):
         self.status = status
         self.detail = detail
         self.kind = kind
+
+    @classmethod
+    def of(cls, exc: BaseException, detail: str | None = None) -> ApiError:
+        """The answer to a domain exception: its status and kind from the one table (api_status.py),
+        `detail` (default: the exception's message) worded by the operation. Raises TypeError for an
+        exception the table does not know (a bug, not a refusal)."""
+        hit = status_of(exc)
+        if hit is None:
+            raise TypeError(f"{type(exc).__name__} is not in the API status table") from exc
+        return cls(hit[0], str(exc) if detail is None else detail, kind=hit[1])
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,12 @@ class ReqCtx:
 NOT_FOUND = "not found"
 
 
+class WitnessGate(Protocol):
+    """bulkhead.daemon.witness.WitnessPusher as the audit gate sees it."""
+
+    def refusal(self) -> str: ...
+
+
 @dataclass
 class Paths:
     state_dir: Path
@@ -91,17 +106,20 @@ class Paths:
 
 
 class Core:
-    """Shared machinery: store, audit log, evaluator, backend; authorization and audit helpers."""
+    """What every service is given: the state store, the audit log (behind the witness-quorum gate) and
+    the RBAC evaluator, with the authorization and fail-closed audit helpers built on them. It holds no
+    resources of its own; the services (tenants, access, networks, disks, VMs, audit) each take it in
+    __init__."""
 
-    def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin"):
+    def __init__(self, store: Store, audit: AuditLog, state_dir: Path, engine: str = "casbin",
+                 witnesses: WitnessGate | None = None):
         self.store = store
         self.audit = audit
-        self.backend = backend
         self.paths = Paths(state_dir)
         self.evaluator = rbac.make_evaluator(engine)
+        self.witnesses = witnesses  # docs/AUDIT.md: mutations wait for a witness quorum
         self._generation = -1
         self._rbac_lock = threading.Lock()
-        self.ca: Any = None  # pki.CertBundle, set by the server when the CA key is available
 
     # ------------------------------------------------------------------ RBAC
     def _fresh(self) -> rbac.Evaluator:
@@ -144,6 +162,15 @@ class Core:
         if visible():
             raise ApiError(403, f"{ctx.caller.name} may not {action} at this scope")
         raise ApiError(404, NOT_FOUND)
+
+    def authorize_in_tenant(self, ctx: ReqCtx, action: str, tenant: str) -> None:
+        """Authorize creating a resource in `tenant`: a missing tenant and one the caller may not see get
+        the same 404; a visible one without `action` 403 (docs/RBAC.md)."""
+        ts = rbac.tenant_scope(tenant)
+        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
+            ctx.scope = ts
+            raise self.deny_unknown(ctx, action)
+        self.authorize(ctx, action, ts, visible=lambda: self.can_see_tenant(ctx.caller, tenant))
 
     def deny_unknown(self, ctx: ReqCtx, action: str) -> ApiError:
         """The resource does not exist: same answer as an invisible one."""
@@ -193,10 +220,16 @@ class Core:
             raise ApiError(503, f"the state database refused the change, nothing was changed ({exc})") from None
 
     def append(self, rec: Record) -> int:
+        """Append `rec` (fail closed). An API record is refused (503) while the witness policy says the
+        log has had no witness quorum for longer than its grace (docs/AUDIT.md)."""
+        if rec.kind == "api" and self.witnesses is not None:
+            why = self.witnesses.refusal()
+            if why:
+                raise ApiError(503, f"no witness quorum, nothing was changed ({why})")
         try:
             return self.audit.append(rec)
         except AuditUnavailable as exc:
-            raise ApiError(503, f"audit log unavailable, nothing was changed ({exc})") from None
+            raise ApiError.of(exc, f"audit log unavailable, nothing was changed ({exc})") from None
 
     def event(self, kind: str, action: str, *, vm: str = "", scope: str = "", principal: str = "",
               result: str = "", request_id: str = "", detail: dict[str, Any] | None = None) -> int:
@@ -212,74 +245,3 @@ class Core:
         row = self.store.q1("SELECT tenant FROM vms WHERE id = ?", (vm_id,))
         scope = rbac.vm_scope(row["tenant"], vm_id) if row else ""
         return self.event("security", f"security/{kind}", vm=vm_id, scope=scope, detail=detail)
-
-    # ------------------------------------------------------------------ identity
-    def whoami(self, ctx: ReqCtx) -> dict[str, str]:
-        ctx.action, ctx.scope, ctx.decision = "whoami", "/", "allow"
-        return {"id": ctx.caller.id, "name": ctx.caller.name, "kind": ctx.caller.kind}
-
-    # ------------------------------------------------------------------ tenants
-    def tenant_create(self, ctx: ReqCtx, name: str) -> dict[str, Any]:
-        self.authorize(ctx, "tenant/write", "/", visible=lambda: True)
-        if self.store.q1("SELECT 1 FROM tenants WHERE name = ?", (name,)):
-            raise ApiError(409, f"a tenant named {name!r} already exists")
-        from bulkhead.daemon.store import new_id
-
-        tid = new_id()
-        ctx.detail["tenant"] = tid
-        with self.mutation(ctx, "201") as c:
-            created = now_iso()
-            c.execute("INSERT INTO tenants VALUES (?,?,?)", (tid, name, created))
-        return {"id": tid, "name": name, "created": created}
-
-    def _tenant(self, ctx: ReqCtx, tenant_id: str, action: str) -> Any:
-        row = self.store.q1("SELECT * FROM tenants WHERE id = ?", (tenant_id,))
-        if row is None:
-            ctx.scope = rbac.tenant_scope(tenant_id)
-            raise self.deny_unknown(ctx, action)
-        self.authorize(ctx, action, rbac.tenant_scope(tenant_id),
-                       visible=lambda: self.can_see_tenant(ctx.caller, tenant_id))
-        return row
-
-    def tenant_get(self, ctx: ReqCtx, tenant_id: str) -> dict[str, Any]:
-        return dict(self._tenant(ctx, tenant_id, "tenant/read"))
-
-    def tenant_list(self, ctx: ReqCtx) -> list[dict[str, Any]]:
-        ctx.action, ctx.scope, ctx.decision = "tenant/read", "/", "allow"
-        rows = self.store.q("SELECT * FROM tenants ORDER BY name")
-        readable = self.readable_scopes(ctx.caller, "tenant/read")
-        mine = self.my_scopes(ctx.caller)
-        out = []
-        for r in rows:
-            ts = rbac.tenant_scope(r["id"])
-            if any(rbac.scope_within(ts, s) for s in readable) or any(rbac.scope_within(s, ts) for s in mine):
-                out.append(dict(r))
-        return out
-
-    def tenant_delete(self, ctx: ReqCtx, tenant_id: str) -> None:
-        self._tenant(ctx, tenant_id, "tenant/delete")
-        with self.mutation(ctx, "204") as c:
-            if self.store.q1("SELECT 1 FROM vms WHERE tenant = ?", (tenant_id,)) or self.store.q1(
-                "SELECT 1 FROM disks WHERE tenant = ?", (tenant_id,)
-            ) or self.store.q1("SELECT 1 FROM networks WHERE tenant = ?", (tenant_id,)):
-                raise ApiError(409, "the tenant still has VMs, disks or networks; delete them first")
-            c.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
-            c.execute("DELETE FROM assignments WHERE scope = ? OR scope LIKE ?",
-                      (rbac.tenant_scope(tenant_id), rbac.tenant_scope(tenant_id) + "/%"))
-            self.rbac_changed()
-
-    # ------------------------------------------------------------------ audit read API
-    def audit_query(self, ctx: ReqCtx, **filters: Any) -> list[dict[str, Any]]:
-        from bulkhead.daemon.auditlog import query_records
-
-        ctx.action, ctx.scope = "audit/read", "/"
-        scopes = self.readable_scopes(ctx.caller, "audit/read")
-        if not scopes:
-            ctx.decision = "deny"
-            raise ApiError(404, NOT_FOUND)
-        ctx.decision = "allow"
-        return list(query_records(self.audit.path, scopes=None if "/" in scopes else scopes, **filters))
-
-
-def config_error(exc: ConfigError) -> ApiError:
-    return ApiError(422, str(exc))

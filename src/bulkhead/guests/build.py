@@ -141,6 +141,22 @@ def build(
     ]
     inputs.append((f"prog/{prog.name}", prog.read_bytes()))
     inputs += [(f"prog/{e.name}", e.read_bytes()) for e in extras]
+    digest = _cache_key(fmt, cflags, gcc, ld, inputs)
+    cache = cache_dir()
+    out = cache / f"{prog.stem}-{digest[:32]}.{_SUFFIX[fmt]}"
+    if out.is_file():
+        return out
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HostError(f"cannot create the guest cache directory {cache}: {exc}") from exc
+
+    _compile(cache, out, inputs, names, gcc, cflags, fmt)
+    return out
+
+
+def _cache_key(fmt: str, cflags: Sequence[str], gcc: str, ld: str, inputs: list[tuple[str, bytes]]) -> str:
+    """The image's cache key: every input byte, the flags, the tool versions and this builder's code."""
     key = hashlib.sha256()
     for part in (
         "bulkhead-guest-v1",
@@ -154,16 +170,13 @@ def build(
         key.update(part.encode() + b"\0\0")
     for name, data in inputs:
         key.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
-    digest = key.hexdigest()
-    cache = cache_dir()
-    out = cache / f"{prog.stem}-{digest[:32]}.{_SUFFIX[fmt]}"
-    if out.is_file():
-        return out
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HostError(f"cannot create the guest cache directory {cache}: {exc}") from exc
+    return key.hexdigest()
 
+
+def _compile(cache: Path, out: Path, inputs: list[tuple[str, bytes]], names: list[str], gcc: str,
+             cflags: Sequence[str], fmt: str) -> None:
+    """Compile and link in a private directory of the cache, then rename the image into place (atomic:
+    a concurrent build of the same key finds a whole image or none)."""
     with tempfile.TemporaryDirectory(prefix="bh-guest-", dir=cache) as tmp:
         work = Path(tmp)
         (work / "lib").mkdir()
@@ -189,7 +202,6 @@ def build(
         staged = work / "image.out"
         staged.write_bytes(image)
         os.replace(staged, out)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

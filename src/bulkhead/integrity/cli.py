@@ -125,7 +125,8 @@ def manifest_main(argv: list[str]) -> int:
 # ---- attest -------------------------------------------------------------------------------------
 
 
-def _attest(argv: list[str]) -> int:
+def _attest_parser() -> _Parser:
+    """`bulkhead attest` (docs/INTEGRITY.md "Attestation"): enroll, quote, verify, policy-init."""
     p = _Parser(prog="bulkhead attest", description="TPM attestation: enroll, quote, verify")
     sub = p.add_subparsers(dest="cmd", required=True)
     tcti_default = os.environ.get("BULKHEAD_TCTI", "device:/dev/tpmrm0")
@@ -149,43 +150,15 @@ def _attest(argv: list[str]) -> int:
     i.add_argument("--enrollment", required=True)
     i.add_argument("--log", help="event log whose digests become golden values")
     i.add_argument("-o", "--out")
-    a = p.parse_args(argv)
+    return p
 
+
+def _attest(argv: list[str]) -> int:
+    a = _attest_parser().parse_args(argv)
     if a.cmd == "verify":
-        from bulkhead.integrity.attest import verify_evidence
-
-        try:
-            evidence = _read(a.evidence, "evidence")
-            policy = _read(a.policy, "policy")
-            enrollment = _read(a.enrollment, "enrollment")
-        except IntegrityError as exc:
-            print(f"verdict: untrusted\n  - {exc}")
-            return 1
-        verdict = verify_evidence(evidence, policy, enrollment, a.nonce)
-        if a.json:
-            print(json.dumps(verdict.to_dict(), indent=1))
-        else:
-            print(f"verdict: {'trusted' if verdict.trusted else 'untrusted'}")
-            for r in verdict.reasons:
-                print(f"  FAIL {r}")
-            for ok in verdict.passed:
-                print(f"  ok   {ok}")
-        return 0 if verdict.trusted else 1
+        return _attest_verify(a)
     if a.cmd == "policy-init":
-        from bulkhead.integrity.host import read_event_log
-        from bulkhead.integrity.policy import POLICY_FORMAT, parse_enrollment
-
-        enr = parse_enrollment(_read(a.enrollment, "enrollment"))
-        allowed: dict[str, list[str]] = {"manifest": [], "config": [], "vm-launch": []}
-        for ev in read_event_log(a.log) if a.log else []:
-            if ev.digest not in allowed[ev.kind]:
-                allowed[ev.kind].append(ev.digest)
-        policy_doc = {"format": POLICY_FORMAT, "ek_sha256": enr.ek_sha256, "pcrs": {"host": 14, "vm": 15},
-                  "allowed": allowed, "max_age_s": 300, "interval_s": 30,
-                  "running_vms_when_untrusted": "keep"}
-        _write(a.out, json.dumps(policy_doc, indent=1, sort_keys=True))
-        return 0
-
+        return _attest_policy_init(a)
     from bulkhead.integrity.tpm import Tpm, enroll
 
     if a.cmd == "enroll":
@@ -206,6 +179,46 @@ def _attest(argv: list[str]) -> int:
     with Tpm(a.tcti) as tpm:
         quote_doc = make_evidence(tpm, pcrs, a.nonce, events)
     _write(a.out, json.dumps(quote_doc, indent=1, sort_keys=True))
+    return 0
+
+
+def _attest_verify(a: argparse.Namespace) -> int:
+    """Exit 0 only when the quote is trusted under the policy (docs/INTEGRITY.md "Verdicts")."""
+    from bulkhead.integrity.attest import verify_evidence
+
+    try:
+        evidence = _read(a.evidence, "evidence")
+        policy = _read(a.policy, "policy")
+        enrollment = _read(a.enrollment, "enrollment")
+    except IntegrityError as exc:
+        print(f"verdict: untrusted\n  - {exc}")
+        return 1
+    verdict = verify_evidence(evidence, policy, enrollment, a.nonce)
+    if a.json:
+        print(json.dumps(verdict.to_dict(), indent=1))
+    else:
+        print(f"verdict: {'trusted' if verdict.trusted else 'untrusted'}")
+        for r in verdict.reasons:
+            print(f"  FAIL {r}")
+        for ok in verdict.passed:
+            print(f"  ok   {ok}")
+    return 0 if verdict.trusted else 1
+
+
+def _attest_policy_init(a: argparse.Namespace) -> int:
+    """A policy trusting this enrollment's EK and the event log's digests (docs/INTEGRITY.md "Policy")."""
+    from bulkhead.integrity.host import read_event_log
+    from bulkhead.integrity.policy import POLICY_FORMAT, parse_enrollment
+
+    enr = parse_enrollment(_read(a.enrollment, "enrollment"))
+    allowed: dict[str, list[str]] = {"manifest": [], "config": [], "vm-launch": []}
+    for ev in read_event_log(a.log) if a.log else []:
+        if ev.digest not in allowed[ev.kind]:
+            allowed[ev.kind].append(ev.digest)
+    policy_doc = {"format": POLICY_FORMAT, "ek_sha256": enr.ek_sha256, "pcrs": {"host": 14, "vm": 15},
+              "allowed": allowed, "max_age_s": 300, "interval_s": 30,
+              "running_vms_when_untrusted": "keep"}
+    _write(a.out, json.dumps(policy_doc, indent=1, sort_keys=True))
     return 0
 
 

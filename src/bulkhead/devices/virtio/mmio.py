@@ -35,6 +35,7 @@ status bit itself is set under the lock first); `on_event` is also called after 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -111,17 +112,70 @@ def _no_event(kind: str, detail: dict[str, Any]) -> None:
     return None
 
 
+_CONSTANT_REGS = {MAGIC: MAGIC_VALUE, VERSION_REG: VERSION, VENDOR: VENDOR_ID}
+_LIVE_OR_BROKEN = STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET
+_QUEUE_REGS = frozenset({QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
+                         QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH})
+
+
+def status_transition(status: int, value: int, offered: int, driver_features: int) -> tuple[str, int]:
+    """The device status state machine of a driver's Status write (virtio 1.2 §2.1, §3.1.1), pure:
+    (action, new status). action is "reset" (a write of 0), "same", "status_rejected" (out of order,
+    after FAILED, or NEEDS_RESET set by the driver), "features_rejected" (FEATURES_OK for features
+    without VERSION_1 or beyond the offer: FEATURES_OK stays clear and the driver must give up),
+    "driver-ok" (the device goes live) or "set". NEEDS_RESET, once set, only a reset clears (§2.1.2)."""
+    if value == 0:
+        return "reset", 0
+    if value & STATUS_FAILED:
+        return "set", status | STATUS_FAILED
+    cur = status & ~STATUS_NEEDS_RESET
+    new = value & ~STATUS_NEEDS_RESET
+    if value & STATUS_NEEDS_RESET and not status & STATUS_NEEDS_RESET:
+        return "status_rejected", status  # only the device sets NEEDS_RESET
+    if new == cur:
+        return "same", status
+    if status & STATUS_FAILED or _NEXT_STATUS.get(cur) != new:
+        return "status_rejected", status
+    added = new & ~cur
+    if added == STATUS_FEATURES_OK and (not driver_features >> VIRTIO_F_VERSION_1 & 1 or driver_features & ~offered):
+        return "features_rejected", status
+    return ("driver-ok" if added == STATUS_DRIVER_OK else "set"), new | (status & STATUS_NEEDS_RESET)
+
+
+def feature_word(features: int, sel: int) -> int:
+    """The 32-bit window `sel` of a 64-bit feature set (§4.2.2 DeviceFeaturesSel); 0 beyond bit 63."""
+    return (features >> (32 * sel)) & 0xFFFF_FFFF if sel <= 1 else 0
+
+
+def with_feature_word(features: int, sel: int, value: int) -> int:
+    """`features` with its 32-bit window `sel` (0 or 1) replaced by `value` (§4.2.2 DriverFeaturesSel)."""
+    shift = 32 * sel
+    return (features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+
+
+def set_queue_field(q: Queue, offset: int, value: int) -> None:
+    """A write of QueueNum or one 32-bit half of a ring address (§4.2.2); validated at QueueReady."""
+    if offset == QUEUE_NUM:
+        q.size = value & 0xFFFF_FFFF
+    elif offset == QUEUE_DESC_LOW:
+        q.desc_table = (q.desc_table & ~0xFFFF_FFFF) | value
+    elif offset == QUEUE_DESC_HIGH:
+        q.desc_table = (q.desc_table & 0xFFFF_FFFF) | (value << 32)
+    elif offset == QUEUE_DRIVER_LOW:
+        q.avail_ring = (q.avail_ring & ~0xFFFF_FFFF) | value
+    elif offset == QUEUE_DRIVER_HIGH:
+        q.avail_ring = (q.avail_ring & 0xFFFF_FFFF) | (value << 32)
+    elif offset == QUEUE_DEVICE_LOW:
+        q.used_ring = (q.used_ring & ~0xFFFF_FFFF) | value
+    elif offset == QUEUE_DEVICE_HIGH:
+        q.used_ring = (q.used_ring & 0xFFFF_FFFF) | (value << 32)
+
+
 class MmioTransport:
     """One virtio-mmio device slot. See the module docstring for the contract."""
 
-    def __init__(
-        self,
-        device: VirtioDevice,
-        mem: GuestMemory,
-        irq: IrqLine,
-        *,
-        on_event: EventCallback = _no_event,
-    ) -> None:
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine, *,
+                 on_event: EventCallback = _no_event) -> None:
         self.device = device
         self.mem = mem
         self.irq = irq
@@ -190,18 +244,12 @@ class MmioTransport:
 
     def _read_reg(self, offset: int) -> int:
         q = self._selected()
-        if offset == MAGIC:
-            return MAGIC_VALUE
-        if offset == VERSION_REG:
-            return VERSION
+        if offset in _CONSTANT_REGS:
+            return _CONSTANT_REGS[offset]
         if offset == DEVICE_ID:
             return self.device.device_id
-        if offset == VENDOR:
-            return VENDOR_ID
         if offset == DEVICE_FEATURES:
-            if self.device_features_sel > 1:
-                return 0
-            return (self.device.features >> (32 * self.device_features_sel)) & 0xFFFF_FFFF
+            return feature_word(self.device.features, self.device_features_sel)
         if offset == QUEUE_NUM_MAX:
             return q.max_size if q is not None else 0
         if offset == QUEUE_READY:
@@ -232,16 +280,7 @@ class MmioTransport:
             self._write_status(value & 0xFF)
         elif offset == SHM_SEL:
             pass
-        elif offset in (
-            QUEUE_NUM,
-            QUEUE_READY,
-            QUEUE_DESC_LOW,
-            QUEUE_DESC_HIGH,
-            QUEUE_DRIVER_LOW,
-            QUEUE_DRIVER_HIGH,
-            QUEUE_DEVICE_LOW,
-            QUEUE_DEVICE_HIGH,
-        ):
+        elif offset in _QUEUE_REGS:
             self._write_queue_reg(offset, value)
         else:
             self._count("bad_register_write")
@@ -253,14 +292,12 @@ class MmioTransport:
         if self.driver_features_sel > 1:
             self._count("features_write_refused")
             return
-        shift = 32 * self.driver_features_sel
-        self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+        self.driver_features = with_feature_word(self.driver_features, self.driver_features_sel, value)
 
     def _write_queue_reg(self, offset: int, value: int) -> None:
         q = self._selected()
-        phase_ok = self.status & STATUS_FEATURES_OK and not self.status & (
-            STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET
-        )
+        # §3.1.1 step 7: queues are set up after FEATURES_OK and before DRIVER_OK
+        phase_ok = self.status & STATUS_FEATURES_OK and not self.status & _LIVE_OR_BROKEN
         if q is None:
             self._count("queue_write_refused")
             return
@@ -282,65 +319,29 @@ class MmioTransport:
             # ..., QueueDeviceHigh." A driver error: the validated configuration stays, the device
             # needs a reset (QEMU applies the write and fails later on the new rings, or not at all).
             self._count("queue_write_refused")
-            self._fault(
-                VirtioFault(
-                    FaultReason.QUEUE_WRITE_WHILE_READY, f"queue register {offset:#x} written while ready"
-                ),
-                self.queue_sel,
-            )
+            why = f"queue register {offset:#x} written while ready"
+            self._fault(VirtioFault(FaultReason.QUEUE_WRITE_WHILE_READY, why), self.queue_sel)
             return
         if q.ready or not phase_ok:  # (a ready queue of a device that already needs a reset: dropped)
             self._count("queue_write_refused")
             return
-        if offset == QUEUE_NUM:
-            q.size = value & 0xFFFF_FFFF  # validated at QueueReady
-        elif offset == QUEUE_DESC_LOW:
-            q.desc_table = (q.desc_table & ~0xFFFF_FFFF) | value
-        elif offset == QUEUE_DESC_HIGH:
-            q.desc_table = (q.desc_table & 0xFFFF_FFFF) | (value << 32)
-        elif offset == QUEUE_DRIVER_LOW:
-            q.avail_ring = (q.avail_ring & ~0xFFFF_FFFF) | value
-        elif offset == QUEUE_DRIVER_HIGH:
-            q.avail_ring = (q.avail_ring & 0xFFFF_FFFF) | (value << 32)
-        elif offset == QUEUE_DEVICE_LOW:
-            q.used_ring = (q.used_ring & ~0xFFFF_FFFF) | value
-        elif offset == QUEUE_DEVICE_HIGH:
-            q.used_ring = (q.used_ring & 0xFFFF_FFFF) | (value << 32)
+        set_queue_field(q, offset, value)
 
     def _write_status(self, value: int) -> None:
-        if value == 0:
+        keep = self.status & STATUS_NEEDS_RESET
+        action, new = status_transition(self.status, value, self.device.features, self.driver_features)
+        if action == "reset":
             self._reset()
-            return
-        if value & STATUS_FAILED:
-            self.status |= STATUS_FAILED
-            return
-        cur = self.status & ~STATUS_NEEDS_RESET
-        new = value & ~STATUS_NEEDS_RESET
-        if value & STATUS_NEEDS_RESET and not self.status & STATUS_NEEDS_RESET:
-            self._count("status_rejected")  # only the device sets NEEDS_RESET
-            return
-        if new == cur:
-            return
-        if self.status & STATUS_FAILED or _NEXT_STATUS.get(cur) != new:
-            self._count("status_rejected")
-            return
-        added = new & ~cur
-        if added == STATUS_FEATURES_OK:
-            offered = self.device.features
-            feats = self.driver_features
-            if not feats >> VIRTIO_F_VERSION_1 & 1 or feats & ~offered:
-                self._count("features_rejected")
-                return  # FEATURES_OK stays clear; the driver must notice and give up
-        keep = self.status & STATUS_NEEDS_RESET  # only a reset clears it (§2.1.2)
-        if added == STATUS_DRIVER_OK:
-            self.status = new | keep
-            if keep:
-                # The error came before DRIVER_OK, when no notification was allowed (§2.1.2 sends it
-                # "if DRIVER_OK is set"); the first moment it is, tell the driver.
-                self._config_interrupt()
-            self._activate()
-            return
-        self.status = new | keep
+        elif action in ("status_rejected", "features_rejected"):
+            self._count(action)
+        elif action != "same":
+            self.status = new
+            if action == "driver-ok":
+                if keep:
+                    # The error came before DRIVER_OK, when no notification was allowed (§2.1.2 sends it
+                    # "if DRIVER_OK is set"); the first moment it is, tell the driver.
+                    self._config_interrupt()
+                self._activate()
 
     def _activate(self) -> None:
         for q in self.queues:
@@ -374,19 +375,8 @@ class MmioTransport:
         self.status |= STATUS_NEEDS_RESET
         if self.status & STATUS_DRIVER_OK:
             self._config_interrupt()
-        self._events.append(
-            (
-                "guest-fault",
-                {
-                    "device": self.device.name,
-                    "queue": queue,
-                    "kind": exc.kind,
-                    "reason": reason.value,
-                    "message": str(exc)[:240],
-                    "first": first,
-                },
-            )
-        )
+        self._events.append(("guest-fault", {"device": self.device.name, "queue": queue, "kind": exc.kind,
+                                             "reason": reason.value, "message": str(exc)[:240], "first": first}))
 
     def _config_interrupt(self) -> None:
         """InterruptStatus bit 1 and the interrupt line: the configuration-change notification (§4.2.2)."""
@@ -460,13 +450,7 @@ class MmioTransport:
 
     def poll_fds(self) -> list[tuple[int, PollCallback]]:
         """Host fds to watch with EPOLLIN | EPOLLET and the callback (already locked and contained)."""
-        return [(fd, self._wrap(cb)) for fd, cb in self.device.poll_fds()]
-
-    def _wrap(self, cb: PollCallback) -> PollCallback:
-        def run() -> None:
-            self._run(cb, -1)
-
-        return run
+        return [(fd, functools.partial(self._run, cb, -1)) for fd, cb in self.device.poll_fds()]
 
     def next_deadline(self) -> float | None:
         """Monotonic time at which `timer_due()` should be called (rate limiting), or None."""
