@@ -1,7 +1,7 @@
 """Graceful lifecycle: `vm shutdown` (ask the guest, force-stop after a timeout) and `vm reboot`.
 
 - shutdown (POST /v1/vms/{id}/shutdown?timeout=S, action `vm/shutdown`): the guest is asked to power
-  off (runtime/vm.py Machine.request_shutdown): the ACPI power button where the guest has ACPI (the
+  off (runtime/shutdown.py request_shutdown, in the worker): the ACPI power button where the guest has ACPI (the
   hardware-reduced FADT has no fixed power button, so it is the Generic Event Device's power-down event,
   ACPI 6.5 §5.6.9, devices/ged.py, as QEMU microvm and Cloud Hypervisor do), else (`acpi=off`)
   Ctrl-Alt-Del through the i8042, as Firecracker's SendCtrlAltDel (devices/i8042.py). If the VMM has not

@@ -169,6 +169,7 @@ class Machine:
         from bulkhead.boot import load_kernel
         from bulkhead.boot.acpi import VirtioSlot
         from bulkhead.hypervisor.kvm import Kvm
+        from bulkhead.runtime.shutdown import attach_ged
 
         cfg = self.config
         kernel = _read_image(cfg.kernel, "kernel")
@@ -192,7 +193,7 @@ class Machine:
         self._closers.append(self.loop.close)
         self.attach_serial()
         self.attach_i8042()
-        self.attach_ged()
+        attach_ged(self)  # runtime/shutdown.py: the ACPI power button of `vm shutdown`
         self.attach_debug_exit()
         self.attach_post_port()
         self.attach_virtio_devices()
@@ -262,30 +263,6 @@ class Machine:
         )
         self.pio.register(I8042_BASE, I8042_LEN, dev, "i8042")
         self.i8042 = dev
-
-    def attach_ged(self) -> None:
-        from bulkhead.devices.ged import GED_BASE, GED_IRQ, GED_LEN, Ged
-
-        self.ged = Ged(self.irq_line(GED_IRQ))
-        self.mmio.register(GED_BASE, GED_LEN, self.ged, "acpi-ged")
-
-    def request_shutdown(self) -> str:
-        """Ask the guest to shut down (`vm shutdown`). A guest with ACPI (every guest gets the tables,
-        boot/acpi.py, unless its command line says `acpi=off`) gets the ACPI power button: the GED's
-        power-down event and interrupt (devices/ged.py, ACPI 6.5 §5.6.9). Otherwise Ctrl-Alt-Del through
-        the i8042, as Firecracker's SendCtrlAltDel (devices/i8042.py). Returns the method used
-        ("acpi-power-button" or "ctrl-alt-del"), or "" when nothing could be delivered. Safe from any
-        thread."""
-        ged = getattr(self, "ged", None)
-        if ged is not None and "acpi=off" not in self.config.cmdline.split():
-            ged.power_button()
-            self.record("shutdown-requested", method="acpi-power-button")
-            return "acpi-power-button"
-        dev = getattr(self, "i8042", None)
-        if dev is not None and dev.trigger_ctrl_alt_del():
-            self.record("shutdown-requested", method="ctrl-alt-del")
-            return "ctrl-alt-del"
-        return ""
 
     def attach_debug_exit(self) -> None:
         from bulkhead.devices.debug_exit import DebugExit

@@ -212,8 +212,9 @@ class _Service:
             method = ""
             with self.state_lock:
                 if self.built and self.state == "running":
-                    request = getattr(self.machine, "request_shutdown", None)
-                    method = request() if request is not None else ""
+                    from bulkhead.runtime.shutdown import request_shutdown
+
+                    method = request_shutdown(self.machine)
             self.event(SHUTDOWN_EVENT, {"method": method})
         elif isinstance(msg, ConsoleIn):
             serial = getattr(self.machine, "serial", None)
