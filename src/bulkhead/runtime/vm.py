@@ -28,6 +28,7 @@ from bulkhead.memory.layout import (
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.eventloop import EventFd, EventLoop
 from bulkhead.runtime.exits import ExitReason
+from bulkhead.runtime.shutdown import attach_ged
 from bulkhead.runtime.vcpu import VcpuRunner, install_kick_handler
 
 __all__ = ["Machine", "run_vm"]
@@ -128,8 +129,6 @@ class Machine:
         self.loop: EventLoop | None = None
         self.plan: Any = None
         self.serial: Any = None
-        self.i8042: Any = None
-        self.ged: Any = None
         self.transports: list[Any] = []
         self._closers: list[Callable[[], None]] = []
         self._stop_reason: ExitReason | None = None
@@ -169,7 +168,6 @@ class Machine:
         from bulkhead.boot import load_kernel
         from bulkhead.boot.acpi import VirtioSlot
         from bulkhead.hypervisor.kvm import Kvm
-        from bulkhead.runtime.shutdown import attach_ged
 
         cfg = self.config
         kernel = _read_image(cfg.kernel, "kernel")
@@ -255,14 +253,11 @@ class Machine:
     def attach_i8042(self) -> None:
         from bulkhead.devices.i8042 import I8042_BASE, I8042_KBD_IRQ, I8042_LEN, I8042Device
 
-        dev = I8042Device(
-            on_reset=lambda: self.request_stop(
-                ExitReason.of("reset", "guest reset the machine via the i8042")
-            ),
+        self.i8042 = dev = I8042Device(  # kept for `vm shutdown` (runtime/shutdown.py: Ctrl-Alt-Del)
+            on_reset=lambda: self.request_stop(ExitReason.of("reset", "guest reset the machine via the i8042")),
             kbd_irq=self.irq_line(I8042_KBD_IRQ),
         )
         self.pio.register(I8042_BASE, I8042_LEN, dev, "i8042")
-        self.i8042 = dev
 
     def attach_debug_exit(self) -> None:
         from bulkhead.devices.debug_exit import DebugExit
