@@ -27,7 +27,6 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query
 
-from bulkhead.control.lifecycle import LifecycleError, next_state
 from bulkhead.control.models import VmOut, VmShutdownOut
 from bulkhead.daemon.routing import Ctx, router
 from bulkhead.daemon.service import NOT_FOUND, ApiError, Core, ReqCtx
@@ -51,20 +50,6 @@ class PowerService:
         self.vms = vms
         self.backend = vms.backend
 
-    def _intent(self, ctx: ReqCtx, vm_id: str, op: str, **detail: Any) -> tuple[Any, str]:
-        """Under the VM's lock: the fresh row, the lifecycle check (409) and the `vm.<op>` intent record
-        with the principal, before anything happens (fail closed: 503). Returns (row, new state)."""
-        row = self.vms.refresh(self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,)))
-        if row is None:
-            raise ApiError(404, NOT_FOUND)
-        try:
-            new = next_state(row["state"], op)
-        except LifecycleError as exc:
-            raise ApiError.of(exc) from None
-        self.core.event("vm", f"vm.{op}", vm=vm_id, scope=ctx.scope, principal=ctx.caller.id,
-                   result="intent", request_id=ctx.request_id, detail={"from": row["state"], "to": new, **detail})
-        return row, new
-
     def vm_shutdown(self, ctx: ReqCtx, vm_id: str, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> dict[str, Any]:
         """Ask the guest to power off, force-stop after `timeout` s. Raises ApiError 404/403, 409 (not
         running), 422 (bad timeout), 503 (audit or host failure)."""
@@ -72,7 +57,7 @@ class PowerService:
             raise ApiError(422, f"timeout must be between 0 and {MAX_SHUTDOWN_TIMEOUT:.0f} seconds")
         self.vms._vm(ctx, vm_id, "vm/shutdown")
         with self.vms.vm_lock(vm_id):
-            self._intent(ctx, vm_id, "shutdown", timeout=timeout)
+            self.vms.begin_op(ctx, vm_id, "shutdown", timeout=timeout)
             try:
                 method = self.backend.request_shutdown(vm_id)
             except VmNotRunning:
@@ -117,7 +102,7 @@ class PowerService:
         409 (not running; integrity refusal), 422 (the image is refused now), 503."""
         self.vms._vm(ctx, vm_id, "vm/reboot")
         with self.vms.vm_lock(vm_id):
-            row, new = self._intent(ctx, vm_id, "reboot")
+            row, new = self.vms.begin_op(ctx, vm_id, "reboot")
             try:
                 self.backend.stop(vm_id)
             except HostError as exc:
