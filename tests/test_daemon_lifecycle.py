@@ -156,8 +156,17 @@ def test_cli_end_to_end_over_mtls(root, capsys, tmp_path):
         assert vm_main(["start", "web", *auth]) == 0
         assert vm_main(["list", "--json", *auth]) == 0
         capsys.readouterr()
-        assert vm_main(["console", "web", *auth]) == 0
+        assert vm_main(["console", "web", "--once", *auth]) == 0
         assert "booting vmlinux" in capsys.readouterr().out
+        assert vm_main(["reboot", "web", *auth]) == 0  # the same VM, a new boot after the old output
+        assert vm_main(["console", "web", "--once", *auth]) == 0
+        assert capsys.readouterr().out.count("booting vmlinux") == 2
+        assert vm_main(["shutdown", "web", "--timeout", "5", *auth]) == 0
+        assert "the guest powered off" in capsys.readouterr().err
+        assert vm_main(["start", "web", *auth]) == 0
+        assert vm_main(["stop", "web", "--force", *auth]) == 0
+        assert vm_main(["start", "web", *auth]) == 0
+        capsys.readouterr()
         assert vm_main(["delete", "web", *auth]) == 1  # running: refused with a reason
         assert "stop it first" in capsys.readouterr().err
         assert vm_main(["create", "--tenant", "acme", "--name", "bad", "--kernel", "vmlinux", "--cpus", "0", *auth]) == 1

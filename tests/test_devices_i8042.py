@@ -139,3 +139,39 @@ def test_random_accesses_never_raise_and_stay_in_range(ops: list[tuple[bool, int
             assert 0 <= v < (1 << (8 * size)) if size > 0 else v == 0
     assert c.resets == c.dev.metrics.resets
     assert c.dev.read(CMD, 1) & ~(k.SB_OUT_DATA_AVAIL | k.SB_CMD_DATA) == k.SB_KBD_ENABLED
+
+
+# ------------------------------------------------------------------ Ctrl-Alt-Del (vm shutdown)
+def test_ctrl_alt_del_queues_set2_make_codes_with_one_interrupt_per_byte() -> None:
+    irq = FakeIrq()
+    c = Ctl(irq)
+    assert c.dev.trigger_ctrl_alt_del() is True
+    assert irq.count == 1
+    got = []
+    while c.dev.read(CMD, 1) & k.SB_OUT_DATA_AVAIL:
+        got.append(c.dev.read(DATA, 1))
+    assert bytes(got) == bytes([0x14, 0x11, 0xE0, 0x71])  # Firecracker's KEY_CTRL, KEY_ALT, KEY_DEL
+    assert irq.count == 4  # raised again while bytes remain: a guest reading one byte per IRQ gets all
+    assert c.dev.metrics.ctrl_alt_del == 1 and c.resets == 0
+
+
+def test_ctrl_alt_del_is_refused_when_the_buffer_is_full_and_never_overflows_it() -> None:
+    c = Ctl(FakeIrq())
+    accepted = sum(c.dev.trigger_ctrl_alt_del() for _ in range(10))
+    assert accepted == k.BUF_SIZE // len(k.CTRL_ALT_DEL)
+    assert c.dev.metrics.ctrl_alt_del_refused == 10 - accepted
+    n = 0
+    while c.dev.read(CMD, 1) & k.SB_OUT_DATA_AVAIL:
+        c.dev.read(DATA, 1)
+        n += 1
+    assert n == k.BUF_SIZE
+
+
+def test_without_the_keyboard_interrupt_enabled_nothing_is_raised() -> None:
+    irq = FakeIrq()
+    c = Ctl(irq)
+    c.dev.write(CMD, 1, k.CMD_WRITE_CTR)
+    c.dev.write(DATA, 1, k.CB_POST_OK)  # keyboard interrupt off
+    assert c.dev.trigger_ctrl_alt_del()
+    assert irq.count == 0
+    assert c.dev.read(DATA, 1) == 0x14  # still readable by polling

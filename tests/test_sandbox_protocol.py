@@ -22,7 +22,7 @@ from bulkhead.sandbox import protocol as p
 from bulkhead.sandbox.supervisor import WorkerHandle, classify_exit
 
 ALL = [
-    p.Start(), p.Pause(), p.Resume(), p.Stop(), p.Status(7), p.ConsoleIn(b"\x00\xffabc"), p.Probe("mount", "x"),
+    p.Start(), p.Pause(), p.Resume(), p.Stop(), p.Status(7), p.ConsoleIn(b"\x00\xffabc"), p.Probe("mount", "x"), p.Shutdown(),
     p.Hello(1, 100000, 100000, 1, True, False), p.StatusReply(3, "paused", 12), p.Console(b"hi\n\x1b[0m"),
     p.Event("vm-started", {"a": 1, "b": "x", "c": None, "d": True}), p.SecurityEvent("guest-fault", "queue"),
     p.Exit("poweroff", 0, ""), p.ProbeResult("mount", "denied", "EPERM"),

@@ -77,6 +77,7 @@ def resolve_endpoint(state_dir: Path, *, url: str | None = None, socket: str | N
 
 class ApiClient:
     def __init__(self, ep: Endpoint, timeout: float = 30.0) -> None:
+        self.endpoint = ep
         if ep.socket:
             self._http = httpx.Client(transport=httpx.HTTPTransport(uds=ep.socket), base_url=ep.url, timeout=timeout)
         else:
@@ -92,12 +93,14 @@ class ApiClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
+             timeout: float | None = None) -> Any:
         """One request. Returns the decoded JSON (None for 204). Raises ClientError for API errors,
         HostError when the daemon cannot be reached."""
         try:
             resp = self._http.request(method, "/v1" + path, json=body,
-                                      params={k: v for k, v in (params or {}).items() if v is not None})
+                                      params={k: v for k, v in (params or {}).items() if v is not None},
+                                      timeout=timeout if timeout is not None else self._http.timeout)
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
             raise HostError(f"cannot reach the daemon: {exc}") from None
         if resp.status_code == 204:

@@ -114,6 +114,10 @@ class Store:
                         (new_id(), r.name, r.description, json.dumps(list(r.actions)),
                          json.dumps(list(r.not_actions)), json.dumps(list(r.assignable_scopes))),
                     )
+                else:  # built-in roles are defined by the code: an older state dir gets new actions
+                    c.execute("UPDATE roles SET description = ?, actions = ?, not_actions = ? "
+                              "WHERE name = ? AND builtin = 1",
+                              (r.description, json.dumps(list(r.actions)), json.dumps(list(r.not_actions)), r.name))
             if c.execute("SELECT 1 FROM principals WHERE kind = 'local'").fetchone() is None:
                 pid = new_id()
                 c.execute("INSERT INTO principals VALUES (?,?,?,?)", (pid, "root@local", "local", now_iso()))

@@ -28,6 +28,7 @@ from bulkhead.memory.layout import (
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.eventloop import EventFd, EventLoop
 from bulkhead.runtime.exits import ExitReason
+from bulkhead.runtime.shutdown import attach_ged
 from bulkhead.runtime.vcpu import VcpuRunner, install_kick_handler
 
 __all__ = ["Machine", "run_vm"]
@@ -254,15 +255,13 @@ class Machine:
             forward_stdin(self.loop, self.serial.enqueue_input)
 
     def attach_i8042(self) -> None:
-        from bulkhead.devices.i8042 import I8042_BASE, I8042_LEN, I8042Device
+        from bulkhead.devices.i8042 import I8042_BASE, I8042_KBD_IRQ, I8042_LEN, I8042Device
 
-        dev = I8042Device(
-            on_reset=lambda: self.request_stop(
-                ExitReason.of("reset", "guest reset the machine via the i8042")
-            )
+        self.i8042 = dev = I8042Device(  # kept for `vm shutdown` (runtime/shutdown.py: Ctrl-Alt-Del)
+            on_reset=lambda: self.request_stop(ExitReason.of("reset", "guest reset the machine via the i8042")),
+            kbd_irq=self.irq_line(I8042_KBD_IRQ),
         )
         self.pio.register(I8042_BASE, I8042_LEN, dev, "i8042")
-        self.i8042 = dev
 
     def attach_debug_exit(self) -> None:
         from bulkhead.devices.debug_exit import DebugExit
@@ -334,6 +333,7 @@ class Machine:
         self._closers.append(self.loop.close)
         self.attach_serial()
         self.attach_i8042()
+        attach_ged(self)  # runtime/shutdown.py: the ACPI power button of `vm shutdown`
         self.attach_debug_exit()
         self.attach_post_port()
 

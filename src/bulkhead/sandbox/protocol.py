@@ -27,6 +27,7 @@ __all__ = [
     "MAX_CONSOLE_CHUNK",
     "MAX_MESSAGE",
     "PROTOCOL_VERSION",
+    "SHUTDOWN_EVENT",
     "WORKER_STATES",
     "WORKER_TO_HOST",
     "Channel",
@@ -43,6 +44,7 @@ __all__ = [
     "ProtocolError",
     "Resume",
     "SecurityEvent",
+    "Shutdown",
     "Start",
     "Stats",
     "Status",
@@ -63,6 +65,8 @@ U32 = (1 << 32) - 1
 U63 = (1 << 63) - 1
 WORKER_STATES = ("ready", "starting", "running", "paused", "stopping", "stopped")
 PROBE_OUTCOMES = ("denied", "allowed", "error")
+# The worker's answer to Shutdown: an Event of this name, field method = "ctrl-alt-del" or "" (not delivered).
+SHUTDOWN_EVENT = "worker.shutdown-requested"
 
 
 class ProtocolError(GuestFault):
@@ -136,6 +140,15 @@ class Resume(Message):
 @dataclass(frozen=True)
 class Stop(Message):
     TYPE: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    """Ask the guest to shut down (`vm shutdown`): the worker signals it (Ctrl-Alt-Del through the i8042)
+    and answers with the event `worker.shutdown-requested` naming the method ("" = not delivered). The
+    host force-stops the VM if the guest has not powered off within its timeout."""
+
+    TYPE: ClassVar[str] = "shutdown"
 
 
 @dataclass(frozen=True)
@@ -271,7 +284,7 @@ class IntegrityRefused(Message):
 
 
 HOST_TO_WORKER: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe)
+    m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe, Shutdown)
 }
 WORKER_TO_HOST: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult, IntegrityRefused, Stats)

@@ -41,6 +41,7 @@ from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
 from bulkhead.sandbox.jail import BindSpec, IdAllocator, JailSpec
 from bulkhead.sandbox.protocol import (
     MAX_CONSOLE_CHUNK,
+    SHUTDOWN_EVENT,
     WORKER_TO_HOST,
     Channel,
     Console,
@@ -56,6 +57,7 @@ from bulkhead.sandbox.protocol import (
     ProtocolError,
     Resume,
     SecurityEvent,
+    Shutdown,
     Start,
     Stats,
     Status,
@@ -386,6 +388,22 @@ class WorkerHandle:
     def console_input(self, data: bytes) -> None:
         for i in range(0, len(data), MAX_CONSOLE_CHUNK):
             self._send(ConsoleIn(data[i : i + MAX_CONSOLE_CHUNK]))
+
+    def request_shutdown(self, timeout: float = 5.0) -> str:
+        """Ask the guest to shut down (protocol Shutdown). Returns the method the worker reports
+        ("ctrl-alt-del"), or "" when it could not deliver it or did not answer in time. Raises HostError
+        when the worker is gone. The worker's answer is a claim: the host still force-stops on timeout."""
+        with self._cond:
+            seen = sum(1 for name, _ in self.events if name == SHUTDOWN_EVENT)
+        self._send(Shutdown())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._done.is_set():
+            answers = [f for name, f in list(self.events) if name == SHUTDOWN_EVENT]
+            if len(answers) > seen:
+                method = answers[-1].get("method")
+                return method if method in ("ctrl-alt-del", "acpi-power-button") else ""
+            time.sleep(0.01)
+        return ""
 
     def status(self, timeout: float = 2.0) -> StatusReply:
         """Ask the worker for its state. Raises HostError if it does not answer in time."""

@@ -32,6 +32,7 @@ from bulkhead.sandbox.protocol import (
     MAX_NAME,
     MAX_TEXT,
     PROTOCOL_VERSION,
+    SHUTDOWN_EVENT,
     U63,
     Channel,
     Console,
@@ -44,6 +45,7 @@ from bulkhead.sandbox.protocol import (
     ProbeResult,
     ProtocolError,
     Resume,
+    Shutdown,
     Start,
     Stats,
     Status,
@@ -51,7 +53,7 @@ from bulkhead.sandbox.protocol import (
     Stop,
 )
 
-__all__ = ["GUEST_START_EVENT", "START_REFUSED_EVENT", "main", "sanitize_event"]
+__all__ = ["GUEST_START_EVENT", "SHUTDOWN_EVENT", "START_REFUSED_EVENT", "main", "sanitize_event"]
 
 # Events of the worker itself (not the runtime's): the VM is built and its guest is about to run; or the
 # VM was refused before its guest ran (field kind: image-invalid | config-invalid).
@@ -217,6 +219,14 @@ class _Service:
         elif isinstance(msg, Status):
             uptime = int((time.monotonic() - self.t0) * 1000)
             self.send(StatusReply(msg.seq, self.state, uptime))
+        elif isinstance(msg, Shutdown):
+            method = ""
+            with self.state_lock:
+                if self.built and self.state == "running":
+                    from bulkhead.runtime.shutdown import request_shutdown
+
+                    method = request_shutdown(self.machine)
+            self.event(SHUTDOWN_EVENT, {"method": method})
         elif isinstance(msg, ConsoleIn):
             with self.state_lock:
                 serial = getattr(self.machine, "serial", None) if self.built else None
