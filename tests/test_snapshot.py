@@ -25,8 +25,19 @@ def _cmd(*args: str, jail: bool = False) -> list[str]:
 
 
 def _run(*args: str, timeout: float = 120, jail: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(*args, jail=jail), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    """Output is decoded without newline translation: the guest sends "\r\n", and a snapshot may fall between
+    the two bytes (universal newlines would turn that lone "\r" into a line of its own)."""
+    p = subprocess.run(_cmd(*args, jail=jail), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(), p.stderr.decode())
+
+
+def _popen(cmd: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def _finish(p: subprocess.Popen[bytes], seen: list[bytes]) -> subprocess.CompletedProcess[str]:
+    out, err = p.communicate(timeout=60)
+    return subprocess.CompletedProcess(p.args, p.returncode, b"".join(seen).decode() + out.decode(), err.decode())
 
 
 def _root() -> None:
@@ -38,21 +49,17 @@ def _interrupted(kernel: Path, snap: Path, key: Path, after_lines: int, *, jail:
                  ) -> subprocess.CompletedProcess[str]:
     """Start the counter guest with --snapshot-on-exit and SIGTERM it once it printed `after_lines` lines
     plus a random extra delay (the moment is not chosen by the test: mid-delay or mid-print)."""
-    p = subprocess.Popen(
-        _cmd("--kernel", str(kernel), "--cmdline", CMDLINE, "--snapshot-on-exit", str(snap), "--snapshot-key", str(key),
-             jail=jail),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    p = _popen(_cmd("--kernel", str(kernel), "--cmdline", CMDLINE, "--snapshot-on-exit", str(snap),
+                    "--snapshot-key", str(key), jail=jail))
     assert p.stdout is not None
-    seen = []
+    seen: list[bytes] = []
     while len(seen) < after_lines:
         line = p.stdout.readline()
         assert line, f"guest ended early: {seen}"
         seen.append(line)
     time.sleep(random.uniform(0, 0.05))
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
-    return subprocess.CompletedProcess(p.args, p.returncode, "".join(seen) + out, err)
+    return _finish(p, seen)
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +100,16 @@ def test_a_snapshot_can_be_snapshotted_again(kernel: Path, reference: str, tmp_p
     """Restore, interrupt again, restore the second snapshot: three pieces make the whole output."""
     key = tmp_path / "k"
     a = _interrupted(kernel, tmp_path / "1.bhs", key, 3)
-    p = subprocess.Popen(
-        _cmd("--restore", str(tmp_path / "1.bhs"), "--snapshot-key", str(key), "--snapshot-on-exit", str(tmp_path / "2.bhs")),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    p = _popen(_cmd("--restore", str(tmp_path / "1.bhs"), "--snapshot-key", str(key), "--snapshot-on-exit",
+                    str(tmp_path / "2.bhs")))
     assert p.stdout is not None
     lines = [p.stdout.readline() for _ in range(4)]
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 24, err
+    b = _finish(p, lines)
+    assert b.returncode == 24, b.stderr
     c = _run("--restore", str(tmp_path / "2.bhs"), "--snapshot-key", str(key))
     assert c.returncode == 1, c.stderr
-    assert a.stdout + "".join(lines) + out + c.stdout == reference
+    assert a.stdout + b.stdout + c.stdout == reference
 
 
 @pytest.fixture
@@ -204,14 +209,13 @@ def test_two_vcpus_with_the_lapic_timer_ticking_resume_as_if_never_paused(tmp_pa
     seed = int.from_bytes(os.urandom(4), "little")
     random.seed(seed)
     snap, key = tmp_path / "t.bhs", tmp_path / "k"
-    p = subprocess.Popen(_cmd(*args, "--snapshot-on-exit", str(snap), "--snapshot-key", str(key), jail=jail),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    p = _popen(_cmd(*args, "--snapshot-on-exit", str(snap), "--snapshot-key", str(key), jail=jail))
     assert p.stdout is not None
     seen = [p.stdout.readline() for _ in range(random.randint(2, 30))]
     time.sleep(random.uniform(0, 0.03))
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 24, (seed, err)
+    first = _finish(p, seen)
+    assert first.returncode == 24, (seed, first.stderr)
     rest = _run("--restore", str(snap), "--snapshot-key", str(key), jail=jail)
     assert rest.returncode == 1, (seed, rest.stderr)
-    assert "".join(seen) + out + rest.stdout == ref.stdout, f"seed {seed}"
+    assert first.stdout + rest.stdout == ref.stdout, f"seed {seed}"
