@@ -38,6 +38,7 @@ from bulkhead.integrity.errors import CodeMismatch
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.exits import EXIT_STATUS, ExitReason
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+from bulkhead.sandbox.forkspawn import fork_allowed, fork_worker
 from bulkhead.sandbox.jail import BindSpec, IdAllocator, JailSpec
 from bulkhead.sandbox.protocol import (
     MAX_CONSOLE_CHUNK,
@@ -540,8 +541,12 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                  on_console: Callable[[bytes], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  on_security_event: Callable[[str, str], None] | None = None,
-                 on_exit: Callable[[WorkerExit], None] | None = None) -> WorkerHandle:
+                 on_exit: Callable[[WorkerExit], None] | None = None, fork: bool = True) -> WorkerHandle:
     """Start a jailed worker for `config` and return once its sandbox is in place and verified.
+
+    With `fork` (default) and when sandbox/forkspawn.fork_allowed (single-threaded, code verified by the
+    gate or the explicit dev skip), this process forks into the jail; otherwise the worker is exec'd
+    through the gate. Both run worker.main, the same jail steps (docs/SANDBOX.md "Fork path").
 
     The VM does not run until handle.start(). Raises ConfigError (bad id or image path),
     HostError (not root, cgroups/jail unavailable, worker failed before it was ready).
@@ -592,18 +597,24 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
                         opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict())
         sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
-        # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
-        # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
-        # any bulkhead module is imported, and imports come only from the verified tree.
-        argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
-                *boot_argv(["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()])]
+        worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
         for fd in taps:
-            argv += ["--tap-fd", str(fd)]
+            worker_args += ["--tap-fd", str(fd)]
         if opts.test_probes:
-            argv.append("--test-probes")
-        proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, pass_fds=(sock_worker.fileno(), *taps), close_fds=True)
+            worker_args.append("--test-probes")
+        proc: Any
+        if fork and fork_allowed(_worker_env()):
+            proc = fork_worker(worker_args, tuple(cgroup.procs_files), _worker_env(), test_probes=opts.test_probes)
+        else:
+            # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
+            # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
+            # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
+            # any bulkhead module is imported, and imports come only from the verified tree.
+            argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
+                    *boot_argv(worker_args)]
+            proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    pass_fds=(sock_worker.fileno(), *taps), close_fds=True)
     except BaseException:
         for fd in taps:
             os.close(fd)
@@ -680,8 +691,8 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
         threading.Thread(target=_forward_stdin, args=(handle,), daemon=True).start()
     try:
         handle.start()
-        while handle.running and not stop.wait(0.1):
-            pass
+        while handle.running and not stop.is_set():
+            handle._done.wait(0.1)  # the worker's end wakes this at once; a signal within 0.1 s
         result = handle.stop() if handle.running else handle.wait()
     finally:
         for sig, h in old.items():
