@@ -111,13 +111,19 @@ class ForkedWorker:
 
 
 def _scrub_initial_environment() -> None:
-    """Zero the environment block exec left at the top of the stack (fields env_start/env_end of
-    /proc/self/stat, proc(5)): the forked worker must not carry the host user's environment."""
+    """Zero the argument and environment blocks exec left at the top of the stack (arg_start..arg_end,
+    env_start..env_end: fields 48-51 of /proc/self/stat, proc(5)), then write "bulkhead worker" into the
+    argument block: the forked worker carries neither the host user's environment nor the host command
+    line, and /proc/<pid>/cmdline (ps) names it as the exec'd worker is named."""
     with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    start, end = int(fields[48]), int(fields[49])  # fields 50 and 51; [0] here is field 3
-    if 0 < start < end:
-        ctypes.memset(start, 0, end - start)
+        fields = f.read().rsplit(b")", 1)[1].split()  # [0] is field 3
+    arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    for start, end in ((env_start, env_end), (arg_start, arg_end)):
+        if 0 < start < end:
+            ctypes.memset(start, 0, end - start)
+    title = b"bulkhead\0worker\0"
+    if arg_start > 0 and arg_end - arg_start >= len(title):
+        ctypes.memmove(arg_start, title, len(title))
 
 
 def _child(args: list[str], cgroup_procs: tuple[str, ...], env: dict[str, str], stderr_w: int) -> None:
@@ -131,6 +137,11 @@ def _child(args: list[str], cgroup_procs: tuple[str, ...], env: dict[str, str], 
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.dup2(stderr_w, 2)
+        # fresh standard streams on fds 0-2 (the host's may be wrappers over other fds, e.g. a capture file)
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
+                          buffering=1, closefd=False)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for sig in signal.valid_signals():  # what a fresh interpreter starts with (Python/pylifecycle.c)
             if sig in (signal.SIGKILL, signal.SIGSTOP):
