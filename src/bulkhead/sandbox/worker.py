@@ -15,6 +15,7 @@ replaces the VM with bulkhead.sandbox.probes.FakeMachine and lets the host run n
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -322,10 +323,10 @@ def main(argv: list[str]) -> int:
         require_integrity("worker")  # before the jail: after pivot_root the package and manifest are unreachable
         step = "spec"
         spec = jail.JailSpec.from_json(args["spec"])
-        _preimport(args["test_probes"])
         sock = socket.socket(fileno=args["channel_fd"])
         channel = Channel(sock, HOST_TO_WORKER)
         if args["no_jail"]:
+            _preimport(args["test_probes"])
             service = _Service(channel, spec, args["test_probes"], seccomp=False)
             os._exit(service.run())
         step = "cgroup"
@@ -335,8 +336,8 @@ def main(argv: list[str]) -> int:
         with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
             cap_last = int(f.read())
         step = "policy"
-        worker_rules = build_rules("worker", nic=spec.nic, self_pid=1)  # pid 1 of the new PID namespace
         reaper_rules = build_rules("reaper", self_pid=os.getpid())
+        importlib.import_module("pyseccomp")  # the reaper's own filter: imported before the worker's pivot_root
         step = "idmap"
         oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
@@ -347,13 +348,20 @@ def main(argv: list[str]) -> int:
                 userns[(st.st_uid, st.st_gid)] = jail.make_idmap_userns(st.st_uid, st.st_gid, spec.uid, spec.gid)
         step = "namespaces"
         jail.enter_namespaces(f"vm-{spec.vm_id}")  # step 3
-        step = "root"
-        jail.build_root(spec, userns)  # step 4
-        for fd in userns.values():
-            os.close(fd)
         gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # the reaper closes gate_w once it is sandboxed too
+        # Step 5 comes before the VM path's imports: the reaper, which only waits, never holds them
+        # (issue 16.5). The worker imports them, then builds the root; its pivot_root moves the reaper's
+        # root and cwd too (one mount namespace), before the worker says hello.
         child = os.fork()  # step 5
         if child == 0:
+            step = "spec"
+            _preimport(args["test_probes"])
+            step = "policy"
+            worker_rules = build_rules("worker", nic=spec.nic, self_pid=1)  # pid 1 of the new PID namespace
+            step = "root"
+            jail.build_root(spec, userns)  # step 4
+            for fd in userns.values():
+                os.close(fd)
             step = "worker privileges"
             os.close(oom_fd)
             os.close(gate_w)
@@ -369,6 +377,8 @@ def main(argv: list[str]) -> int:
             os._exit(service.run())
         step = "reaper privileges"
         os.close(gate_r)
+        for fd in userns.values():
+            os.close(fd)
         for value in (b"-1000", b"0"):  # the reaper goes back down (-1000 needs CAP_SYS_RESOURCE)
             try:
                 os.write(oom_fd, value)
