@@ -24,8 +24,10 @@ import ctypes
 import json
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.sandbox.policy import Rule
@@ -46,6 +48,7 @@ __all__ = [
     "drop_privileges",
     "enter_namespaces",
     "install_seccomp",
+    "load_pyseccomp",
     "make_idmap_userns",
 ]
 
@@ -317,6 +320,37 @@ def drop_privileges(uid: int, gid: int, *, cap_last: int, nofile: int, nproc: in
 
 
 # --- step 7: seccomp -----------------------------------------------------------------------------------
+
+
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}  # glibc's and libseccomp's stable sonames
+
+
+def load_pyseccomp() -> Any:
+    """Import pyseccomp without the two `ldconfig -p` processes its `ctypes.util.find_library` calls
+    spawn (~6 ms each, far more on a loaded host): the stable sonames are tried first, and find_library
+    only when one does not load (docs/PERFORMANCE.md "Jailed start"). Call before pivot_root."""
+    import ctypes.util
+    import importlib
+
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
+    real = ctypes.util.find_library
+
+    def find(name: str) -> str | None:
+        so = _SONAMES.get(name)
+        if so is not None:
+            try:
+                ctypes.CDLL(so)
+                return so
+            except OSError:
+                pass
+        return real(name)
+
+    ctypes.util.find_library = find
+    try:
+        return importlib.import_module("pyseccomp")
+    finally:
+        ctypes.util.find_library = real
 
 
 def install_seccomp(rules: list[Rule]) -> int:

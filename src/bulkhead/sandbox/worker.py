@@ -15,7 +15,6 @@ replaces the VM with bulkhead.sandbox.probes.FakeMachine and lets the host run n
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import socket
@@ -92,6 +91,7 @@ def _preimport(test_probes: bool) -> None:
     import importlib
     import pkgutil
 
+    jail.load_pyseccomp()
     for name in ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "json", "base64", "binascii",
                  "ctypes", "fcntl", "mmap", "select", "struct", "errno", "resource", "traceback",
                  "pyseccomp", "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):
@@ -337,7 +337,7 @@ def main(argv: list[str]) -> int:
             cap_last = int(f.read())
         step = "policy"
         reaper_rules = build_rules("reaper", self_pid=os.getpid())
-        importlib.import_module("pyseccomp")  # the reaper's own filter: imported before the worker's pivot_root
+        jail.load_pyseccomp()  # the reaper's own filter: imported before the worker's pivot_root
         step = "idmap"
         oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
