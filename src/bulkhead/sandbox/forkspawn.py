@@ -26,11 +26,10 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import subprocess
 import sys
 from typing import Any
 
-__all__ = ["ForkedWorker", "fork_allowed", "fork_worker"]
+__all__ = ["ForkedWorker", "WaitTimeout", "fork_allowed", "fork_worker"]
 
 # The shell of the exec path exits 70 when it cannot join the cgroup; the fork path uses the same code.
 _EXIT_SETUP_FAILED = 70
@@ -58,6 +57,11 @@ def fork_allowed(env: dict[str, str]) -> bool:
         return False
     vouched = _verified_by_gate() or env.get("BULKHEAD_DEV_SKIP_INTEGRITY") == "1"
     return vouched and _single_threaded()
+
+
+class WaitTimeout(Exception):
+    """ForkedWorker.wait(timeout) ran out (subprocess.TimeoutExpired's role; subprocess stays off the
+    fork path's imports)."""
 
 
 class ForkedWorker:
@@ -93,7 +97,7 @@ class ForkedWorker:
         while self.poll() is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise subprocess.TimeoutExpired(["bulkhead-worker"], timeout)
+                raise WaitTimeout(f"the worker is still running after {timeout} s")
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.05)
         assert self.returncode is not None

@@ -26,8 +26,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.sandbox.policy import Rule
@@ -123,8 +122,7 @@ class _CapData(ctypes.Structure):
 # --- the specification the host hands to the worker -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BindSpec:
+class BindSpec(NamedTuple):
     """A host file bind-mounted at `target` (absolute, inside the jail); read-only unless read_only=False."""
 
     source: str
@@ -132,8 +130,7 @@ class BindSpec:
     read_only: bool = True
 
 
-@dataclass(frozen=True)
-class JailSpec:
+class JailSpec(NamedTuple):
     """Everything the worker needs to build its jail. Travels as JSON in the worker's argv."""
 
     vm_id: str
@@ -147,10 +144,11 @@ class JailSpec:
     nproc: int = 64
     seccomp: bool = True
     nic: bool = False
-    config: dict[str, object] = field(default_factory=dict)  # the VmConfig with in-jail paths
+    config: dict[str, object] | None = None  # the VmConfig with in-jail paths (None: {})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        raw = {**self._asdict(), "binds": [b._asdict() for b in self.binds], "config": self.config or {}}
+        return json.dumps(raw, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> JailSpec:

@@ -23,22 +23,18 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from bulkhead._boot import EXIT_INTEGRITY
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.integrity.errors import CodeMismatch
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.exits import EXIT_STATUS, ExitReason
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
-from bulkhead.sandbox.forkspawn import fork_allowed, fork_worker
+from bulkhead.sandbox.forkspawn import WaitTimeout, fork_allowed, fork_worker
 from bulkhead.sandbox.jail import BindSpec, IdAllocator, JailSpec
 from bulkhead.sandbox.protocol import (
     MAX_CONSOLE_CHUNK,
@@ -90,8 +86,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
-@dataclass(frozen=True)
-class JailOptions:
+class JailOptions(NamedTuple):
     """Host-side knobs. memory limit = guest RAM + memory_overhead_mib; pids = pids_base + vCPUs."""
 
     memory_overhead_mib: int = 64
@@ -107,8 +102,7 @@ class JailOptions:
     stop_timeout: float = 5.0
 
 
-@dataclass(frozen=True)
-class WorkerExit:
+class WorkerExit(NamedTuple):
     """How a worker ended. reason.kind is a VM kind, or worker-crash / seccomp-kill / oom-kill /
     protocol-violation / interrupted (decided by the host, never by the worker)."""
 
@@ -145,6 +139,12 @@ def classify_exit(returncode: int | None, *, oom_kills: int, claimed: ExitReason
         return make("worker-crash", f"exit status {returncode} does not match the worker's claim "
                                     f"{claimed.kind}/{claimed.status}"), True
     return make("worker-crash", f"the worker exited with status {returncode} without reporting a reason"), False
+
+
+def _popen_timeout() -> type[BaseException]:
+    """subprocess.TimeoutExpired when a worker was exec'd (subprocess is then imported), else WaitTimeout."""
+    sub = sys.modules.get("subprocess")
+    return sub.TimeoutExpired if sub is not None else WaitTimeout
 
 
 def _read_status(pid: int) -> dict[str, str]:
@@ -298,7 +298,7 @@ class WorkerHandle:
         else:
             try:
                 self.proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
+            except (WaitTimeout, _popen_timeout()):
                 self._host_killed = True
                 self._kill()
         rc = self.proc.wait()
@@ -356,6 +356,8 @@ class WorkerHandle:
     @property
     def integrity_refusal(self) -> IntegrityRefused | None:
         """The pre-import gate's refusal, when the worker's exit status confirms it (else None)."""
+        from bulkhead._boot import EXIT_INTEGRITY  # lazily: the gate runs by path, not as bulkhead._boot
+
         if self._integrity is None or self.exit is None or self.exit.returncode != EXIT_INTEGRITY:
             return None
         return self._integrity
@@ -556,7 +558,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         raise HostError("the jail needs root (run as root, or use --no-jail for development)")
     if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
         raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
-    vm_id = vm_id or uuid.uuid4().hex[:12]
+    vm_id = vm_id or os.urandom(6).hex()  # 48 random bits, as uuid4().hex[:12] had
     if not _VM_ID.match(vm_id):
         raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
     binds = [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
@@ -612,6 +614,8 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
             # any bulkhead module is imported, and imports come only from the verified tree.
             argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
                     *boot_argv(worker_args)]
+            import subprocess
+
             proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     pass_fds=(sock_worker.fileno(), *taps), close_fds=True)

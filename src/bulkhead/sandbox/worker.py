@@ -242,7 +242,7 @@ class _Service:
         self.send(Hello(PROTOCOL_VERSION, os.getuid(), os.getgid(), os.getpid(), self.seccomp, self.test_probes))
         threading.Thread(target=self.reader, name="channel", daemon=True).start()
         self.started.wait()
-        config = _config_from_dict(self.spec.config)
+        config = _config_from_dict(self.spec.config or {})
         if self.test_probes:
             from bulkhead.sandbox.probes import FakeMachine
 
