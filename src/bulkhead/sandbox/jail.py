@@ -351,13 +351,8 @@ def load_pyseccomp() -> Any:
         ctypes.util.find_library = real
 
 
-def install_seccomp(rules: list[Rule]) -> int:
-    """Load an allow-list from policy.build_rules (default action: kill the process). Returns its size.
-
-    Build the rules before pivot_root: the policy data is read from the package's files.
-    """
-    import pyseccomp as sc
-
+def _filter(rules: list[Rule]) -> Any:
+    sc = load_pyseccomp()
     ops = {"eq": sc.EQ, "ne": sc.NE, "masked_eq": sc.MASKED_EQ}
     flt = sc.SyscallFilter(sc.KILL_PROCESS)
     flt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)  # x32 / i386 entry points: kill
@@ -367,7 +362,33 @@ def install_seccomp(rules: list[Rule]) -> int:
         args = [sc.Arg(a.index, ops[a.op], a.mask if a.op == "masked_eq" else a.value,
                        a.value if a.op == "masked_eq" else 0) for a in rule.args]
         flt.add_rule(action, rule.syscall, *args)
-    flt.load()
+    return flt
+
+
+def compile_program(rules: list[Rule]) -> bytes:
+    """libseccomp's BPF program (struct sock_filter[]) for an allow-list from policy.build_rules, default
+    action kill-process: exactly what libseccomp's own load would install (seccomp_export_bpf)."""
+    flt = _filter(rules)
+    fd = os.memfd_create("bulkhead-bpf", os.MFD_CLOEXEC)
+    try:
+        class _Fd:
+            def fileno(self) -> int:
+                return fd
+
+        flt.export_bpf(_Fd())
+        size = os.lseek(fd, 0, os.SEEK_END)
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
+def install_seccomp(rules: list[Rule]) -> int:
+    """Load an allow-list from policy.build_rules (default action: kill the process) through libseccomp.
+    Returns its size. The start path uses sandbox/bpf.py (cached program, same bytes) instead.
+
+    Build the rules before pivot_root: the policy data is read from the package's files.
+    """
+    _filter(rules).load()
     return len(rules)
 
 

@@ -24,8 +24,7 @@ import time
 from typing import Any
 
 from bulkhead.errors import BulkheadError, ConfigError, HostError, StartRefused
-from bulkhead.sandbox import jail
-from bulkhead.sandbox.policy import build_rules
+from bulkhead.sandbox import bpf, jail
 from bulkhead.sandbox.protocol import (
     HOST_TO_WORKER,
     MAX_CONSOLE_CHUNK,
@@ -91,10 +90,9 @@ def _preimport(test_probes: bool) -> None:
     import importlib
     import pkgutil
 
-    jail.load_pyseccomp()
     for name in ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "json", "base64", "binascii",
                  "ctypes", "fcntl", "mmap", "select", "struct", "errno", "resource", "traceback",
-                 "pyseccomp", "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):
+                 "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):  # pyseccomp: only on a bpf cache miss
         importlib.import_module(name)
     import bulkhead
 
@@ -336,8 +334,8 @@ def main(argv: list[str]) -> int:
         with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
             cap_last = int(f.read())
         step = "policy"
-        reaper_rules = build_rules("reaper", self_pid=os.getpid())
-        jail.load_pyseccomp()  # the reaper's own filter: imported before the worker's pivot_root
+        # compiled (or read from the root-only cache) now, as root: the reaper loads it after its uid drop
+        reaper_prog = bpf.program_for("reaper", self_pid=os.getpid()) if spec.seccomp else b""
         step = "idmap"
         oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
@@ -357,7 +355,7 @@ def main(argv: list[str]) -> int:
             step = "spec"
             _preimport(args["test_probes"])
             step = "policy"
-            worker_rules = build_rules("worker", nic=spec.nic, self_pid=1)  # pid 1 of the new PID namespace
+            worker_prog = bpf.program_for("worker", nic=spec.nic, self_pid=1) if spec.seccomp else b""  # pid 1
             step = "root"
             jail.build_root(spec, userns)  # step 4
             for fd in userns.values():
@@ -369,7 +367,7 @@ def main(argv: list[str]) -> int:
             jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=spec.nofile,  # step 6
                                  nproc=spec.nproc)
             if spec.seccomp:
-                jail.install_seccomp(worker_rules)  # step 7
+                bpf.load_program(worker_prog)  # step 7
             while os.read(gate_r, 1):  # say hello only when both processes are in the sandbox
                 pass
             os.close(gate_r)
@@ -391,7 +389,7 @@ def main(argv: list[str]) -> int:
             os.close(fd)
         jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=16, nproc=spec.nproc)
         if spec.seccomp:
-            jail.install_seccomp(reaper_rules)
+            bpf.load_program(reaper_prog)
         os.close(gate_w)
         _reap(child)
     except (BulkheadError, OSError) as exc:
