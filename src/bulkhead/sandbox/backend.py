@@ -135,7 +135,8 @@ class JailedBackend:
 
         try:
             handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
-                                  on_security_event=security, on_exit=exited)
+                                  on_security_event=security, on_exit=exited,
+                                  fork=False)  # the daemon is threaded and holds keys: always exec
         except BaseException:
             sink.close()
             raise

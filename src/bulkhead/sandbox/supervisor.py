@@ -23,21 +23,18 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from bulkhead._boot import EXIT_INTEGRITY
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.integrity.errors import CodeMismatch
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.exits import EXIT_STATUS, ExitReason
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+from bulkhead.sandbox.forkspawn import WaitTimeout, fork_allowed, fork_worker
 from bulkhead.sandbox.jail import BindSpec, IdAllocator, JailSpec
 from bulkhead.sandbox.protocol import (
     MAX_CONSOLE_CHUNK,
@@ -89,8 +86,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
-@dataclass(frozen=True)
-class JailOptions:
+class JailOptions(NamedTuple):
     """Host-side knobs. memory limit = guest RAM + memory_overhead_mib; pids = pids_base + vCPUs."""
 
     memory_overhead_mib: int = 64
@@ -106,8 +102,7 @@ class JailOptions:
     stop_timeout: float = 5.0
 
 
-@dataclass(frozen=True)
-class WorkerExit:
+class WorkerExit(NamedTuple):
     """How a worker ended. reason.kind is a VM kind, or worker-crash / seccomp-kill / oom-kill /
     protocol-violation / interrupted (decided by the host, never by the worker)."""
 
@@ -144,6 +139,12 @@ def classify_exit(returncode: int | None, *, oom_kills: int, claimed: ExitReason
         return make("worker-crash", f"exit status {returncode} does not match the worker's claim "
                                     f"{claimed.kind}/{claimed.status}"), True
     return make("worker-crash", f"the worker exited with status {returncode} without reporting a reason"), False
+
+
+def _popen_timeout() -> type[BaseException]:
+    """subprocess.TimeoutExpired when a worker was exec'd (subprocess is then imported), else WaitTimeout."""
+    sub = sys.modules.get("subprocess")
+    return sub.TimeoutExpired if sub is not None else WaitTimeout
 
 
 def _read_status(pid: int) -> dict[str, str]:
@@ -297,7 +298,7 @@ class WorkerHandle:
         else:
             try:
                 self.proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
+            except (WaitTimeout, _popen_timeout()):
                 self._host_killed = True
                 self._kill()
         rc = self.proc.wait()
@@ -355,6 +356,8 @@ class WorkerHandle:
     @property
     def integrity_refusal(self) -> IntegrityRefused | None:
         """The pre-import gate's refusal, when the worker's exit status confirms it (else None)."""
+        from bulkhead._boot import EXIT_INTEGRITY  # lazily: the gate runs by path, not as bulkhead._boot
+
         if self._integrity is None or self.exit is None or self.exit.returncode != EXIT_INTEGRITY:
             return None
         return self._integrity
@@ -540,10 +543,14 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                  on_console: Callable[[bytes], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  on_security_event: Callable[[str, str], None] | None = None,
-                 on_exit: Callable[[WorkerExit], None] | None = None,
+                 on_exit: Callable[[WorkerExit], None] | None = None, fork: bool = True,
                  snapshot_fds: tuple[int, int] | None = None, restore: bool = False,
                  snapshot: bool = False) -> WorkerHandle:
     """Start a jailed worker for `config` and return once its sandbox is in place and verified.
+
+    With `fork` (default) and when sandbox/forkspawn.fork_allowed (single-threaded, code verified by the
+    gate or the explicit dev skip), this process forks into the jail; otherwise the worker is exec'd
+    through the gate. Both run worker.main, the same jail steps (docs/SANDBOX.md "Fork path").
 
     The VM does not run until handle.start(). Raises ConfigError (bad id or image path),
     HostError (not root, cgroups/jail unavailable, worker failed before it was ready).
@@ -556,7 +563,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         raise HostError("the jail needs root (run as root, or use --no-jail for development)")
     if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
         raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
-    vm_id = vm_id or uuid.uuid4().hex[:12]
+    vm_id = vm_id or os.urandom(6).hex()  # 48 random bits, as uuid4().hex[:12] had
     if not _VM_ID.match(vm_id):
         raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
     if (restore or snapshot) and snapshot_fds is None:
@@ -599,23 +606,31 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
                         opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict())
         sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
-        # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
-        # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
-        # any bulkhead module is imported, and imports come only from the verified tree.
-        argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
-                *boot_argv(["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()])]
+        worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
         for fd in taps:
-            argv += ["--tap-fd", str(fd)]
+            worker_args += ["--tap-fd", str(fd)]
         extra_fds: tuple[int, ...] = ()
-        if snapshot_fds is not None:
+        if snapshot_fds is not None:  # the host's memfds (runtime/snapshot.py)
             extra_fds = snapshot_fds
-            argv += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
-            argv += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
+            worker_args += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
+            worker_args += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
         if opts.test_probes:
-            argv.append("--test-probes")
-        proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, pass_fds=(sock_worker.fileno(), *taps, *extra_fds), close_fds=True)
+            worker_args.append("--test-probes")
+        proc: Any
+        if fork and fork_allowed(_worker_env()):
+            proc = fork_worker(worker_args, tuple(cgroup.procs_files), _worker_env(), test_probes=opts.test_probes)
+        else:
+            # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
+            # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
+            # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
+            # any bulkhead module is imported, and imports come only from the verified tree.
+            argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
+                    *boot_argv(worker_args)]
+            import subprocess
+
+            proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    pass_fds=(sock_worker.fileno(), *taps, *extra_fds), close_fds=True)
     except BaseException:
         for fd in taps:
             os.close(fd)
@@ -712,8 +727,8 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
         threading.Thread(target=_forward_stdin, args=(handle,), daemon=True).start()
     try:
         handle.start()
-        while handle.running and not stop.wait(0.1):
-            pass
+        while handle.running and not stop.is_set():
+            handle._done.wait(0.1)  # the worker's end wakes this at once; a signal within 0.1 s
         result = handle.stop() if handle.running else handle.wait()
     finally:
         for sig, h in old.items():

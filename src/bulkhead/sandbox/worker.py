@@ -24,8 +24,7 @@ import time
 from typing import Any
 
 from bulkhead.errors import BulkheadError, ConfigError, HostError, StartRefused
-from bulkhead.sandbox import jail
-from bulkhead.sandbox.policy import build_rules
+from bulkhead.sandbox import bpf, jail
 from bulkhead.sandbox.protocol import (
     HOST_TO_WORKER,
     MAX_CONSOLE_CHUNK,
@@ -101,7 +100,7 @@ def _preimport(test_probes: bool) -> None:
 
     for name in ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "json", "base64", "binascii",
                  "ctypes", "fcntl", "mmap", "select", "struct", "errno", "resource", "traceback",
-                 "pyseccomp", "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):
+                 "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):  # pyseccomp: only on a bpf cache miss
         importlib.import_module(name)
     import bulkhead
 
@@ -255,7 +254,7 @@ class _Service:
         self.send(Hello(PROTOCOL_VERSION, os.getuid(), os.getgid(), os.getpid(), self.seccomp, self.test_probes))
         threading.Thread(target=self.reader, name="channel", daemon=True).start()
         self.started.wait()
-        config = _config_from_dict(self.spec.config)
+        config = _config_from_dict(self.spec.config or {})
         if self.test_probes:
             from bulkhead.sandbox.probes import FakeMachine
 
@@ -352,10 +351,10 @@ def main(argv: list[str]) -> int:
         require_integrity("worker")  # before the jail: after pivot_root the package and manifest are unreachable
         step = "spec"
         spec = jail.JailSpec.from_json(args["spec"])
-        _preimport(args["test_probes"])
         sock = socket.socket(fileno=args["channel_fd"])
         channel = Channel(sock, HOST_TO_WORKER)
         if args["no_jail"]:
+            _preimport(args["test_probes"])
             service = _Service(channel, spec, args["test_probes"], seccomp=False, snap=snap)
             os._exit(service.run())
         step = "cgroup"
@@ -365,8 +364,8 @@ def main(argv: list[str]) -> int:
         with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
             cap_last = int(f.read())
         step = "policy"
-        worker_rules = build_rules("worker", nic=spec.nic, self_pid=1)  # pid 1 of the new PID namespace
-        reaper_rules = build_rules("reaper", self_pid=os.getpid())
+        # compiled (or read from the root-only cache) now, as root: the reaper loads it after its uid drop
+        reaper_prog = bpf.program_for("reaper", self_pid=os.getpid()) if spec.seccomp else b""
         step = "idmap"
         oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
@@ -377,13 +376,20 @@ def main(argv: list[str]) -> int:
                 userns[(st.st_uid, st.st_gid)] = jail.make_idmap_userns(st.st_uid, st.st_gid, spec.uid, spec.gid)
         step = "namespaces"
         jail.enter_namespaces(f"vm-{spec.vm_id}")  # step 3
-        step = "root"
-        jail.build_root(spec, userns)  # step 4
-        for fd in userns.values():
-            os.close(fd)
         gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # the reaper closes gate_w once it is sandboxed too
+        # Step 5 comes before the VM path's imports: the reaper, which only waits, never holds them
+        # (issue 16.5). The worker imports them, then builds the root; its pivot_root moves the reaper's
+        # root and cwd too (one mount namespace), before the worker says hello.
         child = os.fork()  # step 5
         if child == 0:
+            step = "spec"
+            _preimport(args["test_probes"])
+            step = "policy"
+            worker_prog = bpf.program_for("worker", nic=spec.nic, self_pid=1) if spec.seccomp else b""  # pid 1
+            step = "root"
+            jail.build_root(spec, userns)  # step 4
+            for fd in userns.values():
+                os.close(fd)
             step = "worker privileges"
             os.close(oom_fd)
             os.close(gate_w)
@@ -391,7 +397,7 @@ def main(argv: list[str]) -> int:
             jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=spec.nofile,  # step 6
                                  nproc=spec.nproc)
             if spec.seccomp:
-                jail.install_seccomp(worker_rules)  # step 7
+                bpf.load_program(worker_prog)  # step 7
             while os.read(gate_r, 1):  # say hello only when both processes are in the sandbox
                 pass
             os.close(gate_r)
@@ -399,6 +405,8 @@ def main(argv: list[str]) -> int:
             os._exit(service.run())
         step = "reaper privileges"
         os.close(gate_r)
+        for fd in userns.values():
+            os.close(fd)
         for value in (b"-1000", b"0"):  # the reaper goes back down (-1000 needs CAP_SYS_RESOURCE)
             try:
                 os.write(oom_fd, value)
@@ -411,7 +419,7 @@ def main(argv: list[str]) -> int:
             os.close(fd)
         jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=16, nproc=spec.nproc)
         if spec.seccomp:
-            jail.install_seccomp(reaper_rules)
+            bpf.load_program(reaper_prog)
         os.close(gate_w)
         _reap(child)
     except (BulkheadError, OSError) as exc:
