@@ -12,3 +12,13 @@ fuzz:
 # Every harness for ~10 s (CI).
 fuzz-short:
 	$(PYTHON) fuzz/run_all.py --seconds 10 --work $(FUZZ_WORK)-short
+
+.PHONY: mutation mutation-sample
+
+# Mutation testing of the pure security core (bench/mutation.py; report in docs/ASSURANCE.md).
+mutation:
+	nice -n 19 $(PYTHON) bench/mutation.py --write-report
+
+# The fixed-seed per-module sample CI runs (tests/test_mutation_floor.py).
+mutation-sample:
+	nice -n 19 $(PYTHON) bench/mutation.py --sample-table --seed 15
