@@ -175,3 +175,53 @@ def test_without_the_keyboard_interrupt_enabled_nothing_is_raised() -> None:
     assert c.dev.trigger_ctrl_alt_del()
     assert irq.count == 0
     assert c.dev.read(DATA, 1) == 0x14  # still readable by polling
+
+
+# --- mutation-testing survivors (issue 15): counters, widths, the status byte across commands ------------
+
+def test_counters_known_answer_after_a_mixed_sequence() -> None:
+    c = Ctl()
+    d = c.dev
+    assert d.metrics.as_dict() == {"bad_access": 0, "reads": 0, "resets": 0, "unknown_commands": 0, "writes": 0}
+    d.read(CMD, 1)
+    d.read(CMD, 1)
+    d.write(CMD, 1, k.CMD_SELF_TEST)
+    d.write(CMD, 1, 0xFF)  # pulse no output line: not a reset, and not an unknown command
+    d.write(CMD, 1, 0x13)  # unknown
+    d.write(2, 1, 0)       # offsets 1-3: contained
+    d.write(CMD, 1, k.CMD_RESET_CPU)
+    assert d.metrics.as_dict() == {"bad_access": 1, "reads": 2, "resets": 1, "unknown_commands": 1, "writes": 4}
+    assert c.resets == 1
+    assert repr(d.metrics) == f"I8042Metrics({d.metrics.as_dict()})"
+
+
+def test_bad_widths_and_offsets_read_all_ones_of_their_width() -> None:
+    d = Ctl().dev
+    assert [d.read(DATA, s) for s in (2, 4, 8)] == [0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1]
+    assert [d.read(o, 1) for o in (1, 2, 3)] == [0xFF] * 3
+    assert [d.read(DATA, s) for s in (0, 9)] == [0, 0]
+    assert d.metrics.bad_access == 8 and d.metrics.reads == 0
+
+
+def test_write_ctr_command_drops_a_pending_reply_and_waits_for_its_byte() -> None:
+    d = Ctl().dev
+    d.write(CMD, 1, k.CMD_SELF_TEST)
+    assert d.read(CMD, 1) == k.SB_KBD_ENABLED | k.SB_OUT_DATA_AVAIL
+    d.write(CMD, 1, k.CMD_WRITE_CTR)  # the unread 0x55 is dropped; a parameter byte is expected
+    assert d.read(CMD, 1) == k.SB_KBD_ENABLED | k.SB_CMD_DATA
+    d.write(DATA, 1, 0x1_46)           # masked to a byte
+    assert d.control == 0x46 and d.read(CMD, 1) == k.SB_KBD_ENABLED
+    d.write(CMD, 1, k.CMD_READ_CTR)
+    assert d.read(DATA, 1) == 0x46
+
+
+def test_output_port_write_with_reset_bit_clear_resets_once() -> None:
+    c = Ctl()
+    c.dev.write(CMD, 1, k.CMD_WRITE_OUTP)
+    c.dev.write(DATA, 1, k.OUTP_DEFAULT)  # reset line deasserted: nothing
+    assert c.resets == 0
+    c.dev.write(CMD, 1, k.CMD_READ_OUTP)
+    assert c.dev.read(DATA, 1) == k.OUTP_DEFAULT
+    c.dev.write(CMD, 1, k.CMD_WRITE_OUTP)
+    c.dev.write(DATA, 1, 0x02)  # bit 0 low: reset
+    assert c.resets == 1 and c.dev.metrics.resets == 1
