@@ -225,3 +225,9 @@ def test_output_port_write_with_reset_bit_clear_resets_once() -> None:
     c.dev.write(CMD, 1, k.CMD_WRITE_OUTP)
     c.dev.write(DATA, 1, 0x02)  # bit 0 low: reset
     assert c.resets == 1 and c.dev.metrics.resets == 1
+
+
+def test_output_port_reads_its_power_on_value() -> None:
+    d = Ctl().dev
+    d.write(CMD, 1, k.CMD_READ_OUTP)
+    assert d.read(DATA, 1) == k.OUTP_DEFAULT == 0x03  # reset deasserted, A20 on
