@@ -317,3 +317,36 @@ def test_event_description_up_to_1024_characters() -> None:
     assert len(Event(14, "config", "b" * 64, "d" * 1024).description) == 1024
     with pytest.raises(IntegrityError, match="description"):
         Event(14, "config", "b" * 64, "d" * 1025)
+
+
+def test_extend_value_known_answer() -> None:
+    """docs/INTEGRITY.md: extend value = SHA-256("bulkhead-event/1\\0" || kind || "\\0" || digest bytes)."""
+    e = Event(14, "config", "b" * 64)
+    assert e.extend_value == hashlib.sha256(b"bulkhead-event/1\x00config\x00" + b"\xbb" * 32).digest()
+    assert e.extend_value.hex() == "75826a6528028c9f5913046cef9d837735018d0eac3748b34346f24766c06292"
+
+
+def test_format_event_is_one_sorted_compact_line() -> None:
+    line = format_event(Event(14, "config", "b" * 64, "x"))
+    assert line == '{"description":"x","digest":"' + "b" * 64 + '","kind":"config","pcr":14}'
+
+
+def test_event_log_parsing_keeps_every_entry_and_numbers_errors() -> None:
+    a, b = format_event(Event(14, "manifest", "a" * 64, "with description")), format_event(Event(14, "config", "b" * 64))
+    evs = parse_event_log(f"{a}\n\n   \n{b}\n")
+    assert [e.kind for e in evs] == ["manifest", "config"] and evs[0].description == "with description"
+    no_desc = parse_event_log([{"pcr": 14, "kind": "config", "digest": "b" * 64}])
+    assert no_desc[0].description == ""
+    with pytest.raises(IntegrityError, match="^event log line 2 is not valid JSON$"):
+        parse_event_log(f"{a}\n{{\n")
+    with pytest.raises(IntegrityError, match="^event log entry 2: event must have"):
+        parse_event_log([json.loads(a), {"pcr": 14, "kind": "config"}])
+
+
+def test_event_log_size_cap_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bulkhead.integrity import eventlog
+    monkeypatch.setattr(eventlog, "MAX_EVENTS", 3)
+    one = {"pcr": 14, "kind": "config", "digest": "b" * 64}
+    assert len(parse_event_log([one] * 3)) == 3
+    with pytest.raises(IntegrityError, match="more than 3 events"):
+        parse_event_log([one] * 4)
