@@ -232,3 +232,12 @@ def test_well_formed_fake_role_builds_exactly_its_rules(tmp_path, monkeypatch):
         policy.Rule("kill", "allow", (policy.ArgCheck(0, "eq", 9, 0),)),
         policy.Rule("fcntl", "allow", (policy.ArgCheck(1, "masked_eq", 4, 0xF),)),
         policy.Rule("clone3", "errno", errno=38)]
+
+
+def test_conditionals_after_the_ioctl_list_are_kept(tmp_path, monkeypatch):
+    _fake_role(tmp_path, monkeypatch, _doc(conditional=[
+        {"name": "ioctl", "args": [{"index": 1, "op": "eq", "value": "ioctl_list"}]},
+        {"name": "kill", "args": [{"index": 0, "op": "eq", "value": "self_pid"}]}]))
+    rules = policy.build_rules("worker", self_pid=5)
+    assert rules[-1] == policy.Rule("kill", "allow", (policy.ArgCheck(0, "eq", 5, 0),))
+    assert len(rules) == len(set(policy.ioctl_numbers(False).values())) + 1
