@@ -33,7 +33,8 @@ ASSURANCE = os.path.join(REPO, "docs", "ASSURANCE.md")
 BEGIN, END = "<!-- mutation-report:begin -->", "<!-- mutation-report:end -->"
 
 _SURF = "tests/test_surface_inventory.py::test_committed_inventory_matches_the_code"
-_INTEGRITY_TESTS = ["tests/test_integrity_pure.py", "tests/test_integrity_tpmwire.py", "tests/test_integrity_attest.py"]
+_INTEGRITY_TESTS = ["tests/test_integrity_pure.py", "tests/test_integrity_tpmwire.py",
+                    "tests/test_integrity_verify_pure.py", "tests/test_integrity_attest.py"]
 _VIRTIO = "pending: devices/virtio/* is being changed on branch virtio-conform"
 _BOOT = "pending: boot/* is being changed on branch boot-conform"
 _NET = "pending: network/* is being changed on branch redteam-daemon"

@@ -29,10 +29,11 @@ def rsa_public(key: rsa.RSAPublicKey, exponent: int = 0, name_alg: int = w.ALG_S
             + struct.pack(">HI", key.key_size, exponent) + b2(n))
 
 
-def ecc_public(key: ec.EllipticCurvePublicKey, curve: int = w.ECC_NIST_P256, scheme: bytes | None = None) -> bytes:
+def ecc_public(key: ec.EllipticCurvePublicKey, curve: int = w.ECC_NIST_P256, scheme: bytes | None = None,
+               attrs: int = w.ATTR_SIGN | w.ATTR_RESTRICTED) -> bytes:
     nums = key.public_numbers()
     scheme = struct.pack(">HH", w.ALG_ECDSA, w.ALG_SHA256) if scheme is None else scheme
-    return (struct.pack(">HHI", w.ALG_ECC, w.ALG_SHA256, w.ATTR_SIGN | w.ATTR_RESTRICTED) + b2(b"")
+    return (struct.pack(">HHI", w.ALG_ECC, w.ALG_SHA256, attrs) + b2(b"")
             + struct.pack(">H", w.ALG_NULL) + scheme + struct.pack(">HH", curve, w.ALG_NULL)
             + b2(nums.x.to_bytes(32, "big")) + b2(nums.y.to_bytes(32, "big")))
 
