@@ -182,3 +182,30 @@ def test_quote_attest_exact_limits() -> None:
 
 def test_pcr_composite_digest_known_answer() -> None:
     assert w.pcr_composite_digest([b"\x00" * 32, b"\x01" * 32]) == hashlib.sha256(b"\x00" * 32 + b"\x01" * 32).digest()
+
+
+def test_key_and_signature_field_limits_are_exact(ecc_key, rsa_key) -> None:
+    def ecc_raw(x: bytes, y: bytes) -> bytes:
+        return (struct.pack(">HHI", w.ALG_ECC, w.ALG_SHA256, 0) + b2(b"") + struct.pack(">HHHHH", w.ALG_NULL,
+                w.ALG_ECDSA, w.ALG_SHA256, w.ECC_NIST_P256, w.ALG_NULL) + b2(x) + b2(y))
+    assert w.parse_public(ecc_raw(b"x" * 128, b"y" * 128)).unique == (b"x" * 128, b"y" * 128)
+    for x, y in ((b"x" * 129, b"y"), (b"x", b"y" * 129)):
+        with pytest.raises(IntegrityError, match="exceeds the limit of 128"):
+            w.parse_public(ecc_raw(x, y))
+
+    def rsa_raw(n: bytes) -> bytes:
+        return (struct.pack(">HHI", w.ALG_RSA, w.ALG_SHA256, 0) + b2(b"")
+                + struct.pack(">HHHHI", w.ALG_NULL, w.ALG_RSASSA, w.ALG_SHA256, 4096, 0) + b2(n))
+    assert w.parse_public(rsa_raw(b"n" * 512)).unique == (b"n" * 512,)
+    with pytest.raises(IntegrityError, match="exceeds the limit of 512"):
+        w.parse_public(rsa_raw(b"n" * 513))
+    ecdsa = struct.pack(">HH", w.ALG_ECDSA, w.ALG_SHA256)
+    assert w.parse_signature(ecdsa + b2(b"r" * 128) + b2(b"s" * 128)).parts == (b"r" * 128, b"s" * 128)
+    for r, s in ((b"r" * 129, b"s"), (b"r", b"s" * 129)):
+        with pytest.raises(IntegrityError, match="exceeds the limit of 128"):
+            w.parse_signature(ecdsa + b2(r) + b2(s))
+
+
+def test_quote_attest_errors_name_the_structure() -> None:
+    with pytest.raises(IntegrityError, match="^TPMS_ATTEST: truncated"):
+        w.parse_quote_attest(attest()[:-1])
