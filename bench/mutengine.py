@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 _BINOP: dict[type, type] = {
@@ -353,7 +354,7 @@ class MutationPlugin:
                 os.dup2(null, 2)
                 tr = self._config.pluginmanager.get_plugin("terminalreporter")
                 if tr is not None:  # pytest keeps the terminal on a saved dup of fd 1
-                    tr._tw._file = open(os.devnull, "w")  # noqa: SIM115
+                    tr._tw._file = open(os.devnull, "w")  # noqa: SIM115 (lives until the child exits)
                 value = child()
                 with open(out, "w", encoding="utf-8") as f:
                     json.dump(value, f)
@@ -382,7 +383,7 @@ class MutationPlugin:
     def _baseline(self, items: list[Any]) -> tuple[dict[str, set[str]], dict[str, float], list[str]]:
         module = importlib.import_module(self.modname)
         code_to_fn: dict[Any, str] = {}
-        tree_names = {q for q, _c, _f in _top_functions(ast.parse(open(module.__file__ or "").read()))}
+        tree_names = {q for q, _c, _f in _top_functions(ast.parse(Path(module.__file__ or "").read_text(encoding="utf-8")))}
         for q in tree_names:
             parts = q.split(".")
             obj: Any = module

@@ -257,9 +257,9 @@ def test_policy_field_boundaries(over: dict[str, object], ok: bool) -> None:
 
 
 def test_policy_and_enrollment_errors_name_the_document() -> None:
-    with pytest.raises(IntegrityError, match="^the policy is not valid JSON$"):
+    with pytest.raises(IntegrityError, match=r"^the policy is not valid JSON$"):
         parse_policy("{")
-    with pytest.raises(IntegrityError, match="^the enrollment is not a JSON object$"):
+    with pytest.raises(IntegrityError, match=r"^the enrollment is not a JSON object$"):
         parse_enrollment("[]")
 
 
@@ -337,9 +337,9 @@ def test_event_log_parsing_keeps_every_entry_and_numbers_errors() -> None:
     assert [e.kind for e in evs] == ["manifest", "config"] and evs[0].description == "with description"
     no_desc = parse_event_log([{"pcr": 14, "kind": "config", "digest": "b" * 64}])
     assert no_desc[0].description == ""
-    with pytest.raises(IntegrityError, match="^event log line 2 is not valid JSON$"):
+    with pytest.raises(IntegrityError, match=r"^event log line 2 is not valid JSON$"):
         parse_event_log(f"{a}\n{{\n")
-    with pytest.raises(IntegrityError, match="^event log entry 2: event must have"):
+    with pytest.raises(IntegrityError, match=r"^event log entry 2: event must have"):
         parse_event_log([json.loads(a), {"pcr": 14, "kind": "config"}])
 
 

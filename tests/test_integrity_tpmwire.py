@@ -65,7 +65,7 @@ def test_rsa_public_area_fields_key_and_signature(rsa_key) -> None:
                                        w.ALG_RSASSA, w.ALG_SHA256, 0, 2048, 0, raw)
     assert a.public_key().public_numbers() == rsa_key.public_key().public_numbers()  # exponent 0 = 65537
     w.verify_signature(a, rsa_sig(rsa_key), MSG)
-    with pytest.raises(IntegrityError, match="^the quote signature is invalid$"):
+    with pytest.raises(IntegrityError, match=r"^the quote signature is invalid$"):
         w.verify_signature(a, rsa_sig(rsa_key), MSG + b"x")
     with pytest.raises(IntegrityError, match="does not use SHA-256"):
         w.verify_signature(a, rsa_sig(rsa_key, hash_alg=0x0004), MSG)
@@ -87,7 +87,7 @@ def test_ecc_public_area_fields_key_and_signature(ecc_key, rsa_key) -> None:
                         ecc_key.public_key().public_numbers().y.to_bytes(32, "big"))
     assert a.public_key().public_numbers() == ecc_key.public_key().public_numbers()
     w.verify_signature(a, ecdsa_sig(ecc_key), MSG)
-    with pytest.raises(IntegrityError, match="^the quote signature is invalid$"):
+    with pytest.raises(IntegrityError, match=r"^the quote signature is invalid$"):
         w.verify_signature(a, ecdsa_sig(ecc_key, b"other"), MSG)
     with pytest.raises(IntegrityError, match="does not match the key type"):
         w.verify_signature(a, rsa_sig(rsa_key), MSG)
@@ -114,11 +114,11 @@ def test_unsupported_curve_and_invalid_point_are_typed_errors(ecc_key) -> None:
 
 def test_public_size_limits_trailing_bytes_and_truncation(rsa_key) -> None:
     pub = rsa_key.public_key()
-    with pytest.raises(IntegrityError, match="^TPMT_PUBLIC: field of 65 bytes exceeds the limit of 64$"):
+    with pytest.raises(IntegrityError, match=r"^TPMT_PUBLIC: field of 65 bytes exceeds the limit of 64$"):
         w.parse_public(rsa_public(pub, policy=b"\x00" * 65))
-    with pytest.raises(IntegrityError, match="^TPMT_PUBLIC: 1 trailing bytes$"):
+    with pytest.raises(IntegrityError, match=r"^TPMT_PUBLIC: 1 trailing bytes$"):
         w.parse_public(rsa_public(pub) + b"\x00")
-    with pytest.raises(IntegrityError, match="^TPMT_PUBLIC: truncated"):
+    with pytest.raises(IntegrityError, match=r"^TPMT_PUBLIC: truncated"):
         w.parse_public(rsa_public(pub)[:-1])
     with pytest.raises(IntegrityError, match="unsupported key type 0x0008"):
         w.parse_public(struct.pack(">HHI", 0x0008, w.ALG_SHA256, 0) + b2(b""))
@@ -140,7 +140,7 @@ def test_signature_parsing() -> None:
         w.parse_signature(struct.pack(">HH", w.ALG_RSASSA, w.ALG_SHA256) + b2(b"x" * 513))
     with pytest.raises(IntegrityError, match="unsupported signature algorithm 0x0016"):
         w.parse_signature(struct.pack(">HH", 0x0016, w.ALG_SHA256))
-    with pytest.raises(IntegrityError, match="^TPMT_SIGNATURE: 2 trailing bytes$"):
+    with pytest.raises(IntegrityError, match=r"^TPMT_SIGNATURE: 2 trailing bytes$"):
         w.parse_signature(struct.pack(">HH", w.ALG_RSASSA, w.ALG_SHA256) + b2(b"x") + b"\x00\x00")
 
 
@@ -207,5 +207,5 @@ def test_key_and_signature_field_limits_are_exact(ecc_key, rsa_key) -> None:
 
 
 def test_quote_attest_errors_name_the_structure() -> None:
-    with pytest.raises(IntegrityError, match="^TPMS_ATTEST: truncated"):
+    with pytest.raises(IntegrityError, match=r"^TPMS_ATTEST: truncated"):
         w.parse_quote_attest(attest()[:-1])

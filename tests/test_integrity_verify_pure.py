@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.test_integrity_tpmwire import attest, ecc_public, ecdsa_sig
 
 from bulkhead.integrity import attest as a
 from bulkhead.integrity import tpmwire as w
 from bulkhead.integrity.eventlog import ZERO_PCR, Event, replay
-from tests.test_integrity_tpmwire import attest, ecc_public, ecdsa_sig
 
 NONCE = "n-0123456789"
 EK = b"\x01software EK public area"
@@ -109,5 +109,5 @@ def test_each_broken_check_makes_the_verdict_untrusted(case: str) -> None:
 def test_unenrolled_ak_stops_after_the_signature_check() -> None:
     """A failed enrollment check: nothing in the quote is believed past the signature."""
     v = a.verify_evidence(evidence(nonce="old"), policy(), enrollment(verified=False), NONCE)
-    assert v.passed == PASSED[:1] + ["quote signature verifies with the enrolled AK"]
+    assert v.passed == [*PASSED[:1], "quote signature verifies with the enrolled AK"]
     assert not any("nonce" in r for r in v.reasons)
