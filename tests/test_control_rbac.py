@@ -176,9 +176,9 @@ def test_owned_scope_builders_known_answers():
     """The scope strings the daemon stores and checks (docs/RBAC.md): one per owned kind, and each one
     parses back and lies within its tenant, not another."""
     assert rbac.vm_scope(T, V1) == f"/tenants/{T}/vms/{V1}"
-    assert rbac.disk_scope(T, V1) == f"/tenants/{T}/disks/{V1}"
+    assert rbac.owned_scope("disk", T, V1) == f"/tenants/{T}/disks/{V1}"
     assert rbac.network_scope(T, N) == f"/tenants/{T}/networks/{N}"
-    for s in (rbac.vm_scope(T, V1), rbac.disk_scope(T, V2), rbac.network_scope(T, N)):
+    for s in (rbac.vm_scope(T, V1), rbac.owned_scope("disk", T, V2), rbac.network_scope(T, N)):
         assert rbac.validate_scope(s) == s
         assert rbac.scope_within(s, rbac.tenant_scope(T)) and not rbac.scope_within(s, rbac.tenant_scope(U))
 
