@@ -184,7 +184,15 @@ def render(results: list[dict[str, Any]], command: str) -> str:
 
 
 def write_report(results: list[dict[str, Any]], command: str) -> None:
+    """Update bench/results/mutation.json (a run of some modules replaces only their rows) and the
+    generated section of docs/ASSURANCE.md."""
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    if os.path.exists(RESULTS):
+        with open(RESULTS, encoding="utf-8") as f:
+            old = {m["name"]: m for m in json.load(f)["modules"]}
+        new = {m["name"]: m for m in results}
+        results = [new.get(r["name"]) or old[r["name"]] for r in MODULES if r["name"] in new or r["name"] in old]
+        command = ".venv/bin/python bench/mutation.py --write-report"
     with open(RESULTS, "w", encoding="utf-8") as f:
         json.dump({"command": command, "modules": results}, f, indent=1)
         f.write("\n")
