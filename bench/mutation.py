@@ -63,7 +63,7 @@ MODULES: list[dict[str, Any]] = [
      "tests": _INTEGRITY_TESTS, "sample": 20,
      "status": "active"},
     {"name": "queue", "path": "bulkhead/devices/virtio/queue.py", "floor": 95,
-     "tests": ["tests/test_virtio_queue.py", "tests/test_virtio_mmio.py"], "sample": 30, "status": "active"},
+     "tests": ["tests/test_virtio_queue.py", "tests/test_virtio_queue_edges.py", "tests/test_virtio_mmio.py", _SURF], "sample": 30, "status": "active"},
     {"name": "virtio-mmio", "path": "bulkhead/devices/virtio/mmio.py", "floor": 90,
      "tests": ["tests/test_virtio_mmio.py", "tests/test_virtio_blk.py", "tests/test_virtio_net.py",
                "tests/test_virtio_rng.py"], "sample": 20, "status": "active"},
