@@ -40,7 +40,7 @@ def test_overlapping_registrations_are_rejected(base: int, length: int) -> None:
 
 @pytest.mark.parametrize(("base", "length"), [(0, 0), (-1, 2), (0xFFFF, 2), (0x10000, 1)])
 def test_invalid_ranges_are_rejected(base: int, length: int) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="pio range"):
         Bus.pio().register(base, length, Recorder(), "x")
 
 
@@ -101,7 +101,7 @@ def test_pio_and_mmio_spaces_known_answers() -> None:
     # a range may end exactly at the end of the space, not one past it
     pio.register(0xFFFF, 1, Recorder(), "last-port")
     mmio.register((1 << 64) - 8, 8, Recorder(), "last-qword")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"mmio range \[0xfffffffffffffff8, \+0x9\) for x is invalid"):
         Bus.mmio().register((1 << 64) - 8, 9, Recorder(), "x")
     dev = Ones()
     mmio.register(0xD000_0000, 0x200, dev, "virtio")

@@ -44,7 +44,7 @@ def test_signed_note_matches_the_go_note_package_byte_for_byte():
     assert str(Verifier.for_key("PeterNeumann", key)) == GO_VKEY
     assert sign_note(GO_TEXT, "PeterNeumann", key) == GO_TEXT + "\n" + GO_SIG
     assert open_note(GO_TEXT + "\n" + GO_SIG, Verifier.parse(GO_VKEY)) == GO_TEXT
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match="the signature by PeterNeumann does not verify"):
         open_note(GO_TEXT.replace("you", "we", 1) + "\n" + GO_SIG, Verifier.parse(GO_VKEY))
     with pytest.raises(NoteError, match="hash does not match"):
         Verifier.parse(GO_VKEY.replace("c74f20a3", "c74f20a4"))
@@ -65,7 +65,7 @@ def test_checkpoint_format_and_signature():
         with pytest.raises(NoteError):
             parse_signed(bad, V, "t")
     other = Verifier.for_key(ORIGIN, Ed25519PrivateKey.generate())
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match="the note is not signed by"):
         parse_signed(note, other, "t")
     for text in ("o\n05\nAAAA\n", "o\n1\n" + base64.b64encode(b"x" * 31).decode() + "\n", "o\n1\n", "\n1\nAA==\n"):
         with pytest.raises(NoteError):
@@ -85,9 +85,9 @@ def test_cosignature_v1():
     assert raw[:4] == wv.hash and int.from_bytes(raw[4:12], "big") == 1700000000 and len(raw) == 76
     assert verify_cosignature(note + line, wv) == 1700000000
     assert open_note(note + line, V) == text  # the log signature still verifies beside it
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match=r"the cosignature by witness\.example/w1 does not verify"):
         verify_cosignature(signed(4, b"\x05" * 32) + line, wv)
-    with pytest.raises(NoteError):  # a note signature (0x01) is not a cosignature (0x04)
+    with pytest.raises(NoteError, match="the note is not cosigned by"):  # a note signature (0x01) is not a cosignature (0x04)
         verify_cosignature(note, Verifier.for_key(ORIGIN, KEY, ALG_COSIGNATURE))
 
 
@@ -183,7 +183,7 @@ def test_pure_verifier_survives_hostile_rows():
     head = parse_signed(signed(1, b"\x01" * 32), V, "head")
     for rows in ([("x",)], [(1, None)], [(1, "notbytes", b"")], [(0, b"", b"")], [(1, "a")], [(1, b"x", b"y", b"z")]):
         assert not verify(rows, head).ok
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match="a note ends with a newline"):
         parse_signed("[1]", V, "x")
 
 
@@ -196,9 +196,9 @@ def test_lifecycle_table():
     assert next_state("exited", "delete") == "deleted"
     with pytest.raises(LifecycleError, match="stop it first"):
         next_state("running", "delete")
-    with pytest.raises(LifecycleError):
+    with pytest.raises(LifecycleError, match="cannot pause a VM that is stopped"):
         next_state("stopped", "pause")
-    with pytest.raises(LifecycleError):
+    with pytest.raises(LifecycleError, match="unknown VM operation 'reboot'"):
         next_state("running", "reboot")
     for allowed, result in TRANSITIONS.values():
         assert allowed <= set(STATES)

@@ -107,7 +107,7 @@ def test_decode_leaf_refuses_another_tag_and_a_truncated_last_field():
 
 def test_parse_signed_refuses_a_checkpoint_for_another_log():
     note = signed(1, b"\x01" * 32, origin="bulkhead.test/audit/other")
-    with pytest.raises(NoteError, match="is for log 'bulkhead.test/audit/other'"):
+    with pytest.raises(NoteError, match=r"is for log 'bulkhead.test/audit/other'"):
         parse_signed(note, V, "head")
 
 
@@ -118,7 +118,7 @@ def test_report_as_dict_known_answer():
 
 
 def test_headless_and_empty_logs_report_record_one():
-    rows, notes, _ = build(2)
+    rows, _notes, _ = build(2)
     rep = verify(rows, None)
     assert (rep.ok, rep.records, rep.first_bad) == (False, 0, 1)
     assert rep.problem.startswith("no signed head checkpoint")
@@ -256,7 +256,7 @@ def test_consistency_refuses_wrong_types_short_hashes_and_long_proofs():
     assert verify_consistency(1, 2, old, node_hash(old, b"s" * 32), []) is False  # step 1
     assert verify_consistency(1, 2, old, node_hash(old, b"s" * 32), [b"s" * 32, b"t" * 32]) is False  # 6a
     assert verify_consistency(2, 1, old, old, [b"s" * 32]) is False
-    path, root = _left_path_root(128)
+    path, _root = _left_path_root(128)
     path128 = path
     r = old
     for p in path128:

@@ -133,7 +133,7 @@ def test_bad_scopes_raise_config_error(bad):
 
 @pytest.mark.parametrize("bad", ["", "VM/read", "vm//read", "vm/read;", "x" * 65, "vm read"])
 def test_bad_patterns_raise_config_error(bad):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="action pattern"):
         rbac.validate_pattern(bad)
 
 
@@ -144,7 +144,7 @@ def test_parse_scope():
 
 
 def test_unknown_engine_is_a_config_error():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="RBAC engine must be casbin or pure, not 'opa'"):
         rbac.make_evaluator("opa")
 
 

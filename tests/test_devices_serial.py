@@ -280,7 +280,7 @@ def test_write_values_are_masked_to_a_byte() -> None:
 
 
 def test_rejects_bad_construction() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rx_capacity and flush_threshold must be at least 1"):
         Serial(FakeIrq(), lambda _: None, rx_capacity=0)
 
 

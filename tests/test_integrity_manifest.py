@@ -90,7 +90,7 @@ def test_added_removed_and_interpreter_changes_are_refused(install: dict[str, Pa
     assert "evil.py: unexpected file" in text
     assert "errors.py: missing" in text
     assert f"{install['interp']}: modified" in text
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="bulkhead daemon refuses to start: installed code differs"):
         _require(install)
 
 
@@ -111,7 +111,7 @@ def test_modified_manifest_is_refused(install: dict[str, Path], tamper: str) -> 
     install["manifest"].write_text(json.dumps(doc))
     with pytest.raises(IntegrityError, match=r"signature|format"):
         verify_installation(install["manifest"], install["pub"])
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="the manifest"):
         _require(install)
 
 
@@ -135,7 +135,7 @@ def test_missing_manifest_or_key_refuses(install: dict[str, Path]) -> None:
 def test_dev_skip_only_with_exact_env_and_loud(install: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     (install["pkg"] / "bus.py").write_text("modified\n")
     for value in ("0", "true", "yes", ""):
-        with pytest.raises(IntegrityError):
+        with pytest.raises(IntegrityError, match="bulkhead daemon refuses to start: installed code differs"):
             _require(install, BULKHEAD_DEV_SKIP_INTEGRITY=value)
     res = _require(install, BULKHEAD_DEV_SKIP_INTEGRITY="1")
     assert not res.verified and res.digest is None

@@ -107,7 +107,7 @@ def test_event_log_roundtrip_and_replay() -> None:
     "{not json",
 ])
 def test_hostile_event_lines_are_refused(line: str) -> None:
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="event log"):
         parse_event_log(line)
 
 
@@ -152,9 +152,9 @@ def test_bad_policies_are_refused(over: dict[str, object]) -> None:
 
 
 def test_bad_enrollment_is_refused() -> None:
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="enrollment ek_public must be hex"):
         parse_enrollment({"format": "bulkhead-enrollment/1", "ek_public": "zz", "ak_public": "", "ak_name": ""})
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="the enrollment is not a JSON object"):
         parse_enrollment("[]")
 
 
@@ -190,7 +190,7 @@ def test_verify_evidence_never_raises_on_garbage() -> None:
 
 def test_canonical_json_refuses_floats() -> None:
     assert canonical_json({"b": 1, "a": [True, None]}) == b'{"a":[true,null],"b":1}'
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match=r"canonical JSON: value at \$\.x has unsupported type float"):
         canonical_json({"x": 1.5})
 
 

@@ -99,11 +99,11 @@ def test_tap_ioctls_the_runtime_uses_are_allowed() -> None:
 
 
 def test_bad_policy_input_is_a_config_error() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"unknown seccomp role 'daemon' \(known: worker, reaper\)"):
         policy.load_role("daemon")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="ioctl direction must be one of none, w, r, rw, not"):
         policy.ioc("sideways", 0xAE, 0, 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"worker: malformed jail spec \('binds'\)"):
         JailSpec.from_json('{"vm_id": 1}')
     good = JailSpec("x", "/r", 100000, 100000).to_json()
     assert JailSpec.from_json(good).uid == 100000
@@ -124,7 +124,7 @@ def test_detect_v1_when_unified_lacks_controllers(tmp_path: Path) -> None:
                                         "cpu": "/sys/fs/cgroup/cpu,cpuacct"})
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     assert detect_version(info) == (2, {"unified": str(tmp_path)})
-    with pytest.raises(HostError):
+    with pytest.raises(HostError, match="no cgroup hierarchy with the memory, pids and cpu"):
         detect_version("31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
 
 

@@ -78,9 +78,9 @@ def test_invalid_messages_are_rejected_with_a_reason(data: bytes, why: str) -> N
 
 
 def test_encode_refuses_what_the_peer_would_refuse() -> None:
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match="field 'data' is longer than 16384 bytes"):
         p.encode(p.Console(b"x" * (p.MAX_CONSOLE_CHUNK + 1)))
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match=r"field 'kind' must be a non-empty identifier of \[a-z0-9_\.:-\]"):
         p.encode(p.Exit("not an ident!", 0, ""))
 
 
@@ -199,7 +199,7 @@ def test_stats_are_kept_once_and_a_second_copy_ends_the_worker() -> None:
     result = handle.wait(5)
     assert result.reason.kind == "protocol-violation" and proc.killed.is_set()
     too_many = {f"c{i}": i for i in range(p.STATS_MAX_COUNTERS + 1)}
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match="field 'counters' has more than 256 entries"):
         p.decode(_wire(type="stats", counters=too_many), p.WORKER_TO_HOST)
 
 

@@ -97,7 +97,7 @@ def test_set_features_reads_exactly_bits_28_and_29():
 
 
 def test_activate_forgets_notification_state(mem):
-    d, q = make(mem)
+    _d, q = make(mem)
     q.signalled_used, q.signalled_valid, q.notified = 3, True, True
     q.activate(mem)
     assert (q.signalled_valid, q.notified, q.next_avail, q.next_used) == (False, False, 0, 0)
