@@ -76,7 +76,7 @@ MODULES: list[dict[str, Any]] = [
     {"name": "elf", "path": "bulkhead/boot/elf.py", "floor": 95,
      "tests": ["tests/test_boot_elf.py", "tests/test_boot_elf_edges.py", "tests/test_boot_fuzz.py", _SURF], "sample": 20, "status": "active"},
     {"name": "bzimage", "path": "bulkhead/boot/bzimage.py", "floor": 95,
-     "tests": ["tests/test_boot_bzimage.py", "tests/test_boot_params.py", "tests/test_boot_params_edges.py", "tests/test_boot_fuzz.py", _SURF],
+     "tests": ["tests/test_boot_bzimage.py", "tests/test_boot_bzimage_edges.py", "tests/test_boot_params.py", "tests/test_boot_params_edges.py", "tests/test_boot_fuzz.py", _SURF],
      "sample": 20, "status": "active"},
     {"name": "pvh", "path": "bulkhead/boot/pvh.py", "floor": 95,
      "tests": ["tests/test_boot_elf.py", "tests/test_boot_elf_edges.py", "tests/test_boot_fuzz.py", _SURF], "sample": 20, "status": "active"},
