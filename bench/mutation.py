@@ -14,6 +14,7 @@ module|function|stripped source line|operator|occurrence, so an entry survives l
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(REPO, "src")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mutengine import Mutant, enumerate_mutants, run_module  # noqa: E402
+from mutengine import Mutant, RunResult, enumerate_mutants, run_module  # noqa: E402
 
 EQUIVALENTS = os.path.join(REPO, "security", "equivalent-mutants.json")
 RESULTS = os.path.join(REPO, "bench", "results", "mutation.json")
@@ -120,18 +121,44 @@ def pick(mutants: list[Mutant], sample: int | None, seed: int) -> list[Mutant]:
     return [mutants[i] for i in chosen]
 
 
+def file_hashes(row: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 (first 16 hex digits) of the module and of each test file of its row."""
+    files = [os.path.join("src", row["path"]), *sorted({t.split("::")[0] for t in row["tests"]})]
+    out = {}
+    for f in files:
+        with open(os.path.join(REPO, f), "rb") as fh:
+            out[f] = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return out
+
+
 def measure(row: dict[str, Any], sample: int | None, seed: int, equivalents: dict[str, str],
-            verbose: bool) -> dict[str, Any]:
+            verbose: bool, rerun: Any = None, recorded: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Run the row's mutants (all, or a fixed-seed sample) and score them. With `recorded` (key ->
+    [status, killer] from a full report) every mutant keeps its recorded status unless `rerun(mutant,
+    recorded entry)` is true or it is in the sample: then it is run again (the CI check)."""
     t0 = time.monotonic()
     allm = enumerate_mutants(SRC, row["path"])
-    chosen = pick(allm, sample, seed)
-    todo = [m for m in chosen if m.key not in equivalents]
+    picked = {m.key for m in pick(allm, sample, seed)}
+    if recorded is None:
+        chosen = [m for m in allm if m.key in picked]
+        todo = [m for m in chosen if m.key not in equivalents]
+    else:
+        chosen = allm
+        todo = []
+        for m in allm:
+            old = recorded.get(m.key)
+            if m.key in equivalents:
+                continue
+            if old is None or m.key in picked or rerun(m, old):
+                todo.append(m)
+            else:
+                m.status, m.killed_by = old
     for m in chosen:
         if m.key in equivalents:
             m.status = "equivalent"
     modname = row["path"][:-3].replace("/", ".")
     log = (lambda s: print(f"  {row['name']}: {s}", file=sys.stderr, flush=True)) if verbose else (lambda s: None)
-    res = run_module(modname, SRC, row["path"], row["tests"], todo, log, REPO)
+    res = run_module(modname, SRC, row["path"], row["tests"], todo, log, REPO) if todo else RunResult()
     killed = sum(m.status in ("killed", "timeout") for m in chosen)
     survived = [m for m in chosen if m.status in ("survived", "no-tests")]
     equiv = [m for m in chosen if m.status == "equivalent"]
@@ -140,15 +167,52 @@ def measure(row: dict[str, Any], sample: int | None, seed: int, equivalents: dic
     score = 100.0 * killed / denom if denom else 100.0
     return {
         "name": row["name"], "module": row["path"], "tests": row["tests"], "floor": row["floor"],
-        "status": "measured", "mutants_total": len(allm), "mutants_run": len(chosen),
-        "sample": sample, "seed": seed if sample else None,
+        "status": "measured", "mutants_total": len(allm), "mutants_run": len(chosen), "reran": len(todo),
+        "sample": sample if recorded is None else None, "seed": seed if sample else None,
         "killed": killed, "survived": len(survived), "equivalent": len(equiv), "skipped": len(skipped),
         "score": round(score, 1), "pass": score >= row["floor"], "baseline_failed": res.baseline_failed,
-        "seconds": round(time.monotonic() - t0, 1),
+        "seconds": round(time.monotonic() - t0, 1), "files": file_hashes(row),
         "survivors": [{"key": m.key, "at": m.ident, "status": m.status, "diff": m.diff} for m in survived],
         "equivalents": [{"key": m.key, "at": m.ident, "reason": equivalents[m.key]} for m in equiv],
         "skipped_mutants": [{"key": m.key, "why": m.killed_by} for m in skipped],
+        "mutants": {m.key: [m.status, m.killed_by] for m in chosen if m.status in ("killed", "timeout")},
     }
+
+
+def ci_check(row: dict[str, Any], report: dict[str, dict[str, Any]], seed: int, equivalents: dict[str, str],
+             verbose: bool) -> dict[str, Any]:
+    """The fast check CI runs (tests/test_mutation_floor.py), against the committed full report:
+    - module and its tests unchanged since the report: its recorded statuses, rescored with the
+      current equivalents, no run;
+    - only tests changed: every mutant a changed test file killed in the report is run again (a
+      deleted or weakened test shows), plus the row's fixed-seed sample; the rest keep their status;
+    - the module itself changed (or no full report): the row's fixed-seed sample."""
+    rec = report.get(row["name"])
+    now = file_hashes(row)
+    src = os.path.join("src", row["path"])
+    full = rec is not None and rec.get("status") == "measured" and rec.get("sample") is None and "mutants" in rec
+    if not full or rec.get("files", {}).get(src) != now[src]:
+        r = measure(row, row["sample"], seed, equivalents, verbose)
+        r["ci"] = "module changed since the report: fixed-seed sample" if full else "no full report: fixed-seed sample"
+        return r
+    changed = {f for f in now if rec["files"].get(f) != now[f]}
+    recorded = {k: v for k, v in rec["mutants"].items()}
+    for s in rec.get("survivors", []):
+        recorded[s["key"]] = [s["status"], ""]
+    for k in rec.get("skipped_mutants", []):
+        recorded[k["key"]] = ["skipped", k["why"]]
+    for e in rec.get("equivalents", []):
+        recorded.setdefault(e["key"], ["survived", ""])  # no longer reviewed equivalent: counts as survived
+    if not changed:
+        r = measure(row, 0, seed, equivalents, verbose, rerun=lambda m, old: False, recorded=recorded)
+        r["ci"] = "unchanged since the report: recorded statuses"
+        return r
+
+    def rerun(m: Mutant, old: list[str]) -> bool:
+        return old[0] in ("killed", "timeout") and old[1].split("::")[0] in changed
+    r = measure(row, row["sample"], seed, equivalents, verbose, rerun=rerun, recorded=recorded)
+    r["ci"] = f"tests changed ({', '.join(sorted(changed))}): their kills rerun + fixed-seed sample"
+    return r
 
 
 def render(results: list[dict[str, Any]], command: str) -> str:
@@ -216,16 +280,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write this run's results to this file")
     ap.add_argument("--write-report", action="store_true", help="update bench/results and docs/ASSURANCE.md")
     ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    ap.add_argument("--ci", action="store_true", help="the fast CI check against bench/results/mutation.json "
+                    "(see ci_check): unchanged rows are rescored, changed ones rerun in part")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE", help="with --write-report: take the rows from these "
+                    "--json outputs instead of running (assemble a report from runs made one module at a time)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     try:
         os.nice(19)
     except OSError:
         pass
+    if a.from_json:
+        merged: list[dict[str, Any]] = []
+        for fn in a.from_json:
+            with open(fn, encoding="utf-8") as f:
+                merged += json.load(f)["modules"]
+        write_report(merged, ".venv/bin/python bench/mutation.py --write-report")
+        return 0 if all(r.get("pass", True) for r in merged) else 1
     rows = [r for r in MODULES if not a.module or r["name"] in a.module]
     if a.module and len(rows) != len(set(a.module)):
         ap.error(f"unknown module; the table has: {', '.join(r['name'] for r in MODULES)}")
     equivalents = load_equivalents()
+    report: dict[str, dict[str, Any]] = {}
+    if a.ci and os.path.exists(RESULTS):
+        with open(RESULTS, encoding="utf-8") as f:
+            report = {m["name"]: m for m in json.load(f)["modules"]}
     results: list[dict[str, Any]] = []
     for row in rows:
         if a.list:
@@ -238,11 +317,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['name']:17} PENDING  {row['status']}", flush=True)
             continue
         sample = row["sample"] if a.sample_table else a.sample
-        r = measure(row, sample, a.seed, equivalents, a.verbose)
+        if a.ci:
+            r = ci_check(row, report, a.seed, equivalents, a.verbose)
+        else:
+            r = measure(row, sample, a.seed, equivalents, a.verbose)
         results.append(r)
         print(f"{r['name']:17} {r['score']:5.1f}% (floor {r['floor']}%) killed {r['killed']}/"
               f"{r['mutants_run'] - r['equivalent'] - r['skipped']}, {r['equivalent']} equivalent, "
-              f"{r['skipped']} skipped, {r['seconds']} s {'ok' if r['pass'] else 'BELOW FLOOR'}", flush=True)
+              f"{r['skipped']} skipped, {r['seconds']} s {'ok' if r['pass'] else 'BELOW FLOOR'}"
+              + (f" [{r['ci']}; {r['reran']} run]" if "ci" in r else ""), flush=True)
         for s in r["survivors"]:
             print(f"    survived: {s['at']}\n" + "".join(f"      {ln}\n" for ln in s["diff"].splitlines()[2:]),
                   end="", flush=True)
