@@ -9,7 +9,6 @@ import os
 import signal
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -48,6 +47,7 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_request(root):
     acked: list[tuple[str, int, str]] = []
     lock = threading.Lock()
     stop = threading.Event()
+    going = threading.Event()  # set once the burst is well under way (40 acknowledged requests)
 
     def worker(w: int) -> None:
         with httpx.Client(base_url=url, verify=_ctx(root), timeout=10) as c:
@@ -60,12 +60,14 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_request(root):
                     return
                 with lock:
                     acked.append((r.headers["x-request-id"], r.status_code, f"w{w}-{i}"))
+                    if len(acked) >= 40:
+                        going.set()
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGKILL)
+    assert going.wait(60), "the burst did not get going"
+    proc.send_signal(signal.SIGKILL)  # mid-burst: requests are in flight on all six connections
     proc.wait(10)
     stop.set()
     for t in threads:
