@@ -139,8 +139,9 @@ def test_pure_and_masked() -> None:
 
 
 def test_bad_topology() -> None:
-    for vcpu, cpus in ((0, 0), (2, 2), (-1, 2), (0, 255)):
-        with pytest.raises(ConfigError):
+    for vcpu, cpus, why in ((0, 0, "a VM has 1 to 254 vCPUs, not 0"), (2, 2, r"vCPU id 2 is outside 0\.\.1"),
+                            (-1, 2, r"vCPU id -1 is outside 0\.\.1"), (0, 255, "a VM has 1 to 254 vCPUs, not 255")):
+        with pytest.raises(ConfigError, match=why):
             filter_cpuid(host(), vcpu, cpus)
 
 

@@ -127,7 +127,7 @@ def test_scope_within_is_not_a_string_prefix():
 @pytest.mark.parametrize("bad", ["", "tenants", "/tenants/x", f"/tenants/{T}/", f"/tenants/{T}/vms",
                                  f"/tenants/{T}/nets/{V1}", "/../", f"/tenants/{T.upper()}"])
 def test_bad_scopes_raise_config_error(bad):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="is not /, /tenants/<uuid> or /tenants/<uuid>/vms/<uuid>"):
         rbac.validate_scope(bad)
 
 

@@ -141,13 +141,18 @@ def test_policy_parse_and_evaluate() -> None:
     assert "PCR 15" in reasons[0] and "not allowed" in reasons[1] and "vm-launch" in reasons[2]
 
 
-@pytest.mark.parametrize("over", [
-    {"format": "x"}, {"ek_sha256": "E" * 64}, {"pcrs": {"host": 30, "vm": 15}}, {"allowed": {"bogus": []}},
-    {"allowed": {"manifest": ["zz"]}}, {"max_age_s": 0}, {"interval_s": 400, "max_age_s": 300},
-    {"running_vms_when_untrusted": "ignore"}, {"surprise": 1},
+@pytest.mark.parametrize(("over", "why"), [
+    ({"format": "x"}, "format must be bulkhead-policy/1"), ({"ek_sha256": "E" * 64}, "ek_sha256 must be the SHA-256"),
+    ({"pcrs": {"host": 30, "vm": 15}}, "PCR indexes must be integers 0..23"),
+    ({"allowed": {"bogus": []}}, "allowed must map event kinds"),
+    ({"allowed": {"manifest": ["zz"]}}, "allowed.manifest must be a list of SHA-256 hex digests"),
+    ({"max_age_s": 0}, "max_age_s must be a number between 1 and 86400"),
+    ({"interval_s": 400, "max_age_s": 300}, "interval_s must be shorter than max_age_s"),
+    ({"running_vms_when_untrusted": "ignore"}, "running_vms_when_untrusted must be keep or stop"),
+    ({"surprise": 1}, "unknown policy field"),
 ])
-def test_bad_policies_are_refused(over: dict[str, object]) -> None:
-    with pytest.raises(IntegrityError):
+def test_bad_policies_are_refused(over: dict[str, object], why: str) -> None:
+    with pytest.raises(IntegrityError, match=why):
         parse_policy(_policy(**over))
 
 

@@ -92,8 +92,10 @@ def test_nic_mac_is_locally_administered_unicast_and_stable(vm: str, idx: int) -
 
 
 def test_parse_mac_refuses_multicast_zero_and_garbage() -> None:
-    for bad in ("01:00:5e:00:00:01", "00:00:00:00:00:00", "zz:00:00:00:00:00", "02:00:00:00:00", "0200.0000.0001"):
-        with pytest.raises(ConfigError):
+    for bad, why in (("01:00:5e:00:00:01", "is a multicast address"), ("00:00:00:00:00:00", "is not usable"),
+                     ("zz:00:00:00:00:00", "is not a MAC address"), ("02:00:00:00:00", "is not a MAC address"),
+                     ("0200.0000.0001", "is not a MAC address")):
+        with pytest.raises(ConfigError, match=why):
             parse_mac(bad)
 
 
@@ -117,10 +119,13 @@ def test_ipam_lowest_free_never_reserved_or_held() -> None:
     assert allocate_ipv4(n, held) == IPv4Address("10.0.0.4")
 
 
-@pytest.mark.parametrize("req", ["10.0.0.0", "10.0.0.1", "10.0.0.255", "10.0.1.5", "10.0.0.9", "x"])
-def test_ipam_requested_address_is_checked(req: str) -> None:
+@pytest.mark.parametrize(("req", "why"), [("10.0.0.0", "is reserved"), ("10.0.0.1", "is reserved"),
+                                          ("10.0.0.255", "is reserved"), ("10.0.1.5", "is not in network 'a'"),
+                                          ("10.0.0.9", "is already held by another NIC"),
+                                          ("x", "'x' is not an IPv4 address")])
+def test_ipam_requested_address_is_checked(req: str, why: str) -> None:
     n = net()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=why):
         allocate_ipv4(n, [IPv4Address("10.0.0.9")], req)
 
 
