@@ -161,6 +161,9 @@ def measure(row: dict[str, Any], sample: int | None, seed: int, equivalents: dic
     res = run_module(modname, SRC, row["path"], row["tests"], todo, log, REPO) if todo else RunResult()
     killed = sum(m.status in ("killed", "timeout") for m in chosen)
     survived = [m for m in chosen if m.status in ("survived", "no-tests")]
+    was = recorded or {}
+    regressions = [{"key": m.key, "at": m.ident, "was_killed_by": was[m.key][1], "diff": m.diff}
+                   for m in survived if was.get(m.key, [""])[0] in ("killed", "timeout")]
     equiv = [m for m in chosen if m.status == "equivalent"]
     skipped = [m for m in chosen if m.status == "skipped"]
     denom = len(chosen) - len(equiv) - len(skipped)
@@ -176,6 +179,7 @@ def measure(row: dict[str, Any], sample: int | None, seed: int, equivalents: dic
         "equivalents": [{"key": m.key, "at": m.ident, "reason": equivalents[m.key]} for m in equiv],
         "skipped_mutants": [{"key": m.key, "why": m.killed_by} for m in skipped],
         "mutants": {m.key: [m.status, m.killed_by] for m in chosen if m.status in ("killed", "timeout")},
+        "regressions": regressions,
     }
 
 
@@ -326,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mutants_run'] - r['equivalent'] - r['skipped']}, {r['equivalent']} equivalent, "
               f"{r['skipped']} skipped, {r['seconds']} s {'ok' if r['pass'] else 'BELOW FLOOR'}"
               + (f" [{r['ci']}; {r['reran']} run]" if "ci" in r else ""), flush=True)
+        for g in r.get("regressions", []):
+            print(f"    REGRESSION: {g['at']} was killed by {g['was_killed_by']} in the report, now survives", flush=True)
         for s in r["survivors"]:
             print(f"    survived: {s['at']}\n" + "".join(f"      {ln}\n" for ln in s["diff"].splitlines()[2:]),
                   end="", flush=True)
@@ -339,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"command": command, "modules": results}, f, indent=1)
     if a.write_report:
         write_report(results, command.replace(" --write-report", ""))
-    return 0 if all(r.get("pass", True) for r in results) else 1
+    return 0 if all(r.get("pass", True) and not r.get("regressions") for r in results) else 1
 
 
 if __name__ == "__main__":

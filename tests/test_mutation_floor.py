@@ -44,6 +44,11 @@ def test_mutation_score_is_at_or_above_the_floor(row: dict[str, Any], sample: di
         pytest.skip(f"PENDING {row['name']} (floor {row['floor']}%): {row['status'].removeprefix('pending: ')}")
     r = sample[row["name"]]
     assert not r["baseline_failed"], f"tests fail without any mutant: {r['baseline_failed']}"
+    lost = "\n".join(f"{g['at']} (killed by {g['was_killed_by']} in the report)\n{g['diff']}" for g in r.get("regressions", []))
+    assert not lost, (
+        f"{row['path']}: mutants the committed report has as killed now survive ({r.get('ci')}): a test that "
+        f"killed them was removed or weakened. Restore it, or rerun `make mutation` and commit the report "
+        f"if the change is intended:\n{lost}")
     survivors = "\n".join(f"{s['at']}\n{s['diff']}" for s in r["survivors"])
     assert r["score"] >= row["floor"], (
         f"{row['path']}: mutation score {r['score']}% < floor {row['floor']}% "
