@@ -190,11 +190,14 @@ def ci_check(row: dict[str, Any], report: dict[str, dict[str, Any]], seed: int, 
       current equivalents, no run;
     - only tests changed: every mutant a changed test file killed in the report is run again (a
       deleted or weakened test shows), plus the row's fixed-seed sample; the rest keep their status;
-    - the module itself changed (or no full report): the row's fixed-seed sample."""
+    - the module itself changed (or no full report): the row's fixed-seed sample; a row the report
+      holds only as a sample, with nothing changed, keeps that sample's result."""
     rec = report.get(row["name"])
     now = file_hashes(row)
     src = os.path.join("src", row["path"])
     full = rec is not None and rec.get("status") == "measured" and rec.get("sample") is None and "mutants" in rec
+    if rec is not None and rec.get("status") == "measured" and not full and rec.get("files") == now:
+        return {**rec, "ci": f"unchanged since the report's fixed-seed sample of {rec.get('sample')}", "reran": 0}
     if not full or rec.get("files", {}).get(src) != now[src]:
         r = measure(row, row["sample"], seed, equivalents, verbose)
         r["ci"] = "module changed since the report: fixed-seed sample" if full else "no full report: fixed-seed sample"
