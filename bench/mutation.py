@@ -82,9 +82,9 @@ MODULES: list[dict[str, Any]] = [
     {"name": "pvh", "path": "bulkhead/boot/pvh.py", "floor": 95,
      "tests": ["tests/test_boot_elf.py", "tests/test_boot_elf_edges.py", "tests/test_boot_fuzz.py", _SURF], "sample": 20, "status": "active"},
     {"name": "loader", "path": "bulkhead/boot/loader.py", "floor": 95,
-     "tests": ["tests/test_boot_loader.py", _SURF], "sample": 20, "status": "active"},
+     "tests": ["tests/test_boot_loader.py", "tests/test_boot_loader_edges.py", _SURF], "sample": 20, "status": "active"},
     {"name": "params", "path": "bulkhead/boot/params.py", "floor": 95,
-     "tests": ["tests/test_boot_params.py", "tests/test_boot_params_edges.py", "tests/test_boot_loader.py"], "sample": 20, "status": "active"},
+     "tests": ["tests/test_boot_params.py", "tests/test_boot_params_edges.py", "tests/test_boot_loader.py", "tests/test_boot_loader_edges.py"], "sample": 20, "status": "active"},
     {"name": "audit", "path": "bulkhead/control/audit.py", "floor": 95,
      "tests": [*_AUDIT_PURE, "tests/test_daemon_audit.py"], "sample": 30, "status": "active"},
     {"name": "merkle", "path": "bulkhead/control/merkle.py", "floor": 95,
@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(see ci_check): unchanged rows are rescored, changed ones rerun in part")
     ap.add_argument("--from-json", nargs="+", metavar="FILE", help="with --write-report: take the rows from these "
                     "--json outputs instead of running (assemble a report from runs made one module at a time)")
+    ap.add_argument("--rerun-survivors", metavar="FILE", help="take a full run's --json output and run again only "
+                    "its surviving mutants (and mutants new since); the others keep their status. Sound after "
+                    "tests were added, not after tests were removed or the module changed")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -326,6 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         sample = row["sample"] if a.sample_table else a.sample
         if a.ci:
             r = ci_check(row, report, a.seed, equivalents, a.verbose)
+        elif a.rerun_survivors:
+            with open(a.rerun_survivors, encoding="utf-8") as f:
+                prev = {m["name"]: m for m in json.load(f)["modules"]}[row["name"]]
+            if prev.get("sample") is not None:
+                ap.error(f"{a.rerun_survivors}: {row['name']} was a sample, not a full run")
+            srcf = os.path.join("src", row["path"])
+            keys = [m.key for m in enumerate_mutants(SRC, row["path"])]
+            if prev.get("files", {}).get(srcf, file_hashes(row)[srcf]) != file_hashes(row)[srcf] or \
+                    len(keys) != prev["mutants_total"]:
+                ap.error(f"{row['path']} changed since {a.rerun_survivors}: run it in full")
+            recorded = dict(prev.get("mutants") or {k: ["killed", ""] for k in keys})
+            for sv in prev["survivors"]:
+                recorded[sv["key"]] = [sv["status"], ""]
+            r = measure(row, 0, a.seed, equivalents, a.verbose, recorded=recorded,
+                        rerun=lambda m, old: old[0] in ("survived", "no-tests"))
+            r["reran_from"] = f"{a.rerun_survivors}: only its survivors were run again"
         else:
             r = measure(row, sample, a.seed, equivalents, a.verbose)
         results.append(r)
