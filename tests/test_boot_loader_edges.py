@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bulkhead.boot import load_kernel
 from bulkhead.boot import layout as L
+from bulkhead.boot import load_kernel
 from bulkhead.boot.craft import make_bzimage, make_elf
 from bulkhead.boot.loader import CMDLINE_LIMIT_LINUX_ELF, CMDLINE_LIMIT_PVH, MAX_CPUS
 from bulkhead.errors import ConfigError, ImageError
