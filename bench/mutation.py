@@ -96,7 +96,7 @@ MODULES: list[dict[str, Any]] = [
     {"name": "network-model", "path": "bulkhead/network/model.py", "floor": 90,
      "tests": ["tests/test_network_model.py"], "sample": 20, "status": "active"},
     {"name": "network-rules", "path": "bulkhead/network/rules.py", "floor": 90,
-     "tests": ["tests/test_network_model.py"], "sample": 20, "status": "active"},
+     "tests": ["tests/test_network_model.py", "tests/test_network_rules_nft.py"], "sample": 20, "status": "active"},
     {"name": "manifest", "path": "bulkhead/integrity/manifest.py", "floor": 90,
      "tests": ["tests/test_integrity_manifest.py"], "sample": 20, "status": "active"},
     {"name": "sandbox-protocol", "path": "bulkhead/sandbox/protocol.py", "floor": 90,
