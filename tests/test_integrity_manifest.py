@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,37 @@ def test_cli_build_sign_verify(install: dict[str, Path], capsys: pytest.CaptureF
     assert manifest_main(["verify", "--manifest", str(d / "s.json"), "--pubkey", str(install["pub"])]) == 1
     assert manifest_main(["sign", str(d / "u.json"), "--key", str(d / "k.pub")]) == 1
     assert manifest_main(["bogus"]) == 2
+
+
+def test_the_refusal_counts_the_other_differences(install: dict[str, Path]) -> None:
+    target = install["pkg"] / "bus.py"
+    target.write_text(target.read_text() + "\n# one\n")
+    with pytest.raises(IntegrityError) as one:
+        _require(install)
+    assert f"{target}: modified" in str(one.value) and "more)" not in str(one.value)  # one difference
+    (install["pkg"] / "evil.py").write_text("import os\n")
+    (install["pkg"] / "errors.py").unlink()
+    with pytest.raises(IntegrityError, match=r"\(and 2 more\)$"):
+        _require(install)
+
+
+def test_a_process_started_through_the_pre_import_gate_reuses_its_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    gate = types.ModuleType("bulkhead_boot")
+    gate.RESULT = {"verified": True, "root": str(m.package_root()), "digest": "ab" * 32,  # type: ignore[attr-defined]
+                   "manifest_path": "/etc/bulkhead/manifest.json"}
+    monkeypatch.setitem(sys.modules, "bulkhead_boot", gate)
+    monkeypatch.delenv("BULKHEAD_DEV_SKIP_INTEGRITY", raising=False)
+    assert m._booted_result() is gate.RESULT  # type: ignore[attr-defined]
+    assert require_integrity("worker") == m.IntegrityResult(True, "ab" * 32, "/etc/bulkhead/manifest.json")
+    gate.RESULT = "not a dict"  # type: ignore[attr-defined]
+    assert m._booted_result() is None
+
+
+def test_default_externals_name_the_entry_point_script() -> None:
+    script = Path(sys.executable).parent / "bulkhead"
+    roles = m._default_externals()
+    assert roles[os.path.realpath(sys.executable)] == "interpreter"
+    if script.is_file():
+        assert roles[str(script.resolve())] == "entry-point"
