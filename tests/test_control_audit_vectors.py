@@ -195,6 +195,7 @@ def test_verify_passes_exactly_the_levels_it_built():
 
     rep = verify(rows, head_of(notes), nodes=level)
     assert rep.ok and rep.records == 5 and asked == [1, 2, 3]  # every built level and the one above
+    assert (rep.first_bad, rep.problem, rep.checkpoints_checked) == (None, "", 1)
     asked.clear()
     one_rows, one_notes, _ = build(1)
     assert verify(one_rows, head_of(one_notes), nodes=lambda n: asked.append(n) or b"").ok  # type: ignore[func-returns-value]

@@ -165,10 +165,13 @@ def test_cli_build_sign_verify(install: dict[str, Path], capsys: pytest.CaptureF
 def test_the_refusal_counts_the_other_differences(install: dict[str, Path]) -> None:
     target = install["pkg"] / "bus.py"
     target.write_text(target.read_text() + "\n# one\n")
+    diffs = verify_installation(install["manifest"], install["pub"])
     with pytest.raises(IntegrityError) as one:
         _require(install)
-    assert f"{target}: modified" in str(one.value) and "more)" not in str(one.value)  # one difference
+    assert str(one.value).endswith(f"signed manifest: {diffs[0]}")  # exactly one difference: nothing after it
     (install["pkg"] / "evil.py").write_text("import os\n")
+    with pytest.raises(IntegrityError, match=r"\(and 1 more\)$"):
+        _require(install)
     (install["pkg"] / "errors.py").unlink()
     with pytest.raises(IntegrityError, match=r"\(and 2 more\)$"):
         _require(install)

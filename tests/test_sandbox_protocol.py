@@ -289,3 +289,34 @@ def test_fuzzed_workers_never_crash_the_host(frames: list[bytes]) -> None:
         assert result.reason.kind == "worker-crash" and not proc.killed.is_set()
     else:
         assert result.reason.kind == "protocol-violation" and proc.killed.is_set()
+
+
+def test_limits_are_exact_key_text_and_datagram_sizes() -> None:
+    """MAX_NAME, MAX_TEXT and MAX_MESSAGE are each accepted exactly and refused one past (issue 15)."""
+    assert p.decode(p.encode(p.Stats({"k" * p.MAX_NAME: 1})), p.WORKER_TO_HOST) == p.Stats({"k" * p.MAX_NAME: 1})
+    with pytest.raises(p.ProtocolError, match="a key of field 'counters' is too long"):
+        p.encode(p.Stats({"k" * (p.MAX_NAME + 1): 1}))
+    ok = p.Event("e", {"t": "x" * p.MAX_TEXT})
+    assert p.decode(p.encode(ok), p.WORKER_TO_HOST) == ok
+    with pytest.raises(p.ProtocolError, match=f"fields.t is longer than {p.MAX_TEXT} characters"):
+        p.encode(p.Event("e", {"t": "x" * (p.MAX_TEXT + 1)}))
+    counters: dict[str, int | str | bool | None] = {}
+    i = 0
+    while len(p.encode(p.Stats(counters))) < p.MAX_MESSAGE - 1000:
+        counters[f"c{i:03d}"] = "a" * 500
+        i += 1
+    counters["last"] = ""
+    counters["last"] = "a" * (p.MAX_MESSAGE - len(p.encode(p.Stats(counters))))
+    assert len(p.encode(p.Stats(counters))) == p.MAX_MESSAGE  # exactly the limit is sent
+    counters["last"] += "a"
+    with pytest.raises(p.ProtocolError, match=f"message of {p.MAX_MESSAGE + 1} bytes exceeds the"):
+        p.encode(p.Stats(counters))
+
+
+def test_an_unknown_message_type_is_named_in_the_error() -> None:
+    raw = json.dumps({"v": p.PROTOCOL_VERSION, "type": "bogus"}).encode()
+    with pytest.raises(p.ProtocolError, match="unknown or misdirected message type 'bogus'"):
+        p.decode(raw, p.HOST_TO_WORKER)
+    raw = json.dumps({"v": p.PROTOCOL_VERSION, "type": 7}).encode()
+    with pytest.raises(p.ProtocolError, match="unknown or misdirected message type 'int'"):
+        p.decode(raw, p.HOST_TO_WORKER)
