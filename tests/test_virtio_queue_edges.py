@@ -210,7 +210,7 @@ def test_indirect_table_limits_and_alignment(mem):
     d, q = make(mem)
     d.write_desc(0, MEM_SIZE - 16, 32, IND)
     d.push_avail(0)
-    with pytest.raises(VirtioFault, match="^indirect table: ") as info:
+    with pytest.raises(VirtioFault, match=r"^indirect table: ") as info:
         q.pop(mem)
     assert info.value.reason is FaultReason.DESC_OUTSIDE_RAM
 
