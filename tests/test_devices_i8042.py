@@ -182,7 +182,8 @@ def test_without_the_keyboard_interrupt_enabled_nothing_is_raised() -> None:
 def test_counters_known_answer_after_a_mixed_sequence() -> None:
     c = Ctl()
     d = c.dev
-    assert d.metrics.as_dict() == {"bad_access": 0, "reads": 0, "resets": 0, "unknown_commands": 0, "writes": 0}
+    assert d.metrics.as_dict() == {"bad_access": 0, "ctrl_alt_del": 0, "ctrl_alt_del_refused": 0, "reads": 0, "resets": 0,
+                                   "unknown_commands": 0, "writes": 0}
     d.read(CMD, 1)
     d.read(CMD, 1)
     d.write(CMD, 1, k.CMD_SELF_TEST)
@@ -190,7 +191,8 @@ def test_counters_known_answer_after_a_mixed_sequence() -> None:
     d.write(CMD, 1, 0x13)  # unknown
     d.write(2, 1, 0)       # offsets 1-3: contained
     d.write(CMD, 1, k.CMD_RESET_CPU)
-    assert d.metrics.as_dict() == {"bad_access": 1, "reads": 2, "resets": 1, "unknown_commands": 1, "writes": 4}
+    assert d.metrics.as_dict() == {"bad_access": 1, "ctrl_alt_del": 0, "ctrl_alt_del_refused": 0, "reads": 2,
+                                   "resets": 1, "unknown_commands": 1, "writes": 4}
     assert c.resets == 1
     assert repr(d.metrics) == f"I8042Metrics({d.metrics.as_dict()})"
 
