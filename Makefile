@@ -24,3 +24,12 @@ completion:
 man:
 	mkdir -p build
 	$(PYTHON) -m bulkhead.clitree man -o build/bulkhead.1
+.PHONY: mutation mutation-sample
+
+# Mutation testing of the pure security core (bench/mutation.py; report in docs/ASSURANCE.md).
+mutation:
+	nice -n 19 $(PYTHON) bench/mutation.py --write-report
+
+# The fixed-seed per-module sample CI runs (tests/test_mutation_floor.py).
+mutation-sample:
+	nice -n 19 $(PYTHON) bench/mutation.py --sample-table --seed 15

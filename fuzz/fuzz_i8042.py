@@ -1,7 +1,8 @@
 """atheris harness for the i8042 model (bulkhead.devices.i8042). A crash is any exception.
 
 Input format: a sequence of 3-byte records [op, offset, value]:
-op & 1: 0 read, 1 write; (op >> 1) & 3 selects the width from (1, 1, 2, 4);
+op & 1: 0 read, 1 write; (op >> 1) & 3 selects the width from (1, 1, 2, 4); op >= 0xf0: the host's
+Ctrl-Alt-Del request (trigger_ctrl_alt_del) instead;
 offset is taken as (offset % 8) - 1 (so -1 and 5-6, outside the device, are reachable).
 
 Run: .venv/bin/python fuzz/fuzz_i8042.py -runs=100000
@@ -30,6 +31,11 @@ def run(data: bytes) -> None:
     dev = k.I8042Device(on_reset, kbd_irq=FakeIrq())
     for i in range(0, len(data) - 2, 3):
         op, off, value = data[i], data[i + 1], data[i + 2]
+        if op >= 0xF0:
+            dev.trigger_ctrl_alt_del()
+            if len(dev._buf) > k.BUF_SIZE:
+                raise AssertionError("output buffer over BUF_SIZE")
+            continue
         size = WIDTHS[(op >> 1) & 3]
         offset = off % 8 - 1
         if op & 1:

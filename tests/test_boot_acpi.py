@@ -51,7 +51,7 @@ def test_everything_fits_its_slot_at_the_limits() -> None:
     t = build_acpi(MAX_CPUS, SLOTS)
     for name, addr, data in t.writes():
         assert addr + len(data) <= L.slot(name).end, name
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="the ACPI MADT supports 1 to 254 vCPUs, not 0"):
         build_acpi(0)
 
 
@@ -97,3 +97,22 @@ def test_iasl_at_the_limits(tmp_path: Path) -> None:
     dsl = _iasl(tmp_path, build_acpi(MAX_CPUS, SLOTS))
     assert dsl["dsdt"].count('"LNRO0005"') == 19
     assert dsl["madt"].count("[Processor Local APIC]") == MAX_CPUS
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl (acpica-tools) is not installed")
+def test_the_dsdt_has_qemu_microvms_ged_and_power_button(tmp_path: Path) -> None:
+    """ACPI 6.5 §5.6.9: the Generic Event Device (the shape of QEMU microvm's DSDT, the oracle: same
+    address, length, event bit) whose _EVT notifies the control-method power button (§4.8.2.2.1.2)."""
+    from bulkhead.devices.ged import EVT_POWER_DOWN, GED_BASE, GED_IRQ, GED_LEN
+
+    d = _iasl(tmp_path, build_acpi(1))["dsdt"]
+    assert 'Name (_HID, "ACPI0013" /* Generic Event Device */)' in d
+    assert f"OperationRegion (EREG, SystemMemory, 0x{GED_BASE:08X}, 0x{GED_LEN:02X})" in d
+    assert "Field (EREG, DWordAcc, NoLock, WriteAsZeros)" in d and "ESEL,   32" in d
+    assert "Method (_EVT, 1, Serialized)" in d
+    assert f"If (((Local0 & 0x{EVT_POWER_DOWN:02X}) == 0x{EVT_POWER_DOWN:02X}))" in d
+    assert "Notify (\\_SB.PWRB, 0x80)" in d
+    assert 'EisaId ("PNP0C0C") /* Power Button Device */' in d
+    assert f"0x{GED_IRQ:08X}," in d
+    p = subprocess.run(["iasl", "dsdt.dsl"], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert p.returncode == 0 and "Compilation successful" in p.stdout + p.stderr, p.stdout + p.stderr

@@ -129,6 +129,7 @@ def test_rejects_malformed(mutate, message: str) -> None:  # type: ignore[no-unt
 
 
 def test_rejects_garbage_and_empty() -> None:
-    for data in (b"", b"\0" * 10, b"\xff" * 4096):
-        with pytest.raises(ImageError):
+    for data, why in ((b"", "truncated: 0 bytes"), (b"\0" * 10, "truncated: 10 bytes"),
+                      (b"\xff" * 4096, "not a bzImage: boot flag 0xAA55")):
+        with pytest.raises(ImageError, match=why):
             parse_bzimage(data)

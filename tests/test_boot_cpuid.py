@@ -111,7 +111,7 @@ def test_brand_string_policy() -> None:
     assert brand_of(filter_cpuid(host(), 0, 1)) == DEFAULT_BRAND
     assert brand_of(filter_cpuid(host(), 0, 1, brand="ACME vCPU")) == "ACME vCPU"
     for bad in ("x" * 48, "caf\u00e9", "bad\nbrand"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match="the CPU brand string must be printable ASCII of at most 47"):
             filter_cpuid(host(), 0, 1, brand=bad)
     # no extended brand leaves when the max extended leaf does not reach them
     small = [e for e in host() if e.function != 0x80000000] + [CpuidEntry(0x80000000, 0, 0, 0x80000001, 0, 0, 0)]
@@ -139,8 +139,9 @@ def test_pure_and_masked() -> None:
 
 
 def test_bad_topology() -> None:
-    for vcpu, cpus in ((0, 0), (2, 2), (-1, 2), (0, 255)):
-        with pytest.raises(ConfigError):
+    for vcpu, cpus, why in ((0, 0, "a VM has 1 to 254 vCPUs, not 0"), (2, 2, r"vCPU id 2 is outside 0\.\.1"),
+                            (-1, 2, r"vCPU id -1 is outside 0\.\.1"), (0, 255, "a VM has 1 to 254 vCPUs, not 255")):
+        with pytest.raises(ConfigError, match=why):
             filter_cpuid(host(), vcpu, cpus)
 
 

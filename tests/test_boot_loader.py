@@ -212,7 +212,7 @@ def test_closed_memory_is_a_programming_error() -> None:
 def test_bad_cpu_count(mem: GuestMemory) -> None:
     img = make_elf([(0x100000, PAYLOAD, 0x1000)], 0x100000)
     for cpus in (0, 33, -1):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match="the boot loader supports 1 to 32 vCPUs, not"):
             load_kernel(mem, img, initrd=None, cmdline="", cpus=cpus)
 
 

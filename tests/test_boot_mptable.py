@@ -64,7 +64,7 @@ def test_mptable_entries(cpus: int) -> None:
 
 def test_mptable_limits() -> None:
     for bad in (0, -1, MAX_CPUS + 1, 255):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match="the MP table supports 1 to 32 vCPUs, not"):
             build_mptable(bad)
 
 

@@ -48,7 +48,7 @@ def test_e820_above_3g() -> None:
 
 def test_e820_rejects_bad_layouts() -> None:
     for ram in ([], [(0x1000, 4 * MIB)], [(0, MIB)]):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match="guest RAM must start at address 0 and extend beyond 1 MiB"):
             build_e820(ram)
 
 
@@ -104,7 +104,7 @@ def test_zero_page_copies_bzimage_header() -> None:
     assert struct.unpack_from("<I", zp, 0x214)[0] == 0x100000
     # no heap is provided, so CAN_USE_HEAP must not be claimed
     assert not zp[0x211] & 0x80
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="bzImage setup header is larger than the boot_params slot"):
         build_boot_params(setup_header=b"\0" * 0xA0, cmdline_addr=0, cmdline_size=0, e820=E820)
 
 

@@ -44,7 +44,7 @@ def test_signed_note_matches_the_go_note_package_byte_for_byte():
     assert str(Verifier.for_key("PeterNeumann", key)) == GO_VKEY
     assert sign_note(GO_TEXT, "PeterNeumann", key) == GO_TEXT + "\n" + GO_SIG
     assert open_note(GO_TEXT + "\n" + GO_SIG, Verifier.parse(GO_VKEY)) == GO_TEXT
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match="the signature by PeterNeumann does not verify"):
         open_note(GO_TEXT.replace("you", "we", 1) + "\n" + GO_SIG, Verifier.parse(GO_VKEY))
     with pytest.raises(NoteError, match="hash does not match"):
         Verifier.parse(GO_VKEY.replace("c74f20a3", "c74f20a4"))
@@ -60,15 +60,20 @@ def test_checkpoint_format_and_signature():
     assert note.startswith(f"{ORIGIN}\n5\n{b64}\n\n\u2014 {ORIGIN} ")
     sc = parse_signed(note, V, "t")
     assert (sc.cp.size, sc.cp.root) == (5, b"\x02" * 32)
-    for bad in (note.replace("\n5\n", "\n6\n"), note.replace(ORIGIN, ORIGIN + "x", 1), note[:-3] + "AA\n",
-                note.replace("\n\n", "\n")):
-        with pytest.raises(NoteError):
+    for bad, why in ((note.replace("\n5\n", "\n6\n"), "does not verify"),
+                     (note.replace(ORIGIN, ORIGIN + "x", 1), "does not verify"),
+                     (note[:-3] + "AA\n", "does not verify"),
+                     (note.replace("\n\n", "\n"), "a note has a blank line before its signatures")):
+        with pytest.raises(NoteError, match=why):
             parse_signed(bad, V, "t")
     other = Verifier.for_key(ORIGIN, Ed25519PrivateKey.generate())
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match="the note is not signed by"):
         parse_signed(note, other, "t")
-    for text in ("o\n05\nAAAA\n", "o\n1\n" + base64.b64encode(b"x" * 31).decode() + "\n", "o\n1\n", "\n1\nAA==\n"):
-        with pytest.raises(NoteError):
+    for text, why in (("o\n05\nAAAA\n", "not a decimal number"),
+                      ("o\n1\n" + base64.b64encode(b"x" * 31).decode() + "\n", "not 32 bytes"),
+                      ("o\n1\n", "has an origin, a size and a root hash line"),
+                      ("\n1\nAA==\n", "empty or padded origin line")):
+        with pytest.raises(NoteError, match=why):
             Checkpoint.parse(text)
     ext = Checkpoint("o", 1, b"\x01" * 32, ("ext line",))
     assert Checkpoint.parse(ext.text()) == ext
@@ -85,9 +90,9 @@ def test_cosignature_v1():
     assert raw[:4] == wv.hash and int.from_bytes(raw[4:12], "big") == 1700000000 and len(raw) == 76
     assert verify_cosignature(note + line, wv) == 1700000000
     assert open_note(note + line, V) == text  # the log signature still verifies beside it
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match=r"the cosignature by witness\.example/w1 does not verify"):
         verify_cosignature(signed(4, b"\x05" * 32) + line, wv)
-    with pytest.raises(NoteError):  # a note signature (0x01) is not a cosignature (0x04)
+    with pytest.raises(NoteError, match="the note is not cosigned by"):  # a note signature (0x01) is not a cosignature (0x04)
         verify_cosignature(note, Verifier.for_key(ORIGIN, KEY, ALG_COSIGNATURE))
 
 
@@ -96,8 +101,12 @@ def test_add_checkpoint_body_round_trip():
     assert body.startswith(b"old 7\n" + base64.b64encode(b"\x01" * 32) + b"\n")
     req = parse_add_checkpoint(body)
     assert req.old == 7 and req.proof == (b"\x01" * 32, b"\x02" * 32)
-    for bad in (b"old 07\n\nx", b"old 1\nAAAA\n\nx", b"new 1\n\nx", b"old 1\n", b"\xff"):
-        with pytest.raises(NoteError):
+    for bad, why in ((b"old 07\n\nx", "the first line is `old <size>`"),
+                     (b"old 1\nAAAA\n\nx", "at most 63 hashes of 32 bytes"),
+                     (b"new 1\n\nx", "the first line is `old <size>`"),
+                     (b"old 1\n", "no blank line after the consistency proof"),
+                     (b"\xff", "the body is not UTF-8")):
+        with pytest.raises(NoteError, match=why):
             parse_add_checkpoint(bad)
 
 
@@ -108,9 +117,10 @@ def test_leaf_encoding_is_injective_across_field_boundaries():
     assert leaf_bytes(1, a) != leaf_bytes(2, a)
     assert leaf_bytes(1, a).startswith(b"\x00\x00\x00\x11bulkhead-audit-v2")
     assert decode_leaf(leaf_bytes(12, a)) == (12, tuple(a))
-    for bad in (b"", leaf_bytes(1, a)[:-1], leaf_bytes(1, a) + b"x", leaf_bytes(1, a[:-1]),
-                leaf_bytes(1, a).replace(b"\x00\x00\x00\x011", b"\x00\x00\x00\x01x", 1)):
-        with pytest.raises(ValueError):
+    for bad, why in ((b"", "not a bulkhead-audit-v2 leaf"), (leaf_bytes(1, a)[:-1], "truncated leaf"),
+                     (leaf_bytes(1, a) + b"x", "malformed leaf"), (leaf_bytes(1, a[:-1]), "truncated leaf"),
+                     (leaf_bytes(1, a).replace(b"\x00\x00\x00\x011", b"\x00\x00\x00\x01x", 1), "malformed leaf")):
+        with pytest.raises(ValueError, match=why):
             decode_leaf(bad)
 
 
@@ -183,7 +193,7 @@ def test_pure_verifier_survives_hostile_rows():
     head = parse_signed(signed(1, b"\x01" * 32), V, "head")
     for rows in ([("x",)], [(1, None)], [(1, "notbytes", b"")], [(0, b"", b"")], [(1, "a")], [(1, b"x", b"y", b"z")]):
         assert not verify(rows, head).ok
-    with pytest.raises(NoteError):
+    with pytest.raises(NoteError, match="a note ends with a newline"):
         parse_signed("[1]", V, "x")
 
 
@@ -196,10 +206,10 @@ def test_lifecycle_table():
     assert next_state("exited", "delete") == "deleted"
     with pytest.raises(LifecycleError, match="stop it first"):
         next_state("running", "delete")
-    with pytest.raises(LifecycleError):
+    with pytest.raises(LifecycleError, match="cannot pause a VM that is stopped"):
         next_state("stopped", "pause")
-    with pytest.raises(LifecycleError):
-        next_state("running", "reboot")
+    with pytest.raises(LifecycleError, match="unknown VM operation 'teleport'"):
+        next_state("running", "teleport")
     for allowed, result in TRANSITIONS.values():
         assert allowed <= set(STATES)
         assert result in (*STATES, "deleted")

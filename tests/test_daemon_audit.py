@@ -439,3 +439,20 @@ def test_the_daemon_refuses_a_wiped_state_dir_but_init_makes_a_new_one(tmp_path)
     with pytest.raises(HostError, match="wiped"):
         Daemon.open(sd.root)
     assert audit_main(["verify", "--state-dir", str(sd.root)]) == 1
+
+
+def test_audit_key_files_have_their_modes(tmp_path):
+    """The signing key is private to its owner (0600); the public key is world-readable (0644)."""
+    make_audit_key(tmp_path / "k", tmp_path / "k.pub")
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "k.pub").stat().st_mode & 0o777 == 0o644
+
+
+def test_latest_checkpoint_is_the_largest_signed_tree(log_dir):
+    log = _open(log_dir)
+    try:
+        note = log.latest_checkpoint()
+        origin, size = note.split("\n")[:2]
+        assert (origin, size) == (str(log.verifier).split("+")[0], str(N))  # N is a multiple of EVERY
+    finally:
+        log.close()

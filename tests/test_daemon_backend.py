@@ -4,6 +4,7 @@ file, pause/resume as SIGSTOP/SIGCONT (interim), stop escalating from SIGTERM to
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def _proc_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    """SIGTERM (15) is in the process's ignored-signal mask (/proc/PID/status SigIgn, proc(5))."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
 def _wait(pred, timeout=5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -86,9 +95,8 @@ def test_lifecycle_with_signals(tmp_path, standin):
 
 def test_stop_escalates_to_sigkill(tmp_path, standin):
     b = ProcessBackend(python=str(standin))
-    b.start("v", _spec(tmp_path, "ignoreterm"))
-    assert _wait(lambda: b.console("v", 0, 4096) != b"")  # the trap is installed after the echo
-    time.sleep(0.1)
+    pid = b.start("v", _spec(tmp_path, "ignoreterm"))
+    assert _wait(lambda: _ignores_sigterm(pid))  # the event itself: the standin's trap '' TERM is in place
     t0 = time.monotonic()
     b.stop("v", grace=0.3)
     took = time.monotonic() - t0

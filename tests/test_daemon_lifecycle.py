@@ -9,7 +9,6 @@ import os
 import signal
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -48,6 +47,7 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_request(root):
     acked: list[tuple[str, int, str]] = []
     lock = threading.Lock()
     stop = threading.Event()
+    going = threading.Event()  # set once the burst is well under way (40 acknowledged requests)
 
     def worker(w: int) -> None:
         with httpx.Client(base_url=url, verify=_ctx(root), timeout=10) as c:
@@ -60,12 +60,14 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_request(root):
                     return
                 with lock:
                     acked.append((r.headers["x-request-id"], r.status_code, f"w{w}-{i}"))
+                    if len(acked) >= 40:
+                        going.set()
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGKILL)
+    assert going.wait(60), "the burst did not get going"
+    proc.send_signal(signal.SIGKILL)  # mid-burst: requests are in flight on all six connections
     proc.wait(10)
     stop.set()
     for t in threads:
@@ -156,8 +158,17 @@ def test_cli_end_to_end_over_mtls(root, capsys, tmp_path):
         assert vm_main(["start", "web", *auth]) == 0
         assert vm_main(["list", "--json", *auth]) == 0
         capsys.readouterr()
-        assert vm_main(["console", "web", *auth]) == 0
+        assert vm_main(["console", "web", "--once", *auth]) == 0
         assert "booting vmlinux" in capsys.readouterr().out
+        assert vm_main(["reboot", "web", *auth]) == 0  # the same VM, a new boot after the old output
+        assert vm_main(["console", "web", "--once", *auth]) == 0
+        assert capsys.readouterr().out.count("booting vmlinux") == 2
+        assert vm_main(["shutdown", "web", "--timeout", "5", *auth]) == 0
+        assert "the guest powered off" in capsys.readouterr().err
+        assert vm_main(["start", "web", *auth]) == 0
+        assert vm_main(["stop", "web", "--force", *auth]) == 0
+        assert vm_main(["start", "web", *auth]) == 0
+        capsys.readouterr()
         assert vm_main(["delete", "web", *auth]) == 1  # running: refused with a reason
         assert "stop it first" in capsys.readouterr().err
         assert vm_main(["create", "--tenant", "acme", "--name", "bad", "--kernel", "vmlinux", "--cpus", "0", *auth]) == 1

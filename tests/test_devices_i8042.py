@@ -139,3 +139,97 @@ def test_random_accesses_never_raise_and_stay_in_range(ops: list[tuple[bool, int
             assert 0 <= v < (1 << (8 * size)) if size > 0 else v == 0
     assert c.resets == c.dev.metrics.resets
     assert c.dev.read(CMD, 1) & ~(k.SB_OUT_DATA_AVAIL | k.SB_CMD_DATA) == k.SB_KBD_ENABLED
+
+
+# ------------------------------------------------------------------ Ctrl-Alt-Del (vm shutdown)
+def test_ctrl_alt_del_queues_set2_make_codes_with_one_interrupt_per_byte() -> None:
+    irq = FakeIrq()
+    c = Ctl(irq)
+    assert c.dev.trigger_ctrl_alt_del() is True
+    assert irq.count == 1
+    got = []
+    while c.dev.read(CMD, 1) & k.SB_OUT_DATA_AVAIL:
+        got.append(c.dev.read(DATA, 1))
+    assert bytes(got) == bytes([0x14, 0x11, 0xE0, 0x71])  # Firecracker's KEY_CTRL, KEY_ALT, KEY_DEL
+    assert irq.count == 4  # raised again while bytes remain: a guest reading one byte per IRQ gets all
+    assert c.dev.metrics.ctrl_alt_del == 1 and c.resets == 0
+
+
+def test_ctrl_alt_del_is_refused_when_the_buffer_is_full_and_never_overflows_it() -> None:
+    c = Ctl(FakeIrq())
+    accepted = sum(c.dev.trigger_ctrl_alt_del() for _ in range(10))
+    assert accepted == k.BUF_SIZE // len(k.CTRL_ALT_DEL)
+    assert c.dev.metrics.ctrl_alt_del_refused == 10 - accepted
+    n = 0
+    while c.dev.read(CMD, 1) & k.SB_OUT_DATA_AVAIL:
+        c.dev.read(DATA, 1)
+        n += 1
+    assert n == k.BUF_SIZE
+
+
+def test_without_the_keyboard_interrupt_enabled_nothing_is_raised() -> None:
+    irq = FakeIrq()
+    c = Ctl(irq)
+    c.dev.write(CMD, 1, k.CMD_WRITE_CTR)
+    c.dev.write(DATA, 1, k.CB_POST_OK)  # keyboard interrupt off
+    assert c.dev.trigger_ctrl_alt_del()
+    assert irq.count == 0
+    assert c.dev.read(DATA, 1) == 0x14  # still readable by polling
+
+
+# --- mutation-testing survivors (issue 15): counters, widths, the status byte across commands ------------
+
+def test_counters_known_answer_after_a_mixed_sequence() -> None:
+    c = Ctl()
+    d = c.dev
+    assert d.metrics.as_dict() == {"bad_access": 0, "ctrl_alt_del": 0, "ctrl_alt_del_refused": 0, "reads": 0, "resets": 0,
+                                   "unknown_commands": 0, "writes": 0}
+    d.read(CMD, 1)
+    d.read(CMD, 1)
+    d.write(CMD, 1, k.CMD_SELF_TEST)
+    d.write(CMD, 1, 0xFF)  # pulse no output line: not a reset, and not an unknown command
+    d.write(CMD, 1, 0x13)  # unknown
+    d.write(2, 1, 0)       # offsets 1-3: contained
+    d.write(CMD, 1, k.CMD_RESET_CPU)
+    assert d.metrics.as_dict() == {"bad_access": 1, "ctrl_alt_del": 0, "ctrl_alt_del_refused": 0, "reads": 2,
+                                   "resets": 1, "unknown_commands": 1, "writes": 4}
+    assert c.resets == 1
+    assert repr(d.metrics) == f"I8042Metrics({d.metrics.as_dict()})"
+
+
+def test_bad_widths_and_offsets_read_all_ones_of_their_width() -> None:
+    d = Ctl().dev
+    assert [d.read(DATA, s) for s in (2, 4, 8)] == [0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1]
+    assert [d.read(o, 1) for o in (1, 2, 3)] == [0xFF] * 3
+    assert [d.read(DATA, s) for s in (0, 9)] == [0, 0]
+    assert d.metrics.bad_access == 8 and d.metrics.reads == 0
+
+
+def test_write_ctr_command_drops_a_pending_reply_and_waits_for_its_byte() -> None:
+    d = Ctl().dev
+    d.write(CMD, 1, k.CMD_SELF_TEST)
+    assert d.read(CMD, 1) == k.SB_KBD_ENABLED | k.SB_OUT_DATA_AVAIL
+    d.write(CMD, 1, k.CMD_WRITE_CTR)  # the unread 0x55 is dropped; a parameter byte is expected
+    assert d.read(CMD, 1) == k.SB_KBD_ENABLED | k.SB_CMD_DATA
+    d.write(DATA, 1, 0x1_46)           # masked to a byte
+    assert d.control == 0x46 and d.read(CMD, 1) == k.SB_KBD_ENABLED
+    d.write(CMD, 1, k.CMD_READ_CTR)
+    assert d.read(DATA, 1) == 0x46
+
+
+def test_output_port_write_with_reset_bit_clear_resets_once() -> None:
+    c = Ctl()
+    c.dev.write(CMD, 1, k.CMD_WRITE_OUTP)
+    c.dev.write(DATA, 1, k.OUTP_DEFAULT)  # reset line deasserted: nothing
+    assert c.resets == 0
+    c.dev.write(CMD, 1, k.CMD_READ_OUTP)
+    assert c.dev.read(DATA, 1) == k.OUTP_DEFAULT
+    c.dev.write(CMD, 1, k.CMD_WRITE_OUTP)
+    c.dev.write(DATA, 1, 0x02)  # bit 0 low: reset
+    assert c.resets == 1 and c.dev.metrics.resets == 1
+
+
+def test_output_port_reads_its_power_on_value() -> None:
+    d = Ctl().dev
+    d.write(CMD, 1, k.CMD_READ_OUTP)
+    assert d.read(DATA, 1) == k.OUTP_DEFAULT == 0x03  # reset deasserted, A20 on

@@ -280,7 +280,7 @@ def test_write_values_are_masked_to_a_byte() -> None:
 
 
 def test_rejects_bad_construction() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rx_capacity and flush_threshold must be at least 1"):
         Serial(FakeIrq(), lambda _: None, rx_capacity=0)
 
 
@@ -347,3 +347,107 @@ def test_random_register_sequences_stay_in_range(ops: list[tuple[object, ...]]) 
     assert u.irq.count == u.dev.metrics.irq_triggers
     u.dev.flush()
     assert len(u.output) == u.dev.metrics.bytes_out
+
+
+# --- mutation-testing survivors (issue 15): reset values, exact capacities, counters, IER/FCR edges ------
+
+def test_register_values_after_reset() -> None:
+    """Power-on state (16550A datasheet, with bulkhead's documented 9600 8N1 divisor/LCR)."""
+    u = Uart()
+    assert [u.inb(r) for r in (IER, IIR, LCR, MCR, SCR)] == [0, s.IIR_NO_INT, 0x03, 0, 0]
+    u.outb(LCR, 0x03 | s.LCR_DLAB)
+    assert (u.inb(DATA), u.inb(IER)) == (0x0C, 0x00)
+
+
+def test_capacity_and_threshold_must_be_at_least_one() -> None:
+    u = Uart(rx_capacity=1, flush_threshold=1)
+    assert u.dev.rx_capacity == 1 and Uart().dev.rx_capacity == s.RX_CAPACITY
+    for kw in ({"rx_capacity": 0}, {"flush_threshold": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            Uart(**kw)
+
+
+def test_metrics_known_answer() -> None:
+    u = Uart(rx_capacity=2)
+    assert u.dev.metrics.as_dict() == dict.fromkeys(s.SerialMetrics.__slots__, 0)
+    u.outb(IER, s.IER_RDI)
+    assert u.dev.enqueue_input(b"abc") == 2
+    assert u.inb(DATA) == ord("a")
+    u.outb(DATA, ord("x"))
+    u.dev.read(0, 2)
+    u.dev.flush()
+    assert u.dev.metrics.as_dict() == {"bad_access": 1, "bytes_in": 2, "bytes_out": 1, "bytes_read": 1,
+                                       "irq_triggers": 1, "rx_cleared": 0, "rx_dropped": 1, "tx_lost": 0}
+    assert repr(u.dev.metrics) == f"SerialMetrics({u.dev.metrics.as_dict()})"
+
+
+def test_first_interrupt_after_reset_is_an_edge() -> None:
+    u = Uart()
+    u.outb(IER, s.IER_RDI)
+    u.dev.enqueue_input(b"k")
+    assert u.irq.take() == 1 and u.inb(IIR) & 0x0F == s.IIR_RDI
+
+
+def test_bad_widths_read_all_ones_of_their_width() -> None:
+    d = Uart().dev
+    assert [d.read(0, n) for n in (2, 4, 8)] == [0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1]
+    assert [d.read(0, n) for n in (0, 9)] == [0, 0] and d.read(8, 1) == 0xFF
+
+
+def test_divisor_latch_writes_raise_no_interrupt() -> None:
+    u = Uart()
+    u.outb(LCR, s.LCR_DLAB)
+    u.irq.take()
+    u.outb(DATA, 0x01)
+    u.outb(IER, 0x00)
+    assert u.irq.take() == 0
+    assert (u.inb(DATA), u.inb(IER)) == (0x01, 0x00)
+
+
+def test_rewriting_ier_with_thri_still_set_does_not_rearm_it() -> None:
+    u = Uart()
+    u.outb(IER, s.IER_THRI)
+    assert u.inb(IIR) & 0x0F == s.IIR_THRI  # reading IIR acknowledges it
+    assert u.inb(IIR) & 0x0F == s.IIR_NO_INT
+    u.outb(IER, s.IER_THRI | s.IER_RDI)  # THRI unchanged
+    assert u.inb(IIR) & 0x0F == s.IIR_NO_INT
+
+
+def test_modem_status_interrupt_needs_msi_enabled() -> None:
+    u = Uart()
+    u.outb(IER, s.IER_RDI)
+    u.outb(MCR, s.MCR_LOOP | s.MCR_RTS)  # CTS changes: a modem-status delta is pending
+    assert u.inb(IIR) & 0x0F == s.IIR_NO_INT
+    u.outb(IER, s.IER_RDI | s.IER_MSI)
+    assert u.inb(IIR) & 0x0F == s.IIR_MSI
+
+
+def test_toggling_fifo_enable_clears_the_receive_fifo() -> None:
+    u = Uart()
+    u.dev.enqueue_input(b"xyz")
+    u.outb(FCR, s.FCR_ENABLE)  # no clear bits: the toggle itself resets the FIFOs
+    assert u.inb(LSR) & s.LSR_DR == 0 and u.dev.metrics.rx_cleared == 3
+    assert u.inb(IIR) & s.IIR_FIFO_ENABLED == s.IIR_FIFO_ENABLED
+    u.dev.enqueue_input(b"q")
+    u.outb(FCR, s.FCR_ENABLE)  # no toggle, no clear bit: kept
+    assert u.dev.rx_pending == 1
+
+
+def test_loopback_fills_to_capacity_exactly() -> None:
+    u = Uart(rx_capacity=2)
+    u.outb(MCR, s.MCR_LOOP)
+    for b in b"abc":
+        u.outb(DATA, b)
+    assert u.dev.rx_pending == 2 and u.dev.metrics.rx_dropped == 1
+    assert bytes(u.inb(DATA) for _ in range(3)) == b"ab\x00"
+
+
+def test_receive_buffer_memory_stays_bounded_while_the_queue_never_drains() -> None:
+    """A guest that keeps one byte pending forever must not make the host buffer grow without bound."""
+    u = Uart(rx_capacity=64)
+    u.dev.enqueue_input(b"\x00")
+    for i in range(3 * s._COMPACT_AT):
+        u.dev.enqueue_input(bytes([i & 0xFF]))
+        u.inb(DATA)
+    assert u.dev.rx_pending == 1
+    assert len(u.dev._rx) <= 2 * s._COMPACT_AT + 64  # compacted, not 3 * _COMPACT_AT bytes

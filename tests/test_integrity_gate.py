@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,8 +90,34 @@ def _wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
     return False
 
 
+class _Rounds:
+    """Counts the background driver's completed attestation rounds, so a test waits for the round
+    itself (not for a guessed amount of time). The driver loop calls `self.run_once()`; wrapping that
+    instance attribute sees every periodic round."""
+
+    def __init__(self, gate: IntegrityGate) -> None:
+        self.n = 0
+        self._cv = threading.Condition()
+        inner = gate.driver.run_once
+
+        def counted() -> Any:
+            v = inner()
+            with self._cv:
+                self.n += 1
+                self._cv.notify_all()
+            return v
+        gate.driver.run_once = counted  # type: ignore[method-assign]
+
+    def wait(self, more: int, timeout: float = 10.0) -> bool:
+        """Wait until `more` rounds complete after this call."""
+        with self._cv:
+            goal = self.n + more
+            return self._cv.wait_for(lambda: self.n >= goal, timeout)
+
+
 def test_clean_host_attests_and_starts_vms(env: Env) -> None:
     gate = env.start()
+    rounds = _Rounds(gate)
     st = gate.status()
     assert st["state"] == "trusted", st["reasons"]
     assert env.events and env.events[-1].new == "trusted"
@@ -98,7 +125,7 @@ def test_clean_host_attests_and_starts_vms(env: Env) -> None:
     # the launch was measured and the log still replays: the next rounds stay trusted
     assert gate.attest_now().trusted
     assert [json.loads(x)["kind"] for x in env.log.read_text().splitlines()] == ["manifest", "config", "vm-launch"]
-    time.sleep(0.3)
+    assert rounds.wait(2), "the background driver ran no further rounds"
     assert gate.status()["state"] == "trusted" and gate.can_start_vm()
 
 
@@ -139,6 +166,7 @@ def test_missing_enrollment_is_untrusted(env: Env) -> None:
 
 def test_tpm_going_away_makes_host_untrusted(env: Env) -> None:
     gate = env.start()
+    rounds = _Rounds(gate)
     assert gate.can_start_vm()
     env.sw.stop()  # kill swtpm while the gate runs
     assert _wait_for(lambda: gate.status()["state"] == "untrusted", 5.0)
@@ -148,8 +176,8 @@ def test_tpm_going_away_makes_host_untrusted(env: Env) -> None:
     with pytest.raises(IntegrityError, match="host is untrusted"):
         gate.check_vm_start(env.good_vm)
     # the TPM comes back reset (new boot): the old log no longer replays; still untrusted
-    env.sw.start()
-    time.sleep(0.3)
+    env.sw.start()  # returns once it accepts connections
+    assert rounds.wait(1), "no driver round ran against the restarted TPM"
     v = gate.attest_now()
     assert not v.trusted and any("does not reproduce" in r for r in v.reasons)
     assert not gate.can_start_vm()
@@ -158,9 +186,11 @@ def test_tpm_going_away_makes_host_untrusted(env: Env) -> None:
 def test_attestation_that_stops_arriving_goes_stale(env: Env) -> None:
     """Keylime CVE-2022-3500: no periodic attestation -> untrusted after max_age, no VM starts."""
     gate = env.start(run_driver=False, max_age_s=1, interval_s=0.5)
+    t0 = time.monotonic()
     assert gate.can_start_vm()
-    time.sleep(1.2)
-    assert not gate.can_start_vm()
+    # wait for the staleness itself: it must come, and not before max_age_s has passed
+    assert _wait_for(lambda: not gate.can_start_vm(), 5.0)
+    assert time.monotonic() - t0 >= 0.9
     st = gate.status()
     assert st["state"] == "untrusted" and "stale" in st["reasons"][0]  # type: ignore[index]
     assert env.events[-1].new == "untrusted" and "stale" in env.events[-1].reasons[0]

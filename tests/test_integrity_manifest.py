@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,7 +92,7 @@ def test_added_removed_and_interpreter_changes_are_refused(install: dict[str, Pa
     assert "evil.py: unexpected file" in text
     assert "errors.py: missing" in text
     assert f"{install['interp']}: modified" in text
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="bulkhead daemon refuses to start: installed code differs"):
         _require(install)
 
 
@@ -111,7 +113,7 @@ def test_modified_manifest_is_refused(install: dict[str, Path], tamper: str) -> 
     install["manifest"].write_text(json.dumps(doc))
     with pytest.raises(IntegrityError, match=r"signature|format"):
         verify_installation(install["manifest"], install["pub"])
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="the manifest"):
         _require(install)
 
 
@@ -135,7 +137,7 @@ def test_missing_manifest_or_key_refuses(install: dict[str, Path]) -> None:
 def test_dev_skip_only_with_exact_env_and_loud(install: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     (install["pkg"] / "bus.py").write_text("modified\n")
     for value in ("0", "true", "yes", ""):
-        with pytest.raises(IntegrityError):
+        with pytest.raises(IntegrityError, match="bulkhead daemon refuses to start: installed code differs"):
             _require(install, BULKHEAD_DEV_SKIP_INTEGRITY=value)
     res = _require(install, BULKHEAD_DEV_SKIP_INTEGRITY="1")
     assert not res.verified and res.digest is None
@@ -158,3 +160,40 @@ def test_cli_build_sign_verify(install: dict[str, Path], capsys: pytest.CaptureF
     assert manifest_main(["verify", "--manifest", str(d / "s.json"), "--pubkey", str(install["pub"])]) == 1
     assert manifest_main(["sign", str(d / "u.json"), "--key", str(d / "k.pub")]) == 1
     assert manifest_main(["bogus"]) == 2
+
+
+def test_the_refusal_counts_the_other_differences(install: dict[str, Path]) -> None:
+    target = install["pkg"] / "bus.py"
+    target.write_text(target.read_text() + "\n# one\n")
+    diffs = verify_installation(install["manifest"], install["pub"])
+    with pytest.raises(IntegrityError) as one:
+        _require(install)
+    assert str(one.value).endswith(f"signed manifest: {diffs[0]}")  # exactly one difference: nothing after it
+    (install["pkg"] / "evil.py").write_text("import os\n")
+    with pytest.raises(IntegrityError, match=r"\(and 1 more\)$"):
+        _require(install)
+    (install["pkg"] / "errors.py").unlink()
+    with pytest.raises(IntegrityError, match=r"\(and 2 more\)$"):
+        _require(install)
+
+
+def test_a_process_started_through_the_pre_import_gate_reuses_its_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    gate = types.ModuleType("bulkhead_boot")
+    gate.RESULT = {"verified": True, "root": str(m.package_root()), "digest": "ab" * 32,  # type: ignore[attr-defined]
+                   "manifest_path": "/etc/bulkhead/manifest.json"}
+    monkeypatch.setitem(sys.modules, "bulkhead_boot", gate)
+    monkeypatch.delenv("BULKHEAD_DEV_SKIP_INTEGRITY", raising=False)
+    assert m._booted_result() is gate.RESULT  # type: ignore[attr-defined]
+    assert require_integrity("worker") == m.IntegrityResult(True, "ab" * 32, "/etc/bulkhead/manifest.json")
+    gate.RESULT = "not a dict"  # type: ignore[attr-defined]
+    assert m._booted_result() is None
+
+
+def test_default_externals_name_the_entry_point_script() -> None:
+    script = Path(sys.executable).parent / "bulkhead"
+    roles = m._default_externals()
+    assert roles[os.path.realpath(sys.executable)] == "interpreter"
+    if script.is_file():
+        assert roles[str(script.resolve())] == "entry-point"

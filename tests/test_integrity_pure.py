@@ -107,7 +107,7 @@ def test_event_log_roundtrip_and_replay() -> None:
     "{not json",
 ])
 def test_hostile_event_lines_are_refused(line: str) -> None:
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="event log"):
         parse_event_log(line)
 
 
@@ -141,20 +141,25 @@ def test_policy_parse_and_evaluate() -> None:
     assert "PCR 15" in reasons[0] and "not allowed" in reasons[1] and "vm-launch" in reasons[2]
 
 
-@pytest.mark.parametrize("over", [
-    {"format": "x"}, {"ek_sha256": "E" * 64}, {"pcrs": {"host": 30, "vm": 15}}, {"allowed": {"bogus": []}},
-    {"allowed": {"manifest": ["zz"]}}, {"max_age_s": 0}, {"interval_s": 400, "max_age_s": 300},
-    {"running_vms_when_untrusted": "ignore"}, {"surprise": 1},
+@pytest.mark.parametrize(("over", "why"), [
+    ({"format": "x"}, "format must be bulkhead-policy/1"), ({"ek_sha256": "E" * 64}, "ek_sha256 must be the SHA-256"),
+    ({"pcrs": {"host": 30, "vm": 15}}, "PCR indexes must be integers 0..23"),
+    ({"allowed": {"bogus": []}}, "allowed must map event kinds"),
+    ({"allowed": {"manifest": ["zz"]}}, "allowed.manifest must be a list of SHA-256 hex digests"),
+    ({"max_age_s": 0}, "max_age_s must be a number between 1 and 86400"),
+    ({"interval_s": 400, "max_age_s": 300}, "interval_s must be shorter than max_age_s"),
+    ({"running_vms_when_untrusted": "ignore"}, "running_vms_when_untrusted must be keep or stop"),
+    ({"surprise": 1}, "unknown policy field"),
 ])
-def test_bad_policies_are_refused(over: dict[str, object]) -> None:
-    with pytest.raises(IntegrityError):
+def test_bad_policies_are_refused(over: dict[str, object], why: str) -> None:
+    with pytest.raises(IntegrityError, match=why):
         parse_policy(_policy(**over))
 
 
 def test_bad_enrollment_is_refused() -> None:
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="enrollment ek_public must be hex"):
         parse_enrollment({"format": "bulkhead-enrollment/1", "ek_public": "zz", "ak_public": "", "ak_name": ""})
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="the enrollment is not a JSON object"):
         parse_enrollment("[]")
 
 
@@ -190,7 +195,7 @@ def test_verify_evidence_never_raises_on_garbage() -> None:
 
 def test_canonical_json_refuses_floats() -> None:
     assert canonical_json({"b": 1, "a": [True, None]}) == b'{"a":[true,null],"b":1}'
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match=r"canonical JSON: value at \$\.x has unsupported type float"):
         canonical_json({"x": 1.5})
 
 
@@ -222,3 +227,131 @@ def test_gate_goes_untrusted_when_attestation_stops_arriving() -> None:
     assert g.reasons == ["TPM unavailable"]
     g.record(Verdict(True, [], ["ok"]), 113.0)
     assert g.can_start_vm(113.0) and not g.should_stop_running(113.0)
+
+
+# ---- mutation-testing survivors (issue 15): policy/enrollment boundaries, round trips, event bounds ---
+
+def test_policy_round_trips_and_its_defaults_are_documented() -> None:
+    pol = parse_policy(_policy())
+    assert (pol.host_pcr, pol.vm_pcr, pol.max_age_s, pol.interval_s, pol.running_vms_when_untrusted) == (
+        14, 15, 300.0, 30.0, "keep")
+    assert pol.to_dict() == {
+        "format": "bulkhead-policy/1", "ek_sha256": "e" * 64, "pcrs": {"host": 14, "vm": 15},
+        "allowed": {"config": ["b" * 64], "manifest": ["a" * 64], "vm-launch": []},
+        "max_age_s": 300.0, "interval_s": 30.0, "running_vms_when_untrusted": "keep"}
+    assert parse_policy(pol.to_dict()) == pol
+    assert parse_policy(json.dumps(pol.to_dict())) == pol
+
+
+@pytest.mark.parametrize(("over", "ok"), [
+    ({"max_age_s": 1, "interval_s": 0.5}, True), ({"max_age_s": 86400}, True), ({"max_age_s": 0.99}, False),
+    ({"max_age_s": 86401}, False), ({"max_age_s": True}, False), ({"max_age_s": "300"}, False),
+    ({"interval_s": 0.05}, True), ({"interval_s": 0.049}, False), ({"max_age_s": 10, "interval_s": 10}, False),
+    ({"max_age_s": 10, "interval_s": 9.99}, True),
+    ({"pcrs": {"host": 0, "vm": 23}}, True), ({"pcrs": {"host": 0, "vm": 24}}, False),
+    ({"pcrs": {"host": -1, "vm": 15}}, False), ({"pcrs": {"host": True, "vm": 15}}, False),
+    ({"pcrs": {"host": 14}}, False), ({"pcrs": [14, 15]}, False),
+    ({"running_vms_when_untrusted": "stop"}, True), ({"running_vms_when_untrusted": "kill"}, False),
+])
+def test_policy_field_boundaries(over: dict[str, object], ok: bool) -> None:
+    if ok:
+        parse_policy(_policy(**over))
+    else:
+        with pytest.raises(IntegrityError, match="policy"):
+            parse_policy(_policy(**over))
+
+
+def test_policy_and_enrollment_errors_name_the_document() -> None:
+    with pytest.raises(IntegrityError, match=r"^the policy is not valid JSON$"):
+        parse_policy("{")
+    with pytest.raises(IntegrityError, match=r"^the enrollment is not a JSON object$"):
+        parse_enrollment("[]")
+
+
+def _enrollment(**over: object) -> dict[str, object]:
+    e: dict[str, object] = {"format": "bulkhead-enrollment/1", "ek_public": "0a0b", "ak_public": "0c",
+                            "ak_name": "000b" + "11" * 32,
+                            "activation": {"verified": True, "challenge_sha256": "c" * 64}}
+    e.update(over)
+    return e
+
+
+def test_enrollment_round_trips() -> None:
+    enr = parse_enrollment(_enrollment())
+    assert (enr.ek_public, enr.ak_public, enr.activation_verified, enr.challenge_sha256) == (
+        b"\x0a\x0b", b"\x0c", True, "c" * 64)
+    d = enr.to_dict()
+    assert d["activation"] == {"method": "TPM2_MakeCredential/TPM2_ActivateCredential", "verified": True,
+                               "challenge_sha256": "c" * 64}
+    assert (d["ek_public"], d["ak_public"], d["ak_name"]) == ("0a0b", "0c", "000b" + "11" * 32)
+    assert parse_enrollment(d) == enr and parse_enrollment(json.dumps(d)) == enr
+    assert parse_enrollment(_enrollment(activation={})).activation_verified is False
+    assert parse_enrollment(_enrollment(activation={"verified": "yes"})).activation_verified is False
+    assert parse_enrollment(_enrollment(activation={"verified": True})).challenge_sha256 == ""
+
+
+@pytest.mark.parametrize("over", [
+    {"ek_public": "zz"}, {"ak_public": "abc"}, {"ak_name": 5}, {"ek_public": "ab" * 2049}, {"activation": None},
+    {"activation": {"verified": True, "challenge_sha256": 7}}, {"format": "bulkhead-enrollment/2"},
+])
+def test_malformed_enrollment_is_refused(over: dict[str, object]) -> None:
+    with pytest.raises(IntegrityError, match="enrollment"):
+        parse_enrollment(_enrollment(**over))
+
+
+def test_enrollment_hex_fields_up_to_4096_characters() -> None:
+    assert parse_enrollment(_enrollment(ek_public="ab" * 2048)).ek_public == b"\xab" * 2048
+
+
+def test_policy_violations_are_numbered_from_one() -> None:
+    pol = parse_policy(_policy())
+    reasons = evaluate_events(pol, [Event(14, "manifest", "a" * 64), Event(15, "config", "b" * 64)])
+    assert reasons == ["event 2 (config) was extended into PCR 15, policy puts config in PCR 14"]
+
+
+@pytest.mark.parametrize(("pcr", "ok"), [(0, True), (23, True), (24, False), (-1, False), (True, False)])
+def test_event_pcr_bounds(pcr: int, ok: bool) -> None:
+    if ok:
+        assert Event(pcr, "config", "b" * 64).pcr == pcr
+    else:
+        with pytest.raises(IntegrityError, match="PCR index"):
+            Event(pcr, "config", "b" * 64)
+
+
+def test_event_description_up_to_1024_characters() -> None:
+    assert len(Event(14, "config", "b" * 64, "d" * 1024).description) == 1024
+    with pytest.raises(IntegrityError, match="description"):
+        Event(14, "config", "b" * 64, "d" * 1025)
+
+
+def test_extend_value_known_answer() -> None:
+    """docs/INTEGRITY.md: extend value = SHA-256("bulkhead-event/1\\0" || kind || "\\0" || digest bytes)."""
+    e = Event(14, "config", "b" * 64)
+    assert e.extend_value == hashlib.sha256(b"bulkhead-event/1\x00config\x00" + b"\xbb" * 32).digest()
+    assert e.extend_value.hex() == "75826a6528028c9f5913046cef9d837735018d0eac3748b34346f24766c06292"
+
+
+def test_format_event_is_one_sorted_compact_line() -> None:
+    line = format_event(Event(14, "config", "b" * 64, "x"))
+    assert line == '{"description":"x","digest":"' + "b" * 64 + '","kind":"config","pcr":14}'
+
+
+def test_event_log_parsing_keeps_every_entry_and_numbers_errors() -> None:
+    a, b = format_event(Event(14, "manifest", "a" * 64, "with description")), format_event(Event(14, "config", "b" * 64))
+    evs = parse_event_log(f"{a}\n\n   \n{b}\n")
+    assert [e.kind for e in evs] == ["manifest", "config"] and evs[0].description == "with description"
+    no_desc = parse_event_log([{"pcr": 14, "kind": "config", "digest": "b" * 64}])
+    assert no_desc[0].description == ""
+    with pytest.raises(IntegrityError, match=r"^event log line 2 is not valid JSON$"):
+        parse_event_log(f"{a}\n{{\n")
+    with pytest.raises(IntegrityError, match=r"^event log entry 2: event must have"):
+        parse_event_log([json.loads(a), {"pcr": 14, "kind": "config"}])
+
+
+def test_event_log_size_cap_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bulkhead.integrity import eventlog
+    monkeypatch.setattr(eventlog, "MAX_EVENTS", 3)
+    one = {"pcr": 14, "kind": "config", "digest": "b" * 64}
+    assert len(parse_event_log([one] * 3)) == 3
+    with pytest.raises(IntegrityError, match="more than 3 events"):
+        parse_event_log([one] * 4)

@@ -25,7 +25,7 @@ def test_layout_splits_around_the_mmio_hole() -> None:
 
 @pytest.mark.parametrize("size", [0, 1 * MIB, 128 * MIB + 1, 65 << 30])
 def test_layout_rejects_bad_sizes(size: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="guest memory"):
         ram_regions(size)
 
 
@@ -69,7 +69,7 @@ def test_round_trip_and_typed_accessors(mem: GuestMemory) -> None:
     ],
 )
 def test_out_of_bounds_accesses_raise_guest_memory_error(mem: GuestMemory, addr: int, length: int) -> None:
-    with pytest.raises(GuestMemoryError):
+    with pytest.raises(GuestMemoryError, match="guest range"):
         mem.view(addr, length)
     assert mem.find(addr, length) is None
 
@@ -84,7 +84,7 @@ def test_bounds_check_property(mem: GuestMemory, addr: int, length: int) -> None
     if inside:
         assert len(mem.view(addr, length)) == length
     else:
-        with pytest.raises(GuestMemoryError):
+        with pytest.raises(GuestMemoryError, match="guest range"):
             mem.view(addr, length)
 
 
@@ -121,6 +121,6 @@ def test_close_scrubs_touched_pages_then_unmaps() -> None:
         type(region).scrub_and_unmap = real_unmap  # type: ignore[method-assign]
     assert seen == [bytes(600)]
     assert m.closed
-    with pytest.raises(GuestMemoryError):
+    with pytest.raises(GuestMemoryError, match="guest memory is closed"):
         m.read(0x3000, 1)
     m.close()  # idempotent

@@ -406,6 +406,23 @@ def test_egress_reaches_outside_masqueraded(world: World) -> None:
 
 # --- lifecycle: reconcile, restart, deletion ---------------------------------------------------------------
 
+def _cmdline(pid: int) -> bytes:
+    """The process's /proc cmdline; empty once it exited (zombie) or vanished."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _wait_until(pred: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _tenant_links(cfg: HostConfig, tenant: str) -> set[str]:
     r = _ns_cmd(cfg.netns(tenant), ["ip", "-o", "link"])
     return {line.split(": ")[1].split("@")[0] for line in r.stdout.splitlines()}
@@ -421,7 +438,7 @@ def test_reconcile_is_idempotent_and_repairs_damage(world: World) -> None:
     _ns_cmd(cfg.netns("tenant-b"), ["ip", "link", "del", cfg.bridge("net-b")])
     pid = int(Path(cfg.state_dir, cfg.bridge("net-a") + ".pid").read_text())
     os.kill(pid, 9)
-    time.sleep(0.1)
+    assert _wait_until(lambda: not _cmdline(pid)), "dnsmasq did not die"  # what reconcile checks
     ops = sorted(str(a) for a in host.reconcile(world.nets, world.nics, cfg))
     assert f"tap_delete {cfg.prefix}nstray" in ops and f"bridge_create {cfg.bridge('net-b')}" in ops
     assert f"dhcp_start {cfg.bridge('net-a')}" in ops and f"nft_apply {cfg.prefix}_guard" in ops

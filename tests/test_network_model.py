@@ -36,20 +36,20 @@ def net(nid: str = "n1", tenant: str = "t1", name: str = "a", v4: str = "10.0.0.
 @pytest.mark.parametrize("v4", ["10.0.0.1/24", "8.8.8.0/24", "127.0.0.0/24", "169.254.1.0/24", "10.0.0.0/30",
                                 "10.0.0.0/8", "224.0.0.0/24", "bogus", "10.0.0.0/15", "fd00::/64"])
 def test_bad_ipv4_subnets_are_refused(v4: str) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="IPv4 subnet"):
         net(v4=v4)
 
 
 @pytest.mark.parametrize("v6", ["fe80::/64", "ff02::/64", "fd00::/48", "fd00::1/64", "::1/128", "::ffff:0:0/96",
                                 "10.0.0.0/24"])
 def test_bad_ipv6_prefixes_are_refused(v6: str) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="IPv6 prefix"):
         net(v6=v6)
 
 
 @pytest.mark.parametrize("name", ["", "A", "-x", "x" * 64, "a b", "a_b", "é"])
 def test_bad_names_are_refused(name: str) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="network name"):
         net(name=name)
 
 
@@ -92,8 +92,10 @@ def test_nic_mac_is_locally_administered_unicast_and_stable(vm: str, idx: int) -
 
 
 def test_parse_mac_refuses_multicast_zero_and_garbage() -> None:
-    for bad in ("01:00:5e:00:00:01", "00:00:00:00:00:00", "zz:00:00:00:00:00", "02:00:00:00:00", "0200.0000.0001"):
-        with pytest.raises(ConfigError):
+    for bad, why in (("01:00:5e:00:00:01", "is a multicast address"), ("00:00:00:00:00:00", "is not usable"),
+                     ("zz:00:00:00:00:00", "is not a MAC address"), ("02:00:00:00:00", "is not a MAC address"),
+                     ("0200.0000.0001", "is not a MAC address")):
+        with pytest.raises(ConfigError, match=why):
             parse_mac(bad)
 
 
@@ -117,10 +119,13 @@ def test_ipam_lowest_free_never_reserved_or_held() -> None:
     assert allocate_ipv4(n, held) == IPv4Address("10.0.0.4")
 
 
-@pytest.mark.parametrize("req", ["10.0.0.0", "10.0.0.1", "10.0.0.255", "10.0.1.5", "10.0.0.9", "x"])
-def test_ipam_requested_address_is_checked(req: str) -> None:
+@pytest.mark.parametrize(("req", "why"), [("10.0.0.0", "is reserved"), ("10.0.0.1", "is reserved"),
+                                          ("10.0.0.255", "is reserved"), ("10.0.1.5", "is not in network 'a'"),
+                                          ("10.0.0.9", "is already held by another NIC"),
+                                          ("x", "'x' is not an IPv4 address")])
+def test_ipam_requested_address_is_checked(req: str, why: str) -> None:
     n = net()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=why):
         allocate_ipv4(n, [IPv4Address("10.0.0.9")], req)
 
 
@@ -156,7 +161,7 @@ def test_attach_nic_rules() -> None:
         attach_nic("vm3", "t1", 0, n, [a, b], ipv4="10.0.0.2")
     with pytest.raises(ConfigError, match="index"):
         attach_nic("vm3", "t1", MAX_NICS_PER_VM, n, [a, b])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"NIC rate bytes_per_sec must be an integer from 0 to 2\^40-1"):
         NicRate(-1, 0)
 
 
@@ -199,7 +204,7 @@ def test_no_egress_means_no_uplink_and_no_host_table() -> None:
 
 def test_nic_on_unknown_network_is_refused() -> None:
     nets, nics = scenario()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="NIC v3/0 refers to network 'nb', which does not exist"):
         desired_state(nets[:1], nics, CFG)
 
 
@@ -260,9 +265,9 @@ def test_plan_never_switches_host_forwarding_off() -> None:
 def test_names_are_owned_by_prefix_only() -> None:
     assert CFG.owns_netns(CFG.netns("x")) and not CFG.owns_netns("bt-zz") and not CFG.owns_netns("other")
     assert CFG.owns_link(CFG.tap("v", 0)) and CFG.owns_link(CFG.bridge("n")) and not CFG.owns_link("eth0")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="network prefix 'toolong' must be 1-4 of a-z, 0-9, starting"):
         HostConfig(prefix="toolong")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="network prefix '1a' must be 1-4 of a-z, 0-9, starting with"):
         HostConfig(prefix="1a")
 
 

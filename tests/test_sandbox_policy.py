@@ -99,11 +99,11 @@ def test_tap_ioctls_the_runtime_uses_are_allowed() -> None:
 
 
 def test_bad_policy_input_is_a_config_error() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"unknown seccomp role 'daemon' \(known: worker, reaper\)"):
         policy.load_role("daemon")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="ioctl direction must be one of none, w, r, rw, not"):
         policy.ioc("sideways", 0xAE, 0, 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"worker: malformed jail spec \('binds'\)"):
         JailSpec.from_json('{"vm_id": 1}')
     good = JailSpec("x", "/r", 100000, 100000).to_json()
     assert JailSpec.from_json(good).uid == 100000
@@ -124,7 +124,7 @@ def test_detect_v1_when_unified_lacks_controllers(tmp_path: Path) -> None:
                                         "cpu": "/sys/fs/cgroup/cpu,cpuacct"})
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     assert detect_version(info) == (2, {"unified": str(tmp_path)})
-    with pytest.raises(HostError):
+    with pytest.raises(HostError, match="no cgroup hierarchy with the memory, pids and cpu"):
         detect_version("31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
 
 
@@ -154,3 +154,90 @@ def test_id_allocator_is_unique_and_reclaims_dead_owners(tmp_path: Path) -> None
         ids.allocate("d")
     ids.release(a)
     assert ids.allocate("d") == a
+
+
+# --- mutation-testing survivors (issue 15): _IOC boundaries and known answers, malformed role data -------
+
+def test_ioc_known_answers_from_the_kernel_headers():
+    """linux/kvm.h and linux/if_tun.h request numbers, computed by asm-generic/ioctl.h's _IOC."""
+    assert policy.ioc("none", 0xAE, 0x00, 0) == 0xAE00                # KVM_GET_API_VERSION
+    assert policy.ioc("none", 0xAE, 0x80, 0) == 0xAE80                # KVM_RUN
+    assert policy.ioc("w", 0xAE, 0x46, 32) == 0x4020AE46              # KVM_SET_USER_MEMORY_REGION
+    assert policy.ioc("r", 0xAE, 0x81, 144) == 0x8090AE81             # KVM_GET_REGS
+    assert policy.ioc("rw", 0xAE, 0x05, 8) == 0xC008AE05              # KVM_GET_SUPPORTED_CPUID
+    assert policy.ioc("w", 0x54, 0xCA, 4) == 0x400454CA               # TUNSETIFF
+    assert policy.ioctl_numbers(nic=True)["TUNSETIFF"] == 0x400454CA
+    assert "TUNSETIFF" not in policy.ioctl_numbers(nic=False)
+
+
+def test_ioc_field_boundaries():
+    assert policy.ioc("rw", 255, 255, (1 << 14) - 1) == (3 << 30) | (0x3FFF << 16) | 0xFFFF
+    assert policy.ioc("none", 0, 0, 0) == 0
+    for typ, nr, size in ((256, 0, 0), (0, 256, 0), (0, 0, 1 << 14), (-1, 0, 0), (0, -1, 0), (0, 0, -1)):
+        with pytest.raises(ConfigError, match="must fit"):
+            policy.ioc("rw", typ, nr, size)
+    with pytest.raises(ConfigError, match="direction"):
+        policy.ioc("wr", 0, 0, 0)
+
+
+def test_ioctl_rules_follow_the_list_and_later_conditionals_are_kept():
+    rules = policy.build_rules("worker", nic=False, self_pid=77)
+    ioctl = [r for r in rules if r.syscall == "ioctl"]
+    assert sorted(r.args[0].value for r in ioctl) == sorted(set(policy.ioctl_numbers(False).values()))
+    assert {(r.action, r.args[0].index, r.args[0].op, len(r.args)) for r in ioctl} == {("allow", 1, "eq", 1)}
+    data = policy.load_role("worker")
+    names = {r.syscall for r in rules}
+    assert {c["name"] for c in data["conditional"]} <= names  # every conditional after ioctl is there too
+    assert all(r.action == "allow" for r in rules if r.syscall in {c["name"] for c in data["conditional"]})
+    tg = next(r for r in rules if r.syscall == "tgkill")
+    assert tg.args == (policy.ArgCheck(0, "eq", 77, 0),)
+
+
+def _fake_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: object, role: str = "worker") -> None:
+    d = tmp_path / "seccomp"
+    d.mkdir(exist_ok=True)
+    real = Path(policy.__file__).resolve().parent / "seccomp" / "ioctls.json"
+    (d / "ioctls.json").write_text(real.read_text())
+    (d / f"{role}.json").write_text(__import__("json").dumps(doc))
+    monkeypatch.setattr(policy, "__file__", str(tmp_path / "policy.py"))
+
+
+def _doc(**kw: object) -> dict[str, object]:
+    return {"role": "worker", "default_action": "kill_process", "allow": [], "conditional": [], "errno": [], **kw}
+
+
+@pytest.mark.parametrize(("doc", "match"), [
+    ([1, 2], "must be a JSON object"),
+    (_doc(role="reaper"), "must name its role"),
+    (_doc(default_action="allow"), "default to kill_process"),
+    (_doc(allow=[{"names": ["read", "read"]}]), "twice"),
+    (_doc(allow=[{"names": ["read"]}], conditional=[{"name": "read", "args": []}]), "both plainly"),
+    (_doc(allow=[{"names": ["read"]}], errno=[{"name": "read", "errno": "ENOSYS"}]), "twice"),
+    (_doc(conditional=[{"name": "x", "args": [{"index": 0, "op": "gt", "value": "1"}]}]), "argument op"),
+])
+def test_malformed_role_data_is_a_config_error(tmp_path, monkeypatch, doc, match):
+    _fake_role(tmp_path, monkeypatch, doc)
+    with pytest.raises(ConfigError, match=match):
+        policy.build_rules("worker")
+
+
+def test_well_formed_fake_role_builds_exactly_its_rules(tmp_path, monkeypatch):
+    _fake_role(tmp_path, monkeypatch, _doc(
+        allow=[{"names": ["read", "write"]}],
+        conditional=[{"name": "kill", "args": [{"index": 0, "op": "eq", "value": "self_pid"}]},
+                     {"name": "fcntl", "args": [{"index": 1, "op": "masked_eq", "value": "0x4", "mask": "0xf"}]}],
+        errno=[{"name": "clone3", "errno": "ENOSYS"}]))
+    assert policy.build_rules("worker", self_pid=9) == [
+        policy.Rule("read", "allow"), policy.Rule("write", "allow"),
+        policy.Rule("kill", "allow", (policy.ArgCheck(0, "eq", 9, 0),)),
+        policy.Rule("fcntl", "allow", (policy.ArgCheck(1, "masked_eq", 4, 0xF),)),
+        policy.Rule("clone3", "errno", errno=38)]
+
+
+def test_conditionals_after_the_ioctl_list_are_kept(tmp_path, monkeypatch):
+    _fake_role(tmp_path, monkeypatch, _doc(conditional=[
+        {"name": "ioctl", "args": [{"index": 1, "op": "eq", "value": "ioctl_list"}]},
+        {"name": "kill", "args": [{"index": 0, "op": "eq", "value": "self_pid"}]}]))
+    rules = policy.build_rules("worker", self_pid=5)
+    assert rules[-1] == policy.Rule("kill", "allow", (policy.ArgCheck(0, "eq", 5, 0),))
+    assert len(rules) == len(set(policy.ioctl_numbers(False).values())) + 1

@@ -22,7 +22,7 @@ from bulkhead.sandbox import protocol as p
 from bulkhead.sandbox.supervisor import WorkerHandle, classify_exit
 
 ALL = [
-    p.Start(), p.Pause(), p.Resume(), p.Stop(), p.Status(7), p.ConsoleIn(b"\x00\xffabc"), p.Probe("mount", "x"),
+    p.Start(), p.Pause(), p.Resume(), p.Stop(), p.Status(7), p.ConsoleIn(b"\x00\xffabc"), p.Probe("mount", "x"), p.Shutdown(),
     p.Hello(1, 100000, 100000, 1, True, False), p.StatusReply(3, "paused", 12), p.Console(b"hi\n\x1b[0m"),
     p.Event("vm-started", {"a": 1, "b": "x", "c": None, "d": True}), p.SecurityEvent("guest-fault", "queue"),
     p.Exit("poweroff", 0, ""), p.ProbeResult("mount", "denied", "EPERM"),
@@ -78,9 +78,9 @@ def test_invalid_messages_are_rejected_with_a_reason(data: bytes, why: str) -> N
 
 
 def test_encode_refuses_what_the_peer_would_refuse() -> None:
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match="field 'data' is longer than 16384 bytes"):
         p.encode(p.Console(b"x" * (p.MAX_CONSOLE_CHUNK + 1)))
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match=r"field 'kind' must be a non-empty identifier of \[a-z0-9_\.:-\]"):
         p.encode(p.Exit("not an ident!", 0, ""))
 
 
@@ -199,7 +199,7 @@ def test_stats_are_kept_once_and_a_second_copy_ends_the_worker() -> None:
     result = handle.wait(5)
     assert result.reason.kind == "protocol-violation" and proc.killed.is_set()
     too_many = {f"c{i}": i for i in range(p.STATS_MAX_COUNTERS + 1)}
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.ProtocolError, match="field 'counters' has more than 256 entries"):
         p.decode(_wire(type="stats", counters=too_many), p.WORKER_TO_HOST)
 
 
@@ -310,3 +310,34 @@ def test_fuzzed_workers_never_crash_the_host(frames: list[bytes]) -> None:
         assert result.reason.kind == "worker-crash" and not proc.killed.is_set()
     else:
         assert result.reason.kind == "protocol-violation" and proc.killed.is_set()
+
+
+def test_limits_are_exact_key_text_and_datagram_sizes() -> None:
+    """MAX_NAME, MAX_TEXT and MAX_MESSAGE are each accepted exactly and refused one past (issue 15)."""
+    assert p.decode(p.encode(p.Stats({"k" * p.MAX_NAME: 1})), p.WORKER_TO_HOST) == p.Stats({"k" * p.MAX_NAME: 1})
+    with pytest.raises(p.ProtocolError, match="a key of field 'counters' is too long"):
+        p.encode(p.Stats({"k" * (p.MAX_NAME + 1): 1}))
+    ok = p.Event("e", {"t": "x" * p.MAX_TEXT})
+    assert p.decode(p.encode(ok), p.WORKER_TO_HOST) == ok
+    with pytest.raises(p.ProtocolError, match=f"fields.t is longer than {p.MAX_TEXT} characters"):
+        p.encode(p.Event("e", {"t": "x" * (p.MAX_TEXT + 1)}))
+    counters: dict[str, int | str | bool | None] = {}
+    i = 0
+    while len(p.encode(p.Stats(counters))) < p.MAX_MESSAGE - 1000:
+        counters[f"c{i:03d}"] = "a" * 500
+        i += 1
+    counters["last"] = ""
+    counters["last"] = "a" * (p.MAX_MESSAGE - len(p.encode(p.Stats(counters))))
+    assert len(p.encode(p.Stats(counters))) == p.MAX_MESSAGE  # exactly the limit is sent
+    counters["last"] += "a"
+    with pytest.raises(p.ProtocolError, match=f"message of {p.MAX_MESSAGE + 1} bytes exceeds the"):
+        p.encode(p.Stats(counters))
+
+
+def test_an_unknown_message_type_is_named_in_the_error() -> None:
+    raw = json.dumps({"v": p.PROTOCOL_VERSION, "type": "bogus"}).encode()
+    with pytest.raises(p.ProtocolError, match="unknown or misdirected message type 'bogus'"):
+        p.decode(raw, p.HOST_TO_WORKER)
+    raw = json.dumps({"v": p.PROTOCOL_VERSION, "type": 7}).encode()
+    with pytest.raises(p.ProtocolError, match="unknown or misdirected message type 'int'"):
+        p.decode(raw, p.HOST_TO_WORKER)

@@ -121,8 +121,8 @@ def test_every_bus_range_a_built_machine_registers_is_declared(tmp_path: Path) -
     finally:
         machine.close()
     names = {n for _, _, n in pio + mmio}
-    assert {"serial-com1", "i8042", "debug-exit", "post-code", "virtio-blk0", "virtio-blk1"} <= names
-    assert len(mmio) == 3  # two drives and the rng
+    assert {"serial-com1", "i8042", "debug-exit", "post-code", "virtio-blk0", "virtio-blk1", "acpi-ged"} <= names
+    assert len(mmio) == 4  # two drives, the rng and the ACPI GED
     inventory = surface.collect()
     try:
         assert surface.uncovered("pio", pio, inventory) == []

@@ -366,3 +366,42 @@ def test_written_and_flushed_data_survives_sigkill(tmp_path):
     )
     assert proc.returncode == -9, proc.stderr.decode()
     assert path.read_bytes()[8 * 512 : 9 * 512] == b"DURABLE!" * 64
+
+
+def test_a_file_one_byte_short_of_two_sectors_has_one(tmp_path):
+    p = tmp_path / "odd.img"
+    p.write_bytes(bytes(1023))
+    dev = BlockDevice.open(str(p), read_only=True)
+    try:
+        assert (dev.capacity, dev.disk_bytes) == (1, 512)
+    finally:
+        os.close(dev.fd)
+
+
+def test_a_failed_read_reports_only_the_status_byte(rig):
+    """virtio 1.2 §5.2.6: the used length counts the bytes the device wrote; a failed read wrote only
+    the status byte."""
+    c = rig.request(blk.VIRTIO_BLK_T_IN, sector=DISK // 512, in_len=512)  # one past the end
+    assert rig.status(c) == blk.VIRTIO_BLK_S_IOERR
+    assert rig.d.used() == [(c.head, 1)]
+
+
+def test_header_and_data_in_one_descriptor(rig, image):
+    path, data = image
+    hdr = struct.pack("<IIQ", blk.VIRTIO_BLK_T_OUT, 0, 2)
+    c = rig.d.add_chain([hdr + b"\x77" * 512], [1])
+    rig.t.notify(0)
+    assert rig.status(c) == blk.VIRTIO_BLK_S_OK
+    assert path.read_bytes()[2 * 512 : 3 * 512] == b"\x77" * 512
+    assert path.read_bytes()[3 * 512 : 4 * 512] == data[3 * 512 : 4 * 512]
+
+
+def test_open_error_names_the_mode(tmp_path):
+    from bulkhead.errors import ConfigError
+
+    (tmp_path / "file").write_bytes(b"")
+    bad = str(tmp_path / "file" / "disk.img")  # ENOTDIR
+    with pytest.raises(ConfigError, match=r"cannot be opened read-only \(Not a directory\)"):
+        BlockDevice.open(bad, read_only=True)
+    with pytest.raises(ConfigError, match=r"cannot be opened read-write \(Not a directory\)"):
+        BlockDevice.open(bad)

@@ -529,3 +529,20 @@ def test_status_transition_is_the_spec_state_machine() -> None:
     assert t(broken, ack | drv | fok | dok, v1, v1) == ("driver-ok", broken | dok)  # NEEDS_RESET is kept
     assert t(ack, mmio.STATUS_FAILED, v1, 0) == ("set", ack | mmio.STATUS_FAILED)
     assert t(ack | mmio.STATUS_FAILED, ack | drv, v1, 0) == ("status_rejected", ack | mmio.STATUS_FAILED)
+
+
+@pytest.mark.parametrize("high_first", [True, False])
+def test_64_bit_queue_addresses_in_either_register_order(mem, high_first):
+    """virtio 1.2 §4.2.2: QueueDesc/QueueDriver/QueueDevice are 64-bit, written as two 32-bit halves
+    in any order; writing one half keeps the other."""
+    r = Rig(mem)
+    to_features_ok(r.t)
+    regs = ((mmio.QUEUE_DESC_LOW, mmio.QUEUE_DESC_HIGH, 0x1_0000_1000),
+            (mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DRIVER_HIGH, 0x2_0000_2000),
+            (mmio.QUEUE_DEVICE_LOW, mmio.QUEUE_DEVICE_HIGH, 0x3_0000_3000))
+    for low, high, value in regs:
+        halves = [(high, value >> 32), (low, value & 0xFFFF_FFFF)]
+        for reg, v in halves if high_first else halves[::-1]:
+            r.t.write(reg, 4, v)
+    q = r.t.queues[0]
+    assert (q.desc_table, q.avail_ring, q.used_ring) == (0x1_0000_1000, 0x2_0000_2000, 0x3_0000_3000)

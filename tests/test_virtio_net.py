@@ -267,3 +267,28 @@ def test_random_traffic(mem, frames, rx_bufs, tx):
         assert head == c.head and n <= sum(x for _, x in c.writable)
     for sent in r.be.sent:
         assert sent[:12] == bytes(12) and 0 < len(sent) - 12 <= 65550
+
+
+def test_parse_mac_known_answers_and_refusals():
+    assert parse_mac("52:54:00:12:34:56") == bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56])
+    for bad in ("52:54:00:12:34", "52:54:00:12:34:5", "525400123456", "52:54:00:12:34:56:78"):
+        with pytest.raises(ValueError, match="is not a MAC address"):
+            parse_mac(bad)
+
+
+def test_config_space_is_mac_then_link_up_status(mem):
+    """virtio 1.2 §5.1.4: struct virtio_net_config { u8 mac[6]; le16 status; } with VIRTIO_NET_S_LINK_UP."""
+    r = Rig(mem)
+    assert r.dev.config_bytes() == MAC + b"\x01\x00"
+    assert NetDevice(FakeBackend()).config_bytes() == bytes(6) + b"\x01\x00"
+
+
+def test_rx_counts_payload_bytes_and_one_operation_per_frame(mem):
+    now = [0.0]
+    r = Rig(mem, rx_limiter=RateLimiter(ops_per_sec=2, clock=lambda: now[0]))
+    r.be.inbox.extend([hdr() + FRAME] * 3)
+    for _ in range(3):
+        r.rx.add_chain(writable=[2048])
+    r.readable()
+    assert len(r.rx.used()) == 2  # a burst of 2 operations admits 2 frames, one each
+    assert r.dev.stats["rx_frames"] == 2 and r.dev.stats["rx_bytes"] == 2 * len(FRAME)

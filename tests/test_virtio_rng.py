@@ -125,3 +125,22 @@ def test_concurrent_registers_and_notifications(mem):
     stop.set()
     th.join()
     assert errors == [] and total == 200
+
+
+def test_zero_length_request_gets_zero_bytes_and_bytes_are_counted(mem):
+    """virtio 1.2 §5.4.6: the used length is the bytes written; a request with no writable bytes gets 0."""
+    asked = []
+    dev, t, d = rig(mem, source=lambda n: (asked.append(n), b"\x5a" * n)[1])
+    c0 = d.add_chain(writable=[0])
+    c1 = d.add_chain(writable=[100])
+    t.notify(0)
+    assert d.used() == [(c0.head, 0), (c1.head, 100)] and asked == [100]
+    assert dev.stats["bytes"] == 100
+
+
+def test_a_queue_that_is_not_ready_is_not_processed(mem):
+    dev, _t, d = rig(mem)
+    d.add_chain(writable=[16])
+    dev.queues[0].ready = False  # e.g. the driver cleared QueueReady
+    dev.process_queue(0)
+    assert d.used() == [] and "bytes" not in dev.stats

@@ -160,13 +160,130 @@ def canonical_json(value: Any) -> bytes:
                       allow_nan=False).encode("ascii")
 
 
-def sha256_file(path: str) -> str:
-    """SHA-256 hex of a file's contents. Raises OSError when it cannot be read."""
+def sha256_file(path: str, cache: DigestCache | None = None) -> str:
+    """SHA-256 hex of a file's contents (through `cache` when given). Raises OSError when it cannot be read."""
+    if cache is not None:
+        return cache.sha256(path)
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def walk_package(root: str) -> dict[str, str]:
+# ---- the digest cache (docs/INTEGRITY.md §5 "The digest cache") --------------------------------------
+
+CACHE_ENV = "BULKHEAD_DIGEST_CACHE"  # "off" disables it
+DEFAULT_CACHE = "/run/bulkhead/digests.json"  # tmpfs: emptied at every boot
+CACHE_MIN_AGE_NS = 2_000_000_000  # a file changed less than this ago is hashed every time ("racy" entries)
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class DigestCache:
+    """SHA-256 digests of files, each remembered with its (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns).
+
+    A remembered digest is used only while all five are unchanged: any write moves st_ctime to the kernel's
+    current time (userspace cannot set it back; utimensat sets mtime and moves ctime forward too), a
+    replaced file is a new inode. Entries are recorded only for files whose ctime is CACHE_MIN_AGE_NS old
+    (a write within the same clock tick as the hash would leave the key unchanged) and whose fstat did not
+    change while they were hashed. The file is trusted only when this process is root and the file is a
+    regular file owned by root with mode 0600 (no group/other bits) in a root-owned directory that nobody
+    else may write; otherwise it is ignored (and never written), so every file is hashed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.entries: dict[str, list[Any]] = {}
+        self.dirty = False
+        self.trusted = os.geteuid() == 0 and self._dir_trusted()
+        if self.trusted:
+            self.entries = self._load()
+
+    def _dir_trusted(self) -> bool:
+        try:
+            st = os.stat(os.path.dirname(self.path) or ".")
+        except OSError:
+            return False
+        return st.st_uid == 0 and not st.st_mode & 0o022
+
+    def _load(self) -> dict[str, list[Any]]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return {}
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != 0 or st.st_mode & 0o077 or (st.st_mode & 0o170000) != 0o100000:
+                return {}
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+        finally:
+            os.close(fd)
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items()
+                if isinstance(k, str) and isinstance(v, list) and len(v) == 6 and isinstance(v[5], str)}
+
+    def sha256(self, path: str) -> str:
+        if self.trusted:
+            try:
+                key = _stat_key(os.stat(path))
+            except OSError:
+                key = None
+            entry = self.entries.get(path)
+            if key is not None and entry is not None and entry[:5] == key:
+                return str(entry[5])
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            after = os.fstat(f.fileno())
+        if self.trusted and _stat_key(before) == _stat_key(after) \
+                and _now_ns() - after.st_ctime_ns >= CACHE_MIN_AGE_NS:
+            self.entries[path] = [*_stat_key(after), digest]
+            self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write the entries back (atomically, mode 0600) when something was added; errors are ignored:
+        the cache only saves time."""
+        if not (self.trusted and self.dirty):
+            return
+        keep = {k: v for k, v in self.entries.items() if os.path.lexists(k)}  # deleted trees drop out
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(json.dumps(keep, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _now_ns() -> int:
+    import time
+
+    return time.time_ns()
+
+
+def open_cache(environ: Any) -> DigestCache | None:
+    """The digest cache named by $BULKHEAD_DIGEST_CACHE (default DEFAULT_CACHE; "off": none), as root only.
+    Creates the default directory (root, 0700) when missing."""
+    path = environ.get(CACHE_ENV) or DEFAULT_CACHE
+    if path == "off" or os.geteuid() != 0:
+        return None
+    if path == DEFAULT_CACHE:
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        except OSError:
+            return None
+    return DigestCache(path)
+
+
+def walk_package(root: str, cache: DigestCache | None = None) -> dict[str, str]:
     """relative path -> sha256 (or "symlink:<target>") of every file under `root`, __pycache__ skipped."""
     files: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -177,11 +294,11 @@ def walk_package(root: str) -> dict[str, str]:
             if os.path.islink(full):  # a symlink could point anywhere: its target text is what is recorded
                 files[rel] = "symlink:" + os.readlink(full)
             else:
-                files[rel] = sha256_file(full)
+                files[rel] = sha256_file(full, cache)
     return files
 
 
-def diff_manifest(manifest: dict[str, Any], root: str | None = None) -> list[str]:
+def diff_manifest(manifest: dict[str, Any], root: str | None = None, cache: DigestCache | None = None) -> list[str]:
     """One line per difference between the files on disk and `manifest` (empty = identical); each line
     starts with the absolute path, so the first line names the first differing file.
 
@@ -196,7 +313,7 @@ def diff_manifest(manifest: dict[str, Any], root: str | None = None) -> list[str
     def hash_externals() -> None:
         for path, digest in sorted(dict(manifest["external"]).items()):
             try:
-                now = sha256_file(path)
+                now = sha256_file(path, cache)
             except OSError as exc:
                 external.append(f"{path}: unreadable ({exc.strerror})")
                 continue
@@ -207,7 +324,7 @@ def diff_manifest(manifest: dict[str, Any], root: str | None = None) -> list[str
     worker.start()
     diffs: list[str] = []
     try:
-        actual = walk_package(pkg)
+        actual = walk_package(pkg, cache)
     except OSError as exc:
         actual = {}
         diffs.append(f"{exc.filename}: unreadable ({exc.strerror})")
@@ -258,7 +375,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 def verify(environ: Any = None, expected_root: str | None = None) -> dict[str, Any]:
-    """Steps 1 of the module docstring. Returns {"manifest", "digest", "manifest_path", "root"}; raises
+    """Steps 1 of the module docstring (as root, through the digest cache: DigestCache). Returns {"manifest", "digest", "manifest_path", "root"}; raises
     Refusal naming the first differing file or why the manifest is not trusted."""
     env = os.environ if environ is None else environ
     mpath = env.get("BULKHEAD_MANIFEST") or DEFAULT_MANIFEST
@@ -277,7 +394,10 @@ def verify(environ: Any = None, expected_root: str | None = None) -> dict[str, A
     if expected_root is not None and os.path.realpath(expected_root) != root:
         raise Refusal(f"the launched package {os.path.realpath(expected_root)} is not the package the "
                       f"manifest describes ({root})", os.path.realpath(expected_root))
-    diffs = diff_manifest(manifest, root)
+    cache = open_cache(env)
+    diffs = diff_manifest(manifest, root, cache)
+    if cache is not None:
+        cache.save()  # true digests only: a tampered file's entry holds the tampered digest, refused again
     if diffs:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
         path, _, why = diffs[0].partition(": ")
@@ -421,7 +541,35 @@ def launch(argv: list[str]) -> int:
     # imported by integrity.manifest for its package walk), so it holds no import arrow up to the CLI.
     import importlib
 
-    return int(importlib.import_module("bulkhead.cli").main(rest))
+    status = int(importlib.import_module("bulkhead.cli").main(rest))
+    if rest and rest[0] in FAST_EXIT_COMMANDS:
+        fast_exit(status)
+    return status
+
+
+FAST_EXIT_COMMANDS = ("run", "demo")
+
+
+def fast_exit(status: int) -> None:
+    """End a finished `bulkhead run`/`demo` without the interpreter's teardown (docs/PERFORMANCE.md,
+    "Jailed start"): the atexit handlers run (the supervisor's kill-every-live-worker among them) and the
+    standard streams are flushed, exactly as at a normal exit; what is skipped is freeing every module and
+    object one by one (~40 ms with the VM path imported), which nothing observes. Returns (and the caller
+    exits normally) when a non-daemon thread is still alive: a normal exit would wait for it."""
+    import threading
+
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status & 0xFF)
 
 
 def launcher_text(python: str, boot: str, sites: list[str], root: str, command: str = "bulkhead",

@@ -18,6 +18,7 @@ __all__ = [
     "HostError",
     "ImageError",
     "RefusedError",
+    "SnapshotError",
     "StartRefused",
     "VmNotRunning",
 ]
@@ -33,6 +34,11 @@ class ConfigError(BulkheadError):
 
 class ImageError(ConfigError):
     """A kernel, initrd or disk image is malformed or does not fit the VM."""
+
+
+class SnapshotError(ImageError):
+    """A snapshot file is malformed, altered, truncated, foreign (another host or VM), of another version,
+    or not allowed (its launch digest, or a second restore without --clone). Nothing is restored."""
 
 
 class StartRefused(ConfigError):

@@ -32,15 +32,16 @@ LAYERS: tuple[Layer, ...] = (
     Layer("devices, boot", True, ("bulkhead.devices", "bulkhead.boot", "bulkhead.testing", "bulkhead.guests.report"),
           "register machines, virtio; image parsing and boot structures; test doubles"),
     Layer("control models", True, ("bulkhead.control", "bulkhead.integrity", "bulkhead.network",
-                                   "bulkhead.sandbox.policy", "bulkhead.sandbox.protocol"),
+                                   "bulkhead.sandbox.policy", "bulkhead.sandbox.protocol", "bulkhead.snapshot"),
           "API models, RBAC, audit records; integrity verdicts; network model/rules/plan; seccomp lists; "
-          "the worker protocol"),
+          "the worker protocol; the snapshot file format"),
     Layer("hypervisor", False, ("bulkhead.hypervisor",), "the only code that touches /dev/kvm"),
     Layer("host services", False, ("=bulkhead.integrity", "bulkhead.integrity.tpm", "bulkhead.integrity.host",
                                    "bulkhead.network.host", "bulkhead.network.overlay", "bulkhead.network.service",
                                    "bulkhead.network.standin",
-                                   "bulkhead.guests"),
-          "TPM access, host integrity, nftables/pyroute2/dnsmasq, WireGuard/VXLAN overlay, guest builds (gcc); the integrity "
+                                   "bulkhead.guests", "bulkhead.snapshot.keys"),
+          "TPM access, host integrity, nftables/pyroute2/dnsmasq, WireGuard/VXLAN overlay, guest builds (gcc), "
+          "the snapshot host key; the integrity "
           "package's __init__ re-exports its host API"),
     Layer("runtime", False, ("bulkhead.runtime",), "Machine, vCPU threads, I/O loop, virtio wiring, taps, console"),
     Layer("sandbox", False, ("bulkhead.sandbox",), "jail, cgroups, supervisor (host side), worker, jailed backend"),

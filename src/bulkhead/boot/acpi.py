@@ -13,7 +13,10 @@ Modelled on Firecracker 1.8+ (src/vmm/src/acpi, src/acpi-tables) and QEMU's micr
   (id = number of vCPUs, as in the MP table, GSI base 0). No interrupt source overrides: KVM's default
   routing sends ISA IRQ n to I/O APIC pin n, which is ACPI's identity default. PCAT_COMPAT is set:
   KVM's in-kernel irqchip has the dual 8259.
-- DSDT (5.2.11.1) whose AML describes, under \\_SB: COM1 (PNP0501: I/O 0x3f8/8, IRQ 4), the i8042
+- DSDT (5.2.11.1) whose AML describes, under \\_SB: the Generic Event Device `GED_` (ACPI0013, 5.6.9:
+  `_CRS` its interrupt, an OperationRegion over its event selector, `_EVT` notifying the power button
+  with 0x80 when the power-down bit is set, as QEMU microvm's DSDT; devices/ged.py) and the power button
+  `PWRB` (PNP0C0C, control-method power button, 4.8.2.2.1.2); COM1 (PNP0501: I/O 0x3f8/8, IRQ 4), the i8042
   (PNP0303: I/O 0x60 and 0x64, IRQ 1), and one `LNRO0005` device per populated virtio-mmio slot,
   as QEMU microvm and Firecracker do: `_HID` the string "LNRO0005", `_UID` the slot index, `_CRS` a
   Memory32Fixed of the register window and an Extended Interrupt (consumer, edge, active high,
@@ -204,8 +207,48 @@ def _res_interrupt(gsi: int) -> bytes:
     return struct.pack("<BHBBI", 0x89, 6, 0x03, 1, gsi)
 
 
+def _ged_and_power_button() -> bytes:
+    """GED_ + PWRB (see the module docstring and devices/ged.py), the AML QEMU microvm builds:
+
+        Device (GED_) { Name (_HID, "ACPI0013") Name (_UID, Zero) Name (_CRS, {Interrupt {GED_IRQ}})
+            OperationRegion (EREG, SystemMemory, GED_BASE, GED_LEN)
+            Field (EREG, DWordAcc, NoLock, WriteAsZeros) { ESEL, 32 }
+            Method (_EVT, 1, Serialized) { Local0 = ESEL
+                If ((Local0 & EVT_POWER_DOWN) == EVT_POWER_DOWN) { Notify (\\_SB.PWRB, 0x80) } } }
+        Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, Zero) }
+    """
+    from bulkhead.devices.ged import EVT_POWER_DOWN, GED_BASE, GED_IRQ, GED_LEN
+
+    region = b"\x5b\x80" + _nameseg("EREG") + b"\x00" + _aml_int(GED_BASE) + _aml_int(GED_LEN)  # SystemMemory
+    # FieldFlags 0x43: AccessType DWordAcc (3), LockRule NoLock, UpdateRule WriteAsZeros (2 << 5) (19.6.48)
+    fields = _nameseg("EREG") + b"\x43" + _nameseg("ESEL") + bytes([32])  # NamedField: 32 bits
+    field = b"\x5b\x81" + aml_pkglength(len(fields)) + fields
+    power_button = b"\x5c\x2e" + _nameseg("_SB_") + _nameseg("PWRB")  # \_SB.PWRB (RootChar, DualNamePrefix)
+    notify = b"\x86" + power_button + _aml_int(0x80)  # NotifyOp
+    masked = b"\x7b\x60" + _aml_int(EVT_POWER_DOWN) + b"\x00"  # AndOp Local0 value, no target
+    predicate = b"\x93" + masked + _aml_int(EVT_POWER_DOWN)  # LEqualOp
+    if_body = predicate + notify
+    body = b"\x70" + _nameseg("ESEL") + b"\x60"  # StoreOp ESEL -> Local0
+    body += b"\xa0" + aml_pkglength(len(if_body)) + if_body  # IfOp
+    method_inner = _nameseg("_EVT") + b"\x09" + body  # MethodFlags: 1 argument, Serialized
+    method = b"\x14" + aml_pkglength(len(method_inner)) + method_inner  # MethodOp
+    ged = _aml_device(
+        "GED_",
+        _aml_name("_HID", _aml_string("ACPI0013"))
+        + _aml_name("_UID", _aml_int(0))
+        + _aml_name("_CRS", _res_template(_res_interrupt(GED_IRQ)))
+        + region + field + method,
+    )
+    return ged + _aml_device(
+        "PWRB",
+        _aml_name("_HID", b"\x0c" + bytes.fromhex("41d00c0c"))  # EISAID("PNP0C0C")
+        + _aml_name("_UID", _aml_int(0)),
+    )
+
+
 def _dsdt(slots: Sequence[VirtioSlot]) -> bytes:
-    devices = _aml_device(
+    devices = _ged_and_power_button()
+    devices += _aml_device(
         "COM1",
         _aml_name("_HID", b"\x0c" + bytes.fromhex("41d00501"))  # EISAID("PNP0501")
         + _aml_name("_UID", _aml_int(0))

@@ -17,6 +17,8 @@ STATES: tuple[str, ...] = ("stopped", "running", "paused", "exited", "lost")
 TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
     "start": (frozenset({"stopped", "exited", "lost"}), "running"),
     "stop": (frozenset({"running", "paused"}), "stopped"),
+    "shutdown": (frozenset({"running"}), "stopped"),  # graceful: the guest is asked first (a paused one cannot act)
+    "reboot": (frozenset({"running", "paused"}), "running"),  # a fresh VMM for the same VM, console kept
     "pause": (frozenset({"running"}), "paused"),
     "resume": (frozenset({"paused"}), "running"),
     "delete": (frozenset({"stopped", "exited", "lost"}), "deleted"),

@@ -33,12 +33,14 @@ __all__ = [
     "PrincipalOut",
     "RoleCreate",
     "RoleOut",
+    "ShutdownOutcome",
     "TenantCreate",
     "TenantOut",
     "VerifyOut",
     "VmCreate",
     "VmEventOut",
     "VmOut",
+    "VmShutdownOut",
     "WhoAmI",
 ]
 
@@ -224,6 +226,16 @@ class VmOut(BaseModel):
     created: str
     updated: str
     expected_digest: str | None = None
+
+
+class ShutdownOutcome(BaseModel):
+    graceful: bool  # the guest powered off by itself within the timeout (else it was stopped by force)
+    method: str | None  # how the guest was asked ("ctrl-alt-del"), None when it could not be asked
+    exit_status: int | None
+
+
+class VmShutdownOut(VmOut):
+    shutdown: ShutdownOutcome
 
 
 class VmEventOut(BaseModel):

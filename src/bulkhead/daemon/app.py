@@ -26,6 +26,7 @@ from bulkhead.daemon.disks import disk_routes
 from bulkhead.daemon.metrics import Observe
 from bulkhead.daemon.networks import network_routes
 from bulkhead.daemon.opsroutes import ops_routes
+from bulkhead.daemon.power import power_routes
 from bulkhead.daemon.service import ApiError, ReqCtx
 from bulkhead.daemon.tenants import tenant_routes
 from bulkhead.daemon.vms import vm_routes
@@ -55,6 +56,10 @@ class Gate:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 await self.app(scope, receive, send)
+            elif scope["type"] == "websocket":  # the interactive console (consoleapi.py authenticates + audits)
+                from bulkhead.daemon.consoleapi import serve_console_ws
+
+                await serve_console_ws(self.daemon, scope, receive, send)
             return
         rid = str(uuid.uuid4())
         peer = scope.get("extensions", {}).get(PEER_KEY)
@@ -145,7 +150,7 @@ def inject_peer(app: Any, peer: dict[str, Any]) -> Any:
     that call the app in-process)."""
 
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             scope = dict(scope)
             scope["extensions"] = {**(scope.get("extensions") or {}), PEER_KEY: peer}
         await app(scope, receive, send)
@@ -199,6 +204,7 @@ def build_app(daemon: Daemon | None) -> Any:
     api.include_router(disk_routes(lambda: the().disks))
     api.include_router(network_routes(lambda: the().networks))
     api.include_router(vm_routes(lambda: the().vms))
+    api.include_router(power_routes(lambda: the().power))
     api.include_router(daemon_routes(the))
     api.include_router(audit_routes(lambda: the().audit_api))
     for ops in ops_routes(the):  # metrics, images, attestation policy (daemon/opsroutes.py)

@@ -63,6 +63,9 @@ class VmSpec:
     # The launch digest the daemon measured and the gate allowed: a backend passes it to the VMM as
     # VmConfig.expected_digest, and the VMM refuses to build from bytes with another digest (no TOCTOU).
     expected_digest: str | None = None
+    # `vm reboot`: the new VMM appends to the console file instead of starting it afresh, so readers
+    # attached to the console (docs/API.md, console WebSocket) see the new boot after the old output.
+    keep_console: bool = False
 
     def run_args(self) -> list[str]:
         args = ["--kernel", self.kernel, "--mem", str(self.mem_mib), "--cpus", str(self.cpus)]
@@ -101,6 +104,8 @@ class VmBackend(Protocol):
     def resume(self, vm_id: str) -> None: ...
     def status(self, vm_id: str) -> BackendStatus: ...
     def console(self, vm_id: str, offset: int, limit: int) -> bytes: ...
+    def console_input(self, vm_id: str, data: bytes) -> None: ...  # to the guest's COM1 receive queue
+    def request_shutdown(self, vm_id: str) -> str: ...  # the method used ("ctrl-alt-del"), "" = none
     def forget(self, vm_id: str) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -159,7 +164,8 @@ class ProcessBackend:
             if old is not None and old.poll() is None:
                 raise HostError("the VM is already running")
             Path(spec.console_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(spec.console_path).write_bytes(b"")
+            if not spec.keep_console:
+                Path(spec.console_path).write_bytes(b"")
             stats_path = str(Path(spec.console_path).with_name("stats.json"))
             Path(stats_path).unlink(missing_ok=True)
             cmd = _gated_argv(self._python, ["run", *spec.run_args(), "--stats", stats_path])
@@ -255,6 +261,16 @@ class ProcessBackend:
             path = str(self.console_root / vm_id / "console.log")  # vm_id is a UUID checked by the API
         return _read_console(path, offset, limit) if path else b""
 
+    def console_input(self, vm_id: str, data: bytes) -> None:
+        """Not available: the unjailed VMM has no channel to the daemon. Raises HostError."""
+        raise HostError("console input needs the jailed backend (this daemon runs VMs with --backend process)")
+
+    def request_shutdown(self, vm_id: str) -> str:
+        """No channel to the unjailed VMM: nothing is delivered (`vm shutdown` force-stops at once)."""
+        if self._proc(vm_id) is None:
+            raise VmNotRunning("the VM process is not running")
+        return ""
+
     def forget(self, vm_id: str) -> None:
         with self._lock:
             self._procs.pop(vm_id, None)
@@ -278,6 +294,8 @@ class FakeBackend:
         self._pid = 40000
         self._taps: dict[str, list[int]] = {}  # dups of the tap fds a "running" fake VM holds
         self.specs: dict[str, VmSpec] = {}
+        self.inputs: dict[str, bytearray] = {}  # console input received per VM (echoed to its console)
+        self.honours_shutdown = True  # whether a fake guest powers off (status 0) on request_shutdown
         self.counters: dict[str, dict[str, Any]] = {}  # vm id -> nested counters a test plays as the VMM's
 
     def stats(self, vm_id: str) -> dict[str, Any] | None:
@@ -295,7 +313,11 @@ class FakeBackend:
             self.specs[vm_id] = spec
             self._release(vm_id)
             self._taps[vm_id] = [os.dup(n.tap_fd) for n in spec.nics if n.tap_fd >= 0]
-            self._console[vm_id] = bytearray(f"booting {os.path.basename(spec.kernel)} at {time.time():.0f}\n".encode())
+            boot = f"booting {os.path.basename(spec.kernel)} at {time.time():.0f}\n".encode()
+            if spec.keep_console:
+                self._console.setdefault(vm_id, bytearray()).extend(boot)
+            else:
+                self._console[vm_id] = bytearray(boot)
             return self._pid
 
     def stop(self, vm_id: str, grace: float = 5.0) -> None:
@@ -338,6 +360,27 @@ class FakeBackend:
         with self._lock:
             data = bytes(self._console.get(vm_id, b""))
         return data[max(0, offset) : max(0, offset) + max(0, min(limit, MAX_CONSOLE_READ))]
+
+    def console_input(self, vm_id: str, data: bytes) -> None:
+        """The fake guest echoes its input to its console. Raises VmNotRunning when it is not running."""
+        with self._lock:
+            st = self._state.get(vm_id)
+            if st is None or st.state not in ("running", "paused"):
+                raise VmNotRunning("the VM process is not running")
+            self.inputs.setdefault(vm_id, bytearray()).extend(data)
+            self._console.setdefault(vm_id, bytearray()).extend(data)
+
+    def request_shutdown(self, vm_id: str) -> str:
+        """Records the request; a fake guest that honours it exits with status 0 at once."""
+        with self._lock:
+            self.calls.append(("shutdown", vm_id))
+            st = self._state.get(vm_id)
+            if st is None or st.state not in ("running", "paused"):
+                raise VmNotRunning("the VM process is not running")
+            if self.honours_shutdown:
+                self._state[vm_id] = BackendStatus("exited", None, 0)
+                self._release(vm_id)
+            return "ctrl-alt-del"
 
     def forget(self, vm_id: str) -> None:
         with self._lock:

@@ -341,14 +341,22 @@ def vm_main(argv: list[str]) -> int:
     ls = sub.add_parser("list")
     ls.add_argument("--tenant")
     parsers = [cr, ls]
-    for name in ("get", "start", "stop", "pause", "resume", "delete", "events", "measurement", "stats"):
+    for name in ("get", "start", "stop", "pause", "resume", "delete", "events", "measurement", "stats", "reboot"):
         sp = sub.add_parser(name)
         sp.add_argument("vm")
         parsers.append(sp)
-    co = sub.add_parser("console")
+        if name == "stop":  # stop is a force stop, as it always was; --force says so explicitly
+            sp.add_argument("--force", action="store_true", help="stop at once (the default; see `vm shutdown`)")
+    sd = sub.add_parser("shutdown", help="ask the guest to power off (Ctrl-Alt-Del), force-stop after --timeout")
+    sd.add_argument("vm")
+    sd.add_argument("--timeout", type=float, default=30.0, help="seconds before the force stop (default 30)")
+    co = sub.add_parser("console", help="attach to the serial console (read-write, detach with Ctrl-])")
     co.add_argument("vm")
-    co.add_argument("--offset", type=int, default=0)
-    parsers.append(co)
+    co.add_argument("--follow", action="store_true", help="read-only: follow the output")
+    co.add_argument("--once", action="store_true", help="print the buffered output and exit")
+    co.add_argument("--offset", type=int, default=None, help="start at this byte of the output")
+    co.add_argument("--tail", type=int, default=None, help="start this many bytes before the end (default 4096)")
+    parsers += [sd, co]
     dc = sub.add_parser("disk-create")
     dc.add_argument("--tenant", required=True)
     dc.add_argument("--name", required=True)
@@ -432,12 +440,24 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
     if args.cmd == "measurement":
         return _out(args, c.get(f"/vms/{vid}/measurement"), [])
     if args.cmd == "console":
-        res = c.get(f"/vms/{vid}/console", offset=args.offset)
-        if args.json:
-            print(json.dumps(res))
-        else:
-            sys.stdout.write(res["data"])
-        return 0
+        if args.once or args.json:
+            res = c.get(f"/vms/{vid}/console", offset=args.offset or 0)
+            if args.json:
+                print(json.dumps(res))
+            else:
+                sys.stdout.write(res["data"])
+            return 0
+        from bulkhead.daemon.consoleclient import attach
+
+        return attach(c.endpoint, vid, write=not args.follow, offset=args.offset, tail=args.tail, label=args.vm)
+    if args.cmd == "shutdown":
+        res = c.call("POST", f"/vms/{vid}/shutdown", params={"timeout": args.timeout}, timeout=args.timeout + 30)
+        if not args.json:
+            how = res["shutdown"]
+            print("the guest powered off" if how["graceful"] else
+                  f"the guest did not power off within {args.timeout:g} s: stopped by force"
+                  if how["method"] else "the guest could not be asked: stopped by force", file=sys.stderr)
+        return _out(args, res, VM_COLS)
     return _out(args, c.post(f"/vms/{vid}/{args.cmd}"), VM_COLS)
 
 

@@ -94,12 +94,14 @@ class ApiClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
+             timeout: float | None = None) -> Any:
         """One request. Returns the decoded JSON (None for 204). Raises ClientError for API errors,
         HostError when the daemon cannot be reached."""
         try:
             resp = self._http.request(method, "/v1" + path, json=body,
-                                      params={k: v for k, v in (params or {}).items() if v is not None})
+                                      params={k: v for k, v in (params or {}).items() if v is not None},
+                                      timeout=timeout if timeout is not None else self._http.timeout)
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
             where = f"the local socket {self.endpoint.socket}" if self.endpoint.socket else self.endpoint.url
             raise DaemonUnreachable(f"cannot reach the daemon at {where}: {exc}") from None

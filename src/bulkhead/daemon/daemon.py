@@ -32,9 +32,11 @@ from bulkhead.daemon.access import AccessService
 from bulkhead.daemon.auditapi import AuditService
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, load_audit_key, now_iso
 from bulkhead.daemon.backend import VmBackend, describe, make_backend
+from bulkhead.daemon.consoleapi import ConsoleService
 from bulkhead.daemon.disks import DiskService
 from bulkhead.daemon.integrity import HostIntegrity, NoTpm, check_off_allowed
 from bulkhead.daemon.networks import TenantNetworkService
+from bulkhead.daemon.power import PowerService
 from bulkhead.daemon.routing import Ctx, router
 from bulkhead.daemon.service import ApiError, Caller, Core, ReqCtx
 from bulkhead.daemon.store import Store
@@ -95,6 +97,8 @@ class Daemon:
         from bulkhead.daemon.metrics import Metrics  # prometheus_client: only for a daemon
 
         self.metrics = Metrics(self)  # GET /metrics, and one observation per request (daemon/metrics.py)
+        self.power = PowerService(self.core, self.vms)
+        self.console = ConsoleService(self.core, self.vms, self.authenticate, self.append_request)
         self.code_integrity: dict[str, str | bool | None] = {"verified": False, "manifest_digest": None,
                                                              "manifest": None}
         self._cert_cache: dict[str, tuple[str, str]] = {}

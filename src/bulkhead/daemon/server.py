@@ -24,6 +24,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from bulkhead.daemon.app import build_app, inject_peer
 from bulkhead.daemon.daemon import Daemon, StateDir
@@ -52,6 +53,47 @@ IDLE_CLOSE_GRACE_S = 0.5  # at shutdown: how long an idle TLS connection may tak
 GRACEFUL_SHUTDOWN_S = 10.0  # at shutdown: the longest requests in flight may still run (then cancelled)
 
 
+def _tls_peer(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    sslobj = transport.get_extra_info("ssl_object")
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    return {"kind": "tls", "der": der} if der else None
+
+
+def _local_peer(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    sock = transport.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+    except (OSError, AttributeError):
+        return None
+    if uid not in ALLOWED_LOCAL_UIDS:
+        return None
+    return {"kind": "local", "uid": uid, "pid": pid}
+
+
+class _PeerWsProtocol(WebSocketsSansIOProtocol):
+    """The console WebSocket (consoleapi.py): the upgraded connection keeps its peer, as the HTTP
+    protocols below do for requests. Subclasses name how the peer is found."""
+
+    peer_of = staticmethod(_tls_peer)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = self.peer_of(transport)
+        if peer is None:  # no certificate (cannot happen with CERT_REQUIRED) or not root: refuse
+            transport.close()
+            return
+        self.app = inject_peer(self.app, peer)
+
+
+class TlsWsProtocol(_PeerWsProtocol):
+    peer_of = staticmethod(_tls_peer)
+
+
+class UnixWsProtocol(_PeerWsProtocol):
+    peer_of = staticmethod(_local_peer)
+
+
 class TlsProtocol(H11Protocol):
     def shutdown(self) -> None:
         """Graceful shutdown of one connection (uvicorn calls it on SIGTERM). An idle keep-alive connection
@@ -72,28 +114,21 @@ class TlsProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        sslobj = transport.get_extra_info("ssl_object")
-        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-        if not der:  # cannot happen with CERT_REQUIRED; refuse anyway
+        peer = _tls_peer(transport)
+        if peer is None:  # cannot happen with CERT_REQUIRED; refuse anyway
             transport.close()
             return
-        self.app = inject_peer(self.app, {"kind": "tls", "der": der})
+        self.app = inject_peer(self.app, peer)
 
 
 class UnixProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-        except (OSError, AttributeError):
+        peer = _local_peer(transport)
+        if peer is None:  # not root (ALLOWED_LOCAL_UIDS), or no credentials
             transport.close()
             return
-        if uid not in ALLOWED_LOCAL_UIDS:
-            transport.close()
-            return
-        self.app = inject_peer(self.app, {"kind": "local", "uid": uid, "pid": pid})
+        self.app = inject_peer(self.app, peer)
 
 
 class _Server(uvicorn.Server):
@@ -194,10 +229,12 @@ class Serving:
         common: dict[str, Any] = {"lifespan": "off", "log_level": "warning", "access_log": False,
                                   "timeout_keep_alive": 30, "h11_max_incomplete_event_size": 16384,
                                   "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
-                                  "server_header": False}
-        self.tls_server = _Server(uvicorn.Config(app, http=TlsProtocol, ssl_context_factory=lambda c, f: self.ssl,
-                                                 **common))
-        self.unix_server = _Server(uvicorn.Config(app, http=UnixProtocol, **common)) if self.unix else None
+                                  "server_header": False, "ws_max_size": 64 * 1024, "ws_ping_interval": 20.0,
+                                  "ws_per_message_deflate": False}  # no compression: no inflate bombs
+        self.tls_server = _Server(uvicorn.Config(app, http=TlsProtocol, ws=TlsWsProtocol,
+                                                 ssl_context_factory=lambda c, f: self.ssl, **common))
+        self.unix_server = (_Server(uvicorn.Config(app, http=UnixProtocol, ws=UnixWsProtocol, **common))
+                            if self.unix else None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = threading.Event()
 

@@ -220,19 +220,25 @@ class VmService:
                 self.networks.net_sync_quietly("vm delete")
 
     # ------------------------------------------------------------------ lifecycle
+    def begin_op(self, ctx: ReqCtx, vm_id: str, op: str, **detail: Any) -> tuple[Any, str]:
+        """Under the VM's lock: the fresh row, the lifecycle check (409), and the `vm.<op>` intent record
+        with the principal, written before the change happens (fail closed: 503). Returns (row, new state).
+        Used by vm_op and by power.py (shutdown, reboot)."""
+        row = self.refresh(self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,)))
+        if row is None:
+            raise ApiError(404, NOT_FOUND)
+        try:
+            new = next_state(row["state"], op)
+        except LifecycleError as exc:
+            raise ApiError.of(exc) from None
+        self.core.event("vm", f"vm.{op}", vm=vm_id, scope=ctx.scope, principal=ctx.caller.id, result="intent",
+                        request_id=ctx.request_id, detail={"from": row["state"], "to": new, **detail})
+        return row, new
+
     def vm_op(self, ctx: ReqCtx, vm_id: str, op: str) -> dict[str, Any]:
         self._vm(ctx, vm_id, f"vm/{op}")
         with self.vm_lock(vm_id):
-            row = self.refresh(self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,)))
-            if row is None:
-                raise ApiError(404, NOT_FOUND)
-            try:
-                new = next_state(row["state"], op)
-            except LifecycleError as exc:
-                raise ApiError.of(exc) from None
-            # fail closed: the lifecycle change is recorded before it happens
-            self.core.event("vm", f"vm.{op}", vm=vm_id, scope=ctx.scope, principal=ctx.caller.id, result="intent",
-                       request_id=ctx.request_id, detail={"from": row["state"], "to": new})
+            row, new = self.begin_op(ctx, vm_id, op)
             pid = row["pid"]
             try:
                 if op == "start":

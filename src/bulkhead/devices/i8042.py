@@ -20,9 +20,18 @@ byte with 0xFA. Data-port reads return the next queued reply, or 0 when none is 
 byte has bit 0 (output buffer full) set while a reply is queued, bit 3 set while a command
 parameter is expected, and bit 4 (keyboard enabled) always set.
 
-At most one reply is queued: a new reply replaces an unread one (as in Firecracker).
+At most one command reply is queued: a new reply replaces whatever is unread (as in Firecracker).
 `kbd_irq` (IRQ 1), when given, is triggered when a keyboard acknowledgement is queued, if the
 control byte enables the keyboard interrupt (bit 0).
+
+Ctrl-Alt-Del (`trigger_ctrl_alt_del`, the host's graceful-shutdown request for guests without ACPI,
+after Firecracker's `I8042Device::trigger_ctrl_alt_del`, used by its `SendCtrlAltDel` action): the
+make codes of Ctrl, Alt and Del in scan code set 2 (0x14, 0x11, 0xe0 0x71) are queued in the output
+buffer (at most `BUF_SIZE` bytes, as Firecracker's 16-byte buffer; a request that does not fit is
+refused and counted) and the keyboard interrupt is raised. While bytes remain after a data-port read,
+the output-buffer-full bit stays set and the interrupt is raised again, so a guest reading one byte
+per interrupt (Linux's atkbd) gets all four. Linux turns the sequence into ctrl_alt_del() ->
+orderly reboot (or poweroff, with `reboot=` settings / init's ctrlaltdel action).
 `on_reset` and the IRQ are called after the device lock is released.
 """
 
@@ -35,10 +44,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bulkhead.devices.irq import IrqLine
 
-__all__ = ["I8042_BASE", "I8042_LEN", "I8042Device", "I8042Metrics", "declare_surfaces"]
+__all__ = ["BUF_SIZE", "CTRL_ALT_DEL", "I8042_BASE", "I8042_KBD_IRQ", "I8042_LEN", "I8042Device", "I8042Metrics",
+           "declare_surfaces", "load_state", "save_state"]
 
 I8042_BASE = 0x60
 I8042_LEN = 5
+I8042_KBD_IRQ = 1  # ISA IRQ 1: the keyboard (the DSDT's PNP0303 says the same)
 
 OFS_DATA = 0
 OFS_COMMAND = 4  # reads: status
@@ -65,13 +76,21 @@ CB_POST_OK = 0x04
 OUTP_RESET = 0x01  # output port bit 0: CPU reset line, active low
 OUTP_DEFAULT = 0x03  # reset deasserted, A20 enabled
 
+BUF_SIZE = 16  # output buffer bytes (Firecracker's BUF_SIZE)
+# Scan code set 2 make codes: left Ctrl 0x14, left Alt 0x11, Delete 0xe0 0x71 (Firecracker KEY_CTRL,
+# KEY_ALT, KEY_DEL).
+CTRL_ALT_DEL = b"\x14\x11\xe0\x71"
+
 
 class I8042Metrics:
     """Counters of the controller (a plain class: see SerialMetrics for why not a dataclass)."""
 
-    __slots__ = ("bad_access", "reads", "resets", "unknown_commands", "writes")
+    __slots__ = ("bad_access", "ctrl_alt_del", "ctrl_alt_del_refused", "reads", "resets", "unknown_commands",
+                 "writes")
 
     def __init__(self) -> None:
+        self.ctrl_alt_del = 0  # host Ctrl-Alt-Del requests queued
+        self.ctrl_alt_del_refused = 0  # requests refused: the output buffer had no room
         self.reads = 0
         self.writes = 0
         self.bad_access = 0
@@ -114,7 +133,26 @@ class I8042Device:
             self.metrics.reads += 1
             if offset == OFS_COMMAND:
                 return self._status
-            return self._pop()
+            value = self._pop()
+            more = bool(self._buf) and self._kbd_irq_enabled()
+        if more and self._kbd_irq is not None:  # one interrupt per byte, as Firecracker does
+            self._kbd_irq.trigger()
+        return value
+
+    def trigger_ctrl_alt_del(self) -> bool:
+        """Queue the Ctrl-Alt-Del make codes (CTRL_ALT_DEL) and raise the keyboard interrupt. Returns
+        False (and counts it) when the output buffer has no room for them. Never raises."""
+        with self._lock:
+            if len(self._buf) + len(CTRL_ALT_DEL) > BUF_SIZE:
+                self.metrics.ctrl_alt_del_refused += 1
+                return False
+            self._buf += CTRL_ALT_DEL
+            self._status |= SB_OUT_DATA_AVAIL
+            self.metrics.ctrl_alt_del += 1
+            irq = self._kbd_irq_enabled()
+        if irq and self._kbd_irq is not None:
+            self._kbd_irq.trigger()
+        return True
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Write a command (offset 4) or data byte (offset 0). Never raises, except what
@@ -185,6 +223,27 @@ class I8042Device:
 
     def _kbd_irq_enabled(self) -> bool:
         return self._kbd_irq is not None and bool(self._control & CB_KBD_INT)
+
+
+def save_state(dev: I8042Device) -> dict[str, object]:
+    """Controller registers and the queued reply, for a snapshot (the VM is paused)."""
+    from bulkhead.devices.state import b64
+
+    with dev._lock:
+        return {"status": dev._status, "control": dev._control, "outp": dev._outp, "cmd": dev._cmd,
+                "buf": b64(dev._buf)}
+
+
+def load_state(dev: I8042Device, doc: object) -> None:
+    """Restore save_state() output. Raises ValueError (nothing changed) for a bad document."""
+    from bulkhead.devices.state import fields
+
+    st = fields(doc, {"status": (0, 0xFF), "control": (0, 0xFF), "outp": (0, 0xFF), "cmd": (0, 0xFF),
+                      "buf": f"blob:{BUF_SIZE}"}, "i8042")
+    with dev._lock:
+        dev._status, dev._control = int(st["status"]), int(st["control"])
+        dev._outp, dev._cmd = int(st["outp"]), int(st["cmd"])
+        dev._buf = bytearray(st["buf"])
 
 
 def declare_surfaces() -> None:

@@ -64,6 +64,8 @@ __all__ = [
     "Serial",
     "SerialMetrics",
     "declare_surfaces",
+    "load_state",
+    "save_state",
 ]
 
 COM1_BASE = 0x3F8
@@ -433,6 +435,41 @@ class Serial:
             self._sink(chunk)
         except OSError:
             self.metrics.tx_lost += len(chunk)
+
+
+_STATE_BYTES = ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "scr", "msr_delta")
+
+
+def save_state(dev: Serial) -> dict[str, object]:
+    """Registers and pending input, for a snapshot (the VM is paused). Pending output is flushed to
+    the sink first: what the guest wrote before the snapshot is shown before the VM stops."""
+    from bulkhead.devices.state import b64
+
+    with dev._lock:
+        dev._flush_locked()
+        doc: dict[str, object] = {name: getattr(dev, "_" + name) for name in _STATE_BYTES}
+        doc["thr_ipending"] = dev._thr_ipending
+        doc["level"] = dev._level
+        doc["rx"] = b64(dev._rx[dev._rx_head :])
+        return doc
+
+
+def load_state(dev: Serial, doc: object) -> None:
+    """Restore save_state() output. Raises ValueError (nothing changed) for a bad document."""
+    from bulkhead.devices.state import fields
+
+    spec: dict[str, tuple[int, int] | str] = {name: (0, 0xFF) for name in _STATE_BYTES}
+    spec.update(thr_ipending="bool", level="bool", rx=f"blob:{dev._rx_capacity}")
+    st = fields(doc, spec, "serial")
+    if st["ier"] & ~IER_MASK or st["mcr"] & ~MCR_MASK or st["msr_delta"] & ~0x0F:
+        raise ValueError("serial state has reserved register bits set")
+    with dev._lock:
+        for name in _STATE_BYTES:
+            setattr(dev, "_" + name, st[name])
+        dev._thr_ipending = bool(st["thr_ipending"])
+        dev._level = bool(st["level"])
+        dev._rx = bytearray(st["rx"])
+        dev._rx_head = 0
 
 
 def declare_surfaces() -> None:

@@ -25,9 +25,8 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bulkhead import _boot
 from bulkhead.integrity.canonical import canonical_json
@@ -285,8 +284,7 @@ def _booted_result() -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
-@dataclass(frozen=True)
-class IntegrityResult:
+class IntegrityResult(NamedTuple):
     """Outcome of require_integrity: `digest` is the verified manifest digest, None when skipped."""
 
     verified: bool

@@ -55,19 +55,16 @@ _U64 = struct.Struct("<Q")
 class GuestRegion:
     """One contiguous range of guest physical memory backed by one anonymous host mapping."""
 
-    __slots__ = ("base", "end", "host_addr", "mem", "size")
+    __slots__ = ("base", "end", "host_addr", "mem", "owns_pages", "size")
 
-    def __init__(self, base: int, size: int) -> None:
-        if size <= 0 or size & (PAGE - 1) or base & (PAGE - 1):
-            raise ValueError("region base and size must be positive multiples of 4 KiB")
-        addr = _libc.mmap(
-            None,
-            size,
-            mmap.PROT_READ | mmap.PROT_WRITE,
-            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-            -1,
-            0,
-        )
+    def __init__(self, base: int, size: int, *, fd: int = -1, offset: int = 0) -> None:
+        """Anonymous private memory, or (fd >= 0) a shared mapping of `fd` at `offset`: a memfd the host
+        created (runtime/snapshot.py), so that the host reads guest RAM for a snapshot without a copy and
+        fills it on restore. The fd's owner scrubs such memory; this region only unmaps it."""
+        if size <= 0 or size & (PAGE - 1) or base & (PAGE - 1) or offset & (PAGE - 1):
+            raise ValueError("region base, size and offset must be multiples of 4 KiB")
+        flags = (mmap.MAP_SHARED if fd >= 0 else mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) | _MAP_NORESERVE
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, offset)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
             raise MemoryError(f"cannot map {size >> 20} MiB of guest memory: errno {err}")
@@ -76,6 +73,7 @@ class GuestRegion:
         # Transparent huge pages where the host allows them (as QEMU does): measured ~3x faster 1 MiB virtio-blk
         # reads on our PVM hosts (docs/PERFORMANCE.md). Advisory: ignored where THP is off.
         _libc.madvise(addr, size, _MADV_HUGEPAGE)
+        self.owns_pages = fd < 0
         self.base = base
         self.size = size
         self.end = base + size
@@ -103,9 +101,10 @@ class GuestRegion:
         """Zero every resident page, drop the pages, unmap. Idempotent."""
         if self.mem is None:
             return
-        for off, length in self.resident_runs():
-            ctypes.memset(self.host_addr + off, 0, length)
-        _libc.madvise(self.host_addr, self.size, _MADV_DONTNEED)
+        if self.owns_pages:
+            for off, length in self.resident_runs():
+                ctypes.memset(self.host_addr + off, 0, length)
+            _libc.madvise(self.host_addr, self.size, _MADV_DONTNEED)
         self.mem.release()
         self.mem = None
         _libc.munmap(self.host_addr, self.size)
@@ -114,17 +113,20 @@ class GuestRegion:
 class GuestMemory:
     """All of a VM's RAM. Accesses are validated against the regions; violations raise GuestMemoryError."""
 
-    def __init__(self, layout: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, layout: Iterable[tuple[int, int]], *, fd: int = -1) -> None:
+        """`fd` >= 0: back the regions with that file (a memfd), region after region from offset 0."""
         regions: list[GuestRegion] = []
         try:
             prev_end = 0
+            offset = 0
             for base, size in sorted(layout):
                 if base < prev_end:
                     raise ValueError("guest memory regions overlap")
                 if base + size > U64_MAX:
                     raise ValueError("guest memory region beyond the 64-bit address space")
-                regions.append(GuestRegion(base, size))
+                regions.append(GuestRegion(base, size, fd=fd, offset=offset))
                 prev_end = base + size
+                offset += size
         except BaseException:
             for r in regions:
                 r.scrub_and_unmap()
@@ -136,9 +138,9 @@ class GuestMemory:
         self._closed = False
 
     @classmethod
-    def for_size(cls, mem_bytes: int) -> GuestMemory:
-        """RAM of `mem_bytes`, split around the 32-bit MMIO hole."""
-        return cls(ram_regions(mem_bytes))
+    def for_size(cls, mem_bytes: int, *, fd: int = -1) -> GuestMemory:
+        """RAM of `mem_bytes`, split around the 32-bit MMIO hole (backed by `fd` when >= 0)."""
+        return cls(ram_regions(mem_bytes), fd=fd)
 
     # -- validation -------------------------------------------------------------------------------
 

@@ -29,10 +29,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Boot a Linux kernel (bzImage or vmlinux ELF) or a PVH ELF payload in a new VM.",
         epilog="Exit status: the guest's debug-exit status (odd), or an even status naming why the VM "
         "stopped: 0 poweroff, 2 usage/config error, 4 host error, 6 guest reset, 8 triple fault, "
-        "10 halted with interrupts disabled, 12 KVM internal error, 14 guest fault, 130 interrupted.",
+        "10 halted with interrupts disabled, 12 KVM internal error, 14 guest fault, 24 saved by --snapshot-on-exit, 130 interrupted.",
     )
     p.add_argument(
-        "--kernel", required=True, metavar="PATH", help="kernel image: bzImage, vmlinux ELF or PVH ELF"
+        "--kernel", metavar="PATH", help="kernel image: bzImage, vmlinux ELF or PVH ELF (required unless --restore)"
     )
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
     p.add_argument("--cmdline", default="", metavar="TEXT", help="kernel command line")
@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-ioeventfd", action="store_true", help=argparse.SUPPRESS
     )  # benchmarks: naive notify path
+    p.add_argument("--snapshot-on-exit", metavar="FILE",
+                   help="when the host stops the VM (SIGINT/SIGTERM), save it to FILE instead of discarding it")
+    p.add_argument("--restore", metavar="FILE", help="resume the VM saved in snapshot FILE instead of booting")
+    p.add_argument("--clone", action="store_true",
+                   help="with --restore: allow restoring a snapshot that was restored before (duplicates guest "
+                   "secrets and RNG state)")
+    p.add_argument("--snapshot-key", metavar="FILE",
+                   help="this host's snapshot key (default /var/lib/bulkhead/snapshot.key as root, "
+                   "~/.local/state/bulkhead/snapshot.key otherwise; created on first snapshot)")
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print why the VM stopped")
     return p
@@ -81,12 +90,16 @@ _RUN_FLAGS: dict[str, tuple[str, str]] = {
     "--expected-digest": ("str", "expected_digest"),
     "--no-ioeventfd": ("bool", "no_ioeventfd"),
     "--quiet": ("bool", "quiet"),
+    "--snapshot-on-exit": ("str", "snapshot_on_exit"),
+    "--restore": ("str", "restore"),
+    "--clone": ("bool", "clone"),
+    "--snapshot-key": ("str", "snapshot_key"),
     "-q": ("bool", "quiet"),
 }
 _RUN_DEFAULTS: dict[str, object] = {
     "kernel": None, "initrd": None, "cmdline": "", "mem": 128, "cpus": 1, "serial": "stdio", "boot": "auto",
     "drive": [], "net": [], "rng": False, "no_jail": False, "stats": None, "no_ioeventfd": False, "quiet": False,
-    "expected_digest": None,
+    "expected_digest": None, "snapshot_on_exit": None, "restore": None, "clone": False, "snapshot_key": None,
 }  # fmt: skip
 
 
@@ -124,8 +137,15 @@ def parse_run_args(argv: list[str]) -> dict[str, object]:
             ns[dest].append(value)  # type: ignore[attr-defined]
         else:
             ns[dest] = value
+    if ns["restore"] is not None:
+        for flag, dest in (("--kernel", "kernel"), ("--initrd", "initrd"), ("--drive", "drive"), ("--net", "net")):
+            if ns[dest]:
+                raise ConfigError(f"--restore takes the VM from the snapshot; {flag} cannot be given with it")
+        ns["kernel"] = ns["restore"]  # placeholder for the config check; the snapshot's own config is used
+    elif ns["clone"]:
+        raise ConfigError("--clone only applies with --restore")
     if ns["kernel"] is None:
-        raise ConfigError("--kernel PATH is required")
+        raise ConfigError("--kernel PATH is required (or --restore FILE)")
     if ns["boot"] not in BOOT_PROTOCOLS:
         raise ConfigError(f"--boot must be {', '.join(BOOT_PROTOCOLS[:-1])} or {BOOT_PROTOCOLS[-1]}, not {ns['boot']!r}")
     return ns
@@ -168,9 +188,73 @@ def run_main(argv: list[str]) -> int:
         return EXIT_STATUS["config-error"]
     # --stats never weakens the sandbox: the jailed worker sends its counters over the protocol.
     # --no-ioeventfd (hidden, benchmarks of the naive notify path) needs the in-process VMM.
-    extra = {"stats_path": ns["stats"], "ioeventfd": not ns["no_ioeventfd"]}
+    extra: dict[str, object] = {"stats_path": ns["stats"], "ioeventfd": not ns["no_ioeventfd"]}
     jail = not (ns["no_jail"] or ns["no_ioeventfd"])
-    return _run_config(config, quiet=bool(ns["quiet"]), jail=jail, extra=extra)
+    if ns["snapshot_on_exit"] or ns["restore"]:
+        try:
+            config = _snapshot_options(ns, config, extra)
+        except ConfigError as exc:
+            from bulkhead.exitstatus import exit_status
+
+            _report("bulkhead run", exc)
+            return exit_status(exc) or EXIT_STATUS["config-error"]
+    cleanup = extra.pop("cleanup", None)
+    try:
+        return _run_config(config, quiet=bool(ns["quiet"]), jail=jail, extra=extra)
+    finally:
+        if callable(cleanup):
+            cleanup()
+
+
+def _snapshot_options(ns: dict[str, object], config: VmConfig, extra: dict[str, object]) -> VmConfig:
+    """Authenticate and decrypt the snapshot to restore into memfds, and/or load the host key for
+    --snapshot-on-exit. Returns the configuration to run. Raises ConfigError/SnapshotError."""
+    import uuid
+
+    from bulkhead.runtime.snapshot import (
+        RestoreSource,
+        SnapshotTarget,
+        decrypt_into,
+        guest_memfds,
+        load_restore_state,
+        open_restore,
+        scrub_memfd,
+    )
+    from bulkhead.snapshot.keys import default_key_path, load_host_key, record_restore
+
+    if config.drives or config.nets or config.rng:
+        raise ConfigError("--snapshot-on-exit and --restore do not support virtio devices yet (docs/SNAPSHOT.md)")
+    key_path = str(ns["snapshot_key"] or default_key_path())
+    vm_id = uuid.uuid4().hex
+    if ns["restore"]:
+        restore = open_restore(str(ns["restore"]), host_key=lambda: load_host_key(key_path, create=False),
+                               serial=config.serial, expected_digest=config.expected_digest)
+        try:
+            memory_fd, state_fd = guest_memfds(restore.config.mem_bytes)
+            decrypt_into(restore, memory_fd, state_fd)  # every memory chunk authenticated before a vCPU exists
+        finally:
+            restore.close()
+        header, state = load_restore_state(state_fd)
+        snapshot_id, clone = header["snapshot_id"], bool(ns["clone"])
+        # Recorded once the machine is rebuilt, before its guest runs.
+        extra["restore"] = RestoreSource(header, state, memory_fd, state_fd,
+                                         lambda: record_restore(key_path, snapshot_id, clone=clone))
+        config = restore.config
+        vm_id = header["vm_id"] if not clone else vm_id
+    else:
+        memory_fd, state_fd = guest_memfds(config.mem_bytes)
+    mem_bytes = config.mem_bytes
+
+    def cleanup() -> None:
+        scrub_memfd(memory_fd, mem_bytes)  # guest RAM: zeroed before the pages go
+        os.close(memory_fd)
+        os.close(state_fd)
+
+    extra["cleanup"] = cleanup
+    if ns["snapshot_on_exit"]:
+        extra["snapshot"] = SnapshotTarget(str(ns["snapshot_on_exit"]), load_host_key(key_path, create=True), vm_id,
+                                           memory_fd, state_fd)
+    return config
 
 
 def _run_config(config: VmConfig, *, quiet: bool, jail: bool, extra: dict[str, object] | None = None) -> int:
@@ -181,9 +265,10 @@ def _run_config(config: VmConfig, *, quiet: bool, jail: bool, extra: dict[str, o
         from bulkhead.sandbox.supervisor import run_jailed
 
         stats_path = (extra or {}).get("stats_path")
+        snap = {k: v for k, v in (extra or {}).items() if k in ("snapshot", "restore")}
 
         def runner(cfg: VmConfig) -> ExitReason:
-            return run_jailed(cfg, stats_path=stats_path)  # type: ignore[arg-type]
+            return run_jailed(cfg, stats_path=stats_path, **snap)  # type: ignore[arg-type]
     else:
         if jail and os.geteuid() == 0:
             print(

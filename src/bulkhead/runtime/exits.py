@@ -25,6 +25,7 @@ EXIT_STATUS: dict[str, int] = {
     "seccomp-kill": 18,  # the worker was killed by its seccomp filter (jailed mode)
     "oom-kill": 20,  # the worker hit its cgroup memory limit (jailed mode)
     "protocol-violation": 22,  # the worker sent a malformed or oversized message and was ended (jailed mode)
+    "snapshotted": 24,  # the host stopped the VM and it was saved to a snapshot (bulkhead run --snapshot-on-exit)
     "interrupted": 130,  # SIGINT/SIGTERM from the host
 }
 

@@ -28,6 +28,7 @@ from bulkhead.memory.layout import (
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.eventloop import EventFd, EventLoop
 from bulkhead.runtime.exits import ExitReason
+from bulkhead.runtime.shutdown import attach_ged
 from bulkhead.runtime.vcpu import VcpuRunner, install_kick_handler
 
 __all__ = ["Machine", "run_vm"]
@@ -85,6 +86,15 @@ def _read_image(path: str, what: str) -> bytes:
         os.close(fd)
 
 
+def _launch_digest(cfg: VmConfig, kernel: bytes, initrd: bytes | None) -> str | None:
+    """The launch digest of the bytes being loaded, or None where the integrity module is not installed."""
+    try:
+        from bulkhead.integrity.launch import launch_digest_for_config
+    except ImportError:
+        return None
+    return launch_digest_for_config(cfg, kernel, initrd)
+
+
 def _check_launch_digest(cfg: VmConfig, kernel: bytes, initrd: bytes | None) -> None:
     """Refuse to build when the launch digest of these exact bytes differs from cfg.expected_digest.
     Raises ConfigError with the reason (also when the integrity module is unavailable: fail closed)."""
@@ -111,8 +121,14 @@ class Machine:
         console_input: bool = True,
         coalesce_post: bool = True,
         ioeventfd: bool = True,
+        measure: bool = False,
+        memory_fd: int = -1,
     ) -> None:
         self.config = config
+        # Snapshots (runtime/snapshot.py): guest RAM in the host's memfd; measure: the launch digest at build.
+        self.measure, self.memory_fd, self.mcg_cap = measure, memory_fd, 0
+        self.launch_digest: str | None = None
+        self.cpuid_tables: list[list[tuple[int, int, int, int, int, int, int]]] = []
         self.ioeventfd = ioeventfd
         self._console = console
         self._on_event = on_event
@@ -173,27 +189,17 @@ class Machine:
         initrd = _read_image(cfg.initrd, "initrd") if cfg.initrd else None
         if cfg.expected_digest is not None:  # the bytes loaded below are the bytes measured: no TOCTOU
             _check_launch_digest(cfg, kernel, initrd)
+        if self.measure:
+            self.launch_digest = _launch_digest(cfg, kernel, initrd)
         self.kvm = Kvm()
         self._closers.append(self.kvm.close)
         max_vcpus = self.kvm.max_vcpus()
         if cfg.cpus > max_vcpus:
             raise HostError(f"--cpus {cfg.cpus} is more than this host's KVM allows ({max_vcpus})")
-        try:
-            self.mem = GuestMemory.for_size(cfg.mem_bytes)
-        except MemoryError as exc:
-            raise HostError(str(exc)) from None
-        self._closers.append(self.mem.close)
-        self.vm = self.kvm.create_vm()
-        self._closers.append(self.vm.close)
-        self._setup_vm_platform()
-        self.loop = EventLoop(self._on_fault, self._on_loop_error)
-        self._closers.append(self.loop.close)
-        self.attach_serial()
-        self.attach_i8042()
-        self.attach_debug_exit()
-        self.attach_post_port()
+        self.platform()
         self.attach_virtio_devices()
         cmdline = " ".join(p for p in (cfg.cmdline, *self._cmdline_extra) if p)
+        assert self.mem is not None
         self.plan = load_kernel(
             self.mem,
             kernel,
@@ -249,12 +255,11 @@ class Machine:
             forward_stdin(self.loop, self.serial.enqueue_input)
 
     def attach_i8042(self) -> None:
-        from bulkhead.devices.i8042 import I8042_BASE, I8042_LEN, I8042Device
+        from bulkhead.devices.i8042 import I8042_BASE, I8042_KBD_IRQ, I8042_LEN, I8042Device
 
-        dev = I8042Device(
-            on_reset=lambda: self.request_stop(
-                ExitReason.of("reset", "guest reset the machine via the i8042")
-            )
+        self.i8042 = dev = I8042Device(  # kept for `vm shutdown` (runtime/shutdown.py: Ctrl-Alt-Del)
+            on_reset=lambda: self.request_stop(ExitReason.of("reset", "guest reset the machine via the i8042")),
+            kbd_irq=self.irq_line(I8042_KBD_IRQ),
         )
         self.pio.register(I8042_BASE, I8042_LEN, dev, "i8042")
 
@@ -301,19 +306,42 @@ class Machine:
             mcg_cap = mcg_cap_for(*self.kvm.mce_cap_supported())
         except HostError:
             mcg_cap = 0  # no MCE emulation on this host: KVM's default stays
-        coalesced = self._coalesce_post
+        self.mcg_cap = mcg_cap
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
             cpuid = [
                 (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                 for e in filter_cpuid(supported, index, self.config.cpus)
             ]
+            self.cpuid_tables.append(cpuid)
             refused = setup_vcpu(vcpu, self.plan, cpuid, msrs, boot_cpu=index == 0, mcg_cap=mcg_cap)
             if refused and index == 0:
                 self.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
-            self.runners.append(
-                VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=coalesced)
-            )
+            self.add_runner(vcpu)
+
+    def platform(self) -> None:
+        """Guest RAM, the KVM VM with its in-kernel chips, the I/O loop and the legacy devices."""
+        try:
+            self.mem = GuestMemory.for_size(self.config.mem_bytes, fd=self.memory_fd)
+        except MemoryError as exc:
+            raise HostError(str(exc)) from None
+        self._closers.append(self.mem.close)
+        self.vm = self.kvm.create_vm()
+        self._closers.append(self.vm.close)
+        self._setup_vm_platform()
+        self.loop = EventLoop(self._on_fault, self._on_loop_error)
+        self._closers.append(self.loop.close)
+        self.attach_serial()
+        self.attach_i8042()
+        attach_ged(self)  # runtime/shutdown.py: the ACPI power button of `vm shutdown`
+        self.attach_debug_exit()
+        self.attach_post_port()
+
+    def add_runner(self, vcpu: Any) -> None:
+        """Run `vcpu` with this machine's buses and stop/fault handlers."""
+        self.runners.append(
+            VcpuRunner(vcpu, self.pio, self.mmio, self.request_stop, self._on_fault, coalesced=self._coalesce_post)
+        )
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -335,7 +363,7 @@ class Machine:
             self.loop.start()
             for r in self.runners:
                 r.start()
-            self._supervise()
+            _supervise(self)
         finally:
             for r in self.runners:
                 r.stop()
@@ -351,28 +379,6 @@ class Machine:
         reason = self._stop_reason or ExitReason.of("internal-error", "VM stopped without a reason")
         self.record("vm-stopped", kind=reason.kind, status=reason.status, detail=reason.detail)
         return reason
-
-    def _supervise(self) -> None:
-        """Wait for a stop request; meanwhile detect a VM whose vCPUs all sit in HLT with interrupts off."""
-        last = [-1] * len(self.runners)
-        idle_rounds = 0
-        while not self._stopped.wait(HALT_POLL):
-            if self.serial is not None:
-                self.serial.flush()  # a prompt without a newline must not wait for the VM to stop
-            quiet = [r.exits == last[i] for i, r in enumerate(self.runners)]
-            last = [r.exits for r in self.runners]
-            for r, q in zip(self.runners, quiet, strict=True):
-                if q:
-                    r.kick()
-            time.sleep(0.005)
-            if all(quiet) and all(r.halted_no_irq for r in self.runners):
-                idle_rounds += 1
-                if idle_rounds >= 2:
-                    self.request_stop(
-                        ExitReason.of("halted", "every vCPU is halted with interrupts disabled")
-                    )
-            else:
-                idle_rounds = 0
 
     def pause(self) -> None:
         for r in self.runners:
@@ -400,6 +406,29 @@ class Machine:
                 pass
 
 
+def _supervise(self: Machine) -> None:
+    """Wait for a stop request; meanwhile detect a VM whose vCPUs all sit in HLT with interrupts off."""
+    last = [-1] * len(self.runners)
+    idle_rounds = 0
+    while not self._stopped.wait(HALT_POLL):
+        if self.serial is not None:
+            self.serial.flush()  # a prompt without a newline must not wait for the VM to stop
+        quiet = [r.exits == last[i] for i, r in enumerate(self.runners)]
+        last = [r.exits for r in self.runners]
+        for r, q in zip(self.runners, quiet, strict=True):
+            if q:
+                r.kick()
+        time.sleep(0.005)
+        if all(quiet) and all(r.halted_no_irq for r in self.runners):
+            idle_rounds += 1
+            if idle_rounds >= 2:
+                self.request_stop(
+                    ExitReason.of("halted", "every vCPU is halted with interrupts disabled")
+                )
+        else:
+            idle_rounds = 0
+
+
 def run_vm(
     config: VmConfig,
     *,
@@ -408,16 +437,39 @@ def run_vm(
     console_input: bool = True,
     stats_path: str | None = None,
     ioeventfd: bool = True,
+    snapshot: Any = None,
+    restore: Any = None,
 ) -> ExitReason:
     """Build and run one VM to completion. Raises ConfigError/ImageError/HostError before the guest runs.
 
-    With `stats_path`, counters (see Machine.stats) are written there as JSON when the VM stops."""
+    With `stats_path`, counters (see Machine.stats) are written there as JSON when the VM stops.
+    `restore` (runtime/snapshot.py RestoreSource): rebuild the VM from the memfds the host decrypted a
+    snapshot into, instead of booting `config`'s kernel. `snapshot` (SnapshotTarget): when the host stops
+    the VM (SIGINT/SIGTERM), save it; the reason is then "snapshotted". A guest that stops by itself is
+    not saved."""
+    fds = restore if restore is not None else snapshot
     machine = Machine(
-        config, console=console, on_event=on_event, console_input=console_input, ioeventfd=ioeventfd
+        config, console=console, on_event=on_event, console_input=console_input, ioeventfd=ioeventfd,
+        measure=snapshot is not None, memory_fd=fds.memory_fd if fds is not None else -1,
     )
     try:
-        machine.build()
+        if restore is not None:
+            from bulkhead.runtime.snapshot import restore_machine
+
+            restore_machine(machine, restore.header, restore.state)
+            restore.on_built()  # e.g. the restore ledger: raises SnapshotError for a second restore
+        else:
+            machine.build()
         reason = machine.run()
+        if snapshot is not None and reason.kind == "interrupted":
+            from bulkhead.runtime.snapshot import save_state, seal_snapshot
+
+            save_state(machine, snapshot.state_fd)
+            info = seal_snapshot(snapshot, config=machine.config, launch_digest=machine.launch_digest)
+            reason = ExitReason.of(
+                "snapshotted", f"saved to {info['path']} ({info['pages']} pages, {info['bytes']} bytes, "
+                f"snapshot {info['snapshot_id']})"
+            )
         if stats_path:
             from bulkhead.runtime.stats import write_stats
 

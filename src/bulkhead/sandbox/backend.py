@@ -119,7 +119,8 @@ class JailedBackend:
         path = spec.console_path
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            sink = ConsoleSink(path, truncate=True)  # the one console sink (runtime/console.py), 0600
+            # the one console sink (runtime/console.py), 0600; a reboot appends to the old output
+            sink = ConsoleSink(path, truncate=not getattr(spec, "keep_console", False))
         except OSError as exc:
             raise HostError(f"cannot create the console file {path}: {exc.strerror}") from None
         console = sink.write
@@ -135,7 +136,8 @@ class JailedBackend:
 
         try:
             handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
-                                  on_security_event=security, on_exit=exited)
+                                  on_security_event=security, on_exit=exited,
+                                  fork=False)  # the daemon is threaded and holds keys: always exec
         except BaseException:
             sink.close()
             raise
@@ -219,6 +221,17 @@ class JailedBackend:
                 return f.read(max(0, min(limit, MAX_CONSOLE_READ)))
         except OSError:
             return b""
+
+    def console_input(self, vm_id: str, data: bytes) -> None:
+        """Bytes for the guest's COM1 receive queue, over the worker channel (protocol ConsoleIn, at most
+        MAX_CONSOLE_CHUNK bytes per message; the worker hands them to Serial.enqueue_input, bounded and
+        counted there). Raises VmNotRunning / HostError."""
+        self._handle(vm_id).console_input(bytes(data))
+
+    def request_shutdown(self, vm_id: str) -> str:
+        """Ask the guest to shut down (protocol Shutdown -> Ctrl-Alt-Del). Returns the method the worker
+        reports, "" when nothing was delivered. Raises VmNotRunning / HostError."""
+        return self._handle(vm_id).request_shutdown()
 
     def forget(self, vm_id: str) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bulkhead.errors import HostError
 
@@ -26,8 +26,7 @@ __all__ = ["CgroupLimits", "VmCgroup", "detect_version"]
 _CONTROLLERS = ("memory", "pids", "cpu")
 
 
-@dataclass(frozen=True)
-class CgroupLimits:
+class CgroupLimits(NamedTuple):
     memory_bytes: int
     pids_max: int
     cpu_quota_us: int  # per cpu_period_us; 0 = no quota

@@ -24,8 +24,9 @@ import ctypes
 import json
 import os
 import resource
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.sandbox.policy import Rule
@@ -46,6 +47,7 @@ __all__ = [
     "drop_privileges",
     "enter_namespaces",
     "install_seccomp",
+    "load_pyseccomp",
     "make_idmap_userns",
 ]
 
@@ -120,8 +122,7 @@ class _CapData(ctypes.Structure):
 # --- the specification the host hands to the worker -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BindSpec:
+class BindSpec(NamedTuple):
     """A host file bind-mounted at `target` (absolute, inside the jail); read-only unless read_only=False."""
 
     source: str
@@ -129,8 +130,7 @@ class BindSpec:
     read_only: bool = True
 
 
-@dataclass(frozen=True)
-class JailSpec:
+class JailSpec(NamedTuple):
     """Everything the worker needs to build its jail. Travels as JSON in the worker's argv."""
 
     vm_id: str
@@ -144,10 +144,11 @@ class JailSpec:
     nproc: int = 64
     seccomp: bool = True
     nic: bool = False
-    config: dict[str, object] = field(default_factory=dict)  # the VmConfig with in-jail paths
+    config: dict[str, object] | None = None  # the VmConfig with in-jail paths (None: {})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        raw = {**self._asdict(), "binds": [b._asdict() for b in self.binds], "config": self.config or {}}
+        return json.dumps(raw, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> JailSpec:
@@ -319,13 +320,39 @@ def drop_privileges(uid: int, gid: int, *, cap_last: int, nofile: int, nproc: in
 # --- step 7: seccomp -----------------------------------------------------------------------------------
 
 
-def install_seccomp(rules: list[Rule]) -> int:
-    """Load an allow-list from policy.build_rules (default action: kill the process). Returns its size.
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}  # glibc's and libseccomp's stable sonames
 
-    Build the rules before pivot_root: the policy data is read from the package's files.
-    """
-    import pyseccomp as sc
 
+def load_pyseccomp() -> Any:
+    """Import pyseccomp without the two `ldconfig -p` processes its `ctypes.util.find_library` calls
+    spawn (~6 ms each, far more on a loaded host): the stable sonames are tried first, and find_library
+    only when one does not load (docs/PERFORMANCE.md "Jailed start"). Call before pivot_root."""
+    import ctypes.util
+    import importlib
+
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
+    real = ctypes.util.find_library
+
+    def find(name: str) -> str | None:
+        so = _SONAMES.get(name)
+        if so is not None:
+            try:
+                ctypes.CDLL(so)
+                return so
+            except OSError:
+                pass
+        return real(name)
+
+    ctypes.util.find_library = find
+    try:
+        return importlib.import_module("pyseccomp")
+    finally:
+        ctypes.util.find_library = real
+
+
+def _filter(rules: list[Rule]) -> Any:
+    sc = load_pyseccomp()
     ops = {"eq": sc.EQ, "ne": sc.NE, "masked_eq": sc.MASKED_EQ}
     flt = sc.SyscallFilter(sc.KILL_PROCESS)
     flt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)  # x32 / i386 entry points: kill
@@ -335,7 +362,33 @@ def install_seccomp(rules: list[Rule]) -> int:
         args = [sc.Arg(a.index, ops[a.op], a.mask if a.op == "masked_eq" else a.value,
                        a.value if a.op == "masked_eq" else 0) for a in rule.args]
         flt.add_rule(action, rule.syscall, *args)
-    flt.load()
+    return flt
+
+
+def compile_program(rules: list[Rule]) -> bytes:
+    """libseccomp's BPF program (struct sock_filter[]) for an allow-list from policy.build_rules, default
+    action kill-process: exactly what libseccomp's own load would install (seccomp_export_bpf)."""
+    flt = _filter(rules)
+    fd = os.memfd_create("bulkhead-bpf", os.MFD_CLOEXEC)
+    try:
+        class _Fd:
+            def fileno(self) -> int:
+                return fd
+
+        flt.export_bpf(_Fd())
+        size = os.lseek(fd, 0, os.SEEK_END)
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
+def install_seccomp(rules: list[Rule]) -> int:
+    """Load an allow-list from policy.build_rules (default action: kill the process) through libseccomp.
+    Returns its size. The start path uses sandbox/bpf.py (cached program, same bytes) instead.
+
+    Build the rules before pivot_root: the policy data is read from the package's files.
+    """
+    _filter(rules).load()
     return len(rules)
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import errno
 import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import os
+from typing import Any, NamedTuple
 
 from bulkhead.errors import ConfigError
 
@@ -45,18 +44,37 @@ def ioc(direction: str, typ: int, nr: int, size: int) -> int:
     return (_DIRS[direction] << 30) | (size << 16) | (typ << 8) | nr
 
 
-@dataclass(frozen=True)
 class ArgCheck:
-    """Compare syscall argument `index`: eq/ne against value, or (arg & mask) == value."""
+    """Compare syscall argument `index`: eq/ne against value, or (arg & mask) == value. Immutable; a plain
+    class (a NamedTuple's `index` would shadow tuple.index, a dataclass costs its import on the start path)."""
 
+    __slots__ = ("index", "mask", "op", "value")
     index: int
     op: str
     value: int
-    mask: int = 0
+    mask: int
+
+    def __init__(self, index: int, op: str, value: int, mask: int = 0) -> None:
+        for name, v in (("index", index), ("op", op), ("value", value), ("mask", mask)):
+            object.__setattr__(self, name, v)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ArgCheck is immutable (cannot set {name!r})")
+
+    def _key(self) -> tuple[int, str, int, int]:
+        return (self.index, self.op, self.value, self.mask)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArgCheck) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"ArgCheck(index={self.index}, op={self.op!r}, value={self.value}, mask={self.mask})"
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     """One libseccomp rule: `action` is "allow" or "errno"; all `args` must hold (AND)."""
 
     syscall: str
@@ -66,7 +84,8 @@ class Rule:
 
 
 def _load_json(name: str) -> dict[str, Any]:
-    text = (Path(__file__).resolve().parent / "seccomp" / name).read_text(encoding="utf-8")
+    with open(os.path.join(os.path.dirname(os.path.realpath(__file__)), "seccomp", name), encoding="utf-8") as f:
+        text = f.read()
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ConfigError(f"seccomp data {name} must be a JSON object")

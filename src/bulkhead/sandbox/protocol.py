@@ -16,8 +16,7 @@ import base64
 import binascii
 import json
 import socket
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, dataclass_transform
 
 from bulkhead.errors import GuestFault
 
@@ -27,6 +26,7 @@ __all__ = [
     "MAX_CONSOLE_CHUNK",
     "MAX_MESSAGE",
     "PROTOCOL_VERSION",
+    "SHUTDOWN_EVENT",
     "WORKER_STATES",
     "WORKER_TO_HOST",
     "Channel",
@@ -43,6 +43,7 @@ __all__ = [
     "ProtocolError",
     "Resume",
     "SecurityEvent",
+    "Shutdown",
     "Start",
     "Stats",
     "Status",
@@ -63,6 +64,8 @@ U32 = (1 << 32) - 1
 U63 = (1 << 63) - 1
 WORKER_STATES = ("ready", "starting", "running", "paused", "stopping", "stopped")
 PROBE_OUTCOMES = ("denied", "allowed", "error")
+# The worker's answer to Shutdown: an Event of this name, field method = "ctrl-alt-del" or "" (not delivered).
+SHUTDOWN_EVENT = "worker.shutdown-requested"
 
 
 class ProtocolError(GuestFault):
@@ -75,70 +78,117 @@ class ProtocolError(GuestFault):
 # --- field specifications (data, checked by one function) ------------------------------------------
 
 
-@dataclass(frozen=True)
 class _Int:
-    lo: int
-    hi: int
+    __slots__ = ("hi", "lo")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
 
 
-@dataclass(frozen=True)
 class _Str:
-    max_len: int
-    choices: tuple[str, ...] = ()
-    ident: bool = False  # [a-z0-9_.:-] only
+    __slots__ = ("choices", "ident", "max_len")
+
+    def __init__(self, max_len: int, choices: tuple[str, ...] = (), ident: bool = False) -> None:
+        self.max_len, self.choices, self.ident = max_len, choices, ident  # ident: [a-z0-9_.:-] only
 
 
-@dataclass(frozen=True)
 class _Bytes:
-    max_len: int
+    __slots__ = ("max_len",)
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
 
 
-@dataclass(frozen=True)
 class _Bool:
-    pass
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
 class _Fields:
     """A flat mapping of identifier -> int | str | bool | None (event payloads)."""
 
-    max_items: int
+    __slots__ = ("max_items",)
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
 
 
 _Spec = _Int | _Str | _Bytes | _Bool | _Fields
 _IDENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.:-")
 
 
-@dataclass(frozen=True)
+@dataclass_transform(eq_default=True, frozen_default=True)
 class Message:
-    """Base of every protocol message. Subclasses set TYPE and SPEC (field name -> spec)."""
+    """Base of every protocol message. Subclasses set TYPE and SPEC (field name -> spec) and declare the
+    fields, in SPEC's order, with their defaults as class attributes.
+
+    Immutable value objects: positional or keyword construction in field order, equality by type and
+    values, hashable. A plain class, not a dataclass: generating 17 dataclasses (and importing
+    `dataclasses`, which pulls in inspect/ast/tokenize) cost the jailed start path ~20 ms."""
 
     TYPE: ClassVar[str] = ""
     SPEC: ClassVar[dict[str, _Spec]] = {}
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._FIELDS = tuple(cls.SPEC)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self._FIELDS
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} positional arguments")
+        values = dict(zip(names, args, strict=False))
+        for k, v in kwargs.items():
+            if k not in names or k in values:
+                raise TypeError(f"{type(self).__name__}: unexpected or repeated argument {k!r}")
+            values[k] = v
+        for name in names:
+            object.__setattr__(self, name, values[name] if name in values else getattr(type(self), name))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable (cannot delete {name!r})")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, n) for n in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._values()))  # as a frozen dataclass: a dict field is unhashable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self._FIELDS)})"
 
 
 # host -> worker
-@dataclass(frozen=True)
 class Start(Message):
     TYPE: ClassVar[str] = "start"
 
 
-@dataclass(frozen=True)
 class Pause(Message):
     TYPE: ClassVar[str] = "pause"
 
 
-@dataclass(frozen=True)
 class Resume(Message):
     TYPE: ClassVar[str] = "resume"
 
 
-@dataclass(frozen=True)
 class Stop(Message):
     TYPE: ClassVar[str] = "stop"
 
 
-@dataclass(frozen=True)
+class Shutdown(Message):
+    """Ask the guest to shut down (`vm shutdown`): the worker signals it (Ctrl-Alt-Del through the i8042)
+    and answers with the event `worker.shutdown-requested` naming the method ("" = not delivered). The
+    host force-stops the VM if the guest has not powered off within its timeout."""
+
+    TYPE: ClassVar[str] = "shutdown"
+
+
 class Status(Message):
     """`stats`: the worker sends a `stats` message (the VM's counters so far) before its status-reply."""
 
@@ -148,14 +198,12 @@ class Status(Message):
     stats: bool = False
 
 
-@dataclass(frozen=True)
 class ConsoleIn(Message):
     TYPE: ClassVar[str] = "console-in"
     SPEC: ClassVar[dict[str, _Spec]] = {"data": _Bytes(MAX_CONSOLE_CHUNK)}
     data: bytes = b""
 
 
-@dataclass(frozen=True)
 class Probe(Message):
     """Test-only: run a named escape probe. Refused by both sides unless probes were enabled at spawn."""
 
@@ -166,7 +214,6 @@ class Probe(Message):
 
 
 # worker -> host
-@dataclass(frozen=True)
 class Hello(Message):
     """First message: the sandbox is in place. Claims only; the host checks what it can."""
 
@@ -187,7 +234,6 @@ class Hello(Message):
     probes: bool = False
 
 
-@dataclass(frozen=True)
 class StatusReply(Message):
     TYPE: ClassVar[str] = "status-reply"
     SPEC: ClassVar[dict[str, _Spec]] = {
@@ -200,14 +246,12 @@ class StatusReply(Message):
     uptime_ms: int = 0
 
 
-@dataclass(frozen=True)
 class Console(Message):
     TYPE: ClassVar[str] = "console"
     SPEC: ClassVar[dict[str, _Spec]] = {"data": _Bytes(MAX_CONSOLE_CHUNK)}
     data: bytes = b""
 
 
-@dataclass(frozen=True)
 class Event(Message):
     TYPE: ClassVar[str] = "event"
     SPEC: ClassVar[dict[str, _Spec]] = {"name": _Str(MAX_NAME, ident=True), "fields": _Fields(EVENT_MAX_FIELDS)}
@@ -215,7 +259,6 @@ class Event(Message):
     fields: dict[str, int | str | bool | None] | None = None
 
 
-@dataclass(frozen=True)
 class SecurityEvent(Message):
     TYPE: ClassVar[str] = "security-event"
     SPEC: ClassVar[dict[str, _Spec]] = {"kind": _Str(MAX_NAME, ident=True), "detail": _Str(MAX_TEXT)}
@@ -223,7 +266,6 @@ class SecurityEvent(Message):
     detail: str = ""
 
 
-@dataclass(frozen=True)
 class Exit(Message):
     """The worker's own account of why its VM stopped. Untrusted: the host checks it against the process."""
 
@@ -238,7 +280,6 @@ class Exit(Message):
     detail: str = ""
 
 
-@dataclass(frozen=True)
 class Stats(Message):
     """The VM's counters (`bulkhead run --stats`), flattened by runtime/stats.py: sent before `exit`, and
     before the status-reply of a `status` with stats=true (each replaces the last; none after `exit`).
@@ -249,7 +290,6 @@ class Stats(Message):
     counters: dict[str, int | str | bool | None] | None = None
 
 
-@dataclass(frozen=True)
 class ProbeResult(Message):
     TYPE: ClassVar[str] = "probe-result"
     SPEC: ClassVar[dict[str, _Spec]] = {
@@ -262,7 +302,6 @@ class ProbeResult(Message):
     detail: str = ""
 
 
-@dataclass(frozen=True)
 class IntegrityRefused(Message):
     """Sent instead of Hello by the pre-import gate (bulkhead/_boot.py, which writes this exact JSON by
     hand: it runs before any bulkhead module may be imported) when the worker's code does not match the
@@ -275,7 +314,7 @@ class IntegrityRefused(Message):
 
 
 HOST_TO_WORKER: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe)
+    m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe, Shutdown)
 }
 WORKER_TO_HOST: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult, IntegrityRefused, Stats)
@@ -402,16 +441,15 @@ def decode(data: bytes, allowed: dict[str, type[Message]]) -> Message:
 def encode(msg: Message) -> bytes:
     """Serialise a message. Raises ProtocolError if it does not validate or exceeds MAX_MESSAGE."""
     obj: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        spec = msg.SPEC[f.name]
+    for name, spec in msg.SPEC.items():
+        value = getattr(msg, name)
         if isinstance(spec, _Bytes):
             if not isinstance(value, bytes | bytearray | memoryview):
-                raise ProtocolError(f"field {f.name!r} must be bytes")
+                raise ProtocolError(f"field {name!r} must be bytes")
             value = base64.b64encode(bytes(value)).decode("ascii")
         elif isinstance(spec, _Fields) and value is None:
             value = {}
-        obj[f.name] = value
+        obj[name] = value
     # Validate what we send exactly as the peer will (catches our own bugs before the peer does).
     for name, spec in msg.SPEC.items():
         _check_value(name, spec, obj[name])

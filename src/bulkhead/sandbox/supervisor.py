@@ -23,24 +23,22 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from bulkhead._boot import EXIT_INTEGRITY
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.integrity.errors import CodeMismatch
 from bulkhead.runtime.config import VmConfig
 from bulkhead.runtime.exits import EXIT_STATUS, ExitReason
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+from bulkhead.sandbox.forkspawn import WaitTimeout, fork_allowed, fork_worker
 from bulkhead.sandbox.jail import BindSpec, IdAllocator, JailSpec
 from bulkhead.sandbox.protocol import (
     MAX_CONSOLE_CHUNK,
+    SHUTDOWN_EVENT,
     WORKER_TO_HOST,
     Channel,
     Console,
@@ -56,6 +54,7 @@ from bulkhead.sandbox.protocol import (
     ProtocolError,
     Resume,
     SecurityEvent,
+    Shutdown,
     Start,
     Stats,
     Status,
@@ -87,8 +86,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
-@dataclass(frozen=True)
-class JailOptions:
+class JailOptions(NamedTuple):
     """Host-side knobs. memory limit = guest RAM + memory_overhead_mib; pids = pids_base + vCPUs."""
 
     memory_overhead_mib: int = 64
@@ -104,8 +102,7 @@ class JailOptions:
     stop_timeout: float = 5.0
 
 
-@dataclass(frozen=True)
-class WorkerExit:
+class WorkerExit(NamedTuple):
     """How a worker ended. reason.kind is a VM kind, or worker-crash / seccomp-kill / oom-kill /
     protocol-violation / interrupted (decided by the host, never by the worker)."""
 
@@ -142,6 +139,12 @@ def classify_exit(returncode: int | None, *, oom_kills: int, claimed: ExitReason
         return make("worker-crash", f"exit status {returncode} does not match the worker's claim "
                                     f"{claimed.kind}/{claimed.status}"), True
     return make("worker-crash", f"the worker exited with status {returncode} without reporting a reason"), False
+
+
+def _popen_timeout() -> type[BaseException]:
+    """subprocess.TimeoutExpired when a worker was exec'd (subprocess is then imported), else WaitTimeout."""
+    sub = sys.modules.get("subprocess")
+    return sub.TimeoutExpired if sub is not None else WaitTimeout
 
 
 def _read_status(pid: int) -> dict[str, str]:
@@ -306,7 +309,7 @@ class WorkerHandle:
         else:
             try:
                 self.proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
+            except (WaitTimeout, _popen_timeout()):
                 self._host_killed = True
                 self._kill()
         rc = self.proc.wait()
@@ -364,6 +367,8 @@ class WorkerHandle:
     @property
     def integrity_refusal(self) -> IntegrityRefused | None:
         """The pre-import gate's refusal, when the worker's exit status confirms it (else None)."""
+        from bulkhead._boot import EXIT_INTEGRITY  # lazily: the gate runs by path, not as bulkhead._boot
+
         if self._integrity is None or self.exit is None or self.exit.returncode != EXIT_INTEGRITY:
             return None
         return self._integrity
@@ -398,9 +403,24 @@ class WorkerHandle:
         for i in range(0, len(data), MAX_CONSOLE_CHUNK):
             self._send(ConsoleIn(data[i : i + MAX_CONSOLE_CHUNK]))
 
+    def request_shutdown(self, timeout: float = 5.0) -> str:
+        """Ask the guest to shut down (protocol Shutdown). Returns the method the worker reports
+        ("ctrl-alt-del"), or "" when it could not deliver it or did not answer in time. Raises HostError
+        when the worker is gone. The worker's answer is a claim: the host still force-stops on timeout."""
+        with self._cond:
+            seen = sum(1 for name, _ in self.events if name == SHUTDOWN_EVENT)
+        self._send(Shutdown())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._done.is_set():
+            answers = [f for name, f in list(self.events) if name == SHUTDOWN_EVENT]
+            if len(answers) > seen:
+                method = answers[-1].get("method")
+                return method if method in ("ctrl-alt-del", "acpi-power-button") else ""
+            time.sleep(0.01)
+        return ""
+
     def status(self, timeout: float = 2.0, stats: bool = False) -> StatusReply:
-        """Ask the worker for its state (with `stats`, its counters first: self.counters is fresh once this
-        returns). Raises HostError if it does not answer in time."""
+        """The worker's state (with `stats`, self.counters is fresh on return). HostError if no answer in time."""
         with self._cond:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             seq = self._seq
@@ -536,22 +556,33 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                  on_console: Callable[[bytes], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  on_security_event: Callable[[str, str], None] | None = None,
-                 on_exit: Callable[[WorkerExit], None] | None = None) -> WorkerHandle:
+                 on_exit: Callable[[WorkerExit], None] | None = None, fork: bool = True,
+                 snapshot_fds: tuple[int, int] | None = None, restore: bool = False,
+                 snapshot: bool = False) -> WorkerHandle:
     """Start a jailed worker for `config` and return once its sandbox is in place and verified.
+
+    With `fork` (default) and when sandbox/forkspawn.fork_allowed (single-threaded, code verified by the
+    gate or the explicit dev skip), this process forks into the jail; otherwise the worker is exec'd
+    through the gate. Both run worker.main, the same jail steps (docs/SANDBOX.md "Fork path").
 
     The VM does not run until handle.start(). Raises ConfigError (bad id or image path),
     HostError (not root, cgroups/jail unavailable, worker failed before it was ready).
+    `snapshot_fds` (memory, state): the host's memfds of runtime/snapshot.py. With `restore` the worker
+    rebuilds the VM from them (no kernel is bound into the jail); with `snapshot` a host stop makes it
+    write its state there (the host seals the file: the snapshot key never enters the jail).
     """
     opts = options or JailOptions()
     if os.geteuid() != 0:
         raise HostError("the jail needs root (run as root, or use --no-jail for development)")
     if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
         raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
-    vm_id = vm_id or uuid.uuid4().hex[:12]
+    vm_id = vm_id or os.urandom(6).hex()  # 48 random bits, as uuid4().hex[:12] had
     if not _VM_ID.match(vm_id):
         raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
-    binds = [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
-    if config.initrd:
+    if (restore or snapshot) and snapshot_fds is None:
+        raise HostError("a snapshot or restore needs the host's memfds")
+    binds = [] if restore else [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
+    if config.initrd and not restore:
         binds.append(BindSpec(_regular_file(config.initrd, "initrd"), "/vm/initrd", True))
     drives = []
     for i, d in enumerate(config.drives):
@@ -588,18 +619,31 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
                         opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict())
         sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
-        # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
-        # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
-        # any bulkhead module is imported, and imports come only from the verified tree.
-        argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
-                *boot_argv(["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()])]
+        worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
         for fd in taps:
-            argv += ["--tap-fd", str(fd)]
+            worker_args += ["--tap-fd", str(fd)]
+        extra_fds: tuple[int, ...] = ()
+        if snapshot_fds is not None:  # the host's memfds (runtime/snapshot.py)
+            extra_fds = snapshot_fds
+            worker_args += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
+            worker_args += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
         if opts.test_probes:
-            argv.append("--test-probes")
-        proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, pass_fds=(sock_worker.fileno(), *taps), close_fds=True)
+            worker_args.append("--test-probes")
+        proc: Any
+        if fork and fork_allowed(_worker_env()):
+            proc = fork_worker(worker_args, tuple(cgroup.procs_files), _worker_env(), test_probes=opts.test_probes)
+        else:
+            # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
+            # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
+            # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
+            # any bulkhead module is imported, and imports come only from the verified tree.
+            argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
+                    *boot_argv(worker_args)]
+            import subprocess
+
+            proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    pass_fds=(sock_worker.fileno(), *taps, *extra_fds), close_fds=True)
     except BaseException:
         for fd in taps:
             os.close(fd)
@@ -653,20 +697,40 @@ def _forward_stdin(handle: WorkerHandle) -> None:
 
 def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
                console: Callable[[bytes], None] | None = None, vm_id: str | None = None,
-               stats_path: str | None = None) -> ExitReason:
+               stats_path: str | None = None, snapshot: Any = None, restore: Any = None) -> ExitReason:
     """Run one VM in a jailed worker until it stops (what `bulkhead run` does as root).
 
     Console output goes to `console`, else to config.serial (stdio, none, or a file). SIGINT/SIGTERM
     stop the VM. With `stats_path`, the counters the worker sent (runtime/stats.py) are written there,
     with the host's exit reason and the events it received. Raises ConfigError/HostError like run_vm.
+    `snapshot` (runtime/snapshot.py SnapshotTarget) and `restore` (RestoreSource) as in run_vm: the
+    jailed worker runs the VM, the host authenticates, decrypts, checks and seals.
     """
+    launch_digest = None
+    if snapshot is not None and restore is None:
+        from bulkhead.integrity.launch import launch_digest_for_config
+
+        launch_digest = launch_digest_for_config(config)  # the host measures: the worker's word is not taken
+    elif restore is not None:
+        launch_digest = restore.header["launch_digest"]
+    fds = restore if restore is not None else snapshot
+    snap_kw: dict[str, Any] = {}
+    if fds is not None:
+        snap_kw = {"snapshot_fds": (fds.memory_fd, fds.state_fd), "restore": restore is not None,
+                   "snapshot": snapshot is not None}
     out = None
     if console is None:
         from bulkhead.runtime.console import open_serial
 
         out = open_serial(config.serial)  # the one console sink (runtime/console.py): ConfigError if unopenable
     sink = console if out is None else out.write
-    handle = spawn_worker(config, vm_id=vm_id, options=options, on_console=sink)
+    handle = spawn_worker(config, vm_id=vm_id, options=options, on_console=sink, **snap_kw)
+    if restore is not None:
+        try:
+            restore.on_built()  # the restore ledger, once the jail is verified and before the guest runs
+        except BaseException:
+            handle.kill()
+            raise
     stop = threading.Event()
     old: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -676,8 +740,8 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
         threading.Thread(target=_forward_stdin, args=(handle,), daemon=True).start()
     try:
         handle.start()
-        while handle.running and not stop.wait(0.1):
-            pass
+        while handle.running and not stop.is_set():
+            handle._done.wait(0.1)  # the worker's end wakes this at once; a signal within 0.1 s
         result = handle.stop() if handle.running else handle.wait()
     finally:
         for sig, h in old.items():
@@ -686,9 +750,16 @@ def run_jailed(config: VmConfig, *, options: JailOptions | None = None,
             handle.kill()
         if out is not None:
             out.close()
+    reason = result.reason
+    if snapshot is not None and reason.kind == "snapshotted":
+        from bulkhead.runtime.snapshot import seal_snapshot
+
+        info = seal_snapshot(snapshot, config=config, launch_digest=launch_digest)
+        reason = ExitReason.of("snapshotted", f"saved to {info['path']} ({info['pages']} pages, {info['bytes']} "
+                               f"bytes, snapshot {info['snapshot_id']})")
     if stats_path:
-        _write_stats(stats_path, handle, result.reason)
-    return result.reason
+        _write_stats(stats_path, handle, reason)
+    return reason
 
 
 def _write_stats(path: str, handle: WorkerHandle, reason: ExitReason) -> None:

@@ -24,14 +24,14 @@ import time
 from typing import Any
 
 from bulkhead.errors import BulkheadError, ConfigError, HostError, StartRefused
-from bulkhead.sandbox import jail
-from bulkhead.sandbox.policy import build_rules
+from bulkhead.sandbox import bpf, jail
 from bulkhead.sandbox.protocol import (
     HOST_TO_WORKER,
     MAX_CONSOLE_CHUNK,
     MAX_NAME,
     MAX_TEXT,
     PROTOCOL_VERSION,
+    SHUTDOWN_EVENT,
     U63,
     Channel,
     Console,
@@ -44,6 +44,7 @@ from bulkhead.sandbox.protocol import (
     ProbeResult,
     ProtocolError,
     Resume,
+    Shutdown,
     Start,
     Stats,
     Status,
@@ -51,7 +52,7 @@ from bulkhead.sandbox.protocol import (
     Stop,
 )
 
-__all__ = ["GUEST_START_EVENT", "START_REFUSED_EVENT", "main", "sanitize_event"]
+__all__ = ["GUEST_START_EVENT", "SHUTDOWN_EVENT", "START_REFUSED_EVENT", "main", "sanitize_event"]
 
 # Events of the worker itself (not the runtime's): the VM is built and its guest is about to run; or the
 # VM was refused before its guest ran (field kind: image-invalid | config-invalid).
@@ -60,11 +61,13 @@ START_REFUSED_EVENT = "worker.start-refused"
 
 # Exit codes of the worker process before a VM ran (the host maps them to worker-crash + detail).
 EXIT_SETUP_FAILED = 70
+EARLY_INPUT = 64 * 1024  # console input kept while the VM is still being built
 EXIT_HOST_GONE = 130
 
 
 def _parse(argv: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"channel_fd": -1, "spec": "", "tap_fds": [], "test_probes": False, "no_jail": False}
+    out: dict[str, Any] = {"channel_fd": -1, "spec": "", "tap_fds": [], "test_probes": False, "no_jail": False,
+                           "memory_fd": -1, "state_fd": -1, "restore": False, "snapshot": False}
     it = iter(argv)
     for a in it:
         if a == "--channel-fd":
@@ -77,8 +80,14 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             out["test_probes"] = True
         elif a == "--no-jail":
             out["no_jail"] = True
+        elif a in ("--memory-fd", "--state-fd"):  # snapshots: the host's memfds (runtime/snapshot.py)
+            out[a[2:].replace("-", "_")] = int(next(it))
+        elif a in ("--restore", "--snapshot"):
+            out[a[2:]] = True
         else:
             raise ConfigError(f"bulkhead worker: unknown argument {a!r} (internal command)")
+    if (out["restore"] or out["snapshot"]) and (out["memory_fd"] < 3 or out["state_fd"] < 3):
+        raise ConfigError("bulkhead worker: --restore/--snapshot need --memory-fd and --state-fd")
     if out["channel_fd"] < 3 or not out["spec"]:
         raise ConfigError("bulkhead worker is internal: started by the supervisor with --channel-fd and --spec")
     return out
@@ -91,7 +100,7 @@ def _preimport(test_probes: bool) -> None:
 
     for name in ("encodings.utf_8", "encodings.latin_1", "encodings.ascii", "json", "base64", "binascii",
                  "ctypes", "fcntl", "mmap", "select", "struct", "errno", "resource", "traceback",
-                 "pyseccomp", "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):
+                 "bulkhead.sandbox.policy", "bulkhead.integrity.launch"):  # pyseccomp: only on a bpf cache miss
         importlib.import_module(name)
     import bulkhead
 
@@ -132,8 +141,10 @@ def sanitize_event(name: str, detail: dict[str, Any]) -> Event:
 class _Service:
     """The jailed worker's protocol loop: a reader thread for host messages, the VM in the main thread."""
 
-    def __init__(self, channel: Channel, spec: jail.JailSpec, test_probes: bool, seccomp: bool) -> None:
+    def __init__(self, channel: Channel, spec: jail.JailSpec, test_probes: bool, seccomp: bool,
+                 snap: dict[str, Any] | None = None) -> None:
         self.ch = channel
+        self.snap = snap or {"memory_fd": -1, "state_fd": -1, "restore": False, "snapshot": False}
         self.spec = spec
         self.test_probes = test_probes
         self.seccomp = seccomp
@@ -147,6 +158,7 @@ class _Service:
         self.state_lock = threading.Lock()  # state, built and pause/resume calls change together
         self.stats_lock = threading.Lock()  # no `stats` message after the final one (it precedes `exit`)
         self.stats_final = False
+        self.early_input = bytearray()
 
     def send(self, msg: Any) -> None:
         with self.send_lock:
@@ -212,10 +224,21 @@ class _Service:
                     if self.built and not self.stats_final:
                         self._send_stats()  # counters so far (GET /vms/{id}/stats, /metrics)
             self.send(StatusReply(msg.seq, self.state, uptime))
+        elif isinstance(msg, Shutdown):
+            method = ""
+            with self.state_lock:
+                if self.built and self.state == "running":
+                    from bulkhead.runtime.shutdown import request_shutdown
+
+                    method = request_shutdown(self.machine)
+            self.event(SHUTDOWN_EVENT, {"method": method})
         elif isinstance(msg, ConsoleIn):
-            serial = getattr(self.machine, "serial", None)
-            if serial is not None:
-                serial.enqueue_input(msg.data)
+            with self.state_lock:
+                serial = getattr(self.machine, "serial", None) if self.built else None
+                if serial is None:  # typed before the VM is built: kept (bounded like the UART's queue)
+                    self.early_input += msg.data[: EARLY_INPUT - len(self.early_input)]
+                    return
+            serial.enqueue_input(msg.data)
         elif isinstance(msg, Probe):
             if not self.test_probes:
                 os._exit(EXIT_SETUP_FAILED)  # a probe request without --test-probes: refuse hard
@@ -244,7 +267,7 @@ class _Service:
         self.send(Hello(PROTOCOL_VERSION, os.getuid(), os.getgid(), os.getpid(), self.seccomp, self.test_probes))
         threading.Thread(target=self.reader, name="channel", daemon=True).start()
         self.started.wait()
-        config = _config_from_dict(self.spec.config)
+        config = _config_from_dict(self.spec.config or {})
         if self.test_probes:
             from bulkhead.sandbox.probes import FakeMachine
 
@@ -252,20 +275,34 @@ class _Service:
         else:
             from bulkhead.runtime.vm import Machine
 
-            self.machine = Machine(config, console=self.console, on_event=self.event, console_input=False)
+            self.machine = Machine(config, console=self.console, on_event=self.event, console_input=False,
+                                   memory_fd=self.snap["memory_fd"])
         try:
-            self.machine.build()
+            if self.snap["restore"]:
+                from bulkhead.runtime.snapshot import load_restore_state, restore_machine
+
+                restore_machine(self.machine, *load_restore_state(self.snap["state_fd"]))
+            else:
+                self.machine.build()
             if self.stop_requested:
                 reason = self._exit_reason("interrupted", "stopped by the host")
             else:
                 with self.state_lock:
                     self.built = True
+                    if self.early_input and getattr(self.machine, "serial", None) is not None:
+                        self.machine.serial.enqueue_input(bytes(self.early_input))
+                        self.early_input.clear()
                     if self.state == "paused":
                         self.machine.pause()
                     elif self.state == "starting":
                         self.state = "running"
                 self.event(GUEST_START_EVENT, {})  # the host's start succeeds only from here on
                 reason = self.machine.run()
+                if self.snap["snapshot"] and reason.kind == "interrupted":
+                    from bulkhead.runtime.snapshot import save_state
+
+                    save_state(self.machine, self.snap["state_fd"])  # the host checks it, then seals the file
+                    reason = self._exit_reason("snapshotted", "state saved for the host")
                 with self.stats_lock:
                     self._send_stats()
                     self.stats_final = True
@@ -319,7 +356,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, StopIteration) as exc:
         print(f"bulkhead worker: {exc}", file=sys.stderr)
         return 2
-    jail.close_fds({args["channel_fd"], *args["tap_fds"]})  # step 1
+    snap = {k: args[k] for k in ("memory_fd", "state_fd", "restore", "snapshot")}
+    snap_fds = [fd for fd in (args["memory_fd"], args["state_fd"]) if fd >= 3]
+    jail.close_fds({args["channel_fd"], *args["tap_fds"], *snap_fds})  # step 1
     step = "integrity"
     try:
         from bulkhead.integrity.manifest import require_integrity
@@ -327,11 +366,11 @@ def main(argv: list[str]) -> int:
         require_integrity("worker")  # before the jail: after pivot_root the package and manifest are unreachable
         step = "spec"
         spec = jail.JailSpec.from_json(args["spec"])
-        _preimport(args["test_probes"])
         sock = socket.socket(fileno=args["channel_fd"])
         channel = Channel(sock, HOST_TO_WORKER)
         if args["no_jail"]:
-            service = _Service(channel, spec, args["test_probes"], seccomp=False)
+            _preimport(args["test_probes"])
+            service = _Service(channel, spec, args["test_probes"], seccomp=False, snap=snap)
             os._exit(service.run())
         step = "cgroup"
         for path in spec.cgroup_procs:  # step 2
@@ -340,8 +379,8 @@ def main(argv: list[str]) -> int:
         with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
             cap_last = int(f.read())
         step = "policy"
-        worker_rules = build_rules("worker", nic=spec.nic, self_pid=1)  # pid 1 of the new PID namespace
-        reaper_rules = build_rules("reaper", self_pid=os.getpid())
+        # compiled (or read from the root-only cache) now, as root: the reaper loads it after its uid drop
+        reaper_prog = bpf.program_for("reaper", self_pid=os.getpid()) if spec.seccomp else b""
         step = "idmap"
         oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
@@ -352,13 +391,20 @@ def main(argv: list[str]) -> int:
                 userns[(st.st_uid, st.st_gid)] = jail.make_idmap_userns(st.st_uid, st.st_gid, spec.uid, spec.gid)
         step = "namespaces"
         jail.enter_namespaces(f"vm-{spec.vm_id}")  # step 3
-        step = "root"
-        jail.build_root(spec, userns)  # step 4
-        for fd in userns.values():
-            os.close(fd)
         gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # the reaper closes gate_w once it is sandboxed too
+        # Step 5 comes before the VM path's imports: the reaper, which only waits, never holds them
+        # (issue 16.5). The worker imports them, then builds the root; its pivot_root moves the reaper's
+        # root and cwd too (one mount namespace), before the worker says hello.
         child = os.fork()  # step 5
         if child == 0:
+            step = "spec"
+            _preimport(args["test_probes"])
+            step = "policy"
+            worker_prog = bpf.program_for("worker", nic=spec.nic, self_pid=1) if spec.seccomp else b""  # pid 1
+            step = "root"
+            jail.build_root(spec, userns)  # step 4
+            for fd in userns.values():
+                os.close(fd)
             step = "worker privileges"
             os.close(oom_fd)
             os.close(gate_w)
@@ -366,14 +412,16 @@ def main(argv: list[str]) -> int:
             jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=spec.nofile,  # step 6
                                  nproc=spec.nproc)
             if spec.seccomp:
-                jail.install_seccomp(worker_rules)  # step 7
+                bpf.load_program(worker_prog)  # step 7
             while os.read(gate_r, 1):  # say hello only when both processes are in the sandbox
                 pass
             os.close(gate_r)
-            service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp)
+            service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp, snap=snap)
             os._exit(service.run())
         step = "reaper privileges"
         os.close(gate_r)
+        for fd in userns.values():
+            os.close(fd)
         for value in (b"-1000", b"0"):  # the reaper goes back down (-1000 needs CAP_SYS_RESOURCE)
             try:
                 os.write(oom_fd, value)
@@ -382,11 +430,11 @@ def main(argv: list[str]) -> int:
                 continue
         os.close(oom_fd)
         sock.close()
-        for fd in args["tap_fds"]:
+        for fd in (*args["tap_fds"], *snap_fds):
             os.close(fd)
         jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=16, nproc=spec.nproc)
         if spec.seccomp:
-            jail.install_seccomp(reaper_rules)
+            bpf.load_program(reaper_prog)
         os.close(gate_w)
         _reap(child)
     except (BulkheadError, OSError) as exc:
