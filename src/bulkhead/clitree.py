@@ -61,6 +61,19 @@ def _attach(parent: argparse.ArgumentParser, name: str, child: argparse.Argument
     sub._choices_actions.append(sub._ChoicesPseudoAction(name, (), help_))
 
 
+def _publish(p: argparse.ArgumentParser) -> None:
+    """List every subcommand: argparse records a subcommand for completion only when it was given a help
+    text, so once one sibling has help (vm shutdown/console) the others would vanish from completion."""
+    sub = _subparsers(p)
+    if sub is None:
+        return
+    listed = {a.dest for a in sub._choices_actions}
+    for name, child in sub.choices.items():
+        if name not in listed:
+            sub._choices_actions.append(sub._ChoicesPseudoAction(name, (), child.description or ""))
+        _publish(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bulkhead import __version__
     from bulkhead.cli import COMMANDS
@@ -88,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
             from bulkhead.daemon.ops_cli import policy_main
 
             _attach(parser, "policy", _capture(policy_main, ["x"]), "the attestation policy, through the daemon")
+        _publish(parser)
         parser.prog = f"bulkhead {name}"
         sub.choices[name] = parser
         sub._choices_actions.append(sub._ChoicesPseudoAction(name, (), help_))
