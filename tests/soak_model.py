@@ -72,6 +72,7 @@ class Stats:
         self.invariants: Counter[str] = Counter()
         self.notes: list[str] = []
         self.violations: list[str] = []
+        self.findings: list[str] = []  # bugs found and worked around so the soak can go on (reported)
         self.acked: set[str] = set()  # request ids of acknowledged (2xx) changes
         self.latency_max = 0.0
 
@@ -88,6 +89,10 @@ class Stats:
     def note(self, text: str) -> None:
         with self.lock:
             self.notes.append(text)
+
+    def finding(self, text: str) -> None:
+        with self.lock:
+            self.findings.append(text)
 
     def inv(self, kind: str, n: int = 1) -> None:
         with self.lock:

@@ -165,6 +165,21 @@ class World:
         logf.close()
         self.info = wait_serve_info(self.state, self.proc, timeout)
 
+    def reset_tpm_lockout(self) -> str:
+        """With the daemon stopped: open its dev TPM state in a swtpm of our own, clear the dictionary-attack
+        lockout and shut the TPM down in order (a workaround, see the soak's findings)."""
+        from bulkhead.integrity.tpm import SwTpm
+
+        sw = SwTpm(str(self.state / "integrity" / "devtpm")).start()
+        try:
+            out = []
+            for argv in (["tpm2_dictionarylockout", "--clear-lockout"], ["tpm2_shutdown"]):
+                res = subprocess.run([*argv, "-T", sw.tcti], capture_output=True, text=True, timeout=30, check=False)
+                out.append(f"{argv[0]}: {res.returncode} {res.stderr.strip()[:200]}")
+            return "; ".join(out)
+        finally:
+            sw.cleanup()
+
     def daemon_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -344,18 +359,16 @@ class World:
         return subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True, check=False).returncode == 0
 
     def fill_disk(self) -> Path:
-        """Fill the state filesystem with a ballast file until ENOSPC."""
+        """Fill the state filesystem with a ballast file until ENOSPC (unbuffered writes)."""
         ballast = self.state / "ballast"
-        with open(ballast, "wb") as f:
-            chunk = b"\0" * (1 << 20)
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(chunk)
-                    f.flush()
-            with contextlib.suppress(OSError):
-                while True:  # the last partial MiB
-                    f.write(b"\0" * 4096)
-                    f.flush()
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for size in (1 << 20, 4096, 512):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * size)
+        finally:
+            os.close(fd)
         return ballast
 
     def free(self) -> int:
