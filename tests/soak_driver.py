@@ -20,8 +20,9 @@ FAULTS = ("dnsmasq", "worker", "tap", "lock-state", "lock-audit", "enospc", "swt
 
 class Soak:
     def __init__(self, root: Path, seed: int, actors: int = 3, ops_per_round: int = 12, prefix: str | None = None,
-                 log: Any = print) -> None:
+                 log: Any = print, sigterm_idle_client: bool = False) -> None:
         self.seed = seed
+        self.sigterm_idle_client = sigterm_idle_client
         self.rng = random.Random(f"{seed}/driver")
         self.prefix = prefix or "s" + "".join(random.Random(seed).choices("0123456789abcdef", k=3))
         self.world = World(root, self.prefix, log=log)
@@ -65,8 +66,8 @@ class Soak:
         for i, t in enumerate(self.tenants):
             self.actors.append(Actor(i, self.seed, w, t, [o for o in self.tenants if o is not t], self.stats))
         self.admin = Admin(self.seed, w, self.stats, extra)
-        for a in self.all_actors():
-            a.connect()
+        for actor in self.all_actors():
+            actor.connect()
 
     def all_actors(self) -> list[Actor]:
         return [*self.actors, *([self.admin] if self.admin else [])]
@@ -198,11 +199,53 @@ class Soak:
             with self.stats.lock:
                 self.stats.acked.add(r.request_id)
 
+    def _ensure_live(self, with_nics: bool) -> list[tuple[Actor, Any]]:
+        """A running VM (with a NIC) for the faults that need one: the operator starts a stopped one, or
+        creates one (and its network) in an actor's tenant; the actor's model is updated accordingly."""
+        live = self.live_vms(with_nics)
+        if live:
+            return live
+        api = self._root()
+        try:
+            cands = [(a, v) for a in self.actors for v in a.t.vms.values() if v.state not in LIVE
+                     and (v.nets or not with_nics)]
+            if not cands:
+                a = self.rng.choice(self.actors)
+                if not a.t.nets:
+                    used = {sub for _, sub in a.t.nets.values()}
+                    subnet = next(a._subnet(k) for k in range(8) if a._subnet(k) not in used)
+                    r = api.call("POST", f"/tenants/{a.t.id}/networks", {"name": "fault-net", "ipv4_subnet": str(subnet)})
+                    self._expect("fault/prepare-net", r, (201,))
+                    if r.status != 201:
+                        return []
+                    a.t.nets[r.body["id"]] = ("fault-net", subnet)
+                net = sorted(a.t.nets)[0]
+                name = f"fault-vm{self.rounds}"
+                r = api.call("POST", "/vms", {"tenant": a.t.id, "name": name, "kernel": "idle", "mem_mib": 8,
+                                              "nics": [{"network": net}]})
+                self._expect("fault/prepare-vm", r, (201,))
+                if r.status != 201:
+                    return []
+                from soak_model import MVm
+
+                vm = MVm(r.body["id"], name, "stopped", [net], [])
+                a.t.vms[vm.id] = vm
+                self.world.allow_launch(api.call("GET", f"/vms/{vm.id}/measurement").body["digest"])
+                cands = [(a, vm)]
+            a, vm = self.rng.choice(cands)
+            r = api.call("POST", f"/vms/{vm.id}/start")
+            self._expect("fault/prepare-start", r, (200,))
+            if r.status == 200:
+                vm.state = "running"
+        finally:
+            api.close()
+        return self.live_vms(with_nics)
+
     def f_dnsmasq(self) -> bool:
         nets = [(t, n) for t in self.tenants for n in t.nets]
         if not nets:
             return False
-        t, n = self.rng.choice(nets)
+        _, n = self.rng.choice(nets)
         if self.world.kill_dnsmasq(self.world.cfg.bridge(n)) is None:
             self.stats.violation(f"fault dnsmasq: no dnsmasq for network {n}")
             return False
@@ -222,10 +265,10 @@ class Soak:
         return True
 
     def f_worker(self) -> bool:
-        live = self.live_vms()
+        live = self._ensure_live(with_nics=False)
         if not live:
             return False
-        a, vm = self.rng.choice(live)
+        _, vm = self.rng.choice(live)
         if not self.world.kill_worker(vm.id):
             self.stats.violation(f"fault worker: VM {vm.id} has no worker process")
             return False
@@ -247,7 +290,7 @@ class Soak:
         return True
 
     def f_tap(self) -> bool:
-        live = self.live_vms(with_nics=True)
+        live = self._ensure_live(with_nics=True)
         if not live:
             return False
         a, vm = self.rng.choice(live)
@@ -261,7 +304,9 @@ class Soak:
             r = api.call("GET", f"/vms/{vm.id}")
             self._expect("fault/tap-get", r, (200,))
             state = r.body.get("state") if r.status == 200 else None
-            self.stats.note(f"a VM whose tap vanished is {state!r} one second later")
+            ev = api.call("GET", f"/vms/{vm.id}/events").body or [{}]
+            self.stats.note(f"a VM whose tap vanished is {state!r} one second later (last event "
+                            f"{ev[-1].get('event')} {ev[-1].get('detail', '')[:160]})")
             if state in LIVE:
                 r = api.call("POST", f"/vms/{vm.id}/stop")
                 self._expect("fault/tap-stop", r, (200,))
@@ -402,12 +447,21 @@ class Soak:
         """Stop the daemon with `sig`, start it again on the same state dir, and check the restart policy:
         every VM that was running or paused is `lost` (with a vm.lost record), nothing else changed."""
         w, s = self.world, self.stats
-        for a in self.all_actors():  # idle keep-alive clients slow SIGTERM down (a known bug)
+        idle = None
+        if self.sigterm_idle_client and sig == signal.SIGTERM and self.actors and self.actors[0].api is not None:
+            idle = self.actors[0].api  # one idle keep-alive TLS client stays connected (issue 12: SIGTERM slow)
+            idle.call("GET", "/whoami")
+            self.actors[0].api = None
+        for a in self.all_actors():
             if a.api is not None:
                 a.api.close()
                 a.api = None
         was_live = [vid for vid, st in self.model_vms().items() if st in LIVE]
         took = w.stop_daemon(sig)
+        if idle is not None:
+            idle.close()
+            if took > 2.0:
+                s.finding(f"SIGTERM takes more than 2 s with one idle keep-alive TLS client connected ({took:.0f} s)")
         s.note(f"{why}: daemon stopped by signal {sig} in {took:.2f}s")
         orphans = w.swtpm_pids()
         if orphans:  # its dev TPM outlives it and holds the TPM state lock: the next daemon stays untrusted

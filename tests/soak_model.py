@@ -308,6 +308,7 @@ class Actor:
     def list(self) -> None:
         t = self.t
         what = self.rng.choice(["vms", "networks", "disks"])
+        got: Any
         if what == "vms":
             r = self.call("list/vms", 200, "GET", "/vms")
             got = {v["id"]: v["state"] for v in r.body} if r.status == 200 else None
