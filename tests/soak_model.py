@@ -60,6 +60,10 @@ class TenantModel:
         return any(net in v.nets for v in self.vms.values())
 
 
+class DaemonGone(Exception):
+    """A request found no daemon (connection refused or dropped)."""
+
+
 class Stats:
     """Counters shared by the threads (one lock)."""
 
@@ -133,6 +137,9 @@ class Actor:
         r = self.world_api().call(method, path, body, params)
         self.stats.op(kind, r.status, r.elapsed)
         want = expect if isinstance(expect, tuple) else (expect,)
+        if r.status == -1:  # the daemon is unreachable: this actor stops, the round's check says why
+            self.stats.violation(f"actor{self.idx} step {self.step_no} {kind}: {method} {path} -> {r.body['detail']}")
+            raise DaemonGone(r.body["detail"])
         if r.status not in want:
             self.stats.violation(f"actor{self.idx} step {self.step_no} {kind}: {method} {path} {body!r} -> "
                                  f"{r.status} {r.body!r}, model expected {want}")
@@ -463,6 +470,8 @@ def run_threads(actors: list[Actor], steps: int) -> None:
         for _ in range(steps):
             try:
                 a.step()
+            except DaemonGone:
+                return
             except Exception as exc:  # a driver bug or an unexpected body shape: a violation, not a hang
                 a.stats.violation(f"actor{a.idx} step {a.step_no}: driver exception {exc!r}")
                 return
