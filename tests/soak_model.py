@@ -79,6 +79,7 @@ class Stats:
         self.findings: list[str] = []  # bugs found and worked around so the soak can go on (reported)
         self.acked: set[str] = set()  # request ids of acknowledged (2xx) changes
         self.latency_max = 0.0
+        self.tolerate_503 = False  # set while a fault runs concurrently with the actors
 
     def op(self, kind: str, status: int, elapsed: float) -> None:
         with self.lock:
@@ -140,6 +141,8 @@ class Actor:
         if r.status == -1:  # the daemon is unreachable: this actor stops, the round's check says why
             self.stats.violation(f"actor{self.idx} step {self.step_no} {kind}: {method} {path} -> {r.body['detail']}")
             raise DaemonGone(r.body["detail"])
+        if r.status == 503 and self.stats.tolerate_503:  # a fault window: refused, so nothing changed
+            return r
         if r.status not in want:
             self.stats.violation(f"actor{self.idx} step {self.step_no} {kind}: {method} {path} {body!r} -> "
                                  f"{r.status} {r.body!r}, model expected {want}")

@@ -3,7 +3,8 @@ networks, dev TPM, attested) driven for about a minute by three mTLS clients and
 a pure model predicting every answer, invariants after every round (daemon up, lists = model, every
 acknowledged request audited, `audit verify`, host objects = model), and each fault kind injected once
 (SIGKILL of dnsmasq, a worker, swtpm, the daemon; ENOSPC on the state filesystem; locked state.db and
-audit.db; a vanished tap). The long version is bench/soak.py. The seed is printed; rerun a failure with
+audit.db, also while the clients run; a vanished tap). ENOSPC while the clients run is left to the long
+version until the bug below is fixed. The long version is bench/soak.py. The seed is printed; rerun a failure with
 BULKHEAD_SOAK_SEED=<seed>.
 
 Model, driver and world: tests/soak_model.py, tests/soak_driver.py, tests/soak_world.py.
@@ -34,7 +35,8 @@ def _needs() -> None:
 
 def test_soak_with_every_fault_kind(tmp_path: Path) -> None:
     _needs()
-    from soak_driver import FAULTS, Soak
+    from soak_driver import CI_FAULTS as FAULTS
+    from soak_driver import Soak
 
     seed = int(os.environ.get("BULKHEAD_SOAK_SEED") or random.SystemRandom().randrange(1 << 31))
     print(f"soak seed {seed} (rerun: BULKHEAD_SOAK_SEED={seed})")
@@ -59,3 +61,43 @@ def test_soak_with_every_fault_kind(tmp_path: Path) -> None:
     injectable = {"dnsmasq", "lock-state", "lock-audit", "enospc", "swtpm", "daemon"}
     assert injectable <= {k for k, n in report["faults"].items() if n}, report["faults"]
     assert report["invariants"]["host-objects"] >= 5 and report["invariants"]["audit-verify"] >= 5
+
+
+@pytest.mark.xfail(strict=True, reason="bug (reported in the soak note, issue 12): the audit append that fails on a full "
+                   "disk comes after the host change; a VM start answered 503 leaves its worker running while the "
+                   "daemon says stopped, and a refused network create leaves its namespace and dnsmasq until the "
+                   "next sync")
+def test_a_change_refused_on_a_full_disk_changes_nothing(tmp_path: Path) -> None:
+    """Fail closed means a 503 changed nothing, on the host too: the state filesystem is left with k free
+    pages (k = 1..24, so the disk fills between the VM's vm.start record and the request's own record),
+    then a VM start; and a network create on a full disk."""
+    _needs()
+    from soak_world import World
+
+    w = World(tmp_path / "w", "x" + os.urandom(1).hex())
+    try:
+        w.setup()
+        a = w.root_api()
+        t = a.call("POST", "/tenants", {"name": "acme"}).body["id"]
+        vm = a.call("POST", "/vms", {"tenant": t, "name": "v", "kernel": "idle", "mem_mib": 8}).body["id"]
+        w.allow_launch(a.call("GET", f"/vms/{vm}/measurement").body["digest"])
+        bad = []
+        for k in range(1, 25):
+            ballast = w.fill_disk()
+            os.truncate(ballast, max(0, ballast.stat().st_size - k * 4096))
+            r = a.call("POST", f"/vms/{vm}/start")
+            ballast.unlink()
+            running = bool(w.observe({vm})["workers"])
+            if r.status != 200 and running:
+                bad.append(f"{k} free pages: start answered {r.status} {r.body} and the worker runs")
+            if running or r.status == 200:
+                a.call("POST", f"/vms/{vm}/stop")
+        ballast = w.fill_disk()
+        r = a.call("POST", f"/tenants/{t}/networks", {"name": "lan", "ipv4_subnet": "10.77.0.0/24"})
+        ballast.unlink()
+        if r.status != 201 and w.observe(set())["netns"]:
+            bad.append(f"network create answered {r.status} and its namespace exists: {w.observe(set())['netns']}")
+        a.close()
+        assert not bad, bad
+    finally:
+        w.teardown()
