@@ -157,6 +157,7 @@ class Actor:
     # ------------------------------------------------------------------ one random step
     def step(self) -> None:
         self.step_no += 1
+        self.world.flush_policy()
         with self.lock:
             kinds = [("net_create", 3), ("net_delete", 2), ("disk_create", 2), ("disk_delete", 1),
                      ("vm_create", 5), ("vm_life", 10), ("vm_delete", 3), ("read", 4), ("list", 2),

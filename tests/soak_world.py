@@ -129,6 +129,7 @@ class World:
         self.daemon_logs: list[str] = []
         self._policy_lock = threading.Lock()
         self._allowed: set[str] = set()
+        self._pending: set[str] = set()
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self) -> None:
@@ -241,14 +242,27 @@ class World:
         with self._policy_lock:
             if digest in self._allowed:
                 return
+            self._pending.add(digest)
+            self.flush_policy()
+
+    def flush_policy(self) -> None:
+        """Write the pending digests (a full state filesystem keeps them pending: retried at the next call)."""
+        with self._policy_lock:
+            if not self._pending:
+                return
             path = self.state / "integrity" / "policy.json"
-            doc = json.loads(path.read_text())
-            if digest not in doc["allowed"]["vm-launch"]:
-                doc["allowed"]["vm-launch"].append(digest)
-                tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(".tmp")
+            try:
+                doc = json.loads(path.read_text())
+                doc["allowed"]["vm-launch"] += sorted(self._pending - set(doc["allowed"]["vm-launch"]))
                 tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
                 os.replace(tmp, path)
-            self._allowed.add(digest)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                return
+            self._allowed |= self._pending
+            self._pending.clear()
 
     def audit_verify(self) -> tuple[bool, str]:
         res = self.bulkhead("audit", "verify", "--state-dir", str(self.state))
