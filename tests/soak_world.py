@@ -127,7 +127,7 @@ class World:
         self.env: dict[str, str] = {}
         self.mounted = False
         self.daemon_logs: list[str] = []
-        self._policy_lock = threading.Lock()
+        self._policy_lock = threading.RLock()
         self._allowed: set[str] = set()
         self._pending: set[str] = set()
 
@@ -269,13 +269,11 @@ class World:
         return res.returncode == 0, (res.stdout + res.stderr).strip()
 
     def audit_request_ids(self) -> set[str]:
-        conn = sqlite3.connect(f"file:{self.state / 'audit.db'}?mode=ro", uri=True, timeout=30)
-        try:
-            return {r[0] for r in conn.execute("SELECT request_id FROM records")}
-        finally:
-            conn.close()
+        """The request ids of every record in audit.db (decoded from the leaves, as `audit query` does)."""
+        from bulkhead.daemon.auditlog import query_records
 
-    # ------------------------------------------------------------------ host observation
+        return {str(r.get("request_id") or "") for r in query_records(self.state / "audit.db", limit=None)}
+
     def _ip(self, ns: str | None, *argv: str) -> str:
         pre = ["ip", "-n", ns] if ns else ["ip"]
         return subprocess.run([*pre, *argv], capture_output=True, text=True, timeout=30, check=False).stdout
