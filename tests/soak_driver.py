@@ -17,8 +17,7 @@ from soak_world import World
 
 FAULTS = ("dnsmasq", "worker", "tap", "lock-state", "lock-audit", "lock-concurrent", "enospc",
           "enospc-concurrent", "swtpm", "daemon")
-# enospc-concurrent breaks invariants on main today (tests/test_soak.py::test_a_change_refused_on_a_full_disk_changes_nothing)
-CI_FAULTS = tuple(f for f in FAULTS if f != "enospc-concurrent")
+CI_FAULTS = FAULTS
 
 
 class Soak:
@@ -403,13 +402,8 @@ class Soak:
         time.sleep(0.5)
         before = len(self.stats.violations)
         self._check_host("enospc-concurrent, before the next sync")
-        if len(self.stats.violations) > before:  # reported as a finding; the next sync must repair it
-            diff = self.stats.violations[before:]
-            del self.stats.violations[before:]
-            self.stats.finding("a change refused 503 on a full state filesystem left the host changed (a network "
-                               "realised until the next sync, or a VM worker running that the daemon calls stopped): "
-                               + diff[0].split("model: ", 1)[-1][:300])
-            self._trigger_sync("enospc")
+        if len(self.stats.violations) > before:  # a refused change left the host changed (finding A): the
+            self._trigger_sync("enospc")  # violation stands; the next sync must still repair it
         return True
 
     def f_enospc(self) -> bool:
@@ -484,9 +478,9 @@ class Soak:
             st = api.call("GET", "/integrity")
             s.note(f"swtpm killed: a VM start answered {r.status} ({str(r.body)[:120]}); GET /integrity then said "
                    f"{st.body.get('state')!r}")
-            if st.body.get("state") == "trusted":
-                s.finding("with its TPM gone, GET /integrity still says 'trusted' (until the next attestation) "
-                          "while VM starts are refused 503")
+            if st.body.get("state") == "trusted":  # a failed TPM call makes the host untrusted at once
+                s.violation("fault swtpm: with its TPM gone, GET /integrity still says 'trusted' while VM starts "
+                            "are refused 503")
         finally:
             api.close()
         self._restart(signal.SIGTERM, "swtpm")  # the dev TPM comes back with the daemon
@@ -524,11 +518,9 @@ class Soak:
             if took > 2.0:
                 s.finding(f"SIGTERM takes more than 2 s with one idle keep-alive TLS client connected ({took:.0f} s)")
         s.note(f"{why}: daemon stopped by signal {sig} in {took:.2f}s")
-        orphans = w.swtpm_pids()
-        if orphans:  # its dev TPM outlives it and holds the TPM state lock: the next daemon stays untrusted
-            s.finding(f"the --dev-tpm swtpm outlives a daemon stopped by signal {sig}; the next "
-                      "daemon cannot lock the TPM state and the host stays untrusted (killed here to go on)")
-            for p in orphans:
+        if not wait_for(lambda: not w.swtpm_pids(), 5):  # PR_SET_PDEATHSIG: the dev TPM dies with its daemon
+            s.violation(f"the --dev-tpm swtpm outlives a daemon stopped by signal {sig} (pids {w.swtpm_pids()})")
+            for p in w.swtpm_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGTERM)
             wait_for(lambda: not w.swtpm_pids(), 5)
@@ -548,13 +540,8 @@ class Soak:
             st = api.call("GET", "/integrity").body
         finally:
             api.close()
-        if st.get("state") != "trusted" and "lockout" in str(st.get("reasons")):
-            s.finding("after unclean ends of the dev TPM (swtpm killed, or left over by a killed daemon) the TPM "
-                      "is in dictionary-attack lockout and the host cannot attest: the AK is created without "
-                      "TPMA_OBJECT.NODA (integrity/tpm.py); lockout cleared here to go on")
-            w.stop_daemon(signal.SIGTERM)
-            s.note(f"TPM lockout reset: {w.reset_tpm_lockout()}")
-            w.start_daemon()
+        if st.get("state") != "trusted":  # the AK has noDA: no dictionary-attack lockout after unclean ends
+            s.violation(f"restart after {why}: the host is not trusted: {st.get('reasons')}")
         self.reconnect()
         api = self._root()
         try:

@@ -166,21 +166,6 @@ class World:
         logf.close()
         self.info = wait_serve_info(self.state, self.proc, timeout)
 
-    def reset_tpm_lockout(self) -> str:
-        """With the daemon stopped: open its dev TPM state in a swtpm of our own, clear the dictionary-attack
-        lockout and shut the TPM down in order (a workaround, see the soak's findings)."""
-        from bulkhead.integrity.tpm import SwTpm
-
-        sw = SwTpm(str(self.state / "integrity" / "devtpm")).start()
-        try:
-            out = []
-            for argv in (["tpm2_dictionarylockout", "--clear-lockout"], ["tpm2_shutdown"]):
-                res = subprocess.run([*argv, "-T", sw.tcti], capture_output=True, text=True, timeout=30, check=False)
-                out.append(f"{argv[0]}: {res.returncode} {res.stderr.strip()[:200]}")
-            return "; ".join(out)
-        finally:
-            sw.cleanup()
-
     def daemon_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -10,6 +10,7 @@ request's audit record before the response starts; if that append fails the resp
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from typing import Any
 from uuid import UUID
@@ -211,6 +212,14 @@ def build_app(daemon: Any) -> Any:
         errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                   for e in exc.errors()[:20]]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @api.exception_handler(sqlite3.Error)
+    async def _state_db(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        """A safety net (issue 12, soak finding B): a state-database failure that no operation mapped (a full
+        or locked disk) is a 503 with a kind, never a 500; the operations keep their changes in one
+        transaction, so nothing was committed."""
+        return JSONResponse({"detail": f"the state database is unavailable ({exc})", "kind": "state-unavailable"},
+                            status_code=503)
 
     @api.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - a bug

@@ -190,13 +190,23 @@ class Core:
             if ctx.audited:
                 ctx.audited = False
                 ctx.detail["rolled_back"] = str(exc)
-            raise ApiError(503, f"the state database refused the change, nothing was changed ({exc})") from None
+            raise ApiError(503, f"the state database refused the change, nothing was changed ({exc})",
+                           kind="state-unavailable") from None
 
     def append(self, rec: Record) -> int:
         try:
             return self.audit.append(rec)
         except AuditUnavailable as exc:
-            raise ApiError(503, f"audit log unavailable, nothing was changed ({exc})") from None
+            raise ApiError(503, f"audit log unavailable, nothing was changed ({exc})",
+                           kind="audit-unavailable") from None
+
+    def note_vm_event(self, vm_id: str, event: str, detail: dict[str, Any] | None = None) -> None:
+        """A VM event (GET /vms/{id}/events) that only explains an answer already decided (a refusal, a
+        failure): best effort, a full or locked state database does not turn the answer into a 500."""
+        try:
+            self.store.vm_event(vm_id, event, detail)
+        except sqlite3.Error:
+            return  # the request's audit record holds the same error
 
     def event(self, kind: str, action: str, *, vm: str = "", scope: str = "", principal: str = "",
               result: str = "", request_id: str = "", detail: dict[str, Any] | None = None) -> int:

@@ -9,10 +9,13 @@ host paths chosen by the caller. Lifecycle operations append a `vm` audit record
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+import sqlite3
 import threading
+import time
 from typing import Any, NoReturn
 
 from bulkhead.control import rbac
@@ -77,8 +80,11 @@ class VmOps(NetworkOps):
                        result=str(st.exit_status), detail={"from": row["state"], "to": "exited", **why})
         except ApiError:
             return row  # not audited -> not recorded; try again later
-        self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
-        self.store.vm_event(row["id"], "exited", {"status": st.exit_status, **why})
+        try:
+            self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
+        except sqlite3.Error:
+            return row  # a full or locked state database: noticed again at the next read
+        self.note_vm_event(row["id"], "exited", {"status": st.exit_status, **why})
         kind = why.get("reason") if why else security_exit_kind(st.exit_status)
         if kind in _SECURITY_EXITS and not reported:  # stopped for a security reason: a security event too
             try:
@@ -251,21 +257,69 @@ class VmOps(NetworkOps):
                 elif op == "resume":
                     self.backend.resume(vm_id)
             except StartRefused as exc:  # the loader or the VMM refused it before the guest ran: the caller's input
-                self.store.vm_event(vm_id, f"{op}-refused", {"kind": exc.kind, "error": str(exc)})
+                self.note_vm_event(vm_id, f"{op}-refused", {"kind": exc.kind, "error": str(exc)})
                 ctx.detail.update(error=str(exc), kind=exc.kind)
                 raise ApiError(422, f"cannot {op} the VM: {exc}", kind=exc.kind) from None
             except CodeMismatch as exc:  # the worker's pre-import gate refused bulkhead's own code
                 self._code_mismatch(ctx, vm_id, exc)
             except HostError as exc:
-                self.store.vm_event(vm_id, f"{op}-failed", {"error": str(exc)})
+                self.note_vm_event(vm_id, f"{op}-failed", {"error": str(exc)})
                 ctx.detail["error"] = str(exc)
-                raise ApiError(409 if isinstance(exc, VmNotRunning) else 503, f"cannot {op} the VM: {exc}") from None
-            self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
-            self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id,
-                                             **(self._exit_reason(vm_id)[0] if op == "stop" else {})})
+                raise ApiError(409 if isinstance(exc, VmNotRunning) else 503, f"cannot {op} the VM: {exc}",
+                               kind=None if isinstance(exc, VmNotRunning) else "host-error") from None
+            self._complete(ctx, vm_id, op, new, pid)
             final = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
             assert final is not None
             return self.store.vm_out(final)
+
+    _UNDO = {"start": "stop", "pause": "resume", "resume": "pause"}
+
+    def _complete(self, ctx: ReqCtx, vm_id: str, op: str, new: str, pid: int | None) -> None:
+        """Record a lifecycle change that has happened on the host: the new state and the request's audit
+        record in one transaction (Core.mutation). Fail closed (issue 12, soak finding A): when that
+        transaction fails (audit log or state database full or locked: ApiError 503), start, pause and
+        resume are undone on the host before the 503, so a refused request changed nothing (no worker runs
+        outside the daemon's accounting). A stop cannot be undone; its intent record (written before the
+        stop, with this request's id) is its audit record: the state is stored without a second record and
+        the stop is acknowledged."""
+        extra = self._exit_reason(vm_id)[0] if op == "stop" else {}
+
+        def write(c: Any) -> None:
+            now = now_iso()
+            c.execute("UPDATE vms SET state = ?, pid = ?, exit_status = NULL, updated = ? WHERE id = ?",
+                      (new, pid, now, vm_id))
+            c.execute("INSERT INTO vm_events(vm, time, event, detail) VALUES (?,?,?,?)",
+                      (vm_id, now, new, json.dumps({"op": op, "by": ctx.caller.id, **extra}, sort_keys=True)))
+
+        try:
+            with self.mutation(ctx, "200") as c:
+                write(c)
+            return
+        except ApiError as exc:
+            failure = exc
+        if op == "stop":  # done on the host and audited before it was done: the store follows the host
+            for _ in range(50):
+                try:
+                    with self.store.txn() as c:
+                        write(c)
+                    break
+                except sqlite3.Error:  # a full or locked database: retry briefly
+                    time.sleep(0.1)
+            ctx.audited = True  # the vm.stop intent record carries this request's id
+            ctx.detail["completion"] = f"not recorded: {failure.detail}"
+            return
+        undo = self._UNDO[op]
+        try:
+            getattr(self.backend, undo)(vm_id)
+            undone = "ok"
+        except HostError as exc:  # e.g. the worker already died: nothing of it remains either
+            undone = str(exc)
+        ctx.detail.update(rolled_back=undone, error=failure.detail)
+        with contextlib.suppress(ApiError):
+            self.event("vm", f"vm.{op}", vm=vm_id, scope=ctx.scope, principal=ctx.caller.id, result="rolled-back",
+                       request_id=ctx.request_id, detail={"undo": undo, "result": undone})
+        raise ApiError(503, f"cannot {op} the VM: {failure.detail}; the {op} was undone",
+                       kind=failure.kind) from None
 
     def _spec(self, row: Any) -> VmSpec:
         spec = json.loads(row["spec"])
@@ -323,7 +377,7 @@ class VmOps(NetworkOps):
             if exc.path:
                 detail["path"] = exc.path
             ctx.detail.update(error=str(exc), integrity=kind)
-            self.store.vm_event(vm_id, "start-refused", {"integrity": kind, "digest": digest})
+            self.note_vm_event(vm_id, "start-refused", {"integrity": kind, "digest": digest})
             try:
                 self.security_event(vm_id, f"integrity/{kind}", detail)
             except ApiError:
@@ -343,7 +397,7 @@ class VmOps(NetworkOps):
         start a VMM; docs/API.md), the VM's events say why. Raises ApiError."""
         detail = {"reason": str(exc), "path": exc.path, "source": "worker pre-import check"}
         ctx.detail.update(error=str(exc), integrity="code-mismatch", path=exc.path)
-        self.store.vm_event(vm_id, "start-refused", {"integrity": "code-mismatch", "path": exc.path})
+        self.note_vm_event(vm_id, "start-refused", {"integrity": "code-mismatch", "path": exc.path})
         try:
             self.security_event(vm_id, "integrity/code-mismatch", detail)
         except ApiError:
@@ -355,7 +409,7 @@ class VmOps(NetworkOps):
         refused = StartRefused.of(exc)
         ctx.detail.update(error=str(exc), kind=refused.kind)
         if vm_id is not None:
-            self.store.vm_event(vm_id, f"{op}-refused", {"kind": refused.kind, "error": str(exc)})
+            self.note_vm_event(vm_id, f"{op}-refused", {"kind": refused.kind, "error": str(exc)})
         raise ApiError(422, f"cannot {op} the VM: {exc}", kind=refused.kind) from None
 
     def vm_measurement(self, ctx: ReqCtx, vm_id: str) -> dict[str, Any]:
