@@ -36,6 +36,8 @@ from bulkhead.errors import HostError
 
 __all__ = ["Daemon", "StateDir", "default_state_dir"]
 
+DHCP_WATCH_ROUNDS = 3  # monitor rounds (1 s each) between checks that every network's dnsmasq runs
+
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("BULKHEAD_STATE_DIR") or "/var/lib/bulkhead")
@@ -199,9 +201,13 @@ class Daemon(AuditOps, VmOps, AccessOps):
         self._monitor_stop = threading.Event()
 
         def loop() -> None:
+            rounds = 0
             while not self._monitor_stop.wait(interval):
+                rounds += 1
                 try:
                     self.monitor_once()
+                    if rounds % DHCP_WATCH_ROUNDS == 0:  # every few seconds: restore a dead dnsmasq
+                        self.dhcp_watch()
                 except Exception as exc:  # the monitor must not die; the next round retries
                     print(f"bulkheadd: VM monitor: {exc}", file=sys.stderr)
                 try:  # applies staleness even when nobody asks: a silent attestation loop is audited

@@ -131,6 +131,20 @@ class NetworkOps(Core):
                 self.net_sync_quietly(f"{what} rolled back")
             raise
 
+    def dhcp_watch(self) -> bool:
+        """For the daemon's monitor: a network whose dnsmasq is gone (killed, crashed) is restored by a
+        sync now rather than at the next network change (issue 12, soak finding G). True when it synced."""
+        if isinstance(self.net, DryNetworkService):
+            return False
+        from bulkhead.network import host
+
+        dead = [r["id"] for r in self.store.q("SELECT id FROM networks")
+                if not host.dnsmasq_alive(self.net.config, r["id"])]
+        if not dead:
+            return False
+        self.net_sync_quietly(f"dnsmasq watch: {len(dead)} network(s) without their DHCP server")
+        return True
+
     def reconcile_networks(self) -> list[str]:
         """Daemon start: rebuild what should exist and remove what should not; audited as a
         `network.reconcile` system event. A host failure is audited and returned as no actions."""
