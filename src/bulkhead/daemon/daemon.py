@@ -127,8 +127,7 @@ class Daemon(AuditOps, VmOps, AccessOps):
             self.event("security", "security/integrity/code-unverified", result="unverified", detail=dict(self.code_integrity))
         if self.witnesses is not None:
             self.witnesses.start()  # pushes the current checkpoint now, then every new one
-        self.mark_lost_on_startup()
-        self._clean_stale_jails()
+        self._clean_stale_jails(self.mark_lost_on_startup())
         self.reconcile_networks()  # rebuild what should exist on the host, remove what should not (audited)
 
     def _wire_backend(self, net: Any) -> None:
@@ -157,15 +156,20 @@ class Daemon(AuditOps, VmOps, AccessOps):
             if row is not None:
                 self._refresh(row)
 
-    def _clean_stale_jails(self) -> None:
-        """Jail directories and cgroups a crashed daemon left behind (jailed backend only), audited."""
+    def _clean_stale_jails(self, lost: list[str] | None = None) -> None:
+        """Jail directories and cgroups a crashed daemon left behind (jailed backend only), audited; and
+        everything left of this daemon's own `lost` VMs (sandbox.stale.cleanup_lost)."""
         opts = getattr(self.backend, "options", None)
         if opts is None or not hasattr(opts, "base_dir"):
             return
+        from bulkhead.sandbox.stale import cleanup_lost
         from bulkhead.sandbox.supervisor import cleanup_stale
 
         try:
             cleaned = cleanup_stale(opts.base_dir, opts.cgroup_parent)
+            for vm_id in lost or []:
+                if cleanup_lost(vm_id, opts.base_dir, opts.cgroup_parent) and vm_id not in cleaned:
+                    cleaned.append(vm_id)
         except (HostError, OSError) as exc:
             self.event("system", "sandbox.cleanup", result="error", detail={"error": str(exc)})
             return
