@@ -11,6 +11,7 @@ from bulkhead.control.lifecycle import LifecycleError
 from bulkhead.daemon import api_status
 from bulkhead.daemon.auditlog import AuditUnavailable
 from bulkhead.daemon.service import ApiError
+from bulkhead.daemon.store import StateUnavailable
 from bulkhead.errors import ConfigError, GuestFault, HostError, ImageError, StartRefused, VmNotRunning
 from bulkhead.integrity.errors import (
     CodeMismatch,
@@ -37,6 +38,7 @@ def test_api_doc_prints_the_table() -> None:
     (WorkerIntegrityError("x", path="p"), 503, "code-mismatch"),  # also a HostError: the first match wins
     (IntegrityError("x"), 503, "launch-refused"),
     (AuditUnavailable("x"), 503, "audit-unavailable"),
+    (StateUnavailable("x"), 503, "state-unavailable"),
     (LifecycleError("x"), 409, "lifecycle"),  # a ConfigError, answered as a conflict
     (VmNotRunning("x"), 409, "vm-not-running"),
     (StartRefused("x", kind="image-invalid"), 422, "image-invalid"),  # its own kind

@@ -121,3 +121,24 @@ def test_tpm_none_means_no_tpm_configured(tmp_path: Path) -> None:
     started = [json.loads(r["detail"]) for r in query_records(state / "audit.db", limit=None)
                if r["action"] == "daemon.start"][-1]
     assert started["integrity"]["mode"] == "none"
+
+
+def test_init_force_refuses_a_served_state_dir(tmp_path: Path) -> None:
+    """`bulkhead init --force` takes serve.lock too: it cannot wipe a directory a daemon serves."""
+    state = tmp_path / "state"
+    Harness(state).close()
+    first, info = spawn_daemon(state)
+    try:
+        before = (state / "state.db").stat().st_ino
+        res = subprocess.run([*first.args[:first.args.index("serve")], "init", "--force", "--state-dir", str(state)],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "BULKHEAD_DEV_SKIP_INTEGRITY": "1",
+                                  "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+        assert res.returncode == 4 and f"pid {first.pid}" in res.stderr, res
+        assert "Traceback" not in res.stderr
+        assert (state / "state.db").stat().st_ino == before
+        with _uds(info) as c:
+            assert c.get("/whoami").status_code == 200
+    finally:
+        _stop(first)
+    assert main(["audit", "verify", "--state-dir", str(state)]) == 0

@@ -220,3 +220,18 @@ def test_running_vm_policy_is_reported(env: Env) -> None:
     env.sw.stop()
     assert _wait_for(lambda: gate.should_stop_running(), 5.0)
     assert gate.status()["running_vms_when_untrusted"] == "stop"
+
+
+def test_a_failed_tpm_call_makes_the_host_untrusted_at_once(env: Env) -> None:
+    """Soak finding E: with the periodic attestation not running (or not due yet), a VM start whose PCR
+    extend fails (swtpm killed) leaves the host untrusted at once, with the reason, and reported."""
+    gate = env.start(run_driver=False)
+    assert gate.status()["state"] == "trusted"
+    env.sw.stop()  # the attack: the TPM dies between two attestations
+    with pytest.raises(IntegrityError, match="TPM"):
+        gate.check_vm_start(env.good_vm)
+    st = gate.status()
+    assert st["state"] == "untrusted" and "TPM unavailable" in " ".join(st["reasons"])  # type: ignore[arg-type]
+    assert any(t.new == "untrusted" for t in env.events)
+    with pytest.raises(IntegrityError, match="host is untrusted"):
+        gate.check_vm_start(env.good_vm)

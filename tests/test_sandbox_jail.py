@@ -6,6 +6,7 @@ VMs is left on the host: no jail directory, no cgroup directory, no mount, no ui
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -276,6 +277,39 @@ def test_stale_leftovers_of_a_crashed_supervisor_are_cleaned(tmp_path: Path) -> 
     assert sleeper.wait(5) == -9
     assert leftovers(vm_id, str(base)) == [] and not (base / "ids" / str(uid)).exists()
     assert (base / "jail" / live).exists()
+
+
+def test_a_lost_vms_cgroup_is_removed_even_when_its_jail_dir_is_gone(tmp_path: Path) -> None:
+    """Issue 12 soak: after a daemon SIGKILL, another daemon sharing the base dir removed the jail dir but
+    not the cgroup; cleanup_stale (it finds VMs by jail dir) then never saw it. cleanup_lost, for the
+    daemon's own lost VMs, removes the cgroup (killing what is still in it), the dirs and the uid record."""
+    from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+    from bulkhead.sandbox.jail import IdAllocator
+    from bulkhead.sandbox.stale import cleanup_lost
+    from bulkhead.sandbox.supervisor import cleanup_stale
+
+    base = tmp_path / "run"
+    vm_id = f"t-lost-{uuid.uuid4().hex[:8]}"
+    cg = VmCgroup(vm_id, CgroupLimits(64 << 20, 8, 0))
+    cg.create()
+    ids = IdAllocator(str(base / "ids"), base=300_100)
+    uid = ids.allocate(vm_id)
+    Path(base / "ids" / str(uid)).write_text(f"{vm_id} 999999999\n")  # its daemon died
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        Path(cg.dirs["pids"], "cgroup.procs").write_text(str(sleeper.pid))
+        assert cleanup_stale(str(base)) == []  # no jail dir: the old sweep cannot see it
+        assert any(Path(d).is_dir() for d in cg.dirs.values())
+        assert cleanup_lost(vm_id, str(base))
+        assert sleeper.wait(5) == -9
+        assert leftovers(vm_id, str(base)) == [] and not (base / "ids" / str(uid)).exists()
+        assert cleanup_lost(vm_id, str(base)) == []  # nothing left: a no-op
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+        with contextlib.suppress(Exception):
+            cg.remove()
 
 
 def test_jailed_backend_implements_the_daemon_contract(vms: Vms, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from bulkhead.control.lifecycle import LifecycleError
 from bulkhead.daemon.auditlog import AuditUnavailable
+from bulkhead.daemon.store import StateUnavailable
 from bulkhead.errors import BulkheadError, ConfigError, HostError, ImageError, StartRefused, VmNotRunning
 from bulkhead.integrity.errors import (
     CodeMismatch,
@@ -42,6 +43,8 @@ TABLE: tuple[Status, ...] = (
     Status(CodeMismatch, 503, "code-mismatch", "bulkhead's installed code differs from the signed manifest"),
     Status(IntegrityError, 503, "launch-refused", "integrity could not be shown (an image, the TPM, the gate)"),
     Status(AuditUnavailable, 503, "audit-unavailable", "the audit log cannot take the record: nothing was done"),
+    Status(StateUnavailable, 503, "state-unavailable",
+           "the state database cannot take the change (a full or locked disk): nothing was changed"),
     Status(LifecycleError, 409, "lifecycle", "the operation is not allowed in the VM's state"),
     Status(VmNotRunning, 409, "vm-not-running", "the operation needs a running (or paused) VMM"),
     Status(StartRefused, 422, "config-invalid",

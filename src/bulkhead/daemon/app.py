@@ -11,6 +11,7 @@ request's audit record before the response starts; if that append fails the resp
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from typing import Any
 
@@ -28,6 +29,7 @@ from bulkhead.daemon.networks import network_routes
 from bulkhead.daemon.opsroutes import ops_routes
 from bulkhead.daemon.power import power_routes
 from bulkhead.daemon.service import ApiError, ReqCtx
+from bulkhead.daemon.store import StateUnavailable
 from bulkhead.daemon.tenants import tenant_routes
 from bulkhead.daemon.vms import vm_routes
 from bulkhead.errors import BulkheadError
@@ -188,6 +190,13 @@ def build_app(daemon: Daemon | None) -> Any:
         errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                   for e in exc.errors()[:20]]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @api.exception_handler(sqlite3.Error)
+    async def _state_db(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        """A safety net (issue 12, soak finding B): a state-database failure that no operation mapped (a full
+        or locked disk) is answered as StateUnavailable (503 with its kind), never a 500; the operations
+        keep their changes in one transaction, so nothing was committed."""
+        return await _api_error(request, StateUnavailable(f"the state database is unavailable ({exc})"))
 
     @api.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - a bug

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -145,7 +146,16 @@ def init_main(argv: list[str]) -> int:
         args = p.parse_args(argv)
         from bulkhead.daemon.setup import init_state_dir
 
-        sd = init_state_dir(_state_dir(args), args.admin_name, args.hosts, args.force)
+        lock = None
+        if args.force:  # a directory a daemon serves is never wiped under it (HostError names the holder)
+            from bulkhead.daemon.server import lock_state_dir
+
+            lock = lock_state_dir(_state_dir(args))
+        try:
+            sd = init_state_dir(_state_dir(args), args.admin_name, args.hosts, args.force)
+        finally:
+            if lock is not None:
+                os.close(lock)
         print(f"initialized {sd.root}\n  CA          {sd.ca_cert}\n  server      {sd.server_cert}\n"
               f"  admin cert  {sd.admin_cert} (key {sd.admin_key}, Owner at /)\n  audit key   {sd.audit_pub}")
         return 0

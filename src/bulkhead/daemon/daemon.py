@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Daemon", "StateDir", "daemon_routes", "default_state_dir"]
 
+DHCP_WATCH_ROUNDS = 3  # monitor rounds (1 s each) between checks that every network's dnsmasq runs
+
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("BULKHEAD_STATE_DIR") or "/var/lib/bulkhead")
@@ -194,8 +196,7 @@ class Daemon:
             self.event("security", "security/integrity/code-unverified", result="unverified", detail=dict(self.code_integrity))
         if self.witnesses is not None:
             self.witnesses.start()  # pushes the current checkpoint now, then every new one
-        self.vms.mark_lost_on_startup()
-        self._clean_stale_jails()
+        self._clean_stale_jails(self.vms.mark_lost_on_startup())
         self.networks.reconcile_networks()  # rebuild what should exist on the host, remove what should not (audited)
 
     def _worker_security_event(self, vm_id: str, kind: str, detail: str) -> None:
@@ -212,15 +213,20 @@ class Daemon:
             if row is not None:
                 self.vms.refresh(row)
 
-    def _clean_stale_jails(self) -> None:
-        """Jail directories and cgroups a crashed daemon left behind (jailed backend only), audited."""
+    def _clean_stale_jails(self, lost: list[str] | None = None) -> None:
+        """Jail directories and cgroups a crashed daemon left behind (jailed backend only), audited; and
+        everything left of this daemon's own `lost` VMs (sandbox.stale.cleanup_lost)."""
         opts = getattr(self.backend, "options", None)
         if opts is None or not hasattr(opts, "base_dir"):
             return
+        from bulkhead.sandbox.stale import cleanup_lost
         from bulkhead.sandbox.supervisor import cleanup_stale
 
         try:
             cleaned = cleanup_stale(opts.base_dir, opts.cgroup_parent)
+            for vm_id in lost or []:
+                if cleanup_lost(vm_id, opts.base_dir, opts.cgroup_parent) and vm_id not in cleaned:
+                    cleaned.append(vm_id)
         except (HostError, OSError) as exc:
             self.event("system", "sandbox.cleanup", result="error", detail={"error": str(exc)})
             return
@@ -247,9 +253,13 @@ class Daemon:
         self._monitor_stop = threading.Event()
 
         def loop() -> None:
+            rounds = 0
             while not self._monitor_stop.wait(interval):
+                rounds += 1
                 try:
                     self.monitor_once()
+                    if rounds % DHCP_WATCH_ROUNDS == 0:  # every few seconds: restore a dead dnsmasq
+                        self.networks.dhcp_watch()
                 except Exception as exc:  # the monitor must not die; the next round retries
                     print(f"bulkheadd: VM monitor: {exc}", file=sys.stderr)
                 try:  # applies staleness even when nobody asks: a silent attestation loop is audited

@@ -87,7 +87,7 @@ class LaunchCheck:
             if exc.path:
                 detail["path"] = exc.path
             ctx.detail.update(error=str(exc), integrity=kind)
-            self.store.vm_event(vm_id, "start-refused", {"integrity": kind, "digest": digest})
+            self.core.note_vm_event(vm_id, "start-refused", {"integrity": kind, "digest": digest})
             try:
                 self.core.security_event(vm_id, f"integrity/{kind}", detail)
             except ApiError:
@@ -104,7 +104,7 @@ class LaunchCheck:
         start a VMM; docs/API.md), the VM's events say why. Raises ApiError."""
         detail = {"reason": str(exc), "path": exc.path, "source": "worker pre-import check"}
         ctx.detail.update(error=str(exc), integrity="code-mismatch", path=exc.path)
-        self.store.vm_event(vm_id, "start-refused", {"integrity": "code-mismatch", "path": exc.path})
+        self.core.note_vm_event(vm_id, "start-refused", {"integrity": "code-mismatch", "path": exc.path})
         try:
             self.core.security_event(vm_id, "integrity/code-mismatch", detail)
         except ApiError:
@@ -116,7 +116,7 @@ class LaunchCheck:
         refused = StartRefused.of(exc)
         ctx.detail.update(error=str(exc), kind=refused.kind)
         if vm_id is not None:
-            self.store.vm_event(vm_id, f"{op}-refused", {"kind": refused.kind, "error": str(exc)})
+            self.core.note_vm_event(vm_id, f"{op}-refused", {"kind": refused.kind, "error": str(exc)})
         raise ApiError.of(refused, f"cannot {op} the VM: {exc}") from None
 
     def measurement(self, vm_id: str, row: Any, spec: VmSpec) -> dict[str, Any]:

@@ -127,6 +127,34 @@ class TenantNetworkService:
                 self.core.event("system", "network.reconcile", result="ok",
                            detail={"reason": reason, "actions": actions[:100]})
 
+    @contextlib.contextmanager
+    def _host_follows_store(self, what: str) -> Iterator[dict[str, bool]]:
+        """Around a transaction that changes the host inside it (network create/delete): when the
+        transaction does not commit (the audit append or the commit fails after the host was changed:
+        ApiError 503; or any refusal), the host is synced back to the committed store before the answer
+        (fail closed, issue 12 soak finding A: a refused create leaves no namespace, bridge or dnsmasq)."""
+        touched = {"host": False}  # set by the caller just before it changes the host
+        try:
+            yield touched
+        except BaseException:
+            if touched["host"]:
+                self.net_sync_quietly(f"{what} rolled back")
+            raise
+
+    def dhcp_watch(self) -> bool:
+        """For the daemon's monitor: a network whose dnsmasq is gone (killed, crashed) is restored by a
+        sync now rather than at the next network change (issue 12, soak finding G). True when it synced."""
+        if isinstance(self.net, DryNetworkService):
+            return False
+        from bulkhead.network import host
+
+        dead = [r["id"] for r in self.store.q("SELECT id FROM networks")
+                if not host.dnsmasq_alive(self.net.config, r["id"])]
+        if not dead:
+            return False
+        self.net_sync_quietly(f"dnsmasq watch: {len(dead)} network(s) without their DHCP server")
+        return True
+
     def reconcile_networks(self) -> list[str]:
         """Daemon start: rebuild what should exist and remove what should not; audited as a
         `network.reconcile` system event. A host failure is audited and returned as no actions."""
@@ -144,7 +172,8 @@ class TenantNetworkService:
     def network_create(self, ctx: ReqCtx, tenant: str, body: Any) -> dict[str, Any]:
         self.core.authorize_in_tenant(ctx, "network/write", tenant)
         created = now_iso()
-        with self.core.mutation(ctx, "201") as c:  # validation, insert and host change in one transaction
+        with self._host_follows_store("network create") as touched, self.core.mutation(ctx, "201") as c:
+            # validation, insert and host change in one transaction
             rows = self.store.q("SELECT * FROM networks WHERE tenant = ?", (tenant,))
             if any(r["name"] == body.name for r in rows):
                 raise ApiError(409, f"a network named {body.name!r} already exists in this tenant")
@@ -156,6 +185,7 @@ class TenantNetworkService:
             c.execute("INSERT INTO networks(id, tenant, name, ipv4, ipv6, egress, created) VALUES (?,?,?,?,?,?,?)",
                       (net.id, tenant, net.name, str(net.ipv4), str(net.ipv6) if net.ipv6 else None,
                        int(net.egress), created))
+            touched["host"] = True
             ctx.detail["host_actions"] = len(self._sync_or_503("create the network"))
         return {**net.to_dict(), "created": created}
 
@@ -172,10 +202,11 @@ class TenantNetworkService:
 
     def network_delete(self, ctx: ReqCtx, net_id: str) -> None:
         self._network(ctx, net_id, "network/write")
-        with self.core.mutation(ctx, "204") as c:
+        with self._host_follows_store("network delete") as touched, self.core.mutation(ctx, "204") as c:
             if self.store.q1("SELECT 1 FROM nics WHERE network = ?", (net_id,)):
                 raise ApiError(409, "VMs still have NICs on the network; delete those VMs first")
             c.execute("DELETE FROM networks WHERE id = ?", (net_id,))
+            touched["host"] = True
             ctx.detail["host_actions"] = len(self._sync_or_503("remove the network"))
 
     def network_counters(self, ctx: ReqCtx, net_id: str) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def make_server_ssl(sd: StateDir) -> ssl.SSLContext:
 
 
 IDLE_CLOSE_GRACE_S = 0.5  # at shutdown: how long an idle TLS connection may take to exchange close_notify
-GRACEFUL_SHUTDOWN_S = 10.0  # at shutdown: the longest requests in flight may still run (then cancelled)
+GRACEFUL_SHUTDOWN_S = 3.0  # at shutdown: requests in flight may run this long, then are cancelled (docs/API.md)
 
 
 def _tls_peer(transport: asyncio.BaseTransport) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from bulkhead.control import rbac
 from bulkhead.control.audit import Record
 from bulkhead.daemon.api_status import status_of
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, now_iso
-from bulkhead.daemon.store import Store
+from bulkhead.daemon.store import StateUnavailable, Store
 
 __all__ = ["NOT_FOUND", "ApiError", "Caller", "Core", "Paths", "ReqCtx", "WitnessGate"]
 
@@ -228,7 +228,8 @@ class Core:
             if ctx.audited:
                 ctx.audited = False
                 ctx.detail["rolled_back"] = str(exc)
-            raise ApiError(503, f"the state database refused the change, nothing was changed ({exc})") from None
+            raise ApiError.of(StateUnavailable(str(exc)),
+                              f"the state database refused the change, nothing was changed ({exc})") from None
 
     def append(self, rec: Record) -> int:
         """Append `rec` (fail closed). An API record is refused (503) while the witness policy says the
@@ -241,6 +242,14 @@ class Core:
             return self.audit.append(rec)
         except AuditUnavailable as exc:
             raise ApiError.of(exc, f"audit log unavailable, nothing was changed ({exc})") from None
+
+    def note_vm_event(self, vm_id: str, event: str, detail: dict[str, Any] | None = None) -> None:
+        """A VM event (GET /vms/{id}/events) that only explains an answer already decided (a refusal, a
+        failure): best effort, a full or locked state database does not turn the answer into a 500."""
+        try:
+            self.store.vm_event(vm_id, event, detail)
+        except sqlite3.Error:
+            return  # the request's audit record holds the same error
 
     def event(self, kind: str, action: str, *, vm: str = "", scope: str = "", principal: str = "",
               result: str = "", request_id: str = "", detail: dict[str, Any] | None = None) -> int:

@@ -19,10 +19,16 @@ from typing import Any
 
 from bulkhead.control.rbac import BUILTIN_ROLES, Assignment, RoleDef
 from bulkhead.daemon.auditlog import now_iso
-from bulkhead.errors import HostError
+from bulkhead.errors import BulkheadError, HostError
 from bulkhead.network.service import SCHEMA as NETWORK_SCHEMA
 
-__all__ = ["Store", "new_id"]
+__all__ = ["StateUnavailable", "Store", "new_id"]
+
+
+class StateUnavailable(BulkheadError):
+    """The state database refused a change or a read (a full or locked disk, sqlite3.Error): the change
+    was rolled back, nothing was changed (issue 12, soak finding B)."""
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from bulkhead.control.models import ConsoleOut, MeasurementOut, VmCreate, VmEven
 from bulkhead.control.opsmodels import VmStatsOut
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.backend import VmBackend, VmSpec
+from bulkhead.daemon.completion import LifecycleCompletion
 from bulkhead.daemon.disks import DiskService
 from bulkhead.daemon.integrity import HostIntegrity
 from bulkhead.daemon.launchcheck import LaunchCheck
@@ -59,6 +61,13 @@ def security_exit_kind(status: int | None) -> str | None:
     return None
 
 
+
+def _log_exit(row: Any, exit_status: int | None, why: dict[str, Any]) -> None:
+    """The lifecycle line of a VM that ended on its own (daemon/logsetup.py)."""
+    lifecycle("vm.state", vm=row["id"], name=row["name"], op="exit", to="exited", exit_status=exit_status,
+              **{k: v for k, v in why.items() if k == "reason"})
+
+
 class VmService:
     """VMs: create/read/delete, the lifecycle (serialized per VM, audited before it acts), console and
     events. Given the shared core, the VMM backend, the tenant networks (NICs), the disks (drives) and
@@ -73,6 +82,7 @@ class VmService:
         self.networks = networks
         self.disks = disks
         self.launch = LaunchCheck(core, integrity)
+        self.completion = LifecycleCompletion(core, backend)
         self._vm_locks: dict[str, threading.Lock] = {}
 
     @property
@@ -108,10 +118,12 @@ class VmService:
                        result=str(st.exit_status), detail={"from": row["state"], "to": "exited", **why})
         except ApiError:
             return row  # not audited -> not recorded; try again later
-        self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
-        lifecycle("vm.state", vm=row["id"], name=row["name"], op="exit", to="exited", exit_status=st.exit_status,
-                  **{k: v for k, v in why.items() if k == "reason"})
-        self.store.vm_event(row["id"], "exited", {"status": st.exit_status, **why})
+        try:
+            self.store.set_vm_state(row["id"], "exited", exit_status=st.exit_status)
+        except sqlite3.Error:
+            return row  # a full or locked state database: noticed again at the next read
+        _log_exit(row, st.exit_status, why)
+        self.core.note_vm_event(row["id"], "exited", {"status": st.exit_status, **why})
         kind = why.get("reason") if why else security_exit_kind(st.exit_status)
         if kind in _SECURITY_EXITS and not reported:  # stopped for a security reason: a security event too
             try:
@@ -254,19 +266,18 @@ class VmService:
                 elif op == "resume":
                     self.backend.resume(vm_id)
             except StartRefused as exc:  # the loader or the VMM refused it before the guest ran: the caller's input
-                self.store.vm_event(vm_id, f"{op}-refused", {"kind": exc.kind, "error": str(exc)})
+                self.core.note_vm_event(vm_id, f"{op}-refused", {"kind": exc.kind, "error": str(exc)})
                 ctx.detail.update(error=str(exc), kind=exc.kind)
                 raise ApiError.of(exc, f"cannot {op} the VM: {exc}") from None
             except CodeMismatch as exc:  # the worker's pre-import gate refused bulkhead's own code
                 self.launch.code_mismatch(ctx, vm_id, exc)
             except HostError as exc:
-                self.store.vm_event(vm_id, f"{op}-failed", {"error": str(exc)})
+                self.core.note_vm_event(vm_id, f"{op}-failed", {"error": str(exc)})
                 ctx.detail["error"] = str(exc)
                 raise ApiError.of(exc, f"cannot {op} the VM: {exc}") from None
-            self.store.set_vm_state(vm_id, new, pid=pid, exit_status=None)
+            # the new state and this request's audit record in one transaction, or the change undone
+            self.completion.complete(ctx, vm_id, op, new, pid, self.exit_reason(vm_id)[0] if op == "stop" else None)
             lifecycle("vm.state", vm=vm_id, name=row["name"], op=op, to=new, by=ctx.caller.name)
-            self.store.vm_event(vm_id, new, {"op": op, "by": ctx.caller.id,
-                                             **(self.exit_reason(vm_id)[0] if op == "stop" else {})})
             final = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
             assert final is not None
             return self.store.vm_out(final)

@@ -158,14 +158,21 @@ class IntegrityGate:
         if tpm is not None:
             tpm.close()
 
-    def _with_tpm(self, fn: Callable[[Tpm], Any]) -> Any:
+    def _with_tpm(self, fn: Callable[[Tpm], Any], *, untrust_on_failure: bool = False) -> Any:
+        """Run fn on the open TPM (one at a time). Raises TpmError. `untrust_on_failure`: a failed TPM
+        call outside an attestation round makes the host untrusted at once (fail closed: GET /integrity
+        must not say trusted with a dead TPM until the next attestation; issue 12 soak finding E)."""
         if not self._tpm_lock.acquire(timeout=TPM_LOCK_TIMEOUT_S):
             raise TpmError("the TPM is busy (another TPM operation is hung)")
         try:
             try:
                 return fn(self._open())
-            except TpmError:
+            except TpmError as exc:
                 self._drop_tpm()  # reconnect next time; the TPM may come back (and will not replay)
+                if untrust_on_failure:
+                    with self.driver.lock:
+                        tr = self.core.record_error(f"TPM unavailable: {exc}", time.monotonic())
+                    self.driver._emit(tr)
                 raise
         finally:
             self._tpm_lock.release()
@@ -246,7 +253,7 @@ class IntegrityGate:
         if digest not in self.policy.allowed["vm-launch"]:
             raise LaunchNotAllowed(f"VM start refused: launch digest {digest} is not allowed by the policy")
         event = Event(self.policy.vm_pcr, "vm-launch", digest, f"vm kernel={Path(config.kernel).name}")
-        self._with_tpm(lambda tpm: self._extend_logged(tpm, event))
+        self._with_tpm(lambda tpm: self._extend_logged(tpm, event), untrust_on_failure=True)
         return digest
 
     def attest_now(self) -> Verdict:

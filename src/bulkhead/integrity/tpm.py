@@ -3,7 +3,10 @@
 Keys (both primaries under the endorsement hierarchy, so they are re-derived from the TPM's endorsement
 seed on every start and never leave the TPM):
   - EK: TCG EK Credential Profile template "EK-ECC256" (NIST P-256, restricted decrypt, PolicySecret(EH)).
-  - AK: NIST P-256 ECDSA/SHA-256, restricted | sign | fixedTPM | fixedParent | sensitiveDataOrigin.
+  - AK: NIST P-256 ECDSA/SHA-256, restricted | sign | fixedTPM | fixedParent | sensitiveDataOrigin |
+    noDA. noDA (TPM 2.0 Part 2 §8.3.3.1 TPMA_OBJECT, Part 1 §19.8 dictionary attack protection): the AK's
+    authValue is empty and it is never a password, so failures elsewhere (or the failedTries an unorderly
+    shutdown adds, Part 1 §19.8.6) must not lock the attestation key out: a TPM in DA lockout still quotes.
 The AK is bound to the EK by TPM2_MakeCredential (verifier side, software) / TPM2_ActivateCredential
 (TPM side): only the TPM that holds both the EK private key and the AK named in the credential can
 recover the secret. See enroll().
@@ -17,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +114,7 @@ class Tpm:
         attrs = (
             t.TPMA_OBJECT.FIXEDTPM | t.TPMA_OBJECT.FIXEDPARENT | t.TPMA_OBJECT.SENSITIVEDATAORIGIN
             | t.TPMA_OBJECT.USERWITHAUTH | t.TPMA_OBJECT.RESTRICTED | t.TPMA_OBJECT.SIGN_ENCRYPT
+            | t.TPMA_OBJECT.NODA  # Part 2 §8.3.3.1: not subject to dictionary-attack lockout
         )
         template = t.TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes=attrs)
         handle, pub, _, _, _ = self._call(
@@ -245,8 +251,93 @@ def _free_port_pair() -> int:
     raise TpmError("no free pair of TCP ports for swtpm")
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds the socket listening on 127.0.0.1:`port` (/proc/net/tcp state
+    0A = LISTEN, matched by inode against /proc/<pid>/fd). A port chosen free can be taken by another
+    process (a second dev TPM starting at the same moment) before swtpm binds it: then a connection to
+    the port reaches *that* process's TPM, and only this check tells them apart."""
+    want = f"0100007F:{port:04X}"
+    inodes = set()
+    try:
+        with open("/proc/net/tcp", encoding="ascii") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if len(cols) > 9 and cols[1] == want and cols[3] == "0A":
+                    inodes.add(f"socket:[{cols[9]}]")
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Any:
+    """A preexec_fn doing prctl(PR_SET_PDEATHSIG, SIGKILL) (prctl(2)), so swtpm dies with the process that
+    started it, even when that process is SIGKILLed. libc is loaded here, before the fork (no import in the
+    child). Note: the signal follows the *thread* that forked; SwTpm.start runs on the daemon's main thread."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def child() -> None:  # pragma: no cover - runs in the forked child before exec
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return child
+
+
+def _stale_swtpm(pidfile: Path, state_dir: str) -> int | None:
+    """The pid recorded in `pidfile` when it is still a swtpm serving `state_dir`, else None."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if not argv or Path(os.fsdecode(argv[0])).name != "swtpm":
+        return None
+    if f"dir={state_dir}".encode() not in argv:
+        return None
+    return pid
+
+
+def kill_stale_swtpm(state_dir: str, timeout: float = 5.0) -> int | None:
+    """Kill a swtpm left running on `state_dir` by an earlier process (its pid is in <state_dir>/swtpm.pid
+    and its command line names the directory): it holds the state's lock, and a second swtpm on the same
+    state would refuse to start. Returns the pid killed, or None."""
+    pidfile = Path(state_dir) / "swtpm.pid"
+    pid = _stale_swtpm(pidfile, str(state_dir))
+    if pid is None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if _stale_swtpm(pidfile, str(state_dir)) is None:
+            break
+        time.sleep(0.05)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 class SwTpm:
-    """A swtpm process (TPM 2.0, TCP) for development and tests. Raises TpmError if it cannot start."""
+    """A swtpm process (TPM 2.0, TCP) for development and tests. Raises TpmError if it cannot start.
+
+    It dies with the process that started it (PR_SET_PDEATHSIG), its pid is kept in
+    <state_dir>/swtpm.pid, and a stale one left on the same state directory is killed first
+    (kill_stale_swtpm). It counts as started only once this very process listens on both ports
+    (`_listens`): a port taken by a concurrent swtpm makes it retry on another pair."""
 
     def __init__(self, state_dir: str | None = None, port: int | None = None) -> None:
         if shutil.which("swtpm") is None:
@@ -254,38 +345,68 @@ class SwTpm:
         self._own_dir = state_dir is None
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="bulkhead-swtpm-")
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port_pair()
+        self._want_port = port
+        self.port = port or 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self._last_error = ""
 
     @property
     def tcti(self) -> str:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
     def start(self, timeout: float = 10.0) -> SwTpm:
+        stale = kill_stale_swtpm(self.state_dir)
+        if stale is not None:
+            print(f"bulkhead: stopped a stale swtpm (pid {stale}) left on {self.state_dir}", file=sys.stderr)
+        deadline = time.monotonic() + timeout
+        again = self.port  # a restart keeps its port: clients hold the TCTI string
+        for _attempt in range(5):
+            self.port = self._want_port or again or _free_port_pair()
+            if self._try_start(deadline):
+                return self
+            if self._want_port is not None or again:
+                break
+        raise TpmError(f"swtpm could not listen on 127.0.0.1 port {self.port}: {self._last_error}")
+
+    def _try_start(self, deadline: float) -> bool:
+        """One attempt on self.port; True once *this* swtpm listens on it. False when its port was taken
+        (it exited); raises TpmError when it fails otherwise or does not come up before `deadline`."""
         cmd = [
             "swtpm", "socket", "--tpm2",
             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
             "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
             "--tpmstate", f"dir={self.state_dir}",
+            "--pid", f"file={Path(self.state_dir) / 'swtpm.pid'}",
             "--flags", "startup-clear,not-need-init",
         ]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, preexec_fn=_die_with_parent())
+        except OSError as exc:
+            raise TpmError(f"cannot run swtpm: {exc.strerror}") from None
+        self._last_error = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise TpmError(f"swtpm exited with status {self.proc.returncode}: {err.strip()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
+                proc, self.proc = self.proc, None
+                err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+                if proc.stderr:
+                    proc.stderr.close()
+                if "in use" in err.lower() or "bind" in err.lower():  # the port was taken meanwhile: retry
+                    self._last_error = err
+                    return False
+                raise TpmError(f"swtpm exited with status {proc.returncode}: {err}")
+            if _listens(self.proc.pid, self.port) and _listens(self.proc.pid, self.port + 1):
+                return True
+            time.sleep(0.02)
         self.stop()
-        raise TpmError(f"swtpm did not listen on port {self.port} within {timeout} s")
+        raise TpmError(f"swtpm did not listen on port {self.port} in time")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
+        pidfile = Path(self.state_dir) / "swtpm.pid"
+        if proc is not None and _stale_swtpm(pidfile, self.state_dir) == proc.pid:
+            with contextlib.suppress(OSError):
+                pidfile.unlink()
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -291,6 +291,11 @@ def _dnsmasqs(config: HostConfig, ns_by_inode: dict[int, str]) -> set[DhcpSpec]:
     return out
 
 
+def dnsmasq_alive(config: HostConfig, network_id: str) -> bool:
+    """Whether the network's own dnsmasq runs (a cheap check: its pid file and /proc, no netlink)."""
+    return _dnsmasq_pid(config, config.bridge(network_id)) is not None
+
+
 def _dnsmasq_pid(config: HostConfig, bridge: str) -> int | None:
     """The pid of our dnsmasq for `bridge` if it is alive and really is that dnsmasq."""
     base = os.path.join(config.state_dir, bridge)

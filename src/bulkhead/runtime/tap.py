@@ -81,10 +81,14 @@ class TapBackend(FdFrameBackend):
     @classmethod
     def adopt(cls, fd: int) -> TapBackend:
         """Accept an already-open tap fd. Raises ConfigError if it is not a tap with
-        IFF_TAP | IFF_NO_PI | IFF_VNET_HDR."""
+        IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, HostError when it was a tap whose interface the host has
+        since removed (TUNGETIFF answers EBADFD for a detached tun file: the host's doing, not the
+        caller's configuration; issue 12 soak finding F)."""
         try:
             buf = bytearray(fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size)))
         except OSError as exc:
+            if exc.errno == errno.EBADFD:
+                raise HostError(f"the tap behind fd {fd} was removed from the host") from None
             raise ConfigError(f"fd {fd} is not a tap device ({exc.strerror})") from None
         raw_name, flags = _IFREQ.unpack(buf)
         if flags & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) != _WANT:

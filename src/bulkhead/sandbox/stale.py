@@ -10,7 +10,7 @@ import os
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
 from bulkhead.sandbox.jail import IdAllocator
 
-__all__ = ["cleanup_stale", "leftovers"]
+__all__ = ["cleanup_lost", "cleanup_stale", "leftovers"]
 
 
 def leftovers(vm_id: str, base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:
@@ -57,3 +57,31 @@ def cleanup_stale(base_dir: str = "/run/bulkhead", cgroup_parent: str | None = N
             ids.release(owner[0])
         cleaned.append(vm_id)
     return cleaned
+
+
+def cleanup_lost(vm_id: str, base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None,
+                 timeout: float = 20.0) -> list[str]:
+    """Remove what is left of one VM its daemon knows is dead (marked `lost` at the daemon's start: its
+    worker died with the previous daemon, PR_SET_PDEATHSIG): cgroup (emptied, waiting up to `timeout` for
+    dying processes), jail directory, uid record naming it. Unlike cleanup_stale it does not need the jail
+    directory to find the cgroup: another daemon sharing `base_dir` may have removed the directory
+    already (issue 12 soak: cgroups left behind after a daemon SIGKILL). Returns what was removed;
+    raises HostError when the cgroup stays busy."""
+    removed = []
+    cg = VmCgroup(vm_id, CgroupLimits(0, 0, 0), parent=cgroup_parent)
+    if any(os.path.isdir(d) for d in cg.dirs.values()):
+        cg.remove(timeout)
+        removed.append("cgroup")
+    jail = os.path.join(base_dir, "jail", vm_id)
+    for d in (os.path.join(jail, "root"), jail):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(d)
+            removed.append(d)
+    ids = IdAllocator(os.path.join(base_dir, "ids"))
+    if os.path.isdir(ids.state_dir):
+        for name in os.listdir(ids.state_dir):
+            with contextlib.suppress(ValueError):
+                if ids.owner(int(name)) == vm_id:
+                    ids.release(int(name))
+                    removed.append(f"uid {name}")
+    return removed

@@ -559,18 +559,11 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                  on_exit: Callable[[WorkerExit], None] | None = None, fork: bool = True,
                  snapshot_fds: tuple[int, int] | None = None, restore: bool = False,
                  snapshot: bool = False) -> WorkerHandle:
-    """Start a jailed worker for `config` and return once its sandbox is in place and verified.
-
-    With `fork` (default) and when sandbox/forkspawn.fork_allowed (single-threaded, code verified by the
-    gate or the explicit dev skip), this process forks into the jail; otherwise the worker is exec'd
-    through the gate. Both run worker.main, the same jail steps (docs/SANDBOX.md "Fork path").
-
-    The VM does not run until handle.start(). Raises ConfigError (bad id or image path),
-    HostError (not root, cgroups/jail unavailable, worker failed before it was ready).
-    `snapshot_fds` (memory, state): the host's memfds of runtime/snapshot.py. With `restore` the worker
-    rebuilds the VM from them (no kernel is bound into the jail); with `snapshot` a host stop makes it
-    write its state there (the host seals the file: the snapshot key never enters the jail).
-    """
+    """Start a jailed worker for `config` and return once its sandbox is in place and verified; the VM runs
+    at handle.start(). Forked into the jail or exec'd through the gate (_launch, docs/SANDBOX.md "Fork
+    path"). `snapshot_fds` (memory, state): the host's memfds (runtime/snapshot.py); with `restore` the
+    worker rebuilds the VM from them, with `snapshot` a host stop makes it write its state there.
+    Raises ConfigError (bad id or image path), HostError (not root, no cgroups/jail, worker not ready)."""
     opts = options or JailOptions()
     if os.geteuid() != 0:
         raise HostError("the jail needs root (run as root, or use --no-jail for development)")
@@ -581,13 +574,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
     if (restore or snapshot) and snapshot_fds is None:
         raise HostError("a snapshot or restore needs the host's memfds")
-    binds = [] if restore else [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
-    if config.initrd and not restore:
-        binds.append(BindSpec(_regular_file(config.initrd, "initrd"), "/vm/initrd", True))
-    drives = []
-    for i, d in enumerate(config.drives):
-        binds.append(BindSpec(_regular_file(d.path, "drive"), f"/vm/drive{i}", d.read_only))
-        drives.append(d._replace(path=f"/vm/drive{i}"))
+    binds, drives = _image_binds(config, restore=restore)
 
     ids = IdAllocator(os.path.join(opts.base_dir, "ids"), opts.uid_base)
     uid = ids.allocate(vm_id)
@@ -606,13 +593,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                               quota_pct * 1000)
         cgroup = VmCgroup(vm_id, limits, parent=opts.cgroup_parent)
         cgroup.create()
-        nets = []
-        for n in config.nets:
-            # a tap the caller already opened (e.g. the daemon's, inside a tenant namespace) is duplicated;
-            # otherwise the tap is opened here by name
-            fd = os.dup(n.tap_fd) if n.tap_fd >= 0 else _open_tap(n.tap)
-            taps.append(fd)
-            nets.append(n._replace(tap_fd=fd))
+        nets = _open_taps(config, taps)
         inner = config._replace(kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
                                 serial="stdio", drives=tuple(drives), nets=tuple(nets))
         devices = ("kvm", "urandom") + (("net/tun",) if nets else ())
@@ -622,40 +603,15 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
         for fd in taps:
             worker_args += ["--tap-fd", str(fd)]
-        extra_fds: tuple[int, ...] = ()
         if snapshot_fds is not None:  # the host's memfds (runtime/snapshot.py)
-            extra_fds = snapshot_fds
             worker_args += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
             worker_args += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
         if opts.test_probes:
             worker_args.append("--test-probes")
-        proc: Any
-        if fork and fork_allowed(_worker_env()):
-            proc = fork_worker(worker_args, tuple(cgroup.procs_files), _worker_env(), test_probes=opts.test_probes)
-        else:
-            # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
-            # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
-            # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
-            # any bulkhead module is imported, and imports come only from the verified tree.
-            argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *cgroup.procs_files, "--",
-                    *boot_argv(worker_args)]
-            import subprocess
-
-            proc = subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    pass_fds=(sock_worker.fileno(), *taps, *extra_fds), close_fds=True)
+        proc = _launch(worker_args, tuple(cgroup.procs_files), fork=fork, test_probes=opts.test_probes,
+                       pass_fds=(sock_worker.fileno(), *taps, *(snapshot_fds or ())))
     except BaseException:
-        for fd in taps:
-            os.close(fd)
-        for s in (sock_host, sock_worker):
-            if s is not None:
-                s.close()
-        if cgroup is not None:
-            cgroup.remove()
-        with contextlib.suppress(OSError):
-            os.rmdir(jail_dir)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(jail_dir))
+        _undo_spawn(taps, (sock_host, sock_worker), cgroup, jail_dir)
         ids.release(uid)
         raise
     sock_worker.close()
@@ -674,6 +630,63 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         handle.kill()
         raise
     return handle
+
+
+def _open_taps(config: VmConfig, taps: list[int]) -> list[Any]:
+    """The NICs with the fds the worker gets (appended to `taps` as they open, for the caller's cleanup).
+    A tap the caller already opened (e.g. the daemon's, inside a tenant namespace) is duplicated;
+    otherwise the tap is opened here by name."""
+    nets = []
+    for n in config.nets:
+        fd = os.dup(n.tap_fd) if n.tap_fd >= 0 else _open_tap(n.tap)
+        taps.append(fd)
+        nets.append(n._replace(tap_fd=fd))
+    return nets
+
+
+def _undo_spawn(taps: list[int], socks: tuple[Any, Any], cgroup: VmCgroup | None, jail_dir: str) -> None:
+    """Undo a spawn that failed before the worker ran: fds, sockets, cgroup, jail directory."""
+    for fd in taps:
+        os.close(fd)
+    for sock in socks:
+        if sock is not None:
+            sock.close()
+    if cgroup is not None:
+        cgroup.remove()
+    with contextlib.suppress(OSError):
+        os.rmdir(jail_dir)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(jail_dir))
+
+
+def _image_binds(config: VmConfig, *, restore: bool) -> tuple[list[BindSpec], list[Any]]:
+    """Read-only binds of kernel and initrd (none for a restore: the VM comes from the host's memfds) and
+    the drives, with the drives' paths as the worker sees them. Raises ConfigError for a bad path."""
+    binds = [] if restore else [BindSpec(_regular_file(config.kernel, "kernel"), "/vm/kernel", True)]
+    if config.initrd and not restore:
+        binds.append(BindSpec(_regular_file(config.initrd, "initrd"), "/vm/initrd", True))
+    drives = []
+    for i, d in enumerate(config.drives):
+        binds.append(BindSpec(_regular_file(d.path, "drive"), f"/vm/drive{i}", d.read_only))
+        drives.append(d._replace(path=f"/vm/drive{i}"))
+    return binds, drives
+
+
+def _launch(worker_args: list[str], procs_files: tuple[str, ...], *, fork: bool, test_probes: bool,
+            pass_fds: tuple[int, ...]) -> Any:
+    """Start worker.main: forked into the jail from this verified process where allowed
+    (sandbox/forkspawn.py), else exec'd through the gate."""
+    if fork and fork_allowed(_worker_env()):
+        return fork_worker(worker_args, procs_files, _worker_env(), test_probes=test_probes)
+    # A shell joins the cgroup first and then execs Python, so every page of the worker (interpreter
+    # included) is charged to the VM's memory cgroup (v1 does not move charges on a later move).
+    # The worker goes through the pre-import gate (bulkhead/_boot.py): the code is verified before
+    # any bulkhead module is imported, and imports come only from the verified tree.
+    argv = ["/bin/sh", "-c", _JOIN_CGROUP, "bulkhead-worker", *procs_files, "--", *boot_argv(worker_args)]
+    import subprocess
+
+    return subprocess.Popen(argv, env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, pass_fds=pass_fds, close_fds=True)
 
 
 def _forward_stdin(handle: WorkerHandle) -> None:

@@ -359,12 +359,12 @@ def main(argv: list[str]) -> int:
     snap = {k: args[k] for k in ("memory_fd", "state_fd", "restore", "snapshot")}
     snap_fds = [fd for fd in (args["memory_fd"], args["state_fd"]) if fd >= 3]
     jail.close_fds({args["channel_fd"], *args["tap_fds"], *snap_fds})  # step 1
-    step = "integrity"
+    step = ["integrity"]  # where setup is, for the one-line failure report
     try:
         from bulkhead.integrity.manifest import require_integrity
 
         require_integrity("worker")  # before the jail: after pivot_root the package and manifest are unreachable
-        step = "spec"
+        step[0] = "spec"
         spec = jail.JailSpec.from_json(args["spec"])
         sock = socket.socket(fileno=args["channel_fd"])
         channel = Channel(sock, HOST_TO_WORKER)
@@ -372,24 +372,20 @@ def main(argv: list[str]) -> int:
             _preimport(args["test_probes"])
             service = _Service(channel, spec, args["test_probes"], seccomp=False, snap=snap)
             os._exit(service.run())
-        step = "cgroup"
+        step[0] = "cgroup"
         for path in spec.cgroup_procs:  # step 2
             with open(path, "w", encoding="ascii") as f:
                 f.write(str(os.getpid()))
         with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
             cap_last = int(f.read())
-        step = "policy"
+        step[0] = "policy"
         # compiled (or read from the root-only cache) now, as root: the reaper loads it after its uid drop
         reaper_prog = bpf.program_for("reaper", self_pid=os.getpid()) if spec.seccomp else b""
-        step = "idmap"
+        step[0] = "idmap"
         oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
-        userns: dict[tuple[int, int], int] = {}
-        for b in spec.binds:
-            st = os.stat(b.source)
-            if (st.st_uid, st.st_gid) not in userns:
-                userns[(st.st_uid, st.st_gid)] = jail.make_idmap_userns(st.st_uid, st.st_gid, spec.uid, spec.gid)
-        step = "namespaces"
+        userns = _idmap_namespaces(spec)
+        step[0] = "namespaces"
         jail.enter_namespaces(f"vm-{spec.vm_id}")  # step 3
         gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # the reaper closes gate_w once it is sandboxed too
         # Step 5 comes before the VM path's imports: the reaper, which only waits, never holds them
@@ -397,38 +393,14 @@ def main(argv: list[str]) -> int:
         # root and cwd too (one mount namespace), before the worker says hello.
         child = os.fork()  # step 5
         if child == 0:
-            step = "spec"
-            _preimport(args["test_probes"])
-            step = "policy"
-            worker_prog = bpf.program_for("worker", nic=spec.nic, self_pid=1) if spec.seccomp else b""  # pid 1
-            step = "root"
-            jail.build_root(spec, userns)  # step 4
-            for fd in userns.values():
-                os.close(fd)
-            step = "worker privileges"
             os.close(oom_fd)
             os.close(gate_w)
-            jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
-            jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=spec.nofile,  # step 6
-                                 nproc=spec.nproc)
-            if spec.seccomp:
-                bpf.load_program(worker_prog)  # step 7
-            while os.read(gate_r, 1):  # say hello only when both processes are in the sandbox
-                pass
-            os.close(gate_r)
-            service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp, snap=snap)
-            os._exit(service.run())
-        step = "reaper privileges"
+            _worker_child(args, spec, channel, userns, gate_r, cap_last, snap, step)
+        step[0] = "reaper privileges"
         os.close(gate_r)
         for fd in userns.values():
             os.close(fd)
-        for value in (b"-1000", b"0"):  # the reaper goes back down (-1000 needs CAP_SYS_RESOURCE)
-            try:
-                os.write(oom_fd, value)
-                break
-            except OSError:
-                continue
-        os.close(oom_fd)
+        _lower_oom_score(oom_fd)
         sock.close()
         for fd in (*args["tap_fds"], *snap_fds):
             os.close(fd)
@@ -439,7 +411,53 @@ def main(argv: list[str]) -> int:
         _reap(child)
     except (BulkheadError, OSError) as exc:
         try:
-            print(f"bulkhead worker: setup failed at step {step!r}: {exc}", file=sys.stderr, flush=True)
+            print(f"bulkhead worker: setup failed at step {step[0]!r}: {exc}", file=sys.stderr, flush=True)
         finally:
             os._exit(EXIT_SETUP_FAILED)
     return EXIT_SETUP_FAILED
+
+
+def _idmap_namespaces(spec: Any) -> dict[tuple[int, int], int]:
+    """One id-mapped user namespace per (uid, gid) owning a bind source (jail.make_idmap_userns)."""
+    userns: dict[tuple[int, int], int] = {}
+    for b in spec.binds:
+        st = os.stat(b.source)
+        if (st.st_uid, st.st_gid) not in userns:
+            userns[(st.st_uid, st.st_gid)] = jail.make_idmap_userns(st.st_uid, st.st_gid, spec.uid, spec.gid)
+    return userns
+
+
+def _worker_child(args: dict[str, Any], spec: Any, channel: Channel, userns: dict[tuple[int, int], int],
+                  gate_r: int, cap_last: int, snap: dict[str, Any], step: list[str]) -> None:
+    """Steps 4, 6 and 7 in the forked worker (pid 1 of the new PID namespace), then the VM; never returns.
+    Errors propagate to main's one-line report, with `step` saying where."""
+    step[0] = "spec"
+    _preimport(args["test_probes"])
+    step[0] = "policy"
+    worker_prog = bpf.program_for("worker", nic=spec.nic, self_pid=1) if spec.seccomp else b""  # pid 1
+    step[0] = "root"
+    jail.build_root(spec, userns)  # step 4
+    for fd in userns.values():
+        os.close(fd)
+    step[0] = "worker privileges"
+    jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
+    jail.drop_privileges(spec.uid, spec.gid, cap_last=cap_last, nofile=spec.nofile,  # step 6
+                         nproc=spec.nproc)
+    if spec.seccomp:
+        bpf.load_program(worker_prog)  # step 7
+    while os.read(gate_r, 1):  # say hello only when both processes are in the sandbox
+        pass
+    os.close(gate_r)
+    service = _Service(channel, spec, args["test_probes"], seccomp=spec.seccomp, snap=snap)
+    os._exit(service.run())
+
+
+def _lower_oom_score(oom_fd: int) -> None:
+    """The reaper goes back down (-1000 needs CAP_SYS_RESOURCE; 0 otherwise)."""
+    for value in (b"-1000", b"0"):
+        try:
+            os.write(oom_fd, value)
+            break
+        except OSError:
+            continue
+    os.close(oom_fd)
