@@ -61,6 +61,8 @@ ACTIONS: tuple[str, ...] = (
     "vm/resume",
     "vm/console/read",
     "vm/events/read",
+    "host/read",
+    "host/drain",
     "disk/read",
     "disk/write",
     "disk/delete",

@@ -218,6 +218,7 @@ def build_app(daemon: Any) -> Any:
 
     r = APIRouter(prefix="/v1", responses=ERRORS)
     d = daemon
+    vm_model: Any = getattr(daemon, "vm_model", VmOut)  # the fleet's VMs also name their host (docs/FLEET.md)
 
     @r.get("/whoami", response_model=WhoAmI)
     def whoami(ctx: ReqCtx = Ctx) -> Any:
@@ -278,15 +279,15 @@ def build_app(daemon: Any) -> Any:
     def network_counters(network_id: UUID, ctx: ReqCtx = Ctx) -> Any:
         return d.network_counters(ctx, str(network_id))
 
-    @r.post("/vms", response_model=VmOut, status_code=201)
+    @r.post("/vms", response_model=vm_model, status_code=201)
     def vm_create(body: VmCreate, ctx: ReqCtx = Ctx) -> Any:
         return d.vm_create(ctx, body)
 
-    @r.get("/vms", response_model=list[VmOut])
+    @r.get("/vms", response_model=list[vm_model])
     def vm_list(tenant: UUID | None = None, ctx: ReqCtx = Ctx) -> Any:
         return d.vm_list(ctx, str(tenant) if tenant else None)
 
-    @r.get("/vms/{vm_id}", response_model=VmOut)
+    @r.get("/vms/{vm_id}", response_model=vm_model)
     def vm_get(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
         return d.vm_get(ctx, str(vm_id))
 
@@ -300,7 +301,7 @@ def build_app(daemon: Any) -> Any:
             return d.vm_op(ctx, str(vm_id), op)
 
         handler.__name__ = f"vm_{op}"
-        r.post(f"/vms/{{vm_id}}/{op}", response_model=VmOut, name=f"vm_{op}")(handler)
+        r.post(f"/vms/{{vm_id}}/{op}", response_model=vm_model, name=f"vm_{op}")(handler)
 
     for op in ("start", "stop", "pause", "resume"):
         _op(op)
@@ -397,6 +398,9 @@ def build_app(daemon: Any) -> Any:
                           ctx: ReqCtx = Ctx) -> Any:
         return d.audit_consistency(ctx, old, new)
 
+    extra = getattr(daemon, "extra_routes", None)  # the fleet controller's /hosts routes
+    if extra is not None:
+        extra(r)
     api.include_router(r)
     return Gate(api, daemon)
 

@@ -70,10 +70,10 @@ class Cmp:
     target: str
     value: int | str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, ns: str = "") -> dict[str, Any]:
         field = {"MOD": "mod_revision", "CREATE": "create_revision", "VALUE": "value", "LEASE": "lease"}[self.target]
         v: Any = _b64(self.value) if self.target == "VALUE" else str(self.value)
-        return {"key": _b64(self.key), "target": self.target, "result": "EQUAL", field: v}
+        return {"key": _b64(ns + self.key), "target": self.target, "result": "EQUAL", field: v}
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,10 @@ class Op:
     value: str | None = None
     lease: int = 0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, ns: str = "") -> dict[str, Any]:
         if self.value is None:
-            return {"request_delete_range": {"key": _b64(self.key)}}
-        body: dict[str, Any] = {"key": _b64(self.key), "value": _b64(self.value)}
+            return {"request_delete_range": {"key": _b64(ns + self.key)}}
+        body: dict[str, Any] = {"key": _b64(ns + self.key), "value": _b64(self.value)}
         if self.lease:
             body["lease"] = str(self.lease)
         return {"request_put": body}
@@ -96,7 +96,12 @@ class Op:
 class EtcdStore:
     """A fleet member's connection to etcd. Thread-safe (each call is one HTTP request)."""
 
-    def __init__(self, endpoints: str | Sequence[str], tls: Any = None, timeout: float = 2.0) -> None:
+    def __init__(self, endpoints: str | Sequence[str], tls: Any = None, timeout: float = 2.0,
+                 namespace: str = "") -> None:
+        """`namespace`: a key prefix put before every key (several fleets, or tests, on one etcd)."""
+        if namespace and (not namespace.startswith("/") or namespace.endswith("/")):
+            raise ConfigError("an etcd namespace starts with '/' and does not end with one")
+        self.ns = namespace
         import requests
         from etcd3gw.client import Etcd3Client
 
@@ -142,34 +147,36 @@ class EtcdStore:
         raise HostError("etcd is unreachable: " + "; ".join(errors))
 
     # ---- keys ------------------------------------------------------------------------------------
-    @staticmethod
-    def _kvs(out: dict[str, Any]) -> list[Kv]:
-        return [Kv(_unb64(k.get("key")), _unb64(k.get("value")), int(k.get("create_revision", 0)),
+    def _kvs(self, out: dict[str, Any]) -> list[Kv]:
+        n = len(self.ns)
+        return [Kv(_unb64(k.get("key"))[n:], _unb64(k.get("value")), int(k.get("create_revision", 0)),
                    int(k.get("mod_revision", 0)), int(k.get("lease", 0))) for k in out.get("kvs", [])]
 
     def get(self, key: str) -> Kv | None:
-        kvs = self._kvs(self._post("/kv/range", {"key": _b64(key)}))
+        kvs = self._kvs(self._post("/kv/range", {"key": _b64(self.ns + key)}))
         return kvs[0] if kvs else None
 
     def get_prefix(self, prefix: str) -> tuple[list[Kv], int]:
         """Every key under `prefix` and the store revision the read saw (one consistent snapshot)."""
+        prefix = self.ns + prefix
         out = self._post("/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
         return self._kvs(out), int(out.get("header", {}).get("revision", 0))
 
     def put(self, key: str, value: str, lease: int = 0) -> int:
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        body: dict[str, Any] = {"key": _b64(self.ns + key), "value": _b64(value)}
         if lease:
             body["lease"] = str(lease)
         return int(self._post("/kv/put", body).get("header", {}).get("revision", 0))
 
     def delete(self, key: str) -> int:
-        return int(self._post("/kv/deleterange", {"key": _b64(key)}).get("deleted", 0))
+        return int(self._post("/kv/deleterange", {"key": _b64(self.ns + key)}).get("deleted", 0))
 
     def txn(self, compare: Sequence[Cmp], success: Sequence[Op], failure: Sequence[Op] = ()) -> tuple[bool, int]:
         """All comparisons hold -> apply `success`, else `failure`. Returns (succeeded, revision)."""
-        out = self._post("/kv/txn", {"compare": [c.to_json() for c in compare],
-                                     "success": [o.to_json() for o in success],
-                                     "failure": [o.to_json() for o in failure]})
+        ns = self.ns
+        out = self._post("/kv/txn", {"compare": [c.to_json(ns) for c in compare],
+                                     "success": [o.to_json(ns) for o in success],
+                                     "failure": [o.to_json(ns) for o in failure]})
         return bool(out.get("succeeded", False)), int(out.get("header", {}).get("revision", 0))
 
     # ---- leases ----------------------------------------------------------------------------------

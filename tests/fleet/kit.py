@@ -1,0 +1,178 @@
+"""Test fleet: a controller and host agents as real processes on a real etcd cluster (docs/FLEET.md).
+
+Each agent has its own state dir, host id and software TPM; the controller has the agents' enrollments
+and policies (provisioned as an operator would with `bulkhead fleet enroll`). Agents may run in their
+own network namespaces (netns=...), reaching etcd over a veth on a test bridge.
+"""
+
+from __future__ import annotations
+
+import json
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bulkhead.daemon.client import ApiClient, resolve_endpoint
+from bulkhead.daemon.setup import init_state_dir
+from bulkhead.daemon.testkit import fake_kernel
+from bulkhead.fleet.agent import agent_config_digest
+from bulkhead.fleet.etcdrun import EtcdCluster
+from bulkhead.fleet.store import EtcdStore
+from bulkhead.integrity.eventlog import UNVERIFIED_MANIFEST_DIGEST
+from bulkhead.integrity.policy import POLICY_FORMAT, parse_enrollment
+
+PY = sys.executable
+
+
+class Fleet:
+    def __init__(self, etcd: EtcdCluster, root: Path, ttl: float = 3.0, grace: float = 1.0) -> None:
+        self.etcd, self.root, self.ttl, self.grace = etcd, root, ttl, grace
+        self.ns = "/t" + uuid.uuid4().hex[:10]
+        self.shared = root / "shared"
+        (self.shared / "images").mkdir(parents=True)
+        (self.shared / "images" / "k.elf").write_bytes(fake_kernel())
+        self.ctl_dir = root / "ctl"
+        init_state_dir(self.ctl_dir)
+        self.tls = etcd.client_tls("t" + uuid.uuid4().hex[:8])
+        self.store = EtcdStore(etcd.endpoints, self.tls, namespace=self.ns)
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.controllers: list[subprocess.Popen[bytes]] = []
+        self.netns: dict[str, str] = {}
+
+    def _etcd_flags(self, endpoints: list[str] | None = None) -> list[str]:
+        return ["--etcd-ca", self.tls.ca, "--etcd-cert", self.tls.cert, "--etcd-key", self.tls.key,
+                "--etcd-namespace", self.ns, "--ttl", str(self.ttl), "--grace", str(self.grace)]
+
+    def _log(self, name: str) -> Any:
+        return open(self.root / f"{name}.log", "ab")  # noqa: SIM115
+
+    # ---- controllers -------------------------------------------------------------------------------
+    def start_controller(self, ident: str = "c1", extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+        argv = [PY, "-m", "bulkhead", "fleet", "serve", "--etcd", ",".join(self.etcd.endpoints),
+                "--state-dir", str(self.ctl_dir), "--shared-dir", str(self.shared), "--port", "0",
+                "--id", ident, *self._etcd_flags(), *(extra or [])]
+        with self._log(ident) as log:
+            p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.controllers.append(p)
+        return p
+
+    def leader(self) -> str | None:
+        kv = self.store.get("/bulkhead/leader")
+        return json.loads(kv.value)["id"] if kv else None
+
+    def client(self) -> ApiClient:
+        sd = self.ctl_dir
+        ep = resolve_endpoint(sd, cert=str(sd / "admin.pem"), key=str(sd / "admin.key"), ca=str(sd / "ca.pem"))
+        return ApiClient(ep)
+
+    def wait_api(self, timeout: float = 30.0, leader: str | None = None) -> None:
+        def up() -> bool:
+            info = self.ctl_dir / "serve.json"
+            if not info.exists() or (leader and json.loads(info.read_text()).get("controller") != leader):
+                return False
+            try:
+                with self.client() as c:
+                    c.get("/whoami")
+                return True
+            except Exception:
+                return False
+        wait(up, timeout, "the controller API")
+
+    # ---- agents -------------------------------------------------------------------------------------
+    def agent_dir(self, host: str) -> Path:
+        return self.root / "hosts" / host
+
+    def start_agent(self, host: str, *, mem: int = 1024, slots: int = 8, enroll: bool = True,
+                    netns: str | None = None, endpoints: list[str] | None = None) -> subprocess.Popen[bytes]:
+        sd = self.agent_dir(host)
+        sd.mkdir(parents=True, exist_ok=True)
+        argv = [PY, "-m", "bulkhead", "serve", "--fleet", ",".join(endpoints or self.etcd.endpoints),
+                "--host-id", host, "--state-dir", str(sd), "--shared-dir", str(self.shared), "--backend", "fake",
+                "--mem", str(mem), "--vcpus", "8", "--slots", str(slots), "--dev-tpm", *self._etcd_flags()]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+            self.netns[host] = netns
+        with self._log(host) as log:
+            p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.agents[host] = p
+        if enroll:
+            enr = sd / "integrity" / "enrollment.json"
+            wait(enr.exists, 30, f"{host}'s TPM enrollment")
+            self.enroll(host)
+        return p
+
+    def enroll(self, host: str, allowed_config: str | None = None) -> None:
+        """The operator's provisioning: this host's AK enrollment and a policy naming what it may run."""
+        sd = self.agent_dir(host)
+        enr_text = (sd / "integrity" / "enrollment.json").read_text()
+        enr = parse_enrollment(enr_text)
+        digest = allowed_config or agent_config_digest(
+            {"host": host, "backend": "fake", "shared_dir": str(self.shared.resolve()), "ttl": str(float(self.ttl))})
+        policy = {"format": POLICY_FORMAT, "ek_sha256": enr.ek_sha256, "pcrs": {"host": 14, "vm": 15},
+                  "allowed": {"manifest": [UNVERIFIED_MANIFEST_DIGEST], "config": [digest], "vm-launch": []},
+                  "max_age_s": 300, "interval_s": 30, "running_vms_when_untrusted": "keep"}
+        d = self.ctl_dir / "hosts" / host
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "enrollment.json").write_text(enr_text)
+        (d / "policy.json").write_text(json.dumps(policy))
+
+    def kill_agent(self, host: str) -> None:
+        p = self.agents[host]
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        if host in self.netns:  # `ip netns exec` execs, so the pid is the agent itself
+            pass
+
+    def running_on(self, host: str) -> dict[str, int]:
+        """The VMs an agent reports running (its agent.json), {} when it is dead."""
+        p = self.agents.get(host)
+        if p is None or p.poll() is not None:
+            return {}
+        try:
+            return dict(json.loads((self.agent_dir(host) / "agent.json").read_text())["vms"])
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        with self.client() as c:
+            return {h["host"]: h for h in c.get("/hosts")}
+
+    def close(self) -> None:
+        for p in [*self.agents.values(), *self.controllers]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [*self.agents.values(), *self.controllers]:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for sd in (self.root / "hosts").glob("*") if (self.root / "hosts").exists() else []:
+            pidfile = sd / "integrity" / "devtpm"
+            _ = pidfile
+        self.store.get_prefix("/")  # still reachable: nothing else to clean (keys live in our namespace)
+
+
+def wait(pred: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def make_vm(c: ApiClient, tenant: str, name: str, **kw: Any) -> dict[str, Any]:
+    body = {"tenant": tenant, "name": name, "kernel": "k.elf", "mem_mib": kw.pop("mem_mib", 64), "cpus": 1,
+            "drives": kw.pop("drives", []), **kw}
+    vm: dict[str, Any] = c.post("/vms", body)
+    return vm
+
+
+
