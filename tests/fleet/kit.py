@@ -101,14 +101,13 @@ class Fleet:
             p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.agents[host] = p
         if enroll:
-            enr = sd / "integrity" / "enrollment.json"
-            wait(enr.exists, 30, f"{host}'s TPM enrollment")
             self.enroll(host)
         return p
 
     def enroll(self, host: str, allowed_config: str | None = None) -> None:
         """The operator's provisioning: this host's AK enrollment and a policy naming what it may run."""
         sd = self.agent_dir(host)
+        wait((sd / "integrity" / "enrollment.json").exists, 30, f"{host}'s TPM enrollment")
         enr_text = (sd / "integrity" / "enrollment.json").read_text()
         enr = parse_enrollment(enr_text)
         digest = allowed_config or agent_config_digest(
@@ -176,3 +175,49 @@ def make_vm(c: ApiClient, tenant: str, name: str, **kw: Any) -> dict[str, Any]:
 
 
 
+
+
+class NoDoubleRun:
+    """Samples every live agent's running VMs and disk claims continuously; records any VM seen on two hosts
+    at one sample, or any disk attached writable by two (the invariant of docs/FLEET.md "Fencing")."""
+
+    def __init__(self, fleet: Fleet, interval: float = 0.05) -> None:
+        import threading
+
+        self.fleet, self.interval = fleet, interval
+        self.violations: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            seen: dict[str, str] = {}
+            disks: dict[str, str] = {}
+            for host in list(self.fleet.agents):
+                p = self.fleet.agents[host]
+                if p.poll() is not None:
+                    continue
+                try:
+                    info = json.loads((self.fleet.agent_dir(host) / "agent.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                for vm in info.get("vms", {}):
+                    if vm in seen:
+                        self.violations.append(f"{vm} on {seen[vm]} and {host}")
+                    seen[vm] = host
+                for vm, ds in info.get("disks", {}).items():
+                    for d in ds:
+                        if d in disks:
+                            self.violations.append(f"disk {d} attached by {disks[d]} and {host}")
+                        disks[d] = host
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> NoDoubleRun:
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._th.join(5)
