@@ -1,0 +1,135 @@
+"""Partition: agents in their own network namespaces reach etcd over veths on a test bridge; an nftables
+drop inside one host's namespace cuts it from the fleet (docs/FLEET.md "Fencing", partition).
+
+Expected, and checked continuously: the cut host stops its VMs by itself before its lease can expire
+(F2), the controller reschedules them only after that (F3), no VM ever runs on both hosts, and once the
+partition heals the host rejoins with a new lease without taking its old VMs back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bulkhead.fleet.etcdrun import EtcdCluster
+from tests.fleet.kit import Fleet, NoDoubleRun, make_vm, wait
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+class Underlay:
+    """A bridge in the root namespace (10.77.N.1/24, where etcd listens) and one namespace per host."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:5]
+        self.tag = tag
+        self.net = f"10.77.{int(tag[:2], 16) % 200 + 20}"
+        self.bridge = f"bhfb{tag}"
+        self.hosts: dict[str, str] = {}
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{self.net}.1/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+
+    @property
+    def address(self) -> str:
+        return f"{self.net}.1"
+
+    def add_host(self, host: str) -> str:
+        i = len(self.hosts) + 10
+        ns, a, b = f"bhf{self.tag}{host}", f"bhfa{self.tag}{i}", f"bhfz{self.tag}{i}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+        sh("ip", "link", "set", a, "master", self.bridge, "up")
+        sh("ip", "link", "set", b, "netns", ns)
+        sh("ip", "-n", ns, "addr", "add", f"{self.net}.{i}/24", "dev", b)
+        sh("ip", "-n", ns, "link", "set", b, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")  # the dev TPM listens on loopback
+        self.hosts[host] = ns
+        return ns
+
+    def cut(self, host: str) -> None:
+        """Drop every underlay packet of `host` (both ways), loopback excepted."""
+        ns = self.hosts[host]
+        rules = ("table inet bhfpart {\n"
+                 " chain i { type filter hook input priority -10; policy accept; iifname != \"lo\" drop; }\n"
+                 " chain o { type filter hook output priority -10; policy accept; oifname != \"lo\" drop; }\n}\n")
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules.encode(), check=True,
+                       capture_output=True, timeout=30)
+
+    def heal(self, host: str) -> None:
+        sh("ip", "netns", "exec", self.hosts[host], "nft", "delete", "table", "inet", "bhfpart")
+
+    def close(self) -> None:
+        for ns in self.hosts.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def underlay_fleet(tmp_path: Path) -> Iterator[tuple[Fleet, Underlay]]:
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("etcd") is None:
+        pytest.skip("needs root, nftables and etcd (namespaces, veths, a partition)")
+    u = Underlay()
+    cluster = None
+    fleet = None
+    try:
+        cluster = EtcdCluster(tmp_path / "etcd", 3, host=u.address).start()
+        fleet = Fleet(cluster, tmp_path / "fleet")
+        yield fleet, u
+    finally:
+        if fleet is not None:
+            fleet.close()
+        if cluster is not None:
+            cluster.stop()
+        u.close()
+
+
+def _state(fleet: Fleet, vm: str) -> dict:
+    with fleet.client() as c:
+        return dict(c.get(f"/vms/{vm}"))
+
+
+def test_partition_self_fences_reschedules_and_heals(underlay_fleet: tuple[Fleet, Underlay]) -> None:
+    fleet, u = underlay_fleet
+    fleet.start_controller()
+    fleet.wait_api()
+    for h in ("h1", "h2"):
+        fleet.start_agent(h, netns=u.add_host(h))
+    wait(lambda: len(hs := fleet.hosts()) == 2 and all(x["state"] == "ready" for x in hs.values()), 40, "hosts ready")
+    with fleet.client() as c:
+        t = c.post("/tenants", {"name": "acme"})["id"]
+        vms = [make_vm(c, t, f"v{i}")["id"] for i in range(2)]
+        for v in vms:
+            c.post(f"/vms/{v}/start", {})
+    wait(lambda: all(_state(fleet, v)["state"] == "running" for v in vms), 30, "VMs running")
+    victim = _state(fleet, vms[0])["host"]
+    other = "h2" if victim == "h1" else "h1"
+    on_victim = set(fleet.running_on(victim))
+    assert vms[0] in on_victim
+    with NoDoubleRun(fleet, interval=0.02) as check:
+        t0 = time.monotonic()
+        u.cut(victim)
+        wait(lambda: not fleet.running_on(victim), fleet.ttl + 1, "the cut host fencing itself")
+        fenced = time.monotonic() - t0
+        wait(lambda: all(_state(fleet, v)["host"] == other and v in fleet.running_on(other) for v in vms), 30,
+             "its VMs running on the other host")
+        moved = time.monotonic() - t0
+        assert fleet.agents[victim].poll() is None  # alive all along: it stopped its VMs by itself
+        u.heal(victim)
+        wait(lambda: fleet.hosts()[victim]["state"] == "ready", 40, "the healed host ready again")
+        time.sleep(1.0)
+        assert not set(fleet.running_on(victim)) & set(vms)  # it does not take them back
+    assert fenced < fleet.ttl, fenced  # F2: before its lease could expire
+    assert moved >= fenced
+    assert not check.violations, check.violations
+    assert check.samples > 50
