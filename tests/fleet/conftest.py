@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.fleet.kit import Fleet
 
 from bulkhead.fleet.etcdrun import EtcdCluster
-from tests.fleet.kit import Fleet
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ own network namespaces (netns=...), reaching etcd over a veth on a test bridge.
 from __future__ import annotations
 
 import json
-
 import signal
 import subprocess
 import sys
@@ -49,7 +48,7 @@ class Fleet:
                 "--etcd-namespace", self.ns, "--ttl", str(self.ttl), "--grace", str(self.grace)]
 
     def _log(self, name: str) -> Any:
-        return open(self.root / f"{name}.log", "ab")  # noqa: SIM115
+        return open(self.root / f"{name}.log", "ab")
 
     # ---- controllers -------------------------------------------------------------------------------
     def start_controller(self, ident: str = "c1", extra: list[str] | None = None) -> subprocess.Popen[bytes]:
@@ -206,7 +205,7 @@ class NoDoubleRun:
                     if vm in seen:
                         self.violations.append(f"{vm} on {seen[vm]} and {host}")
                     seen[vm] = host
-                for vm, ds in info.get("disks", {}).items():
+                for ds in info.get("disks", {}).values():
                     for d in ds:
                         if d in disks:
                             self.violations.append(f"disk {d} attached by {disks[d]} and {host}")

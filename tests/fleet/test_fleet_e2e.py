@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-
 from tests.fleet.kit import Fleet, NoDoubleRun, make_vm, wait
 
 pytestmark = pytest.mark.slow

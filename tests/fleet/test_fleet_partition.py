@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.fleet.kit import Fleet, NoDoubleRun, make_vm, wait
 
 from bulkhead.fleet.etcdrun import EtcdCluster
-from tests.fleet.kit import Fleet, NoDoubleRun, make_vm, wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from bulkhead.control import rbac
@@ -264,7 +265,7 @@ class FleetDaemon(Daemon):
         rows = host_table(snap, self.controller.hosts(snap), time.time(), self.controller.t.attest_max_age)
         return next(r for r in rows if r["host"] == host)
 
-    def extra_routes(self, r: Any) -> None:
+    def extra_routes(self, r: APIRouter) -> None:
         from bulkhead.daemon.app import Ctx
 
         d = self

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +236,7 @@ def _enroll(argv: list[str]) -> int:
 
 
 def fleet_main(argv: list[str]) -> int:
-    cmds = {"serve": _serve, "hosts": _hosts, "vm": vm_main, "enroll": _enroll,
+    cmds: dict[str, Callable[[list[str]], int]] = {"serve": _serve, "hosts": _hosts, "vm": vm_main, "enroll": _enroll,
             "drain": lambda a: _drain(a, False), "undrain": lambda a: _drain(a, True)}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds:
         print("usage: bulkhead fleet {serve|hosts|vm|drain|undrain|enroll} [options]\n\n"

@@ -237,21 +237,37 @@ class Controller:
                 moves[vid] = "host " + st
                 pending.append(d)
         plan = place(pending, views, running, now=now_wall, max_age=self.t.attest_max_age, dedicated=self.dedicated)
+        batch: list[tuple[Cmp, Op, dict[str, Any]]] = []
         for vid, host in plan.assigned.items():
             akv = snap.kv("assign", vid)
             old = decode(akv.value) if akv else None
             rec = {"host": host, "vm": vid, "spec": snap.rec("vms", vid)["spec"],  # type: ignore[index]
                    "tenant": snap.rec("vms", vid)["tenant"]}  # type: ignore[index]
-            cmp = [Cmp(key("assign", vid), "MOD", akv.mod_revision) if akv else Cmp(key("assign", vid), "CREATE", 0)]
-            if self._guarded(cmp, [Op(key("assign", vid), encode(rec))]):
-                self.emit("vm", "fleet.vm.assign", {"vm": vid, "host": host, "from": old.get("host") if old else None,
-                                                    "why": moves.get(vid, "placement")})
+            cmp = Cmp(key("assign", vid), "MOD", akv.mod_revision) if akv else Cmp(key("assign", vid), "CREATE", 0)
+            batch.append((cmp, Op(key("assign", vid), encode(rec)),
+                          {"vm": vid, "host": host, "from": old.get("host") if old else None,
+                           "why": moves.get(vid, "placement")}))
+        self._commit_assignments(batch)
         for vid, why in plan.unplaced.items():
             if vid in moves and moves[vid] == "host unattested" and self.untrusted == "stop":
                 akv = snap.kv("assign", vid)
                 if akv is not None and self._guarded([Cmp(key("assign", vid), "MOD", akv.mod_revision)],
                                                      [Op(key("assign", vid))]):
                     self.emit("security", "fleet.vm.stopped-untrusted", {"vm": vid, "why": why})
+
+    TXN_BATCH = 60  # below etcd's default --max-txn-ops (128): one compare + one put per VM, plus the leader
+
+    def _commit_assignments(self, batch: list[tuple[Cmp, Op, dict[str, Any]]]) -> None:
+        """Assignments in batches, one transaction each (all or nothing, each compared by revision); a
+        batch refused because one of its VMs changed meanwhile is retried one by one."""
+        for i in range(0, len(batch), self.TXN_BATCH):
+            part = batch[i:i + self.TXN_BATCH]
+            if self._guarded([c for c, _, _ in part], [o for _, o, _ in part]):
+                done = part
+            else:
+                done = [x for x in part if self._guarded([x[0]], [x[1]])]
+            for _, _, detail in done:
+                self.emit("vm", "fleet.vm.assign", detail)
 
     def _exited(self, vid: str, vm: dict[str, Any], akv: Kv | None, ex: dict[str, Any]) -> None:
         vm = {**vm, "desired": "exited", "exit_status": ex.get("status"), "error": ex.get("error"),

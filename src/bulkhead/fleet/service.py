@@ -40,6 +40,7 @@ def run_controller(ctl: Controller, state_dir: Path, shared: Path, host: str, po
             raise HostError(str(failure))
         box["lock"] = lock_state_dir(state_dir)
         d = FleetDaemon.open(state_dir, FakeBackend(), net=DryNetworkService(HostConfig()))
+        assert isinstance(d, FleetDaemon)
         d.code_integrity = code
         d.attach_fleet(ctl, shared)
         d.start()

@@ -72,7 +72,7 @@ class Cmp:
 
     def to_json(self, ns: str = "") -> dict[str, Any]:
         field = {"MOD": "mod_revision", "CREATE": "create_revision", "VALUE": "value", "LEASE": "lease"}[self.target]
-        v: Any = _b64(self.value) if self.target == "VALUE" else str(self.value)
+        v: Any = _b64(str(self.value)) if self.target == "VALUE" else str(self.value)
         return {"key": _b64(ns + self.key), "target": self.target, "result": "EQUAL", field: v}
 
 
