@@ -71,6 +71,15 @@ class Snapshot:
         return self.raw.get(kind, {}).get(name)
 
 
+MAX_COUNT = 1 << 40
+
+
+def _count(v: object) -> int:
+    """A capacity number from a host's own record: a non-negative int, anything else counts as 0 (a host
+    cannot stall the controller, or claim more than MAX_COUNT, with a malformed registration)."""
+    return min(v, MAX_COUNT) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
 class Controller:
     def __init__(self, store: EtcdStore, ident: str, state_dir: Path, *, timing: FleetTiming | None = None,
                  emit: Emit | None = None, dedicated: frozenset[str] = frozenset(), untrusted: str = "drain",
@@ -130,11 +139,15 @@ class Controller:
         for name in sorted(set(snap.names("known")) | set(snap.names("hosts"))):
             reg = snap.rec("hosts", name)
             att = snap.rec("attest", name) or {}
+            at = att.get("at")
+            rs = att.get("reasons") if isinstance(att.get("reasons"), list) else []
             out.append(HostView(
-                name=name, alive=reg is not None, mem_mib=int((reg or {}).get("mem_mib", 0)),
-                vcpus=int((reg or {}).get("vcpus", 0)), slots=int((reg or {}).get("slots", 0)),
-                trusted=bool(att.get("trusted")), attested_at=att.get("at") if att.get("trusted") else None,
-                drained=snap.kv("drain", name) is not None, reasons=tuple(att.get("reasons", []))[:8]))
+                name=name, alive=reg is not None, mem_mib=_count((reg or {}).get("mem_mib")),
+                vcpus=_count((reg or {}).get("vcpus")), slots=_count((reg or {}).get("slots")),
+                trusted=att.get("trusted") is True,
+                attested_at=float(at) if att.get("trusted") is True and isinstance(at, int | float) else None,
+                drained=snap.kv("drain", name) is not None,
+                reasons=tuple(str(r)[:300] for r in rs)[:8]))
         return out
 
     def tick(self) -> None:
@@ -208,10 +221,11 @@ class Controller:
             akv = snap.kv("assign", vid)
             a = decode(akv.value) if akv else None
             ex = snap.rec("exit", vid)
-            if ex is not None and (akv is None or ex.get("token") == akv.mod_revision):
+            if ex is not None and akv is not None and a is not None and ex.get("token") == akv.mod_revision \
+                    and ex.get("host") == a.get("host"):  # only the assigned host can report V's exit
                 self._exited(vid, vm, akv, ex)
                 continue
-            if ex is not None:  # an exit of an older assignment: stale, drop it
+            if ex is not None:  # an exit of an older assignment, or from another host: stale, drop it
                 self._guarded([Cmp(key("exit", vid), "MOD", snap.kv("exit", vid).mod_revision)],  # type: ignore[union-attr]
                               [Op(key("exit", vid))])
             if vm.get("desired") != "running":
@@ -270,7 +284,9 @@ class Controller:
                 self.emit("vm", "fleet.vm.assign", detail)
 
     def _exited(self, vid: str, vm: dict[str, Any], akv: Kv | None, ex: dict[str, Any]) -> None:
-        vm = {**vm, "desired": "exited", "exit_status": ex.get("status"), "error": ex.get("error"),
+        status = ex.get("status")
+        vm = {**vm, "desired": "exited", "exit_status": status if isinstance(status, int) and -1 < status < 1 << 16
+              and not isinstance(status, bool) else None, "error": str(ex.get("error") or "")[:300] or None,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         cmp = [Cmp(key("assign", vid), "MOD", akv.mod_revision)] if akv else []
         ops = [Op(key("vms", vid), encode(vm)), Op(key("exit", vid))] + ([Op(key("assign", vid))] if akv else [])
