@@ -140,7 +140,8 @@ class Controller:
             reg = snap.rec("hosts", name)
             att = snap.rec("attest", name) or {}
             at = att.get("at")
-            rs = att.get("reasons") if isinstance(att.get("reasons"), list) else []
+            raw = att.get("reasons")
+            rs: list[Any] = raw if isinstance(raw, list) else []
             out.append(HostView(
                 name=name, alive=reg is not None, mem_mib=_count((reg or {}).get("mem_mib")),
                 vcpus=_count((reg or {}).get("vcpus")), slots=_count((reg or {}).get("slots")),
