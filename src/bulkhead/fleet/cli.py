@@ -211,25 +211,71 @@ def _enroll(argv: list[str]) -> int:
     p = _Parser(prog="bulkhead fleet enroll", description="provision a host's AK enrollment and policy to the controller")
     p.add_argument("hostname")
     p.add_argument("--enrollment", type=Path, required=True, help="from `bulkhead attest enroll` on that host")
-    p.add_argument("--policy", type=Path, required=True, help="that host's attestation policy")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--policy", type=Path, help="that host's attestation policy")
+    g.add_argument("--dev-policy-from", type=Path, metavar="EVENTS.jsonl",
+                   help="development: a policy allowing exactly the manifest and configuration digests this "
+                   "event log of the host shows now (trust on first use; production writes --policy)")
     _common(p, client=False)
 
     def go() -> int:
         args = p.parse_args(argv)
         from bulkhead.fleet.model import valid_host_id
-        from bulkhead.integrity.policy import parse_enrollment, parse_policy
+        from bulkhead.integrity.policy import POLICY_FORMAT, parse_enrollment, parse_policy
 
         host = valid_host_id(args.hostname)
         try:
-            parse_enrollment(args.enrollment.read_text())
-            parse_policy(args.policy.read_text())
+            enr = parse_enrollment(args.enrollment.read_text())
+            if args.policy:
+                policy_text = args.policy.read_text()
+            else:
+                from bulkhead.integrity.host import read_event_log
+
+                events = read_event_log(str(args.dev_policy_from))
+                allowed = {k: sorted({e.digest for e in events if e.kind == k}) for k in ("manifest", "config")}
+                policy_text = json.dumps({"format": POLICY_FORMAT, "ek_sha256": enr.ek_sha256,
+                                          "pcrs": {"host": 14, "vm": 15}, "allowed": {**allowed, "vm-launch": []},
+                                          "max_age_s": 300, "interval_s": 30, "running_vms_when_untrusted": "keep"})
+            parse_policy(policy_text)
         except OSError as exc:
             raise ConfigError(str(exc)) from None
         d = _state_dir(args) / "hosts" / host
         d.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.enrollment, d / "enrollment.json")
-        shutil.copyfile(args.policy, d / "policy.json")
+        (d / "policy.json").write_text(policy_text)
         print(f"enrolled {host} -> {d}")
+        return 0
+
+    return _run(go)
+
+
+def _dev_etcd(argv: list[str]) -> int:
+    p = _Parser(prog="bulkhead fleet dev-etcd", description="development: run a local etcd cluster with client TLS "
+                "(DIR/endpoints, client certificate DIR/pki/client.pem) until interrupted")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--members", type=int, default=3)
+
+    def go() -> int:
+        args = p.parse_args(argv)
+        import time
+
+        from bulkhead.fleet.etcdrun import EtcdCluster
+
+        if not 1 <= args.members <= 7:
+            raise ConfigError("--members: 1..7")
+        cluster = EtcdCluster(args.dir.resolve(), args.members)
+        stop: list[bool] = []
+        _stop_on_signals(lambda: stop.append(True))
+        cluster.start()
+        try:
+            tls = cluster.client_tls("client")
+            (args.dir / "endpoints").write_text(",".join(cluster.endpoints) + "\n")
+            print(f"etcd: {','.join(cluster.endpoints)}\n  --etcd-ca {tls.ca} --etcd-cert {tls.cert} --etcd-key {tls.key}",
+                  flush=True)
+            while not stop:
+                time.sleep(0.5)
+        finally:
+            cluster.stop()
         return 0
 
     return _run(go)
@@ -237,14 +283,16 @@ def _enroll(argv: list[str]) -> int:
 
 def fleet_main(argv: list[str]) -> int:
     cmds: dict[str, Callable[[list[str]], int]] = {"serve": _serve, "hosts": _hosts, "vm": vm_main, "enroll": _enroll,
+                                                   "dev-etcd": _dev_etcd,
             "drain": lambda a: _drain(a, False), "undrain": lambda a: _drain(a, True)}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds:
-        print("usage: bulkhead fleet {serve|hosts|vm|drain|undrain|enroll} [options]\n\n"
+        print("usage: bulkhead fleet {serve|hosts|vm|drain|undrain|enroll|dev-etcd} [options]\n\n"
               "  serve    run a controller: --etcd URL[,..] --state-dir DIR --shared-dir DIR\n"
               "  hosts    the fleet's hosts (--json)\n"
               "  vm       create|list|get|start|stop|delete, the options of `bulkhead vm`\n"
               "  drain    HOST: move its VMs away and place nothing on it (undrain: undo)\n"
-              "  enroll   HOST --enrollment F --policy P: trust a host's TPM for attestation",
+              "  enroll   HOST --enrollment F --policy P: trust a host's TPM for attestation\n"
+              "  dev-etcd --dir D: development, a local 3-member etcd with client TLS",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return int(cmds[argv[0]](argv[1:]))
