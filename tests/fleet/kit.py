@@ -42,6 +42,7 @@ class Fleet:
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.controllers: list[subprocess.Popen[bytes]] = []
         self.netns: dict[str, str] = {}
+        self.backends: dict[str, str] = {}
 
     def _etcd_flags(self, endpoints: list[str] | None = None) -> list[str]:
         return ["--etcd-ca", self.tls.ca, "--etcd-cert", self.tls.cert, "--etcd-key", self.tls.key,
@@ -87,30 +88,34 @@ class Fleet:
         return self.root / "hosts" / host
 
     def start_agent(self, host: str, *, mem: int = 1024, slots: int = 8, enroll: bool = True,
-                    netns: str | None = None, endpoints: list[str] | None = None) -> subprocess.Popen[bytes]:
+                    netns: str | None = None, endpoints: list[str] | None = None,
+                    backend: str = "fake", extra: list[str] | None = None) -> subprocess.Popen[bytes]:
         sd = self.agent_dir(host)
         sd.mkdir(parents=True, exist_ok=True)
         argv = [PY, "-m", "bulkhead", "serve", "--fleet", ",".join(endpoints or self.etcd.endpoints),
-                "--host-id", host, "--state-dir", str(sd), "--shared-dir", str(self.shared), "--backend", "fake",
-                "--mem", str(mem), "--vcpus", "8", "--slots", str(slots), "--dev-tpm", *self._etcd_flags()]
+                "--host-id", host, "--state-dir", str(sd), "--shared-dir", str(self.shared), "--backend", backend,
+                "--mem", str(mem), "--vcpus", "8", "--slots", str(slots), "--dev-tpm", *self._etcd_flags(), *(extra or [])]
         if netns:
-            argv = ["ip", "netns", "exec", netns, *argv]
+            # nsenter enters only the network namespace: `ip netns exec` would also remount /sys, hiding the
+            # cgroup hierarchies the jail needs
+            argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
             self.netns[host] = netns
         with self._log(host) as log:
             p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.agents[host] = p
+        self.backends[host] = backend
         if enroll:
             self.enroll(host)
         return p
 
-    def enroll(self, host: str, allowed_config: str | None = None) -> None:
+    def enroll(self, host: str, allowed_config: str | None = None, backend: str | None = None) -> None:
         """The operator's provisioning: this host's AK enrollment and a policy naming what it may run."""
         sd = self.agent_dir(host)
         wait((sd / "integrity" / "enrollment.json").exists, 30, f"{host}'s TPM enrollment")
         enr_text = (sd / "integrity" / "enrollment.json").read_text()
         enr = parse_enrollment(enr_text)
         digest = allowed_config or agent_config_digest(
-            {"host": host, "backend": "fake", "shared_dir": str(self.shared.resolve()), "ttl": str(float(self.ttl))})
+            {"host": host, "backend": backend or self.backends.get(host, "fake"), "shared_dir": str(self.shared.resolve()), "ttl": str(float(self.ttl))})
         policy = {"format": POLICY_FORMAT, "ek_sha256": enr.ek_sha256, "pcrs": {"host": 14, "vm": 15},
                   "allowed": {"manifest": [UNVERIFIED_MANIFEST_DIGEST], "config": [digest], "vm-launch": []},
                   "max_age_s": 300, "interval_s": 30, "running_vms_when_untrusted": "keep"}
@@ -123,8 +128,6 @@ class Fleet:
         p = self.agents[host]
         p.send_signal(signal.SIGKILL)
         p.wait(10)
-        if host in self.netns:  # `ip netns exec` execs, so the pid is the agent itself
-            pass
 
     def running_on(self, host: str) -> dict[str, int]:
         """The VMs an agent reports running (its agent.json), {} when it is dead."""
@@ -220,3 +223,55 @@ class NoDoubleRun:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._th.join(5)
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+class Underlay:
+    """A bridge in the root namespace (10.77.N.1/24, where etcd listens) and one namespace per host."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:5]
+        self.tag = tag
+        self.net = f"10.77.{int(tag[:2], 16) % 200 + 20}"
+        self.bridge = f"bhfb{tag}"
+        self.hosts: dict[str, str] = {}
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{self.net}.1/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+
+    @property
+    def address(self) -> str:
+        return f"{self.net}.1"
+
+    def add_host(self, host: str) -> str:
+        i = len(self.hosts) + 10
+        ns, a, b = f"bhf{self.tag}{host}", f"bhfa{self.tag}{i}", f"bhfz{self.tag}{i}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+        sh("ip", "link", "set", a, "master", self.bridge, "up")
+        sh("ip", "link", "set", b, "netns", ns)
+        sh("ip", "-n", ns, "addr", "add", f"{self.net}.{i}/24", "dev", b)
+        sh("ip", "-n", ns, "link", "set", b, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")  # the dev TPM listens on loopback
+        self.hosts[host] = ns
+        return ns
+
+    def cut(self, host: str) -> None:
+        """Drop every underlay packet of `host` (both ways), loopback excepted."""
+        ns = self.hosts[host]
+        rules = ("table inet bhfpart {\n"
+                 " chain i { type filter hook input priority -10; policy accept; iifname != \"lo\" drop; }\n"
+                 " chain o { type filter hook output priority -10; policy accept; oifname != \"lo\" drop; }\n}\n")
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules.encode(), check=True,
+                       capture_output=True, timeout=30)
+
+    def heal(self, host: str) -> None:
+        sh("ip", "netns", "exec", self.hosts[host], "nft", "delete", "table", "inet", "bhfpart")
+
+    def close(self) -> None:
+        for ns in self.hosts.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)

@@ -9,70 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.fleet.kit import Fleet, NoDoubleRun, make_vm, wait
+from tests.fleet.kit import Fleet, NoDoubleRun, Underlay, make_vm, wait
 
 from bulkhead.fleet.etcdrun import EtcdCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
-
-class Underlay:
-    """A bridge in the root namespace (10.77.N.1/24, where etcd listens) and one namespace per host."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:5]
-        self.tag = tag
-        self.net = f"10.77.{int(tag[:2], 16) % 200 + 20}"
-        self.bridge = f"bhfb{tag}"
-        self.hosts: dict[str, str] = {}
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{self.net}.1/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
-
-    @property
-    def address(self) -> str:
-        return f"{self.net}.1"
-
-    def add_host(self, host: str) -> str:
-        i = len(self.hosts) + 10
-        ns, a, b = f"bhf{self.tag}{host}", f"bhfa{self.tag}{i}", f"bhfz{self.tag}{i}"
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
-        sh("ip", "link", "set", a, "master", self.bridge, "up")
-        sh("ip", "link", "set", b, "netns", ns)
-        sh("ip", "-n", ns, "addr", "add", f"{self.net}.{i}/24", "dev", b)
-        sh("ip", "-n", ns, "link", "set", b, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")  # the dev TPM listens on loopback
-        self.hosts[host] = ns
-        return ns
-
-    def cut(self, host: str) -> None:
-        """Drop every underlay packet of `host` (both ways), loopback excepted."""
-        ns = self.hosts[host]
-        rules = ("table inet bhfpart {\n"
-                 " chain i { type filter hook input priority -10; policy accept; iifname != \"lo\" drop; }\n"
-                 " chain o { type filter hook output priority -10; policy accept; oifname != \"lo\" drop; }\n}\n")
-        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules.encode(), check=True,
-                       capture_output=True, timeout=30)
-
-    def heal(self, host: str) -> None:
-        sh("ip", "netns", "exec", self.hosts[host], "nft", "delete", "table", "inet", "bhfpart")
-
-    def close(self) -> None:
-        for ns in self.hosts.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
 
 
 @pytest.fixture

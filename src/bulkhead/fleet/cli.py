@@ -78,6 +78,10 @@ def agent_main(argv: list[str]) -> int:
     p.add_argument("--mem", type=int, default=0, help="MiB offered to VMs (default: 3/4 of this host's memory)")
     p.add_argument("--vcpus", type=int, default=0, help="vCPUs offered (default: 2 per CPU)")
     p.add_argument("--slots", type=int, default=16, help="at most this many VMs (default 16)")
+    p.add_argument("--jail-dir", type=Path, help="jail base directory (default /run/bulkhead/fleet-HOST: several "
+                   "agents on one machine never share one)")
+    p.add_argument("--uid-base", type=int, default=100_000, help="first uid of this host's jailed workers "
+                   "(give each agent on one machine its own range)")
     g = p.add_argument_group("attestation")
     g.add_argument("--tpm", metavar="TCTI", help="the TPM (device:/dev/tpmrm0, swtpm:host=H,port=P)")
     g.add_argument("--dev-tpm", action="store_true", help="development: a software TPM under <state-dir>/integrity/devtpm; "
@@ -99,7 +103,20 @@ def agent_main(argv: list[str]) -> int:
             (args.shared_dir / sub).mkdir(exist_ok=True)
         timing = _timing(args)
         store = _store(args.fleet, args)
-        backend = make_backend(args.backend, console_root=sd / "vms")
+        kind = ("jail" if os.geteuid() == 0 else "process") if args.backend == "auto" else args.backend
+        options = None
+        if kind == "jail":  # per-host jail directory, cgroup parent and uid range; what a killed agent left is cleaned
+            from bulkhead.sandbox.supervisor import JailOptions, cleanup_stale
+
+            if not 1000 <= args.uid_base <= (1 << 31) - 100_000:
+                raise ConfigError("--uid-base: 1000..2^31-100000")
+            options = JailOptions(base_dir=str(args.jail_dir or f"/run/bulkhead/fleet-{host}"),
+                                  cgroup_parent=f"/bulkhead-fleet/{host}", uid_base=args.uid_base)
+            Path(options.base_dir).mkdir(parents=True, exist_ok=True)
+            cleaned = cleanup_stale(options.base_dir, options.cgroup_parent)
+            if cleaned:
+                print(f"bulkhead agent {host}: cleaned {len(cleaned)} stale jail(s)", file=sys.stderr)
+        backend = make_backend(kind, console_root=sd / "vms", options=options)
         mem = args.mem or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 / 4 / (1 << 20))
         vcpus = args.vcpus or 2 * (os.cpu_count() or 1)
         config = {"host": host, "backend": args.backend, "shared_dir": str(args.shared_dir.resolve()),
