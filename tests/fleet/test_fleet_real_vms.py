@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.fleet.kit import Fleet, Underlay, make_vm, wait
 
 from bulkhead.boot.craft import make_elf
 from bulkhead.fleet.etcdrun import EtcdCluster
-from tests.fleet.kit import Fleet, Underlay, make_vm, wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.kvm]
 IDLE_GUEST = make_elf([(0x100000, b"\xfb\xf4\xeb\xfd", 0x1000)], 0x100000)  # sti; hlt; jmp back to hlt
