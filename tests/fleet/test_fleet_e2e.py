@@ -193,3 +193,33 @@ def test_drain_moves_vms_and_writable_disk_follows_with_a_higher_token(fleet: Fl
     listing = subprocess.run([*cli[:4], "hosts", *cli[6:], "--json"], capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
     assert {h["host"]: h["state"] for h in json.loads(listing.stdout)}[first] == "draining"
+
+
+def test_controller_killed_mid_reschedule(fleet: Fleet) -> None:
+    """An agent dies, then the leading controller is SIGKILLed while the lost host's VMs wait out the
+    grace: the standby (its observations of the lost host start afresh, rule F3) finishes the job, each
+    VM once, never on two hosts."""
+    t = _ready_fleet(fleet, hosts=("h1", "h2", "h3"), controllers=("c1", "c2"))
+    with fleet.client() as c:
+        vms = [make_vm(c, t, f"v{i}")["id"] for i in range(4)]
+        for v in vms:
+            c.post(f"/vms/{v}/start", {})
+    hosts = {v: _running(fleet, v)["host"] for v in vms}
+    victim = hosts[vms[0]]
+    leader = fleet.leader()
+    with NoDoubleRun(fleet) as check:
+        fleet.kill_agent(victim)
+        time.sleep(fleet.ttl * 0.8)  # the lease is about to expire: the leader is about to reschedule
+        proc = fleet.controllers[0 if leader == "c1" else 1]
+        proc.kill()
+        proc.wait(10)
+        fleet.wait_api(leader="c2" if leader == "c1" else "c1")
+        for v in vms:
+            s = _running(fleet, v, timeout=40)
+            assert s["host"] != victim
+    assert not check.violations, check.violations
+    assert fleet.leader() not in (None, leader)
+    moved = [v for v in vms if hosts[v] == victim]
+    for v in vms:
+        if v not in moved:
+            assert _state(fleet, v)["host"] == hosts[v]  # the others were left alone
