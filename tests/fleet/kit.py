@@ -135,9 +135,10 @@ class Fleet:
         if p is None or p.poll() is not None:
             return {}
         try:
-            return dict(json.loads((self.agent_dir(host) / "agent.json").read_text())["vms"])
-        except (OSError, ValueError, KeyError):
+            info = json.loads((self.agent_dir(host) / "agent.json").read_text())
+        except (OSError, ValueError):
             return {}
+        return dict(info.get("vms", {})) if info.get("pid") == p.pid else {}  # not a dead predecessor's file
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         with self.client() as c:
@@ -153,9 +154,10 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        for sd in (self.root / "hosts").glob("*") if (self.root / "hosts").exists() else []:
-            pidfile = sd / "integrity" / "devtpm"
-            _ = pidfile
+        from bulkhead.fleet.cli import stop_stale_dev_tpm
+
+        for host in self.agents:  # the dev TPMs of SIGKILLed agents
+            stop_stale_dev_tpm(self.agent_dir(host))
         self.store.get_prefix("/")  # still reachable: nothing else to clean (keys live in our namespace)
 
 
@@ -203,6 +205,8 @@ class NoDoubleRun:
                 try:
                     info = json.loads((self.fleet.agent_dir(host) / "agent.json").read_text())
                 except (OSError, ValueError):
+                    continue
+                if info.get("pid") != p.pid:  # written by a killed predecessor: that process runs nothing
                     continue
                 for vm in info.get("vms", {}):
                     if vm in seen:

@@ -79,3 +79,42 @@ def test_partition_self_fences_reschedules_and_heals(underlay_fleet: tuple[Fleet
     assert moved >= fenced
     assert not check.violations, check.violations
     assert check.samples > 50
+
+
+def test_rounds_of_kill_partition_heal_never_double_run(underlay_fleet: tuple[Fleet, Underlay]) -> None:
+    """Rounds (BULKHEAD_FLEET_ROUNDS, default 4; the issue's soak is 20) alternating SIGKILL + restart of
+    the agent running the VMs and a partition + heal of it, checked continuously: no VM on two hosts,
+    no disk attached by two, and after each round every VM runs exactly once."""
+    rounds = int(os.environ.get("BULKHEAD_FLEET_ROUNDS", "4"))
+    fleet, u = underlay_fleet
+    fleet.start_controller()
+    fleet.wait_api()
+    for h in ("h1", "h2", "h3"):
+        fleet.start_agent(h, netns=u.add_host(h))
+    wait(lambda: len(hs := fleet.hosts()) == 3 and all(x["state"] == "ready" for x in hs.values()), 40, "hosts ready")
+    with fleet.client() as c:
+        t = c.post("/tenants", {"name": "acme"})["id"]
+        disks = [c.post(f"/tenants/{t}/disks", {"name": f"d{i}", "size_mib": 1})["id"] for i in range(3)]
+        vms = [make_vm(c, t, f"v{i}", drives=[{"disk": disks[i], "read_only": False}])["id"] for i in range(3)]
+        for v in vms:
+            c.post(f"/vms/{v}/start", {})
+
+    def settled() -> bool:
+        where = [h for h in fleet.agents for v in vms if v in fleet.running_on(h)]
+        return len(where) == len(vms) and all(_state(fleet, v)["state"] == "running" for v in vms)
+
+    with NoDoubleRun(fleet, interval=0.02) as check:
+        for r in range(rounds):
+            wait(settled, 60, f"round {r}: every VM running once")
+            victim = _state(fleet, vms[r % len(vms)])["host"]
+            if r % 2 == 0:
+                fleet.kill_agent(victim)
+                wait(lambda victim=victim: all(_state(fleet, v)["host"] != victim for v in vms), 40, "moved off")
+                fleet.start_agent(victim, netns=u.hosts[victim], enroll=False)
+            else:
+                u.cut(victim)
+                wait(lambda victim=victim: all(_state(fleet, v)["host"] != victim for v in vms), 40, "moved off")
+                u.heal(victim)
+            wait(lambda victim=victim: fleet.hosts()[victim]["state"] == "ready", 60, "the host back")
+        wait(settled, 60, "settled at the end")
+    assert not check.violations, check.violations

@@ -7,12 +7,14 @@ Exit status as every bulkhead CLI (bulkhead.exitstatus): 0 ok, 1 refused, 2 bad 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -151,10 +153,31 @@ def agent_main(argv: list[str]) -> int:
     return _run(go)
 
 
+def stop_stale_dev_tpm(sd: Path) -> None:
+    """A SIGKILLed agent leaves its dev swtpm running on the TPM state (swtpm is not tied to its parent):
+    stop that one process, named by <state-dir>/integrity/devtpm.pid and checked by its command line."""
+    pidfile = sd / "integrity" / "devtpm.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if cmdline and cmdline[0].endswith(b"swtpm") and f"dir={sd / 'integrity' / 'devtpm'}".encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+
+
 def _dev_tpm(sd: Path) -> tuple[Any, str]:
     from bulkhead.integrity.tpm import SwTpm, Tpm, enroll
 
+    stop_stale_dev_tpm(sd)
     sw = SwTpm(str(sd / "integrity" / "devtpm")).start()
+    if sw.proc is not None:
+        (sd / "integrity" / "devtpm.pid").write_text(str(sw.proc.pid))
     enr = sd / "integrity" / "enrollment.json"
     if not enr.exists():
         with Tpm(sw.tcti) as tpm:
