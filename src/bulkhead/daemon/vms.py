@@ -89,7 +89,11 @@ class VmOps(NetworkOps):
         return self.store.q1("SELECT * FROM vms WHERE id = ?", (row["id"],))
 
     # ------------------------------------------------------------------ create / read / delete
-    def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
+    def create_checks(self, ctx: ReqCtx, body: Any) -> tuple[str, Any]:
+        """`vm create`'s checks before any state changes (the fleet API makes the same ones): the tenant
+        exists and the caller may vm/write in it, the images are names in the image directory, the
+        configuration is one `bulkhead run` accepts and the images load. Returns (tenant id, VmConfig);
+        raises ApiError."""
         tenant = str(body.tenant)
         ts = rbac.tenant_scope(tenant)
         if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
@@ -106,6 +110,10 @@ class VmOps(NetworkOps):
         except ConfigError as exc:
             raise config_error(exc) from None
         self._check_images(ctx, config, len(body.drives), len(body.nics))
+        return tenant, config
+
+    def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
+        tenant, _ = self.create_checks(ctx, body)
         vm_id = new_id()
         ctx.vm = vm_id
         ctx.detail["vm_name"] = body.name

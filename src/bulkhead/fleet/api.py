@@ -19,7 +19,7 @@ from bulkhead.control import rbac
 from bulkhead.control.models import VmOut
 from bulkhead.daemon.auditlog import now_iso
 from bulkhead.daemon.daemon import Daemon
-from bulkhead.daemon.service import NOT_FOUND, ApiError, Paths, ReqCtx, config_error
+from bulkhead.daemon.service import NOT_FOUND, ApiError, Paths, ReqCtx
 from bulkhead.daemon.store import new_id
 from bulkhead.errors import ConfigError, HostError
 from bulkhead.fleet.controller import Controller, Snapshot, host_table
@@ -121,25 +121,11 @@ class FleetDaemon(Daemon):
 
     # ---- VMs ----------------------------------------------------------------------------------------
     def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
-        tenant = str(body.tenant)
+        tenant, _ = self.create_checks(ctx, body)  # the host API's checks: tenant, RBAC, images, config
         ts = rbac.tenant_scope(tenant)
-        if self.store.q1("SELECT 1 FROM tenants WHERE id = ?", (tenant,)) is None:
-            ctx.scope = ts
-            raise self.deny_unknown(ctx, "vm/write")
-        self.authorize(ctx, "vm/write", ts, visible=lambda: self.can_see_tenant(ctx.caller, tenant))
         if body.nics:
             raise ApiError(422, "fleet VMs have no NICs yet: cross-host tenant networks come with the overlay "
                                 "(docs/FLEET.md)")
-        kernel = self._image(body.kernel, "kernel")
-        initrd = self._image(body.initrd, "initrd") if body.initrd else None
-        try:
-            from bulkhead.runtime.config import VmConfig
-
-            config = VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
-                              mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log", rng=bool(body.rng))
-        except ConfigError as exc:
-            raise config_error(exc) from None
-        self._check_images(ctx, config, len(body.drives), 0)
         snap = self._snap()
         drives = []
         for d in body.drives:

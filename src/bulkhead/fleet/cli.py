@@ -178,6 +178,14 @@ def _dev_tpm(sd: Path) -> tuple[Any, str]:
     sw = SwTpm(str(sd / "integrity" / "devtpm")).start()
     if sw.proc is not None:
         (sd / "integrity" / "devtpm.pid").write_text(str(sw.proc.pid))
+    # Each SIGKILLed agent leaves a TPM that was not shut down in order, which counts as a dictionary-attack
+    # failure against the (DA-protected) AK; a few kill rounds put a TPM in lockout and quotes fail (seen in
+    # tests/fleet). A development TPM's lockout is cleared here (empty lockout auth); a real TPM's is not.
+    import subprocess
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["tpm2_dictionarylockout", "--clear-lockout", "-T", sw.tcti],
+                       capture_output=True, timeout=10, check=False)
     enr = sd / "integrity" / "enrollment.json"
     if not enr.exists():
         with Tpm(sw.tcti) as tpm:
