@@ -1,10 +1,11 @@
 """The host agent: `bulkhead serve --fleet URL[,URL...] --host-id NAME` (docs/FLEET.md "Host agent").
 
-Two threads:
-- the lease thread registers the host under an etcd lease (TTL a few seconds), renews it every
-  `keepalive` seconds and enforces rule F2: when no renewal sent after time t has succeeded by
-  t + TTL - margin, every VM of this host is stopped (SIGKILL, no grace) before the lease can expire;
-  a renewal that etcd answers with "lease not found" fences at once and registers anew;
+Three threads:
+- the lease thread registers the host under an etcd lease (TTL a few seconds) and renews it every
+  `keepalive` seconds; a renewal that etcd answers with "lease not found" fences at once and registers anew;
+- the fence thread enforces rule F2: when no renewal sent after time t has succeeded by t + TTL - margin,
+  every VM of this host is stopped (SIGKILL, no grace) before the lease can expire, whatever the lease
+  thread is blocked on;
 - the work thread reconciles: it starts what etcd assigns to this host and stops what it does not,
   answers the controller's attestation nonces with TPM quotes, and reports VMs that exited.
 Every start is guarded (rule F1): one transaction compares the assignment's revision (the fencing
@@ -140,11 +141,17 @@ class Agent:
                         self.deadline = fence_deadline(sent, min(float(ttl), self.t.ttl), self.t.fence_margin)
             except HostError as exc:
                 self._log(f"etcd: {exc}")
+            self._stop.wait(self.t.keepalive)
+
+    def _fence_loop(self) -> None:
+        """Rule F2's watchdog, on its own thread: a keepalive that hangs (a partition makes each endpoint
+        time out in turn) must not delay the fence past the deadline."""
+        while not self._stop.is_set():
             with self._lock:
-                if self.local and self.clock() >= self.deadline:
-                    self.fence("lease could not be renewed in time")
-            self._stop.wait(min(self.t.keepalive, max(0.05, self.deadline - self.clock())) if self.local
-                            else self.t.keepalive)
+                late = bool(self.local) and self.clock() >= self.deadline
+            if late:
+                self.fence("lease could not be renewed in time")
+            self._stop.wait(0.05)
 
     # ---- reconciliation ------------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -283,6 +290,7 @@ class Agent:
     def run(self) -> None:
         """Block until stop(); on the way out every VM is stopped and the lease revoked."""
         threads = [threading.Thread(target=self._lease_loop, name="fleet-lease", daemon=True),
+                   threading.Thread(target=self._fence_loop, name="fleet-fence", daemon=True),
                    threading.Thread(target=self._work_loop, name="fleet-work", daemon=True)]
         for th in threads:
             th.start()
