@@ -7,12 +7,14 @@ own network namespaces (netns=...), reaching etcd over a veth on a test bridge.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +281,23 @@ class Underlay:
         for ns in self.hosts.values():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def underlay_fleet_of(root: Path, after: Any = None) -> Iterator[tuple[Fleet, Underlay]]:
+    """A fleet whose etcd listens on a test bridge, agents to be placed in namespaces on it. `after(fleet)`
+    runs once the agents are stopped (e.g. to clean their jails)."""
+    u = Underlay()
+    cluster = fleet = None
+    try:
+        cluster = EtcdCluster(root / "etcd", 3, host=u.address).start()
+        fleet = Fleet(cluster, root / "fleet")
+        yield fleet, u
+    finally:
+        if fleet is not None:
+            fleet.close()
+            if after is not None:
+                after(fleet)
+        if cluster is not None:
+            cluster.stop()
+        u.close()

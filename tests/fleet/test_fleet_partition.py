@@ -14,9 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.fleet.kit import Fleet, NoDoubleRun, Underlay, make_vm, wait
-
-from bulkhead.fleet.etcdrun import EtcdCluster
+from tests.fleet.kit import Fleet, NoDoubleRun, Underlay, make_vm, underlay_fleet_of, wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -25,19 +23,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.root]
 def underlay_fleet(tmp_path: Path) -> Iterator[tuple[Fleet, Underlay]]:
     if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("etcd") is None:
         pytest.skip("needs root, nftables and etcd (namespaces, veths, a partition)")
-    u = Underlay()
-    cluster = None
-    fleet = None
-    try:
-        cluster = EtcdCluster(tmp_path / "etcd", 3, host=u.address).start()
-        fleet = Fleet(cluster, tmp_path / "fleet")
-        yield fleet, u
-    finally:
-        if fleet is not None:
-            fleet.close()
-        if cluster is not None:
-            cluster.stop()
-        u.close()
+    with underlay_fleet_of(tmp_path) as pair:
+        yield pair
 
 
 def _state(fleet: Fleet, vm: str) -> dict:

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.fleet.kit import Fleet, Underlay, make_vm, wait
+from tests.fleet.kit import Fleet, Underlay, make_vm, underlay_fleet_of, wait
 
 from bulkhead.boot.craft import make_elf
-from bulkhead.fleet.etcdrun import EtcdCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.kvm]
 IDLE_GUEST = make_elf([(0x100000, b"\xfb\xf4\xeb\xfd", 0x1000)], 0x100000)  # sti; hlt; jmp back to hlt
@@ -47,20 +46,12 @@ def holders(disk: Path) -> set[int]:
 def jailed_fleet(tmp_path: Path) -> Iterator[tuple[Fleet, Underlay]]:
     if os.geteuid() != 0 or not os.path.exists("/dev/kvm") or shutil.which("etcd") is None:
         pytest.skip("needs root, /dev/kvm and etcd (jailed VMs on namespace hosts)")
-    u = Underlay()
-    cluster = fleet = None
-    try:
-        cluster = EtcdCluster(tmp_path / "etcd", 3, host=u.address).start()
-        fleet = Fleet(cluster, tmp_path / "fleet")
-        yield fleet, u
-    finally:
-        if fleet is not None:
-            fleet.close()
-            for h in fleet.agents:  # what the killed agent left: its VM's cgroup and jail
-                clean_host(fleet.root / f"jail-{h}", h)
-        if cluster is not None:
-            cluster.stop()
-        u.close()
+    def clean(fleet: Fleet) -> None:
+        for h in fleet.agents:  # what the killed agent left: its VM's cgroup and jail
+            clean_host(fleet.root / f"jail-{h}", h)
+
+    with underlay_fleet_of(tmp_path, clean) as pair:
+        yield pair
 
 
 def clean_host(jail_dir: Path, host: str) -> None:

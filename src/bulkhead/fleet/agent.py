@@ -105,9 +105,10 @@ class Agent:
         sent = self.clock()
         lease = self.store.grant(int(self.t.ttl))
         self.store.put(key("hosts", self.host), self._record(), lease)
-        with self._lock:
-            self.lease = lease
-            self.deadline = fence_deadline(sent, self.t.ttl, self.t.fence_margin)
+        # deadline and lease are plain assignments, never behind self._lock: a start holding that lock
+        # (a jailed start takes seconds) must not hold back a renewal and so cause a false fence
+        self.deadline = fence_deadline(sent, self.t.ttl, self.t.fence_margin)
+        self.lease = lease
         self._log(f"registered with lease {lease:x}")
 
     def fence(self, why: str) -> None:
@@ -134,11 +135,10 @@ class Agent:
                     ttl = self.store.keepalive(self.lease)
                     if ttl <= 0:
                         self.fence("lease expired")
-                        with self._lock:
-                            self.lease = 0
+                        self.lease = 0
                         continue
-                    with self._lock:
-                        self.deadline = fence_deadline(sent, min(float(ttl), self.t.ttl), self.t.fence_margin)
+                    self.deadline = max(self.deadline, fence_deadline(sent, min(float(ttl), self.t.ttl),
+                                                                      self.t.fence_margin))
             except HostError as exc:
                 self._log(f"etcd: {exc}")
             self._stop.wait(self.t.keepalive)
@@ -147,10 +147,10 @@ class Agent:
         """Rule F2's watchdog, on its own thread: a keepalive that hangs (a partition makes each endpoint
         time out in turn) must not delay the fence past the deadline."""
         while not self._stop.is_set():
-            with self._lock:
-                late = bool(self.local) and self.clock() >= self.deadline
-            if late:
-                self.fence("lease could not be renewed in time")
+            if self.local and self.clock() >= self.deadline:
+                with self._lock:
+                    if self.local and self.clock() >= self.deadline:  # not renewed meanwhile
+                        self.fence("lease could not be renewed in time")
             self._stop.wait(0.05)
 
     # ---- reconciliation ------------------------------------------------------------------------------
