@@ -21,7 +21,7 @@ EXPECTED_GRANTS: dict[str, set[str]] = {
     "Owner": ALL,
     "Contributor": ALL - {"role/write", "role/delete", "role/assign", "principal/write", "audit/read"},
     "Reader": {"tenant/read", "vm/read", "vm/events/read", "disk/read", "network/read", "principal/read",
-               "role/read"},
+               "role/read", "host/read"},
     "VM Operator": {"vm/read", "vm/start", "vm/stop", "vm/shutdown", "vm/reboot", "vm/console/read",
                     "vm/console/write"},
     "Auditor": {"audit/read"},
