@@ -241,7 +241,7 @@ class FleetVmService:
         try:
             valid_host_id(host)
         except ConfigError as exc:
-            raise ApiError(422, str(exc)) from None
+            raise ApiError.of(exc) from None
         snap = self.snap()
         if host not in set(snap.names("known")) | set(snap.names("hosts")):
             raise ApiError(404, NOT_FOUND)

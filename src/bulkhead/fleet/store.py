@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from bulkhead.errors import ConfigError, HostError
 
-__all__ = ["Cmp", "EtcdStore", "Kv", "Op", "parse_endpoints"]
+__all__ = ["Cmp", "EtcdRefused", "EtcdStore", "Kv", "Op", "parse_endpoints"]
 
 
 def _b64(s: str | bytes) -> str:
@@ -51,6 +51,14 @@ def parse_endpoints(text: str) -> list[tuple[str, str, int]]:
     if not out:
         raise ConfigError("no etcd endpoint given")
     return out
+
+
+class EtcdRefused(HostError):
+    """etcd answered and refused the request; `reason` is its own message."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"etcd refused {path}: {reason}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ class EtcdStore:
                 errors.append(f"{c.host}:{c.port}: {type(exc).__name__} {str(exc)[:160]}")
                 continue
             except ex.Etcd3Exception as exc:
-                raise HostError(f"etcd refused {path}: {str(exc)[:300]}") from None
+                raise EtcdRefused(path, str(exc)[:300]) from None
             except OSError as exc:
                 errors.append(f"{c.host}:{c.port}: {exc}")
                 continue
@@ -196,6 +204,6 @@ class EtcdStore:
     def revoke(self, lease: int) -> None:
         try:
             self._post("/lease/revoke", {"ID": str(lease)})
-        except HostError as exc:
-            if "not found" not in str(exc):
+        except EtcdRefused as exc:
+            if "not found" not in exc.reason:  # already expired or revoked: the same outcome
                 raise
