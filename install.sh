@@ -24,6 +24,7 @@ PACKAGES=(
   busybox-static cpio xz-utils                  # initramfs for Linux boot tests
   strace                                        # tests: FLUSH must reach the image as fdatasync
   acpica-tools                                  # tests: iasl disassembles the generated ACPI tables
+  etcd-server etcd-client                       # the fleet's store (docs/FLEET.md); tests run their own cluster
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()
@@ -37,6 +38,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y --no-install-recommends "${missing[@]}"
 else
   echo "install.sh: all ${#PACKAGES[@]} system packages present"
+fi
+# Debian's etcd-server enables and starts a system etcd on 127.0.0.1:2379. bulkhead never uses it (a fleet
+# runs the etcd cluster its operator configures; tests start their own): stop and disable it, so it holds
+# no port and no data dir nobody asked for.
+if [ -e /lib/systemd/system/etcd.service ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  systemctl disable --now etcd.service >/dev/null 2>&1 || true
+elif [ -x /etc/init.d/etcd ]; then
+  /etc/init.d/etcd stop >/dev/null 2>&1 || true
+  update-rc.d etcd disable >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}

@@ -22,7 +22,7 @@ EXPECTED_GRANTS: dict[str, set[str]] = {
     "Contributor": ALL - {"role/write", "role/delete", "role/assign", "principal/write", "audit/read",
                           "integrity/policy/write"},
     "Reader": {"tenant/read", "vm/read", "vm/events/read", "disk/read", "network/read", "principal/read",
-               "role/read", "metrics/read", "image/read", "integrity/policy/read"},
+               "role/read", "metrics/read", "image/read", "integrity/policy/read", "host/read"},
     "VM Operator": {"vm/read", "vm/start", "vm/stop", "vm/shutdown", "vm/reboot", "vm/console/read",
                     "vm/console/write"},
     "Auditor": {"audit/read"},

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dev": ("bulkhead.integrity.cli", "dev_main", "development helpers (dev tpm: run a swtpm)"),
     "integrity": ("bulkhead.daemon.cli", "integrity_main", "host integrity state from the daemon (GET /integrity)"),
     "image": ("bulkhead.daemon.ops_cli", "image_main", "import, list and delete kernel/initrd images"),
+    "fleet": ("bulkhead.fleet.cli", "fleet_main", "the fleet: controller, hosts, VMs across hosts (docs/FLEET.md)"),
     "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
 }
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bulkhead {__version__}")
         return 0
     entry = COMMANDS.get(args[0])
+    if args[0] == "serve" and any(a == "--fleet" or a.startswith("--fleet=") for a in args):
+        entry = ("bulkhead.fleet.cli", "agent_main", "")  # a host agent joining a fleet (docs/FLEET.md)
     if entry is None:
         print(f"bulkhead: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2

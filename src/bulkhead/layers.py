@@ -32,9 +32,10 @@ LAYERS: tuple[Layer, ...] = (
     Layer("devices, boot", True, ("bulkhead.devices", "bulkhead.boot", "bulkhead.testing", "bulkhead.guests.report"),
           "register machines, virtio; image parsing and boot structures; test doubles"),
     Layer("control models", True, ("bulkhead.control", "bulkhead.integrity", "bulkhead.network",
-                                   "bulkhead.sandbox.policy", "bulkhead.sandbox.protocol", "bulkhead.snapshot"),
+                                   "bulkhead.sandbox.policy", "bulkhead.sandbox.protocol", "bulkhead.snapshot",
+                                   "bulkhead.fleet.model"),
           "API models, RBAC, audit records; integrity verdicts; network model/rules/plan; seccomp lists; "
-          "the worker protocol; the snapshot file format"),
+          "the worker protocol; the snapshot file format; the fleet's keys, host states, scheduler and fencing rules"),
     Layer("hypervisor", False, ("bulkhead.hypervisor",), "the only code that touches /dev/kvm"),
     Layer("host services", False, ("=bulkhead.integrity", "bulkhead.integrity.tpm", "bulkhead.integrity.host",
                                    "bulkhead.network.host", "bulkhead.network.overlay", "bulkhead.network.service",
@@ -46,9 +47,10 @@ LAYERS: tuple[Layer, ...] = (
     Layer("runtime", False, ("bulkhead.runtime",), "Machine, vCPU threads, I/O loop, virtio wiring, taps, console"),
     Layer("sandbox", False, ("bulkhead.sandbox",), "jail, cgroups, supervisor (host side), worker, jailed backend"),
     Layer("daemon", False, ("bulkhead.daemon",), "HTTPS+mTLS API, store, audit log, services, client"),
+    Layer("fleet", False, ("bulkhead.fleet",), "etcd store, host agent, controller, fleet API, local etcd clusters"),
     Layer("entry points", False, ("bulkhead.cli", "bulkhead.__main__", "bulkhead.runtime.cli",
                                   "bulkhead.daemon.cli", "bulkhead.daemon.witness_cli", "bulkhead.daemon.ops_cli", "bulkhead.clitree",
-                                  "bulkhead.integrity.cli"),
+                                  "bulkhead.integrity.cli", "bulkhead.fleet.cli"),
           "the `bulkhead` commands"),
 )
 

@@ -64,6 +64,8 @@ ACTIONS: tuple[str, ...] = (
     "vm/console/read",
     "vm/console/write",
     "vm/events/read",
+    "host/read",
+    "host/drain",
     "disk/read",
     "disk/write",
     "disk/delete",

@@ -212,12 +212,15 @@ def build_app(daemon: Daemon | None) -> Any:
     api.include_router(tenant_routes(lambda: the().tenants))
     api.include_router(disk_routes(lambda: the().disks))
     api.include_router(network_routes(lambda: the().networks))
-    api.include_router(vm_routes(lambda: the().vms))
+    # the fleet's daemon puts its own VM service behind the same routes and adds its host routes
+    api.include_router(vm_routes(lambda: the().vm_api, Daemon.vm_model if daemon is None else daemon.vm_model))
     api.include_router(power_routes(lambda: the().power))
     api.include_router(daemon_routes(the))
     api.include_router(audit_routes(lambda: the().audit_api))
     for ops in ops_routes(the):  # metrics, images, attestation policy (daemon/opsroutes.py)
         api.include_router(ops)
+    for extra in daemon.extra_routers() if daemon is not None else ():
+        api.include_router(extra)
     return Observe(Gate(api, daemon), lambda: the().metrics)  # one log line + metrics per request
 
 

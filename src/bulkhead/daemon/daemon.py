@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter
 
 from bulkhead.control.audit import Record
-from bulkhead.control.models import IntegrityOut
+from bulkhead.control.models import IntegrityOut, VmOut
 from bulkhead.daemon.access import AccessService
 from bulkhead.daemon.auditapi import AuditService
 from bulkhead.daemon.auditlog import AuditLog, AuditUnavailable, load_audit_key, now_iso
@@ -79,6 +79,8 @@ class Daemon:
     `networks`, `disks`, `vms` (with the host's integrity gate), `audit_api` and `metrics`. The daemon itself
     keeps the process's life (open, start, monitor, close) and the authentication of peers."""
 
+    vm_model: Any = VmOut  # the VM routes' answer (the fleet's names the host too, bulkhead.fleet.api)
+
     def __init__(self, store: Store, audit: AuditLog, backend: VmBackend, state_dir: Path, engine: str = "casbin",
                  *, net: NetworkService | None = None, integrity: HostIntegrity | None = None,
                  witnesses: WitnessPusher | None = None, ca: Any = None) -> None:
@@ -118,6 +120,15 @@ class Daemon:
     def integrity(self, gate: HostIntegrity) -> None:
         """The server installs the TPM-backed gate after open (bulkhead.daemon.integrity)."""
         self.vms.integrity = gate
+
+    @property
+    def vm_api(self) -> Any:
+        """The service behind the VM routes: `vms` here; the fleet's daemon keeps its VMs in etcd."""
+        return self.vms
+
+    def extra_routers(self) -> list[APIRouter]:
+        """Routers besides the host API's (the fleet adds its host routes)."""
+        return []
 
     @property
     def witnesses(self) -> WitnessPusher | None:

@@ -39,7 +39,7 @@ from bulkhead.daemon.vmstats import vm_stats
 from bulkhead.errors import ConfigError, HostError, StartRefused
 from bulkhead.integrity.errors import CodeMismatch
 
-__all__ = ["VmService", "vm_routes"]
+__all__ = ["VmService", "create_checks", "vm_routes"]
 
 CONSOLE_LIMIT = 65536
 _SECURITY_EXITS = ("reset", "triple-fault", "internal-error", "guest-fault", "worker-crash", "seccomp-kill",
@@ -135,18 +135,7 @@ class VmService:
 
     # ------------------------------------------------------------------ create / read / delete
     def vm_create(self, ctx: ReqCtx, body: Any) -> dict[str, Any]:
-        tenant = self.core.tenant_ref(str(body.tenant))  # a tenant id or name (docs/API.md)
-        self.core.authorize_in_tenant(ctx, "vm/write", tenant)
-        kernel = self._image(body.kernel, "kernel")
-        initrd = self._image(body.initrd, "initrd") if body.initrd else None
-        try:  # the runtime's own validation, so an accepted VM is one `bulkhead run` accepts
-            from bulkhead.runtime.config import VmConfig
-
-            config = VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
-                              mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log", rng=bool(body.rng))
-        except ConfigError as exc:
-            raise ApiError.of(exc) from None
-        self.launch.check_images(ctx, config, len(body.drives), len(body.nics))
+        tenant, _ = create_checks(self, ctx, body)
         vm_id = new_id()
         ctx.vm = vm_id
         ctx.detail["vm_name"] = body.name
@@ -370,18 +359,37 @@ class VmService:
         return lost
 
 
-def vm_routes(svc: Callable[[], VmService]) -> APIRouter:
+def create_checks(svc: VmService, ctx: ReqCtx, body: Any) -> tuple[str, Any]:
+    """`vm create`'s checks, before any change (the fleet's too): tenant, RBAC, images, config."""
+    tenant = svc.core.tenant_ref(str(body.tenant))  # a tenant id or name (docs/API.md)
+    svc.core.authorize_in_tenant(ctx, "vm/write", tenant)
+    kernel = svc._image(body.kernel, "kernel")
+    initrd = svc._image(body.initrd, "initrd") if body.initrd else None
+    try:  # the runtime's own validation, so an accepted VM is one `bulkhead run` accepts
+        from bulkhead.runtime.config import VmConfig
+
+        config = VmConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=body.cmdline,
+                          mem_mib=body.mem_mib, cpus=body.cpus, serial="console.log", rng=bool(body.rng))
+    except ConfigError as exc:
+        raise ApiError.of(exc) from None
+    svc.launch.check_images(ctx, config, len(body.drives), len(body.nics))
+    return tenant, config
+
+
+def vm_routes(svc: Callable[[], Any], model: Any = VmOut) -> APIRouter:
+    """The VM routes; `svc` gives the service with VmService's method names (the fleet's keeps VMs in
+    etcd) and `model` its answer (the fleet's VMs also name their host, docs/FLEET.md)."""
     r = router()
 
-    @r.post("/vms", response_model=VmOut, status_code=201)
+    @r.post("/vms", response_model=model, status_code=201)
     def vm_create(body: VmCreate, ctx: ReqCtx = Ctx) -> Any:
         return svc().vm_create(ctx, body)
 
-    @r.get("/vms", response_model=list[VmOut])
+    @r.get("/vms", response_model=list[model])
     def vm_list(tenant: UUID | TenantRefQuery | None = None, ctx: ReqCtx = Ctx) -> Any:
         return svc().vm_list(ctx, svc().core.tenant_ref(str(tenant)) if tenant else None)  # tenant id or name
 
-    @r.get("/vms/{vm_id}", response_model=VmOut)
+    @r.get("/vms/{vm_id}", response_model=model)
     def vm_get(vm_id: UUID, ctx: ReqCtx = Ctx) -> Any:
         return svc().vm_get(ctx, str(vm_id))
 
@@ -395,7 +403,7 @@ def vm_routes(svc: Callable[[], VmService]) -> APIRouter:
             return svc().vm_op(ctx, str(vm_id), op)
 
         handler.__name__ = f"vm_{op}"
-        r.post(f"/vms/{{vm_id}}/{op}", response_model=VmOut, name=f"vm_{op}")(handler)
+        r.post(f"/vms/{{vm_id}}/{op}", response_model=model, name=f"vm_{op}")(handler)
 
     for op in ("start", "stop", "pause", "resume"):
         _op(op)
