@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser: argparse.ArgumentParser | None = _parser()
         else:
             parser = _capture(getattr(importlib.import_module(module), func), ["x"])
-        if parser is None:
-            continue
+        if parser is None:  # a command without an argparse tree (e.g. `fleet`): its name still completes
+            parser = argparse.ArgumentParser(prog=f"bulkhead {name}", description=help_)
         if name == "audit":
             from bulkhead.daemon.witness_cli import witness_main
 
