@@ -48,9 +48,9 @@ MODULES: list[dict[str, Any]] = [
     {"name": "bus", "path": "bulkhead/bus.py", "floor": 90,
      "tests": ["tests/test_bus.py"], "sample": 20, "status": "active"},
     {"name": "serial", "path": "bulkhead/devices/serial.py", "floor": 90,
-     "tests": ["tests/test_devices_serial.py", _SURF], "sample": 25, "status": "active"},
+     "tests": ["tests/test_devices_serial.py", "tests/test_snapshot_devices.py", _SURF], "sample": 25, "status": "active"},
     {"name": "i8042", "path": "bulkhead/devices/i8042.py", "floor": 90,
-     "tests": ["tests/test_devices_i8042.py", _SURF], "sample": 20, "status": "active"},
+     "tests": ["tests/test_devices_i8042.py", "tests/test_snapshot_devices.py", _SURF], "sample": 20, "status": "active"},
     {"name": "sandbox-policy", "path": "bulkhead/sandbox/policy.py", "floor": 90,
      "tests": ["tests/test_sandbox_policy.py"], "sample": 20, "status": "active"},
     {"name": "integrity-policy", "path": "bulkhead/integrity/policy.py", "floor": 90,
@@ -102,7 +102,10 @@ MODULES: list[dict[str, Any]] = [
     {"name": "manifest", "path": "bulkhead/integrity/manifest.py", "floor": 90,
      "tests": ["tests/test_integrity_manifest.py"], "sample": 20, "status": "active"},
     {"name": "sandbox-protocol", "path": "bulkhead/sandbox/protocol.py", "floor": 90,
-     "tests": ["tests/test_sandbox_protocol.py", _SURF], "sample": 20, "status": "active"},
+     "tests": ["tests/test_sandbox_protocol.py", _SURF], "sample": 20,
+     "status": "pending: jail-fast rewrote the message classes after the report; its fixed-seed sample is 85% "
+               "(3 survivors: _FIELDS assignment, the -2**63 bound, the MAX_MESSAGE + 1 receive size); "
+               "tests to kill them are still to be written"},
 ]
 
 

@@ -120,6 +120,10 @@ def test_the_longest_command_line_of_each_protocol(mem):
     assert load(mem, bz(cmdline_size=0xFFFF_FFFF), cmdline="x" * bzl).cmdline == "x" * bzl
     with pytest.raises(ConfigError, match=f"is {bzl + 1} bytes; this bzImage accepts at most {bzl}"):
         load(mem, bz(cmdline_size=0xFFFF_FFFF), cmdline="x" * (bzl + 1))
+    # the bzImage's own limit: the image does not fit this command line (ImageError, as a fuzzed image
+    # found: cmdline_size 1 made the loader raise a plain ConfigError)
+    with pytest.raises(ImageError, match="is 13 bytes; this bzImage accepts at most 1"):
+        load(mem, bz(cmdline_size=1), cmdline="console=ttyS0")
     elf = make_elf([(0x200000, CODE, 0x1000)], 0x200000)
     assert load(mem, elf, cmdline="y" * CMDLINE_LIMIT_LINUX_ELF).cmdline == "y" * CMDLINE_LIMIT_LINUX_ELF
     with pytest.raises(ConfigError, match=f"the Linux ELF boot path accepts at most {CMDLINE_LIMIT_LINUX_ELF}"):

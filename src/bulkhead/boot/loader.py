@@ -115,12 +115,14 @@ class BootPlan(NamedTuple):
 _Write = tuple[int, bytes | int]  # (guest address, bytes to copy, or a length to zero-fill)
 
 
-def _cmdline_bytes(cmdline: str, limit: int, what: str) -> bytes:
+def _cmdline_bytes(cmdline: str, limit: int, what: str, error: type[ConfigError] = ConfigError) -> bytes:
+    """The command line's bytes. `error`: ImageError where the limit comes from the image itself (a
+    bzImage's cmdline_size), so a mutated image can only raise ImageError (tests/test_boot_fuzz.py)."""
     if "\0" in cmdline:
         raise ConfigError("the kernel command line must not contain a NUL character")
     raw = cmdline.encode("utf-8")
     if len(raw) > limit:
-        raise ConfigError(f"the kernel command line is {len(raw)} bytes; {what} accepts at most {limit}")
+        raise error(f"the kernel command line is {len(raw)} bytes; {what} accepts at most {limit}")
     return raw
 
 
@@ -235,7 +237,7 @@ def _bzimage_kernel(image: BzImage, kernel: bytes, protocol: str, cmdline: str, 
         raise ImageError("a bzImage has no PVH entry point; PVH needs an ELF kernel with a PVH note")
     hdr = image.header
     limit = min(hdr.cmdline_size, L.CMDLINE_MAX - 1)
-    raw_cmdline = _cmdline_bytes(cmdline, limit, "this bzImage")
+    raw_cmdline = _cmdline_bytes(cmdline, limit, "this bzImage", ImageError)
     k0, k1 = image.load_address, image.load_address + image.memory_needed
     if k1 > region0_end:
         raise ImageError(
