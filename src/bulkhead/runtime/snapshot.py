@@ -152,22 +152,29 @@ def _flat_regions(mem_bytes: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """[data, hole) ranges of `fd` within [start, end): SEEK_DATA/SEEK_HOLE find what was ever written
+    (swapped-out pages count as data, unlike mincore)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
 def memfd_runs(memory: memoryview, mem_bytes: int, fd: int) -> Iterator[tuple[int, int, memoryview]]:
     """(pfn, npages, view) runs of non-zero guest pages in the memfd, at most CHUNK_PAGES each.
-    SEEK_DATA/SEEK_HOLE find what was ever written (swapped-out pages count as data, unlike mincore);
-    within that, all-zero pages are skipped."""
+    Within the memfd's data ranges (_data_ranges), all-zero pages are skipped."""
     for base, size, off in _flat_regions(mem_bytes):
-        pos, end = off, off + size
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        for data, hole in _data_ranges(fd, off, off + size):
             start = None
             for page in range(data - data % PAGE, hole, PAGE):
                 nonzero = memory[page : page + PAGE] != _ZERO
@@ -178,7 +185,6 @@ def memfd_runs(memory: memoryview, mem_bytes: int, fd: int) -> Iterator[tuple[in
                     start = page if nonzero else None
             if start is not None:
                 yield (base + start - off) // PAGE, (hole - start) // PAGE, memory[start:hole]
-            pos = hole
 
 
 @contextlib.contextmanager
@@ -200,16 +206,9 @@ def _mapped(fd: int, size: int) -> Iterator[memoryview]:
 def scrub_memfd(fd: int, size: int) -> None:
     """Zero every page of a guest-RAM memfd that holds data, then free them (the worker does not scrub
     memory it does not own: bulkhead/memory/guest.py)."""
-    with _mapped(fd, size) as view:
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+    with _mapped(fd, size) as view, contextlib.suppress(OSError):  # best effort, as before
+        for data, hole in _data_ranges(fd, 0, size):
             view[data:hole] = bytes(hole - data)
-            pos = hole
     # the pages themselves go when the last fd of the memfd is closed
 
 

@@ -86,17 +86,6 @@ def setup_vcpu(
 
 
 def apply_msrs(vcpu: Vcpu, msrs: list[tuple[int, int]]) -> list[int]:
-    """Set every MSR KVM accepts; return the indices it refused.
-
-    KVM_SET_MSRS stops at the first MSR it refuses and returns how many it set, so the rest are retried
-    after skipping that one. (Filtering by KVM_GET_MSR_INDEX_LIST instead silently dropped MSRs KVM
-    emulates but does not list, such as MTRRdefType.)"""
-    pending = list(msrs)
-    refused: list[int] = []
-    while pending:
-        done = vcpu.set_msrs(pending)
-        if done >= len(pending):
-            break
-        refused.append(pending[done][0])
-        pending = pending[done + 1 :]
-    return refused
+    """Set every MSR KVM accepts; return the indices it refused (Vcpu.set_msrs_each). (Filtering by
+    KVM_GET_MSR_INDEX_LIST instead silently dropped MSRs KVM emulates but does not list, such as MTRRdefType.)"""
+    return vcpu.set_msrs_each(msrs)

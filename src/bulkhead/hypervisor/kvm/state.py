@@ -119,14 +119,7 @@ def set_vcpu_state(vcpu: Vcpu, state: dict[str, object]) -> list[int]:
     for name in _SET_ORDER:
         setter = VCPU_BLOBS[name][2]
         _set(vcpu.fd, setter, state[name], f"SET_{name.upper()}")  # type: ignore[arg-type]
-    refused: list[int] = []
-    pending = list(state["msrs"])  # type: ignore[call-overload]
-    while pending:
-        done = vcpu.set_msrs(pending)
-        if done >= len(pending):
-            break
-        refused.append(pending[done][0])
-        pending = pending[done + 1 :]
+    refused = vcpu.set_msrs_each(state["msrs"])  # type: ignore[arg-type]
     _set(vcpu.fd, VCPU_BLOBS["events"][2], state["events"], "SET_VCPU_EVENTS")  # type: ignore[arg-type]
     return refused
 

@@ -238,6 +238,19 @@ class Vcpu(_Fd):
             buf.entries[i] = s.KvmMsrEntry(index, 0, value)
         return self.ioctl(c.KVM_SET_MSRS, buf, "SET_MSRS")
 
+    def set_msrs_each(self, msrs: Iterable[tuple[int, int]]) -> list[int]:
+        """Set every MSR KVM accepts; return the indices it refused. KVM_SET_MSRS stops at the first MSR
+        it refuses and returns how many it set, so the rest are retried after skipping that one."""
+        pending = list(msrs)
+        refused: list[int] = []
+        while pending:
+            done = self.set_msrs(pending)
+            if done >= len(pending):
+                break
+            refused.append(pending[done][0])
+            pending = pending[done + 1 :]
+        return refused
+
     def get_lapic(self) -> s.KvmLapicState:
         st = s.KvmLapicState()
         self.ioctl(c.KVM_GET_LAPIC, st, "GET_LAPIC")
