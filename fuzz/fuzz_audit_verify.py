@@ -20,7 +20,7 @@ from typing import Any
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from bulkhead.control.audit import Record, SignedCheckpoint, leaf_bytes, parse_signed, verify

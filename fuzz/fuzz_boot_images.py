@@ -21,7 +21,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.boot import load_kernel
     from bulkhead.boot.craft import make_bzimage, make_elf
     from bulkhead.errors import ConfigError

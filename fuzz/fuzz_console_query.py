@@ -12,7 +12,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.daemon.consoleapi import CONSOLE_WS_PATH, _query
     from bulkhead.daemon.service import ApiError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.boot.cpuid import (
         BRAND_LEAVES,
         E1_ECX_SVM,

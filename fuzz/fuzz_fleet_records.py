@@ -14,7 +14,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.errors import ConfigError
     from bulkhead.fleet.controller import Controller, Snapshot
     from bulkhead.fleet.model import VmDemand, decode, host_state, place, valid_host_id

@@ -13,7 +13,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.devices import ged as g
     from bulkhead.testing import FakeIrq
 

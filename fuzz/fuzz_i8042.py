@@ -15,7 +15,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.devices import i8042 as k
     from bulkhead.testing import FakeIrq
 

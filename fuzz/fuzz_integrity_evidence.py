@@ -14,7 +14,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.integrity.attest import verify_evidence
     from bulkhead.integrity.errors import IntegrityError
     from bulkhead.integrity.eventlog import parse_event_log, replay

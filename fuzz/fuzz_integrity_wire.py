@@ -13,7 +13,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.integrity.errors import IntegrityError
     from bulkhead.integrity.tpmwire import parse_public, parse_quote_attest, parse_signature, public_name
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.errors import ConfigError
     from bulkhead.runtime.cli import _config_from_args, parse_run_args
     from bulkhead.runtime.config import parse_drive, parse_net

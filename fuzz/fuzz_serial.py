@@ -18,7 +18,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.devices import serial as s
     from bulkhead.testing import FakeIrq
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.devices import i8042, serial
     from bulkhead.devices.i8042 import I8042Device
     from bulkhead.devices.serial import Serial

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.sandbox.protocol import HOST_TO_WORKER, WORKER_TO_HOST, ProtocolError, decode, encode
 
 DIRECTIONS = (WORKER_TO_HOST, HOST_TO_WORKER)
