@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -124,7 +125,9 @@ def guest_tx(vmm_name: str, image: Path, ns: str, tap: str, mac: str, src: str, 
              frames: int, receiver: GuestStandIn) -> dict[str, float]:
     from tests.virtio_payloads import Bulkhead, Devices, Qemu, bench_phases, stream_lines
 
-    vmm = Bulkhead(jail=False) if vmm_name == "bulkhead" else Qemu()
+    # "bulkhead" is the default path, jailed when run as root; "bulkhead_unjailed" is --no-jail
+    vmm = (Bulkhead(jail=os.geteuid() == 0) if vmm_name == "bulkhead"
+           else Bulkhead(jail=False) if vmm_name == "bulkhead_unjailed" else Qemu())
     ip = lambda a: int.from_bytes(bytes(int(x) for x in a.split(".")), "big")  # noqa: E731
     append = (f"count={frames} src={ip(src)} dst={ip(dst)} smac=0x{mac.replace(':', '')} "
               f"dmac=0x{dmac.replace(':', '')}")
@@ -187,7 +190,7 @@ def main() -> int:
                 image = build(str(src), "elf", extra_sources=[PAYLOADS / "virtio_lib.c"], cflags=[f"-I{PAYLOADS}"])
             gns, tap = host.create_persistent_tap(gnic, cfg)
             for _ in range(a.runs):
-                for vmm in ("bulkhead", "qemu"):
+                for vmm in ("bulkhead", "qemu", "bulkhead_unjailed"):
                     r = guest_tx(vmm, image, gns, tap, gnic.mac, str(gnic.ipv4), str(s.nic.ipv4), s.nic.mac,
                                  a.frames, s)
                     for k, v in r.items():
@@ -208,7 +211,10 @@ def main() -> int:
     if guest:
         gmed = {vmm: {k: statistics.median(v) for k, v in kv.items()} for vmm, kv in guest.items()}
         out["virtio_net_tx"] = {"frames": a.frames, "medians": gmed, "raw": guest,
-                                "bulkhead_over_qemu": gmed["bulkhead"]["frames_per_s"] / gmed["qemu"]["frames_per_s"]}
+                                "jailed": os.geteuid() == 0,
+                                "bulkhead_over_qemu": gmed["bulkhead"]["frames_per_s"] / gmed["qemu"]["frames_per_s"],
+                                "unjailed_over_qemu": (gmed["bulkhead_unjailed"]["frames_per_s"]
+                                                       / gmed["qemu"]["frames_per_s"])}
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:
