@@ -51,7 +51,7 @@ from bulkhead.snapshot.format import (
 
 Machine = Any  # bulkhead.runtime.vm.Machine (which imports this module: no import back)
 __all__ = ["Restore", "RestoreSource", "SnapshotTarget", "decrypt_into", "guest_memfds", "load_restore_state", "open_restore",
-           "save_state", "scrub_memfd", "seal_snapshot"]
+           "save_paused_state", "save_state", "scrub_memfd", "seal_snapshot"]
 
 _ZERO = bytes(PAGE)
 _CONFIG_KEYS = ("kernel", "initrd", "cmdline", "mem_mib", "cpus", "boot_protocol", "expected_digest")
@@ -99,6 +99,28 @@ def save_state(machine: Machine, state_fd: int) -> None:
     if machine.transports:
         raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
     _complete_pending_io(machine)
+    write_state_fd(state_fd, _state(machine))
+
+
+def save_paused_state(machine: Machine, state_fd: int, timeout: float = 5.0) -> None:
+    """Worker side, for a snapshot of a running VM (protocol SaveState): machine.pause() was called; wait
+    until every vCPU thread is parked outside KVM_RUN (runtime/vcpu.py: it parks only after a KVM_RUN that
+    returned EINTR, which completes a half-done I/O instruction, api.rst 4.3), flush the UART's output,
+    then write the state document as save_state does. The VM stays paused. Raises ConfigError (virtio
+    devices) or HostError (a vCPU that does not park in time)."""
+    if machine.transports:
+        raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
+    deadline = time.monotonic() + timeout
+    while not all(r.paused or r.thread is None or not r.thread.is_alive() for r in machine.runners):
+        if time.monotonic() > deadline:
+            raise HostError("a vCPU did not pause for the snapshot in time")
+        for r in machine.runners:
+            if not r.paused:
+                r.kick()
+        time.sleep(0.001)
+    if machine.serial is not None:
+        machine.serial.flush()
+    _complete_pending_io(machine)  # each parked vCPU: KVM_RUN with immediate_exit returns EINTR at once
     write_state_fd(state_fd, _state(machine))
 
 
