@@ -241,6 +241,7 @@ class SnapshotService:
             with self.store.lock:
                 self.vms.launch._digests[vm_id] = row["launch_digest"]  # a snapshot of it carries the digest
         final = self.store.q1("SELECT * FROM vms WHERE id = ?", (vm_id,))
+        assert final is not None
         return self.store.vm_out(final)
 
     def _open(self, row: Any) -> Any:
