@@ -224,3 +224,33 @@ def test_a_deleted_snapshot_is_scrubbed_and_cannot_be_restored(h: Harness) -> No
         assert c.get("/v1/snapshots").json() == []
         rec = [r for r in _audit(c) if r["action"] == "snapshot/delete"][-1]
         assert json.loads(rec["detail"])["scrub"] == "overwrite+fsync+unlink"
+
+
+def test_the_cli_snapshots_lists_restores_and_deletes_by_name(h: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    from bulkhead.daemon.cli import vm_main
+    from bulkhead.daemon.snapshot_cli import snapshot_main
+    from bulkhead.daemon.testkit import ServerThread
+
+    t = h.tenant("cli")
+    sock = ["--socket", str(h.sd.socket)]
+    with ServerThread(h), h.client() as c:
+        vm = _vm(c, t, "web")
+        assert c.post(f"/v1/vms/{vm}/start").status_code == 200
+        _wait(lambda: _console(c, vm).count("\n") >= 2)
+        assert vm_main(["snapshot", "web", "--to", "before", "--then", "stop", *sock, "--json"]) == 0
+        snap = json.loads(capsys.readouterr().out)
+        assert snap["name"] == "before" and snap["vm_name"] == "web"
+        assert snapshot_main(["list", *sock]) == 0
+        assert "before" in capsys.readouterr().out
+        assert vm_main(["restore", "before", "--name", "web2", *sock, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["name"] == "web2"
+        assert vm_main(["restore", "before", "--name", "web3", *sock]) == 1
+        assert "clone" in capsys.readouterr().err  # one sentence, no traceback
+        assert vm_main(["restore", "before", "--name", "web3", "--clone", *sock, "--json"]) == 0
+        capsys.readouterr()
+        assert snapshot_main(["delete", "before", *sock]) == 0
+        capsys.readouterr()
+        assert snapshot_main(["list", *sock, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == []
+        assert snapshot_main(["delete", "before", *sock]) == 2  # usage: no such snapshot
+        assert "no snapshot 'before'" in capsys.readouterr().err
