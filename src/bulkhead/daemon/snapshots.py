@@ -44,8 +44,7 @@ CREATE TABLE IF NOT EXISTS snapshots(id TEXT PRIMARY KEY, tenant TEXT NOT NULL, 
   spec TEXT NOT NULL, bytes INTEGER NOT NULL, created TEXT NOT NULL, restores INTEGER NOT NULL DEFAULT 0,
   UNIQUE(tenant, name));
 """
-THEN = ("resume", "pause", "stop")
-_AFTER = {"resume": "running", "pause": "paused", "stop": "stopped"}
+_AFTER = {"pause": "paused", "stop": "stopped"}
 
 
 def scrub_file(path: str) -> None:
@@ -141,7 +140,8 @@ class SnapshotService:
                 raise ApiError.of(exc if isinstance(exc, BulkheadError) else HostError(str(exc)),
                                   f"cannot snapshot the VM: {exc}") from None
             now = now_iso()
-            new_state = _AFTER[body.then]
+            # a paused VM stays paused after `then=resume` (JailedBackend.snapshot leaves it as it was)
+            new_state = row["state"] if body.then == "resume" else _AFTER[body.then]
             try:
                 with self.core.mutation(ctx, "201") as c:
                     c.execute("INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",

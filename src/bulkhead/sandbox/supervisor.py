@@ -199,7 +199,7 @@ class WorkerHandle:
         self._integrity: IntegrityRefused | None = None
         self._host_killed = False
         self._cond = threading.Condition()
-        self._replies: dict[int, StatusReply | StateSaved] = {}
+        self._replies: dict[int, StatusReply | StateSaved | None] = {}  # None: asked, not answered
         self._probe: ProbeResult | None = None
         self._seq = 0
         self._send_lock = threading.Lock()
@@ -275,8 +275,9 @@ class WorkerHandle:
                     self._stats_final = True
             self.counters = dict(msg.counters or {})  # replaces the last (bounded: one message's worth)
         elif isinstance(msg, StatusReply | StateSaved):
-            with self._cond:
-                self._replies[msg.seq] = msg
+            with self._cond:  # kept only as the answer to a request still waiting (a late or unasked one is
+                if msg.seq in self._replies and self._replies[msg.seq] is None:  # dropped: the dict stays bounded)
+                    self._replies[msg.seq] = msg
                 self._cond.notify_all()
         elif isinstance(msg, ProbeResult):
             if not self.test_probes:
@@ -481,13 +482,18 @@ def _ask(h: WorkerHandle, make: Callable[[int], Message], timeout: float, what: 
     with h._cond:
         h._seq = seq = (h._seq + 1) & 0xFFFFFFFF
         h._stats_asked += 1 if stats else 0
-    h._send(make(seq))
-    with h._cond:
-        if not h._cond.wait_for(lambda: seq in h._replies or h._done.is_set(), timeout):
-            raise HostError(f"VM {h.vm_id}: no answer to the {what} within {timeout} s")
-        if seq not in h._replies:
-            raise HostError(f"VM {h.vm_id}: the worker exited")
-        return h._replies.pop(seq)
+        h._replies[seq] = None
+    try:
+        h._send(make(seq))
+        with h._cond:
+            h._cond.wait_for(lambda: h._replies.get(seq) is not None or h._done.is_set(), timeout)
+    finally:
+        with h._cond:
+            reply = h._replies.pop(seq, None)
+    if reply is None:
+        raise HostError(f"VM {h.vm_id}: the worker exited" if h._done.is_set() else
+                        f"VM {h.vm_id}: no answer to the {what} within {timeout} s")
+    return reply
 
 
 def _open_tap(name: str) -> int:
