@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from bulkhead import __version__
 from bulkhead.config import VmConfig
-from bulkhead.devices import i8042, serial
+from bulkhead.devices import ged, i8042, serial
 from bulkhead.errors import ConfigError, HostError, SnapshotError
 from bulkhead.snapshot.format import (
     CHUNK_PAGES,
@@ -88,7 +88,8 @@ def _state(machine: Machine) -> dict[str, Any]:
         "cpuid": {"mcg_cap": machine.mcg_cap, "entries": [list(map(list, e)) for e in machine.cpuid_tables]},
         "vcpus": vcpus,
         "vm": {k: b64(v) for k, v in get_vm_state(machine.vm).items()},
-        "devices": {"serial": serial.save_state(machine.serial), "i8042": i8042.save_state(machine.i8042)},
+        "devices": {"serial": serial.save_state(machine.serial), "i8042": i8042.save_state(machine.i8042),
+                    **({"ged": ged.save_state(machine.ged)} if getattr(machine, "ged", None) is not None else {})},
         "memory": {"runs": []},
     }
 
@@ -515,11 +516,15 @@ def load_restore_state(state_fd: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def restore_devices(machine: Machine, state: dict[str, Any]) -> None:
     devices = state["devices"]
-    if not isinstance(devices, dict) or set(devices) != {"serial", "i8042"}:
+    if not isinstance(devices, dict) or set(devices) - {"ged"} != {"serial", "i8042"}:
         raise SnapshotError("snapshot state: devices has the wrong fields (virtio devices are not supported yet)")
+    if "ged" in devices and getattr(machine, "ged", None) is None:
+        raise SnapshotError("snapshot state: it has an ACPI GED and this VM has none")
     try:
         serial.load_state(machine.serial, devices["serial"])
         i8042.load_state(machine.i8042, devices["i8042"])
+        if "ged" in devices:  # older snapshots have none: no event was pending for them
+            ged.load_state(machine.ged, devices["ged"])
     except ValueError as exc:
         raise SnapshotError(f"snapshot state: {exc}") from None
 
