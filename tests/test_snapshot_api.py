@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.test_daemon_jailed import _wait
 from tests.vmrun import payload
 
 from bulkhead.daemon.backend import make_backend
@@ -26,16 +27,6 @@ from bulkhead.sandbox.supervisor import leftovers
 pytestmark = [pytest.mark.root, pytest.mark.kvm, pytest.mark.timeout(300)]
 
 CMDLINE = "count=24 delay=200000000"  # ~0.1 s a line (tests/test_snapshot.py)
-
-
-def _wait(pred: Any, timeout: float = 60.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def _console(c: Any, vm: str) -> str:
