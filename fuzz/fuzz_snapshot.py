@@ -22,7 +22,8 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["bulkhead"]):
-    from bulkhead.devices import i8042, serial
+    from bulkhead.devices import ged, i8042, serial
+    from bulkhead.devices.ged import Ged
     from bulkhead.devices.i8042 import I8042Device
     from bulkhead.devices.serial import Serial
     from bulkhead.errors import SnapshotError
@@ -87,6 +88,8 @@ def TestOneInput(data: bytes) -> None:
                 devices = state["devices"]
                 serial.load_state(Serial(_Irq(), lambda b: None), devices.get("serial"))
                 i8042.load_state(I8042Device(lambda: None), devices.get("i8042"))
+                if "ged" in devices:
+                    ged.load_state(Ged(_Irq()), devices["ged"])
         except (SnapshotError, ValueError):
             pass
 
@@ -96,7 +99,8 @@ def write_seeds(directory: Path) -> None:
     (directory / "genuine").write_bytes(b"\x00" + GENUINE)
     (directory / "edit").write_bytes(b"\x01" + (100).to_bytes(2, "little") + b"\x01")
     doc = {**STATE, "devices": {"serial": serial.save_state(Serial(_Irq(), lambda b: None)),
-                                "i8042": i8042.save_state(I8042Device(lambda: None))}, "vm": {}, "cpuid": {"mcg_cap": 0, "entries": [[]]}}
+                                "i8042": i8042.save_state(I8042Device(lambda: None)),
+                                "ged": ged.save_state(Ged(_Irq()))}, "vm": {}, "cpuid": {"mcg_cap": 0, "entries": [[]]}}
     (directory / "state").write_bytes(b"\x02" + json.dumps(doc).encode())
 
 

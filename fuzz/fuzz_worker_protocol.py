@@ -55,6 +55,8 @@ def write_seeds(directory: Path) -> None:
         p.Status(seq=7),
         p.ConsoleIn(data=b"ls\n"),
         p.Probe(name="open-host-file", arg="/etc/shadow"),
+        p.SaveState(seq=3),
+        p.StateSaved(seq=3, ok=True, detail="state saved; the VM is paused"),
     ]
     for msg in examples:
         direction = 0 if msg.TYPE in WORKER_TO_HOST else 1

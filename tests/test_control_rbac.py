@@ -22,9 +22,10 @@ EXPECTED_GRANTS: dict[str, set[str]] = {
     "Contributor": ALL - {"role/write", "role/delete", "role/assign", "principal/write", "audit/read",
                           "integrity/policy/write"},
     "Reader": {"tenant/read", "vm/read", "vm/events/read", "disk/read", "network/read", "principal/read",
-               "role/read", "metrics/read", "image/read", "integrity/policy/read", "host/read"},
+               "role/read", "metrics/read", "image/read", "integrity/policy/read", "host/read",
+               "snapshot/read"},
     "VM Operator": {"vm/read", "vm/start", "vm/stop", "vm/shutdown", "vm/reboot", "vm/console/read",
-                    "vm/console/write"},
+                    "vm/console/write", "vm/snapshot", "snapshot/read"},
     "Auditor": {"audit/read"},
     "Monitoring Reader": {"metrics/read"},
 }
@@ -32,6 +33,7 @@ EXPECTED_GRANTS: dict[str, set[str]] = {
 T, U = str(uuid.uuid4()), str(uuid.uuid4())
 V1, V2, UV = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
 N, UN = str(uuid.uuid4()), str(uuid.uuid4())
+S, US = str(uuid.uuid4()), str(uuid.uuid4())
 TARGETS = {
     "own VM": f"/tenants/{T}/vms/{V1}",
     "other VM, own tenant": f"/tenants/{T}/vms/{V2}",
@@ -40,13 +42,15 @@ TARGETS = {
     "other tenant": f"/tenants/{U}",
     "VM of other tenant": f"/tenants/{U}/vms/{UV}",
     "network of other tenant": f"/tenants/{U}/networks/{UN}",
+    "snapshot of own tenant": f"/tenants/{T}/snapshots/{S}",
+    "snapshot of other tenant": f"/tenants/{U}/snapshots/{US}",
     "root": "/",
 }
 LEVELS = {"vm": f"/tenants/{T}/vms/{V1}", "tenant": f"/tenants/{T}", "root": "/"}
 # Hand-written: which targets an assignment at each level reaches.
 REACH = {
     "vm": {"own VM"},
-    "tenant": {"own VM", "other VM, own tenant", "own tenant", "network of own tenant"},
+    "tenant": {"own VM", "other VM, own tenant", "own tenant", "network of own tenant", "snapshot of own tenant"},
     "root": set(TARGETS),
 }
 

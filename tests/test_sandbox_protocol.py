@@ -11,12 +11,13 @@ import json
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bulkhead.errors import GuestFault
+from bulkhead.errors import GuestFault, HostError
 from bulkhead.runtime.exits import ExitReason
 from bulkhead.sandbox import protocol as p
 from bulkhead.sandbox.supervisor import WorkerHandle, classify_exit
@@ -341,3 +342,35 @@ def test_an_unknown_message_type_is_named_in_the_error() -> None:
     raw = json.dumps({"v": p.PROTOCOL_VERSION, "type": 7}).encode()
     with pytest.raises(p.ProtocolError, match="unknown or misdirected message type 'int'"):
         p.decode(raw, p.HOST_TO_WORKER)
+
+
+def test_save_state_waits_for_its_own_answer_and_unasked_answers_are_dropped() -> None:
+    """protocol save-state (docs/SNAPSHOT.md "The daemon"): a worker flooding the host with state-saved or
+    status-reply messages nobody asked for cannot grow the host's reply table, and cannot answer a snapshot
+    request with a forged ok (the seq must be the request's); a refusal is a HostError with its reason."""
+    handle, worker, proc = _fake_worker()
+    worker.send(HELLO)
+    for seq in range(2000):  # unasked: dropped, not stored
+        worker.send(p.encode(p.StateSaved(seq + 100, True, "")))
+        worker.send(p.encode(p.StatusReply(seq + 100, "running", 1)))
+
+    def answer(ok: bool) -> None:
+        req = p.decode(worker.recv(p.MAX_MESSAGE), p.HOST_TO_WORKER)
+        assert isinstance(req, p.SaveState)
+        worker.send(p.encode(p.StateSaved(req.seq ^ 1, True, "wrong seq")))  # not its answer: ignored
+        worker.send(p.encode(p.StateSaved(req.seq, ok, "" if ok else "the VM is stopping")))
+
+    t = threading.Thread(target=answer, args=(True,))
+    t.start()
+    handle.save_state(timeout=5)
+    t.join()
+    t = threading.Thread(target=answer, args=(False,))
+    t.start()
+    with pytest.raises(HostError, match="the VM is stopping"):
+        handle.save_state(timeout=5)
+    t.join()
+    time.sleep(0.2)
+    assert handle._replies == {} and handle.running and not proc.killed.is_set()
+    worker.close()
+    proc.exit(0)
+    handle.wait(5)

@@ -83,3 +83,21 @@ def test_i8042_round_trip_and_refusal() -> None:
         i8042.load_state(b, {**doc, "status": -1})
     with pytest.raises(ValueError, match="at most 16 bytes"):
         i8042.load_state(b, {**doc, "buf": "A" * 32})
+
+
+def test_ged_round_trip_keeps_a_pending_power_button_and_refuses_unknown_bits() -> None:
+    from bulkhead.devices import ged
+    from bulkhead.devices.ged import EVT_POWER_DOWN, Ged
+
+    a = Ged(_Irq())
+    a.power_button()  # pressed, not yet read by the guest
+    doc = ged.save_state(a)
+    b = Ged(_Irq())
+    ged.load_state(b, doc)
+    assert b.read(0, 4) == EVT_POWER_DOWN and b.read(0, 4) == 0  # read and clear, as before the snapshot
+    for bad in ({"sel": 1 << 5}, {"sel": -1}, {"sel": True}, {}, {"sel": 2, "x": 0}, [2]):
+        c = Ged(_Irq())
+        c.power_button()
+        with pytest.raises(ValueError):
+            ged.load_state(c, bad)
+        assert c.read(0, 4) == EVT_POWER_DOWN  # a refused document changes nothing

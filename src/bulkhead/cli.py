@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("bulkhead.daemon.cli", "serve_main", "run the management daemon (bulkheadd)"),
     "cert": ("bulkhead.daemon.cli", "cert_main", "issue or revoke client certificates"),
     "vm": ("bulkhead.daemon.cli", "vm_main", "manage VMs through the daemon"),
+    "snapshot": ("bulkhead.daemon.snapshot_cli", "snapshot_main", "list and delete VM snapshots (docs/SNAPSHOT.md)"),
     "tenant": ("bulkhead.daemon.cli", "tenant_main", "manage tenants"),
     "network": ("bulkhead.daemon.cli", "network_main", "manage tenant networks through the daemon"),
     "role": ("bulkhead.daemon.cli", "role_main", "manage role definitions and assignments"),

@@ -19,6 +19,7 @@ __all__ = [
     "ImageError",
     "RefusedError",
     "SnapshotError",
+    "SnapshotRestoredBefore",
     "StartRefused",
     "VmNotRunning",
 ]
@@ -39,6 +40,11 @@ class ImageError(ConfigError):
 class SnapshotError(ImageError):
     """A snapshot file is malformed, altered, truncated, foreign (another host or VM), of another version,
     or not allowed (its launch digest, or a second restore without --clone). Nothing is restored."""
+
+
+class SnapshotRestoredBefore(SnapshotError):
+    """A second restore of the same snapshot without asking for a clone (it would duplicate the guest's
+    secrets and RNG state: docs/SNAPSHOT.md "Clones")."""
 
 
 class StartRefused(ConfigError):

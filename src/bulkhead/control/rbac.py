@@ -64,6 +64,10 @@ ACTIONS: tuple[str, ...] = (
     "vm/console/read",
     "vm/console/write",
     "vm/events/read",
+    "vm/snapshot",
+    "snapshot/read",
+    "snapshot/restore",
+    "snapshot/delete",
     "host/read",
     "host/drain",
     "disk/read",
@@ -88,7 +92,7 @@ ACTIONS: tuple[str, ...] = (
 
 _PATTERN_RE = re.compile(r"^[a-z*][a-z*/]{0,63}$")
 _ID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_SCOPE_RE = re.compile(rf"^/(tenants/({_ID_RE})(/(vms|disks|networks)/({_ID_RE}))?)?$")
+_SCOPE_RE = re.compile(rf"^/(tenants/({_ID_RE})(/(vms|disks|networks|snapshots)/({_ID_RE}))?)?$")
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,12 @@ BUILTIN_ROLES: tuple[RoleDef, ...] = (
     RoleDef(
         "",
         "VM Operator",
-        ("vm/read", "vm/start", "vm/stop", "vm/shutdown", "vm/reboot", "vm/console/read", "vm/console/write"),
+        ("vm/read", "vm/start", "vm/stop", "vm/shutdown", "vm/reboot", "vm/console/read", "vm/console/write",
+         "vm/snapshot", "snapshot/read"),
         (),
         ("/",),
-        "start, stop, shut down and reboot VMs, read and type into their console (and see them)",
+        "start, stop, shut down and reboot VMs, read and type into their console (and see them), snapshot "
+        "them (restoring one creates a VM: Contributor)",
         True,
     ),
     RoleDef("", "Auditor", ("audit/read",), (), ("/",), "read the audit log only", True),
@@ -176,7 +182,7 @@ def tenant_scope(tenant_id: str) -> str:
     return f"/tenants/{tenant_id}"
 
 
-OWNED_KINDS = ("vm", "disk", "network")  # tenant-owned resources: scope /tenants/{t}/{kind}s/{id}
+OWNED_KINDS = ("vm", "disk", "network", "snapshot")  # tenant-owned resources: scope /tenants/{t}/{kind}s/{id}
 
 
 def owned_scope(kind: str, tenant_id: str, resource_id: str) -> str:

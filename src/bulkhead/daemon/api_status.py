@@ -16,7 +16,16 @@ from typing import NamedTuple
 from bulkhead.control.lifecycle import LifecycleError
 from bulkhead.daemon.auditlog import AuditUnavailable
 from bulkhead.daemon.store import StateUnavailable
-from bulkhead.errors import BulkheadError, ConfigError, HostError, ImageError, StartRefused, VmNotRunning
+from bulkhead.errors import (
+    BulkheadError,
+    ConfigError,
+    HostError,
+    ImageError,
+    SnapshotError,
+    SnapshotRestoredBefore,
+    StartRefused,
+    VmNotRunning,
+)
 from bulkhead.integrity.errors import (
     CodeMismatch,
     HostUntrusted,
@@ -47,6 +56,10 @@ TABLE: tuple[Status, ...] = (
            "the state database cannot take the change (a full or locked disk): nothing was changed"),
     Status(LifecycleError, 409, "lifecycle", "the operation is not allowed in the VM's state"),
     Status(VmNotRunning, 409, "vm-not-running", "the operation needs a running (or paused) VMM"),
+    Status(SnapshotRestoredBefore, 409, "snapshot-clone-required",
+           "the snapshot was restored before: a second restore duplicates guest secrets, ask for a clone"),
+    Status(SnapshotError, 422, "snapshot-invalid",
+           "the snapshot file is altered, truncated, foreign, of another version, or does not match its record"),
     Status(StartRefused, 422, "config-invalid",
            "the loader or the VMM refused the VM before its guest ran (kind image-invalid or config-invalid)"),
     Status(ImageError, 422, "image-invalid", "a kernel, initrd or disk image is malformed or does not fit"),

@@ -29,6 +29,7 @@ from bulkhead.daemon.networks import network_routes
 from bulkhead.daemon.opsroutes import ops_routes
 from bulkhead.daemon.power import power_routes
 from bulkhead.daemon.service import ApiError, ReqCtx
+from bulkhead.daemon.snapshots import snapshot_routes
 from bulkhead.daemon.store import StateUnavailable
 from bulkhead.daemon.tenants import tenant_routes
 from bulkhead.daemon.vms import vm_routes
@@ -215,6 +216,7 @@ def build_app(daemon: Daemon | None) -> Any:
     # the fleet's daemon puts its own VM service behind the same routes and adds its host routes
     api.include_router(vm_routes(lambda: the().vm_api, Daemon.vm_model if daemon is None else daemon.vm_model))
     api.include_router(power_routes(lambda: the().power))
+    api.include_router(snapshot_routes(lambda: the().snapshots))
     api.include_router(daemon_routes(the))
     api.include_router(audit_routes(lambda: the().audit_api))
     for ops in ops_routes(the):  # metrics, images, attestation policy (daemon/opsroutes.py)

@@ -332,6 +332,10 @@ VM_COLS = ["id", "tenant", "name", "state", "kernel", "mem_mib", "cpus", "exit_s
 
 
 def vm_main(argv: list[str]) -> int:
+    if argv and argv[0] in ("snapshot", "restore"):  # daemon/snapshot_cli.py
+        import importlib
+
+        return int(importlib.import_module("bulkhead.daemon.snapshot_cli").vm_snapshot_main(argv))
     p = _Parser(prog="bulkhead vm", description="manage VMs and disk images through the daemon")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     cr = sub.add_parser("create")

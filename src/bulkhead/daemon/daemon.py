@@ -39,6 +39,7 @@ from bulkhead.daemon.networks import TenantNetworkService
 from bulkhead.daemon.power import PowerService
 from bulkhead.daemon.routing import Ctx, router
 from bulkhead.daemon.service import ApiError, Caller, Core, ReqCtx
+from bulkhead.daemon.snapshots import SnapshotService
 from bulkhead.daemon.store import Store
 from bulkhead.daemon.tenants import TenantService
 from bulkhead.daemon.vms import VmService
@@ -97,6 +98,7 @@ class Daemon:
         self.disks = DiskService(self.core)
         # fail closed until a gate is installed (bulkhead.daemon.integrity)
         self.vms = VmService(self.core, backend, self.networks, self.disks, integrity or NoTpm())
+        self.snapshots = SnapshotService(self.core, self.vms)  # daemon/snapshots.py (docs/SNAPSHOT.md)
         self.audit_api = AuditService(self.core)
         from bulkhead.daemon.metrics import Metrics  # prometheus_client: only for a daemon
 

@@ -52,6 +52,8 @@ class HostIntegrity(Protocol):
 
     def status(self) -> dict[str, Any]: ...
     def check_vm_start(self, config: VmConfig, kernel: bytes, initrd: bytes | None) -> str: ...
+    # a restore (docs/SNAPSHOT.md "The daemon"): the snapshot's launch digest, as the policy allows it today
+    def check_vm_restore(self, digest: str | None) -> str: ...
     def should_stop_running(self) -> bool: ...
     def stop(self) -> None: ...
 
@@ -184,6 +186,9 @@ class NoTpm:
     def check_vm_start(self, config: VmConfig, kernel: bytes, initrd: bytes | None) -> str:
         raise HostUntrusted(f"VM start refused: the host is untrusted ({self.reason})")
 
+    def check_vm_restore(self, digest: str | None) -> str:
+        raise HostUntrusted(f"VM restore refused: the host is untrusted ({self.reason})")
+
     def should_stop_running(self) -> bool:
         return False
 
@@ -207,6 +212,11 @@ class IntegrityOff:
     def check_vm_start(self, config: VmConfig, kernel: bytes, initrd: bytes | None) -> str:
         digest = launch_digest_for_config(config, kernel, initrd)
         check_expected_digest(config, digest)
+        return digest
+
+    def check_vm_restore(self, digest: str | None) -> str:
+        if digest is None:
+            raise IntegrityError("VM restore refused: the snapshot has no launch digest")
         return digest
 
     def should_stop_running(self) -> bool:
@@ -274,6 +284,12 @@ class TpmIntegrity:
             raise IntegrityError(f"VM start refused: {self.policy_error}")
         digest: str = self.gate.check_vm_start(config, kernel=kernel, initrd=initrd)
         return digest
+
+    def check_vm_restore(self, digest: str | None) -> str:
+        self.reload_policy()
+        if self.policy_error:
+            raise IntegrityError(f"VM restore refused: {self.policy_error}")
+        return str(self.gate.check_vm_restore(digest))
 
     def should_stop_running(self) -> bool:
         return bool(self.gate.should_stop_running())

@@ -192,6 +192,7 @@ class Core:
         "vm": "SELECT * FROM vms WHERE id = ?",
         "disk": "SELECT * FROM disks WHERE id = ?",
         "network": "SELECT * FROM networks WHERE id = ?",
+        "snapshot": "SELECT * FROM snapshots WHERE id = ?",
     }
 
     def owned_row(self, ctx: ReqCtx, kind: str, row_id: str, action: str) -> Any:

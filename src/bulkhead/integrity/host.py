@@ -256,6 +256,19 @@ class IntegrityGate:
         self._with_tpm(lambda tpm: self._extend_logged(tpm, event), untrust_on_failure=True)
         return digest
 
+    def check_vm_restore(self, digest: str | None) -> str:
+        """Gate a restore (docs/SNAPSHOT.md "The daemon"): the snapshot's launch digest must be a golden
+        value of the policy as it is now, and is extended like a launch. Raises IntegrityError
+        (HostUntrusted, LaunchNotAllowed) or TpmError."""
+        if not self.can_start_vm():
+            raise HostUntrusted(f"VM restore refused: the host is untrusted ({'; '.join(self.core.reasons)})")
+        if digest is None or digest not in self.policy.allowed["vm-launch"]:
+            raise LaunchNotAllowed(f"VM restore refused: the snapshot's launch digest {digest} is not allowed by "
+                                   "the policy")
+        event = Event(self.policy.vm_pcr, "vm-launch", digest, "vm restore")
+        self._with_tpm(lambda tpm: self._extend_logged(tpm, event), untrust_on_failure=True)
+        return digest
+
     def attest_now(self) -> Verdict:
         """Run one attestation round immediately (e.g. after an operator fixed something)."""
         return self.driver.run_once()

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from bulkhead import __version__
 from bulkhead.config import VmConfig
-from bulkhead.devices import i8042, serial
+from bulkhead.devices import ged, i8042, serial
 from bulkhead.errors import ConfigError, HostError, SnapshotError
 from bulkhead.snapshot.format import (
     CHUNK_PAGES,
@@ -51,7 +51,7 @@ from bulkhead.snapshot.format import (
 
 Machine = Any  # bulkhead.runtime.vm.Machine (which imports this module: no import back)
 __all__ = ["Restore", "RestoreSource", "SnapshotTarget", "decrypt_into", "guest_memfds", "load_restore_state", "open_restore",
-           "save_state", "scrub_memfd", "seal_snapshot"]
+           "save_paused_state", "save_state", "scrub_memfd", "seal_snapshot"]
 
 _ZERO = bytes(PAGE)
 _CONFIG_KEYS = ("kernel", "initrd", "cmdline", "mem_mib", "cpus", "boot_protocol", "expected_digest")
@@ -88,7 +88,8 @@ def _state(machine: Machine) -> dict[str, Any]:
         "cpuid": {"mcg_cap": machine.mcg_cap, "entries": [list(map(list, e)) for e in machine.cpuid_tables]},
         "vcpus": vcpus,
         "vm": {k: b64(v) for k, v in get_vm_state(machine.vm).items()},
-        "devices": {"serial": serial.save_state(machine.serial), "i8042": i8042.save_state(machine.i8042)},
+        "devices": {"serial": serial.save_state(machine.serial), "i8042": i8042.save_state(machine.i8042),
+                    **({"ged": ged.save_state(machine.ged)} if getattr(machine, "ged", None) is not None else {})},
         "memory": {"runs": []},
     }
 
@@ -99,6 +100,28 @@ def save_state(machine: Machine, state_fd: int) -> None:
     if machine.transports:
         raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
     _complete_pending_io(machine)
+    write_state_fd(state_fd, _state(machine))
+
+
+def save_paused_state(machine: Machine, state_fd: int, timeout: float = 5.0) -> None:
+    """Worker side, for a snapshot of a running VM (protocol SaveState): machine.pause() was called; wait
+    until every vCPU thread is parked outside KVM_RUN (runtime/vcpu.py: it parks only after a KVM_RUN that
+    returned EINTR, which completes a half-done I/O instruction, api.rst 4.3), flush the UART's output,
+    then write the state document as save_state does. The VM stays paused. Raises ConfigError (virtio
+    devices) or HostError (a vCPU that does not park in time)."""
+    if machine.transports:
+        raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
+    deadline = time.monotonic() + timeout
+    while not all(r.paused or r.thread is None or not r.thread.is_alive() for r in machine.runners):
+        if time.monotonic() > deadline:
+            raise HostError("a vCPU did not pause for the snapshot in time")
+        for r in machine.runners:
+            if not r.paused:
+                r.kick()
+        time.sleep(0.001)
+    if machine.serial is not None:
+        machine.serial.flush()
+    _complete_pending_io(machine)  # each parked vCPU: KVM_RUN with immediate_exit returns EINTR at once
     write_state_fd(state_fd, _state(machine))
 
 
@@ -493,11 +516,15 @@ def load_restore_state(state_fd: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def restore_devices(machine: Machine, state: dict[str, Any]) -> None:
     devices = state["devices"]
-    if not isinstance(devices, dict) or set(devices) != {"serial", "i8042"}:
+    if not isinstance(devices, dict) or set(devices) - {"ged"} != {"serial", "i8042"}:
         raise SnapshotError("snapshot state: devices has the wrong fields (virtio devices are not supported yet)")
+    if "ged" in devices and getattr(machine, "ged", None) is None:
+        raise SnapshotError("snapshot state: it has an ACPI GED and this VM has none")
     try:
         serial.load_state(machine.serial, devices["serial"])
         i8042.load_state(machine.i8042, devices["i8042"])
+        if "ged" in devices:  # older snapshots have none: no event was pending for them
+            ged.load_state(machine.ged, devices["ged"])
     except ValueError as exc:
         raise SnapshotError(f"snapshot state: {exc}") from None
 

@@ -86,6 +86,7 @@ class JailedBackend:
         self._on_exit = on_exit
         self._handles: dict[str, WorkerHandle] = {}
         self._consoles: dict[str, str] = {}
+        self._memfds: dict[str, tuple[int, int, int]] = {}  # vm id -> (guest RAM, state, bytes): snapshots
         self._lock = threading.Lock()
 
     @property
@@ -99,7 +100,7 @@ class JailedBackend:
         self._on_security_event = on_security_event
         self._on_exit = on_exit
 
-    def start(self, vm_id: str, spec: Any) -> int:
+    def start(self, vm_id: str, spec: Any, restore: Any = None) -> int:
         """Spawn, verify and start the VM's worker; returns the worker's host pid once the VM is built (its
         guest runs). Raises StartRefused when the VMM refuses the image or configuration before the guest
         runs, WorkerIntegrityError (a HostError) when the worker's code fails the pre-import check, and
@@ -115,7 +116,8 @@ class JailedBackend:
             drives=tuple(DriveConfig(p, ro) for p, ro in spec.drives),
             nets=tuple(_net(n) for n in spec.nics), rng=spec.rng, serial="stdio",
             expected_digest=getattr(spec, "expected_digest", None),
-        )
+        ) if restore is None else restore.config  # a restore: the snapshot's configuration (runtime/snapshot.py)
+        fds = self._guest_memfds(vm_id, config, restore)
         path = spec.console_path
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
@@ -131,22 +133,85 @@ class JailedBackend:
 
         def exited(result: WorkerExit) -> None:
             sink.close()  # after the last console message: the reader has ended
+            self._drop_memfds(vm_id, fds)
             if self._on_exit is not None:
                 self._on_exit(vm_id, result)
 
         try:
             handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
                                   on_security_event=security, on_exit=exited,
-                                  fork=False)  # the daemon is threaded and holds keys: always exec
+                                  fork=False,  # the daemon is threaded and holds keys: always exec
+                                  snapshot_fds=fds[:2] if fds else None, restore=restore is not None)
         except BaseException:
             sink.close()
+            self._drop_memfds(vm_id, fds)
             raise
         with self._lock:
             self._handles[vm_id] = handle
             self._consoles[vm_id] = path
+        if restore is not None:
+            try:
+                restore.on_built()  # the restore ledger: once the jail is verified, before the guest runs
+            except BaseException:
+                handle.kill()
+                raise
         handle.start()
         _wait_guest_start(handle, self._options.ready_timeout)
         return handle.pid
+
+    def _guest_memfds(self, vm_id: str, config: VmConfig, restore: Any) -> tuple[int, int, int] | None:
+        """Guest RAM in a memfd the host owns, so the VM can be snapshotted while it runs (docs/SNAPSHOT.md
+        "The daemon"); for a restore, the memfds the snapshot was decrypted into. VMs with virtio devices
+        get none (not snapshottable yet: their RAM stays the worker's own)."""
+        from bulkhead.runtime.snapshot import guest_memfds
+
+        if restore is not None:
+            fds = (restore.memory_fd, restore.state_fd, config.mem_bytes)
+        elif config.drives or config.nets or config.rng:
+            return None
+        else:
+            try:
+                fds = (*guest_memfds(config.mem_bytes), config.mem_bytes)
+            except OSError as exc:
+                raise HostError(f"cannot create the guest memory: {exc.strerror}") from None
+        with self._lock:
+            self._memfds[vm_id] = fds
+        return fds
+
+    def _drop_memfds(self, vm_id: str, fds: tuple[int, int, int] | None) -> None:
+        """Scrub the guest RAM memfd (the worker does not scrub memory it does not own) and close both."""
+        from bulkhead.runtime.snapshot import scrub_memfd
+
+        with self._lock:
+            if fds is None or self._memfds.get(vm_id) != fds:
+                return
+            del self._memfds[vm_id]
+        scrub_memfd(fds[0], fds[2])
+        os.close(fds[0])
+        os.close(fds[1])
+
+    def snapshot(self, vm_id: str, seal: Callable[[int, int], Any], *, then: str) -> Any:
+        """Snapshot the running VM (protocol SaveState): the worker pauses the vCPUs and writes its state;
+        `seal(memory_fd, state_fd)` (runtime/snapshot.py seal_snapshot) runs while the guest stays paused;
+        then the VM resumes (`then="resume"`), stays paused ("pause") or stops ("stop"), also when sealing
+        failed (a failed snapshot resumes). Returns what seal returned. Raises VmNotRunning / HostError."""
+        handle = self._handle(vm_id)
+        with self._lock:
+            fds = self._memfds.get(vm_id)
+        if fds is None:
+            raise HostError("this VM cannot be snapshotted: it has virtio devices (docs/SNAPSHOT.md \"Not yet\")")
+        was_paused = handle.status().state == "paused"
+        handle.save_state()
+        ok = False
+        try:
+            info = seal(fds[0], fds[1])
+            ok = True
+            return info
+        finally:
+            if ok and then == "stop":
+                handle.stop()
+            elif not (was_paused or (then == "pause" and ok)):
+                handle.resume()
 
     def _handle(self, vm_id: str) -> WorkerHandle:
         with self._lock:

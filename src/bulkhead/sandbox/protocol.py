@@ -42,9 +42,11 @@ __all__ = [
     "ProbeResult",
     "ProtocolError",
     "Resume",
+    "SaveState",
     "SecurityEvent",
     "Shutdown",
     "Start",
+    "StateSaved",
     "Stats",
     "Status",
     "StatusReply",
@@ -198,6 +200,17 @@ class Status(Message):
     stats: bool = False
 
 
+class SaveState(Message):
+    """Snapshot a running VM (docs/SNAPSHOT.md "The daemon"): the worker pauses the vCPUs, completes the
+    I/O each one had half done, writes the state document into the host's state memfd and stays paused.
+    It answers `state-saved` with the same seq. The host then reads guest memory from its own memfd, seals
+    the file, and resumes or stops the VM. Refused (ok=false) by a worker spawned without the memfds."""
+
+    TYPE: ClassVar[str] = "save-state"
+    SPEC: ClassVar[dict[str, _Spec]] = {"seq": _Int(0, U32)}
+    seq: int = 0
+
+
 class ConsoleIn(Message):
     TYPE: ClassVar[str] = "console-in"
     SPEC: ClassVar[dict[str, _Spec]] = {"data": _Bytes(MAX_CONSOLE_CHUNK)}
@@ -244,6 +257,17 @@ class StatusReply(Message):
     seq: int = 0
     state: str = "ready"
     uptime_ms: int = 0
+
+
+class StateSaved(Message):
+    """The answer to `save-state`. A claim only: the host checks the state document itself (format.py
+    check_state) before anything of it is sealed."""
+
+    TYPE: ClassVar[str] = "state-saved"
+    SPEC: ClassVar[dict[str, _Spec]] = {"seq": _Int(0, U32), "ok": _Bool(), "detail": _Str(MAX_TEXT)}
+    seq: int = 0
+    ok: bool = False
+    detail: str = ""
 
 
 class Console(Message):
@@ -314,10 +338,11 @@ class IntegrityRefused(Message):
 
 
 HOST_TO_WORKER: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe, Shutdown)
+    m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe, Shutdown, SaveState)
 }
 WORKER_TO_HOST: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult, IntegrityRefused, Stats)
+    m.TYPE: m for m in (Hello, StatusReply, Console, Event, SecurityEvent, Exit, ProbeResult, IntegrityRefused, Stats,
+                StateSaved)
 }
 
 

@@ -53,9 +53,11 @@ from bulkhead.sandbox.protocol import (
     ProbeResult,
     ProtocolError,
     Resume,
+    SaveState,
     SecurityEvent,
     Shutdown,
     Start,
+    StateSaved,
     Stats,
     Status,
     StatusReply,
@@ -197,7 +199,7 @@ class WorkerHandle:
         self._integrity: IntegrityRefused | None = None
         self._host_killed = False
         self._cond = threading.Condition()
-        self._replies: dict[int, StatusReply] = {}
+        self._replies: dict[int, StatusReply | StateSaved | None] = {}  # None: asked, not answered
         self._probe: ProbeResult | None = None
         self._seq = 0
         self._send_lock = threading.Lock()
@@ -272,9 +274,10 @@ class WorkerHandle:
                 else:
                     self._stats_final = True
             self.counters = dict(msg.counters or {})  # replaces the last (bounded: one message's worth)
-        elif isinstance(msg, StatusReply):
-            with self._cond:
-                self._replies[msg.seq] = msg
+        elif isinstance(msg, StatusReply | StateSaved):
+            with self._cond:  # kept only as the answer to a request still waiting (a late or unasked one is
+                if msg.seq in self._replies and self._replies[msg.seq] is None:  # dropped: the dict stays bounded)
+                    self._replies[msg.seq] = msg
                 self._cond.notify_all()
         elif isinstance(msg, ProbeResult):
             if not self.test_probes:
@@ -421,18 +424,17 @@ class WorkerHandle:
 
     def status(self, timeout: float = 2.0, stats: bool = False) -> StatusReply:
         """The worker's state (with `stats`, self.counters is fresh on return). HostError if no answer in time."""
-        with self._cond:
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            seq = self._seq
-            if stats:
-                self._stats_asked += 1
-        self._send(Status(seq, stats))
-        with self._cond:
-            if not self._cond.wait_for(lambda: seq in self._replies or self._done.is_set(), timeout):
-                raise HostError(f"VM {self.vm_id}: no status reply within {timeout} s")
-            if seq not in self._replies:
-                raise HostError(f"VM {self.vm_id}: the worker exited")
-            return self._replies.pop(seq)
+        reply = _ask(self, lambda seq: Status(seq, stats), timeout, "status request", stats=stats)
+        if not isinstance(reply, StatusReply):
+            raise HostError(f"VM {self.vm_id}: the worker answered a status request with {reply.TYPE!r}")
+        return reply
+
+    def save_state(self, timeout: float = 10.0) -> None:
+        """protocol SaveState: the worker pauses the VM and writes its state into the host's state memfd.
+        The host checks the document itself (runtime/snapshot.py seal_snapshot). Raises HostError."""
+        reply = _ask(self, SaveState, timeout, "snapshot request")
+        if not isinstance(reply, StateSaved) or not reply.ok:
+            raise HostError(f"VM {self.vm_id}: the worker could not save its state: {getattr(reply, 'detail', '')}")
 
     def probe(self, name: str, arg: str = "", timeout: float = 20.0) -> ProbeResult | None:
         """TEST ONLY: run an escape probe; None when the worker died instead of answering."""
@@ -473,6 +475,25 @@ class WorkerHandle:
 
 
 # --- spawning ------------------------------------------------------------------------------------------
+
+
+def _ask(h: WorkerHandle, make: Callable[[int], Message], timeout: float, what: str, *, stats: bool = False) -> Message:
+    """Send a request with a fresh seq and wait for the worker's reply with that seq. HostError if none in time."""
+    with h._cond:
+        h._seq = seq = (h._seq + 1) & 0xFFFFFFFF
+        h._stats_asked += 1 if stats else 0
+        h._replies[seq] = None
+    try:
+        h._send(make(seq))
+        with h._cond:
+            h._cond.wait_for(lambda: h._replies.get(seq) is not None or h._done.is_set(), timeout)
+    finally:
+        with h._cond:
+            reply = h._replies.pop(seq, None)
+    if reply is None:
+        raise HostError(f"VM {h.vm_id}: the worker exited" if h._done.is_set() else
+                        f"VM {h.vm_id}: no answer to the {what} within {timeout} s")
+    return reply
 
 
 def _open_tap(name: str) -> int:

@@ -44,8 +44,10 @@ from bulkhead.sandbox.protocol import (
     ProbeResult,
     ProtocolError,
     Resume,
+    SaveState,
     Shutdown,
     Start,
+    StateSaved,
     Stats,
     Status,
     StatusReply,
@@ -239,6 +241,9 @@ class _Service:
                     self.early_input += msg.data[: EARLY_INPUT - len(self.early_input)]
                     return
             serial.enqueue_input(msg.data)
+        elif isinstance(msg, SaveState):
+            ok, detail = self._save_state()
+            self.send(StateSaved(msg.seq, ok, detail[:MAX_TEXT]))
         elif isinstance(msg, Probe):
             if not self.test_probes:
                 os._exit(EXIT_SETUP_FAILED)  # a probe request without --test-probes: refuse hard
@@ -246,6 +251,24 @@ class _Service:
 
             outcome, detail = probes.run(msg.name, msg.arg, self)
             self.send(ProbeResult(msg.name, outcome, detail[:MAX_TEXT]))
+
+    def _save_state(self) -> tuple[bool, str]:
+        """protocol SaveState: pause, quiesce and write the state document (runtime/snapshot.py
+        save_paused_state); the VM stays paused for the host to seal and then resume or stop it."""
+        with self.state_lock:
+            if self.snap["state_fd"] < 3 or self.snap["memory_fd"] < 3:
+                return False, "this VM was started without the host's memfds: it cannot be snapshotted"
+            if not self.built or self.state not in ("running", "paused"):
+                return False, f"the VM is {self.state}, not running or paused"
+            from bulkhead.runtime.snapshot import save_paused_state
+
+            self.machine.pause()
+            self.state = "paused"
+            try:
+                save_paused_state(self.machine, self.snap["state_fd"])
+            except (BulkheadError, OSError) as exc:
+                return False, str(exc)
+        return True, "state saved; the VM is paused"
 
     def _send_stats(self) -> None:
         """The VM's counters for `bulkhead run --stats` (one `stats` message, before `exit`)."""

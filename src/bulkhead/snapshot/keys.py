@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 
-from bulkhead.errors import ConfigError, SnapshotError
+from bulkhead.errors import ConfigError, SnapshotError, SnapshotRestoredBefore
 
 __all__ = ["default_key_path", "load_host_key", "record_restore"]
 
@@ -91,7 +91,7 @@ def record_restore(key_path: str, snapshot_id: str, *, clone: bool) -> bool:
         with os.fdopen(os.dup(fd), "rb") as f:
             seen = snapshot_id.encode() + b"\n" in set(f.readlines())
         if seen and not clone:
-            raise SnapshotError(
+            raise SnapshotRestoredBefore(
                 f"snapshot {snapshot_id} was restored before: restoring it again duplicates the guest's "
                 "secrets and RNG state; pass --clone to do it on purpose"
             )
