@@ -252,9 +252,23 @@ class Store:
         finally:
             self._local.committed -= 1
 
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Hold the writer lock: no body runs and no batch commits meanwhile, and reads inside see the
+        open batch's changes too (they commit or fail as one; a failed member undoes its own host
+        changes afterwards). For code that makes the host follow the store (networks.net_sync)."""
+        with self._wlock:
+            self._local.paused = getattr(self._local, "paused", 0) + 1
+            try:
+                yield
+            finally:
+                self._local.paused -= 1
+
     def _reader(self) -> sqlite3.Connection:
-        """Inside a body: the write connection; else this thread's own reader (committed state only)."""
-        if getattr(self._local, "depth", 0) and not getattr(self._local, "committed", 0):
+        """Inside a body or writer(): the write connection; else this thread's own reader (committed
+        state only)."""
+        loc = self._local
+        if (getattr(loc, "depth", 0) or getattr(loc, "paused", 0)) and not getattr(loc, "committed", 0):
             return self._conn
         conn: sqlite3.Connection | None = getattr(self._local, "reader", None)
         if conn is None:
