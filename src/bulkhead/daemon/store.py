@@ -145,10 +145,12 @@ class Store:
             batch = self._open_batch()
             self._conn.execute("SAVEPOINT body")
             loc.depth, loc.batch = 1, batch
+            marks = len(batch.records), len(batch.after)
             try:
                 yield self._conn
                 self._conn.execute("RELEASE body")
             except BaseException:
+                del batch.records[marks[0]:], batch.after[marks[1]:]  # its records go with its changes
                 self._undo(batch)
                 raise
             finally:
