@@ -6,6 +6,12 @@ decision cost (pycasbin vs the plain-Python reference evaluator).
 
     .venv/bin/python bench/bench_api.py                 # full run, prints markdown, writes JSON
     .venv/bin/python bench/bench_api.py --quick         # smaller counts (smoke test)
+    .venv/bin/python bench/bench_api.py --peer          # issue 16 item 5 only: vs a bare FastAPI app
+
+`--peer` (issue 16 item 5): bulkhead against a bare FastAPI app on the same uvicorn + mTLS setup whose POST
+does one fsync'd SQLite commit per request (WAL, synchronous=FULL: the honest minimum for a durable
+write), alternating, GET/s and POST/s with 1 and 8 keep-alive clients, medians of `--rounds` (>= 5).
+bulkhead's GET is an authorized `vm get` (audited), its POST a `tenant create` (state + audit, durable).
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import httpx  # noqa: E402
 
-from bulkhead.daemon.testkit import wait_serve_info  # noqa: E402
+from bulkhead.daemon.testkit import fake_kernel, wait_serve_info  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -171,7 +178,7 @@ def api_bench(base: Path, n_get: int, n_create: int, rounds: int) -> dict[str, o
     for kind in ("casbin", "pure", "baseline"):
         root = base / kind
         init_state_dir(root)
-        (root / "images" / "vmlinux").write_bytes(b"k")
+        (root / "images" / "vmlinux").write_bytes(fake_kernel())
         targets[kind] = Target(kind, root)
     res: dict[str, dict[str, list[dict[str, float]]]] = {k: {} for k in targets}
     try:
@@ -192,6 +199,115 @@ def api_bench(base: Path, n_get: int, n_create: int, rounds: int) -> dict[str, o
         for t in targets.values():
             t.close()
     return {kind: {op: _merge(parts) for op, parts in ops.items()} for kind, ops in res.items()}
+
+
+PEER = r"""
+import sys, json, os, asyncio, sqlite3, threading
+sys.path.insert(0, sys.argv[2])
+from bulkhead.daemon.server import make_server_ssl, _Server, TlsProtocol, _tcp_socket
+from bulkhead.daemon.daemon import StateDir
+from fastapi import FastAPI
+import uvicorn
+app = FastAPI()
+db = os.path.join(sys.argv[1], "peer.db")
+init = sqlite3.connect(db)
+init.execute("PRAGMA journal_mode=WAL")
+init.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+init.close()
+local = threading.local()
+def conn():
+    c = getattr(local, "c", None)
+    if c is None:
+        c = local.c = sqlite3.connect(db, isolation_level=None, timeout=30)
+        c.execute("PRAGMA synchronous=FULL")
+    return c
+@app.get("/x")
+def get_x():
+    row = conn().execute("SELECT COUNT(*) FROM t").fetchone()
+    return {"id": "x", "state": "stopped", "n": row[0]}
+@app.post("/x", status_code=201)
+def post_x(body: dict):
+    c = conn()
+    c.execute("BEGIN IMMEDIATE")
+    c.execute("INSERT INTO t(name) VALUES (?)", (str(body.get("name", "")),))
+    c.execute("COMMIT")
+    return {"id": "x", "name": body.get("name")}
+sd = StateDir(__import__("pathlib").Path(sys.argv[1]))
+sslctx = make_server_ssl(sd)
+cfg = uvicorn.Config(app, host="127.0.0.1", port=0, http=TlsProtocol, ssl_context_factory=lambda c, f: sslctx,
+                     lifespan="off", log_level="warning", access_log=False)
+server = _Server(cfg)
+async def main():
+    sock = _tcp_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    t = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    (sd.root / "baseline.json").write_text(json.dumps({"pid": os.getpid(), "port": port}))
+    await t
+asyncio.run(main())
+"""
+
+
+def peer_bench(base: Path, n: int, rounds: int) -> dict[str, object]:
+    """bulkhead vs the bare FastAPI peer, alternating; GET/s and POST/s with 1 and 8 clients."""
+    from bulkhead.daemon.setup import init_state_dir
+
+    roots = {k: base / f"peer-{k}" for k in ("bulkhead", "fastapi")}
+    for root in roots.values():
+        init_state_dir(root)
+        (root / "images" / "vmlinux").write_bytes(fake_kernel())
+    targets = {"bulkhead": Target("casbin", roots["bulkhead"])}
+    (roots["fastapi"] / "baseline.json").unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", PEER, str(roots["fastapi"]), str(ROOT / "src")])
+    for _ in range(600):
+        if (roots["fastapi"] / "baseline.json").exists():
+            break
+        time.sleep(0.05)
+    port = json.loads((roots["fastapi"] / "baseline.json").read_text())["port"]
+    counter = iter(range(10**9))
+
+    def ops(kind: str) -> tuple[str, str, str, Any]:
+        if kind == "bulkhead":
+            t = targets["bulkhead"]
+            return t.url, t.get_path, "/v1/tenants", t.root
+        return f"https://127.0.0.1:{port}", "/x", "/x", roots["fastapi"]
+
+    def run(kind: str, method: str, clients: int) -> dict[str, float]:
+        url, get_path, post_path, root = ops(kind)
+
+        def make(w: int) -> Any:
+            cl = httpx.Client(base_url=url, verify=ctx(root), timeout=60)
+            cl.get(get_path)  # the keep-alive connection is up before the clock starts
+
+            def one(i: int) -> None:
+                if method == "GET":
+                    r = cl.get(get_path)
+                else:
+                    r = cl.post(post_path, json={"name": f"p{next(counter)}"})
+                assert r.status_code in (200, 201), r.text
+            return one, cl.close
+
+        return concurrent(make, max(1, n // clients), clients)
+
+    res: dict[str, dict[str, list[dict[str, float]]]] = {k: {} for k in ("bulkhead", "fastapi")}
+    try:
+        for kind in res:
+            run(kind, "GET", 1)  # warm up
+        for _ in range(rounds):
+            for method in ("GET", "POST"):
+                for clients in (1, 8):
+                    for kind in res:  # alternating: the shared machine's noise hits both alike
+                        res[kind].setdefault(f"{method}_{clients}", []).append(run(kind, method, clients))
+    finally:
+        targets["bulkhead"].close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    out: dict[str, object] = {k: {op: _merge(parts) for op, parts in v.items()} for k, v in res.items()}
+    out["ratio_bulkhead_over_fastapi"] = {
+        op: round(out["bulkhead"][op]["req_per_s_median"] / out["fastapi"][op]["req_per_s_median"], 3)  # type: ignore[index]
+        for op in res["bulkhead"]}
+    return out
 
 
 def audit_bench(tmp: Path, n: int) -> dict[str, object]:
@@ -243,7 +359,17 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--verify-records", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--peer", action="store_true", help="only bulkhead vs the bare FastAPI app (issue 16)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--requests", type=int, default=400, help="per measurement (--peer)")
     a = p.parse_args()
+    if a.peer:
+        with tempfile.TemporaryDirectory() as d:
+            results = peer_bench(Path(d), a.requests, a.rounds)
+        print(json.dumps(results, indent=2))
+        if a.json:
+            a.json.write_text(json.dumps(results, indent=2))
+        return 0
     n_get, n_create, n_audit, rounds = (200, 60, 500, 2) if a.quick else (1000, 300, 3000, 5)
     n_verify = a.verify_records or (20000 if a.quick else 1_000_000)
     results: dict[str, object] = {"quick": a.quick, "cpus": os.cpu_count()}

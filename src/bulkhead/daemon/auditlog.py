@@ -189,9 +189,9 @@ class TreeReader:
 
 @dataclass
 class _Pending:
-    record: Record
+    records: list[Record]
     done: threading.Event = field(default_factory=threading.Event)
-    seq: int = 0
+    seq: int = 0  # of the first record
     error: str = ""
 
 
@@ -294,9 +294,14 @@ class AuditLog:
 
     def append(self, record: Record, timeout: float = 30.0) -> int:
         """Append and wait until durable. Returns the record's seq. Raises AuditUnavailable."""
+        return self.append_many([record], timeout)
+
+    def append_many(self, records: list[Record], timeout: float = 30.0) -> int:
+        """Append `records` in this order in one transaction (one fsync: a state group commit's records,
+        store.py) and wait until durable. Returns the first record's seq. Raises AuditUnavailable."""
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
-        p = _Pending(record)
+        p = _Pending(list(records))
         self._queue.put(p)
         if not p.done.wait(timeout):
             raise AuditUnavailable("the audit log did not commit in time")
@@ -345,13 +350,14 @@ class AuditLog:
         rows: list[tuple[Any, ...]] = []
         nodes: list[tuple[int, int, bytes]] = []
         for p in batch:
-            seq = f.size + 1
-            values = p.record.values()
-            leaf = leaf_bytes(seq, values)
-            lh = leaf_hash(leaf)
-            rows.append((seq, *(values[i] for i in _IDX), leaf, lh))
-            nodes.extend(f.append(lh))
-            p.seq = seq
+            p.seq = f.size + 1
+            for record in p.records:
+                seq = f.size + 1
+                values = record.values()
+                leaf = leaf_bytes(seq, values)
+                lh = leaf_hash(leaf)
+                rows.append((seq, *(values[i] for i in _IDX), leaf, lh))
+                nodes.extend(f.append(lh))
         root = f.root()
         head = self._signed(f.size, root)
         make_cp = f.size > self._last_cp and (

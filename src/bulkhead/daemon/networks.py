@@ -103,7 +103,7 @@ class TenantNetworkService:
 
     def net_sync(self) -> list[str]:
         """Make the host match the stored networks and NICs; returns the actions taken. Raises HostError."""
-        with self.store.lock:
+        with self.store.writer():  # serialized with the group commit: the host follows the batch's state
             nets, nics = self._net_rows()
             return self.net.sync(nets, nics)
 

@@ -6,7 +6,8 @@ raises ApiError(status, detail). The rules applied everywhere:
 - authorize(action, scope) consults the RBAC evaluator (pycasbin). A denied principal that cannot read
   the resource gets 404, exactly as for a resource that does not exist; one that can read it gets 403.
 - State changes run inside a state-store transaction that commits only after the audit record of the
-  request is durable (fail closed: AuditUnavailable -> rollback -> 503).
+  request is durable (fail closed: AuditUnavailable -> rollback -> 503); concurrent requests share one
+  group commit (store.py, issue 16 item 5).
 - Records of requests that end otherwise (reads, denials, errors) are appended by the HTTP layer before
   the response starts; if that append fails the response becomes a 503 (nothing is disclosed).
 """
@@ -120,21 +121,28 @@ class Core:
         self.witnesses = witnesses  # docs/AUDIT.md: mutations wait for a witness quorum
         self._generation = -1
         self._rbac_lock = threading.Lock()
+        store.durable = audit.append_many  # a state batch's audit records: one append before its COMMIT
 
     # ------------------------------------------------------------------ RBAC
     def _fresh(self) -> rbac.Evaluator:
-        with self.store.lock, self._rbac_lock:  # always store lock first: no lock-order inversion
-            if self._generation != self.store.generation:
-                gen = self.store.generation
-                self.evaluator.load(self.store.roles(), self.store.assignments())
+        """The evaluator, reloaded from committed state only (never from a batch that may still fail)
+        when an RBAC change has committed since its last load."""
+        with self._rbac_lock:
+            gen = self.store.generation
+            if self._generation != gen:
+                with self.store.committed():
+                    self.evaluator.load(self.store.roles(), self.store.assignments())
                 self._generation = gen
         return self.evaluator
 
     def rbac_changed(self) -> None:
         """Call inside the transaction that changes roles or assignments: evaluators reload on their next
-        decision, and their reload reads the store only after that transaction ends (it needs the lock)."""
-        with self.store.lock:
-            self.store.generation += 1
+        decision after that transaction has committed (store.after_commit)."""
+        def bump() -> None:
+            with self._rbac_lock:
+                self.store.generation += 1
+
+        self.store.after_commit(bump)
 
     def allowed(self, who: Caller, action: str, scope: str) -> bool:
         return self._fresh().allowed(who.id, action, scope)
@@ -216,29 +224,38 @@ class Core:
     # ------------------------------------------------------------------ audit
     @contextmanager
     def mutation(self, ctx: ReqCtx, result: str = "200") -> Iterator[Any]:
-        """A state transaction whose commit waits for the request's audit record (fail closed)."""
+        """A state transaction whose commit waits for the request's audit record (fail closed). The record
+        joins the store's group commit (store.py): the batch's records are appended in one audit
+        transaction, then the batch's state commits, then every member's response may go out."""
         try:
             with self.store.txn() as conn:
                 yield conn
-                self.append(ctx.record(result))
-                ctx.audited = True
+                rec = ctx.record(result)
+                self._quorum_gate(rec)
+                self.store.add_durable(rec)
+        except AuditUnavailable as exc:
+            raise ApiError.of(exc, f"audit log unavailable, nothing was changed ({exc})") from None
         except sqlite3.IntegrityError:  # a concurrent request created the same name first
-            ctx.audited = False
             raise ApiError(409, "conflicts with an existing resource (created concurrently)") from None
-        except sqlite3.Error as exc:  # the state commit failed after the record was written: say so
-            if ctx.audited:
-                ctx.audited = False
+        except sqlite3.Error as exc:  # the state commit failed (maybe after the record was written): say so
+            if getattr(exc, "records_durable", False):
                 ctx.detail["rolled_back"] = str(exc)
             raise ApiError.of(StateUnavailable(str(exc)),
                               f"the state database refused the change, nothing was changed ({exc})") from None
+        ctx.audited = True
 
-    def append(self, rec: Record) -> int:
-        """Append `rec` (fail closed). An API record is refused (503) while the witness policy says the
-        log has had no witness quorum for longer than its grace (docs/AUDIT.md)."""
+    def _quorum_gate(self, rec: Record) -> None:
+        """An API record is refused (503) while the witness policy says the log has had no witness quorum
+        for longer than its grace (docs/AUDIT.md)."""
         if rec.kind == "api" and self.witnesses is not None:
             why = self.witnesses.refusal()
             if why:
                 raise ApiError(503, f"no witness quorum, nothing was changed ({why})")
+
+    def append(self, rec: Record) -> int:
+        """Append `rec` (fail closed). An API record is refused (503) while the witness policy says the
+        log has had no witness quorum for longer than its grace (docs/AUDIT.md)."""
+        self._quorum_gate(rec)
         try:
             return self.audit.append(rec)
         except AuditUnavailable as exc:

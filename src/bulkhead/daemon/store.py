@@ -1,9 +1,11 @@
 """The daemon's state: one SQLite file (WAL, synchronous=FULL), separate from the audit log.
 
-One connection guarded by a re-entrant lock: every read and every transaction holds it, so concurrent
-requests (FastAPI runs handlers on a thread pool) see consistent state. `txn()` wraps BEGIN IMMEDIATE ...
-COMMIT; an exception inside rolls the whole change back, which is how a failed audit append undoes a
-state change (fail closed). Raises HostError when the file cannot be opened.
+Writes are group-committed (daemon/groupcommit.py, issue 16 item 5): concurrent `txn()` bodies share one
+transaction, whose audit records (`add_durable`) are made durable in one append before its one COMMIT;
+`txn()` returns only once its change is durable. An exception inside a body rolls that body back, which is
+how a failed audit append undoes a state change (fail closed). Reads need no lock (per-thread WAL
+readers: committed state). `lock` is an in-memory guard for callers, never held by the store across a
+commit wait. Raises HostError when the file cannot be opened.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bulkhead.control.rbac import BUILTIN_ROLES, Assignment, RoleDef
 from bulkhead.daemon.auditlog import now_iso
+from bulkhead.daemon.groupcommit import GroupCommitDb
 from bulkhead.errors import BulkheadError, HostError
 from bulkhead.network.service import SCHEMA as NETWORK_SCHEMA
 
@@ -59,55 +60,11 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-class Store:
+class Store(GroupCommitDb):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.RLock()
-        try:
-            self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(SCHEMA + NETWORK_SCHEMA)  # networks and NICs: bulkhead.network.service
-        except sqlite3.Error as exc:
-            raise HostError(f"cannot open the state database {path}: {exc}") from None
-        self._depth = 0
-        self.generation = 0  # bumped on every RBAC change, so evaluators know to reload
-
-    def close(self) -> None:
-        with self.lock:
-            self._conn.close()
-
-    @contextmanager
-    def txn(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (re-entrant: nested uses join the outer one)."""
-        with self.lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield self._conn
-                finally:
-                    self._depth -= 1
-                return
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._depth = 1
-            try:
-                yield self._conn
-            except BaseException:
-                self._depth = 0
-                self._conn.execute("ROLLBACK")
-                raise
-            self._depth = 0
-            self._conn.execute("COMMIT")
-
-    def q(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[sqlite3.Row]:
-        with self.lock:
-            return self._conn.execute(sql, args).fetchall()
-
-    def q1(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> sqlite3.Row | None:
-        with self.lock:
-            row: sqlite3.Row | None = self._conn.execute(sql, args).fetchone()
-            return row
+        super().__init__(path, SCHEMA + NETWORK_SCHEMA)  # networks and NICs: bulkhead.network.service
+        self.lock = threading.RLock()  # an in-memory guard for callers, never held across a commit wait
+        self.generation = 0  # bumped on every RBAC change (after its commit), so evaluators know to reload
 
     # ------------------------------------------------------------------ bootstrap
     def initialize(self) -> None:
@@ -153,11 +110,10 @@ class Store:
 
     def principal_by_cert(self, fp: str) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
         """(principal, cert row) for a certificate fingerprint; (None, None) when unknown."""
-        with self.lock:
-            cert = self.q1("SELECT * FROM certs WHERE fingerprint = ?", (fp,))
-            if cert is None:
-                return None, None
-            return self.q1("SELECT * FROM principals WHERE id = ?", (cert["principal_id"],)), cert
+        cert = self.q1("SELECT * FROM certs WHERE fingerprint = ?", (fp,))
+        if cert is None:
+            return None, None
+        return self.q1("SELECT * FROM principals WHERE id = ?", (cert["principal_id"],)), cert
 
     def principal_out(self, row: sqlite3.Row) -> dict[str, Any]:
         cert = self.q1(

@@ -171,10 +171,12 @@ def wait_serve_info(root: Path, proc: subprocess.Popen[bytes], timeout: float = 
 
 
 def spawn_daemon(root: Path, backend: str = "fake", extra_env: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+                 extra_args: list[str] | None = None, stdout: Any = subprocess.PIPE,
+                 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """`bulkhead serve` as a child. Unless `extra_args` say otherwise, a fake-backend daemon runs with
     the explicit test settings: the code check skipped (BULKHEAD_DEV_SKIP_INTEGRITY=1) and
-    `--integrity off` (no guest can run with the fake backend)."""
+    `--integrity off` (no guest can run with the fake backend). `stdout`: where its log goes (a file
+    for a daemon that serves many requests: nobody drains the pipe)."""
     env = {**os.environ, **(extra_env or {})}
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
@@ -185,6 +187,6 @@ def spawn_daemon(root: Path, backend: str = "fake", extra_env: dict[str, str] | 
     proc = subprocess.Popen(
         [sys.executable, "-m", "bulkhead", "serve", "--state-dir", str(root), "--port", "0", "--backend", backend,
          *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        stdout=stdout, stderr=subprocess.STDOUT, env=env,
     )
     return proc, wait_serve_info(root, proc)
