@@ -40,7 +40,7 @@ GOOD = b"fleet-enrolled-secret"
 
 
 def attestation(kind: str) -> KeyedAttestation:
-    return KeyedAttestation(GOOD if kind == "good" else b"an unenrolled host", GOOD)
+    return KeyedAttestation(b"an unenrolled host" if kind == "bad" else GOOD, GOOD)
 
 
 def out(data: bytes) -> None:
@@ -49,6 +49,14 @@ def out(data: bytes) -> None:
 
 def dest(d: Path, kind: str, jail: bool) -> int:
     from bulkhead.runtime.migrate import MigrationError, receive_vm, tls_context
+
+    if kind == "die":  # the destination host dies (SIGKILL) when the first guest pages arrive
+        from bulkhead.snapshot import wire
+
+        def die(*a: object, **k: object) -> None:
+            os.kill(os.getpid(), 9)
+
+        wire.decode_pages = die  # type: ignore[assignment]
 
     ctx = tls_context(server=True, cert=str(d / "server.crt"), key=str(d / "server.key"), ca=str(d / "ca.crt"))
     lsock = socket.socket()

@@ -93,3 +93,71 @@ def test_a_counting_guest_migrated_mid_run_goes_on_without_a_gap_or_a_repeat(
     assert (s.stdout + d.stdout).decode() == reference
     assert res["downtime_ms"] <= res["total_ms"]
     print(res)
+
+
+def test_a_two_vcpu_guest_with_the_lapic_timer_ticking_migrates(certs: Path, tmp_path: Path) -> None:
+    kernel = payload("ticker")
+    ref = subprocess.run([sys.executable, "-m", "bulkhead", "run", "--no-jail", "--kernel", str(kernel), "--cpus", "2",
+                          "--cmdline", "count=40"], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert ref.returncode == 1, ref.stderr
+    s, d = _migrate(_dir(certs, tmp_path), kernel, cpus=2, cmdline="count=40", after=random.randint(2, 25))
+    res = json.loads((tmp_path / "src.json").read_text())
+    assert res["reason"] == "migrated", (res, s.stderr.decode(), d.stderr.decode())
+    assert (s.stdout + d.stdout) == ref.stdout
+
+
+def test_a_destination_killed_mid_transfer_leaves_the_guest_running_on_the_source(
+        certs: Path, kernel: Path, reference: str, tmp_path: Path) -> None:
+    s, d = _migrate(_dir(certs, tmp_path), kernel, dest_attest="die")
+    assert d.returncode == -signal.SIGKILL
+    res = json.loads((tmp_path / "src.json").read_text())
+    assert res["resumed"] is True and "runs on here" in res["error"], res
+    assert res["reason"] == "debug-exit" and res["status"] == 1, res  # it ran to its own end, here
+    assert s.stdout.decode() == reference
+
+
+@pytest.mark.parametrize("bad", ["dest", "src"])
+def test_a_host_that_fails_attestation_is_refused(
+        certs: Path, kernel: Path, reference: str, tmp_path: Path, bad: str) -> None:
+    """A destination that fails is refused before a byte of guest memory is sent; a source that fails is
+    refused by the destination. Either way the guest finishes on the source and nothing runs elsewhere."""
+    s, d = _migrate(_dir(certs, tmp_path), kernel, dest_attest="bad" if bad == "dest" else "good",
+                    src_attest="bad" if bad == "src" else "good")
+    res = json.loads((tmp_path / "src.json").read_text())
+    who = "destination" if bad == "dest" else "source"
+    assert f"the {who} host failed attestation" in res["error"], res
+    assert res["resumed"] is True and res["status"] == 1
+    assert s.stdout.decode() == reference and d.stdout == b""
+    assert "failed attestation" in json.loads((tmp_path / "dest.json").read_text())["error"]
+    if bad == "dest":
+        assert res.get("pages") is None  # send_vm never got to memory
+
+
+def test_a_client_without_a_valid_certificate_is_refused(certs: Path, tmp_path: Path) -> None:
+    """No certificate, and a certificate of another CA: the TLS handshake fails, no migration starts."""
+    d = _dir(certs, tmp_path)
+    dst = _peer("dest", str(d), "good")
+    try:
+        _wait_port(d, dst)
+        port = int((d / "port").read_text())
+        other = pki.make_ca(cn="another CA")
+        okey = pki.new_key()
+        (d / "o.key").write_bytes(pki.key_pem(okey))
+        (d / "o.crt").write_bytes(pki.cert_pem(pki.issue_client(other, "host-x", okey.public_key()).cert))
+        for cert in (None, "o"):
+            ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+            if cert:
+                ctx.load_cert_chain(str(d / f"{cert}.crt"), str(d / f"{cert}.key"))
+            with socket.create_connection(("127.0.0.1", port)) as raw, pytest.raises((ssl.SSLError, OSError)):
+                with ctx.wrap_socket(raw, server_hostname="localhost") as c:
+                    c.sendall(b"\\0" * 16)
+                    assert c.recv(1) == b""  # TLS 1.3: the refusal arrives after the client's handshake
+                    raise OSError("closed")
+            deadline = time.monotonic() + 10
+            while not (d / "tls-refused.txt").exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.unlink(d / "tls-refused.txt")
+    finally:
+        dst.kill()
+        dst.wait()
