@@ -97,7 +97,7 @@ def src(d: Path, kind: str, kernel: str, cmdline: str, after: int, cpus: int) ->
     from bulkhead.runtime.vm import Machine
 
     cfg = VmConfig(kernel=kernel, cmdline=cmdline, mem_mib=128, cpus=cpus, serial="stdio")
-    memory_fd, state_fd = guest_memfds(cfg.mem_bytes)
+    memory_fd, _state_fd = guest_memfds(cfg.mem_bytes)
     lines = threading.Event()
     seen = [0]
 

@@ -148,11 +148,11 @@ def test_a_client_without_a_valid_certificate_is_refused(certs: Path, tmp_path: 
             ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
             if cert:
                 ctx.load_cert_chain(str(d / f"{cert}.crt"), str(d / f"{cert}.key"))
-            with socket.create_connection(("127.0.0.1", port)) as raw, pytest.raises((ssl.SSLError, OSError)):
-                with ctx.wrap_socket(raw, server_hostname="localhost") as c:
-                    c.sendall(b"\\0" * 16)
-                    assert c.recv(1) == b""  # TLS 1.3: the refusal arrives after the client's handshake
-                    raise OSError("closed")
+            with socket.create_connection(("127.0.0.1", port)) as raw, pytest.raises((ssl.SSLError, OSError)), \
+                    ctx.wrap_socket(raw, server_hostname="localhost") as c:
+                c.sendall(bytes(16))
+                assert c.recv(1) == b""  # TLS 1.3: the refusal arrives after the client's handshake
+                raise OSError("closed")
             deadline = time.monotonic() + 10
             while not (d / "tls-refused.txt").exists():
                 assert time.monotonic() < deadline
@@ -161,3 +161,15 @@ def test_a_client_without_a_valid_certificate_is_refused(certs: Path, tmp_path: 
     finally:
         dst.kill()
         dst.wait()
+
+
+def test_the_destination_restores_in_a_fresh_jailed_worker(
+        certs: Path, kernel: Path, reference: str, tmp_path: Path) -> None:
+    """The destination path of a start: run_jailed with the received memfds (jail, seccomp, integrity)."""
+    if os.geteuid() != 0:
+        pytest.skip("the jailed path needs root")
+    s, d = _migrate(_dir(certs, tmp_path), kernel, jail=True)
+    res = json.loads((tmp_path / "src.json").read_text())
+    assert res["reason"] == "migrated", (res, s.stderr.decode(), d.stderr.decode())
+    assert json.loads((tmp_path / "dest.json").read_text())["status"] == 1, d.stderr.decode()
+    assert (s.stdout + d.stdout).decode() == reference

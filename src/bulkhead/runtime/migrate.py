@@ -259,26 +259,10 @@ class Incoming(NamedTuple):
     peer: str
 
 
-def receive_vm(sock: socket.socket, att: Attestation, *, serial: str = "stdio",
-               allow_digest: Callable[[str | None], str | None] | None = None,
-               on_running: Callable[[], None] | None = None) -> Incoming:
-    """Receive one VM over `sock` (a TLS server socket, handshaken). `allow_digest(digest)` returns None
-    when this host's policy allows the launch digest, else the reason it does not (checked before any
-    page is accepted). The returned RestoreSource's on_built sends `ready`, waits for `commit` and sends
-    `running`; if commit does not come, it raises and the VM never runs here.
-    Raises MigrationError/SnapshotError; the caller closes the memfds of a failed receive (none leak)."""
-    from bulkhead.runtime.snapshot import (
-        RestoreSource,
-        _check_config,
-        _mapped,
-        guest_memfds,
-        load_restore_state,
-        write_state_fd,
-    )
-
-    sock.settimeout(TIMEOUT)
-    conn = _Conn(sock)
-    peer = _peer_name(sock)
+def _handshake_dest(conn: _Conn, att: Attestation,
+                    allow_digest: Callable[[str | None], str | None] | None) -> dict[str, Any]:
+    """Check the offer, quote over the source's nonce, verify the source's quote over ours, check the
+    launch digest against this host's policy. Sends `accept`, or `abort` and raises."""
     try:
         offer = wire.check_offer(wire.parse_json(conn.expect(b"O", "an offer"), "offer"),
                                  max_mem=MAX_MEM, max_cpus=MAX_CPUS)
@@ -300,39 +284,63 @@ def receive_vm(sock: socket.socket, att: Attestation, *, serial: str = "stdio",
         conn.abort(str(exc))
         raise
     conn.send(wire.json_frame(b"A", {}))
-    mem_bytes = offer["mem_bytes"]
+    return offer
+
+
+def _receive_memory(conn: _Conn, memory_fd: int, mem_bytes: int) -> bytes:
+    """P frames into the memfd until the S frame, whose payload is returned."""
+    from bulkhead.runtime.snapshot import _flat_regions, _mapped
+
     frames = _page_frames(mem_bytes)
+    flat = _flat_regions(mem_bytes)
+    with _mapped(memory_fd, mem_bytes) as view:
+        while True:
+            kind, payload = wire.read_frame(conn.recv_exact)
+            if kind == b"X":
+                raise MigrationError(f"the source aborted: {wire.parse_json(payload, 'abort').get('reason')}")
+            if kind == b"S":
+                return payload
+            if kind != b"P":
+                raise SnapshotError(f"migration stream: unexpected frame {kind!r} among the pages")
+            pfn, n, data = wire.decode_pages(payload, page_frames=frames)
+            addr = pfn * PAGE
+            for base, size, off in flat:
+                if base <= addr and addr + n * PAGE <= base + size:
+                    view[off + addr - base : off + addr - base + n * PAGE] = data
+                    break
+            else:
+                raise SnapshotError(f"migration stream: pages {pfn:#x}+{n} are outside guest RAM")
+            del data
+
+
+def receive_vm(sock: socket.socket, att: Attestation, *, serial: str = "stdio",
+               allow_digest: Callable[[str | None], str | None] | None = None,
+               on_running: Callable[[], None] | None = None) -> Incoming:
+    """Receive one VM over `sock` (a TLS server socket, handshaken). `allow_digest(digest)` returns None
+    when this host's policy allows the launch digest, else the reason it does not (checked before any
+    page is accepted). The returned RestoreSource's on_built sends `ready`, waits for `commit` and sends
+    `running`; if commit does not come, it raises and the VM never runs here.
+    Raises MigrationError/SnapshotError; the memfds of a failed receive are closed here."""
+    from bulkhead.runtime.snapshot import (
+        RestoreSource,
+        _check_config,
+        guest_memfds,
+        load_restore_state,
+        write_state_fd,
+    )
+
+    sock.settimeout(TIMEOUT)
+    conn = _Conn(sock)
+    offer = _handshake_dest(conn, att, allow_digest)
+    mem_bytes = offer["mem_bytes"]
     memory_fd, state_fd = guest_memfds(mem_bytes)
     try:
-        from bulkhead.runtime.snapshot import _flat_regions
-
-        flat = _flat_regions(mem_bytes)
-        with _mapped(memory_fd, mem_bytes) as view:
-            while True:
-                kind, payload = wire.read_frame(conn.recv_exact)
-                if kind == b"X":
-                    raise MigrationError(f"the source aborted: {wire.parse_json(payload, 'abort').get('reason')}")
-                if kind == b"S":
-                    break
-                if kind != b"P":
-                    raise SnapshotError(f"migration stream: unexpected frame {kind!r} among the pages")
-                pfn, n, data = wire.decode_pages(payload, page_frames=frames)
-                addr = pfn * PAGE
-                for base, size, off in flat:
-                    if base <= addr and addr + n * PAGE <= base + size:
-                        view[off + addr - base : off + addr - base + n * PAGE] = data
-                        break
-                else:
-                    raise SnapshotError(f"migration stream: pages {pfn:#x}+{n} are outside guest RAM")
-                del data
-        state = wire.parse_json(payload, "state")
+        state = wire.parse_json(_receive_memory(conn, memory_fd, mem_bytes), "state")
         header = {"format": FORMAT, "bulkhead": __version__, "snapshot_id": uuid.uuid4().hex,
                   "vm_id": offer["vm_id"], "launch_digest": offer["launch_digest"], "host_key_id": "migration",
                   "created": int(time.time()), "mem_bytes": mem_bytes, "cpus": offer["cpus"]}
         write_state_fd(state_fd, {"header": header, "state": state})
         header, checked = load_restore_state(state_fd)  # the snapshot's schema checks, all of them
-        if not isinstance(state.get("config"), dict):
-            raise SnapshotError("migration state: config is missing")
         config = _check_config(state["config"], header, serial)
     except (OSError, EOFError, SnapshotError, MigrationError, ConfigError) as exc:
         conn.abort(str(exc))
@@ -352,7 +360,7 @@ def receive_vm(sock: socket.socket, att: Attestation, *, serial: str = "stdio",
         if on_running is not None:
             on_running()
 
-    return Incoming(config, RestoreSource(header, checked, memory_fd, state_fd, on_built), offer, peer)
+    return Incoming(config, RestoreSource(header, checked, memory_fd, state_fd, on_built), offer, _peer_name(sock))
 
 
 def _peer_name(sock: socket.socket) -> str:
@@ -361,8 +369,8 @@ def _peer_name(sock: socket.socket) -> str:
     except ValueError:
         cert = None
     for rdn in (cert or {}).get("subject", ()):
-        for k, v in rdn:
-            if k == "commonName":
-                return str(v)
+        for pair in rdn:
+            if pair[0] == "commonName":
+                return str(pair[1])
     return "unknown"
 

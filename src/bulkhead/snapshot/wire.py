@@ -40,7 +40,7 @@ MAX_FRAME = max(MAX_STATE, _PAGES.size + MAX_PAGES * PAGE)
 _HEX = re.compile(r"[0-9a-f]{16,128}")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-OFFER_FIELDS = {"version": str, "vm_id": str, "launch_digest": (str, type(None)), "mem_bytes": int, "cpus": int,
+OFFER_FIELDS: dict[str, Any] = {"version": str, "vm_id": str, "launch_digest": (str, type(None)), "mem_bytes": int, "cpus": int,
                 "nonce": str}
 
 
