@@ -114,3 +114,22 @@ def decode_pages(payload: bytes, *, page_frames: int) -> tuple[int, int, memoryv
     if pfn + n > page_frames:
         raise SnapshotError(f"migration stream: pages {pfn:#x}+{n} are outside guest RAM")
     return pfn, n, memoryview(payload)[_PAGES.size:]
+
+
+def declare_surfaces() -> None:
+    """The migration stream a destination host reads from a source host (see `bulkhead.surface`)."""
+    from bulkhead.surface import declare
+
+    declare(
+        "net-frame",
+        "migration-stream",
+        owner=__name__,
+        boundary="underlay-host",
+        accepts="frames of a live migration, inside mutual TLS 1.3 between the hosts' daemons and after both "
+        "hosts' attestation: kind byte, u32 length <= the frame limit, offer/state JSON schema-checked, page "
+        "frames inside guest RAM; the state goes through the snapshot state checks; anything else -> "
+        "SnapshotError, the migration is aborted and nothing runs",
+        handler="read_frame, check_offer, decode_pages, runtime.migrate.receive_vm",
+        fuzz="fuzz/fuzz_migration_stream.py",
+        spec="docs/MIGRATION.md",
+    )
