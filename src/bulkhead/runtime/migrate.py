@@ -166,8 +166,7 @@ def send_vm(machine: Machine, sock: socket.socket, att: Attestation, *, vm_id: s
     here) or, after commit without confirmation, MigrationError(resumed=False)."""
     from bulkhead.hypervisor.kvm.dirty import DirtyLog
     from bulkhead.runtime.exits import ExitReason
-    from bulkhead.runtime.snapshot import _mapped, memfd_runs, read_state_fd, save_state, sealed_memfd
-    from bulkhead.snapshot.format import MAX_STATE
+    from bulkhead.runtime.snapshot import _mapped, _state, memfd_runs
 
     if machine.transports:
         raise MigrationError("live migration of VMs with virtio devices is not supported yet (docs/MIGRATION.md)")
@@ -201,13 +200,7 @@ def send_vm(machine: Machine, sock: socket.socket, att: Attestation, *, vm_id: s
         if machine.serial is not None:
             machine.serial.flush()  # what the guest printed here is printed here
         stats["pages"] += _send_pfns(conn, machine, sorted({*log.collect(), *dirty}))
-        state_fd = sealed_memfd("bulkhead-migrate-state", MAX_STATE + 8)
-        try:
-            save_state(machine, state_fd)
-            doc = read_state_fd(state_fd)
-        finally:
-            os.close(state_fd)
-        doc["memory"] = {"runs": []}
+        doc = _state(machine)  # what save_state writes, without its quiescing KVM_RUN: see _pause
         conn.send(wire.json_frame(b"S", doc))
         conn.expect(b"R", "ready")
         conn.send(wire.json_frame(b"C", {}))
@@ -236,7 +229,9 @@ def send_vm(machine: Machine, sock: socket.socket, att: Attestation, *, vm_id: s
 
 def _pause(machine: Machine, timeout: float = 5.0) -> None:
     """Hold every vCPU outside KVM_RUN. A vCPU parks only after KVM_RUN returned EINTR, and KVM completes a
-    pending I/O instruction before it looks at immediate_exit (api.rst §4.3), so state is consistent."""
+    pending I/O instruction before it looks at immediate_exit (api.rst §4.3: arch/x86 runs
+    complete_userspace_io first), so the state read next is at an instruction boundary; the extra KVM_RUN
+    of runtime/snapshot.save_state (from this thread: a vCPU pid change, tens of ms) is not needed."""
     machine.pause()
     deadline = time.monotonic() + timeout
     while not all(r.paused or not (r.thread and r.thread.is_alive()) for r in machine.runners):
@@ -321,6 +316,8 @@ def receive_vm(sock: socket.socket, att: Attestation, *, serial: str = "stdio",
     page is accepted). The returned RestoreSource's on_built sends `ready`, waits for `commit` and sends
     `running`; if commit does not come, it raises and the VM never runs here.
     Raises MigrationError/SnapshotError; the memfds of a failed receive are closed here."""
+    import bulkhead.hypervisor.kvm.state
+    import bulkhead.runtime.vm  # noqa: F401 - imported now, not during the downtime
     from bulkhead.runtime.snapshot import (
         RestoreSource,
         _check_config,
