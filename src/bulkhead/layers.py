@@ -35,7 +35,7 @@ LAYERS: tuple[Layer, ...] = (
                                    "bulkhead.sandbox.policy", "bulkhead.sandbox.protocol", "bulkhead.snapshot",
                                    "bulkhead.fleet.model"),
           "API models, RBAC, audit records; integrity verdicts; network model/rules/plan; seccomp lists; "
-          "the worker protocol; the snapshot file format; the fleet's keys, host states, scheduler and fencing rules"),
+          "the worker protocol; the snapshot file format and the live-migration stream; the fleet's keys, host states, scheduler and fencing rules"),
     Layer("hypervisor", False, ("bulkhead.hypervisor",), "the only code that touches /dev/kvm"),
     Layer("host services", False, ("=bulkhead.integrity", "bulkhead.integrity.tpm", "bulkhead.integrity.host",
                                    "bulkhead.network.host", "bulkhead.network.overlay", "bulkhead.network.service",
