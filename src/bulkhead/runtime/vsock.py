@@ -19,8 +19,10 @@ import os
 import select
 import socket
 import stat
+from collections.abc import Sequence
 
 from bulkhead.devices.virtio.vsock import MAX_CONNECT_LINE, parse_connect_line
+from bulkhead.devices.virtio.vsock_device import VsockStream
 from bulkhead.errors import ConfigError
 
 __all__ = ["MAX_PENDING", "UnixMuxer", "UnixStream", "bind_listener"]
@@ -33,21 +35,20 @@ class UnixStream:
     """A non-blocking unix stream socket as `vsock_device.VsockStream`."""
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
+        self.sock = sock  # used with MSG_DONTWAIT: no setblocking (an ioctl the jail's seccomp refuses)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def recv(self, n: int) -> bytes | None:
         try:
-            return self.sock.recv(n)
+            return self.sock.recv(n, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
 
     def send(self, data: bytes) -> int:
         try:
-            return self.sock.send(data)
+            return self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except BlockingIOError:
             return 0
 
@@ -67,7 +68,7 @@ def bind_listener(path: str) -> socket.socket:
     else:
         kind = "a socket" if stat.S_ISSOCK(st.st_mode) else "a file"
         raise ConfigError(f"--vsock {path}: {kind} already exists there (remove it first)")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         s.bind(path)
         s.listen(MAX_PENDING)
@@ -82,8 +83,7 @@ class UnixMuxer:
     streams to port P connect to `<connect_prefix>_<P>`. `unlink`: a path to remove at close()."""
 
     def __init__(self, listener: socket.socket, connect_prefix: str, *, unlink: str | None = None) -> None:
-        self.listener = listener
-        listener.setblocking(False)
+        self.listener = listener  # non-blocking (SOCK_NONBLOCK at bind_listener)
         self.prefix = connect_prefix
         self.unlink = unlink
         self.epoll = select.epoll()
@@ -99,13 +99,14 @@ class UnixMuxer:
     @classmethod
     def adopt(cls, fd: int, connect_prefix: str) -> UnixMuxer:
         """The listening socket the supervisor bound and passed in."""
-        return cls(socket.socket(fileno=fd), connect_prefix)
+        kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # given, so CPython asks the kernel nothing
+        return cls(socket.socket(socket.AF_UNIX, kind, 0, fileno=fd), connect_prefix)
 
     def fileno(self) -> int:
         return self.epoll.fileno()
 
-    def poll(self) -> tuple[list[tuple[UnixStream, int]], list[int], list[int]]:
-        accepted: list[tuple[UnixStream, int]] = []
+    def poll(self) -> tuple[Sequence[tuple[VsockStream, int]], list[int], list[int]]:
+        accepted: list[tuple[VsockStream, int]] = []
         readable: list[int] = []
         writable: list[int] = []
         for fd, ev in self.epoll.poll(0):
@@ -122,7 +123,7 @@ class UnixMuxer:
                     writable.append(fd)
         return accepted, readable, writable
 
-    def _accept_all(self, accepted: list[tuple[UnixStream, int]]) -> None:
+    def _accept_all(self, accepted: list[tuple[VsockStream, int]]) -> None:
         while True:
             try:
                 s, _ = self.listener.accept()
@@ -133,7 +134,6 @@ class UnixMuxer:
             if len(self.pending) >= MAX_PENDING:
                 s.close()
                 continue
-            s.setblocking(False)
             self.pending[s.fileno()] = (s, bytearray())
             self.epoll.register(s.fileno(), _IN)
             got = self._read_line(s.fileno())  # the line may already be there
@@ -146,7 +146,7 @@ class UnixMuxer:
         s, buf = self.pending[fd]
         while not buf.endswith(b"\n") and len(buf) < MAX_CONNECT_LINE:
             try:
-                b = s.recv(1)
+                b = s.recv(1, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return None
             except OSError:
@@ -179,7 +179,7 @@ class UnixMuxer:
             raise
         return UnixStream(s)
 
-    def watch(self, stream: UnixStream, *, write: bool) -> None:
+    def watch(self, stream: VsockStream, *, write: bool) -> None:
         fd = stream.fileno()
         mask = _IN | (select.EPOLLOUT if write else 0)
         if fd in self.watched:
@@ -188,7 +188,7 @@ class UnixMuxer:
             self.epoll.register(fd, mask)
             self.watched.add(fd)
 
-    def forget(self, stream: UnixStream) -> None:
+    def forget(self, stream: VsockStream) -> None:
         fd = stream.fileno()
         if fd in self.watched:
             self.watched.discard(fd)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from bulkhead.devices.virtio.device import PollCallback, VirtioDevice
@@ -89,7 +90,7 @@ class VsockBackend(Protocol):
         """One fd that is readable whenever poll() has something (an epoll fd at run time)."""
         ...
 
-    def poll(self) -> tuple[list[tuple[VsockStream, int]], list[int], list[int]]:
+    def poll(self) -> tuple[Sequence[tuple[VsockStream, int]], list[int], list[int]]:
         """(new host streams with the guest port they asked for, readable fds, writable fds)."""
         ...
 
