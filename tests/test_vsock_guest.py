@@ -142,5 +142,5 @@ def test_guest_connects_host_listener_echoes(tmp_path: Path, jail: bool) -> None
 
 def test_guest_connect_to_missing_listener_is_reset(tmp_path: Path) -> None:
     """No `<path>_<port>` listener: the guest's REQUEST is answered with RST (§5.10.6.4)."""
-    text, status = _run(tmp_path, 2, jail=False)
+    text, _status = _run(tmp_path, 2, jail=False)
     assert "VSOCK refused op=3" in text and "FAIL connect" in text, text
