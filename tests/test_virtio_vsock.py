@@ -33,8 +33,8 @@ from bulkhead.devices.virtio.vsock import (
 from bulkhead.devices.virtio.vsock_device import EVENTQ, RXQ, TXQ, VsockDevice
 from bulkhead.memory import GuestMemory
 from bulkhead.testing import FakeIrq
-from bulkhead.testing.vsock import FakeStream, FakeVsockBackend
 from bulkhead.testing.virtqueue import setup_transport
+from bulkhead.testing.vsock import FakeStream, FakeVsockBackend
 
 CID = 3
 

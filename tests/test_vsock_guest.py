@@ -144,3 +144,45 @@ def test_guest_connect_to_missing_listener_is_reset(tmp_path: Path) -> None:
     """No `<path>_<port>` listener: the guest's REQUEST is answered with RST (§5.10.6.4)."""
     text, _status = _run(tmp_path, 2, jail=False)
     assert "VSOCK refused op=3" in text and "FAIL connect" in text, text
+
+
+@pytest.mark.parametrize("jail", [False, pytest.param(True, marks=pytest.mark.root)], ids=["in-process", "jailed"])
+def test_redteam_guest_malformed_vsock_is_contained(tmp_path: Path, jail: bool) -> None:
+    """tests/payloads/vsock_redteam.c: every malformed header is answered with RST (or dropped when it has
+    no header to answer), the credit abuser is reset, the connection flood stops at the cap, and the VMM
+    (jailed: the seccomp-filtered worker) stays up; the guest exits through debug-exit, not a crash."""
+    if jail and os.geteuid() != 0:
+        pytest.skip("the jail needs root")
+    path = str(tmp_path / "v.sock")
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(f"{path}_{HOST_PORT}")
+    os.chmod(f"{path}_{HOST_PORT}", 0o666)
+    lst.listen(128)  # accepts (in the kernel's backlog) and never reads
+    img = build_virtio("vsock_redteam")
+    try:
+        if jail:
+            from bulkhead.config import VmConfig, VsockConfig
+            from bulkhead.sandbox.supervisor import run_jailed
+
+            out: list[bytes] = []
+            cfg = VmConfig(kernel=str(img), cmdline=f"vsock_port={HOST_PORT}", mem_mib=32, vsock=VsockConfig(path))
+            reason = run_jailed(cfg, console=out.append)
+            text, status = b"".join(out).decode(errors="replace"), f"{reason.kind} {reason.status}"
+        else:
+            argv = [sys.executable, "-m", "bulkhead", "run", "--no-jail", "-q", "--kernel", str(img), "--mem", "32",
+                    "--cmdline", f"vsock_port={HOST_PORT}", "--vsock", path]
+            p = subprocess.run(argv, capture_output=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+            text, status = p.stdout.decode(errors="replace"), f"debug-exit {p.returncode}"
+    finally:
+        lst.close()
+    assert status == "debug-exit 1", text
+    cases = {ln.split()[1]: ln for ln in text.splitlines() if ln.startswith("RT ")}
+    for name in ("type_seqpacket", "src_cid_spoof", "dst_cid_other_guest", "len_past_chain", "len_u32_max",
+                 "len_on_request", "op_unknown", "credit_request_no_stream"):
+        assert "reply_op=3 " in cases[name] and "status=0xf" in cases[name], cases[name]  # RST, device OK
+    for name in ("short_chain", "tx_writable"):
+        assert "xfer=1 reply_op=0 " in cases[name], cases[name]  # dropped, chain given back, no answer
+    assert "reset=1" in cases["credit_abuse"] and "connect_op=2" in cases["credit_abuse"], cases["credit_abuse"]
+    flood = dict(kv.split("=") for kv in cases["conn_flood"].split()[2:])
+    assert int(flood["responses"]) <= 64 and int(flood["rsts"]) >= 16, cases["conn_flood"]
+    assert "PASS" in text.splitlines()
