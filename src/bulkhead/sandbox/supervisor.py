@@ -614,8 +614,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                               quota_pct * 1000)
         cgroup = VmCgroup(vm_id, limits, parent=opts.cgroup_parent)
         cgroup.create()
-        nets = _open_taps(config, taps)
-        vsock = _vsock_listener(config, binds, taps)
+        nets, vsock = _open_taps(config, taps), _vsock_listener(config, binds, taps)  # vsock's fd after the taps
         inner = config._replace(kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
                                 serial="stdio", drives=tuple(drives), nets=tuple(nets), vsock=vsock)
         devices = ("kvm", "urandom") + (("net/tun",) if nets else ())
@@ -634,12 +633,10 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                        pass_fds=(sock_worker.fileno(), *taps, *(snapshot_fds or ())))
     except BaseException:
         _undo_spawn(taps, (sock_host, sock_worker), cgroup, jail_dir)
-        if config.vsock is not None and _vsock_bound(taps, config):
-            _unlink_quietly(config.vsock.path)
+        _undo_vsock(config, taps)
         ids.release(uid)
         raise
-    if config.vsock is not None:  # the VM's socket goes with the worker
-        on_exit = _unlinking(os.path.abspath(config.vsock.path), on_exit)
+    on_exit = _unlinking(config, on_exit)  # the VM's vsock socket goes with the worker
     sock_worker.close()
     for fd in taps:
         os.close(fd)  # the worker holds the only reference: the tap (if not persistent) dies with it
@@ -670,19 +667,22 @@ def _open_taps(config: VmConfig, taps: list[int]) -> list[Any]:
     return nets
 
 
-def _vsock_bound(fds: list[int], config: VmConfig) -> bool:
-    """Whether this spawn bound the vsock socket (its fd is the last one appended after the taps)."""
-    return len(fds) > len(config.nets)
+def _undo_vsock(config: VmConfig, fds: list[int]) -> None:
+    """A failed spawn that bound the vsock socket (its fd follows the taps in `fds`) removes it."""
+    if config.vsock is not None and len(fds) > len(config.nets):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.abspath(config.vsock.path))
 
 
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+def _unlinking(config: VmConfig, on_exit: Callable[[WorkerExit], None] | None) -> Any:
+    """`on_exit`, removing the VM's vsock socket first (unchanged without vsock)."""
+    if config.vsock is None:
+        return on_exit
+    path = os.path.abspath(config.vsock.path)
 
-
-def _unlinking(path: str, on_exit: Callable[[WorkerExit], None] | None) -> Callable[[WorkerExit], None]:
     def done(info: WorkerExit) -> None:
-        _unlink_quietly(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         if on_exit is not None:
             on_exit(info)
 
