@@ -326,3 +326,18 @@ def test_random_tx_packets_never_escape(mem, pkts):
     assert len(r.dev.conns) <= MAX_CONNECTIONS
     assert all(len(c.pending) <= BUF_ALLOC for c in r.dev.conns.values())
     assert not r.faulted()
+
+
+def test_vsock_flag_errors_are_one_clear_sentence(tmp_path):
+    from bulkhead.config import VmConfig, parse_vsock
+    from bulkhead.errors import ConfigError
+    from bulkhead.runtime.vsock import bind_listener
+
+    assert parse_vsock("/run/v.sock,cid=9") == parse_vsock("/run/v.sock,cid=9")._replace(guest_cid=9)
+    with pytest.raises(ConfigError, match="cid= must be between 3"):
+        VmConfig(kernel="k", vsock=parse_vsock("/run/v.sock,cid=2"))
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_vsock("/run/v.sock,port=3")
+    (tmp_path / "v.sock").write_text("")
+    with pytest.raises(ConfigError, match="a file already exists there"):
+        bind_listener(str(tmp_path / "v.sock"))
