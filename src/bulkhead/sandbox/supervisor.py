@@ -614,16 +614,16 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                               quota_pct * 1000)
         cgroup = VmCgroup(vm_id, limits, parent=opts.cgroup_parent)
         cgroup.create()
-        nets = _open_taps(config, taps)
+        nets, vsock = _open_taps(config, taps), _vsock_listener(config, binds, taps)  # vsock's fd after the taps
         inner = config._replace(kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
-                                serial="stdio", drives=tuple(drives), nets=tuple(nets))
+                                serial="stdio", drives=tuple(drives), nets=tuple(nets), vsock=vsock)
         devices = ("kvm", "urandom") + (("net/tun",) if nets else ())
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
-                        opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict())
+                        opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict(), bool(vsock))
         sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
         for fd in taps:
-            worker_args += ["--tap-fd", str(fd)]
+            worker_args += ["--vsock-fd" if vsock and fd == vsock.listen_fd else "--tap-fd", str(fd)]
         if snapshot_fds is not None:  # the host's memfds (runtime/snapshot.py)
             worker_args += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
             worker_args += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
@@ -633,8 +633,10 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                        pass_fds=(sock_worker.fileno(), *taps, *(snapshot_fds or ())))
     except BaseException:
         _undo_spawn(taps, (sock_host, sock_worker), cgroup, jail_dir)
+        _undo_vsock(config, taps)
         ids.release(uid)
         raise
+    on_exit = _unlinking(config, on_exit)  # the VM's vsock socket goes with the worker
     sock_worker.close()
     for fd in taps:
         os.close(fd)  # the worker holds the only reference: the tap (if not persistent) dies with it
@@ -663,6 +665,48 @@ def _open_taps(config: VmConfig, taps: list[int]) -> list[Any]:
         taps.append(fd)
         nets.append(n._replace(tap_fd=fd))
     return nets
+
+
+def _undo_vsock(config: VmConfig, fds: list[int]) -> None:
+    """A failed spawn that bound the vsock socket (its fd follows the taps in `fds`) removes it."""
+    if config.vsock is not None and len(fds) > len(config.nets):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.abspath(config.vsock.path))
+
+
+def _unlinking(config: VmConfig, on_exit: Callable[[WorkerExit], None] | None) -> Any:
+    """`on_exit`, removing the VM's vsock socket first (unchanged without vsock)."""
+    if config.vsock is None:
+        return on_exit
+    path = os.path.abspath(config.vsock.path)
+
+    def done(info: WorkerExit) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if on_exit is not None:
+            on_exit(info)
+
+    return done
+
+
+def _vsock_listener(config: VmConfig, binds: list[BindSpec], fds: list[int]) -> Any:
+    """The vsock device as the worker sees it: the supervisor binds the VM's socket at config.vsock.path (as
+    the host's user: host programs connect there) and passes the listening fd (appended to `fds`); PATH's
+    directory is bound read-only at /vm/vsock for guest-initiated streams to `<path>_<port>`, idmapped like
+    the images, so the worker sees that directory and nothing else of the host. Raises ConfigError."""
+    if config.vsock is None:
+        return None
+    from bulkhead.runtime.vsock import bind_listener
+
+    path = os.path.abspath(config.vsock.path)
+    directory, name = os.path.split(path)
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--vsock {path}: {directory} is not a directory")
+    fd = bind_listener(path).detach()
+    fds.append(fd)
+    binds.append(BindSpec(directory, "/vm/vsock", True))
+    inner = f"/vm/vsock/{name}"
+    return config.vsock._replace(path=inner, listen_fd=fd, connect_prefix=inner)
 
 
 def _undo_spawn(taps: list[int], socks: tuple[Any, Any], cgroup: VmCgroup | None, jail_dir: str) -> None:
