@@ -32,7 +32,7 @@ from bulkhead.daemon.service import ApiError, ReqCtx
 from bulkhead.daemon.snapshots import snapshot_routes
 from bulkhead.daemon.store import StateUnavailable
 from bulkhead.daemon.tenants import tenant_routes
-from bulkhead.daemon.ui import login_link_routes, ui_routes
+from bulkhead.daemon.ui import login_link_routes, public_app, ui_routes
 from bulkhead.daemon.uiauth import UiAuth, UiFront
 from bulkhead.daemon.vms import vm_routes
 from bulkhead.errors import BulkheadError
@@ -229,7 +229,7 @@ def build_app(daemon: Daemon | None) -> Any:
     api.include_router(ui_routes(the))
     front = UiFront(Gate(api, daemon), daemon.ui_auth if daemon is not None else UiAuth(),
                     None if daemon is None else lambda who, result: daemon.event(
-                        "api", "ui/login", principal=who, scope="/", result=result))
+                        "api", "ui/login", principal=who, scope="/", result=result), public_app())
     return Observe(front, lambda: the().metrics)  # one log line + metrics per request
 
 

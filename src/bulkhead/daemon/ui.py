@@ -30,7 +30,7 @@ from bulkhead.daemon.routing import Ctx
 from bulkhead.daemon.service import ApiError, ReqCtx
 from bulkhead.daemon.uiauth import UiAuth, _binding, csrf_ok
 
-__all__ = ["VM_ACTIONS", "ui_routes", "vendor_dir"]
+__all__ = ["VM_ACTIONS", "login_link_routes", "public_app", "ui_routes", "vendor_dir"]
 
 HERE = Path(__file__).parent
 VM_ACTIONS = ("start", "stop", "shutdown", "pause", "resume")
@@ -57,6 +57,22 @@ def vendor_dir() -> Path:
 
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                           autoescape=True)
+
+
+def _human(v: Any) -> str:
+    """A value as a person reads it (no Python reprs), as daemon/cli.py's `human`."""
+    if v is None or v == "" or v == [] or v == {}:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {_human(x)}" for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return ", ".join(_human(x) for x in v)
+    return str(v)
+
+
+_env.filters["human"] = _human
 
 
 def _render(request: Request, ctx: ReqCtx, auth: UiAuth, name: str, **values: Any) -> HTMLResponse:
@@ -128,20 +144,6 @@ def ui_routes(the: Callable[[], Any]) -> APIRouter:
     @r.get("/")
     def home() -> Response:
         return RedirectResponse("/ui/vms", 303)
-
-    @r.get("/login")
-    def login(request: Request) -> Response:
-        html = _env.get_template("login.html").render(me=None, csrf="", path="/ui/login")
-        return HTMLResponse(html)
-
-    @r.get("/static/{name}")
-    def static(name: str) -> Response:
-        if name in _OWN_FILES:
-            return FileResponse(HERE / "ui_static" / name, media_type=_OWN_FILES[name])
-        rel = _VENDOR_FILES.get(name)
-        if rel is None or not (vendor_dir() / rel).is_file():
-            return Response("not found (run install.sh: npm ci in ui/)\n", 404, media_type="text/plain")
-        return FileResponse(vendor_dir() / rel)
 
     @r.get("/vms")
     def vms(request: Request, tenant: str = "", state: str = "", q: str = "", ctx: ReqCtx = Ctx) -> Response:
@@ -259,6 +261,32 @@ def ui_routes(the: Callable[[], Any]) -> APIRouter:
         return resp
 
     return r
+
+
+def public_app() -> Any:
+    """What /ui serves without an identity (uiauth.UiFront routes to it before the Gate): the login
+    page and the static files (the console's own script and style, the pinned npm packages)."""
+    from fastapi import FastAPI
+
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    r = APIRouter(prefix="/ui", include_in_schema=False)
+
+    @r.get("/login")
+    def login(request: Request) -> Response:
+        html = _env.get_template("login.html").render(me=None, csrf="", path="/ui/login")
+        return HTMLResponse(html)
+
+    @r.get("/static/{name}")
+    def static(name: str) -> Response:
+        if name in _OWN_FILES:
+            return FileResponse(HERE / "ui_static" / name, media_type=_OWN_FILES[name])
+        rel = _VENDOR_FILES.get(name)
+        if rel is None or not (vendor_dir() / rel).is_file():
+            return Response("not found (run install.sh: npm ci in ui/)\n", 404, media_type="text/plain")
+        return FileResponse(vendor_dir() / rel)
+
+    app.include_router(r)
+    return app
 
 
 def login_link_routes(the: Callable[[], Any]) -> APIRouter:

@@ -38,7 +38,7 @@ def ui_main(argv: list[str]) -> int:
 
     def go() -> int:
         base = _console_base(args)
-        link = _client(args).post("/v1/ui/login-links", {})
+        link = _client(args).post("/ui/login-links", {})
         if args.json:
             print(json.dumps({"url": base + link["path"], "expires_in": link["expires_in"]}))
         else:

@@ -145,7 +145,9 @@ class UiFront:
     """ASGI front of the whole app: /ui requests get the session's peer and the security headers; every
     other path goes through untouched (the API never sees a cookie-derived identity)."""
 
-    def __init__(self, app: Any, auth: UiAuth, audit: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, app: Any, auth: UiAuth, audit: Callable[[str, str], None] | None = None,
+                 public: Any = None) -> None:
+        self.public = public  # /ui/login and /ui/static/*: no identity needed (ui.public_app)
         self.inner = app  # the Gate
         self.app = getattr(app, "app", app)  # the FastAPI app, for introspection (openapi), as on the Gate
         self.auth = auth
@@ -155,6 +157,9 @@ class UiFront:
         path = str(scope.get("path", ""))
         if scope["type"] not in ("http", "websocket") or not (path == "/ui" or path.startswith("/ui/")):
             await self.inner(scope, receive, send)
+            return
+        if scope["type"] == "http" and self.public is not None and (path == "/ui/login" or path.startswith("/ui/static/")):
+            await self.public(scope, receive, self._secured(send))
             return
         scope = dict(scope)
         ext = dict(scope.get("extensions") or {})
@@ -168,7 +173,7 @@ class UiFront:
             elif scope["type"] == "http" and (m := _LOGIN.match(path)):
                 await self._redeem(m.group(1), send)
                 return
-            elif scope["type"] == "http" and path != "/ui/login":
+            elif scope["type"] == "http":
                 await self._plain(send, 303, b"", [(b"location", b"/ui/login")])
                 return
             scope["extensions"] = ext
@@ -182,14 +187,17 @@ class UiFront:
             scope["path"] = f"/v1/vms/{m.group(1)}/console/ws"
             await self.inner(scope, receive, send)
             return
+        await self.inner(scope, receive, self._secured(send))
 
+    @staticmethod
+    def _secured(send: Any) -> Any:
         async def secured(msg: dict[str, Any]) -> None:
             if msg["type"] == "http.response.start":
                 keep = [(k, v) for k, v in msg.get("headers", []) if k.lower() != b"cache-control"]
                 msg = {**msg, "headers": [*keep, *SECURITY_HEADERS]}
             await send(msg)
 
-        await self.inner(scope, receive, secured)
+        return secured
 
     async def _redeem(self, token: str, send: Any) -> None:
         sid, principal = self.auth.redeem(token)
