@@ -123,7 +123,7 @@ def _post(e: Env, path: str, form: str, cookie: str) -> int:
     req = urllib.request.Request(e.s.ui_url + path, data=form.encode(), method="POST", headers={
         "cookie": f"bulkhead_session={cookie}", "content-type": "application/x-www-form-urlencoded"})
     try:
-        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:  # noqa: S310 - https to our server
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
             return int(r.status)
     except urllib.error.HTTPError as err:
         return int(err.code)
@@ -177,7 +177,7 @@ def test_a_client_certificate_logs_in_without_a_link(env: Env) -> None:
     AutoSelectCertificateForUrls policy under /etc/chromium, which is shared by every user of the host."""
     ctx = ssl.create_default_context(cafile=str(env.h.sd.ca_cert))
     ctx.load_cert_chain(str(env.alice.cert_path), str(env.alice.key_path))
-    with urllib.request.urlopen(env.s.ui_url + "/ui/vms", context=ctx, timeout=10) as r:  # noqa: S310
+    with urllib.request.urlopen(env.s.ui_url + "/ui/vms", context=ctx, timeout=10) as r:
         html = r.read().decode()
         assert r.status == 200 and r.headers["cache-control"] == "no-store"
         assert "script-src 'self'" in r.headers["content-security-policy"]
@@ -185,7 +185,7 @@ def test_a_client_certificate_logs_in_without_a_link(env: Env) -> None:
     assert '<strong id="me">alice</strong>' in html and "acme-web" in html and "globex-db" not in html
     nocert = ssl.create_default_context(cafile=str(env.h.sd.ca_cert))
     with pytest.raises(urllib.error.HTTPError) as err:  # no certificate, no session: the API stays closed
-        urllib.request.urlopen(env.s.ui_url + "/v1/vms", context=nocert, timeout=10)  # noqa: S310
+        urllib.request.urlopen(env.s.ui_url + "/v1/vms", context=nocert, timeout=10)
     assert err.value.code == 401
 
 
@@ -204,7 +204,7 @@ def test_a_login_link_works_once_and_sets_a_strict_cookie(env: Env) -> None:
     _check_view(env, "login")
     with pytest.raises(urllib.error.HTTPError) as err:  # the cookie never counts for the API
         req = urllib.request.Request(env.s.ui_url + "/v1/vms", headers={"cookie": f"bulkhead_session={c['value']}"})
-        urllib.request.urlopen(req, context=ssl.create_default_context(cafile=str(env.h.sd.ca_cert)), timeout=10)  # noqa: S310
+        urllib.request.urlopen(req, context=ssl.create_default_context(cafile=str(env.h.sd.ca_cert)), timeout=10)
     assert err.value.code == 401
 
 

@@ -92,7 +92,7 @@ class TlsWsProtocol(_PeerWsProtocol):
     peer_of = staticmethod(_tls_peer)
 
 
-def _ui_peer(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+def _ui_peer(transport: asyncio.BaseTransport) -> dict[str, Any]:
     """The console listener's peer: the certificate if one was presented, else an anonymous peer that
     the Gate refuses (401) unless uiauth.UiFront replaced it with a login session's peer under /ui."""
     return _tls_peer(transport) or {"kind": "anonymous"}

@@ -205,6 +205,13 @@ def ui_routes(the: Callable[[], Any]) -> APIRouter:
         back = form.get("back", "")
         return RedirectResponse(back if back.startswith("/ui/") else f"/ui/vms/{vid}", 303)
 
+    _views(r, the)
+    return r
+
+
+def _views(r: APIRouter, the: Callable[[], Any]) -> None:
+    """The host, audit and network views and logout (ui_routes' second half)."""
+
     @r.get("/hosts")
     def hosts(request: Request, ctx: ReqCtx = Ctx) -> Response:
         d = the()
@@ -260,7 +267,6 @@ def ui_routes(the: Callable[[], Any]) -> APIRouter:
         resp.delete_cookie("bulkhead_session", path="/ui", secure=True, httponly=True, samesite="strict")
         return resp
 
-    return r
 
 
 def public_app() -> Any:

@@ -22,12 +22,12 @@ ui.py refuses a state change whose form field does not match (403).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 import hmac
 import re
 import secrets
 import threading
 import time
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,9 +113,9 @@ class UiAuth:
         return hmac.new(self.key, b"csrf\0" + binding.encode(), hashlib.sha256).hexdigest()
 
 
-def _binding(scope: dict[str, Any]) -> str:
+def _binding(scope: MutableMapping[str, Any]) -> str:
     """What a CSRF token is bound to: the session, or the connection's certificate."""
-    sid = scope.get(UI_PEER_KEY)
+    sid = str(scope.get(UI_PEER_KEY) or "")
     if sid:
         return "s:" + _h(sid)
     peer = scope.get("extensions", {}).get(PEER_KEY) or {}
@@ -123,7 +123,7 @@ def _binding(scope: dict[str, Any]) -> str:
     return "c:" + hashlib.sha256(der).hexdigest() if isinstance(der, bytes | bytearray) else "l:" + str(peer.get("uid"))
 
 
-def csrf_ok(auth: UiAuth, scope: dict[str, Any], token: str) -> bool:
+def csrf_ok(auth: UiAuth, scope: MutableMapping[str, Any], token: str) -> bool:
     return bool(token) and hmac.compare_digest(auth.csrf_for(_binding(scope)), token)
 
 
@@ -133,7 +133,7 @@ def _cookie(scope: dict[str, Any]) -> str:
             for part in v.decode("latin-1").split(";"):
                 name, _, value = part.strip().partition("=")
                 if name == COOKIE:
-                    return value
+                    return str(value)
     return ""
 
 
@@ -145,7 +145,7 @@ class UiFront:
     """ASGI front of the whole app: /ui requests get the session's peer and the security headers; every
     other path goes through untouched (the API never sees a cookie-derived identity)."""
 
-    def __init__(self, app: Any, auth: UiAuth, audit: Callable[[str, str], None] | None = None,
+    def __init__(self, app: Any, auth: UiAuth, audit: Callable[[str, str], object] | None = None,
                  public: Any = None) -> None:
         self.public = public  # /ui/login and /ui/static/*: no identity needed (ui.public_app)
         self.inner = app  # the Gate
