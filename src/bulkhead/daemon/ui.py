@@ -84,10 +84,14 @@ def _render(request: Request, ctx: ReqCtx, auth: UiAuth, name: str, **values: An
     return resp
 
 
-def _may(daemon: Any, ctx: ReqCtx, vm: dict[str, Any]) -> list[str]:
-    """The VM actions the caller may take (the evaluator that authorizes the POST decides)."""
-    scope = rbac.owned_scope("vm", vm["tenant"], vm["id"])
-    return [op for op in VM_ACTIONS if daemon.core.allowed(ctx.caller, f"vm/{op}", scope)]
+def _may(daemon: Any, ctx: ReqCtx, vms: list[dict[str, Any]]) -> None:
+    """Set each VM's `may`: the actions the caller may take on it, from the scopes within which the
+    evaluator allows each action (Core.readable_scopes, as Core.visible_rows does for lists); the POST
+    itself is authorized again by the service."""
+    scopes = {op: daemon.core.readable_scopes(ctx.caller, f"vm/{op}") for op in VM_ACTIONS}
+    for vm in vms:
+        own = rbac.owned_scope("vm", vm["tenant"], vm["id"])
+        vm["may"] = [op for op in VM_ACTIONS if any(rbac.scope_within(own, s) for s in scopes[op])]
 
 
 def _tenant_names(daemon: Any) -> dict[str, str]:
@@ -154,7 +158,7 @@ def ui_routes(the: Callable[[], Any]) -> APIRouter:
                 and (not state or v["state"] == state) and (not q or q in v["name"])]
         for v in rows:
             v["tenant_name"] = names.get(v["tenant"], v["tenant"])
-            v["may"] = _may(d, ctx, v)
+        _may(d, ctx, rows)
         rows.sort(key=lambda v: (v["tenant_name"], v["name"]))
         return _render(request, ctx, d.ui_auth, "vms.html", vms=rows, tenants=sorted(set(names.values())),
                        f={"tenant": tenant, "state": state, "q": q}, host=os.uname().nodename)
@@ -164,7 +168,7 @@ def ui_routes(the: Callable[[], Any]) -> APIRouter:
         d = the()
         v = d.vm_api.vm_get(ctx, str(vm_id))
         v["tenant_name"] = _tenant_names(d).get(v["tenant"], v["tenant"])
-        v["may"] = _may(d, ctx, v)
+        _may(d, ctx, [v])
         try:
             m = d.vm_api.vm_measurement(ReqCtx(ctx.caller, ctx.request_id), str(vm_id))
         except ApiError as exc:
