@@ -66,6 +66,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     (e.h.root / "images" / "console").write_bytes(payload("console").read_bytes())
     acme, globex = e.h.tenant("acme"), e.h.tenant("globex")
     e.acme_vm = e.h.vm(acme, "acme-web", kernel="console", mem_mib=16)
+    with e.h.client() as c:  # a tenant network with a pinned address, for the diagram (never started here)
+        r = c.post(f"/v1/tenants/{acme}/networks", json={"name": "frontend", "ipv4_subnet": "10.20.0.0/24"})
+        assert r.status_code == 201, r.text
+    e.h.vm(acme, "acme-api", kernel="console", mem_mib=16, nics=[{"network": r.json()["id"], "ipv4": "10.20.0.10"}])
     e.globex_vm = e.h.vm(globex, "globex-db", kernel="console", mem_mib=16)
     ts = rbac.tenant_scope
     e.alice = e.h.principal("alice", ("VM Operator", ts(acme)), ("Auditor", ts(acme)))
