@@ -42,7 +42,7 @@ def seed_vms(h: Harness, n: int) -> str:
     with store.txn() as c:
         for i in range(1, n):
             row.update(id=str(uuid.uuid4()), name=f"vm-{i:04d}")
-            c.execute(f"INSERT INTO vms ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",  # noqa: S608
+            c.execute(f"INSERT INTO vms ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
                       [row[k] for k in cols])
     return t
 

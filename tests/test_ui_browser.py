@@ -39,7 +39,7 @@ SHOTS = Path(os.environ.get("BULKHEAD_UI_SCREENSHOTS") or tempfile.mkdtemp(prefi
 class Env:
     h: Harness
     s: ServerThread
-    alice: Identity  # VM Operator + Auditor in tenant "acme"
+    alice: Identity  # VM Operator + Auditor + Reader in tenant "acme"
     bob: Identity  # VM Operator in tenant "globex"
     acme_vm: str
     globex_vm: str
@@ -72,7 +72,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     e.h.vm(acme, "acme-api", kernel="console", mem_mib=16, nics=[{"network": r.json()["id"], "ipv4": "10.20.0.10"}])
     e.globex_vm = e.h.vm(globex, "globex-db", kernel="console", mem_mib=16)
     ts = rbac.tenant_scope
-    e.alice = e.h.principal("alice", ("VM Operator", ts(acme)), ("Auditor", ts(acme)))
+    e.alice = e.h.principal("alice", ("VM Operator", ts(acme)), ("Auditor", ts(acme)), ("Reader", ts(acme)))
     e.bob = e.h.principal("bob", ("VM Operator", ts(globex)))
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -108,9 +108,14 @@ def _login(e: Env, who: Identity) -> None:
 
 
 def _wait(cond: Any, what: str, timeout: float = BOOT_S) -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     end = time.monotonic() + timeout
     while True:
-        v = cond()
+        try:
+            v = cond()
+        except (StaleElementReferenceException, NoSuchElementException):  # the page is being replaced
+            v = None
         if v:
             return v
         assert time.monotonic() < end, f"timed out waiting for {what}"
@@ -267,9 +272,12 @@ def test_the_audit_page_shows_the_start_and_proves_it(env: Env) -> None:
     rows[0].find_element("tag name", "a").click()
     assert d.find_element("id", "proof-state").text == "verified"
     _check_view(env, "audit")
-    for view in ("hosts", "networks"):
-        d.get(f"{env.s.ui_url}/ui/{view}")
-        _check_view(env, view)
+    d.get(f"{env.s.ui_url}/ui/hosts")
+    _check_view(env, "hosts")
+    d.get(f"{env.s.ui_url}/ui/networks")  # the diagram: bridge, the VM with its pinned address
+    diagram = d.find_element("css selector", "svg.diagram").get_attribute("innerHTML")
+    assert "frontend" in diagram and "acme-api" in diagram and "10.20.0.10" in diagram
+    _check_view(env, "networks")
 
 
 def test_a_tampered_audit_log_shows_as_broken(env: Env) -> None:

@@ -215,3 +215,24 @@ class UiFront:
                    *SECURITY_HEADERS, *(extra or [])]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def declare_surfaces() -> None:
+    """The web console's routes: outside the OpenAPI document (they are HTML), listed here."""
+    from bulkhead.surface import declare
+
+    common = ("the session cookie (only on a connection without a certificate, only under /ui) or an mTLS "
+              "certificate; the Gate authenticates the peer again, caps the body, audits the request")
+    for name, accepts, op in (
+        ("GET /ui/login/{token}", "a login-link token (43 base64url chars, hashed, single use, 60 s); no other "
+         "identity; sets the session cookie; audited as ui/login", "ui_login_link"),
+        ("GET /ui/*", f"{common}; views call the API's service methods with the request's RBAC context",
+         "ui_views"),
+        ("POST /ui/vms/{vm_id}/{op}", f"{common}; form body (<= 20 fields) with the CSRF token (HMAC of the "
+         "session) checked first (403); op in start|stop|shutdown|pause|resume, authorized by the service",
+         "ui_vm_action"),
+        ("WEBSOCKET /ui/vms/{vm_id}/console/ws", f"{common}; Origin must equal Host; then the API's console "
+         "WebSocket (RBAC, one writer, audited)", "ui_console_ws"),
+    ):
+        declare("api-route", name, owner=__name__, boundary="client-daemon", accepts=accepts, operation=op,
+                fuzz="fuzz/fuzz_api_models.py")
