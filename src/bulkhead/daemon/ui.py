@@ -222,8 +222,8 @@ def _views(r: APIRouter, the: Callable[[], Any]) -> None:
         st = d.integrity_status(ctx)
         events = []
         try:
-            events = [e for e in d.audit_api.audit_query(ReqCtx(ctx.caller, ctx.request_id), limit=5000)
-                      if "integrity" in str(e.get("action", ""))][-50:][::-1]
+            events = [rec for rec in d.audit_api.audit_query(ReqCtx(ctx.caller, ctx.request_id), limit=5000)
+                      if "integrity" in rec.get("action", "")][-50:][::-1]
         except ApiError:
             pass  # no audit/read: the host state alone
         return _render(request, ctx, d.ui_auth, "hosts.html", st=st, events=events, host=os.uname().nodename)
