@@ -25,6 +25,8 @@ PACKAGES=(
   strace                                        # tests: FLUSH must reach the image as fdatasync
   acpica-tools                                  # tests: iasl disassembles the generated ACPI tables
   etcd-server etcd-client                       # the fleet's store (docs/FLEET.md); tests run their own cluster
+  nodejs npm                                    # the web console's pinned front-end packages (ui/package-lock.json: npm ci)
+  chromium chromium-driver                      # tests: the web console end to end in headless Chromium (docs/UI.md)
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()
@@ -60,6 +62,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install --progress-bar on --upgrade pip
 .venv/bin/pip install --progress-bar on -e '.[mgmt,dev,fuzz,api-test]'
+step "web console front-end packages (ui/package-lock.json, pinned; docs/UI.md)"
+# npm ci installs exactly the lock file's versions into ui/node_modules, which the daemon serves under
+# /ui/static (bulkhead.daemon.ui.vendor_dir); nothing is copied into the repository and nothing is built.
+npm ci --prefix ui --no-audit --no-fund --ignore-scripts
 step "bytecode and the launchers /usr/local/bin/bulkhead, bulkheadd"
 # The launchers run Python with -I -S -B and go through bulkhead/_boot.py (docs/INTEGRITY.md): the signed
 # manifest and every file of the package are verified BEFORE any bulkhead module is imported, and imports

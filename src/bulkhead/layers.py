@@ -50,7 +50,7 @@ LAYERS: tuple[Layer, ...] = (
     Layer("fleet", False, ("bulkhead.fleet",), "etcd store, host agent, controller, fleet API, local etcd clusters"),
     Layer("entry points", False, ("bulkhead.cli", "bulkhead.__main__", "bulkhead.runtime.cli",
                                   "bulkhead.daemon.cli", "bulkhead.daemon.witness_cli", "bulkhead.daemon.ops_cli", "bulkhead.clitree",
-                                  "bulkhead.daemon.snapshot_cli",
+                                  "bulkhead.daemon.snapshot_cli", "bulkhead.daemon.ui_cli",
                                   "bulkhead.integrity.cli", "bulkhead.fleet.cli"),
           "the `bulkhead` commands"),
 )
