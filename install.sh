@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 STEP=0
-STEPS=8
+STEPS=9
 step() { STEP=$((STEP + 1)); echo "install.sh: [$STEP/$STEPS] $*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -31,6 +31,9 @@ PACKAGES=(
 export DEBIAN_FRONTEND=noninteractive
 missing=()
 for p in "${PACKAGES[@]}"; do
+  case "$p" in  # a Node.js that already brings npm (NodeSource's nodejs conflicts with Debian's npm) is enough
+    nodejs|npm) if command -v node >/dev/null && command -v npm >/dev/null; then continue; fi ;;
+  esac
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 step "system packages"
