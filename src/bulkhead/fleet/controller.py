@@ -82,7 +82,7 @@ def _count(v: object) -> int:
 
 class Controller:
     def __init__(self, store: EtcdStore, ident: str, state_dir: Path, *, timing: FleetTiming | None = None,
-                 emit: Emit | None = None, dedicated: frozenset[str] = frozenset(), untrusted: str = "drain",
+                 emit: Emit | None = None, dedicated: frozenset[str] = frozenset(), untrusted: str = "drain", rbac: bool = False,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.store, self.ident, self.state_dir = store, ident, state_dir
         self.t = timing or FleetTiming()
@@ -90,6 +90,8 @@ class Controller:
         self.dedicated = dedicated
         self.untrusted = untrusted  # drain | stop: what happens to the VMs of a host that fails attestation
         self.clock, self.wall = clock, wall
+        self.rbac = rbac  # etcd auth is on: hosts may write a VM's keys only while it is assigned to them
+        self.revocations: dict[tuple[str, str], list[str]] = {}
         self.lease = 0
         self.leader_rev = 0
         self.deadline = 0.0
@@ -172,6 +174,8 @@ class Controller:
             if snap.kv("known", h.name) is None and h.alive:
                 self._guarded([Cmp(key("known", h.name), "CREATE", 0)], [Op(key("known", h.name), encode({"host": h.name}))])
         self._vms(snap, views, states, now, now_wall)
+        if self.revocations:
+            self._revoke_released(snap)
 
     def _guarded(self, cmp: list[Cmp], ops: list[Op]) -> bool:
         ok, _ = self.store.txn([self._lead(), *cmp], ops)
@@ -230,8 +234,9 @@ class Controller:
                 self._guarded([Cmp(key("exit", vid), "MOD", snap.kv("exit", vid).mod_revision)],  # type: ignore[union-attr]
                               [Op(key("exit", vid))])
             if vm.get("desired") != "running":
-                if akv is not None:
-                    self._guarded([Cmp(key("assign", vid), "MOD", akv.mod_revision)], [Op(key("assign", vid))])
+                if akv is not None and self._guarded([Cmp(key("assign", vid), "MOD", akv.mod_revision)],
+                                                     [Op(key("assign", vid))]) and a is not None:
+                    self._permit(None, str(a.get("host")), vid, a.get("spec"))
                 continue
             d = VmDemand(vid, str(vm["tenant"]), int(vm["spec"]["mem_mib"]), int(vm["spec"]["cpus"]))
             if akv is None or a is None:
@@ -259,6 +264,7 @@ class Controller:
             rec = {"host": host, "vm": vid, "spec": snap.rec("vms", vid)["spec"],  # type: ignore[index]
                    "tenant": snap.rec("vms", vid)["tenant"]}  # type: ignore[index]
             cmp = Cmp(key("assign", vid), "MOD", akv.mod_revision) if akv else Cmp(key("assign", vid), "CREATE", 0)
+            self._permit(host, old.get("host") if old else None, vid, rec["spec"])
             batch.append((cmp, Op(key("assign", vid), encode(rec)),
                           {"vm": vid, "host": host, "from": old.get("host") if old else None,
                            "why": moves.get(vid, "placement")}))
@@ -269,6 +275,32 @@ class Controller:
                 if akv is not None and self._guarded([Cmp(key("assign", vid), "MOD", akv.mod_revision)],
                                                      [Op(key("assign", vid))]):
                     self.emit("security", "fleet.vm.stopped-untrusted", {"vm": vid, "why": why})
+
+    def _permit(self, host: str | None, old: object, vid: str, spec: object) -> None:
+        """With etcd auth on: take VM `vid`'s keys from its previous host `old`, give them to `host`
+        (docs/FLEET.md "etcd access control"), before the assignment that lets `host` use them."""
+        if not self.rbac:
+            return
+        from bulkhead.fleet.etcdauth import grant_vm
+
+        drives = spec.get("drives", []) if isinstance(spec, dict) else []
+        rw = [str(d.get("disk")) for d in drives if isinstance(d, dict) and not d.get("read_only")]
+        if isinstance(old, str) and old and old != host:
+            self.revocations[(old, vid)] = rw  # once its claim is gone: it must be able to release it
+        if host is not None and old != host:
+            grant_vm(self.store, host, vid, rw)
+
+    def _revoke_released(self, snap: Snapshot) -> None:
+        """Revoke a previous host's permissions on a VM's keys once it no longer holds the VM's claim
+        (it stopped and released it, or its lease expired). In memory: a controller restart in between
+        leaves that grant in place (docs/FLEET.md "etcd access control", not done)."""
+        from bulkhead.fleet.etcdauth import revoke_vm
+
+        for (old, vid), rw in list(self.revocations.items()):
+            claim = snap.rec("running", vid)
+            if claim is None or claim.get("host") != old:
+                revoke_vm(self.store, old, vid, rw)
+                del self.revocations[(old, vid)]
 
     TXN_BATCH = 60  # below etcd's default --max-txn-ops (128): one compare + one put per VM, plus the leader
 
@@ -292,6 +324,9 @@ class Controller:
         cmp = [Cmp(key("assign", vid), "MOD", akv.mod_revision)] if akv else []
         ops = [Op(key("vms", vid), encode(vm)), Op(key("exit", vid))] + ([Op(key("assign", vid))] if akv else [])
         if self._guarded(cmp, ops):
+            a = decode(akv.value) if akv else None
+            if a is not None:
+                self._permit(None, str(a.get("host")), vid, a.get("spec"))
             self.emit("vm", "vm.exit", {"vm": vid, "status": ex.get("status"), "host": ex.get("host"),
                                         "error": ex.get("error")})
 
