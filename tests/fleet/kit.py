@@ -55,10 +55,13 @@ class Fleet:
         return open(self.root / f"{name}.log", "ab")
 
     # ---- controllers -------------------------------------------------------------------------------
-    def start_controller(self, ident: str = "c1", extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start_controller(self, ident: str = "c1", extra: list[str] | None = None,
+                         netns: str | None = None) -> subprocess.Popen[bytes]:
         argv = [PY, "-m", "bulkhead", "fleet", "serve", "--etcd", ",".join(self.etcd.endpoints),
                 "--state-dir", str(self.ctl_dir), "--shared-dir", str(self.shared), "--port", "0",
                 "--id", ident, *self._etcd_flags(), *self.users.get(ident, []), *(extra or [])]
+        if netns:
+            argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
         with self._log(ident) as log:
             p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.controllers.append(p)

@@ -38,7 +38,7 @@ from bulkhead.fleet.model import (
 )
 from bulkhead.fleet.store import Cmp, EtcdStore, Kv, Op
 
-__all__ = ["Controller", "Snapshot"]
+__all__ = ["Controller", "Deposed", "Snapshot"]
 
 Emit = Callable[[str, str, dict[str, Any]], None]  # (kind, action, detail): audited by the API layer
 
@@ -78,6 +78,10 @@ def _count(v: object) -> int:
     """A capacity number from a host's own record: a non-negative int, anything else counts as 0 (a host
     cannot stall the controller, or claim more than MAX_COUNT, with a malformed registration)."""
     return min(v, MAX_COUNT) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+class Deposed(Exception):
+    """This controller lost the leadership: it must not act on its view any more (rule F4)."""
 
 
 class Controller:
@@ -178,7 +182,13 @@ class Controller:
             self._revoke_released(snap)
 
     def _guarded(self, cmp: list[Cmp], ops: list[Op]) -> bool:
+        """A write under rule F4: refused by etcd unless this controller still leads. A refusal is
+        checked at once: when the leader key is no longer ours, the controller stops acting (Deposed)."""
         ok, _ = self.store.txn([self._lead(), *cmp], ops)
+        if not ok:
+            kv = self.store.get(key("leader"))
+            if kv is None or kv.create_revision != self.leader_rev:
+                raise Deposed(f"{self.ident}: the leader key is no longer ours")
         return ok
 
     def _attestation(self, snap: Snapshot, now_wall: float) -> None:
@@ -351,10 +361,15 @@ class Controller:
             if self.clock() - last_renew >= self.t.keepalive:
                 if not self.renew():
                     self.emit("system", "fleet.leader.lost", {"id": self.ident})
+                    self.lease = self.leader_rev = 0  # a new lease when it campaigns again
                     return "deposed"
                 last_renew = self.clock()
             try:
                 self.tick()
+            except Deposed:
+                self.emit("system", "fleet.leader.lost", {"id": self.ident})
+                self.lease = self.leader_rev = 0
+                return "deposed"
             except HostError as exc:
                 print(f"bulkhead fleet: tick: {exc}", file=sys.stderr)
             except Exception as exc:  # the loop must not die on one bad record
