@@ -354,29 +354,40 @@ class Controller:
             self._stop.wait(min(self.t.ttl / 6, 0.5))
         else:
             return "stopped"
-        if on_lead is not None:
-            on_lead()
-        last_renew = 0.0
-        while not self._stop.is_set():
-            if self.clock() - last_renew >= self.t.keepalive:
-                if not self.renew():
-                    self.emit("system", "fleet.leader.lost", {"id": self.ident})
-                    self.lease = self.leader_rev = 0  # a new lease when it campaigns again
-                    return "deposed"
-                last_renew = self.clock()
-            try:
-                self.tick()
-            except Deposed:
-                self.emit("system", "fleet.leader.lost", {"id": self.ident})
-                self.lease = self.leader_rev = 0
-                return "deposed"
-            except HostError as exc:
-                print(f"bulkhead fleet: tick: {exc}", file=sys.stderr)
-            except Exception as exc:  # the loop must not die on one bad record
-                print(f"bulkhead fleet: tick: {type(exc).__name__}: {exc}", file=sys.stderr)
-            self._stop.wait(poll)
+        lost = threading.Event()
+        keeper = threading.Thread(target=self._keep, args=(lost,), name="fleet-leader-lease", daemon=True)
+        keeper.start()  # its own thread: a slow tick or takeover (opening the daemon) delays no renewal
+        try:
+            if on_lead is not None:
+                on_lead()
+            while not self._stop.is_set() and not lost.is_set():
+                try:
+                    self.tick()
+                except Deposed:
+                    lost.set()
+                except HostError as exc:
+                    print(f"bulkhead fleet: tick: {exc}", file=sys.stderr)
+                except Exception as exc:  # the loop must not die on one bad record
+                    print(f"bulkhead fleet: tick: {type(exc).__name__}: {exc}", file=sys.stderr)
+                lost.wait(poll)
+        finally:
+            done = lost.is_set()
+            lost.set()
+            keeper.join(5)
+        if done and not self._stop.is_set():
+            self.emit("system", "fleet.leader.lost", {"id": self.ident})
+            self.lease = self.leader_rev = 0  # a new lease when it campaigns again
+            return "deposed"
         self.resign()
         return "stopped"
+
+    def _keep(self, lost: threading.Event) -> None:
+        """Renew the leadership lease every keepalive; set `lost` once a renewal fails past the deadline."""
+        while not lost.is_set() and not self._stop.is_set():
+            if not self.renew():
+                lost.set()
+                return
+            lost.wait(self.t.keepalive)
 
     def stop(self) -> None:
         self._stop.set()
