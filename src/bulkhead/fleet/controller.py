@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bulkhead.errors import HostError
+from bulkhead.fleet.etcdauth import Grants
 from bulkhead.fleet.model import (
     FleetTiming,
     HostView,
@@ -95,7 +96,7 @@ class Controller:
         self.untrusted = untrusted  # drain | stop: what happens to the VMs of a host that fails attestation
         self.clock, self.wall = clock, wall
         self.rbac = rbac  # etcd auth is on: hosts may write a VM's keys only while it is assigned to them
-        self.revocations: dict[tuple[str, str], list[str]] = {}
+        self.grants = Grants()
         self.lease = 0
         self.leader_rev = 0
         self.deadline = 0.0
@@ -178,8 +179,8 @@ class Controller:
             if snap.kv("known", h.name) is None and h.alive:
                 self._guarded([Cmp(key("known", h.name), "CREATE", 0)], [Op(key("known", h.name), encode({"host": h.name}))])
         self._vms(snap, views, states, now, now_wall)
-        if self.revocations:
-            self._revoke_released(snap)
+        if self.grants.pending:
+            self.grants.released(self.store, lambda vid: (snap.rec("running", vid) or {}).get("host"))
 
     def _guarded(self, cmp: list[Cmp], ops: list[Op]) -> bool:
         """A write under rule F4: refused by etcd unless this controller still leads. A refusal is
@@ -287,30 +288,9 @@ class Controller:
                     self.emit("security", "fleet.vm.stopped-untrusted", {"vm": vid, "why": why})
 
     def _permit(self, host: str | None, old: object, vid: str, spec: object) -> None:
-        """With etcd auth on: take VM `vid`'s keys from its previous host `old`, give them to `host`
-        (docs/FLEET.md "etcd access control"), before the assignment that lets `host` use them."""
-        if not self.rbac:
-            return
-        from bulkhead.fleet.etcdauth import grant_vm
-
-        drives = spec.get("drives", []) if isinstance(spec, dict) else []
-        rw = [str(d.get("disk")) for d in drives if isinstance(d, dict) and not d.get("read_only")]
-        if isinstance(old, str) and old and old != host:
-            self.revocations[(old, vid)] = rw  # once its claim is gone: it must be able to release it
-        if host is not None and old != host:
-            grant_vm(self.store, host, vid, rw)
-
-    def _revoke_released(self, snap: Snapshot) -> None:
-        """Revoke a previous host's permissions on a VM's keys once it no longer holds the VM's claim
-        (it stopped and released it, or its lease expired). In memory: a controller restart in between
-        leaves that grant in place (docs/FLEET.md "etcd access control", not done)."""
-        from bulkhead.fleet.etcdauth import revoke_vm
-
-        for (old, vid), rw in list(self.revocations.items()):
-            claim = snap.rec("running", vid)
-            if claim is None or claim.get("host") != old:
-                revoke_vm(self.store, old, vid, rw)
-                del self.revocations[(old, vid)]
+        """With etcd auth on: VM `vid`'s keys move from `old` to `host` (etcdauth.Grants.move)."""
+        if self.rbac:
+            self.grants.move(self.store, host, old, vid, spec)
 
     TXN_BATCH = 60  # below etcd's default --max-txn-ops (128): one compare + one put per VM, plus the leader
 

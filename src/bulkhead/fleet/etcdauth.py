@@ -17,13 +17,13 @@ in a SAN only and authenticate with a password (etcd simple tokens).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from bulkhead.errors import HostError
 from bulkhead.fleet.model import key, valid_host_id
 from bulkhead.fleet.store import EtcdRefused, EtcdStore
 
-__all__ = ["SCHEDULER", "add_host", "add_scheduler", "bootstrap", "grant_vm", "host_user", "revoke_vm"]
+__all__ = ["SCHEDULER", "Grants", "add_host", "add_scheduler", "bootstrap", "grant_vm", "host_user", "revoke_vm"]
 
 SCHEDULER = "bulkhead-controller"
 
@@ -97,3 +97,28 @@ def revoke_vm(store: EtcdStore, host: str, vm: str, rw_disks: Iterable[str]) -> 
                 raise HostError(f"etcd: revoking {host}'s permission on {k}: {exc.reason}") from None
 
 
+
+
+class Grants:
+    """The controller's side of the per-VM permissions: grant the new host before its assignment is
+    written; revoke the previous host's once it no longer holds the VM's claim (it must be able to
+    release it). The pending revocations live in memory: a controller restart in between leaves that
+    grant in place (docs/FLEET.md "etcd access control", not done)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[str, str], list[str]] = {}
+
+    def move(self, store: EtcdStore, host: str | None, old: object, vm: str, spec: object) -> None:
+        drives = spec.get("drives", []) if isinstance(spec, dict) else []
+        rw = [str(d.get("disk")) for d in drives if isinstance(d, dict) and not d.get("read_only")]
+        if isinstance(old, str) and old and old != host:
+            self.pending[(old, vm)] = rw
+        if host is not None and old != host:
+            grant_vm(store, host, vm, rw)
+
+    def released(self, store: EtcdStore, claim_holder: Callable[[str], object]) -> None:
+        """`claim_holder(vm)`: the host holding `running/vm` now (None when nobody does)."""
+        for (old, vm), rw in list(self.pending.items()):
+            if claim_holder(vm) != old:
+                revoke_vm(store, old, vm, rw)
+                del self.pending[(old, vm)]
