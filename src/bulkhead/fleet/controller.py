@@ -362,12 +362,24 @@ class Controller:
         return "stopped"
 
     def _keep(self, lost: threading.Event) -> None:
-        """Renew the leadership lease every keepalive; set `lost` once a renewal fails past the deadline."""
+        """Renew the leadership lease every keepalive (a thread of its own: a renewal can block for
+        the endpoints' timeouts during a partition), and set `lost` as soon as the renewal deadline
+        passes or a renewal is refused, whatever the renewals and the tick are blocked on."""
+        def renewer() -> None:
+            while not lost.is_set() and not self._stop.is_set():
+                if not self.renew():
+                    lost.set()
+                    return
+                lost.wait(self.t.keepalive)
+
+        threading.Thread(target=renewer, name="fleet-leader-renew", daemon=True).start()
         while not lost.is_set() and not self._stop.is_set():
-            if not self.renew():
+            if self.clock() >= self.deadline:
                 lost.set()
-                return
-            lost.wait(self.t.keepalive)
+            lost.wait(0.05)
+        if not self._stop.is_set():
+            print(f"bulkhead fleet: {self.ident} deposed: it no longer holds the leadership",
+                  flush=True)
 
     def stop(self) -> None:
         self._stop.set()
