@@ -36,11 +36,12 @@ from typing import Any
 
 from bulkhead.errors import HostError
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+from bulkhead.sandbox.forkspawn import ForkedWorker
 from bulkhead.sandbox.jail import IdAllocator, JailSpec
 from bulkhead.sandbox.protocol import POOL_WORKER_TO_HOST, Assign, Channel, PoolReady, ProtocolError
-from bulkhead.sandbox.supervisor import JailOptions, _launch, _new_jail
+from bulkhead.sandbox.supervisor import JailOptions, _launch, _new_jail, _worker_env, boot_argv
 
-__all__ = ["Slot", "WorkerPool", "make_slot"]
+__all__ = ["ForkServer", "Slot", "WorkerPool", "make_slot"]
 
 # The pool worker's memory before its VM: the interpreter and the VM path's imports (~40 MiB here).
 POOL_MEMORY_MIB = 128
@@ -87,7 +88,58 @@ class Slot:
         self.ids.release(self.uid)
 
 
-def make_slot(opts: JailOptions, timeout: float | None = None) -> Slot:
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class ForkServer:
+    """The host end of `bulkhead worker --zygote` (forkspawn.serve): one exec'd, gate-verified, pre-imported
+    process that forks the pool workers. This process becomes a child subreaper, so the pool workers
+    (forked twice by the server) are its children and their wait status is its own to read."""
+
+    def __init__(self, opts: JailOptions) -> None:
+        import subprocess
+
+        from bulkhead.sandbox.jail import prctl
+
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        args = ["worker", "--zygote", "--control-fd", str(theirs.fileno())]
+        if opts.test_probes:
+            args.append("--test-probes")
+        self.proc = subprocess.Popen(boot_argv(args), env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     pass_fds=(theirs.fileno(),), close_fds=True)
+        theirs.close()
+        self._lock = threading.Lock()
+
+    def spawn(self, pre: JailSpec, channel_fd: int, timeout: float) -> ForkedWorker:
+        """One pool worker for slot `pre`. Raises HostError."""
+        import json
+
+        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with self._lock:
+                self.sock.settimeout(timeout)
+                socket.send_fds(self.sock, [pre.to_json().encode()], [channel_fd, stderr_w])
+                reply = json.loads(self.sock.recv(4096) or b"{}")
+        except (OSError, ValueError) as exc:
+            os.close(stderr_r)
+            raise HostError(f"the fork server did not answer: {exc}") from None
+        finally:
+            os.close(stderr_w)
+        if not isinstance(reply.get("pid"), int) or reply["pid"] <= 1:
+            os.close(stderr_r)
+            raise HostError(f"the fork server refused: {reply.get('error', 'no answer')}")
+        return ForkedWorker(reply["pid"], os.fdopen(stderr_r, "rb"))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(Exception):
+            self.proc.wait(5)
+
+
+def make_slot(opts: JailOptions, timeout: float | None = None, server: ForkServer | None = None) -> Slot:
     """Start one pool worker and wait for its PoolReady. Raises HostError (the slot is removed first);
     a worker whose code fails the gate says IntegrityRefused and is a HostError here too."""
     slot_id = "z" + os.urandom(6).hex()
@@ -111,8 +163,11 @@ def make_slot(opts: JailOptions, timeout: float | None = None) -> Slot:
         args.append("--test-probes")
     slot = Slot(slot_id, uid, ids, jail_dir, cgroup, None, sock_host, opts)
     try:
-        slot.proc = _launch(args, pre.cgroup_procs, fork=False, test_probes=opts.test_probes,
-                            pass_fds=(sock_worker.fileno(),))
+        if server is not None:
+            slot.proc = server.spawn(pre, sock_worker.fileno(), opts.ready_timeout)
+        else:
+            slot.proc = _launch(args, pre.cgroup_procs, fork=False, test_probes=opts.test_probes,
+                                pass_fds=(sock_worker.fileno(),))
         sock_worker.close()
         sock_host.settimeout(timeout if timeout is not None else opts.ready_timeout)
         try:
@@ -149,8 +204,10 @@ class _Gone:
 class WorkerPool:
     """Up to `size` ready slots, refilled by one background thread. Thread-safe."""
 
-    def __init__(self, options: JailOptions, size: int = 2) -> None:
+    def __init__(self, options: JailOptions, size: int = 2, fork_server: bool = True) -> None:
         self.options, self.size = options, size
+        self._use_server = fork_server
+        self._server: ForkServer | None = None
         self._ready: list[Slot] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -197,7 +254,9 @@ class WorkerPool:
                 if self._closed or self.disabled:
                     return
             try:
-                slot = make_slot(self.options)
+                if self._use_server and (self._server is None or self._server.proc.poll() is not None):
+                    self._server = ForkServer(self.options)
+                slot = make_slot(self.options, server=self._server)
             except Exception as exc:
                 with self._cond:
                     self.failures += 1
@@ -221,3 +280,5 @@ class WorkerPool:
             slot.discard()
         if self._thread is not None:
             self._thread.join(10)
+        if self._server is not None:
+            self._server.close()
