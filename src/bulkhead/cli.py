@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "image": ("bulkhead.daemon.ops_cli", "image_main", "import, list and delete kernel/initrd images"),
     "fleet": ("bulkhead.fleet.cli", "fleet_main", "the fleet: controller, hosts, VMs across hosts (docs/FLEET.md)"),
     "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
+    "zygote": ("bulkhead.sandbox.forkspawn", "serve", "(internal) the daemon's fork server of pool workers"),
 }
 
 

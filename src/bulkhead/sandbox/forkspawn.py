@@ -191,7 +191,7 @@ def fork_worker(args: list[str], cgroup_procs: tuple[str, ...], env: dict[str, s
 
 
 def serve(argv: list[str]) -> int:
-    """`bulkhead worker --zygote --control-fd N [--test-probes]`: the daemon's fork server (docs/SANDBOX.md
+    """`bulkhead zygote --control-fd N [--test-probes]`: the daemon's fork server (docs/SANDBOX.md
     "Worker pool"). Exec'd through the pre-import gate once, so its code is verified once; it imports the
     VM path once, then forks one pool worker per request and never runs a VM itself. Single-threaded,
     holds no key and no other VM's data (what makes the fork path sound, docs/INTEGRITY.md "The fork path
@@ -210,7 +210,7 @@ def serve(argv: list[str]) -> int:
     try:
         control_fd = int(argv[argv.index("--control-fd") + 1])
     except (ValueError, IndexError):
-        print("bulkhead worker --zygote: needs --control-fd", file=sys.stderr)
+        print("bulkhead zygote: needs --control-fd", file=sys.stderr)
         return 2
     require_integrity("worker")
     worker._preimport(test_probes)

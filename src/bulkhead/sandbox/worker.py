@@ -382,10 +382,6 @@ def _reap(child: int) -> int:
 
 def main(argv: list[str]) -> int:
     """Entry point of `bulkhead worker`. Exits the process; returns only on a usage error."""
-    if argv[:1] == ["--zygote"]:  # the daemon's fork server (sandbox/forkspawn.py serve)
-        from bulkhead.sandbox.forkspawn import serve
-
-        return serve(argv[1:])
     try:
         args = _parse(argv)
     except (ConfigError, ValueError, StopIteration) as exc:

@@ -92,7 +92,7 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 class ForkServer:
-    """The host end of `bulkhead worker --zygote` (forkspawn.serve): one exec'd, gate-verified, pre-imported
+    """The host end of `bulkhead zygote` (forkspawn.serve): one exec'd, gate-verified, pre-imported
     process that forks the pool workers. This process becomes a child subreaper, so the pool workers
     (forked twice by the server) are its children and their wait status is its own to read."""
 
@@ -103,7 +103,7 @@ class ForkServer:
 
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        args = ["worker", "--zygote", "--control-fd", str(theirs.fileno())]
+        args = ["zygote", "--control-fd", str(theirs.fileno())]
         if opts.test_probes:
             args.append("--test-probes")
         self.proc = subprocess.Popen(boot_argv(args), env=_worker_env(), cwd="/", stdin=subprocess.DEVNULL,
