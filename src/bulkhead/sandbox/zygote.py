@@ -134,6 +134,8 @@ class ForkServer:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a spawn blocked in recv; the server sees EOF
+        with contextlib.suppress(OSError):
             self.sock.close()
         with contextlib.suppress(Exception):
             self.proc.wait(5)
@@ -278,7 +280,7 @@ class WorkerPool:
             self._cond.notify_all()
         for slot in slots:
             slot.discard()
-        if self._thread is not None:
-            self._thread.join(10)
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # first: a slot being made now fails at once instead of at its timeout
+        if self._thread is not None:
+            self._thread.join(30)  # nothing of the pool (uid records above all) outlives close()
