@@ -357,8 +357,10 @@ class Assign(Message):
     id, root, uid, gid, cgroups and seccomp switch must equal the ones the worker was started with)."""
 
     TYPE: ClassVar[str] = "assign"
-    SPEC: ClassVar[dict[str, _Spec]] = {"spec": _Str(MAX_MESSAGE - 256)}
+    SPEC: ClassVar[dict[str, _Spec]] = {"spec": _Str(MAX_MESSAGE - 256), "restore": _Bool(), "snapshot": _Bool()}
     spec: str = ""
+    restore: bool = False  # with the host's two memfds attached (the only message that may carry fds)
+    snapshot: bool = False
 
 
 POOL_HOST_TO_WORKER: dict[str, type[Message]] = {Assign.TYPE: Assign}

@@ -583,7 +583,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     """Start a jailed worker for `config` and return once its sandbox is in place and verified; the VM runs
     at handle.start(). Forked into the jail or exec'd through the gate (_launch, docs/SANDBOX.md "Fork
     path"), or, with `pool` (sandbox/zygote.py WorkerPool, docs/SANDBOX.md "Worker pool"), handed to a
-    ready pool worker when one fits (no NIC, no snapshot; the jail's id is then the slot's). `snapshot_fds`
+    ready pool worker when one fits (no NIC; the jail's id is then the slot's). `snapshot_fds`
     (memory, state): the host's memfds (runtime/snapshot.py); with `restore` the
     worker rebuilds the VM from them, with `snapshot` a host stop makes it write its state there.
     Raises ConfigError (bad id or image path), HostError (not root, no cgroups/jail, worker not ready)."""
@@ -598,7 +598,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     if (restore or snapshot) and snapshot_fds is None:
         raise HostError("a snapshot or restore needs the host's memfds")
     binds, drives = _image_binds(config, restore=restore)
-    slot = pool.take(opts) if pool is not None and not config.nets and snapshot_fds is None else None
+    slot = pool.take(opts) if pool is not None and not config.nets else None
     if slot is not None:
         vm_id, ids, uid, jail_dir = slot.slot_id, slot.ids, slot.uid, slot.jail_dir
     else:
@@ -626,7 +626,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         if slot is not None:
             socks.append(slot.sock)
             proc = slot.proc
-            slot.assign(spec)
+            slot.assign(spec, snapshot_fds, restore=restore, snapshot=snapshot)
         else:
             proc = _start_process(spec, taps, snapshot_fds, restore=restore, snapshot=snapshot, opts=opts,
                                   fork=fork, socks=socks)

@@ -421,7 +421,7 @@ def main(argv: list[str]) -> int:
             step[0] = "spec"
             _preimport(args["test_probes"])
             step[0] = "assign"
-            spec = _await_assign(sock, spec)
+            spec, snap_fds = _await_assign(sock, spec, snap)  # the host's memfds may come with it
             step[0] = "idmap"
             userns = _idmap_namespaces(spec)  # still in the host's PID namespace: /proc names the helper
             step[0] = "namespaces"
@@ -463,17 +463,20 @@ def main(argv: list[str]) -> int:
 _SLOT_FIELDS = ("vm_id", "root", "uid", "gid", "cgroup_procs", "seccomp")
 
 
-def _await_assign(sock: socket.socket, slot: jail.JailSpec) -> jail.JailSpec:
+def _await_assign(sock: socket.socket, slot: jail.JailSpec, snap: dict[str, Any]) -> tuple[jail.JailSpec, list[int]]:
     """A pool worker's one wait: say PoolReady, take one Assign, return its spec. The spec is parsed and
     validated as an exec'd worker's --spec is (JailSpec.from_json) and must name this worker's own slot:
     a pool worker never changes its id, root, uid, cgroups or seccomp switch. Raises ConfigError (the
-    one-line setup failure); a host that goes away instead ends the worker."""
-    from bulkhead.sandbox.protocol import POOL_HOST_TO_WORKER, Assign, PoolReady
+    one-line setup failure); a host that goes away instead ends the worker. The Assign alone may carry
+    fds: none, or exactly the two memfds (guest memory, state) of runtime/snapshot.py."""
+    from bulkhead.sandbox.protocol import MAX_MESSAGE, POOL_HOST_TO_WORKER, Assign, PoolReady, decode
 
-    pool = Channel(sock, POOL_HOST_TO_WORKER)
-    pool.send(PoolReady(os.getpid()))
+    Channel(sock, POOL_HOST_TO_WORKER).send(PoolReady(os.getpid()))
     try:
-        msg = pool.recv()
+        data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, 2)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) not in (0, 2):
+            raise ProtocolError("the assignment is truncated or carries other than 0 or 2 fds")
+        msg = decode(data, POOL_HOST_TO_WORKER) if data else None
     except (ProtocolError, OSError) as exc:
         raise ConfigError(f"pool worker: no valid assignment ({exc})") from None
     if not isinstance(msg, Assign):
@@ -482,7 +485,11 @@ def _await_assign(sock: socket.socket, slot: jail.JailSpec) -> jail.JailSpec:
     for name in _SLOT_FIELDS:
         if getattr(spec, name) != getattr(slot, name):
             raise ConfigError(f"pool worker: the assignment changes the slot's {name}")
-    return spec
+    if (msg.restore or msg.snapshot) and not fds:
+        raise ConfigError("pool worker: a restore or snapshot assignment needs the host's memfds")
+    if fds:  # runtime/snapshot.py: the worker's snapshot settings, as --memory-fd/--state-fd would give
+        snap.update(memory_fd=fds[0], state_fd=fds[1], restore=msg.restore, snapshot=msg.snapshot)
+    return spec, fds
 
 
 def _idmap_namespaces(spec: Any) -> dict[tuple[int, int], int]:

@@ -60,10 +60,14 @@ class Slot:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def assign(self, spec: JailSpec) -> None:
-        """Hand the slot its VM (the caller wrote the cgroup limits). Raises HostError if it is gone."""
+    def assign(self, spec: JailSpec, snapshot_fds: tuple[int, int] | None = None, *, restore: bool = False,
+               snapshot: bool = False) -> None:
+        """Hand the slot its VM (the caller wrote the cgroup limits), with the host's guest-memory and state
+        memfds attached when it has them. Raises HostError if the worker is gone."""
+        from bulkhead.sandbox.protocol import encode
+
         try:
-            Channel(self.sock, {}).send(Assign(spec.to_json()))
+            socket.send_fds(self.sock, [encode(Assign(spec.to_json(), restore, snapshot))], list(snapshot_fds or ()))
         except (OSError, ProtocolError) as exc:
             raise HostError(f"the pool worker took no assignment: {exc}") from None
 
