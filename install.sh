@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 STEP=0
-STEPS=8
+STEPS=9
 step() { STEP=$((STEP + 1)); echo "install.sh: [$STEP/$STEPS] $*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -25,10 +25,15 @@ PACKAGES=(
   strace                                        # tests: FLUSH must reach the image as fdatasync
   acpica-tools                                  # tests: iasl disassembles the generated ACPI tables
   etcd-server etcd-client                       # the fleet's store (docs/FLEET.md); tests run their own cluster
+  nodejs npm                                    # the web console's pinned front-end packages (ui/package-lock.json: npm ci)
+  chromium chromium-driver                      # tests: the web console end to end in headless Chromium (docs/UI.md)
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()
 for p in "${PACKAGES[@]}"; do
+  case "$p" in  # a Node.js that already brings npm (NodeSource's nodejs conflicts with Debian's npm) is enough
+    nodejs|npm) if command -v node >/dev/null && command -v npm >/dev/null; then continue; fi ;;
+  esac
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 step "system packages"
@@ -60,6 +65,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install --progress-bar on --upgrade pip
 .venv/bin/pip install --progress-bar on -e '.[mgmt,dev,fuzz,api-test]'
+step "web console front-end packages (ui/package-lock.json, pinned; docs/UI.md)"
+# npm ci installs exactly the lock file's versions into ui/node_modules, which the daemon serves under
+# /ui/static (bulkhead.daemon.ui.vendor_dir); nothing is copied into the repository and nothing is built.
+npm ci --prefix ui --no-audit --no-fund --ignore-scripts
 step "bytecode and the launchers /usr/local/bin/bulkhead, bulkheadd"
 # The launchers run Python with -I -S -B and go through bulkhead/_boot.py (docs/INTEGRITY.md): the signed
 # manifest and every file of the package are verified BEFORE any bulkhead module is imported, and imports

@@ -49,15 +49,16 @@ def placement(etcd: EtcdCluster, root: Path, hosts: int, vms: int) -> dict[str, 
         store.put(key("nonce", f"sim{i:03d}"), encode({"nonce": "simulated", "at": now}))
     (root / "ctl").mkdir(parents=True)
     ctl = Controller(store, "bench", root / "ctl", timing=FleetTiming(attest_max_age=7200, attest_interval=3600))
-    assert ctl.campaign()
     for i in range(vms):
         vid = str(uuid.uuid4())
         store.put(key("vms", vid), encode({"id": vid, "tenant": f"t{i % 10}", "name": f"v{i}", "desired": "running",
                                            "spec": {"kernel": "k", "mem_mib": 64, "cpus": 1, "drives": []},
                                            "created": "", "updated": ""}))
+    assert ctl.campaign()  # after the setup: the tick must not outlive the leader lease (Deposed)
     t0 = time.perf_counter()
     ticks = 0
     while True:
+        assert ctl.renew()
         ctl.tick()
         ticks += 1
         placed = len(store.get_prefix(key("assign", ""))[0])

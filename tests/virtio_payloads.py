@@ -42,7 +42,7 @@ def build_virtio(name: str) -> Path:
     src = PAYLOADS / f"{name}.c"
     if not src.is_file():
         src = BENCH_PAYLOADS / f"{name}.c"
-    digest = hashlib.sha256((PAYLOADS / "virtio.h").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join((PAYLOADS / h).read_bytes() for h in ("virtio.h", "vsock.h"))).hexdigest()[:16]
     return build(
         str(src),
         "elf",

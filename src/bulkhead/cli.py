@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dev": ("bulkhead.integrity.cli", "dev_main", "development helpers (dev tpm: run a swtpm)"),
     "integrity": ("bulkhead.daemon.cli", "integrity_main", "host integrity state from the daemon (GET /integrity)"),
     "image": ("bulkhead.daemon.ops_cli", "image_main", "import, list and delete kernel/initrd images"),
+    "ui": ("bulkhead.daemon.ui_cli", "ui_main", "the web console: `ui login` prints a single-use login link"),
     "fleet": ("bulkhead.fleet.cli", "fleet_main", "the fleet: controller, hosts, VMs across hosts (docs/FLEET.md)"),
     "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
     "zygote": ("bulkhead.sandbox.forkspawn", "serve", "(internal) the daemon's fork server of pool workers"),

@@ -24,8 +24,10 @@ __all__ = [
     "NetConfig",
     "RateLimit",
     "VmConfig",
+    "VsockConfig",
     "parse_drive",
     "parse_net",
+    "parse_vsock",
 ]
 
 # These are NamedTuples (immutable records from the standard library), not dataclasses: importing
@@ -62,6 +64,17 @@ class NetConfig(NamedTuple):
     tap_fd: int = -1  # an already-open tap passed in by the jailer
 
 
+class VsockConfig(NamedTuple):
+    """virtio-vsock (virtio 1.2 §5.10) with Firecracker's host model: the VM's unix socket at `path`,
+    guest-initiated streams to port P at `<path>_<P>`. `listen_fd`/`connect_prefix`: set by the jailer
+    (the supervisor binds `path` and the worker connects through a bind of its directory)."""
+
+    path: str
+    guest_cid: int = 3
+    listen_fd: int = -1
+    connect_prefix: str = ""
+
+
 class _VmConfigFields(NamedTuple):
     kernel: str
     initrd: str | None = None
@@ -74,6 +87,7 @@ class _VmConfigFields(NamedTuple):
     nets: tuple[NetConfig, ...] = ()
     rng: bool = False
     expected_digest: str | None = None
+    vsock: VsockConfig | None = None
 
 
 class VmConfig(_VmConfigFields):
@@ -94,6 +108,7 @@ class VmConfig(_VmConfigFields):
         d = self._asdict()
         d["drives"] = [{**x._asdict(), "rate": x.rate._asdict()} for x in self.drives]
         d["nets"] = [{**x._asdict(), "rate": x.rate._asdict()} for x in self.nets]
+        d["vsock"] = self.vsock._asdict() if self.vsock else None
         return d
 
     def _validate(self) -> None:
@@ -113,6 +128,8 @@ class VmConfig(_VmConfigFields):
             raise ConfigError(f"--boot must be {_PROTOCOL_LIST}, not {self.boot_protocol!r}")
         if not self.serial:
             raise ConfigError("--serial must be stdio, none or a file path")
+        if self.vsock is not None and not 3 <= self.vsock.guest_cid < 0xFFFF_FFFF:
+            raise ConfigError(f"--vsock cid= must be between 3 and {0xFFFF_FFFF - 1}, not {self.vsock.guest_cid}")
 
     @property
     def mem_bytes(self) -> int:
@@ -179,3 +196,21 @@ def parse_net(spec: str) -> NetConfig:
     if opts:
         raise ConfigError(f"--net {spec!r}: unknown option(s) {', '.join(sorted(opts))}")
     return NetConfig(tap, mac.lower(), rate)
+
+
+def parse_vsock(spec: str) -> VsockConfig:
+    """`PATH[,cid=N]` -> VsockConfig (cid 3 by default)."""
+    path, opts, flags = _split_opts(spec, "--vsock")
+    if not path or "\x00" in path:
+        raise ConfigError("--vsock needs a unix socket path")
+    if len(path.encode()) > 90:  # sun_path is 108 bytes; leave room for "_<port>"
+        raise ConfigError(f"--vsock path is too long ({len(path.encode())} bytes, at most 90)")
+    if flags:
+        raise ConfigError(f"--vsock {spec!r}: unknown option(s) {', '.join(sorted(flags))}")
+    try:
+        cid = int(opts.pop("cid", "3"), 0)
+    except ValueError:
+        raise ConfigError("--vsock cid= takes an integer") from None
+    if opts:
+        raise ConfigError(f"--vsock {spec!r}: unknown option(s) {', '.join(sorted(opts))}")
+    return VsockConfig(path, cid)

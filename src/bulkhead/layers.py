@@ -35,7 +35,7 @@ LAYERS: tuple[Layer, ...] = (
                                    "bulkhead.sandbox.policy", "bulkhead.sandbox.protocol", "bulkhead.snapshot",
                                    "bulkhead.fleet.model"),
           "API models, RBAC, audit records; integrity verdicts; network model/rules/plan; seccomp lists; "
-          "the worker protocol; the snapshot file format; the fleet's keys, host states, scheduler and fencing rules"),
+          "the worker protocol; the snapshot file format and the live-migration stream; the fleet's keys, host states, scheduler and fencing rules"),
     Layer("hypervisor", False, ("bulkhead.hypervisor",), "the only code that touches /dev/kvm"),
     Layer("host services", False, ("=bulkhead.integrity", "bulkhead.integrity.tpm", "bulkhead.integrity.host",
                                    "bulkhead.network.host", "bulkhead.network.overlay", "bulkhead.network.service",
@@ -50,7 +50,7 @@ LAYERS: tuple[Layer, ...] = (
     Layer("fleet", False, ("bulkhead.fleet",), "etcd store, host agent, controller, fleet API, local etcd clusters"),
     Layer("entry points", False, ("bulkhead.cli", "bulkhead.__main__", "bulkhead.runtime.cli",
                                   "bulkhead.daemon.cli", "bulkhead.daemon.witness_cli", "bulkhead.daemon.ops_cli", "bulkhead.clitree",
-                                  "bulkhead.daemon.snapshot_cli",
+                                  "bulkhead.daemon.snapshot_cli", "bulkhead.daemon.ui_cli",
                                   "bulkhead.integrity.cli", "bulkhead.fleet.cli"),
           "the `bulkhead` commands"),
 )

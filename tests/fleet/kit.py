@@ -45,6 +45,7 @@ class Fleet:
         self.controllers: list[subprocess.Popen[bytes]] = []
         self.netns: dict[str, str] = {}
         self.backends: dict[str, str] = {}
+        self.users: dict[str, list[str]] = {}  # controller id / host -> its --etcd-user flags (etcd auth on)
 
     def _etcd_flags(self, endpoints: list[str] | None = None) -> list[str]:
         return ["--etcd-ca", self.tls.ca, "--etcd-cert", self.tls.cert, "--etcd-key", self.tls.key,
@@ -54,10 +55,13 @@ class Fleet:
         return open(self.root / f"{name}.log", "ab")
 
     # ---- controllers -------------------------------------------------------------------------------
-    def start_controller(self, ident: str = "c1", extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start_controller(self, ident: str = "c1", extra: list[str] | None = None,
+                         netns: str | None = None) -> subprocess.Popen[bytes]:
         argv = [PY, "-m", "bulkhead", "fleet", "serve", "--etcd", ",".join(self.etcd.endpoints),
                 "--state-dir", str(self.ctl_dir), "--shared-dir", str(self.shared), "--port", "0",
-                "--id", ident, *self._etcd_flags(), *(extra or [])]
+                "--id", ident, *self._etcd_flags(), *self.users.get(ident, []), *(extra or [])]
+        if netns:
+            argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
         with self._log(ident) as log:
             p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.controllers.append(p)
@@ -96,7 +100,7 @@ class Fleet:
         sd.mkdir(parents=True, exist_ok=True)
         argv = [PY, "-m", "bulkhead", "serve", "--fleet", ",".join(endpoints or self.etcd.endpoints),
                 "--host-id", host, "--state-dir", str(sd), "--shared-dir", str(self.shared), "--backend", backend,
-                "--mem", str(mem), "--vcpus", "8", "--slots", str(slots), "--dev-tpm", *self._etcd_flags(), *(extra or [])]
+                "--mem", str(mem), "--vcpus", "8", "--slots", str(slots), "--dev-tpm", *self._etcd_flags(), *self.users.get(host, []), *(extra or [])]
         if netns:
             # nsenter enters only the network namespace: `ip netns exec` would also remount /sys, hiding the
             # cgroup hierarchies the jail needs

@@ -105,3 +105,30 @@ def test_rounds_of_kill_partition_heal_never_double_run(underlay_fleet: tuple[Fl
             wait(lambda victim=victim: fleet.hosts()[victim]["state"] == "ready", 60, "the host back")
         wait(settled, 60, "settled at the end")
     assert not check.violations, check.violations
+
+
+def test_a_partitioned_leader_is_deposed_and_stands_by(underlay_fleet: tuple[Fleet, Underlay]) -> None:
+    """Rule F4 (docs/FLEET.md): the leader, cut from etcd, stops acting before its lease can expire and
+    goes back to standby (the process lives on); the standby leads within one TTL of the expiry; once
+    healed the old leader stays a standby."""
+    fleet, u = underlay_fleet
+    c1 = fleet.start_controller("c1", netns=u.add_host("n1"))
+    wait(lambda: fleet.leader() == "c1", 40, "c1 leading")
+    c2 = fleet.start_controller("c2", netns=u.add_host("n2"))
+    log1 = fleet.root / "c1.log"
+    wait(lambda: "c2 standing by" in (fleet.root / "c2.log").read_text(), 30, "c2 standing by")
+    assert fleet.leader() == "c1"
+    t0 = time.monotonic()
+    u.cut("n1")
+    wait(lambda: "c1 deposed" in log1.read_text(), fleet.ttl + 2, "c1 deposing itself", interval=0.02)
+    deposed = time.monotonic() - t0
+    wait(lambda: fleet.leader() == "c2", 2 * fleet.ttl + 2, "c2 leading")
+    took = time.monotonic() - t0
+    assert deposed < fleet.ttl, deposed  # it stopped acting before its lease could expire
+    assert took < 2 * fleet.ttl + 1, took  # expiry (one TTL) + the standby's poll
+    wait(lambda: log1.read_text().count("c1 standing by") == 2, 10, "c1 standing by again")
+    assert c1.poll() is None
+    u.heal("n1")
+    time.sleep(2.0)
+    assert fleet.leader() == "c2" and c1.poll() is None and c2.poll() is None
+    assert "c1 leads" not in log1.read_text().split("c1 deposed", 1)[1]

@@ -32,6 +32,8 @@ from bulkhead.daemon.service import ApiError, ReqCtx
 from bulkhead.daemon.snapshots import snapshot_routes
 from bulkhead.daemon.store import StateUnavailable
 from bulkhead.daemon.tenants import tenant_routes
+from bulkhead.daemon.ui import login_link_routes, public_app, ui_routes
+from bulkhead.daemon.uiauth import UiAuth, UiFront
 from bulkhead.daemon.vms import vm_routes
 from bulkhead.errors import BulkheadError
 
@@ -223,7 +225,12 @@ def build_app(daemon: Daemon | None) -> Any:
         api.include_router(ops)
     for extra in daemon.extra_routers() if daemon is not None else ():
         api.include_router(extra)
-    return Observe(Gate(api, daemon), lambda: the().metrics)  # one log line + metrics per request
+    api.include_router(login_link_routes(the))  # the web console (daemon/ui.py, docs/UI.md)
+    api.include_router(ui_routes(the))
+    front = UiFront(Gate(api, daemon), daemon.ui_auth if daemon is not None else UiAuth(),
+                    None if daemon is None else lambda who, result: daemon.event(
+                        "api", "ui/login", principal=who, scope="/", result=result), public_app())
+    return Observe(front, lambda: the().metrics)  # one log line + metrics per request
 
 
 def openapi_document(daemon: Daemon | None) -> dict[str, Any]:

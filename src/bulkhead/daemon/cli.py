@@ -168,6 +168,8 @@ def serve_main(argv: list[str]) -> int:
     _common(p, client=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8443, help="0 picks a free port (written to serve.json)")
+    p.add_argument("--ui-port", type=int, default=None, help="also serve the web console on this port, where a "
+                   "browser may log in with `bulkhead ui login` instead of a certificate (docs/UI.md; 0: free port)")
     p.add_argument("--engine", default="casbin", choices=["casbin", "pure"], help="RBAC evaluator")
     p.add_argument("--backend", default="auto", choices=["auto", "jail", "process", "fake"],
                    help="jail: one jailed worker per VM (root; the default as root); process: UNJAILED "
@@ -226,7 +228,7 @@ def serve_main(argv: list[str]) -> int:
                                           grace=args.witness_grace, checkpoint_interval=args.checkpoint_interval)
         config["witnesses"] = ",".join(s.name for s in wopts.witnesses)
         return serve(sd, args.host, args.port, backend, args.engine, integrity=opts, config=config,
-                     net=_network_service(args), witnesses=wopts)
+                     net=_network_service(args), witnesses=wopts, ui_port=args.ui_port)
 
     return _run(go)
 

@@ -105,6 +105,9 @@ class Daemon:
         self.metrics = Metrics(self)  # GET /metrics, and one observation per request (daemon/metrics.py)
         self.power = PowerService(self.core, self.vms)
         self.console = ConsoleService(self.core, self.vms, self.authenticate, self.append_request)
+        from bulkhead.daemon.uiauth import UiAuth
+
+        self.ui_auth = UiAuth()  # the web console's login links and sessions (daemon/uiauth.py)
         self.code_integrity: dict[str, str | bool | None] = {"verified": False, "manifest_digest": None,
                                                              "manifest": None}
         self._cert_cache: dict[str, tuple[str, str]] = {}

@@ -35,11 +35,13 @@ __all__ = ["ALLOWED_LOCAL_UIDS", "Serving", "guard_forks", "make_server_ssl", "s
 ALLOWED_LOCAL_UIDS = {0}
 
 
-def make_server_ssl(sd: StateDir) -> ssl.SSLContext:
-    """TLS 1.3 minimum, client certificate required, verified against the bulkhead CA only."""
+def make_server_ssl(sd: StateDir, optional: bool = False) -> ssl.SSLContext:
+    """TLS 1.3 minimum, client certificate required, verified against the bulkhead CA only. `optional`:
+    the web console's listener (docs/UI.md), where a browser may come without a certificate and log in
+    with a login link; a certificate it presents is still verified against the CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
     try:
         ctx.load_cert_chain(str(sd.server_cert), str(sd.server_key))
         ctx.load_verify_locations(cafile=str(sd.ca_cert))
@@ -90,6 +92,16 @@ class TlsWsProtocol(_PeerWsProtocol):
     peer_of = staticmethod(_tls_peer)
 
 
+def _ui_peer(transport: asyncio.BaseTransport) -> dict[str, Any]:
+    """The console listener's peer: the certificate if one was presented, else an anonymous peer that
+    the Gate refuses (401) unless uiauth.UiFront replaced it with a login session's peer under /ui."""
+    return _tls_peer(transport) or {"kind": "anonymous"}
+
+
+class UiWsProtocol(_PeerWsProtocol):
+    peer_of = staticmethod(_ui_peer)
+
+
 class UnixWsProtocol(_PeerWsProtocol):
     peer_of = staticmethod(_local_peer)
 
@@ -119,6 +131,12 @@ class TlsProtocol(H11Protocol):
             transport.close()
             return
         self.app = inject_peer(self.app, peer)
+
+
+class UiProtocol(TlsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        H11Protocol.connection_made(self, transport)
+        self.app = inject_peer(self.app, _ui_peer(transport))
 
 
 class UnixProtocol(H11Protocol):
@@ -217,7 +235,7 @@ class Serving:
     """Both listeners over one Daemon. `run()` blocks until `stop()` or SIGTERM/SIGINT."""
 
     def __init__(self, daemon: Daemon, state_dir: Path, host: str = "127.0.0.1", port: int = 8443,
-                 unix: bool = True) -> None:
+                 unix: bool = True, ui_port: int | None = None) -> None:
         self.daemon = daemon
         self.sd = StateDir(state_dir)
         self.ssl = make_server_ssl(self.sd)
@@ -235,6 +253,12 @@ class Serving:
                                                  ssl_context_factory=lambda c, f: self.ssl, **common))
         self.unix_server = (_Server(uvicorn.Config(app, http=UnixProtocol, ws=UnixWsProtocol, **common))
                             if self.unix else None)
+        self.ui_tcp = _tcp_socket(host, ui_port) if ui_port is not None else None  # the web console (docs/UI.md)
+        self.ui_port = int(self.ui_tcp.getsockname()[1]) if self.ui_tcp is not None else None
+        ui_ssl = make_server_ssl(self.sd, optional=True)
+        self.ui_server = (_Server(uvicorn.Config(app, http=UiProtocol, ws=UiWsProtocol,
+                                                 ssl_context_factory=lambda c, f: ui_ssl, **common))
+                          if self.ui_tcp is not None else None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = threading.Event()
 
@@ -247,6 +271,8 @@ class Serving:
         tasks = [asyncio.create_task(self.tls_server.serve(sockets=[self.tcp]))]
         if self.unix_server is not None and self.unix is not None:
             tasks.append(asyncio.create_task(self.unix_server.serve(sockets=[self.unix])))
+        if self.ui_server is not None and self.ui_tcp is not None:
+            tasks.append(asyncio.create_task(self.ui_server.serve(sockets=[self.ui_tcp])))
         while not all(s.started for s in self._servers()):
             if any(t.done() for t in tasks):
                 break
@@ -272,7 +298,7 @@ class Serving:
             await asyncio.sleep(interval)
 
     def _servers(self) -> list[_Server]:
-        return [s for s in (self.tls_server, self.unix_server) if s is not None]
+        return [s for s in (self.tls_server, self.unix_server, self.ui_server) if s is not None]
 
     def stop(self) -> None:
         from bulkhead.daemon.logsetup import lifecycle
@@ -330,7 +356,7 @@ def lock_state_dir(state_dir: Path) -> int | None:
 
 def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: str = "casbin",
           integrity: Any = None, config: dict[str, Any] | None = None, net: Any = None,
-          witnesses: Any = None) -> int:
+          witnesses: Any = None, ui_port: int | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. First the state directory is locked (lock_state_dir: a second
     daemon on it is refused with HostError naming the holder). Then the code check
     (require_integrity("daemon")): on a difference the refusal is audited and HostError (naming the file) is raised, nothing is served.
@@ -338,14 +364,15 @@ def serve(state_dir: Path, host: str, port: int, backend: Any = None, engine: st
     manifest and `config` digests measured, attested; without a TPM the host is untrusted."""
     lock = lock_state_dir(state_dir)
     try:
-        return _serve_locked(state_dir, host, port, backend, engine, integrity, config, net, witnesses)
+        return _serve_locked(state_dir, host, port, backend, engine, integrity, config, net, witnesses, ui_port)
     finally:
         if lock is not None:
             os.close(lock)
 
 
 def _serve_locked(state_dir: Path, host: str, port: int, backend: Any, engine: str, integrity: Any,
-                  config: dict[str, Any] | None, net: Any, witnesses: Any = None) -> int:
+                  config: dict[str, Any] | None, net: Any, witnesses: Any = None,
+                  ui_port: int | None = None) -> int:
     from bulkhead.daemon.integrity import IntegrityOptions, check_code, start_host_integrity
 
     code, failure = check_code("daemon")
@@ -362,10 +389,11 @@ def _serve_locked(state_dir: Path, host: str, port: int, backend: Any, engine: s
         start_host_integrity(daemon, state_dir, integrity or IntegrityOptions(), config or {})
         daemon.start()
         daemon.start_monitor()
-        serving = Serving(daemon, state_dir, host, port)
+        serving = Serving(daemon, state_dir, host, port, ui_port=ui_port)
 
         def announce(s: Serving) -> None:
-            info = {"pid": os.getpid(), "host": s.host, "port": s.port, "socket": str(s.sd.socket)}
+            info = {"pid": os.getpid(), "host": s.host, "port": s.port, "socket": str(s.sd.socket),
+                    "ui_port": s.ui_port}
             tmp = s.sd.serve_info.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             os.replace(tmp, s.sd.serve_info)

@@ -135,12 +135,13 @@ class Harness:
 class ServerThread:
     """The real servers in a background thread (same process)."""
 
-    def __init__(self, harness: Harness, unix: bool = True) -> None:
+    def __init__(self, harness: Harness, unix: bool = True, ui: bool = False) -> None:
         from bulkhead.daemon.server import Serving
 
-        self.serving = Serving(harness.daemon, harness.root, "127.0.0.1", 0, unix=unix)
+        self.serving = Serving(harness.daemon, harness.root, "127.0.0.1", 0, unix=unix, ui_port=0 if ui else None)
         self.port = self.serving.port
         self.url = f"https://127.0.0.1:{self.port}"
+        self.ui_url = f"https://127.0.0.1:{self.serving.ui_port}" if ui else ""  # the web console listener
         self._thread = threading.Thread(target=self.serving.run, kwargs={"install_signals": False}, daemon=True)
 
     def __enter__(self) -> ServerThread:

@@ -34,6 +34,9 @@ def _etcd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd-key", help="its key; default $BULKHEAD_ETCD_KEY")
     p.add_argument("--etcd-namespace", default="", metavar="/PREFIX",
                    help="a key prefix for this fleet's records (several fleets on one etcd)")
+    p.add_argument("--etcd-user", help="the etcd user (docs/FLEET.md \"etcd access control\"): host-<id> for "
+                   "an agent, the controller's user for `fleet serve`")
+    p.add_argument("--etcd-password-file", type=Path, help="a file holding that user's password")
     p.add_argument("--ttl", type=float, default=3.0, help="lease TTL in seconds (default 3)")
     p.add_argument("--grace", type=float, default=1.0, help="seconds past a lost host's lease expiry before "
                    "its VMs are rescheduled (default 1)")
@@ -54,7 +57,13 @@ def _store(urls: str, args: argparse.Namespace) -> Any:
             if not Path(f).is_file():
                 raise ConfigError(f"{f}: no such file")
         tls = ClientTls(ca, cert, key)
-    return EtcdStore(urls, tls, timeout=max(0.5, args.ttl / 4), namespace=args.etcd_namespace)
+    password = None
+    if args.etcd_user:
+        if args.etcd_password_file is None or not args.etcd_password_file.is_file():
+            raise ConfigError("--etcd-user needs --etcd-password-file (an existing file)")
+        password = args.etcd_password_file.read_text().strip()
+    return EtcdStore(urls, tls, timeout=max(0.5, args.ttl / 4), namespace=args.etcd_namespace,
+                     user=args.etcd_user, password=password)
 
 
 def _timing(args: argparse.Namespace) -> Any:
@@ -235,7 +244,7 @@ def _serve(argv: list[str]) -> int:
         store = _store(args.etcd, args)
         ident = args.id or f"{socket.gethostname()}-{os.getpid()}"
         ctl = Controller(store, ident, sd, timing=_timing(args), dedicated=frozenset(args.dedicated),
-                         untrusted=args.untrusted)
+                         untrusted=args.untrusted, rbac=bool(args.etcd_user))
         _stop_on_signals(ctl.stop)
         why = run_controller(ctl, sd, args.shared_dir, args.host, args.port)
         return DEPOSED if why == "deposed" else 0

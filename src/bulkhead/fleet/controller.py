@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bulkhead.errors import HostError
+from bulkhead.fleet.etcdauth import Grants
 from bulkhead.fleet.model import (
     FleetTiming,
     HostView,
@@ -38,7 +39,7 @@ from bulkhead.fleet.model import (
 )
 from bulkhead.fleet.store import Cmp, EtcdStore, Kv, Op
 
-__all__ = ["Controller", "Snapshot"]
+__all__ = ["Controller", "Deposed", "Snapshot"]
 
 Emit = Callable[[str, str, dict[str, Any]], None]  # (kind, action, detail): audited by the API layer
 
@@ -80,9 +81,13 @@ def _count(v: object) -> int:
     return min(v, MAX_COUNT) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
+class Deposed(Exception):
+    """This controller lost the leadership: it must not act on its view any more (rule F4)."""
+
+
 class Controller:
     def __init__(self, store: EtcdStore, ident: str, state_dir: Path, *, timing: FleetTiming | None = None,
-                 emit: Emit | None = None, dedicated: frozenset[str] = frozenset(), untrusted: str = "drain",
+                 emit: Emit | None = None, dedicated: frozenset[str] = frozenset(), untrusted: str = "drain", rbac: bool = False,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.store, self.ident, self.state_dir = store, ident, state_dir
         self.t = timing or FleetTiming()
@@ -90,6 +95,8 @@ class Controller:
         self.dedicated = dedicated
         self.untrusted = untrusted  # drain | stop: what happens to the VMs of a host that fails attestation
         self.clock, self.wall = clock, wall
+        self.rbac = rbac  # etcd auth is on: hosts may write a VM's keys only while it is assigned to them
+        self.grants = Grants()
         self.lease = 0
         self.leader_rev = 0
         self.deadline = 0.0
@@ -172,9 +179,17 @@ class Controller:
             if snap.kv("known", h.name) is None and h.alive:
                 self._guarded([Cmp(key("known", h.name), "CREATE", 0)], [Op(key("known", h.name), encode({"host": h.name}))])
         self._vms(snap, views, states, now, now_wall)
+        if self.grants.pending:
+            self.grants.released(self.store, lambda vid: (snap.rec("running", vid) or {}).get("host"))
 
     def _guarded(self, cmp: list[Cmp], ops: list[Op]) -> bool:
+        """A write under rule F4: refused by etcd unless this controller still leads. A refusal is
+        checked at once: when the leader key is no longer ours, the controller stops acting (Deposed)."""
         ok, _ = self.store.txn([self._lead(), *cmp], ops)
+        if not ok:
+            kv = self.store.get(key("leader"))
+            if kv is None or kv.create_revision != self.leader_rev:
+                raise Deposed(f"{self.ident}: the leader key is no longer ours")
         return ok
 
     def _attestation(self, snap: Snapshot, now_wall: float) -> None:
@@ -230,8 +245,9 @@ class Controller:
                 self._guarded([Cmp(key("exit", vid), "MOD", snap.kv("exit", vid).mod_revision)],  # type: ignore[union-attr]
                               [Op(key("exit", vid))])
             if vm.get("desired") != "running":
-                if akv is not None:
-                    self._guarded([Cmp(key("assign", vid), "MOD", akv.mod_revision)], [Op(key("assign", vid))])
+                if akv is not None and self._guarded([Cmp(key("assign", vid), "MOD", akv.mod_revision)],
+                                                     [Op(key("assign", vid))]) and a is not None:
+                    self._permit(None, str(a.get("host")), vid, a.get("spec"))
                 continue
             d = VmDemand(vid, str(vm["tenant"]), int(vm["spec"]["mem_mib"]), int(vm["spec"]["cpus"]))
             if akv is None or a is None:
@@ -259,6 +275,7 @@ class Controller:
             rec = {"host": host, "vm": vid, "spec": snap.rec("vms", vid)["spec"],  # type: ignore[index]
                    "tenant": snap.rec("vms", vid)["tenant"]}  # type: ignore[index]
             cmp = Cmp(key("assign", vid), "MOD", akv.mod_revision) if akv else Cmp(key("assign", vid), "CREATE", 0)
+            self._permit(host, old.get("host") if old else None, vid, rec["spec"])
             batch.append((cmp, Op(key("assign", vid), encode(rec)),
                           {"vm": vid, "host": host, "from": old.get("host") if old else None,
                            "why": moves.get(vid, "placement")}))
@@ -269,6 +286,11 @@ class Controller:
                 if akv is not None and self._guarded([Cmp(key("assign", vid), "MOD", akv.mod_revision)],
                                                      [Op(key("assign", vid))]):
                     self.emit("security", "fleet.vm.stopped-untrusted", {"vm": vid, "why": why})
+
+    def _permit(self, host: str | None, old: object, vid: str, spec: object) -> None:
+        """With etcd auth on: VM `vid`'s keys move from `old` to `host` (etcdauth.Grants.move)."""
+        if self.rbac:
+            self.grants.move(self.store, host, old, vid, spec)
 
     TXN_BATCH = 60  # below etcd's default --max-txn-ops (128): one compare + one put per VM, plus the leader
 
@@ -292,6 +314,9 @@ class Controller:
         cmp = [Cmp(key("assign", vid), "MOD", akv.mod_revision)] if akv else []
         ops = [Op(key("vms", vid), encode(vm)), Op(key("exit", vid))] + ([Op(key("assign", vid))] if akv else [])
         if self._guarded(cmp, ops):
+            a = decode(akv.value) if akv else None
+            if a is not None:
+                self._permit(None, str(a.get("host")), vid, a.get("spec"))
             self.emit("vm", "vm.exit", {"vm": vid, "status": ex.get("status"), "host": ex.get("host"),
                                         "error": ex.get("error")})
 
@@ -309,24 +334,52 @@ class Controller:
             self._stop.wait(min(self.t.ttl / 6, 0.5))
         else:
             return "stopped"
-        if on_lead is not None:
-            on_lead()
-        last_renew = 0.0
-        while not self._stop.is_set():
-            if self.clock() - last_renew >= self.t.keepalive:
-                if not self.renew():
-                    self.emit("system", "fleet.leader.lost", {"id": self.ident})
-                    return "deposed"
-                last_renew = self.clock()
-            try:
-                self.tick()
-            except HostError as exc:
-                print(f"bulkhead fleet: tick: {exc}", file=sys.stderr)
-            except Exception as exc:  # the loop must not die on one bad record
-                print(f"bulkhead fleet: tick: {type(exc).__name__}: {exc}", file=sys.stderr)
-            self._stop.wait(poll)
+        lost = threading.Event()
+        keeper = threading.Thread(target=self._keep, args=(lost,), name="fleet-leader-lease", daemon=True)
+        keeper.start()  # its own thread: a slow tick or takeover (opening the daemon) delays no renewal
+        try:
+            if on_lead is not None:
+                on_lead()
+            while not self._stop.is_set() and not lost.is_set():
+                try:
+                    self.tick()
+                except Deposed:
+                    lost.set()
+                except HostError as exc:
+                    print(f"bulkhead fleet: tick: {exc}", file=sys.stderr)
+                except Exception as exc:  # the loop must not die on one bad record
+                    print(f"bulkhead fleet: tick: {type(exc).__name__}: {exc}", file=sys.stderr)
+                lost.wait(poll)
+        finally:
+            done = lost.is_set()
+            lost.set()
+            keeper.join(5)
+        if done and not self._stop.is_set():
+            self.emit("system", "fleet.leader.lost", {"id": self.ident})
+            self.lease = self.leader_rev = 0  # a new lease when it campaigns again
+            return "deposed"
         self.resign()
         return "stopped"
+
+    def _keep(self, lost: threading.Event) -> None:
+        """Renew the leadership lease every keepalive (a thread of its own: a renewal can block for
+        the endpoints' timeouts during a partition), and set `lost` as soon as the renewal deadline
+        passes or a renewal is refused, whatever the renewals and the tick are blocked on."""
+        def renewer() -> None:
+            while not lost.is_set() and not self._stop.is_set():
+                if not self.renew():
+                    lost.set()
+                    return
+                lost.wait(self.t.keepalive)
+
+        threading.Thread(target=renewer, name="fleet-leader-renew", daemon=True).start()
+        while not lost.is_set() and not self._stop.is_set():
+            if self.clock() >= self.deadline:
+                lost.set()
+            lost.wait(0.05)
+        if not self._stop.is_set():
+            print(f"bulkhead fleet: {self.ident} deposed: it no longer holds the leadership",
+                  flush=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -44,17 +44,35 @@ def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def make_client_tls(root: Path, name: str) -> ClientTls:
-    """Issue a client certificate `name` from the cluster CA under root/pki (created by EtcdCluster)."""
-    from cryptography.hazmat.primitives import serialization
+    """Issue a client certificate `name` from the cluster CA under root/pki (created by EtcdCluster).
+
+    The holder is named in a SAN (`name.etcd-client.bulkhead`), not in the subject's Common Name: with
+    authentication enabled etcd's JSON gateway refuses every certificate that has a CN (docs/FLEET.md
+    "etcd access control"); identity towards etcd's RBAC is then the etcd user's password token."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     from bulkhead.daemon import pki
 
     d = root / "pki"
     ca = pki.CertBundle(pki.load_key(d / "ca.key"), pki.load_cert(d / "ca.pem"))
     key = pki.new_key()
-    issued = pki.issue_client(ca, name, key.public_key())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bulkhead fleet")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"{name}.etcd-client.bulkhead")]),
+                           critical=False)
+            .sign(ca.key, hashes.SHA256()))
     _write(d / f"{name}.key", pki.key_pem(key))
-    _write(d / f"{name}.pem", issued.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(d / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return ClientTls(str(d / "ca.pem"), str(d / f"{name}.pem"), str(d / f"{name}.key"))
 
 

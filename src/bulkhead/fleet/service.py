@@ -3,8 +3,9 @@
 Only the leader serves: when its Controller wins the election, it takes the state directory's lock
 (serve.lock: a second guard, beside etcd's, that two controllers never write one audit log), opens the
 FleetDaemon on it, serves HTTPS+mTLS (and the local socket) and writes serve.json, so clients find the
-leader. When the leadership is lost the process stops serving and ends (status 3): it never acts on a
-stale view. Its supervisor restarts it as a standby.
+leader. When the leadership is lost (a renewal failed past TTL - margin, or a guarded write found the
+leader key no longer its own) it stops serving and acting at once, closes its daemon, releases the lock
+and stands by again (rule F4): it never acts on a stale view, and it can lead again later.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,15 @@ def run_controller(ctl: Controller, state_dir: Path, shared: Path, host: str, po
         code, failure = check_code("daemon")
         if failure is not None:
             raise HostError(str(failure))
-        box["lock"] = lock_state_dir(state_dir)
+        deadline = time.monotonic() + max(5.0, ctl.t.ttl * 2)
+        while True:  # a deposed predecessor on this state dir may still be closing its daemon
+            try:
+                box["lock"] = lock_state_dir(state_dir)
+                break
+            except HostError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         d = FleetDaemon.open(state_dir, FakeBackend(), net=DryNetworkService(HostConfig()))
         assert isinstance(d, FleetDaemon)
         d.code_integrity = code
@@ -47,6 +57,7 @@ def run_controller(ctl: Controller, state_dir: Path, shared: Path, host: str, po
         box["d"] = d
         for kind, action, detail in pending:
             d.fleet_event(kind, action, detail)
+        pending.clear()
         serving = Serving(d, state_dir, host, port)
         box["serving"] = serving
 
@@ -63,18 +74,27 @@ def run_controller(ctl: Controller, state_dir: Path, shared: Path, host: str, po
         th.start()
         box["thread"] = th
 
-    print(f"bulkhead fleet: {ctl.ident} standing by", flush=True)
-    try:
-        why = ctl.run(on_lead=lead)
-    finally:
-        serving = box.get("serving")
-        if serving is not None:
-            serving.stop()
-            box["thread"].join(15)
-        d = box.get("d")
-        if d is not None:
-            d.close()
-        if box.get("lock") is not None:
-            os.close(box["lock"])
-    print(f"bulkhead fleet: {ctl.ident} {why}", flush=True)
-    return why
+    why = "stopped"
+    while True:
+        print(f"bulkhead fleet: {ctl.ident} standing by", flush=True)
+        try:
+            why = ctl.run(on_lead=lead)
+        finally:
+            _stop_serving(box)
+        print(f"bulkhead fleet: {ctl.ident} {why}", flush=True)
+        if why != "deposed":
+            return why
+
+
+def _stop_serving(box: dict[str, Any]) -> None:
+    """Stop the API, close the daemon and release the state dir's lock (events queue until the next lead)."""
+    serving = box.pop("serving", None)
+    if serving is not None:
+        serving.stop()
+        box.pop("thread").join(15)
+    d = box.pop("d", None)
+    if d is not None:
+        d.close()
+    lock = box.pop("lock", None)
+    if lock is not None:
+        os.close(lock)

@@ -105,8 +105,10 @@ class EtcdStore:
     """A fleet member's connection to etcd. Thread-safe (each call is one HTTP request)."""
 
     def __init__(self, endpoints: str | Sequence[str], tls: Any = None, timeout: float = 2.0,
-                 namespace: str = "") -> None:
-        """`namespace`: a key prefix put before every key (several fleets, or tests, on one etcd)."""
+                 namespace: str = "", user: str | None = None, password: str | None = None) -> None:
+        """`namespace`: a key prefix put before every key (several fleets, or tests, on one etcd).
+        `user`/`password`: an etcd user (docs/FLEET.md "etcd access control"); its token goes in every
+        request's Authorization header and is renewed when etcd says it is no longer valid."""
         if namespace and (not namespace.startswith("/") or namespace.endswith("/")):
             raise ConfigError("an etcd namespace starts with '/' and does not end with one")
         self.ns = namespace
@@ -129,10 +131,33 @@ class EtcdStore:
                                             api_path="/v3/", session=session))
         self._cur = 0
         self._lock = threading.Lock()
+        self.user, self._password = user, password
+        self._token = ""
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _authenticate(self) -> None:
+        out = self._post("/auth/authenticate", {"name": self.user, "password": self._password}, auth=False)
+        token = str(out.get("token") or "")
+        if not token:
+            raise HostError(f"etcd gave user {self.user!r} no token")
+        self._token = token
+
+    def _post(self, path: str, body: dict[str, Any], auth: bool = True) -> dict[str, Any]:
+        if not auth or self.user is None:
+            return self._post_once(path, body, None)
+        if not self._token:
+            self._authenticate()
+        try:
+            return self._post_once(path, body, self._token)
+        except EtcdRefused as exc:
+            if "invalid auth token" not in exc.reason:
+                raise
+        self._authenticate()  # simple tokens expire when idle, and with a member's restart
+        return self._post_once(path, body, self._token)
+
+    def _post_once(self, path: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
         from etcd3gw import exceptions as ex
 
+        headers = {"Authorization": token} if token else None
         errors = []
         with self._lock:
             start = self._cur
@@ -140,12 +165,13 @@ class EtcdStore:
             i = (start + k) % len(self.clients)
             c = self.clients[i]
             try:
-                out = c.post(c.get_url(path), json=body)
+                out = c.post(c.get_url(path), json=body, headers=headers)
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError, ex.InternalServerError) as exc:
                 errors.append(f"{c.host}:{c.port}: {type(exc).__name__} {str(exc)[:160]}")
                 continue
             except ex.Etcd3Exception as exc:
-                raise EtcdRefused(path, str(exc)[:300]) from None
+                detail = getattr(exc, "detail_text", None) or str(exc)
+                raise EtcdRefused(path, str(detail)[:300]) from None
             except OSError as exc:
                 errors.append(f"{c.host}:{c.port}: {exc}")
                 continue
@@ -186,6 +212,17 @@ class EtcdStore:
                                      "success": [o.to_json(ns) for o in success],
                                      "failure": [o.to_json(ns) for o in failure]})
         return bool(out.get("succeeded", False)), int(out.get("header", {}).get("revision", 0))
+
+    def auth(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One call of etcd's auth API (/v3/auth/OP: user/add, role/grant, enable ...): needs the root role."""
+        return self._post(f"/auth/{op}", body)
+
+    def raw_key(self, key: str) -> str:
+        """base64 of `key` in this store's namespace, as etcd's permissions name keys."""
+        return _b64(self.ns + key)
+
+    def raw_prefix_end(self, prefix: str) -> str:
+        return _b64(_prefix_end(self.ns + prefix))
 
     # ---- leases ----------------------------------------------------------------------------------
     def grant(self, ttl: int) -> int:

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]", help="virtio-net NIC on a tap"
     )
     p.add_argument("--rng", action="store_true", help="virtio-rng device fed by the host's getrandom")
+    p.add_argument("--vsock", metavar="PATH[,cid=N]",
+                   help="virtio-vsock: host streams via the unix socket PATH ('CONNECT <port>'), guest streams "
+                   "to port P reach PATH_P (docs/VSOCK.md)")
     p.add_argument("--no-jail", action="store_true", help="development: run the VM in this process, unjailed")
     p.add_argument("--expected-digest", metavar="SHA256", help="refuse to boot unless the launch digest matches")
     p.add_argument(
@@ -85,6 +88,7 @@ _RUN_FLAGS: dict[str, tuple[str, str]] = {
     "--drive": ("list", "drive"),
     "--net": ("list", "net"),
     "--rng": ("bool", "rng"),
+    "--vsock": ("str", "vsock"),
     "--no-jail": ("bool", "no_jail"),
     "--stats": ("str", "stats"),
     "--expected-digest": ("str", "expected_digest"),
@@ -98,7 +102,7 @@ _RUN_FLAGS: dict[str, tuple[str, str]] = {
 }
 _RUN_DEFAULTS: dict[str, object] = {
     "kernel": None, "initrd": None, "cmdline": "", "mem": 128, "cpus": 1, "serial": "stdio", "boot": "auto",
-    "drive": [], "net": [], "rng": False, "no_jail": False, "stats": None, "no_ioeventfd": False, "quiet": False,
+    "drive": [], "net": [], "rng": False, "vsock": None, "no_jail": False, "stats": None, "no_ioeventfd": False, "quiet": False,
     "expected_digest": None, "snapshot_on_exit": None, "restore": None, "clone": False, "snapshot_key": None,
 }  # fmt: skip
 
@@ -152,7 +156,7 @@ def parse_run_args(argv: list[str]) -> dict[str, object]:
 
 
 def _config_from_args(ns: dict[str, object]) -> VmConfig:
-    from bulkhead.config import VmConfig, parse_drive, parse_net
+    from bulkhead.config import VmConfig, parse_drive, parse_net, parse_vsock
 
     return VmConfig(
         kernel=str(ns["kernel"]),
@@ -166,6 +170,7 @@ def _config_from_args(ns: dict[str, object]) -> VmConfig:
         nets=tuple(parse_net(n) for n in ns["net"]),  # type: ignore[attr-defined]
         rng=bool(ns["rng"]),
         expected_digest=ns["expected_digest"],
+        vsock=parse_vsock(str(ns["vsock"])) if ns["vsock"] is not None else None,
     )
 
 
@@ -222,7 +227,7 @@ def _snapshot_options(ns: dict[str, object], config: VmConfig, extra: dict[str, 
     )
     from bulkhead.snapshot.keys import default_key_path, load_host_key, record_restore
 
-    if config.drives or config.nets or config.rng:
+    if config.drives or config.nets or config.rng or config.vsock:
         raise ConfigError("--snapshot-on-exit and --restore do not support virtio devices yet (docs/SNAPSHOT.md)")
     key_path = str(ns["snapshot_key"] or default_key_path())
     vm_id = uuid.uuid4().hex

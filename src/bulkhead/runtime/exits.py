@@ -26,6 +26,7 @@ EXIT_STATUS: dict[str, int] = {
     "oom-kill": 20,  # the worker hit its cgroup memory limit (jailed mode)
     "protocol-violation": 22,  # the worker sent a malformed or oversized message and was ended (jailed mode)
     "snapshotted": 24,  # the host stopped the VM and it was saved to a snapshot (bulkhead run --snapshot-on-exit)
+    "migrated": 26,  # the VM was live-migrated to another host and runs there now (runtime/migrate.py)
     "interrupted": 130,  # SIGINT/SIGTERM from the host
 }
 

@@ -59,7 +59,7 @@ def default_mac(tap: str) -> str:
 
 
 def attach_virtio(m: MachineBuilder) -> None:
-    """Attach every virtio device of m.config, in a fixed order: drives, NICs, rng."""
+    """Attach every virtio device of m.config, in a fixed order: drives, NICs, rng, vsock."""
     from bulkhead.devices.virtio.block import BlockDevice
     from bulkhead.devices.virtio.net import NetDevice, parse_mac
     from bulkhead.devices.virtio.ratelimit import RateLimiter
@@ -92,6 +92,21 @@ def attach_virtio(m: MachineBuilder) -> None:
         _attach(m, net)
     if cfg.rng:
         _attach(m, RngDevice())
+    if cfg.vsock is not None:
+        _attach_vsock(m, cfg.vsock)
+
+
+def _attach_vsock(m: MachineBuilder, v: Any) -> None:
+    """virtio-vsock after the other devices: the listener the jailer passed in, else one bound at v.path."""
+    from bulkhead.devices.virtio.vsock_device import VsockDevice
+    from bulkhead.runtime.vsock import UnixMuxer
+
+    if v.listen_fd >= 0:
+        muxer = UnixMuxer.adopt(v.listen_fd, v.connect_prefix or v.path)
+    else:
+        muxer = UnixMuxer.open(v.path)  # raises ConfigError naming the path
+    m.add_closer(muxer.close)
+    _attach(m, VsockDevice(muxer, v.guest_cid))
 
 
 def _attach(m: MachineBuilder, dev: VirtioDevice) -> None:

@@ -277,9 +277,9 @@ class Machine:
             self.vm.register_coalesced(POST_PORT, 1, pio=True)
 
     def attach_virtio_devices(self) -> None:
-        """virtio-mmio devices (block, net, rng) from the config; announced on the kernel command line."""
+        """virtio-mmio devices (block, net, rng, vsock) from the config; announced on the kernel command line."""
         cfg = self.config
-        if not (cfg.drives or cfg.nets or cfg.rng):
+        if not (cfg.drives or cfg.nets or cfg.rng or cfg.vsock):
             return
         from bulkhead.runtime.virtio import attach_virtio
 

@@ -57,8 +57,8 @@ def _libseccomp_version() -> str:
     return f"{v[0]}.{v[1]}.{v[2]}"
 
 
-def _key(role: str, nic: bool, rules: list[Rule]) -> str:
-    text = f"{_FORMAT}|{role}|{nic}|{_libseccomp_version()}|{os.uname().machine}|{rules!r}"
+def _key(role: str, nic: bool, rules: list[Rule], vsock: bool = False) -> str:
+    text = f"{_FORMAT}|{role}|{nic}|{vsock}|{_libseccomp_version()}|{os.uname().machine}|{rules!r}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -105,11 +105,11 @@ def _write(path: str, entry: dict[str, Any]) -> None:
         return  # the cache only saves time
 
 
-def _template(role: str, nic: bool) -> dict[str, Any] | None:
+def _template(role: str, nic: bool, vsock: bool = False) -> dict[str, Any] | None:
     """Compile for both sentinels; the differing instructions must be JEQ constants holding them."""
     from bulkhead.sandbox.jail import compile_program
 
-    a, b = (compile_program(build_rules(role, nic=nic, self_pid=s)) for s in _SENTINELS)
+    a, b = (compile_program(build_rules(role, nic=nic, vsock=vsock, self_pid=s)) for s in _SENTINELS)
     if len(a) != len(b) or len(a) % _INSN.size:
         return None
     slots = []
@@ -133,21 +133,22 @@ def _fill(entry: dict[str, Any], self_pid: int) -> bytes:
     return bytes(prog)
 
 
-def program_for(role: str, *, nic: bool = False, self_pid: int = 1, cache_dir: str | None = CACHE_DIR) -> bytes:
+def program_for(role: str, *, nic: bool = False, vsock: bool = False, self_pid: int = 1,
+                cache_dir: str | None = CACHE_DIR) -> bytes:
     """The BPF program of `role` (policy.build_rules with these arguments), from the cache when it holds a
     trusted entry for exactly these rules, else compiled (and cached). Call as root before pivot_root.
     Raises HostError when libseccomp cannot compile the rules."""
     if not 0 < self_pid < _SENTINELS[0]:
         raise HostError(f"seccomp: pid {self_pid} out of range")
-    rules = build_rules(role, nic=nic, self_pid=_SENTINELS[0])
-    path = None if cache_dir is None else os.path.join(cache_dir, _key(role, nic, rules) + ".json")
+    rules = build_rules(role, nic=nic, vsock=vsock, self_pid=_SENTINELS[0])
+    path = None if cache_dir is None else os.path.join(cache_dir, _key(role, nic, rules, vsock) + ".json")
     entry = _read(path) if path is not None else None
     if entry is None:
-        entry = _template(role, nic)
+        entry = _template(role, nic, vsock)
         if entry is None:  # not templatable: compile for this pid directly, uncached
             from bulkhead.sandbox.jail import compile_program
 
-            return compile_program(build_rules(role, nic=nic, self_pid=self_pid))
+            return compile_program(build_rules(role, nic=nic, vsock=vsock, self_pid=self_pid))
         if path is not None and os.geteuid() == 0:
             _write(path, entry)
     try:
@@ -155,7 +156,7 @@ def program_for(role: str, *, nic: bool = False, self_pid: int = 1, cache_dir: s
     except (ValueError, KeyError, TypeError, struct.error):
         from bulkhead.sandbox.jail import compile_program
 
-        return compile_program(build_rules(role, nic=nic, self_pid=self_pid))
+        return compile_program(build_rules(role, nic=nic, vsock=vsock, self_pid=self_pid))
 
 
 class _SockFprog(ctypes.Structure):

@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import resource
+import stat
 import sys
 import time
 from typing import Any, NamedTuple
@@ -146,6 +147,7 @@ class JailSpec(NamedTuple):
     seccomp: bool = True
     nic: bool = False
     config: dict[str, object] | None = None  # the VmConfig with in-jail paths (None: {})
+    vsock: bool = False  # a virtio-vsock device: the seccomp "vsock" group (policy.build_rules)
 
     def to_json(self) -> str:
         raw = {**self._asdict(), "binds": [b._asdict() for b in self.binds], "config": self.config or {}}
@@ -268,8 +270,11 @@ def build_root(spec: JailSpec, userns_fds: dict[tuple[int, int], int]) -> None:
     for b in spec.binds:
         dst = root + b.target
         os.makedirs(os.path.dirname(dst), mode=0o755, exist_ok=True)
-        os.close(os.open(dst, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         st = os.stat(b.source)
+        if stat.S_ISDIR(st.st_mode):  # the vsock socket directory (sandbox/supervisor.py)
+            os.mkdir(dst, 0o700)
+        else:
+            os.close(os.open(dst, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         _idmapped_bind(b.source, dst, userns_fds[(st.st_uid, st.st_gid)], b.read_only)
     if spec.devices:
         dev = root + "/dev"

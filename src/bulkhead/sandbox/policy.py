@@ -126,8 +126,9 @@ def _arg(spec: dict[str, Any], self_pid: int) -> ArgCheck:
     return ArgCheck(int(spec["index"]), op, value, mask)
 
 
-def build_rules(role: str, *, nic: bool = False, self_pid: int = 1) -> list[Rule]:
-    """Every rule of `role`, placeholders resolved. Raises ConfigError on malformed data."""
+def build_rules(role: str, *, nic: bool = False, vsock: bool = False, self_pid: int = 1) -> list[Rule]:
+    """Every rule of `role`, placeholders resolved; the role's "vsock" group only with `vsock` (a VM with a
+    virtio-vsock device: AF_UNIX socket, connect, accept4, shutdown). Raises ConfigError on malformed data."""
     data = load_role(role)
     rules: list[Rule] = []
     seen: set[str] = set()
@@ -137,7 +138,7 @@ def build_rules(role: str, *, nic: bool = False, self_pid: int = 1) -> list[Rule
                 raise ConfigError(f"seccomp role {role!r} lists {name!r} twice")
             seen.add(name)
             rules.append(Rule(name, "allow"))
-    for cond in data["conditional"]:
+    for cond in data["conditional"] + (data.get("vsock", []) if vsock else []):
         name = cond["name"]
         if name in seen:
             raise ConfigError(f"seccomp role {role!r} lists {name!r} both plainly and conditionally")

@@ -598,7 +598,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     if (restore or snapshot) and snapshot_fds is None:
         raise HostError("a snapshot or restore needs the host's memfds")
     binds, drives = _image_binds(config, restore=restore)
-    slot = pool.take(opts) if pool is not None and not config.nets else None
+    slot = pool.take(opts) if pool is not None and not config.nets and config.vsock is None else None
     if slot is not None:
         vm_id, ids, uid, jail_dir = slot.slot_id, slot.ids, slot.uid, slot.jail_dir
     else:
@@ -617,25 +617,27 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
             cgroup.set_limits(limits)
         else:
             cgroup = _new_jail(vm_id, jail_dir, limits, opts)
-        nets = _open_taps(config, taps)
+        nets, vsock = _open_taps(config, taps), _vsock_listener(config, binds, taps)  # vsock's fd after the taps
         inner = config._replace(kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
-                                serial="stdio", drives=tuple(drives), nets=tuple(nets))
+                                serial="stdio", drives=tuple(drives), nets=tuple(nets), vsock=vsock)
         devices = ("kvm", "urandom") + (("net/tun",) if nets else ())
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
-                        opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict())
+                        opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict(), bool(vsock))
         if slot is not None:
             socks.append(slot.sock)
             proc = slot.proc
             slot.assign(spec, snapshot_fds, restore=restore, snapshot=snapshot)
         else:
             proc = _start_process(spec, taps, snapshot_fds, restore=restore, snapshot=snapshot, opts=opts,
-                                  fork=fork, socks=socks)
+                                  fork=fork, socks=socks, vsock_fd=vsock.listen_fd if vsock else -1)
     except BaseException:
         if slot is not None:
             slot.kill()
         _undo_spawn(taps, tuple(socks), cgroup, jail_dir)
+        _undo_vsock(config, taps)
         ids.release(uid)
         raise
+    on_exit = _unlinking(config, on_exit)  # the VM's vsock socket goes with the worker
     for sock in socks[1:]:
         sock.close()  # the worker's end
     for fd in taps:
@@ -668,13 +670,14 @@ def _new_jail(vm_id: str, jail_dir: str, limits: CgroupLimits, opts: JailOptions
 
 
 def _start_process(spec: JailSpec, taps: list[int], snapshot_fds: tuple[int, int] | None, *, restore: bool,
-                   snapshot: bool, opts: JailOptions, fork: bool, socks: list[Any]) -> Any:
-    """Fork or exec the worker for `spec`; appends (host end, worker end) of its channel to `socks`."""
+                   snapshot: bool, opts: JailOptions, fork: bool, socks: list[Any], vsock_fd: int = -1) -> Any:
+    """Fork or exec the worker for `spec`; appends (host end, worker end) of its channel to `socks`.
+    `taps` holds the NICs' fds and, last, the vsock listener's (`vsock_fd`) when the VM has vsock."""
     sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     socks += [sock_host, sock_worker]
     worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
     for fd in taps:
-        worker_args += ["--tap-fd", str(fd)]
+        worker_args += ["--vsock-fd" if fd == vsock_fd else "--tap-fd", str(fd)]
     if snapshot_fds is not None:  # the host's memfds (runtime/snapshot.py)
         worker_args += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
         worker_args += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
@@ -694,6 +697,48 @@ def _open_taps(config: VmConfig, taps: list[int]) -> list[Any]:
         taps.append(fd)
         nets.append(n._replace(tap_fd=fd))
     return nets
+
+
+def _undo_vsock(config: VmConfig, fds: list[int]) -> None:
+    """A failed spawn that bound the vsock socket (its fd follows the taps in `fds`) removes it."""
+    if config.vsock is not None and len(fds) > len(config.nets):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.abspath(config.vsock.path))
+
+
+def _unlinking(config: VmConfig, on_exit: Callable[[WorkerExit], None] | None) -> Any:
+    """`on_exit`, removing the VM's vsock socket first (unchanged without vsock)."""
+    if config.vsock is None:
+        return on_exit
+    path = os.path.abspath(config.vsock.path)
+
+    def done(info: WorkerExit) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if on_exit is not None:
+            on_exit(info)
+
+    return done
+
+
+def _vsock_listener(config: VmConfig, binds: list[BindSpec], fds: list[int]) -> Any:
+    """The vsock device as the worker sees it: the supervisor binds the VM's socket at config.vsock.path (as
+    the host's user: host programs connect there) and passes the listening fd (appended to `fds`); PATH's
+    directory is bound read-only at /vm/vsock for guest-initiated streams to `<path>_<port>`, idmapped like
+    the images, so the worker sees that directory and nothing else of the host. Raises ConfigError."""
+    if config.vsock is None:
+        return None
+    from bulkhead.runtime.vsock import bind_listener
+
+    path = os.path.abspath(config.vsock.path)
+    directory, name = os.path.split(path)
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--vsock {path}: {directory} is not a directory")
+    fd = bind_listener(path).detach()
+    fds.append(fd)
+    binds.append(BindSpec(directory, "/vm/vsock", True))
+    inner = f"/vm/vsock/{name}"
+    return config.vsock._replace(path=inner, listen_fd=fd, connect_prefix=inner)
 
 
 def _undo_spawn(taps: list[int], socks: tuple[Any, ...], cgroup: VmCgroup | None, jail_dir: str) -> None:

@@ -75,6 +75,7 @@ EXIT_HOST_GONE = 130
 
 def _parse(argv: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"channel_fd": -1, "spec": "", "tap_fds": [], "test_probes": False, "no_jail": False,
+                           "vsock_fd": -1,
                            "memory_fd": -1, "state_fd": -1, "restore": False, "snapshot": False, "pool": False}
     it = iter(argv)
     for a in it:
@@ -84,6 +85,8 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             out["spec"] = next(it)
         elif a == "--tap-fd":
             out["tap_fds"].append(int(next(it)))
+        elif a == "--vsock-fd":  # the VM's vsock listening socket, bound by the supervisor
+            out["vsock_fd"] = int(next(it))
         elif a == "--test-probes":
             out["test_probes"] = True
         elif a == "--no-jail":
@@ -356,13 +359,16 @@ class _Service:
 
 
 def _config_from_dict(raw: dict[str, Any]) -> Any:
+    from bulkhead.config import VsockConfig
     from bulkhead.runtime.config import DriveConfig, NetConfig, RateLimit, VmConfig
 
     drives = tuple(DriveConfig(d["path"], d["read_only"], d["drive_id"], RateLimit(**d["rate"]))
                    for d in raw.get("drives", ()))
     nets = tuple(NetConfig(n["tap"], n["mac"], RateLimit(**n["rate"]), n["tap_fd"]) for n in raw.get("nets", ()))
-    rest = {k: v for k, v in raw.items() if k not in ("drives", "nets")}
-    return VmConfig(**rest, drives=drives, nets=nets)
+    v = raw.get("vsock")
+    vsock = VsockConfig(v["path"], v["guest_cid"], v["listen_fd"], v["connect_prefix"]) if v else None
+    rest = {k: v for k, v in raw.items() if k not in ("drives", "nets", "vsock")}
+    return VmConfig(**rest, drives=drives, nets=nets, vsock=vsock)
 
 
 def _reap(child: int) -> int:
@@ -388,7 +394,7 @@ def main(argv: list[str]) -> int:
         print(f"bulkhead worker: {exc}", file=sys.stderr)
         return 2
     snap = {k: args[k] for k in ("memory_fd", "state_fd", "restore", "snapshot")}
-    snap_fds = [fd for fd in (args["memory_fd"], args["state_fd"]) if fd >= 3]
+    snap_fds = [fd for fd in (args["memory_fd"], args["state_fd"], args["vsock_fd"]) if fd >= 3]
     jail.close_fds({args["channel_fd"], *args["tap_fds"], *snap_fds})  # step 1
     step = ["integrity"]  # where setup is, for the one-line failure report
     try:
@@ -510,7 +516,8 @@ def _worker_child(args: dict[str, Any], spec: Any, channel: Channel, userns: dic
     if not args["pool"]:  # a pool worker imported the VM path before its assignment
         _preimport(args["test_probes"])
     step[0] = "policy"
-    worker_prog = bpf.program_for("worker", nic=spec.nic, self_pid=1) if spec.seccomp else b""  # pid 1
+    worker_prog = (bpf.program_for("worker", nic=spec.nic, vsock=spec.vsock, self_pid=1)  # pid 1
+                   if spec.seccomp else b"")
     step[0] = "root"
     jail.build_root(spec, userns)  # step 4
     for fd in userns.values():

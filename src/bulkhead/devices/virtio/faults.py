@@ -53,6 +53,8 @@ class FaultReason(StrEnum):
     NET_TX_WRITABLE = "net-tx-writable"
     NET_TX_SHORT = "net-tx-short"
     RNG_READABLE = "rng-readable"
+    VSOCK_RX_READABLE = "vsock-rx-readable"  # §5.10.6: rx buffers are device-writable
+    VSOCK_RX_SHORT = "vsock-rx-short"  # an rx buffer must hold the 44-byte header
     # anything else guest memory refused while a request was being served
     GUEST_MEMORY = "guest-memory"
     OTHER = "other"
