@@ -588,15 +588,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     worker rebuilds the VM from them, with `snapshot` a host stop makes it write its state there.
     Raises ConfigError (bad id or image path), HostError (not root, no cgroups/jail, worker not ready)."""
     opts = options or JailOptions()
-    if os.geteuid() != 0:
-        raise HostError("the jail needs root (run as root, or use --no-jail for development)")
-    if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
-        raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
-    vm_id = vm_id or os.urandom(6).hex()  # 48 random bits, as uuid4().hex[:12] had
-    if not _VM_ID.match(vm_id):
-        raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
-    if (restore or snapshot) and snapshot_fds is None:
-        raise HostError("a snapshot or restore needs the host's memfds")
+    vm_id = _checked_spawn(vm_id, opts, (restore or snapshot) and snapshot_fds is None)
     binds, drives = _image_binds(config, restore=restore)
     slot = pool.take(opts) if pool is not None and not config.nets and config.vsock is None else None
     if slot is not None:
@@ -667,6 +659,20 @@ def _new_jail(vm_id: str, jail_dir: str, limits: CgroupLimits, opts: JailOptions
     cgroup = VmCgroup(vm_id, limits, parent=opts.cgroup_parent)
     cgroup.create()
     return cgroup
+
+
+def _checked_spawn(vm_id: str | None, opts: JailOptions, fds_missing: bool) -> str:
+    """spawn_worker's preconditions; returns the VM id (48 random bits when none is given)."""
+    if os.geteuid() != 0:
+        raise HostError("the jail needs root (run as root, or use --no-jail for development)")
+    if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
+        raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
+    vm_id = vm_id or os.urandom(6).hex()  # 48 random bits, as uuid4().hex[:12] had
+    if not _VM_ID.match(vm_id):
+        raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
+    if fds_missing:
+        raise HostError("a snapshot or restore needs the host's memfds")
+    return vm_id
 
 
 def _start_process(spec: JailSpec, taps: list[int], snapshot_fds: tuple[int, int] | None, *, restore: bool,
