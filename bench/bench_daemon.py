@@ -59,7 +59,8 @@ class Daemon:
         self.root = root
         subprocess.run([LAUNCHER, "init", "--state-dir", str(root)], check=True, capture_output=True)
         self.proc = subprocess.Popen([DAEMON, "--state-dir", str(root), "--port", "0", "--backend", "jail",
-                                      "--dev-tpm"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      "--dev-tpm"], stdout=subprocess.DEVNULL,
+                                     stderr=open(root / "bulkheadd.log", "wb"))  # noqa: SIM115 - a pipe nobody reads fills and blocks the daemon's logging
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -69,7 +70,7 @@ class Daemon:
             except (OSError, ValueError):
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bulkheadd did not start: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                raise RuntimeError(f"bulkheadd did not start: {(root / 'bulkheadd.log').read_text()[-2000:]}")
             time.sleep(0.05)
         ctx = ssl.create_default_context(cafile=str(root / "ca.pem"))
         ctx.load_cert_chain(str(root / "admin.pem"), str(root / "admin.key"))

@@ -1,7 +1,8 @@
 """atheris harness for the host <-> worker protocol decoder (bulkhead.sandbox.protocol.decode).
 
-Input: byte 0 bit 0 selects the direction (0 WORKER_TO_HOST: what the host parses from a possibly
-compromised worker; 1 HOST_TO_WORKER); the rest is one datagram. A crash is any exception other than
+Input: byte 0 bits 0-1 select the direction (0 WORKER_TO_HOST: what the host parses from a possibly
+compromised worker; 1 HOST_TO_WORKER; 2 POOL_WORKER_TO_HOST, 3 POOL_HOST_TO_WORKER: a pool worker's first
+message and its assignment, sandbox/zygote.py); the rest is one datagram. A crash is any exception other than
 ProtocolError, or a decoded message that does not survive encode() -> decode() unchanged (so what
 the host accepted is exactly a message it could have been sent).
 
@@ -17,15 +18,23 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["bulkhead"]):
-    from bulkhead.sandbox.protocol import HOST_TO_WORKER, WORKER_TO_HOST, ProtocolError, decode, encode
+    from bulkhead.sandbox.protocol import (
+        HOST_TO_WORKER,
+        POOL_HOST_TO_WORKER,
+        POOL_WORKER_TO_HOST,
+        WORKER_TO_HOST,
+        ProtocolError,
+        decode,
+        encode,
+    )
 
-DIRECTIONS = (WORKER_TO_HOST, HOST_TO_WORKER)
+DIRECTIONS = (WORKER_TO_HOST, HOST_TO_WORKER, POOL_WORKER_TO_HOST, POOL_HOST_TO_WORKER)
 
 
 def TestOneInput(data: bytes) -> None:
     if not data:
         return
-    allowed = DIRECTIONS[data[0] & 1]
+    allowed = DIRECTIONS[data[0] & 3]
     try:
         msg = decode(data[1:], allowed)
     except ProtocolError:
@@ -57,9 +66,11 @@ def write_seeds(directory: Path) -> None:
         p.Probe(name="open-host-file", arg="/etc/shadow"),
         p.SaveState(seq=3),
         p.StateSaved(seq=3, ok=True, detail="state saved; the VM is paused"),
+        p.PoolReady(pid=4242),
+        p.Assign(spec='{"vm_id":"z0123456789ab"}'),
     ]
     for msg in examples:
-        direction = 0 if msg.TYPE in WORKER_TO_HOST else 1
+        direction = next(i for i, table in enumerate(DIRECTIONS) if msg.TYPE in table)
         try:
             data = encode(msg)
         except ProtocolError:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ui": ("bulkhead.daemon.ui_cli", "ui_main", "the web console: `ui login` prints a single-use login link"),
     "fleet": ("bulkhead.fleet.cli", "fleet_main", "the fleet: controller, hosts, VMs across hosts (docs/FLEET.md)"),
     "worker": ("bulkhead.sandbox.worker", "main", "(internal) the jailed per-VM worker"),
+    "zygote": ("bulkhead.sandbox.forkspawn", "serve", "(internal) the daemon's fork server of pool workers"),
 }
 
 

@@ -78,7 +78,15 @@ class JailedBackend:
     def __init__(self, *, status_type: Callable[..., Any], options: JailOptions | None = None,
                  on_security_event: Callable[[str, str, str], None] | None = None,
                  on_exit: Callable[[str, WorkerExit], None] | None = None,
-                 console_root: Path | None = None) -> None:
+                 console_root: Path | None = None, pool_size: int | None = None) -> None:
+        """`pool_size`: ready pool workers kept (sandbox/zygote.py, docs/SANDBOX.md "Worker pool"); default
+        BULKHEAD_WORKER_POOL from the environment, else 2; 0 execs every worker. The pool starts with the
+        first VM start."""
+        if pool_size is None:
+            raw = os.environ.get("BULKHEAD_WORKER_POOL", "2")
+            pool_size = int(raw) if raw.isdigit() else 2
+        self._pool_size = min(pool_size, 16)
+        self._pool: Any = None
         self.console_root = console_root  # <root>/<vm id>/console.log: readable after a daemon restart
         self._status = status_type
         self._options = options or JailOptions()
@@ -139,8 +147,8 @@ class JailedBackend:
 
         try:
             handle = spawn_worker(config, vm_id=jail_id(vm_id), options=self._options, on_console=console,
-                                  on_security_event=security, on_exit=exited,
-                                  fork=False,  # the daemon is threaded and holds keys: always exec
+                                  on_security_event=security, on_exit=exited, pool=self._worker_pool(),
+                                  fork=False,  # the daemon is threaded and holds keys: never fork
                                   snapshot_fds=fds[:2] if fds else None, restore=restore is not None)
         except BaseException:
             sink.close()
@@ -212,6 +220,23 @@ class JailedBackend:
                 handle.stop()
             elif not (was_paused or (then == "pause" and ok)):
                 handle.resume()
+
+    def _worker_pool(self) -> Any:
+        """The pool of ready workers, started at the first VM start (None when the size is 0)."""
+        if self._pool_size <= 0:
+            return None
+        with self._lock:
+            if self._pool is None:
+                from bulkhead.sandbox.zygote import WorkerPool
+
+                self._pool = WorkerPool(self._options, self._pool_size)
+                self._pool.start()
+            return self._pool
+
+    @property
+    def pool(self) -> Any:
+        """The worker pool, if started (diagnostics, tests and benchmarks)."""
+        return self._pool
 
     def _handle(self, vm_id: str) -> WorkerHandle:
         with self._lock:
@@ -308,6 +333,9 @@ class JailedBackend:
     def shutdown(self) -> None:
         with self._lock:
             handles = list(self._handles.values())
+            pool, self._pool, self._pool_size = self._pool, None, 0
+        if pool is not None:
+            pool.close()
         for h in handles:
             if h.running:
                 h.stop(2.0)

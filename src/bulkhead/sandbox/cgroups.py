@@ -169,6 +169,32 @@ class VmCgroup:
         quota = str(lim.cpu_quota_us) if lim.cpu_quota_us else "max"
         _write(os.path.join(d, "cpu.max"), f"{quota} {lim.cpu_period_us}")
 
+    def set_limits(self, limits: CgroupLimits) -> None:
+        """Write new limits into existing groups (a pool worker's slot takes its VM's limits when it is
+        assigned, docs/SANDBOX.md "Worker pool"). Raises HostError (e.g. a memory limit below the usage)."""
+        self.limits = limits
+        try:
+            if self.version == 2:
+                d = self.dirs["unified"]
+                _write(os.path.join(d, "memory.max"), str(limits.memory_bytes))
+                _write(os.path.join(d, "pids.max"), str(limits.pids_max))
+                quota = str(limits.cpu_quota_us) if limits.cpu_quota_us else "max"
+                _write(os.path.join(d, "cpu.max"), f"{quota} {limits.cpu_period_us}")
+                return
+            mem = self.dirs["memory"]
+            memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+            # v1 keeps memsw >= mem at every step: raise memsw first when growing, mem first when shrinking
+            order = ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"] if os.path.exists(memsw) \
+                else ["memory.limit_in_bytes"]
+            if os.path.exists(memsw) and limits.memory_bytes < int(_read(memsw)):
+                order.reverse()
+            for name in order:
+                _write(os.path.join(mem, name), str(limits.memory_bytes))
+            _write(os.path.join(self.dirs["pids"], "pids.max"), str(limits.pids_max))
+            _write(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"), str(limits.cpu_quota_us or -1))
+        except OSError as exc:
+            raise HostError(f"cannot set the VM's cgroup limits: {exc}") from None
+
     # -- queries ------------------------------------------------------------------------------------
     @property
     def procs_files(self) -> list[str]:

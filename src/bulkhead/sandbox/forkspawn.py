@@ -29,7 +29,7 @@ import signal
 import sys
 from typing import Any
 
-__all__ = ["ForkedWorker", "WaitTimeout", "fork_allowed", "fork_worker"]
+__all__ = ["ForkedWorker", "WaitTimeout", "fork_allowed", "fork_worker", "serve"]
 
 # The shell of the exec path exits 70 when it cannot join the cgroup; the fork path uses the same code.
 _EXIT_SETUP_FAILED = 70
@@ -188,3 +188,76 @@ def fork_worker(args: list[str], cgroup_procs: tuple[str, ...], env: dict[str, s
         _child(args, cgroup_procs, env, stderr_w)
     os.close(stderr_w)
     return ForkedWorker(pid, os.fdopen(stderr_r, "rb"))
+
+
+def serve(argv: list[str]) -> int:
+    """`bulkhead zygote --control-fd N [--test-probes]`: the daemon's fork server (docs/SANDBOX.md
+    "Worker pool"). Exec'd through the pre-import gate once, so its code is verified once; it imports the
+    VM path once, then forks one pool worker per request and never runs a VM itself. Single-threaded,
+    holds no key and no other VM's data (what makes the fork path sound, docs/INTEGRITY.md "The fork path
+    needs no second check"). A request is one datagram (a slot's JailSpec JSON) with exactly two fds
+    (the worker's channel end, its stderr); the answer is the pool worker's pid. The pool worker is forked
+    twice so that it is the daemon's child (the daemon is a child subreaper) and runs worker.main --pool."""
+    import json
+    import socket
+
+    from bulkhead.errors import ConfigError
+    from bulkhead.integrity.manifest import require_integrity
+    from bulkhead.sandbox import worker
+    from bulkhead.sandbox.jail import JailSpec
+
+    test_probes = "--test-probes" in argv
+    try:
+        control_fd = int(argv[argv.index("--control-fd") + 1])
+    except (ValueError, IndexError):
+        print("bulkhead zygote: needs --control-fd", file=sys.stderr)
+        return 2
+    require_integrity("worker")
+    worker._preimport(test_probes)
+    sock = socket.socket(fileno=control_fd)
+    env = dict(os.environ)
+    while True:
+        try:
+            data, fds, _flags, _ = socket.recv_fds(sock, 64 * 1024, 2)
+        except OSError:
+            os._exit(0)
+        if not data:
+            os._exit(0)  # the daemon is gone
+        try:
+            if len(fds) != 2:
+                raise ConfigError("a request carries exactly two fds")
+            pre = JailSpec.from_json(data.decode())
+            pid = _fork_pool_worker(pre, fds, env, test_probes)
+            reply: dict[str, Any] = {"pid": pid}
+        except (ConfigError, OSError, UnicodeDecodeError) as exc:
+            reply = {"error": str(exc)[:500]}
+        for fd in fds:
+            os.close(fd)
+        sock.send(json.dumps(reply).encode())
+
+
+def _fork_pool_worker(pre: Any, fds: list[int], env: dict[str, str], test_probes: bool) -> int:
+    """Fork (twice) the pool worker for slot `pre`; returns its pid once its intermediate parent is gone."""
+    channel_fd, stderr_fd = fds
+    args = ["worker", "--pool", "--channel-fd", str(channel_fd), "--spec", pre.to_json()]
+    if test_probes:
+        args.append("--test-probes")
+    r, w = os.pipe2(os.O_CLOEXEC)
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                _child(args, tuple(pre.cgroup_procs), env, stderr_fd)
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 32)
+    os.close(r)
+    os.waitpid(middle, 0)
+    if not out:
+        raise OSError("the pool worker could not be forked")
+    return int(out)

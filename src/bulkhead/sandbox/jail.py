@@ -47,6 +47,7 @@ __all__ = [
     "close_fds",
     "drop_privileges",
     "enter_namespaces",
+    "enter_pid_namespace",
     "install_seccomp",
     "load_pyseccomp",
     "make_idmap_userns",
@@ -190,13 +191,20 @@ def close_fds(keep: set[int]) -> None:
 # --- step 3: namespaces ----------------------------------------------------------------------------
 
 
-def enter_namespaces(hostname: str) -> None:
-    """Unshare mount, PID (for children), IPC, UTS and network namespaces; stop mount propagation."""
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
-    _check(_libc.unshare(flags), "unshare(mnt|pid|ipc|uts|net)")
+def enter_namespaces(hostname: str, *, pid: bool = True) -> None:
+    """Unshare mount, PID (for children), IPC, UTS and network namespaces; stop mount propagation.
+    pid=False leaves the PID namespace to enter_pid_namespace() (a pool worker: its idmap helpers must
+    still be forked into the host's PID namespace, docs/SANDBOX.md "Worker pool")."""
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | (CLONE_NEWPID if pid else 0)
+    _check(_libc.unshare(flags), "unshare(mnt|pid|ipc|uts|net)" if pid else "unshare(mnt|ipc|uts|net)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     name = hostname.encode()[:64]
     _check(_libc.sethostname(name, len(name)), "sethostname")
+
+
+def enter_pid_namespace() -> None:
+    """Unshare the PID namespace: the next child is pid 1 of a new one."""
+    _check(_libc.unshare(CLONE_NEWPID), "unshare(pid)")
 
 
 # --- step 4: the root --------------------------------------------------------------------------------

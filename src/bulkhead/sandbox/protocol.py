@@ -25,10 +25,13 @@ __all__ = [
     "HOST_TO_WORKER",
     "MAX_CONSOLE_CHUNK",
     "MAX_MESSAGE",
+    "POOL_HOST_TO_WORKER",
+    "POOL_WORKER_TO_HOST",
     "PROTOCOL_VERSION",
     "SHUTDOWN_EVENT",
     "WORKER_STATES",
     "WORKER_TO_HOST",
+    "Assign",
     "Channel",
     "Console",
     "ConsoleIn",
@@ -38,6 +41,7 @@ __all__ = [
     "IntegrityRefused",
     "Message",
     "Pause",
+    "PoolReady",
     "Probe",
     "ProbeResult",
     "ProtocolError",
@@ -337,6 +341,31 @@ class IntegrityRefused(Message):
     detail: str = ""
 
 
+# pool workers (sandbox/zygote.py, docs/SANDBOX.md "Worker pool"): before its VM, a pool worker speaks
+# only these two; afterwards it speaks the tables below, exactly as an exec'd worker does.
+class PoolReady(Message):
+    """Pool worker -> host, once: verified by the gate, imported, in its cgroup and in its mount, IPC, UTS
+    and network namespaces; it now waits for its one Assign. Claims only (the host checks the hello)."""
+
+    TYPE: ClassVar[str] = "pool-ready"
+    SPEC: ClassVar[dict[str, _Spec]] = {"pid": _Int(0, U32)}
+    pid: int = 0
+
+
+class Assign(Message):
+    """Host -> pool worker, once: the VM's jail spec (JailSpec JSON, parsed by JailSpec.from_json; its
+    id, root, uid, gid, cgroups and seccomp switch must equal the ones the worker was started with)."""
+
+    TYPE: ClassVar[str] = "assign"
+    SPEC: ClassVar[dict[str, _Spec]] = {"spec": _Str(MAX_MESSAGE - 256), "restore": _Bool(), "snapshot": _Bool()}
+    spec: str = ""
+    restore: bool = False  # with the host's two memfds attached (the only message that may carry fds)
+    snapshot: bool = False
+
+
+POOL_HOST_TO_WORKER: dict[str, type[Message]] = {Assign.TYPE: Assign}
+POOL_WORKER_TO_HOST: dict[str, type[Message]] = {PoolReady.TYPE: PoolReady, IntegrityRefused.TYPE: IntegrityRefused}
+
 HOST_TO_WORKER: dict[str, type[Message]] = {
     m.TYPE: m for m in (Start, Pause, Resume, Stop, Status, ConsoleIn, Probe, Shutdown, SaveState)
 }
@@ -525,6 +554,8 @@ def declare_surfaces() -> None:
     for direction, table, boundary_note in (
         ("worker-to-host", WORKER_TO_HOST, "the daemon/supervisor parses what a possibly compromised worker sends"),
         ("host-to-worker", HOST_TO_WORKER, "the worker parses what the supervisor sends"),
+        ("pool-worker-to-host", POOL_WORKER_TO_HOST, "the daemon's worker pool parses a pool worker's first message"),
+        ("pool-host-to-worker", POOL_HOST_TO_WORKER, "a pool worker parses its one assignment"),
     ):
         for name in sorted(table):
             declare(

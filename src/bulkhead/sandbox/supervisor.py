@@ -579,68 +579,62 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
                  on_security_event: Callable[[str, str], None] | None = None,
                  on_exit: Callable[[WorkerExit], None] | None = None, fork: bool = True,
                  snapshot_fds: tuple[int, int] | None = None, restore: bool = False,
-                 snapshot: bool = False) -> WorkerHandle:
+                 snapshot: bool = False, pool: Any = None) -> WorkerHandle:
     """Start a jailed worker for `config` and return once its sandbox is in place and verified; the VM runs
     at handle.start(). Forked into the jail or exec'd through the gate (_launch, docs/SANDBOX.md "Fork
-    path"). `snapshot_fds` (memory, state): the host's memfds (runtime/snapshot.py); with `restore` the
+    path"), or, with `pool` (sandbox/zygote.py WorkerPool, docs/SANDBOX.md "Worker pool"), handed to a
+    ready pool worker when one fits (no NIC; the jail's id is then the slot's). `snapshot_fds`
+    (memory, state): the host's memfds (runtime/snapshot.py); with `restore` the
     worker rebuilds the VM from them, with `snapshot` a host stop makes it write its state there.
     Raises ConfigError (bad id or image path), HostError (not root, no cgroups/jail, worker not ready)."""
     opts = options or JailOptions()
-    if os.geteuid() != 0:
-        raise HostError("the jail needs root (run as root, or use --no-jail for development)")
-    if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
-        raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
-    vm_id = vm_id or os.urandom(6).hex()  # 48 random bits, as uuid4().hex[:12] had
-    if not _VM_ID.match(vm_id):
-        raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
-    if (restore or snapshot) and snapshot_fds is None:
-        raise HostError("a snapshot or restore needs the host's memfds")
+    vm_id = _checked_spawn(vm_id, opts, (restore or snapshot) and snapshot_fds is None)
     binds, drives = _image_binds(config, restore=restore)
-
-    ids = IdAllocator(os.path.join(opts.base_dir, "ids"), opts.uid_base)
-    uid = ids.allocate(vm_id)
-    jail_dir = os.path.join(opts.base_dir, "jail", vm_id, "root")
+    slot = pool.take(opts) if pool is not None and not config.nets and config.vsock is None else None
+    if slot is not None:
+        vm_id, ids, uid, jail_dir = slot.slot_id, slot.ids, slot.uid, slot.jail_dir
+    else:
+        ids = IdAllocator(os.path.join(opts.base_dir, "ids"), opts.uid_base)
+        uid = ids.allocate(vm_id)
+        jail_dir = os.path.join(opts.base_dir, "jail", vm_id, "root")
     cgroup: VmCgroup | None = None
     taps: list[int] = []
-    sock_host = sock_worker = None
+    socks: list[Any] = []
     try:
-        try:
-            os.makedirs(os.path.dirname(jail_dir), mode=0o700, exist_ok=True)
-            os.mkdir(jail_dir, 0o700)
-        except FileExistsError:
-            raise HostError(f"VM id {vm_id!r} is already in use (jail directory exists)") from None
         quota_pct = opts.cpu_quota_pct if opts.cpu_quota_pct is not None else 100 * config.cpus
         limits = CgroupLimits((config.mem_mib + opts.memory_overhead_mib) << 20, opts.pids_base + config.cpus,
                               quota_pct * 1000)
-        cgroup = VmCgroup(vm_id, limits, parent=opts.cgroup_parent)
-        cgroup.create()
+        if slot is not None:
+            cgroup = slot.cgroup
+            cgroup.set_limits(limits)
+        else:
+            cgroup = _new_jail(vm_id, jail_dir, limits, opts)
         nets, vsock = _open_taps(config, taps), _vsock_listener(config, binds, taps)  # vsock's fd after the taps
         inner = config._replace(kernel="/vm/kernel", initrd="/vm/initrd" if config.initrd else None,
                                 serial="stdio", drives=tuple(drives), nets=tuple(nets), vsock=vsock)
         devices = ("kvm", "urandom") + (("net/tun",) if nets else ())
         spec = JailSpec(vm_id, jail_dir, uid, uid, tuple(binds), devices, tuple(cgroup.procs_files),
                         opts.nofile, limits.pids_max, opts.seccomp, bool(nets), inner.to_dict(), bool(vsock))
-        sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
-        for fd in taps:
-            worker_args += ["--vsock-fd" if vsock and fd == vsock.listen_fd else "--tap-fd", str(fd)]
-        if snapshot_fds is not None:  # the host's memfds (runtime/snapshot.py)
-            worker_args += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
-            worker_args += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
-        if opts.test_probes:
-            worker_args.append("--test-probes")
-        proc = _launch(worker_args, tuple(cgroup.procs_files), fork=fork, test_probes=opts.test_probes,
-                       pass_fds=(sock_worker.fileno(), *taps, *(snapshot_fds or ())))
+        if slot is not None:
+            socks.append(slot.sock)
+            proc = slot.proc
+            slot.assign(spec, snapshot_fds, restore=restore, snapshot=snapshot)
+        else:
+            proc = _start_process(spec, taps, snapshot_fds, restore=restore, snapshot=snapshot, opts=opts,
+                                  fork=fork, socks=socks, vsock_fd=vsock.listen_fd if vsock else -1)
     except BaseException:
-        _undo_spawn(taps, (sock_host, sock_worker), cgroup, jail_dir)
+        if slot is not None:
+            slot.kill()
+        _undo_spawn(taps, tuple(socks), cgroup, jail_dir)
         _undo_vsock(config, taps)
         ids.release(uid)
         raise
     on_exit = _unlinking(config, on_exit)  # the VM's vsock socket goes with the worker
-    sock_worker.close()
+    for sock in socks[1:]:
+        sock.close()  # the worker's end
     for fd in taps:
         os.close(fd)  # the worker holds the only reference: the tap (if not persistent) dies with it
-    handle = WorkerHandle(vm_id, proc, Channel(sock_host, WORKER_TO_HOST), cgroup=cgroup, uid=uid, ids=ids,
+    handle = WorkerHandle(vm_id, proc, Channel(socks[0], WORKER_TO_HOST), cgroup=cgroup, uid=uid, ids=ids,
                           jail_dir=jail_dir, test_probes=opts.test_probes, stop_timeout=opts.stop_timeout,
                           on_console=on_console, on_event=on_event, on_security_event=on_security_event,
                           on_exit=on_exit)
@@ -653,6 +647,50 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         handle.kill()
         raise
     return handle
+
+
+def _new_jail(vm_id: str, jail_dir: str, limits: CgroupLimits, opts: JailOptions) -> VmCgroup:
+    """The VM's empty jail directory and its cgroup(s). Raises HostError (id in use, no cgroups)."""
+    try:
+        os.makedirs(os.path.dirname(jail_dir), mode=0o700, exist_ok=True)
+        os.mkdir(jail_dir, 0o700)
+    except FileExistsError:
+        raise HostError(f"VM id {vm_id!r} is already in use (jail directory exists)") from None
+    cgroup = VmCgroup(vm_id, limits, parent=opts.cgroup_parent)
+    cgroup.create()
+    return cgroup
+
+
+def _checked_spawn(vm_id: str | None, opts: JailOptions, fds_missing: bool) -> str:
+    """spawn_worker's preconditions; returns the VM id (48 random bits when none is given)."""
+    if os.geteuid() != 0:
+        raise HostError("the jail needs root (run as root, or use --no-jail for development)")
+    if opts.test_probes and os.environ.get(PROBES_ENV) != "1":
+        raise HostError(f"test probes are refused unless {PROBES_ENV}=1 is set in the host's environment")
+    vm_id = vm_id or os.urandom(6).hex()  # 48 random bits, as uuid4().hex[:12] had
+    if not _VM_ID.match(vm_id):
+        raise ConfigError(f"VM id {vm_id!r} must be 1-63 characters of a-z, 0-9 and '-'")
+    if fds_missing:
+        raise HostError("a snapshot or restore needs the host's memfds")
+    return vm_id
+
+
+def _start_process(spec: JailSpec, taps: list[int], snapshot_fds: tuple[int, int] | None, *, restore: bool,
+                   snapshot: bool, opts: JailOptions, fork: bool, socks: list[Any], vsock_fd: int = -1) -> Any:
+    """Fork or exec the worker for `spec`; appends (host end, worker end) of its channel to `socks`.
+    `taps` holds the NICs' fds and, last, the vsock listener's (`vsock_fd`) when the VM has vsock."""
+    sock_host, sock_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    socks += [sock_host, sock_worker]
+    worker_args = ["worker", "--channel-fd", str(sock_worker.fileno()), "--spec", spec.to_json()]
+    for fd in taps:
+        worker_args += ["--vsock-fd" if fd == vsock_fd else "--tap-fd", str(fd)]
+    if snapshot_fds is not None:  # the host's memfds (runtime/snapshot.py)
+        worker_args += ["--memory-fd", str(snapshot_fds[0]), "--state-fd", str(snapshot_fds[1])]
+        worker_args += (["--restore"] if restore else []) + (["--snapshot"] if snapshot else [])
+    if opts.test_probes:
+        worker_args.append("--test-probes")
+    return _launch(worker_args, spec.cgroup_procs, fork=fork, test_probes=opts.test_probes,
+                   pass_fds=(sock_worker.fileno(), *taps, *(snapshot_fds or ())))
 
 
 def _open_taps(config: VmConfig, taps: list[int]) -> list[Any]:
@@ -709,7 +747,7 @@ def _vsock_listener(config: VmConfig, binds: list[BindSpec], fds: list[int]) -> 
     return config.vsock._replace(path=inner, listen_fd=fd, connect_prefix=inner)
 
 
-def _undo_spawn(taps: list[int], socks: tuple[Any, Any], cgroup: VmCgroup | None, jail_dir: str) -> None:
+def _undo_spawn(taps: list[int], socks: tuple[Any, ...], cgroup: VmCgroup | None, jail_dir: str) -> None:
     """Undo a spawn that failed before the worker ran: fds, sockets, cgroup, jail directory."""
     for fd in taps:
         os.close(fd)

@@ -1,4 +1,4 @@
-"""The per-VM worker: `bulkhead worker --channel-fd N --spec JSON [--test-probes] [--no-jail]`.
+"""The per-VM worker: `bulkhead worker --channel-fd N --spec JSON [--test-probes] [--no-jail] [--pool]`.
 
 Started only by bulkhead.sandbox.supervisor (as root, with an empty environment). It builds its own
 jail (bulkhead.sandbox.jail, steps 1-7), says Hello, and only then runs the VM when the host sends
@@ -8,6 +8,12 @@ installation is no longer reachable.
 Process layout inside the jail:
   reaper (host PID namespace, VM uid, seccomp "reaper")  -- waits, then exits exactly as the worker did
    `- worker (pid 1 of a new PID namespace, VM uid, seccomp "worker") -- channel reader thread + VM
+
+--pool: a pool worker (sandbox/zygote.py, docs/SANDBOX.md "Worker pool"). Its --spec names only the
+slot (id, root, uid, gid, cgroups, seccomp): it joins the cgroups, enters its mount, IPC, UTS and network
+namespaces and imports the VM path, says PoolReady, then takes one Assign (the VM's full spec, which must
+name the same slot) and continues exactly as an exec'd worker: idmap, PID namespace, reaper, root, uid,
+seccomp, hello. It serves that one VM and exits.
 
 --test-probes (refused by the supervisor unless BULKHEAD_TEST_PROBES=1 in the host's environment)
 replaces the VM with bulkhead.sandbox.probes.FakeMachine and lets the host run named escape probes.
@@ -70,7 +76,7 @@ EXIT_HOST_GONE = 130
 def _parse(argv: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"channel_fd": -1, "spec": "", "tap_fds": [], "test_probes": False, "no_jail": False,
                            "vsock_fd": -1,
-                           "memory_fd": -1, "state_fd": -1, "restore": False, "snapshot": False}
+                           "memory_fd": -1, "state_fd": -1, "restore": False, "snapshot": False, "pool": False}
     it = iter(argv)
     for a in it:
         if a == "--channel-fd":
@@ -85,6 +91,8 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             out["test_probes"] = True
         elif a == "--no-jail":
             out["no_jail"] = True
+        elif a == "--pool":
+            out["pool"] = True
         elif a in ("--memory-fd", "--state-fd"):  # snapshots: the host's memfds (runtime/snapshot.py)
             out[a[2:].replace("-", "_")] = int(next(it))
         elif a in ("--restore", "--snapshot"):
@@ -413,9 +421,21 @@ def main(argv: list[str]) -> int:
         step[0] = "idmap"
         oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         os.write(oom_fd, b"1000")  # inherited by the worker: under memory pressure it is the victim
-        userns = _idmap_namespaces(spec)
-        step[0] = "namespaces"
-        jail.enter_namespaces(f"vm-{spec.vm_id}")  # step 3
+        if args["pool"]:  # the spec-independent steps first, then wait for the VM (docs/SANDBOX.md "Worker pool")
+            step[0] = "namespaces"
+            jail.enter_namespaces(f"vm-{spec.vm_id}", pid=False)  # step 3, but for the PID namespace
+            step[0] = "spec"
+            _preimport(args["test_probes"])
+            step[0] = "assign"
+            spec, snap_fds = _await_assign(sock, spec, snap)  # the host's memfds may come with it
+            step[0] = "idmap"
+            userns = _idmap_namespaces(spec)  # still in the host's PID namespace: /proc names the helper
+            step[0] = "namespaces"
+            jail.enter_pid_namespace()
+        else:
+            userns = _idmap_namespaces(spec)
+            step[0] = "namespaces"
+            jail.enter_namespaces(f"vm-{spec.vm_id}")  # step 3
         gate_r, gate_w = os.pipe2(os.O_CLOEXEC)  # the reaper closes gate_w once it is sandboxed too
         # Step 5 comes before the VM path's imports: the reaper, which only waits, never holds them
         # (issue 16.5). The worker imports them, then builds the root; its pivot_root moves the reaper's
@@ -446,6 +466,38 @@ def main(argv: list[str]) -> int:
     return EXIT_SETUP_FAILED
 
 
+_SLOT_FIELDS = ("vm_id", "root", "uid", "gid", "cgroup_procs", "seccomp")
+
+
+def _await_assign(sock: socket.socket, slot: jail.JailSpec, snap: dict[str, Any]) -> tuple[jail.JailSpec, list[int]]:
+    """A pool worker's one wait: say PoolReady, take one Assign, return its spec. The spec is parsed and
+    validated as an exec'd worker's --spec is (JailSpec.from_json) and must name this worker's own slot:
+    a pool worker never changes its id, root, uid, cgroups or seccomp switch. Raises ConfigError (the
+    one-line setup failure); a host that goes away instead ends the worker. The Assign alone may carry
+    fds: none, or exactly the two memfds (guest memory, state) of runtime/snapshot.py."""
+    from bulkhead.sandbox.protocol import MAX_MESSAGE, POOL_HOST_TO_WORKER, Assign, PoolReady, decode
+
+    Channel(sock, POOL_HOST_TO_WORKER).send(PoolReady(os.getpid()))
+    try:
+        data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, 2)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) not in (0, 2):
+            raise ProtocolError("the assignment is truncated or carries other than 0 or 2 fds")
+        msg = decode(data, POOL_HOST_TO_WORKER) if data else None
+    except (ProtocolError, OSError) as exc:
+        raise ConfigError(f"pool worker: no valid assignment ({exc})") from None
+    if not isinstance(msg, Assign):
+        os._exit(EXIT_HOST_GONE)
+    spec = jail.JailSpec.from_json(msg.spec)
+    for name in _SLOT_FIELDS:
+        if getattr(spec, name) != getattr(slot, name):
+            raise ConfigError(f"pool worker: the assignment changes the slot's {name}")
+    if (msg.restore or msg.snapshot) and not fds:
+        raise ConfigError("pool worker: a restore or snapshot assignment needs the host's memfds")
+    if fds:  # runtime/snapshot.py: the worker's snapshot settings, as --memory-fd/--state-fd would give
+        snap.update(memory_fd=fds[0], state_fd=fds[1], restore=msg.restore, snapshot=msg.snapshot)
+    return spec, fds
+
+
 def _idmap_namespaces(spec: Any) -> dict[tuple[int, int], int]:
     """One id-mapped user namespace per (uid, gid) owning a bind source (jail.make_idmap_userns)."""
     userns: dict[tuple[int, int], int] = {}
@@ -461,7 +513,8 @@ def _worker_child(args: dict[str, Any], spec: Any, channel: Channel, userns: dic
     """Steps 4, 6 and 7 in the forked worker (pid 1 of the new PID namespace), then the VM; never returns.
     Errors propagate to main's one-line report, with `step` saying where."""
     step[0] = "spec"
-    _preimport(args["test_probes"])
+    if not args["pool"]:  # a pool worker imported the VM path before its assignment
+        _preimport(args["test_probes"])
     step[0] = "policy"
     worker_prog = (bpf.program_for("worker", nic=spec.nic, vsock=spec.vsock, self_pid=1)  # pid 1
                    if spec.seccomp else b"")
