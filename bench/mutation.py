@@ -298,6 +298,7 @@ def ci_check(row: dict[str, Any], report: dict[str, dict[str, Any]], seed: int, 
         r = measure(row, row["sample"], seed, equivalents, verbose)
         r["ci"] = "no full report: fixed-seed sample"
         return r
+    assert rec is not None
     changed = {f for f in now if rec["files"].get(f) != now[f]}
     recorded = {k: v for k, v in rec["mutants"].items()}
     for s in rec.get("survivors", []):

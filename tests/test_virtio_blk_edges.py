@@ -9,12 +9,12 @@ import os
 import struct
 
 import pytest
+from tests.test_virtio_blk import DISK, FakeClock, Rig, make_image, mem  # noqa: F401  (mem: the fixture)
 
 from bulkhead.devices.virtio import block as blk
 from bulkhead.devices.virtio.block import BlockDevice
 from bulkhead.devices.virtio.ratelimit import RateLimiter
 from bulkhead.errors import ConfigError
-from tests.test_virtio_blk import DISK, FakeClock, Rig, make_image, mem  # noqa: F401  (mem: the fixture)
 
 SECTORS = DISK // 512
 

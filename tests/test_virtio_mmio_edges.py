@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import struct
 
+from tests.test_virtio_blk import Rig, make_image, mem  # noqa: F401  (mem: the fixture)
+
 from bulkhead.devices.virtio import block as blk
 from bulkhead.devices.virtio import mmio
-from tests.test_virtio_blk import Rig, make_image, mem  # noqa: F401  (mem: the fixture)
 
 
 def test_rewriting_the_current_status_is_same_and_changes_nothing() -> None:
