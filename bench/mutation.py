@@ -14,6 +14,7 @@ module|function|stripped source line|operator|occurrence, so an entry survives l
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(REPO, "src")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mutengine import Mutant, RunResult, enumerate_mutants, run_module  # noqa: E402
+from mutengine import Mutant, RunResult, _top_functions, enumerate_mutants, run_module  # noqa: E402
 
 EQUIVALENTS = os.path.join(REPO, "security", "equivalent-mutants.json")
 RESULTS = os.path.join(REPO, "bench", "results", "mutation.json")
@@ -68,10 +69,10 @@ MODULES: list[dict[str, Any]] = [
     {"name": "queue", "path": "bulkhead/devices/virtio/queue.py", "floor": 95,
      "tests": ["tests/test_virtio_queue.py", "tests/test_virtio_queue_edges.py", "tests/test_virtio_mmio.py", _SURF], "sample": 30, "status": "active"},
     {"name": "virtio-mmio", "path": "bulkhead/devices/virtio/mmio.py", "floor": 90,
-     "tests": ["tests/test_virtio_mmio.py", "tests/test_virtio_blk.py", "tests/test_virtio_net.py",
-               "tests/test_virtio_rng.py", _SURF], "sample": 20, "status": _BELOW.format("80%")},
+     "tests": ["tests/test_virtio_mmio.py", "tests/test_virtio_mmio_edges.py", "tests/test_virtio_blk.py",
+               "tests/test_virtio_net.py", "tests/test_virtio_rng.py", _SURF], "sample": 80, "status": "active"},
     {"name": "virtio-block", "path": "bulkhead/devices/virtio/block.py", "floor": 90,
-     "tests": ["tests/test_virtio_blk.py", _SURF], "sample": 20, "status": _BELOW.format("80%")},
+     "tests": ["tests/test_virtio_blk.py", "tests/test_virtio_blk_edges.py", _SURF], "sample": 20, "status": "active"},
     {"name": "virtio-net", "path": "bulkhead/devices/virtio/net.py", "floor": 90,
      "tests": ["tests/test_virtio_net.py", "tests/test_virtio_mmio.py", _SURF], "sample": 20, "status": "active"},
     {"name": "virtio-rng", "path": "bulkhead/devices/virtio/rng.py", "floor": 90,
@@ -108,10 +109,8 @@ MODULES: list[dict[str, Any]] = [
     {"name": "manifest", "path": "bulkhead/integrity/manifest.py", "floor": 90,
      "tests": ["tests/test_integrity_manifest.py"], "sample": 20, "status": "active"},
     {"name": "sandbox-protocol", "path": "bulkhead/sandbox/protocol.py", "floor": 90,
-     "tests": ["tests/test_sandbox_protocol.py", _SURF], "sample": 20,
-     "status": "pending: jail-fast rewrote the message classes after the report; its fixed-seed sample is 85% "
-               "(3 survivors: _FIELDS assignment, the -2**63 bound, the MAX_MESSAGE + 1 receive size); "
-               "tests to kill them are still to be written"},
+     "tests": ["tests/test_sandbox_protocol.py", "tests/test_sandbox_protocol_edges.py", _SURF], "sample": 20,
+     "status": "active"},
 ]
 
 
@@ -140,6 +139,88 @@ def file_hashes(row: dict[str, Any]) -> dict[str, str]:
         with open(os.path.join(REPO, f), "rb") as fh:
             out[f] = hashlib.sha256(fh.read()).hexdigest()[:16]
     return out
+
+
+def _no_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
+    first = body[0] if body else None
+    doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+    return body[1:] if doc else body
+
+
+class _Shape(ast.NodeTransformer):
+    """A module's code without its functions and without docstrings (what function_hashes keys "<module>")."""
+    def visit_FunctionDef(self, node: ast.AST) -> None:
+        return None
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
+        node.body = _no_docstring(node.body)
+        self.generic_visit(node)
+        return node
+
+
+def _fn_hash(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    body = _no_docstring(fn.body)
+    shape = (ast.dump(fn.args), ast.dump(ast.Module(body=body, type_ignores=[])),
+             [ast.dump(d) for d in fn.decorator_list], ast.dump(fn.returns) if fn.returns else "")
+    return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+
+
+def _bound_names(st: ast.stmt) -> list[str]:
+    if isinstance(st, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).split(".")[0] for a in st.names]
+    if isinstance(st, ast.ClassDef):
+        return [st.name]
+    targets = st.targets if isinstance(st, ast.Assign) else [st.target] if isinstance(st, (ast.AnnAssign, ast.AugAssign)) else []
+    return sorted({n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)})
+
+
+def function_hashes(row: dict[str, Any], source: str | None = None) -> dict[str, str]:
+    """SHA-256 (16 hex digits) of each function's AST (qualname -> hash; duplicate qualnames get #n), and
+    of each module-level binding ("<NAME>": the import, assignment, or class statement without its
+    methods that binds NAME); "<module>" hashes the module-level statements that bind nothing.
+    Docstrings, comments, blank lines and line shifts do not count."""
+    if source is None:
+        with open(os.path.join(SRC, row["path"]), encoding="utf-8") as f:
+            source = f.read()
+    tree = ast.parse(source)
+    out: dict[str, str] = {}
+    for qualname, _classes, fn in _top_functions(tree):
+        k = qualname if qualname not in out else f"{qualname}#{sum(x.split('#')[0] == qualname for x in out)}"
+        out[k] = _fn_hash(fn)
+    rest: list[str] = []
+    for st in _no_docstring(tree.body):
+        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        text = ast.dump(_Shape().visit(st))
+        names = _bound_names(st)
+        for n in names:
+            out[f"<{n}>"] = hashlib.sha256((out.get(f"<{n}>", "") + text).encode()).hexdigest()[:16]
+        if not names:
+            rest.append(text)
+    out["<module>"] = hashlib.sha256(repr(rest).encode()).hexdigest()[:16]
+    return out
+
+
+def stale_functions(row: dict[str, Any], was: dict[str, str]) -> tuple[set[str] | None, list[str]]:
+    """The functions whose mutants must run again since `was` (function_hashes of the report's version):
+    each function whose AST changed or is new, and each function that names a module-level binding
+    that changed, appeared or went away. None (every function) when `was` is missing or the unbound
+    module-level code changed. Also returns the changed keys, for the log."""
+    cur = function_hashes(row)
+    changed = sorted(k for k in set(was) | set(cur) if was.get(k) != cur.get(k))
+    if not was or "<module>" in changed:
+        return None, changed
+    names = {k[1:-1] for k in changed if k.startswith("<")}
+    with open(os.path.join(SRC, row["path"]), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    stale = {k.split("#")[0] for k in changed if not k.startswith("<")}
+    for qualname, _classes, fn in _top_functions(tree):
+        used = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)} | \
+               {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)}
+        if used & names:
+            stale.add(qualname)
+    return stale, changed
 
 
 def measure(row: dict[str, Any], sample: int | None, seed: int, equivalents: dict[str, str],
@@ -185,7 +266,7 @@ def measure(row: dict[str, Any], sample: int | None, seed: int, equivalents: dic
         "sample": sample if recorded is None else None, "seed": seed if sample else None,
         "killed": killed, "survived": len(survived), "equivalent": len(equiv), "skipped": len(skipped),
         "score": round(score, 1), "pass": score >= row["floor"], "baseline_failed": res.baseline_failed,
-        "seconds": round(time.monotonic() - t0, 1), "files": file_hashes(row),
+        "seconds": round(time.monotonic() - t0, 1), "files": file_hashes(row), "functions": function_hashes(row),
         "survivors": [{"key": m.key, "at": m.ident, "status": m.status, "diff": m.diff} for m in survived],
         "equivalents": [{"key": m.key, "at": m.ident, "reason": equivalents[m.key]} for m in equiv],
         "skipped_mutants": [{"key": m.key, "why": m.killed_by} for m in skipped],
@@ -196,23 +277,28 @@ def measure(row: dict[str, Any], sample: int | None, seed: int, equivalents: dic
 
 def ci_check(row: dict[str, Any], report: dict[str, dict[str, Any]], seed: int, equivalents: dict[str, str],
              verbose: bool) -> dict[str, Any]:
-    """The fast check CI runs (tests/test_mutation_floor.py), against the committed full report:
-    - module and its tests unchanged since the report: its recorded statuses, rescored with the
-      current equivalents, no run;
-    - only tests changed: every mutant a changed test file killed in the report is run again (a
-      deleted or weakened test shows), plus the row's fixed-seed sample; the rest keep their status;
-    - the module itself changed (or no full report): the row's fixed-seed sample; a row the report
-      holds only as a sample, with nothing changed, keeps that sample's result."""
+    """The fast check CI runs (tests/test_mutation_floor.py), against the committed full report.
+    Each mutant keeps its recorded status unless something it depends on changed since the report:
+    - module and its tests unchanged: recorded statuses, rescored with the current equivalents, no run;
+    - a test file changed: every mutant that file killed in the report is run again (a deleted or
+      weakened test shows as a regression), plus the row's fixed-seed sample;
+    - the module changed: the mutants of every function whose AST changed and every mutant new since the
+      report, plus the fixed-seed sample (the report records a hash per function); if the module-level
+      code changed (constants, imports, class bodies), or the report has no function hashes, every mutant;
+    - the row is not in the report in full: its fixed-seed sample (a sampled row with nothing changed
+      keeps that sample's result).
+    With --write-report the result replaces the row in the report: the refresh is incremental too."""
     rec = report.get(row["name"])
     now = file_hashes(row)
     src = os.path.join("src", row["path"])
     full = rec is not None and rec.get("status") == "measured" and rec.get("sample") is None and "mutants" in rec
     if rec is not None and rec.get("status") == "measured" and not full and rec.get("files") == now:
         return {**rec, "ci": f"unchanged since the report's fixed-seed sample of {rec.get('sample')}", "reran": 0}
-    if not full or rec.get("files", {}).get(src) != now[src]:
+    if not full:
         r = measure(row, row["sample"], seed, equivalents, verbose)
-        r["ci"] = "module changed since the report: fixed-seed sample" if full else "no full report: fixed-seed sample"
+        r["ci"] = "no full report: fixed-seed sample"
         return r
+    assert rec is not None
     changed = {f for f in now if rec["files"].get(f) != now[f]}
     recorded = {k: v for k, v in rec["mutants"].items()}
     for s in rec.get("survivors", []):
@@ -225,11 +311,17 @@ def ci_check(row: dict[str, Any], report: dict[str, dict[str, Any]], seed: int, 
         r = measure(row, 0, seed, equivalents, verbose, rerun=lambda m, old: False, recorded=recorded)
         r["ci"] = "unchanged since the report: recorded statuses"
         return r
+    stale: set[str] | None = set()
+    why = [f"tests changed ({', '.join(sorted(changed - {src}))})"] if changed - {src} else []
+    if src in changed:
+        stale, keys = stale_functions(row, rec.get("functions") or {})
+        why.append("module changed (no function hashes, or module-level code): every mutant" if stale is None else
+                   f"module changed ({', '.join(keys) or 'comments only'}): mutants of {len(stale)} functions")
 
     def rerun(m: Mutant, old: list[str]) -> bool:
-        return old[0] in ("killed", "timeout") and old[1].split("::")[0] in changed
+        return stale is None or m.function in stale or (old[0] in ("killed", "timeout") and old[1].split("::")[0] in changed)
     r = measure(row, row["sample"], seed, equivalents, verbose, rerun=rerun, recorded=recorded)
-    r["ci"] = f"tests changed ({', '.join(sorted(changed))}): their kills rerun + fixed-seed sample"
+    r["ci"] = "; ".join(why) + ": those mutants rerun + fixed-seed sample"
     return r
 
 
@@ -255,7 +347,13 @@ def render(results: list[dict[str, Any]], command: str) -> str:
             lines += [f"- `{s['at']}` ({s['status']})", "", "```diff", s["diff"].rstrip(), "```", ""]
     if not any_surv:
         lines += ["none.", ""]
-    lines += ["Mutants reviewed as equivalent (security/equivalent-mutants.json):", ""]
+    lines += ["Measured (per module: when, with which command; a `--ci` refresh reruns only the mutants of "
+              "changed functions and of changed tests' kills, plus the fixed-seed sample):", ""]
+    for r in results:
+        if r.get("measured_at"):
+            lines.append(f"- {r['name']}: {r['measured_at']}, `{r.get('command', '')}`"
+                         + (f" ({r['ci']}; {r['reran']} run)" if r.get("ci") else ""))
+    lines += ["", "Mutants reviewed as equivalent (security/equivalent-mutants.json):", ""]
     for r in results:
         for e in r.get("equivalents", []):
             lines.append(f"- `{e['at']}` `{e['key'].split('|')[2]}`: {e['reason']}")
@@ -358,6 +456,18 @@ def main(argv: list[str] | None = None) -> int:
             r["reran_from"] = f"{a.rerun_survivors}: only its survivors were run again"
         else:
             r = measure(row, sample, a.seed, equivalents, a.verbose)
+        prev_row = report.get(row["name"], {})
+        if r.get("reran") == 0 and prev_row.get("measured_at"):
+            r["measured_at"], r["command"] = prev_row["measured_at"], prev_row.get("command", "")
+        else:
+            r["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            args = list(argv if argv is not None else sys.argv[1:])
+            for opt in ("--json", "--rerun-survivors"):
+                if opt in args:
+                    i = args.index(opt)
+                    args[i:i + 2] = [opt, "FILE"] if opt == "--rerun-survivors" else []
+            r["command"] = ".venv/bin/python bench/mutation.py " + " ".join(
+                x for x in args if x not in ("--write-report", "-v", "--include-pending"))
         results.append(r)
         print(f"{r['name']:17} {r['score']:5.1f}% (floor {r['floor']}%) killed {r['killed']}/"
               f"{r['mutants_run'] - r['equivalent'] - r['skipped']}, {r['equivalent']} equivalent, "

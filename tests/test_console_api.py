@@ -116,7 +116,11 @@ def test_a_second_writer_is_refused_until_the_first_detaches(srv: tuple[Harness,
         assert code == 4409 and "holds this VM's console for writing" in reason, reason
         first.send(b"still mine")
         assert b"still mine" in _read_until(first, b"still mine")
-    time.sleep(0.3)  # the first session's detach frees the slot
+    # the server frees the writer slot, then appends the first session's detach record: wait for that record
+    end = time.monotonic() + 10
+    while not [r for r in _audit(h, vm) if r["action"] == "vm.console.detach"]:
+        assert time.monotonic() < end, "the first writer's detach was never recorded"
+        time.sleep(0.05)
     with _ws(h, s, vm, mode="rw") as again:
         assert _attached(again)["writer"] is True
 

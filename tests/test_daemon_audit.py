@@ -235,7 +235,7 @@ def test_a_wiped_log_fails_verification_and_the_daemon_refuses_it(log_dir, how):
             (log_dir / "audit.checkpoint").unlink()
         _tamper(log_dir, *stmts)
     if how == "db-file":
-        with pytest.raises(HostError):
+        with pytest.raises(HostError, match=r"audit log .*audit\.db does not exist"):
             _verify(log_dir)
     else:
         rep = _verify(log_dir)
