@@ -46,6 +46,10 @@ def one_input(data: bytes) -> None:
             pass
 
 
+def TestOneInput(data: bytes) -> None:
+    one_input(data)
+
+
 if __name__ == "__main__":
-    atheris.Setup(sys.argv, one_input)
+    atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()

@@ -54,10 +54,12 @@ def _wait(pred: Any, timeout: float = 15.0) -> Any:
     raise AssertionError("timed out")
 
 
-@pytest.fixture
-def jailed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+@pytest.fixture(params=[0, 2], ids=["exec", "pool"])
+def jailed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """The jail backend with exec'd workers (the default) and with the opt-in worker pool."""
     monkeypatch.setenv(PROBES_ENV, "1")
-    backend = JailedBackend(status_type=BackendStatus, options=JailOptions(test_probes=True, memory_overhead_mib=64))
+    backend = JailedBackend(status_type=BackendStatus, options=JailOptions(test_probes=True, memory_overhead_mib=64),
+                            pool_size=request.param)
     h = Harness(tmp_path / "s", backend=backend)
     try:
         yield h

@@ -80,11 +80,13 @@ class JailedBackend:
                  on_exit: Callable[[str, WorkerExit], None] | None = None,
                  console_root: Path | None = None, pool_size: int | None = None) -> None:
         """`pool_size`: ready pool workers kept (sandbox/zygote.py, docs/SANDBOX.md "Worker pool"); default
-        BULKHEAD_WORKER_POOL from the environment, else 2; 0 execs every worker. The pool starts with the
-        first VM start."""
+        BULKHEAD_WORKER_POOL from the environment, else 0: every worker is exec'd. The pool is opt-in until
+        the soak's host-state checks know its slot ids (a pooled VM's cgroup and jail are named by its
+        slot, not its VM id) and its cleanup after a daemon SIGKILL is tested. It starts with the first
+        VM start."""
         if pool_size is None:
-            raw = os.environ.get("BULKHEAD_WORKER_POOL", "2")
-            pool_size = int(raw) if raw.isdigit() else 2
+            raw = os.environ.get("BULKHEAD_WORKER_POOL", "0")
+            pool_size = int(raw) if raw.isdigit() else 0
         self._pool_size = min(pool_size, 16)
         self._pool: Any = None
         self.console_root = console_root  # <root>/<vm id>/console.log: readable after a daemon restart
