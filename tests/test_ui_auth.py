@@ -128,3 +128,17 @@ def test_a_cross_site_console_websocket_is_refused(h: Harness) -> None:
                 f"/ui/vms/{vm}/console/ws?mode=ro", headers={"origin": "https://evil.example"}) as ws:
             ws.receive_text()
         assert exc.value.code == 4403
+
+
+def test_the_vm_list_names_no_other_tenant(h: Harness) -> None:
+    """A principal of one tenant learns nothing of another from /ui/vms: not its VMs, nor its name in the
+    tenant filter (a review finding: the filter once listed every tenant's name)."""
+    alice, _vm = _operator(h)
+    other = h.tenant("globex-secret-merger")
+    h.vm(other, "payroll")
+    with _browser(h) as b:
+        b.get(_link(h, alice))
+        page = b.get("/ui/vms")
+        assert page.status_code == 200
+        assert "acme" in page.text
+        assert "globex-secret-merger" not in page.text and "payroll" not in page.text

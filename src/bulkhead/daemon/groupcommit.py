@@ -135,10 +135,10 @@ class GroupCommitDb:
             batch.after.append(fn)
 
     def _open_batch(self) -> _Batch:
-        while self._batch is not None and self._batch.members >= BATCH_MAX:
-            self._wlock.release()  # a full batch: let the committer take it
+        while (full := self._batch) is not None and full.members >= BATCH_MAX:
+            self._wlock.release()  # a full batch: let the committer take it (it may clear _batch at once)
             try:
-                self._batch.done.wait()
+                full.done.wait()
             finally:
                 self._wlock.acquire()
         if self._batch is not None and not self._conn.in_transaction:

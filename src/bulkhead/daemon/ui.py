@@ -152,15 +152,16 @@ def ui_routes(the: Callable[[], Any]) -> APIRouter:
     @r.get("/vms")
     def vms(request: Request, tenant: str = "", state: str = "", q: str = "", ctx: ReqCtx = Ctx) -> Response:
         d = the()
-        rows = d.vm_api.vm_list(ctx)
+        seen = d.vm_api.vm_list(ctx)  # only what this principal may see (RBAC in the VM service)
         names = _tenant_names(d)
-        rows = [v for v in rows if (not tenant or names.get(v["tenant"]) == tenant or v["tenant"] == tenant)
+        visible_tenants = sorted({names.get(v["tenant"], v["tenant"]) for v in seen})  # never other tenants' names
+        rows = [v for v in seen if (not tenant or names.get(v["tenant"]) == tenant or v["tenant"] == tenant)
                 and (not state or v["state"] == state) and (not q or q in v["name"])]
         for v in rows:
             v["tenant_name"] = names.get(v["tenant"], v["tenant"])
         _may(d, ctx, rows)
         rows.sort(key=lambda v: (v["tenant_name"], v["name"]))
-        return _render(request, ctx, d.ui_auth, "vms.html", vms=rows, tenants=sorted(set(names.values())),
+        return _render(request, ctx, d.ui_auth, "vms.html", vms=rows, tenants=visible_tenants,
                        f={"tenant": tenant, "state": state, "q": q}, host=os.uname().nodename)
 
     @r.get("/vms/{vm_id}")

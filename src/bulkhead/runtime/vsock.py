@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import stat
+import time
 from collections.abc import Sequence
 
 from bulkhead.devices.virtio.vsock import MAX_CONNECT_LINE, parse_connect_line
@@ -28,6 +29,7 @@ from bulkhead.errors import ConfigError
 __all__ = ["MAX_PENDING", "UnixMuxer", "UnixStream", "bind_listener"]
 
 MAX_PENDING = 16  # accepted host streams still writing their CONNECT line
+CONNECT_LINE_TIMEOUT_S = 5.0  # a full pending table drops streams that have not sent their line by then
 _IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
 
@@ -89,6 +91,7 @@ class UnixMuxer:
         self.epoll = select.epoll()
         self.epoll.register(listener.fileno(), select.EPOLLIN | select.EPOLLET)
         self.pending: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.pending_since: dict[int, float] = {}
         self.watched: set[int] = set()
 
     @classmethod
@@ -131,10 +134,15 @@ class UnixMuxer:
                 return
             except OSError:
                 return  # EMFILE and the like: the host's problem, the stream is not accepted
+            if len(self.pending) >= MAX_PENDING:  # host clients that never write their line cannot hold it
+                stale = time.monotonic() - CONNECT_LINE_TIMEOUT_S
+                for old in [fd for fd, t in self.pending_since.items() if t < stale]:
+                    self._drop_pending(old)
             if len(self.pending) >= MAX_PENDING:
                 s.close()
                 continue
             self.pending[s.fileno()] = (s, bytearray())
+            self.pending_since[s.fileno()] = time.monotonic()
             self.epoll.register(s.fileno(), _IN)
             got = self._read_line(s.fileno())  # the line may already be there
             if got is not None:
@@ -160,11 +168,13 @@ class UnixMuxer:
             self._drop_pending(fd)
             return None
         del self.pending[fd]
+        self.pending_since.pop(fd, None)
         self.epoll.unregister(fd)
         return UnixStream(s), port
 
     def _drop_pending(self, fd: int) -> None:
         s, _ = self.pending.pop(fd)
+        self.pending_since.pop(fd, None)
         self.epoll.unregister(fd)
         s.close()
 
@@ -198,6 +208,7 @@ class UnixMuxer:
     def close(self) -> None:
         for s, _ in self.pending.values():
             s.close()
+        self.pending_since.clear()
         self.pending.clear()
         self.epoll.close()
         self.listener.close()

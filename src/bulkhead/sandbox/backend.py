@@ -211,9 +211,9 @@ class JailedBackend:
         if fds is None:
             raise HostError("this VM cannot be snapshotted: it has virtio devices (docs/SNAPSHOT.md \"Not yet\")")
         was_paused = handle.status().state == "paused"
-        handle.save_state()
         ok = False
         try:
+            handle.save_state()  # the worker pauses first: a failed save must resume too (review finding)
             info = seal(fds[0], fds[1])
             ok = True
             return info
@@ -221,7 +221,11 @@ class JailedBackend:
             if ok and then == "stop":
                 handle.stop()
             elif not (was_paused or (then == "pause" and ok)):
-                handle.resume()
+                if ok:
+                    handle.resume()
+                else:  # the save's own error is the one to report
+                    with contextlib.suppress(Exception):
+                        handle.resume()
 
     def _worker_pool(self) -> Any:
         """The pool of ready workers, started at the first VM start (None when the size is 0)."""
