@@ -35,7 +35,7 @@ from bulkhead.network.state import HostConfig
 
 pytestmark = [pytest.mark.timeout(300)]
 
-CYCLES = int(os.environ.get("BULKHEAD_NETOPS_CYCLES", "20"))  # 10 API operations per cycle (500: set 50)
+CYCLES = int(os.environ.get("BULKHEAD_NETOPS_CYCLES", "10"))  # 10 API operations per cycle (500: set 50)
 
 
 def _cycle(c: httpx.Client, tenant: str, i: int) -> list[httpx.Response]:
