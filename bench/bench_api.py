@@ -86,6 +86,21 @@ def concurrent(make_fn, n_per: int, threads: int) -> dict[str, float]:
             "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
 
 
+_SERVE = r"""sslctx = make_server_ssl(sd)
+cfg = uvicorn.Config(app, host="127.0.0.1", port=0, http=TlsProtocol, ssl_context_factory=lambda c, f: sslctx,
+                     lifespan="off", log_level="warning", access_log=False)
+server = _Server(cfg)
+async def main():
+    sock = _tcp_socket("127.0.0.1", 0)  # the daemon's own listener setup
+    port = sock.getsockname()[1]
+    t = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    (sd.root / "baseline.json").write_text(json.dumps({"pid": os.getpid(), "port": port}))
+    await t
+asyncio.run(main())
+"""  # the TLS listener tail both baseline servers share
+
 BASELINE = r"""
 import sys, ssl, json, os, asyncio
 sys.path.insert(0, sys.argv[2])
@@ -99,20 +114,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
 sd = StateDir(__import__("pathlib").Path(sys.argv[1]))
-sslctx = make_server_ssl(sd)
-cfg = uvicorn.Config(app, host="127.0.0.1", port=0, http=TlsProtocol, ssl_context_factory=lambda c, f: sslctx,
-                     lifespan="off", log_level="warning", access_log=False)
-server = _Server(cfg)
-async def main():
-    sock = _tcp_socket("127.0.0.1", 0)  # the daemon's own listener setup
-    port = sock.getsockname()[1]
-    t = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    (sd.root / "baseline.json").write_text(json.dumps({"pid": os.getpid(), "port": port}))
-    await t
-asyncio.run(main())
-"""
+""" + _SERVE
 
 
 class Target:
@@ -233,20 +235,7 @@ def post_x(body: dict):
     c.execute("COMMIT")
     return {"id": "x", "name": body.get("name")}
 sd = StateDir(__import__("pathlib").Path(sys.argv[1]))
-sslctx = make_server_ssl(sd)
-cfg = uvicorn.Config(app, host="127.0.0.1", port=0, http=TlsProtocol, ssl_context_factory=lambda c, f: sslctx,
-                     lifespan="off", log_level="warning", access_log=False)
-server = _Server(cfg)
-async def main():
-    sock = _tcp_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    t = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    (sd.root / "baseline.json").write_text(json.dumps({"pid": os.getpid(), "port": port}))
-    await t
-asyncio.run(main())
-"""
+""" + _SERVE
 
 
 def peer_bench(base: Path, n: int, rounds: int) -> dict[str, object]:
