@@ -89,3 +89,58 @@ def test_storage_fence_refuses_an_older_token(tmp_path: Path) -> None:
     with pytest.raises(StaleToken):
         f.acquire("d1", 11)
     assert f.current("d1") == 12
+
+
+def _controller(s: EtcdStore, ident: str, tmp: Path, events: list[tuple[str, dict]]) -> object:
+    from bulkhead.fleet.controller import Controller
+    from bulkhead.fleet.model import FleetTiming
+
+    return Controller(s, ident, tmp, timing=FleetTiming(ttl=3.0),
+                      emit=lambda kind, action, detail: events.append((action, detail)))
+
+
+def test_deposed_controller_resumes_only_while_its_key_is_its_own(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """F4 resumption: a controller that deposed itself (its renewal deadline passed, etcd never saw it)
+    leads again at once while its lease lives and the leader key still has its create revision; once
+    another controller has created the key, the old one cannot resume and stays a standby."""
+    from bulkhead.fleet.controller import Controller
+
+    s = _store(etcd)
+    events: list[tuple[str, dict]] = []
+    c1 = _controller(s, "c1", tmp_path, events)
+    assert isinstance(c1, Controller)
+    assert c1.campaign()
+    rev = c1.leader_rev
+    c1.deadline = 0.0  # what a renewal that waited past TTL - margin leaves behind: deposed
+    assert c1.campaign() and c1.leader_rev == rev  # resumed: the same key, no new campaign
+    assert events[-1] == ("fleet.leader", {"id": "c1", "revision": rev, "resumed": True})
+    assert c1.deadline > 0.0
+
+    s.revoke(c1.lease)  # its lease ends (as if it had expired): the key goes with it
+    c2 = _controller(s, "c2", tmp_path, events)
+    assert isinstance(c2, Controller)
+    assert c2.campaign() and c2.leader_rev != rev
+    assert not c1.campaign()  # its old lease is gone and the key is c2's: no resumption
+    assert c1.leader_rev == 0
+    assert s.get(key("leader")) is not None and c2.leader_rev == s.get(key("leader")).create_revision
+
+
+def test_resumption_is_refused_when_another_leader_holds_the_key_and_the_old_lease_lives(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """The compare, not the lease, proves continuity: c1's lease is alive but the key was deleted and
+    created again by c2 (a new create revision); c1's resumption fails and it keeps its lease to campaign."""
+    from bulkhead.fleet.controller import Controller
+
+    s = _store(etcd)
+    events: list[tuple[str, dict]] = []
+    c1 = _controller(s, "c1", tmp_path, events)
+    assert isinstance(c1, Controller)
+    assert c1.campaign()
+    lease = c1.lease
+    s.delete(key("leader"))
+    c2 = _controller(s, "c2", tmp_path, events)
+    assert isinstance(c2, Controller)
+    assert c2.campaign()
+    assert not c1.reclaim()
+    assert c1.leader_rev == 0 and c1.lease == lease
+    assert not c1.campaign()  # c2 leads: the key exists

@@ -3,8 +3,9 @@
 Leadership (rule F4): a controller leads while its lease-bound `/bulkhead/leader` key exists; every write
 it makes is a transaction that also compares that key's create revision with its own, so a deposed
 controller's writes are refused by etcd, however late they arrive. It keeps renewing its lease; when a
-renewal fails past TTL - margin it stops leading (the process exits; a supervisor restarts it as a
-standby). Standbys poll the key and campaign when it is gone: takeover within one TTL.
+renewal fails past TTL - margin it stops leading and stands by. If its lease turns out to be alive and
+the leader key still its own, it resumes at once (`reclaim`); otherwise standbys poll the key and
+campaign when it is gone: takeover within one TTL.
 
 Each tick reads the whole `/bulkhead/` prefix in one consistent range and decides from that snapshot:
 nonces and quote verification per host, host states, the VMs to place, drain or reschedule, and applies
@@ -106,7 +107,10 @@ class Controller:
 
     # ---- election -----------------------------------------------------------------------------------
     def campaign(self) -> bool:
-        """Try once to become the leader. True when this controller leads now."""
+        """Try once to become the leader (or to resume a leadership it still holds, `reclaim`).
+        True when this controller leads now."""
+        if self.reclaim():
+            return True
         sent = self.clock()
         if not self.lease:
             self.lease = self.store.grant(int(self.t.ttl))
@@ -118,6 +122,33 @@ class Controller:
             self.lost_seen.clear()  # rule F3 restarts from this controller's own observations
             self.emit("system", "fleet.leader", {"id": self.ident, "revision": rev})
         return ok
+
+    def reclaim(self) -> bool:
+        """Resume the leadership after a deposition that etcd never saw (rule F4, resumption).
+
+        A renewal that waits past TTL - margin (etcd electing a new leader of its own after a member
+        stopped, say) deposes this controller although its lease may still be alive. It then keeps the
+        lease and the leader key's create revision. If a keepalive now succeeds and the leader key still
+        carries that create revision, no other controller can have led in between: a leader's key is
+        created by its own campaign, with a new revision, and the key could only go with the lease.
+        So it leads again at once, instead of waiting out its own lease as a standby (which left the
+        fleet without a leader for a whole TTL). It acted on nothing while deposed, and the lost-host
+        timers start over from its own observations (rule F3), which only delays rescheduling."""
+        if not (self.lease and self.leader_rev):
+            return False
+        sent = self.clock()
+        ttl = self.store.keepalive(self.lease)  # HostError: etcd still away; the next round retries
+        if ttl <= 0:  # the lease expired or was revoked: the leader key went with it
+            self.lease = self.leader_rev = 0
+            return False
+        ok, _ = self.store.txn([self._lead()], [])
+        if not ok:  # another controller's key: it led meanwhile; keep the live lease to campaign with
+            self.leader_rev = 0
+            return False
+        self.deadline = fence_deadline(sent, min(float(ttl), self.t.ttl), self.t.fence_margin)
+        self.lost_seen.clear()
+        self.emit("system", "fleet.leader", {"id": self.ident, "revision": self.leader_rev, "resumed": True})
+        return True
 
     def renew(self) -> bool:
         """Keep the leadership lease; False once it is lost or could not be renewed in time."""
@@ -327,7 +358,7 @@ class Controller:
             try:
                 if self.campaign():
                     break
-                if not self.renew():
+                if not self.leader_rev and not self.renew():
                     self.lease = 0
             except HostError as exc:
                 print(f"bulkhead fleet: standby: {exc}", file=sys.stderr)
@@ -356,8 +387,7 @@ class Controller:
             keeper.join(5)
         if done and not self._stop.is_set():
             self.emit("system", "fleet.leader.lost", {"id": self.ident})
-            self.lease = self.leader_rev = 0  # a new lease when it campaigns again
-            return "deposed"
+            return "deposed"  # it keeps its lease and leader revision: campaign() first tries reclaim()
         self.resign()
         return "stopped"
 
