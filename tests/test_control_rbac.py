@@ -30,10 +30,11 @@ EXPECTED_GRANTS: dict[str, set[str]] = {
     "Monitoring Reader": {"metrics/read"},
 }
 
-T, U = str(uuid.uuid4()), str(uuid.uuid4())
-V1, V2, UV = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
-N, UN = str(uuid.uuid4()), str(uuid.uuid4())
-S, US = str(uuid.uuid4()), str(uuid.uuid4())
+# Fixed ids (not uuid4 at import): parametrized test ids must be the same in every collection (pytest-xdist)
+T, U = (str(uuid.UUID(int=0x7E0A_0001 + i)) for i in range(2))
+V1, V2, UV = (str(uuid.UUID(int=0x7E0B_0001 + i)) for i in range(3))
+N, UN = (str(uuid.UUID(int=0x7E0C_0001 + i)) for i in range(2))
+S, US = (str(uuid.UUID(int=0x7E0D_0001 + i)) for i in range(2))
 TARGETS = {
     "own VM": f"/tenants/{T}/vms/{V1}",
     "other VM, own tenant": f"/tenants/{T}/vms/{V2}",
