@@ -172,6 +172,17 @@ def _kill_live_workers() -> None:
             h.kill()
 
 
+def _remove_traces(sockets: tuple[str, ...], jail_dir: str | None) -> None:
+    """A gone worker's host-side files: its VM's sockets, then its (empty) jail directory and parent."""
+    for path in sockets:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if jail_dir is not None:
+        for d in (jail_dir, os.path.dirname(jail_dir)):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(d)
+
+
 class WorkerHandle:
     """One running worker. Thread-safe. Methods raise HostError when the worker is gone."""
 
@@ -181,8 +192,9 @@ class WorkerHandle:
                  on_console: Callable[[bytes], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  on_security_event: Callable[[str, str], None] | None = None,
-                 on_exit: Callable[[WorkerExit], None] | None = None) -> None:
+                 on_exit: Callable[[WorkerExit], None] | None = None, sockets: tuple[str, ...] = ()) -> None:
         self.vm_id, self.proc, self.ch, self.cgroup = vm_id, proc, channel, cgroup
+        self.sockets = sockets  # host-side unix sockets of the VM (vsock): removed with the worker
         self.uid, self.ids, self.jail_dir = uid, ids, jail_dir
         self.test_probes, self.stop_timeout = test_probes, stop_timeout
         self.on_console, self.on_event, self.on_exit = on_console, on_event, on_exit
@@ -348,10 +360,7 @@ class WorkerHandle:
                 self.cgroup.remove()
             except HostError as exc:
                 errors.append(str(exc))
-        if self.jail_dir is not None:
-            for d in (self.jail_dir, os.path.dirname(self.jail_dir)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rmdir(d)
+        _remove_traces(self.sockets, self.jail_dir)  # before wait() returns: no socket outlives its VM
         if self.ids is not None:
             self.ids.release(self.uid)
         if errors:
@@ -629,7 +638,6 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
         _undo_vsock(config, taps)
         ids.release(uid)
         raise
-    on_exit = _unlinking(config, on_exit)  # the VM's vsock socket goes with the worker
     for sock in socks[1:]:
         sock.close()  # the worker's end
     for fd in taps:
@@ -637,7 +645,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     handle = WorkerHandle(vm_id, proc, Channel(socks[0], WORKER_TO_HOST), cgroup=cgroup, uid=uid, ids=ids,
                           jail_dir=jail_dir, test_probes=opts.test_probes, stop_timeout=opts.stop_timeout,
                           on_console=on_console, on_event=on_event, on_security_event=on_security_event,
-                          on_exit=on_exit)
+                          on_exit=on_exit, sockets=_vm_sockets(config))
     hello = handle.wait_ready(opts.ready_timeout)
     try:
         if hello.uid != uid or hello.gid != uid:
@@ -712,19 +720,9 @@ def _undo_vsock(config: VmConfig, fds: list[int]) -> None:
             os.unlink(os.path.abspath(config.vsock.path))
 
 
-def _unlinking(config: VmConfig, on_exit: Callable[[WorkerExit], None] | None) -> Any:
-    """`on_exit`, removing the VM's vsock socket first (unchanged without vsock)."""
-    if config.vsock is None:
-        return on_exit
-    path = os.path.abspath(config.vsock.path)
-
-    def done(info: WorkerExit) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        if on_exit is not None:
-            on_exit(info)
-
-    return done
+def _vm_sockets(config: VmConfig) -> tuple[str, ...]:
+    """The VM's host-side sockets that go with its worker: the vsock socket (none without vsock)."""
+    return () if config.vsock is None else (os.path.abspath(config.vsock.path),)
 
 
 def _vsock_listener(config: VmConfig, binds: list[BindSpec], fds: list[int]) -> Any:
