@@ -28,6 +28,7 @@ __all__ = [
     "parse_drive",
     "parse_net",
     "parse_vsock",
+    "vsock_of",
 ]
 
 # These are NamedTuples (immutable records from the standard library), not dataclasses: importing
@@ -214,3 +215,10 @@ def parse_vsock(spec: str) -> VsockConfig:
     if opts:
         raise ConfigError(f"--vsock {spec!r}: unknown option(s) {', '.join(sorted(opts))}")
     return VsockConfig(path, cid)
+
+
+def vsock_of(spec: Any) -> VsockConfig | None:
+    """The VsockConfig of a daemon VmSpec (duck-typed: its `vsock` is (socket path, guest CID) or None),
+    so that both backends and the daemon's launch measurement build the same device."""
+    v = getattr(spec, "vsock", None)
+    return VsockConfig(str(v[0]), int(v[1])) if v else None

@@ -204,6 +204,11 @@ class VmCreate(_Req):
     drives: list[DriveSpec] = Field(default_factory=list, max_length=8)
     nics: list[NicSpec] = Field(default_factory=list, max_length=4)
     rng: bool = False
+    vsock_cid: int | None = Field(
+        default=None, ge=3, le=0xFFFF_FFFE,
+        description="give the VM a virtio-vsock device with this guest CID (virtio 1.2 section 5.10; 0-2 and "
+        "U32_MAX are reserved), unique on the host. The host side is a unix socket under the VM's state "
+        "directory (vsock_socket in the answer), in Firecracker's model: docs/VSOCK.md.")
     expected_digest: Digest | None = Field(
         default=None, description="SHA-256 launch digest (lower-case hex) the VM must have to start; "
         "see GET /vms/{id}/measurement. A start with any other digest is refused (409, audited).")
@@ -226,6 +231,8 @@ class VmOut(BaseModel):
     created: str
     updated: str
     expected_digest: str | None = None
+    vsock_cid: int | None = None
+    vsock_socket: str | None = Field(default=None, description="the VM's host-side vsock socket (root only)")
 
 
 class ShutdownOutcome(BaseModel):

@@ -66,6 +66,7 @@ class VmSpec:
     # `vm reboot`: the new VMM appends to the console file instead of starting it afresh, so readers
     # attached to the console (docs/API.md, console WebSocket) see the new boot after the old output.
     keep_console: bool = False
+    vsock: tuple[str, int] | None = None  # (host-side unix socket, guest CID): docs/VSOCK.md
 
     def run_args(self) -> list[str]:
         args = ["--kernel", self.kernel, "--mem", str(self.mem_mib), "--cpus", str(self.cpus)]
@@ -85,6 +86,8 @@ class VmSpec:
             args += ["--net", net]
         if self.rng:
             args.append("--rng")
+        if self.vsock is not None:
+            args += ["--vsock", f"{self.vsock[0]},cid={self.vsock[1]}"]
         if getattr(self, "expected_digest", None):
             args += ["--expected-digest", str(self.expected_digest)]
         return args

@@ -352,6 +352,9 @@ def vm_main(argv: list[str]) -> int:
     cr.add_argument("--net", action="append", default=[],
                     help="NETWORK[,ip=A.B.C.D][,mac=MAC][,bw=BYTES_PER_S][,ops=PACKETS_PER_S] (network id or name)")
     cr.add_argument("--rng", action="store_true")
+    cr.add_argument("--vsock-cid", type=int, metavar="CID",
+                    help="a virtio-vsock device with this guest CID (3..4294967294, unique on the host); the host "
+                         "side is a unix socket under the VM's state directory (docs/VSOCK.md)")
     cr.add_argument("--expected-digest", metavar="SHA256",
                     help="launch digest the VM must have to start (see `bulkhead vm measurement`)")
     ls = sub.add_parser("list")
@@ -418,6 +421,8 @@ def _vm_cmd(c: Any, args: argparse.Namespace) -> int:
                 "drives": drives, "nics": nics, "rng": args.rng}
         if args.expected_digest:
             body["expected_digest"] = args.expected_digest.strip().lower()
+        if args.vsock_cid is not None:
+            body["vsock_cid"] = args.vsock_cid
         return _out(args, c.post("/vms", body), VM_COLS)
     if args.cmd == "list":
         tenant = _tenant_id(c, args.tenant) if args.tenant else None

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from bulkhead.config import vsock_of
 from bulkhead.errors import HostError
 from bulkhead.integrity.errors import HostUntrusted, IntegrityError
 from bulkhead.integrity.launch import check_expected_digest, config_devices, launch_digest_for_config
@@ -71,8 +72,9 @@ def vm_config_of(spec: Any, expected_digest: str | None = None) -> VmConfig:
     return VmConfig(
         kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, mem_mib=spec.mem_mib, cpus=spec.cpus,
         drives=tuple(DriveConfig(p, ro) for p, ro in spec.drives), nets=tuple(_net(n) for n in spec.nics),
-        rng=bool(spec.rng), serial="stdio", expected_digest=expected_digest,
+        rng=bool(spec.rng), serial="stdio", expected_digest=expected_digest, vsock=vsock_of(spec),
     )
+
 
 
 def _read(path: str, what: str) -> bytes:

@@ -182,4 +182,6 @@ class Store(GroupCommitDb):
             "created": row["created"],
             "updated": row["updated"],
             "expected_digest": spec.get("expected_digest"),
+            "vsock_cid": (spec.get("vsock") or {}).get("cid"),
+            "vsock_socket": (spec.get("vsock") or {}).get("socket"),
         }

@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -148,6 +149,8 @@ class VmService:
                     "cpus": body.cpus, "drives": drives, "nics": nics, "rng": body.rng}
             if getattr(body, "expected_digest", None):  # integrity: the launch digest this VM must have
                 spec["expected_digest"] = body.expected_digest
+            if body.vsock_cid is not None:
+                spec["vsock"] = vsock_spec(c, self.paths.vms, vm_id, body.vsock_cid)
             c.execute("INSERT INTO vms VALUES (?,?,?,?,?,NULL,NULL,?,?)",
                       (vm_id, tenant, body.name, "stopped", json.dumps(spec, sort_keys=True), now, now))
             c.execute("INSERT INTO vm_events(vm, time, event, detail) VALUES (?,?,?,?)",
@@ -280,12 +283,15 @@ class VmService:
                 raise ApiError(409, f"disk {d['disk']} no longer exists")
             drives.append((disk["path"], bool(d["read_only"])))
         console = self.paths.vms / row["id"] / "console.log"
+        if spec.get("vsock"):  # the socket's directory, root's only (0700): docs/VSOCK.md "The daemon"
+            (self.paths.vms / row["id"] / "vsock").mkdir(mode=0o700, parents=True, exist_ok=True)
         return VmSpec(
             kernel=str(self.paths.images / spec["kernel"]),
             initrd=str(self.paths.images / spec["initrd"]) if spec.get("initrd") else None,
             cmdline=spec.get("cmdline", ""), mem_mib=spec["mem_mib"], cpus=spec["cpus"], drives=tuple(drives),
             nics=self.networks.nic_configs(row["id"]), rng=bool(spec.get("rng")),
             console_path=str(console),
+            vsock=(spec["vsock"]["socket"], int(spec["vsock"]["cid"])) if spec.get("vsock") else None,
         )
 
     def exit_reason(self, vm_id: str) -> tuple[dict[str, Any], bool]:
@@ -357,6 +363,19 @@ class VmService:
             self.store.vm_event(row["id"], "lost", {"reason": "daemon restart"})
             lost.append(row["id"])
         return lost
+
+
+def vsock_spec(c: Any, vms_dir: Path, vm_id: str, cid: int) -> dict[str, Any]:
+    """The VM's vsock: its CID, unique among this host's VMs (a guest addresses the host and is
+    addressed by its CID, vsock(7)), and its host-side socket under the VM's own state directory."""
+    if c.execute("SELECT 1 FROM vms WHERE json_extract(spec, '$.vsock.cid') = ?", (cid,)).fetchone():
+        raise ApiError(409, f"vsock CID {cid} is already used by another VM on this host")
+    # its own directory: the jail binds the socket's directory (for `<path>_<port>` listeners), and
+    # nothing else of the VM's state (console.log) may be in the worker's view
+    sock = str(vms_dir / vm_id / "vsock" / "v.sock")
+    if len(sock.encode()) > 90:  # sun_path holds 108 bytes, and `<path>_<port>` listeners need room
+        raise ApiError(409, f"the state directory's path is too long for a vsock socket ({sock})")
+    return {"cid": cid, "socket": sock}
 
 
 def create_checks(svc: VmService, ctx: ReqCtx, body: Any) -> tuple[str, Any]:

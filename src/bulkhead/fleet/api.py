@@ -146,6 +146,8 @@ class FleetVmService:
         if body.nics:
             raise ApiError(422, "fleet VMs have no NICs yet: cross-host tenant networks come with the overlay "
                                 "(docs/FLEET.md)")
+        if getattr(body, "vsock_cid", None) is not None:
+            raise ApiError(422, "fleet VMs have no vsock yet: a host-side socket is per host (docs/VSOCK.md)")
         snap = self.snap()
         drives = self._drives(snap, tenant, body)
         vid = new_id()

@@ -13,7 +13,8 @@ Canonical encoding (version 1)::
     F(name, value) = u32le(len(name)) || name || u64le(len(value)) || value
 
 Device strings: "virtio-blk:id=<id>,ro=<0|1>" per drive, "virtio-net:mac=<mac>" per NIC,
-"virtio-rng" when enabled. Host-local details (file paths, tap names, rate limits) are not measured:
+"virtio-rng" when enabled, "virtio-vsock:cid=<cid>" with vsock (the guest reads its CID from the
+device's config space, virtio 1.2 section 5.10.4). Host-local details (file paths, tap names, rate limits) are not measured:
 they do not change what the guest is given. Disk *contents* are not measured (they are mutable).
 
 The runtime must read the kernel and initrd ONCE and pass the same bytes to both launch_digest() and
@@ -67,6 +68,8 @@ def config_devices(config: VmConfig) -> list[str]:
     devices += [f"virtio-net:mac={n.mac.lower()}" for n in config.nets]
     if config.rng:
         devices.append("virtio-rng")
+    if config.vsock is not None:  # the guest sees the device and its CID; the host socket path is local
+        devices.append(f"virtio-vsock:cid={config.vsock.guest_cid}")
     return devices
 
 

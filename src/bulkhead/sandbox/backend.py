@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bulkhead.config import vsock_of
 from bulkhead.errors import HostError, StartRefused, VmNotRunning
 from bulkhead.runtime.config import DriveConfig, NetConfig, VmConfig
 from bulkhead.runtime.console import ConsoleSink
@@ -125,7 +126,7 @@ class JailedBackend:
             kernel=spec.kernel, initrd=spec.initrd, cmdline=spec.cmdline, mem_mib=spec.mem_mib, cpus=spec.cpus,
             drives=tuple(DriveConfig(p, ro) for p, ro in spec.drives),
             nets=tuple(_net(n) for n in spec.nics), rng=spec.rng, serial="stdio",
-            expected_digest=getattr(spec, "expected_digest", None),
+            expected_digest=getattr(spec, "expected_digest", None), vsock=vsock_of(spec),
         ) if restore is None else restore.config  # a restore: the snapshot's configuration (runtime/snapshot.py)
         fds = self._guest_memfds(vm_id, config, restore)
         path = spec.console_path
@@ -172,12 +173,12 @@ class JailedBackend:
     def _guest_memfds(self, vm_id: str, config: VmConfig, restore: Any) -> tuple[int, int, int] | None:
         """Guest RAM in a memfd the host owns, so the VM can be snapshotted while it runs (docs/SNAPSHOT.md
         "The daemon"); for a restore, the memfds the snapshot was decrypted into. VMs with virtio devices
-        get none (not snapshottable yet: their RAM stays the worker's own)."""
+        (and vsock) get none (not snapshottable yet: their RAM stays the worker's own)."""
         from bulkhead.runtime.snapshot import guest_memfds
 
         if restore is not None:
             fds = (restore.memory_fd, restore.state_fd, config.mem_bytes)
-        elif config.drives or config.nets or config.rng:
+        elif config.drives or config.nets or config.rng or config.vsock:
             return None
         else:
             try:
