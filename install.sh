@@ -27,6 +27,7 @@ PACKAGES=(
   etcd-server etcd-client                       # the fleet's store (docs/FLEET.md); tests run their own cluster
   nodejs npm                                    # the web console's pinned front-end packages (ui/package-lock.json: npm ci)
   chromium chromium-driver                      # tests: the web console end to end in headless Chromium (docs/UI.md)
+  libnss3-tools                                 # tests: certutil/pk12util put a client certificate in Chromium's NSS db
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import ssl
 import subprocess
@@ -19,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,19 +181,66 @@ def _check_view(e: Env, name: str) -> None:
 
 
 # ---------------------------------------------------------------- tests
-def test_a_client_certificate_logs_in_without_a_link(env: Env) -> None:
-    """mTLS login: the console listener authenticates a presented certificate exactly as the API does.
-    Driven by the Python TLS client, not by Chromium: headless Chromium here has no way to present a
-    client certificate without an NSS database (certutil is not installed by default) and a managed
-    AutoSelectCertificateForUrls policy under /etc/chromium, which is shared by every user of the host."""
-    ctx = ssl.create_default_context(cafile=str(env.h.sd.ca_cert))
+@contextmanager
+def _cert_browser(e: Env, who: Identity | None) -> Iterator[Any]:
+    """A second Chromium whose NSS database (in a HOME of the test's own: Chromium on Linux reads
+    $HOME/.pki/nssdb) holds `who`'s certificate and key, imported with certutil/pk12util (libnss3-tools),
+    and whose profile auto-selects a certificate for the console's origin (the content setting behind
+    the AutoSelectCertificateForUrls policy, set in this profile only: no host-wide policy file).
+    `who` None: the same browser with an empty database."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    root = Path(tempfile.mkdtemp(prefix="bulkhead-ui-cert-"))
+    nss = root / "home" / ".pki" / "nssdb"
+    nss.mkdir(parents=True)
+    subprocess.run(["certutil", "-N", "-d", f"sql:{nss}", "--empty-password"], check=True, capture_output=True)
+    if who is not None:
+        key = serialization.load_pem_private_key(who.key_path.read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(who.cert_path.read_bytes())
+        p12 = root / "id.p12"
+        p12.write_bytes(pkcs12.serialize_key_and_certificates(
+            who.name.encode(), key, cert, None, serialization.BestAvailableEncryption(b"test")))
+        subprocess.run(["pk12util", "-i", str(p12), "-d", f"sql:{nss}", "-W", "test"], check=True, capture_output=True)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--ignore-certificate-errors", "--window-size=1280,900", "--no-first-run",
+              f"--user-data-dir={root / 'profile'}"):
+        opts.add_argument(a)
+    opts.add_experimental_option("prefs", {"profile.content_settings.exceptions.auto_select_certificate": {
+        f"{e.s.ui_url},*": {"setting": {"filters": [{}]}}}})
+    driver = webdriver.Chrome(service=Service(DRIVER, env=dict(os.environ, HOME=str(root / "home"))), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_client_certificate_logs_in_chromium_without_a_link(env: Env) -> None:
+    """mTLS login in the browser: Chromium presents alice's certificate from its NSS database, and the
+    console listener authenticates it exactly as the API does (same Gate, same RBAC: alice's tenant only).
+    The same browser without the certificate is not signed in, and a certificate never opens /v1 without
+    the API's own mTLS check."""
+    with _cert_browser(env, env.alice) as d:
+        d.get(env.s.ui_url + "/ui/vms")
+        assert d.find_element("id", "me").text == "alice"
+        assert "acme-web" in d.page_source and "globex-db" not in d.page_source
+        assert not d.get_cookies()  # no session cookie: the certificate itself is the credential
+    with _cert_browser(env, None) as d:
+        d.get(env.s.ui_url + "/ui/vms")
+        assert not d.find_elements("id", "me") and "acme-web" not in d.page_source
+    ctx = ssl.create_default_context(cafile=str(env.h.sd.ca_cert))  # the headers, read by a TLS client
     ctx.load_cert_chain(str(env.alice.cert_path), str(env.alice.key_path))
     with urllib.request.urlopen(env.s.ui_url + "/ui/vms", context=ctx, timeout=10) as r:
-        html = r.read().decode()
         assert r.status == 200 and r.headers["cache-control"] == "no-store"
         assert "script-src 'self'" in r.headers["content-security-policy"]
         assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
-    assert '<strong id="me">alice</strong>' in html and "acme-web" in html and "globex-db" not in html
     nocert = ssl.create_default_context(cafile=str(env.h.sd.ca_cert))
     with pytest.raises(urllib.error.HTTPError) as err:  # no certificate, no session: the API stays closed
         urllib.request.urlopen(env.s.ui_url + "/v1/vms", context=nocert, timeout=10)
