@@ -1,0 +1,184 @@
+"""The audit log on disk at its edges (issue 15): what the mutation check found untested.
+
+- RFC 9162 §2.1.4.1: PROOF(m, D[n]) for m == n is the empty list, and §2.1.4.2 then only compares the
+  two roots; sizes outside 1 <= OLD <= NEW are refused with a typed ConfigError.
+- Fail closed and atomic: a commit that fails inside its transaction (the head insert refused by SQLite)
+  raises AuditUnavailable, leaves no record, node or head behind (ROLLBACK), and the next append takes the
+  same seq and verifies; the tree never counts a record that is not durable.
+- A bad checkpoint (stored, or the separate file, C2SP signed-note) verifies nothing: ok is False, no
+  record counts as verified and record 1 is the first one not shown good.
+- Group commit: one transaction takes at most 1024 waiting appends.
+- Scope filters select whole path segments; a fresh log has no checkpoint yet; exported JSON lines have
+  sorted keys (stable bytes for diffing two exports).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.test_daemon_audit import EVERY, N, _open, _rec, _tamper, _verify, log_dir  # noqa: F401  (log_dir: fixture)
+
+from bulkhead.control.audit import Record
+from bulkhead.control.merkle import verify_consistency
+from bulkhead.daemon.auditlog import (
+    AuditLog,
+    AuditUnavailable,
+    TreeReader,
+    export_jsonl,
+    load_audit_key,
+    make_audit_key,
+    query_records,
+)
+from bulkhead.daemon.cli import audit_main
+from bulkhead.errors import ConfigError
+
+
+def _wait_for(cond, what: str, limit: float = 20.0) -> None:
+    """Wait for a condition another thread makes true (no fixed sleep); fail after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        threading.Event().wait(0.005)
+
+
+def _count(d: Path, table: str) -> int:
+    conn = sqlite3.connect(d / "audit.db")
+    try:
+        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_consistency_proof_of_equal_sizes_is_empty_and_bounds_are_typed_errors(log_dir):  # noqa: F811
+    conn = sqlite3.connect(f"file:{log_dir / 'audit.db'}?mode=ro", uri=True)
+    try:
+        t = TreeReader(conn)
+        same = t.consistency(N, N)
+        assert same["path"] == [] and same["old_root"] == same["new_root"] == _verify(log_dir).root
+        assert verify_consistency(N, N, bytes.fromhex(same["old_root"]), bytes.fromhex(same["new_root"]), [])
+        one = t.consistency(1, N)  # the smallest OLD
+        assert one["path"] and verify_consistency(1, N, bytes.fromhex(one["old_root"]),
+                                                  bytes.fromhex(one["new_root"]), [bytes.fromhex(p) for p in one["path"]])
+        for old, new in ((0, N), (N, N - 1), (2, 1)):
+            with pytest.raises(ConfigError, match="no consistency proof"):
+                t.consistency(old, new)
+    finally:
+        conn.close()
+    assert audit_main(["prove", "consistency", str(N), str(N), "--state-dir", str(log_dir), "--json"]) == 0
+
+
+def test_a_commit_failing_inside_its_transaction_leaves_nothing_and_the_seq_is_reused(log_dir):  # noqa: F811
+    """The head insert is refused after the record and node rows went in: all of it is rolled back."""
+    log = _open(log_dir)
+    head_before = log.head_note()
+    conn = sqlite3.connect(log_dir / "audit.db", isolation_level=None)
+    conn.execute("CREATE TABLE fault(x INTEGER)")
+    conn.execute("CREATE TRIGGER fault_head BEFORE INSERT ON head WHEN EXISTS (SELECT 1 FROM fault) "
+                 "BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END")
+    conn.execute("INSERT INTO fault VALUES (1)")
+    try:
+        nodes_before = _count(log_dir, "nodes")
+        with pytest.raises(AuditUnavailable, match="disk full"):
+            log.append_many([_rec(90), _rec(91)])  # 22 records would complete new interior nodes
+        assert log.size == N and _count(log_dir, "records") == N and _count(log_dir, "nodes") == nodes_before
+        assert log.head_note() == head_before
+        conn.execute("DELETE FROM fault")
+        assert log.append(_rec(92)) == N + 1  # the same seq the failed batch would have taken
+    finally:
+        conn.execute("DROP TRIGGER fault_head")
+        conn.close()
+        log.close()
+    rep = _verify(log_dir)
+    assert rep.ok and rep.records == N + 1, rep.problem
+    (last,) = query_records(log_dir / "audit.db", seq=N + 1)
+    assert last["request_id"] == "r92"
+
+
+@pytest.mark.parametrize("which", ["stored", "file"])
+def test_a_bad_checkpoint_verifies_nothing(log_dir, which, capsys):  # noqa: F811
+    if which == "stored":
+        conn = sqlite3.connect(log_dir / "audit.db")
+        note = conn.execute("SELECT note FROM checkpoints WHERE size = ?", (EVERY,)).fetchone()[0]
+        conn.close()
+        forged = note.replace(f"\n{EVERY}\n", f"\n{EVERY + 1}\n", 1)  # its signature no longer verifies
+        _tamper(log_dir, "UPDATE checkpoints SET note = ? WHERE size = ?", params=(forged, EVERY))
+    else:
+        (log_dir / "audit.checkpoint").write_text("not a signed note\n")
+    rep = _verify(log_dir)
+    assert (rep.ok, rep.records, rep.first_bad) == (False, 0, 1)
+    assert ("stored checkpoint is bad" if which == "stored" else "checkpoint file") in rep.problem
+    assert audit_main(["verify", "--state-dir", str(log_dir), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert (out["ok"], out["records"], out["first_bad"]) == (False, 0, 1)
+
+
+def test_a_new_log_has_no_checkpoint_until_its_first_record(tmp_path):
+    make_audit_key(tmp_path / "audit.key", tmp_path / "audit.pub")
+    log = _open(tmp_path, create=True)
+    try:
+        assert log.latest_checkpoint() == "" and log.size == 0
+        assert log.append(_rec(1)) == 1
+        assert log.latest_checkpoint().split("\n")[1] == "1"  # the first record is checkpointed at once
+    finally:
+        log.close()
+
+
+def test_group_commit_takes_at_most_1024_appends_per_transaction(tmp_path):
+    """With checkpoint_every=1 every transaction ends in a checkpoint of its size, so the sizes show the
+    batches. The writer is held at BEGIN by another connection's write lock while 1100 appends queue."""
+    make_audit_key(tmp_path / "audit.key", tmp_path / "audit.pub")
+    log = AuditLog(tmp_path / "audit.db", load_audit_key(tmp_path / "audit.key"), tmp_path / "audit.checkpoint",
+                   checkpoint_every=1, create=True)
+    blocker = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    threads: list[threading.Thread] = []
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the writer's BEGIN IMMEDIATE now waits (busy timeout 30 s)
+        first = threading.Thread(target=log.append, args=(_rec(0),))
+        first.start()
+        q = log._queue  # unfinished_tasks counts every put (nothing calls task_done)
+        _wait_for(lambda: q.unfinished_tasks == 1 and q.qsize() == 0, "the writer to take the first append")
+        threads = [threading.Thread(target=log.append, args=(_rec(i % 60),)) for i in range(1100)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: q.unfinished_tasks == 1101, "1100 queued appends")
+        assert q.qsize() > 1024  # the batch after the blocked one can hit the cap
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    first.join(30)
+    for t in threads:
+        t.join(30)
+    log.close()
+    conn = sqlite3.connect(tmp_path / "audit.db")
+    sizes = [r[0] for r in conn.execute("SELECT size FROM checkpoints ORDER BY size")]
+    conn.close()
+    batches = [b - a for a, b in zip([0, *sizes], sizes, strict=False)]
+    assert sum(batches) == 1101 and max(batches) == 1024, batches
+
+
+def test_scope_filters_select_whole_path_segments(tmp_path):
+    make_audit_key(tmp_path / "audit.key", tmp_path / "audit.pub")
+    log = _open(tmp_path, create=True)
+    scopes = ["/", "/tenants/acme", "/tenants/acme/vms/v1", "/tenants/acmecorp", "/tenants/umbrella/vms/u1"]
+    for i, scope in enumerate(scopes):
+        log.append(Record.make(f"2026-01-01T00:00:0{i}.000000Z", "api", {}, principal="p", action="vm/read",
+                               scope=scope, decision="allow", result="200", request_id=f"s{i}"))
+    log.close()
+    db = tmp_path / "audit.db"
+    assert [r["scope"] for r in query_records(db, scopes=["/tenants/acme"])] == scopes[1:3]  # not acmecorp
+    assert [r["scope"] for r in query_records(db, scopes=["/tenants/acme", "/tenants/umbrella"])] == [
+        scopes[1], scopes[2], scopes[4]]
+    assert [r["scope"] for r in query_records(db, scopes=["/"])] == scopes
+    assert list(query_records(db, scopes=["/tenants/none"])) == []
+
+
+def test_exported_json_lines_have_sorted_keys():
+    recs = [{"seq": 2, "action": "vm/read", "b": 1, "a": [3, 1]}, {"z": None, "m": "x"}]
+    assert list(export_jsonl(iter(recs))) == ['{"a": [3, 1], "action": "vm/read", "b": 1, "seq": 2}\n',
+                                              '{"m": "x", "z": null}\n']
