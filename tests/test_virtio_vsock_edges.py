@@ -13,17 +13,23 @@ and the host-port allocator wraps to its base and never reuses a live (host port
 
 from __future__ import annotations
 
+import pytest
 from tests.test_virtio_vsock import CID, Rig, hdr, mem  # noqa: F401  (mem: the fixture)
 
 from bulkhead.devices.virtio.vsock import (
     BUF_ALLOC,
     CREDIT_UPDATE_THRESHOLD,
     HDR_SIZE,
+    HOST_CID,
     OP,
+    TYPE_STREAM,
     U32,
     Connection,
     ConnState,
     Header,
+    check_guest_cid,
+    parse_connect_line,
+    rst_for,
 )
 from bulkhead.devices.virtio.vsock_device import FIRST_LOCAL_PORT
 
@@ -172,3 +178,58 @@ def test_header_round_trip_is_the_44_byte_layout():
     assert len(raw) == HDR_SIZE
     assert raw.hex() == ("0300000000000000" "0200000000000000" "04030201" "08070605" "09000000" "0100" "0500"
                          "02000000" "00000100" "ffffffff")
+
+
+def test_guest_cid_bounds():
+    """§5.10.4: 0, 1 and 2 are reserved and U32 is VMADDR_CID_ANY; 3 and U32 - 1 are the extremes."""
+    assert check_guest_cid(3) == 3 and check_guest_cid(U32 - 1) == U32 - 1
+    for bad in (0, 1, 2, U32, U32 + 1):
+        with pytest.raises(ValueError, match=f"between 3 and {U32 - 1}, not {bad}$"):
+            check_guest_cid(bad)
+
+
+def test_connect_line_length_and_digit_limits():
+    """Firecracker's `CONNECT <port>\\n`: the line is at most 32 bytes (whitespace around the port
+    allowed) and the port at most 10 digits, leading zeros counted."""
+    pad = b"CONNECT " + b" " * 21 + b"52\n"
+    assert len(pad) == 32 and parse_connect_line(pad) == 52
+    assert parse_connect_line(b"CONNECT " + b" " * 22 + b"52\n") is None  # 33 bytes
+    assert parse_connect_line(b"CONNECT 0000000052\n") == 52  # 10 digits
+    assert parse_connect_line(b"CONNECT 00000000052\n") is None  # 11 digits, though the value is small
+
+
+def test_one_byte_of_guest_credit_still_moves_data(mem):  # noqa: F811
+    """§5.10.6.3 at its smallest: buf_alloc 1 lets exactly one payload byte through per credit update."""
+    r = Rig(mem)
+    r.send(hdr(OP.REQUEST, buf_alloc=1))
+    r.give_rx(1)
+    r.packets()
+    s = r.be.connected[-1]
+    s.inbox += b"ab"
+    r.be.readable.append(s.fd)
+    r.host_ready()
+    r.give_rx(2)
+    assert [d for _, d in r.packets()] == [b"a"]
+    r.send(hdr(OP.CREDIT_UPDATE, buf_alloc=1, fwd_cnt=1))
+    assert [d for _, d in r.packets()] == [b"b"]
+
+
+def test_host_data_waits_for_the_backend_to_report_the_socket_readable(mem):  # noqa: F811
+    r = Rig(mem)
+    s = r.connect()
+    s.inbox += b"early"  # bytes in the host socket, but the backend has not reported it readable
+    r.give_rx(2)
+    assert r.packets() == []
+    r.be.readable.append(s.fd)
+    r.host_ready()
+    assert [(h.op, d) for h, d in r.packets()] == [(OP.RW, b"early")]
+
+
+def test_rst_answer_is_the_exact_header(mem):  # noqa: F811
+    """The RST for a refused REQUEST: host -> guest, ports swapped, len, flags and credit all 0."""
+    r = Rig(mem, listeners=())
+    r.send(hdr(OP.REQUEST, src_port=1234, dst_port=81, buf_alloc=777, fwd_cnt=55, flags=3))
+    r.give_rx(1)
+    ((h, data),) = r.packets()
+    assert h == Header(HOST_CID, CID, 81, 1234, 0, TYPE_STREAM, OP.RST, 0, 0, 0) and data == b""
+    assert h == rst_for(Header(CID, HOST_CID, 1234, 81, 0, TYPE_STREAM, OP.REQUEST, 3, 777, 55), CID)
