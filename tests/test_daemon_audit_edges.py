@@ -182,3 +182,100 @@ def test_exported_json_lines_have_sorted_keys():
     recs = [{"seq": 2, "action": "vm/read", "b": 1, "a": [3, 1]}, {"z": None, "m": "x"}]
     assert list(export_jsonl(iter(recs))) == ['{"a": [3, 1], "action": "vm/read", "b": 1, "seq": 2}\n',
                                               '{"m": "x", "z": null}\n']
+
+
+# ---------------------------------------------------------------- survivors of the full auditlog run
+def test_origin_and_time_formats(monkeypatch):
+    """`bulkhead.<host>/<kind>/<16 hex>`: the host name made safe (only A-Za-z0-9 . - kept, 64 at most),
+    "host" when nothing is left; times are RFC 3339 UTC with microseconds."""
+    import re
+    import socket
+
+    from bulkhead.daemon.auditlog import make_origin, now_iso
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "web 01_a.example")
+    assert re.fullmatch(r"bulkhead\.web-01-a\.example/witness/[0-9a-f]{16}", make_origin("witness"))
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 70)
+    assert make_origin().split("/")[0] == "bulkhead." + "h" * 64
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    assert make_origin().startswith("bulkhead.host/audit/")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", now_iso())
+
+
+def test_inclusion_proof_bounds_and_the_subtree_root(log_dir):  # noqa: F811
+    """RFC 9162 §2.1.3: records 1..size have proofs (both ends included); 0 and size + 1 do not."""
+    from bulkhead.control.merkle import verify_inclusion
+
+    conn = sqlite3.connect(f"file:{log_dir / 'audit.db'}?mode=ro", uri=True)
+    try:
+        t = TreeReader(conn)
+        root = bytes.fromhex(_verify(log_dir).root)
+        assert t.subtree(0, N) == root
+        for seq in (1, N):
+            p = t.inclusion(seq, N)
+            assert verify_inclusion(bytes.fromhex(p["leaf_hash"]), seq - 1, N, [bytes.fromhex(x) for x in p["path"]],
+                                    root)
+        for seq in (0, N + 1):
+            with pytest.raises(ValueError, match="is not in a tree"):
+                t.inclusion(seq, N)
+    finally:
+        conn.close()
+
+
+def test_keys_of_the_wrong_type_are_refused(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from bulkhead.daemon.auditlog import load_audit_pub
+    from bulkhead.errors import HostError
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    (tmp_path / "p").write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(HostError, match="not an ed25519 private key"):
+        load_audit_key(tmp_path / "k")
+    with pytest.raises(HostError, match="not an ed25519 public key"):
+        load_audit_pub(tmp_path / "p")
+
+
+def test_append_after_close_is_refused(log_dir):  # noqa: F811
+    log = _open(log_dir)
+    log.close()
+    with pytest.raises(AuditUnavailable, match="closed"):
+        log.append(_rec(50))
+    assert _verify(log_dir).records == N
+
+
+@pytest.mark.parametrize("how", ["file-missing", "tables-unreadable"])
+def test_a_missing_checkpoint_file_or_unreadable_table_verifies_nothing(log_dir, how):  # noqa: F811
+    if how == "file-missing":
+        (log_dir / "audit.checkpoint").unlink()
+    else:
+        _tamper(log_dir, "DROP TABLE checkpoints")
+    rep = _verify(log_dir)
+    assert (rep.ok, rep.records, rep.first_bad) == (False, 0, 1)
+    assert ("is missing" if how == "file-missing" else "unreadable") in rep.problem
+
+
+def test_since_includes_a_record_at_exactly_that_time(log_dir):  # noqa: F811
+    db = log_dir / "audit.db"
+    assert [r["seq"] for r in query_records(db, since="2026-01-01T00:00:18.000000Z")] == [18, 19, 20]
+
+
+def test_a_lying_index_column_hides_no_later_record(log_dir):  # noqa: F811
+    """Record 2's principal column claims p1 (its leaf says p2): it is skipped, and every genuine p1
+    record after it is still returned."""
+    _tamper(log_dir, "UPDATE records SET principal = 'p1' WHERE seq = 2")
+    assert [r["seq"] for r in query_records(log_dir / "audit.db", principal="p1", limit=None)] == [
+        1, 4, 7, 10, 13, 16, 19]
+
+
+def test_create_refuses_a_file_that_already_has_an_origin(tmp_path):
+    from bulkhead.errors import HostError
+
+    make_audit_key(tmp_path / "audit.key", tmp_path / "audit.pub")
+    _open(tmp_path, create=True).close()  # created, never appended: only its origin is stored
+    with pytest.raises(HostError, match="already has content"):
+        _open(tmp_path, create=True)

@@ -247,7 +247,7 @@ def test_host_eof_shutdown_then_guest_rst(mem):
     r.host_ready()
     r.give_rx(1)
     ((h, _),) = r.packets()
-    assert (h.op, h.flags) == (OP.SHUTDOWN, 3)
+    assert (h.op, h.flags) == (OP.SHUTDOWN, 3) and r.dev.stats["rx_packets"] == 2  # RESPONSE, SHUTDOWN
     r.send(hdr(OP.RW, length=4), b"bye\n")
     assert bytes(s.received) == b"bye\n" and not s.closed and r.dev.stats.get("rst_sent", 0) == 0
     r.send(hdr(OP.RST))
