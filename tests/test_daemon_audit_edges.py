@@ -279,3 +279,91 @@ def test_create_refuses_a_file_that_already_has_an_origin(tmp_path):
     _open(tmp_path, create=True).close()  # created, never appended: only its origin is stored
     with pytest.raises(HostError, match="already has content"):
         _open(tmp_path, create=True)
+
+
+def test_opening_refuses_a_log_without_origin_or_head_or_node(log_dir):  # noqa: F811
+    from bulkhead.errors import HostError
+
+    cases = [("DELETE FROM head", "no signed head"), ("DELETE FROM meta", "has no origin"),
+             ("DELETE FROM nodes WHERE level = 4", "no node"),
+             ("UPDATE nodes SET hash = zeroblob(32) WHERE level = 2 AND idx = 4", "does not match its signed head")]
+    for sql, why in cases:
+        db = log_dir / "audit.db"
+        backup = db.read_bytes()
+        _tamper(log_dir, sql)
+        with pytest.raises(HostError, match=why):
+            _open(log_dir)
+        for s in ("-wal", "-shm"):
+            Path(f"{db}{s}").unlink(missing_ok=True)
+        db.write_bytes(backup)
+    assert _open(log_dir).size == N  # the untouched copy opens
+
+
+def test_checkpoint_hook_every_and_file_mode(tmp_path):
+    """checkpoint_every=1 checkpoints each commit; the hook sees each note; the file is 0644 (public)."""
+    make_audit_key(tmp_path / "audit.key", tmp_path / "audit.pub")
+    seen: list[str] = []
+    log = AuditLog(tmp_path / "audit.db", load_audit_key(tmp_path / "audit.key"), tmp_path / "audit.checkpoint",
+                   checkpoint_every=0, create=True, on_checkpoint=seen.append)  # 0 is taken as 1
+    assert log.head_note() == ""  # nothing signed yet
+    for i in range(3):
+        log.append(_rec(i))
+    log.close()
+    assert [n.split("\n")[1] for n in seen] == ["1", "2", "3"]
+    assert (tmp_path / "audit.checkpoint").stat().st_mode & 0o777 == 0o644
+    assert log.head_note().split("\n")[1] == "3"  # after close: from a read-only connection
+
+
+def test_the_verifier_key_is_read_from_a_path_or_text_and_bad_ones_are_host_errors(log_dir):  # noqa: F811
+    from bulkhead.daemon.auditlog import load_verifier, read_origin
+    from bulkhead.errors import HostError
+
+    db = log_dir / "audit.db"
+    text = (log_dir / "audit.vkey").read_text().strip()
+    assert str(load_verifier(str(log_dir / "audit.vkey"), db)) == text  # a path given as a string
+    assert str(load_verifier(text, db)) == text
+    assert read_origin(db) == text.split("+")[0]
+    with pytest.raises(HostError, match="cannot read the verifier key"):
+        load_verifier(log_dir / "missing.vkey", db)
+    with pytest.raises(HostError, match="bad verifier key"):
+        load_verifier("name+zzzz+AAAA", db)
+
+
+def test_a_reader_serves_another_thread(log_dir):  # noqa: F811
+    log = _open(log_dir)
+    try:
+        t = log.reader()
+        out: list[bytes] = []
+        th = threading.Thread(target=lambda: out.append(t.root(N)))
+        th.start()
+        th.join(10)
+        t.conn.close()
+        assert out == [bytes.fromhex(_verify(log_dir).root)]
+    finally:
+        log.close()
+
+
+def test_an_append_that_cannot_commit_in_time_fails_closed(log_dir):  # noqa: F811
+    log = _open(log_dir)
+    blocker = sqlite3.connect(log_dir / "audit.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(AuditUnavailable, match="in time"):
+            log.append(_rec(60), timeout=0.2)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        log.close()
+
+
+def test_injected_audit_failure_refuses_the_append_and_writes_nothing(log_dir, monkeypatch):  # noqa: F811
+    log = _open(log_dir)
+    try:
+        monkeypatch.setenv("BULKHEAD_AUDIT_FAIL", "1")
+        with pytest.raises(AuditUnavailable, match="injected"):
+            log.append(_rec(70))
+        monkeypatch.delenv("BULKHEAD_AUDIT_FAIL")
+        assert log.append(_rec(71)) == N + 1
+    finally:
+        log.close()
+    assert _verify(log_dir).records == N + 1
