@@ -308,7 +308,11 @@ def test_checkpoint_hook_every_and_file_mode(tmp_path):
     assert log.head_note() == ""  # nothing signed yet
     for i in range(3):
         log.append(_rec(i))
-    log.close()
+    conn = sqlite3.connect(tmp_path / "audit.db")
+    sizes = [r[0] for r in conn.execute("SELECT size FROM checkpoints ORDER BY size")]
+    conn.close()
+    assert sizes == [1, 2, 3]  # before close's final checkpoint (committed with each record)
+    log.close()  # joins the writer: every hook call has happened
     assert [n.split("\n")[1] for n in seen] == ["1", "2", "3"]
     assert (tmp_path / "audit.checkpoint").stat().st_mode & 0o777 == 0o644
     assert log.head_note().split("\n")[1] == "3"  # after close: from a read-only connection
@@ -364,6 +368,36 @@ def test_injected_audit_failure_refuses_the_append_and_writes_nothing(log_dir, m
             log.append(_rec(70))
         monkeypatch.delenv("BULKHEAD_AUDIT_FAIL")
         assert log.append(_rec(71)) == N + 1
+    finally:
+        log.close()
+    assert _verify(log_dir).records == N + 1
+
+
+def test_verifier_key_sources_that_name_nothing_are_host_errors(log_dir):  # noqa: F811
+    from bulkhead.daemon.auditlog import load_verifier, read_origin
+    from bulkhead.errors import HostError
+
+    db = log_dir / "audit.db"
+    with pytest.raises(HostError, match="no verifier key"):
+        load_verifier(None, db, None)
+    _tamper(log_dir, "DELETE FROM meta")
+    assert read_origin(db) == ""
+    with pytest.raises(HostError, match="names no origin"):
+        load_verifier(None, db, log_dir / "audit.pub")
+
+
+def test_a_commit_failing_outside_sqlite_fails_closed_too(log_dir, monkeypatch):  # noqa: F811
+    """Any exception in the writer (here: signing the new head) reaches the caller as AuditUnavailable."""
+    log = _open(log_dir)
+    try:
+        def boom(size: int, root: bytes) -> str:
+            raise RuntimeError("signing key unavailable")
+
+        monkeypatch.setattr(log, "_signed", boom)
+        with pytest.raises(AuditUnavailable, match="audit append failed: RuntimeError"):
+            log.append(_rec(80))
+        monkeypatch.undo()
+        assert log.append(_rec(81)) == N + 1
     finally:
         log.close()
     assert _verify(log_dir).records == N + 1
