@@ -4,8 +4,10 @@
 `make mutation`): a row whose module and tests are unchanged is rescored from its recorded statuses
 with the current reviewed equivalents (no run); a row whose tests changed reruns every mutant those
 test files killed in the report (so a deleted or weakened test shows) plus its fixed-seed sample
-(seed 15); a row whose module changed runs its fixed-seed sample. One child process per mutant,
-renice 19. A module below its floor fails, listing the surviving mutants with their diffs.
+(seed 15); a row whose module changed runs its fixed-seed sample. A row the report holds as a sample
+reruns that sample when anything changed, and a sampled mutant the report has as killed that now survives
+fails as a regression. One child process per mutant, renice 19. A module below its floor fails,
+listing the surviving mutants with their diffs.
 A row that is not "active" is reported PENDING (a visible skip with its reason).
 """
 

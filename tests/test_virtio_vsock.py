@@ -238,6 +238,8 @@ def test_host_data_respects_guest_credit(mem):
 
 
 def test_host_eof_shutdown_then_guest_rst(mem):
+    """The host closed its side (EOF): we send SHUTDOWN and wait for the guest's RST; bytes the guest
+    still sends meanwhile reach the host (a half-close), they are not answered with a reset."""
     r = Rig(mem)
     s = r.connect()
     s.eof = True
@@ -245,7 +247,9 @@ def test_host_eof_shutdown_then_guest_rst(mem):
     r.host_ready()
     r.give_rx(1)
     ((h, _),) = r.packets()
-    assert (h.op, h.flags) == (OP.SHUTDOWN, 3)
+    assert (h.op, h.flags) == (OP.SHUTDOWN, 3) and r.dev.stats["rx_packets"] == 2  # RESPONSE, SHUTDOWN
+    r.send(hdr(OP.RW, length=4), b"bye\n")
+    assert bytes(s.received) == b"bye\n" and not s.closed and r.dev.stats.get("rst_sent", 0) == 0
     r.send(hdr(OP.RST))
     assert r.dev.conns == {} and s.closed
 
