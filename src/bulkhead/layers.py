@@ -33,9 +33,9 @@ LAYERS: tuple[Layer, ...] = (
           "register machines, virtio; image parsing and boot structures; test doubles"),
     Layer("control models", True, ("bulkhead.control", "bulkhead.integrity", "bulkhead.network",
                                    "bulkhead.sandbox.policy", "bulkhead.sandbox.protocol", "bulkhead.snapshot",
-                                   "bulkhead.fleet.model"),
+                                   "bulkhead.fleet.model", "bulkhead.fleet.witnessing"),
           "API models, RBAC, audit records; integrity verdicts; network model/rules/plan; seccomp lists; "
-          "the worker protocol; the snapshot file format and the live-migration stream; the fleet's keys, host states, scheduler and fencing rules"),
+          "the worker protocol; the snapshot file format and the live-migration stream; the fleet's keys, host states, scheduler and fencing rules, the judging of hosts' audit checkpoints"),
     Layer("hypervisor", False, ("bulkhead.hypervisor",), "the only code that touches /dev/kvm"),
     Layer("host services", False, ("=bulkhead.integrity", "bulkhead.integrity.tpm", "bulkhead.integrity.host",
                                    "bulkhead.network.host", "bulkhead.network.overlay", "bulkhead.network.service",

@@ -129,6 +129,8 @@ class Fleet:
         d.mkdir(parents=True, exist_ok=True)
         (d / "enrollment.json").write_text(enr_text)
         (d / "policy.json").write_text(json.dumps(policy))
+        wait((sd / "audit.vkey").exists, 30, f"{host}'s audit log key")  # witnessing (docs/FLEET.md)
+        (d / "audit.vkey").write_text((sd / "audit.vkey").read_text())
 
     def kill_agent(self, host: str) -> None:
         p = self.agents[host]

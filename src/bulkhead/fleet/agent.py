@@ -77,7 +77,8 @@ class TpmAttestor:
 class Agent:
     def __init__(self, store: EtcdStore, host_id: str, backend: Any, *, shared_dir: Path, state_dir: Path,
                  capacity: tuple[int, int, int], timing: FleetTiming | None = None,
-                 attestor: Any = None, clock: Callable[[], float] = time.monotonic, poll: float = 0.2) -> None:
+                 attestor: Any = None, clock: Callable[[], float] = time.monotonic, poll: float = 0.2,
+                 hostlog: Any = None) -> None:
         self.store, self.host, self.backend = store, host_id, backend
         self.shared = shared_dir.resolve()
         self.state_dir = state_dir
@@ -95,6 +96,7 @@ class Agent:
         self._stop = threading.Event()
         self._answered = ""
         self.fence_store = DiskFence(self.shared / "disks")
+        self.hostlog = hostlog  # fleet/hostlog.HostLog: this agent's own audit log, witnessed by the fleet
 
     # ---- lease and self-fencing --------------------------------------------------------------------
     def _record(self) -> str:
@@ -124,6 +126,7 @@ class Agent:
                 self.disks.pop(vm, None)
             self.fences += 1
             self._status()
+            self._audit("host.fence", why=why)
 
     def _lease_loop(self) -> None:
         while not self._stop.is_set():
@@ -206,6 +209,7 @@ class Agent:
             self.local[vm] = token
             self.disks[vm] = rw
             self._log(f"started {vm} (token {token})")
+            self._audit("vm.start", vm, token=token, disks=rw)
 
     def _spec(self, vm: str, rec: dict[str, Any]) -> tuple[VmSpec, list[str]]:
         s = rec.get("spec") or {}
@@ -242,6 +246,7 @@ class Agent:
             self.local.pop(vm, None)
             self._release(vm, token, rw)  # only after the VM is gone: the claim outlives the process
             self._log(f"stopped {vm} ({why})")
+            self._audit("vm.stop", vm, token=token, why=why)
 
     def _exited(self, vm: str, token: int, status: int | None) -> None:
         with self._lock:
@@ -251,6 +256,7 @@ class Agent:
             self.store.put(key("exit", vm), encode({"token": token, "host": self.host, "status": status}))
             self._release(vm, token, rw)
             self._log(f"{vm} exited with status {status}")
+            self._audit("vm.exit", vm, token=token, status=status)
 
     def attest(self) -> None:
         if self.attestor is None:
@@ -263,12 +269,32 @@ class Agent:
             self.store.put(key("evidence", self.host), json.dumps(ev, sort_keys=True))
             self._answered = nonce
 
+    def _audit(self, action: str, vm: str = "", **detail: Any) -> None:
+        if self.hostlog is not None:
+            try:
+                self.hostlog.record(action, vm, **detail)
+            except Exception as exc:  # the log's own error is reported; the fleet sees no new checkpoint
+                self._log(f"audit: {type(exc).__name__}: {exc}")
+
+    def publish(self) -> None:
+        """Put this host's latest signed checkpoint, with its proof from what the fleet witnessed, under
+        the lease (docs/FLEET.md "Witnessing")."""
+        if self.hostlog is None:
+            return
+        kv = self.store.get(key("witnessed", self.host))
+        rec = decode(kv.value) if kv else None
+        size = rec.get("size") if rec else 0
+        pub = self.hostlog.publication(size if type(size) is int and size >= 0 else 0)
+        if pub is not None:
+            self.store.put(key("checkpoint", self.host), encode(pub), self.lease)
+
     def _work_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 if self.lease:
                     self.attest()
                     self.reconcile()
+                    self.publish()
             except HostError as exc:
                 self._log(f"etcd: {exc}")
             except Exception as exc:  # the agent must not die: the next round retries
@@ -298,6 +324,8 @@ class Agent:
         for th in threads:
             th.join(5)
         self.fence("agent stopping")
+        if self.hostlog is not None:
+            self.hostlog.close()
         if self.lease:
             with contextlib.suppress(HostError):
                 self.store.revoke(self.lease)

@@ -161,8 +161,12 @@ def agent_main(argv: list[str]) -> int:
         config = {"host": host, "backend": args.backend, "shared_dir": str(args.shared_dir.resolve()),
                   "ttl": str(timing.ttl)}
         attestor, sw = _agent_attestor(args, sd, config)
+        from bulkhead.fleet.hostlog import HostLog
+
+        hostlog = HostLog(sd, host)  # its vkey, <state>/audit.vkey, is what the operator enrols
+        hostlog.record("agent.start", backend=args.backend)
         agent = Agent(store, host, backend, shared_dir=args.shared_dir, state_dir=sd, capacity=(mem, vcpus, args.slots),
-                      timing=timing, attestor=attestor)
+                      timing=timing, attestor=attestor, hostlog=hostlog)
         _stop_on_signals(agent.stop)
         print(f"bulkhead agent {host}: joining {args.fleet}", file=sys.stderr, flush=True)
         try:
@@ -287,6 +291,9 @@ def _enroll(argv: list[str]) -> int:
     g.add_argument("--dev-policy-from", type=Path, metavar="EVENTS.jsonl",
                    help="development: a policy allowing exactly the manifest and configuration digests this "
                    "event log of the host shows now (trust on first use; production writes --policy)")
+    p.add_argument("--audit-vkey", type=Path, metavar="FILE",
+                   help="that host's audit log verifier key (<its state dir>/audit.vkey): the fleet witnesses "
+                   "its log only with this key (docs/FLEET.md \"Witnessing\")")
     _common(p, client=False)
 
     def go() -> int:
@@ -308,12 +315,23 @@ def _enroll(argv: list[str]) -> int:
                                           "pcrs": {"host": 14, "vm": 15}, "allowed": {**allowed, "vm-launch": []},
                                           "max_age_s": 300, "interval_s": 30, "running_vms_when_untrusted": "keep"})
             parse_policy(policy_text)
+            vkey = None
+            if args.audit_vkey:
+                from bulkhead.control.note import NoteError, Verifier
+
+                vkey = args.audit_vkey.read_text().strip()
+                try:
+                    Verifier.parse(vkey)
+                except NoteError as exc:
+                    raise ConfigError(f"--audit-vkey {args.audit_vkey}: not a verifier key: {exc}") from None
         except OSError as exc:
             raise ConfigError(str(exc)) from None
         d = _state_dir(args) / "hosts" / host
         d.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.enrollment, d / "enrollment.json")
         (d / "policy.json").write_text(policy_text)
+        if vkey is not None:
+            (d / "audit.vkey").write_text(vkey + "\n")
         print(f"enrolled {host} -> {d}")
         return 0
 

@@ -38,6 +38,7 @@ from bulkhead.fleet.model import (
     place,
 )
 from bulkhead.fleet.store import Cmp, EtcdStore, Kv, Op
+from bulkhead.fleet.witness import FleetWitness
 
 __all__ = ["Controller", "Deposed", "Snapshot"]
 
@@ -99,6 +100,7 @@ class Controller(Leadership):
         self.deadline = 0.0
         self.lost_seen: dict[str, float] = {}
         self.last_states: dict[str, str] = {}
+        self.witness = FleetWitness(state_dir)  # the hosts' audit logs (docs/FLEET.md "Witnessing")
         self._stop = threading.Event()
 
     # ---- one tick ------------------------------------------------------------------------------------
@@ -110,10 +112,13 @@ class Controller(Leadership):
             at = att.get("at")
             raw = att.get("reasons")
             rs: list[Any] = raw if isinstance(raw, list) else []
+            flag = snap.rec("flagged", name)  # its audit log failed the fleet's witnessing: never trusted again
+            if flag is not None:
+                rs = [f"audit log: {flag.get('reason', 'inconsistent')}", *rs]
             out.append(HostView(
                 name=name, alive=reg is not None, mem_mib=_count((reg or {}).get("mem_mib")),
                 vcpus=_count((reg or {}).get("vcpus")), slots=_count((reg or {}).get("slots")),
-                trusted=att.get("trusted") is True,
+                trusted=att.get("trusted") is True and flag is None,
                 attested_at=float(at) if att.get("trusted") is True and isinstance(at, int | float) else None,
                 drained=snap.kv("drain", name) is not None,
                 reasons=tuple(str(r)[:300] for r in rs)[:8]))
@@ -123,6 +128,7 @@ class Controller(Leadership):
         snap = Snapshot.read(self.store)
         now_wall = self.wall()
         self._attestation(snap, now_wall)
+        self.witness.tick(self, snap, now_wall)
         views = self.hosts(snap)
         now = self.clock()
         states = {}
@@ -336,7 +342,7 @@ def host_table(snap: Snapshot, views: list[HostView], now_wall: float, max_age: 
         rows.append({"host": h.name, "state": host_state(h, now_wall, max_age), "vms": len(vms),
                      "mem_free_mib": max(0, h.mem_mib - used) if h.alive else 0, "mem_mib": h.mem_mib,
                      "attestation_age_s": round(now_wall - float(at), 1) if at is not None else None,
-                     "trusted": bool(att.get("trusted")), "reasons": list(att.get("reasons", []))[:4],
+                     "trusted": h.trusted, "reasons": list(h.reasons)[:4],
                      "drained": h.drained})
     return rows
 

@@ -72,7 +72,7 @@ def add_host(root: EtcdStore, host: str, password: str) -> str:
     user = host_user(host)
     _user(root, user, password, [user])
     root.auth("role/grant", {"name": user, "perm": _perm(root, key(""), "READ", prefix=True)})
-    for k in (key("hosts", host), key("evidence", host)):
+    for k in (key("hosts", host), key("evidence", host), key("checkpoint", host)):
         root.auth("role/grant", {"name": user, "perm": _perm(root, k, "READWRITE")})
     return user
 

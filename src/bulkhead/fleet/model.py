@@ -25,7 +25,7 @@ MAX_HOST_ID = 63
 
 def key(kind: str, *parts: str) -> str:
     """The etcd key of a record (docs/FLEET.md "Keys"). kind: hosts | known | nonce | evidence | attest |
-    drain | vms | assign | running | disks | exit | leader | lost."""
+    drain | vms | assign | running | disks | exit | leader | lost | checkpoint | witnessed | flagged."""
     return PREFIX + "/".join((kind, *parts))
 
 
