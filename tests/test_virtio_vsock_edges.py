@@ -120,6 +120,7 @@ def test_the_host_socket_drains_when_it_becomes_writable(mem):  # noqa: F811
     r.host_ready()
     assert bytes(s.received) == b"0123456789" and r.be.watching[s.fd] is False
     assert r.dev.conns[(80, 5000)].fwd_cnt == 10
+    assert not s.shut_write  # drained bytes are no EOF: the guest has not shut its send side
 
 
 def test_guest_rst_is_never_answered_with_rst(mem):  # noqa: F811
@@ -331,6 +332,17 @@ def test_shutdown_flags_close_one_direction_each(mem):  # noqa: F811
     r2.send(hdr(OP.RW, src_port=6000, length=1), b"x")  # data after its own SHUTDOWN SEND: reset
     r2.give_rx(1)
     assert _ops(r2) == [OP.RST] and s2.closed
+
+    r4 = Rig(mem)  # SHUTDOWN SEND with bytes pending: EOF reaches the host once they are out
+    s4 = r4.connect(src_port=6500)
+    s4.capacity = 0
+    r4.send(hdr(OP.RW, src_port=6500, length=4), b"last")
+    r4.send(hdr(OP.SHUTDOWN, src_port=6500, flags=2))
+    assert not s4.shut_write
+    s4.capacity = 1 << 20
+    r4.be.writable.append(s4.fd)
+    r4.host_ready()
+    assert bytes(s4.received) == b"last" and s4.shut_write and not s4.closed
 
     r3 = Rig(mem)
     s3 = r3.connect(src_port=7000)

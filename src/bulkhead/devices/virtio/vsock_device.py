@@ -222,6 +222,15 @@ class VsockDevice(VirtioDevice):
         del conn.pending[:n]
         conn.forwarded(n)
         self.backend.watch(stream, write=bool(conn.pending))
+        if n and conn.peer_shut_send and not conn.pending:
+            self._shut_host_write(conn)  # the guest shut its send side earlier: EOF once its bytes are out
+
+    def _shut_host_write(self, conn: Connection) -> None:
+        """virtio 1.2 5.10.6.5: the peer will send no more; the host socket reads EOF."""
+        try:
+            self.streams[conn.key].shutdown_write()
+        except OSError:
+            pass
 
     # -- TX: guest -> host ----------------------------------------------------------------------------
 
@@ -314,10 +323,7 @@ class VsockDevice(VirtioDevice):
         if conn.peer_shut_send and conn.peer_shut_rcv:
             self._kill(conn, rst=True)  # §5.10.6.5: the peer closed both ways; RST ends the stream
         elif conn.peer_shut_send and not conn.pending:
-            try:
-                self.streams[conn.key].shutdown_write()
-            except OSError:
-                pass
+            self._shut_host_write(conn)
 
     def _on_rw(self, mem: GuestMemory, chain: DescriptorChain, conn: Connection, n: int) -> None:
         if conn.state not in (ConnState.ESTABLISHED, ConnState.CLOSING) or conn.peer_shut_send:
