@@ -88,6 +88,10 @@ def _snap(ns: str | None) -> dict[str, list[str]]:
         r = subprocess.run(pre + argv, capture_output=True, text=True, timeout=30, check=False)
         # interface indices and veth peer suffixes differ harmlessly; keep names, flags and addresses
         out[key] = sorted(line.split(": ", 1)[-1] for line in r.stdout.splitlines())
+    # `ip netns` lists the machine's namespaces whatever ns is: other tests (in the other pytest-xdist
+    # process) add and remove theirs meanwhile, so only this test's own (named by its prefix) count
+    prefix = (ns or "")[:3]
+    out["netns"] = [n for n in out["netns"] if prefix and n.startswith(prefix)]
     return out
 
 

@@ -97,6 +97,15 @@ def test_an_agent_can_write_only_its_own_keys(auth_fleet: tuple[Fleet, dict[str,
     with fleet.client() as c:
         c.post(f"/hosts/{owner}/drain", {})
     wait(lambda: vm in fleet.running_on(other), 30, "the VM moved to the other host")
+
+    def revoked() -> bool:  # the revocation follows the old claim's release by a controller tick
+        try:  # a transaction whose compare never holds: checked for permission, changes nothing
+            st[owner].txn([Cmp(key("running", vm), "CREATE", -1)], [Op(key("running", vm), "{}")])
+        except EtcdRefused:
+            return True
+        return False
+
+    wait(revoked, 10, "the old owner's grant on the VM revoked")
     _refused(lambda: st[owner].put(key("running", vm), "{}"))
     _refused(lambda: st[owner].put(key("disks", disk), "{}"))
     assert st["c1"].get(key("leader")) is not None
