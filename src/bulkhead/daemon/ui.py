@@ -227,7 +227,14 @@ def _views(r: APIRouter, the: Callable[[], Any]) -> None:
                       if "integrity" in rec.get("action", "")][-50:][::-1]
         except ApiError:
             pass  # no audit/read: the host state alone
-        return _render(request, ctx, d.ui_auth, "hosts.html", st=st, events=events, host=os.uname().nodename)
+        fleet = None
+        if getattr(d, "fleet", None) is not None:  # the fleet controller: every host, as GET /v1/hosts shows them
+            try:
+                fleet = d.fleet.host_list(ReqCtx(ctx.caller, ctx.request_id))
+            except ApiError:
+                fleet = None  # no host/read
+        return _render(request, ctx, d.ui_auth, "hosts.html", st=st, events=events, host=os.uname().nodename,
+                       fleet=fleet)
 
     @r.get("/audit")
     def audit(request: Request, ctx: ReqCtx = Ctx) -> Response:

@@ -229,6 +229,8 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--shared-dir", type=Path, required=True, help="images/ and disks/ every host reaches")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8443, help="0 picks a free port (written to serve.json when leading)")
+    p.add_argument("--ui-port", type=int, metavar="PORT",
+                   help="also serve the web console (/ui, docs/UI.md) there while leading; 0 picks a free port")
     p.add_argument("--id", help="this controller's name (default HOSTNAME-PID)")
     p.add_argument("--dedicated", action="append", default=[], metavar="TENANT_ID",
                    help="a tenant whose VMs get hosts of their own (repeatable)")
@@ -250,7 +252,7 @@ def _serve(argv: list[str]) -> int:
         ctl = Controller(store, ident, sd, timing=_timing(args), dedicated=frozenset(args.dedicated),
                          untrusted=args.untrusted, rbac=bool(args.etcd_user))
         _stop_on_signals(ctl.stop)
-        why = run_controller(ctl, sd, args.shared_dir, args.host, args.port)
+        why = run_controller(ctl, sd, args.shared_dir, args.host, args.port, args.ui_port)
         return DEPOSED if why == "deposed" else 0
 
     return _run(go)

@@ -23,7 +23,8 @@ from bulkhead.fleet.controller import Controller
 __all__ = ["run_controller"]
 
 
-def run_controller(ctl: Controller, state_dir: Path, shared: Path, host: str, port: int) -> str:
+def run_controller(ctl: Controller, state_dir: Path, shared: Path, host: str, port: int,
+                   ui_port: int | None = None) -> str:
     from bulkhead.daemon.backend import FakeBackend
     from bulkhead.daemon.integrity import check_code
     from bulkhead.daemon.networks import DryNetworkService
@@ -58,12 +59,12 @@ def run_controller(ctl: Controller, state_dir: Path, shared: Path, host: str, po
         for kind, action, detail in pending:
             d.fleet_event(kind, action, detail)
         pending.clear()
-        serving = Serving(d, state_dir, host, port)
+        serving = Serving(d, state_dir, host, port, ui_port=ui_port)  # ui_port: the web console (docs/UI.md)
         box["serving"] = serving
 
         def announce(s: Serving) -> None:
             info = {"pid": os.getpid(), "host": s.host, "port": s.port, "socket": str(s.sd.socket),
-                    "controller": ctl.ident}
+                    "controller": ctl.ident, "ui_port": s.ui_port}
             tmp = s.sd.serve_info.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             os.replace(tmp, s.sd.serve_info)
