@@ -268,6 +268,7 @@ class World:
         tables per namespace, live dnsmasq per bridge, and which of the given VM ids have a cgroup, a jail
         directory and worker processes (the processes in the VM's cgroup)."""
         from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+        from bulkhead.sandbox.stale import slot_of
 
         out: dict[str, Any] = {"netns": set(), "links": {}, "tables": {}, "dnsmasq": {}, "cgroups": set(),
                                "jails": set(), "workers": set()}
@@ -304,12 +305,13 @@ class World:
                         bridge = s.rsplit("/", 1)[1][:-5]
                         out["dnsmasq"].setdefault(bridge, []).append(int(pid))
         for vm in vm_ids:
-            cg = VmCgroup(vm, CgroupLimits(0, 0, 0))
+            jid = slot_of(vm) or vm  # a pooled VM's jail and cgroup carry its slot's id
+            cg = VmCgroup(jid, CgroupLimits(0, 0, 0))
             if any(os.path.exists(d) for d in cg.dirs.values()):
                 out["cgroups"].add(vm)
                 if cg.pids():
                     out["workers"].add(vm)
-            if os.path.exists(f"/run/bulkhead/jail/{vm}"):
+            if os.path.exists(f"/run/bulkhead/jail/{jid}"):
                 out["jails"].add(vm)
         return out
 
@@ -341,8 +343,9 @@ class World:
     def kill_worker(self, vm: str) -> bool:
         """SIGKILL the worker processes of a VM (found through its cgroup)."""
         from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
+        from bulkhead.sandbox.stale import slot_of
 
-        cg = VmCgroup(vm, CgroupLimits(0, 0, 0))
+        cg = VmCgroup(slot_of(vm) or vm, CgroupLimits(0, 0, 0))
         procs: set[int] = set()
         for d in cg.dirs.values():
             with contextlib.suppress(OSError, ValueError):

@@ -70,7 +70,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PoolVms, Wor
     finally:
         pool.close()
         vms.close()
-        del os.environ[PROBES_ENV]
+        os.environ.pop(PROBES_ENV, None)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -161,3 +161,45 @@ def test_a_pool_worker_whose_code_fails_the_gate_never_serves(tmp_path: Path,
             spawn_worker(VmConfig(kernel=str(kernel), mem_mib=8), options=OPTS, pool=pool, fork=False)
     finally:
         pool.close()
+
+
+def _first_map(pid: int, needle: str) -> str:
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if needle in line:
+            return line.split()[0]
+    raise AssertionError(f"no {needle} mapping in {pid}")
+
+
+def test_the_default_pool_execs_each_worker_and_maps_each_vm_to_its_slot(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's default pool (JailedBackend: exec'd pool workers, not forks of one fork server):
+    two pool workers do not share their address-space layout (fresh ASLR per worker, so a guest that
+    crashes workers one after another cannot brute-force one layout), and a pooled VM is found by its
+    own id (`<base>/slots/<vm id>`, stale.slot_of), by the leftover check too, until nothing is left."""
+    from bulkhead.sandbox.stale import slot_of
+
+    monkeypatch.setenv(PROBES_ENV, "1")
+    pool = WorkerPool(OPTS, size=2, fork_server=False)
+    pool.start()
+    vms = PoolVms(tmp_path, pool)
+    try:
+        assert pool.wait_ready(2, 120), pool.last_error
+        names = [f"t-slotmap-{os.urandom(3).hex()}" for _ in range(2)]
+        hs = []
+        for name in names:
+            h = spawn_worker(VmConfig(kernel=str(vms.kernel), mem_mib=8), vm_id=name, options=OPTS, pool=pool,
+                             fork=False)
+            vms.handles.append(h)
+            hs.append(h)
+            assert h.vm_id.startswith("z") and slot_of(name) == h.vm_id
+            assert any(h.vm_id in p for p in leftovers(name))  # the slot's jail and cgroup, found by the VM id
+        a, b = (max(h.cgroup.pids() - {h.pid}) for h in hs)  # type: ignore[union-attr]
+        assert _first_map(a, "libc") != _first_map(b, "libc")  # each worker exec'd: its own layout
+        assert _first_map(a, "[stack]") != _first_map(b, "[stack]")
+        for name, h in zip(names, hs, strict=True):
+            h.kill()
+            h.wait(30)
+            assert leftovers(name) == [] and slot_of(name) is None
+    finally:
+        pool.close()
+        vms.close()

@@ -73,6 +73,9 @@ def _wait_guest_start(handle: WorkerHandle, timeout: float) -> None:
         time.sleep(0.005)
 
 
+DEFAULT_POOL = 2  # ready pool workers (docs/SANDBOX.md "Worker pool"; docs/PERFORMANCE.md, the start rate)
+
+
 class JailedBackend:
     """One jailed worker per VM. Thread-safe."""
 
@@ -81,13 +84,13 @@ class JailedBackend:
                  on_exit: Callable[[str, WorkerExit], None] | None = None,
                  console_root: Path | None = None, pool_size: int | None = None) -> None:
         """`pool_size`: ready pool workers kept (sandbox/zygote.py, docs/SANDBOX.md "Worker pool"); default
-        BULKHEAD_WORKER_POOL from the environment, else 0: every worker is exec'd. The pool is opt-in until
-        the soak's host-state checks know its slot ids (a pooled VM's cgroup and jail are named by its
-        slot, not its VM id) and its cleanup after a daemon SIGKILL is tested. It starts with the first
-        VM start."""
+        BULKHEAD_WORKER_POOL from the environment, else 2 (0: every worker is exec'd). A pooled VM's jail,
+        cgroup and uid record carry its slot's id; `<base>/slots/<vm id>` maps the VM to it
+        (stale.slot_of), and leftover checks and the stale cleanup follow that map. It starts with the
+        first VM start."""
         if pool_size is None:
-            raw = os.environ.get("BULKHEAD_WORKER_POOL", "0")
-            pool_size = int(raw) if raw.isdigit() else 0
+            raw = os.environ.get("BULKHEAD_WORKER_POOL", str(DEFAULT_POOL))
+            pool_size = int(raw) if raw.isdigit() else DEFAULT_POOL
         self._pool_size = min(pool_size, 16)
         self._pool: Any = None
         self.console_root = console_root  # <root>/<vm id>/console.log: readable after a daemon restart
@@ -236,7 +239,11 @@ class JailedBackend:
             if self._pool is None:
                 from bulkhead.sandbox.zygote import WorkerPool
 
-                self._pool = WorkerPool(self._options, self._pool_size)
+                # each pool worker exec'd afresh (its own ASLR layout, stack canary and hash seed: no
+                # fork-server brute force, docs/THREAT_MODEL.md); BULKHEAD_POOL_FORK_SERVER=1 forks
+                # them from one fork server instead (cheaper per VM, shared randomization)
+                fork_server = os.environ.get("BULKHEAD_POOL_FORK_SERVER", "0") == "1"
+                self._pool = WorkerPool(self._options, self._pool_size, fork_server=fork_server)
                 self._pool.start()
             return self._pool
 

@@ -10,19 +10,35 @@ import os
 from bulkhead.sandbox.cgroups import CgroupLimits, VmCgroup
 from bulkhead.sandbox.jail import IdAllocator
 
-__all__ = ["cleanup_lost", "cleanup_stale", "leftovers"]
+__all__ = ["cleanup_lost", "cleanup_stale", "leftovers", "slot_of"]
+
+
+def slot_of(vm_id: str, base_dir: str = "/run/bulkhead") -> str | None:
+    """The pool slot serving VM `vm_id` (its jail, cgroup and uid record carry the slot's id), or None
+    when the VM has a worker of its own or none (supervisor._map_slot writes `<base>/slots/<vm id>`)."""
+    try:
+        with open(os.path.join(base_dir, "slots", vm_id), encoding="utf-8") as f:
+            sid = f.read().strip()
+    except OSError:
+        return None
+    return sid if sid.startswith("z") and sid[1:].isalnum() and len(sid) <= 32 else None
 
 
 def leftovers(vm_id: str, base_dir: str = "/run/bulkhead", cgroup_parent: str | None = None) -> list[str]:
-    """Anything of VM `vm_id` still on the host: jail dir, cgroup dirs, mounts (for tests and audits)."""
+    """Anything of VM `vm_id` still on the host: jail dir, cgroup dirs, mounts, and, for a pooled VM, the
+    slot map and its slot's jail, cgroups and mounts (for tests and audits)."""
     found = []
-    jail = os.path.join(base_dir, "jail", vm_id)
-    if os.path.exists(jail):
-        found.append(jail)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        found += [line.strip() for line in f if f"/{vm_id}" in line]
-    probe = VmCgroup(vm_id, CgroupLimits(0, 0, 0), parent=cgroup_parent)
-    found += [d for d in probe.dirs.values() if os.path.exists(d)]
+    slot = slot_of(vm_id, base_dir)
+    if os.path.exists(os.path.join(base_dir, "slots", vm_id)):
+        found.append(os.path.join(base_dir, "slots", vm_id))
+    for name in (vm_id, *((slot,) if slot else ())):
+        jail = os.path.join(base_dir, "jail", name)
+        if os.path.exists(jail):
+            found.append(jail)
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            found += [line.strip() for line in f if f"/{name}" in line]
+        probe = VmCgroup(name, CgroupLimits(0, 0, 0), parent=cgroup_parent)
+        found += [d for d in probe.dirs.values() if os.path.exists(d)]
     return found
 
 
@@ -56,6 +72,13 @@ def cleanup_stale(base_dir: str = "/run/bulkhead", cgroup_parent: str | None = N
         if owner is not None:
             ids.release(owner[0])
         cleaned.append(vm_id)
+    slots = os.path.join(base_dir, "slots")  # slot maps whose slot is gone (with its jail, above)
+    for name in sorted(os.listdir(slots)) if os.path.isdir(slots) else []:
+        sid = slot_of(name, base_dir)
+        if sid is None or not os.path.exists(os.path.join(jail_base, sid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(slots, name))
+            cleaned.append(name)
     return cleaned
 
 

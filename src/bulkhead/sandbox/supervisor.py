@@ -172,15 +172,35 @@ def _kill_live_workers() -> None:
             h.kill()
 
 
-def _remove_traces(sockets: tuple[str, ...], jail_dir: str | None) -> None:
-    """A gone worker's host-side files: its VM's sockets, then its (empty) jail directory and parent."""
-    for path in sockets:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+def _remove_traces(files: tuple[str, ...], jail_dir: str | None) -> None:
+    """A gone worker's host-side files: its (empty) jail directory and parent, then its VM's files (the
+    slot map last, so that whatever is left of a slot can still be found by the VM's id)."""
     if jail_dir is not None:
         for d in (jail_dir, os.path.dirname(jail_dir)):
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir(d)
+    for path in files:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _map_slot(base_dir: str, vm_id: str, slot: Any) -> str:
+    """`<base>/slots/<vm id>` names the pool slot that serves VM `vm_id`: a pooled worker's jail, cgroup
+    and uid record were made before its VM was known and carry the slot's id (cgroup v2 cannot rename a
+    group), so audits, leftover checks and operators find them through this file (stale.slot_of).
+    Raises HostError when the VM id is in use."""
+    d = os.path.join(base_dir, "slots")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    path = os.path.join(d, vm_id)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        slot.kill()
+        slot.discard()
+        raise HostError(f"VM id {vm_id!r} is already in use (a pool slot serves it)") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(slot.slot_id + "\n")
+    return path
 
 
 class WorkerHandle:
@@ -192,9 +212,9 @@ class WorkerHandle:
                  on_console: Callable[[bytes], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  on_security_event: Callable[[str, str], None] | None = None,
-                 on_exit: Callable[[WorkerExit], None] | None = None, sockets: tuple[str, ...] = ()) -> None:
+                 on_exit: Callable[[WorkerExit], None] | None = None, files: tuple[str, ...] = ()) -> None:
         self.vm_id, self.proc, self.ch, self.cgroup = vm_id, proc, channel, cgroup
-        self.sockets = sockets  # host-side unix sockets of the VM (vsock): removed with the worker
+        self.files = files  # the VM's host-side files (vsock socket, slot map): removed with the worker
         self.uid, self.ids, self.jail_dir = uid, ids, jail_dir
         self.test_probes, self.stop_timeout = test_probes, stop_timeout
         self.on_console, self.on_event, self.on_exit = on_console, on_event, on_exit
@@ -360,7 +380,7 @@ class WorkerHandle:
                 self.cgroup.remove()
             except HostError as exc:
                 errors.append(str(exc))
-        _remove_traces(self.sockets, self.jail_dir)  # before wait() returns: no socket outlives its VM
+        _remove_traces(self.files, self.jail_dir)  # before wait() returns: no socket outlives its VM
         if self.ids is not None:
             self.ids.release(self.uid)
         if errors:
@@ -600,7 +620,9 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     vm_id = _checked_spawn(vm_id, opts, (restore or snapshot) and snapshot_fds is None)
     binds, drives = _image_binds(config, restore=restore)
     slot = pool.take(opts) if pool is not None and not config.nets and config.vsock is None else None
+    files = _vm_sockets(config)
     if slot is not None:
+        files += (_map_slot(opts.base_dir, vm_id, slot),)  # the VM's name for its slot: removed with it
         vm_id, ids, uid, jail_dir = slot.slot_id, slot.ids, slot.uid, slot.jail_dir
     else:
         ids = IdAllocator(os.path.join(opts.base_dir, "ids"), opts.uid_base)
@@ -645,7 +667,7 @@ def spawn_worker(config: VmConfig, *, vm_id: str | None = None, options: JailOpt
     handle = WorkerHandle(vm_id, proc, Channel(socks[0], WORKER_TO_HOST), cgroup=cgroup, uid=uid, ids=ids,
                           jail_dir=jail_dir, test_probes=opts.test_probes, stop_timeout=opts.stop_timeout,
                           on_console=on_console, on_event=on_event, on_security_event=on_security_event,
-                          on_exit=on_exit, sockets=_vm_sockets(config))
+                          on_exit=on_exit, files=files)
     hello = handle.wait_ready(opts.ready_timeout)
     try:
         if hello.uid != uid or hello.gid != uid:
