@@ -28,13 +28,13 @@ with atheris.instrument_imports(include=["bulkhead"]):
     from bulkhead.devices.serial import Serial
     from bulkhead.errors import SnapshotError
     from bulkhead.runtime.snapshot import check_vcpus, check_vm
-    from bulkhead.snapshot.format import PAGE, SnapshotReader, check_state, key_id, write_snapshot
+    from bulkhead.snapshot.format import FORMAT, PAGE, SnapshotReader, check_state, key_id, write_snapshot
 
 KEY = bytes(range(32))
-HEADER = {"format": 1, "bulkhead": "0.1.0", "snapshot_id": "a" * 32, "vm_id": "vm", "launch_digest": None,
+HEADER = {"format": FORMAT, "bulkhead": "0.1.0", "snapshot_id": "a" * 32, "vm_id": "vm", "launch_digest": None,
           "host_key_id": key_id(KEY), "created": 1, "mem_bytes": 1 << 20, "cpus": 1}
 RUNS = [(2, 1, b"\x01" * PAGE), (9, 2, b"\x02" * (2 * PAGE))]
-STATE = {"config": {}, "vcpus": [{}], "vm": {}, "devices": {}, "cpuid": {}, "memory": {"runs": [[2, 1], [9, 2]]}}
+STATE = {"config": {"drives": [], "rng": False}, "vcpus": [{}], "vm": {}, "devices": {"virtio": []}, "cpuid": {}, "memory": {"runs": [[2, 1], [9, 2]]}}
 GENUINE = b"".join(write_snapshot(HEADER, STATE, RUNS, host_key=KEY, dek=b"\x05" * 32, key_nonce=b"\x06" * 12))
 
 
