@@ -49,8 +49,13 @@ def _interrupted(kernel: Path, snap: Path, key: Path, after_lines: int, *, jail:
                  ) -> subprocess.CompletedProcess[str]:
     """Start the counter guest with --snapshot-on-exit and SIGTERM it once it printed `after_lines` lines
     plus a random extra delay (the moment is not chosen by the test: mid-delay or mid-print)."""
-    p = _popen(_cmd("--kernel", str(kernel), "--cmdline", CMDLINE, "--snapshot-on-exit", str(snap),
-                    "--snapshot-key", str(key), jail=jail))
+    return sigterm_after(_popen(_cmd("--kernel", str(kernel), "--cmdline", CMDLINE, "--snapshot-on-exit", str(snap),
+                                     "--snapshot-key", str(key), jail=jail)), after_lines)
+
+
+def sigterm_after(p: subprocess.Popen[bytes], after_lines: int) -> subprocess.CompletedProcess[str]:
+    """SIGTERM `p` once it printed `after_lines` lines plus a random delay (the sleep is not a
+    synchronisation: it makes the moment of the signal one the test does not choose)."""
     assert p.stdout is not None
     seen: list[bytes] = []
     while len(seen) < after_lines:
