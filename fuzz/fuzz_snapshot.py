@@ -38,7 +38,7 @@ KEY = bytes(range(32))
 HEADER = {"format": FORMAT, "bulkhead": "0.1.0", "snapshot_id": "a" * 32, "vm_id": "vm", "launch_digest": None,
           "host_key_id": key_id(KEY), "created": 1, "mem_bytes": 128 << 20, "cpus": 1}
 RUNS = [(2, 1, b"\x01" * PAGE), (9, 2, b"\x02" * (2 * PAGE))]
-STATE = {"config": {"drives": [], "rng": False}, "vcpus": [{}], "vm": {}, "devices": {"virtio": []}, "cpuid": {}, "memory": {"runs": [[2, 1], [9, 2]]}}
+STATE = {"config": {"drives": [], "nets": [], "rng": False}, "vcpus": [{}], "vm": {}, "devices": {"virtio": []}, "cpuid": {}, "memory": {"runs": [[2, 1], [9, 2]]}}
 GENUINE = b"".join(write_snapshot(HEADER, STATE, RUNS, host_key=KEY, dek=b"\x05" * 32, key_nonce=b"\x06" * 12))
 
 
@@ -110,7 +110,7 @@ def _virtio_doc(device_id: int, base: int) -> dict[str, object]:
 
 def _virtio_seeds(base_doc: dict[str, object]) -> dict[str, dict[str, object]]:
     drive = {"path": "/d.img", "read_only": False, "drive_id": "", "rate": [0, 0]}
-    good = {**base_doc, "config": {"drives": [drive], "rng": True},
+    good = {**base_doc, "config": {"drives": [drive], "nets": [], "rng": True},
             "devices": {**base_doc["devices"], "virtio": [_virtio_doc(2, 0x10000), _virtio_doc(4, 0x20000)]}}  # type: ignore[dict-item]
     check_state(json.loads(json.dumps(good)), HEADER, page_frames=256)  # the genuine seed passes
     seeds = {"virtio": good}

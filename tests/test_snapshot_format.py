@@ -48,7 +48,7 @@ def _header(**over: object) -> dict[str, object]:
 
 
 RUNS = [(1, 1, b"\x11" * PAGE), (7, 2, b"\x22" * PAGE + b"\x33" * PAGE), (300, 1, bytes(range(256)) * 16)]
-STATE = {"config": {"drives": [], "rng": False}, "vcpus": [{}], "vm": {}, "devices": {"virtio": []}, "cpuid": {},
+STATE = {"config": {"drives": [], "nets": [], "rng": False}, "vcpus": [{}], "vm": {}, "devices": {"virtio": []}, "cpuid": {},
          "memory": {"runs": [[p, n] for p, n, _ in RUNS]}}  # fmt: skip
 
 

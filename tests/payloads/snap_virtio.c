@@ -8,7 +8,9 @@
  * then a 64-byte rng request (only its length is printed: the bytes are fresh host entropy).
  * It folds what it read into an FNV-1a sum, prints "STEP n sum=.. rng=..", then waits ~delay TSC
  * cycles. At the end it reads the 16 slots back, prints "DONE sum=.." and exits 0 (debug-exit 1).
- * Command line: count=N (default 20), rounds=R (default 4), delay=CYCLES (default 2000000).
+ * With net=1 (and a virtio-net NIC) each round also sends one Ethernet frame (broadcast, ethertype
+ * 0x88b5, payload "snap <step> <round>"), so the host can check that every frame left exactly once.
+ * Command line: count=N (default 20), rounds=R (default 4), delay=CYCLES (default 2000000), net=0|1.
  */
 #include "virtio.h"
 
@@ -17,7 +19,7 @@
 #define TIMEOUT_US 20000000
 
 static struct vio_dev devs[VIO_MAX_DEVS];
-static struct vio_queue bq, rq;
+static struct vio_queue bq, rq, nrx, ntx;
 static struct vio_blk_req *hdr;
 static volatile uint8_t *status;
 static uint64_t sum = 1469598103934665603ull;
@@ -51,11 +53,56 @@ static int blk(uint32_t type, uint64_t sector, uint64_t buf, uint32_t len, int n
     return *status;
 }
 
+#define NET_F_MAC 5
+#define NET_HDR 12
+static uint8_t *frame;
+
+static int net_setup(struct vio_dev *nd) {
+    if (vio_init(nd, 1ULL << NET_F_MAC) != 0 || vio_queue_setup(nd, &nrx, 0, 8) != 0 ||
+        vio_queue_setup(nd, &ntx, 1, 8) != 0)
+        return -1;
+    vio_driver_ok(nd);
+    frame = (uint8_t *)vio_alloc(NET_HDR + 60, 64);
+    if (!frame)
+        return -1;
+    memset(frame, 0, NET_HDR + 60);
+    memset(frame + NET_HDR, 0xff, 6);
+    for (int i = 0; i < 6; i++)
+        frame[NET_HDR + 6 + i] = vio_cfg8(nd, (uint32_t)i);
+    frame[NET_HDR + 12] = 0x88;
+    frame[NET_HDR + 13] = 0xb5;
+    return 0;
+}
+
+static char *put_u64(char *p, uint64_t v) {
+    char tmp[20];
+    int n = 0;
+    do
+        tmp[n++] = (char)('0' + v % 10);
+    while (v /= 10);
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
+static int net_send(uint64_t step, uint64_t round) {
+    char *p = (char *)frame + NET_HDR + 14;
+    memset(p, 0, 46);
+    memcpy(p, "snap ", 5);
+    p = put_u64(p + 5, step);
+    *p++ = ' ';
+    put_u64(p, round);
+    struct vio_buf b = {(uint64_t)(uintptr_t)frame, NET_HDR + 60, 0};
+    uint32_t len = 0;
+    return vio_xfer(&ntx, &b, 1, TIMEOUT_US, &len) == VIO_DONE ? 0 : -1;
+}
+
 int main(const struct bh_bootinfo *bi) {
     vio_arena_init(bi);
     uint64_t count = vio_cmdline_u64(bi, "count", 20);
     uint64_t rounds = vio_cmdline_u64(bi, "rounds", 4);
     uint64_t delay = vio_cmdline_u64(bi, "delay", 2000000);
+    int net = (int)vio_cmdline_u64(bi, "net", 0);
     int n = vio_find(bi->cmdline, devs, VIO_MAX_DEVS);
     struct vio_dev *bd = vio_nth(devs, n, VIRTIO_ID_BLOCK, 0), *rd = vio_nth(devs, n, VIRTIO_ID_RNG, 0);
     if (!bd || !rd) {
@@ -69,6 +116,11 @@ int main(const struct bh_bootinfo *bi) {
     }
     vio_driver_ok(bd);
     vio_driver_ok(rd);
+    struct vio_dev *nd = net ? vio_nth(devs, n, VIRTIO_ID_NET, 0) : 0;
+    if (net && (!nd || net_setup(nd) != 0)) {
+        printf("FAIL net setup\n");
+        return 1;
+    }
     uint64_t capacity = vio_cfg64(bd, 0);
     if (capacity < SLOTS * SLOT_SECTORS) {
         printf("FAIL drive too small (%lu sectors)\n", capacity);
@@ -82,7 +134,7 @@ int main(const struct bh_bootinfo *bi) {
         printf("FAIL arena\n");
         return 1;
     }
-    printf("START blk=%lu sectors rng=1\n", capacity);
+    printf("START blk=%lu sectors rng=1 net=%d\n", capacity, net);
     for (uint64_t step = 0; step < count; step++) {
         uint32_t rng_total = 0;
         for (uint64_t r = 0; r < rounds; r++) {
@@ -103,6 +155,10 @@ int main(const struct bh_bootinfo *bi) {
                 return 1;
             }
             rng_total += len;
+            if (net && net_send(step, r) != 0) {
+                printf("FAIL step %lu net\n", step);
+                return 1;
+            }
         }
         printf("STEP %lu sum=%lx rng=%u\n", step, sum, rng_total);
         uint64_t t = rdtsc();

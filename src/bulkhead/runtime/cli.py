@@ -228,9 +228,9 @@ def _snapshot_options(ns: dict[str, object], config: VmConfig, extra: dict[str, 
     )
     from bulkhead.snapshot.keys import default_key_path, load_host_key, record_restore
 
-    if config.nets or config.vsock:
-        raise ConfigError("--snapshot-on-exit and --restore do not support virtio-net or virtio-vsock yet "
-                          "(virtio-blk and virtio-rng are supported; docs/SNAPSHOT.md)")
+    if config.vsock:
+        raise ConfigError("--snapshot-on-exit and --restore do not support virtio-vsock yet "
+                          "(virtio-blk, virtio-net and virtio-rng are supported; docs/SNAPSHOT.md)")
     key_path = str(ns["snapshot_key"] or default_key_path())
     vm_id = uuid.uuid4().hex
     if ns["restore"]:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from bulkhead import __version__
-from bulkhead.config import DriveConfig, RateLimit, VmConfig
+from bulkhead.config import DriveConfig, NetConfig, RateLimit, VmConfig, parse_net
 from bulkhead.devices import ged, i8042, serial
 from bulkhead.devices.virtio import state as virtio_state
 from bulkhead.errors import ConfigError, HostError, SnapshotError
@@ -61,8 +61,9 @@ __all__ = ["Restore", "RestoreSource", "SnapshotTarget", "decrypt_into", "guest_
            "save_paused_state", "save_state", "scrub_memfd", "seal_snapshot"]
 
 _ZERO = bytes(PAGE)
-_CONFIG_KEYS = ("kernel", "initrd", "cmdline", "mem_mib", "cpus", "boot_protocol", "expected_digest", "drives", "rng")
-_SCALAR_KEYS = _CONFIG_KEYS[:-2]
+_CONFIG_KEYS = ("kernel", "initrd", "cmdline", "mem_mib", "cpus", "boot_protocol", "expected_digest", "drives", "nets",
+                "rng")
+_SCALAR_KEYS = _CONFIG_KEYS[:-3]
 MAX_MSRS = 1024
 MAX_CPUID = 256
 
@@ -104,19 +105,21 @@ def _state(machine: Machine) -> dict[str, Any]:
 
 
 def config_doc(cfg: VmConfig) -> dict[str, Any]:
-    """The configuration a snapshot keeps: the scalar fields, the drives (path, read-only, id, rate) and rng."""
+    """The configuration a snapshot keeps: the scalar fields, the drives (path, read-only, id, rate), the NICs
+    (tap name, MAC, rate; never a tap fd) and rng."""
     doc: dict[str, Any] = {k: getattr(cfg, k) for k in _SCALAR_KEYS}
     doc["drives"] = [{"path": os.path.abspath(d.path), "read_only": d.read_only, "drive_id": d.drive_id,
                       "rate": [d.rate.bytes_per_sec, d.rate.ops_per_sec]} for d in cfg.drives]
+    doc["nets"] = [{"tap": n.tap, "mac": n.mac, "rate": [n.rate.bytes_per_sec, n.rate.ops_per_sec]} for n in cfg.nets]
     doc["rng"] = cfg.rng
     return doc
 
 
 def refuse_unsupported_virtio(cfg: VmConfig) -> None:
-    """virtio-net and virtio-vsock cannot be saved yet: ConfigError, one sentence."""
-    if cfg.nets or cfg.vsock is not None:
-        raise ConfigError("snapshots of VMs with virtio-net or virtio-vsock devices are not supported yet "
-                          "(virtio-blk and virtio-rng are; docs/SNAPSHOT.md)")
+    """virtio-vsock cannot be saved yet: ConfigError, one sentence."""
+    if cfg.vsock is not None:
+        raise ConfigError("snapshots of VMs with a virtio-vsock device are not supported yet "
+                          "(virtio-blk, virtio-net and virtio-rng are; docs/SNAPSHOT.md)")
 
 
 def _drain_virtio(machine: Machine) -> None:
@@ -316,7 +319,8 @@ def seal_snapshot(target: SnapshotTarget, *, config: VmConfig, launch_digest: st
     state = read_state_fd(target.state_fd)
     if isinstance(state.get("config"), dict):  # the drives as the host opened them (a jailed worker sees /vm/...)
         host = config_doc(config)
-        state["config"]["drives"], state["config"]["rng"] = host["drives"], host["rng"]
+        for part in ("drives", "nets", "rng"):
+            state["config"][part] = host[part]
     frames = max(b + s for b, s, _ in _flat_regions(config.mem_bytes)) // PAGE
     probe = json.loads(json.dumps(state))
     check_state(probe, header, page_frames=frames)
@@ -395,19 +399,39 @@ def _drive(doc: object, i: int) -> DriveConfig:
         raise SnapshotError(f"{what}.drive_id is not a string of at most 20 bytes")
     if not isinstance(doc["read_only"], bool):
         raise SnapshotError(f"{what}.read_only is not a boolean")
+    return DriveConfig(path, doc["read_only"], ident, _rate(rate, what))
+
+
+def _rate(rate: object, what: str) -> RateLimit:
     if not isinstance(rate, list) or len(rate) != 2:
         raise SnapshotError(f"{what}.rate is not [bytes per second, operations per second]")
-    return DriveConfig(path, doc["read_only"], ident, RateLimit(_u(rate[0], 64, f"{what}.rate"), _u(rate[1], 64, f"{what}.rate")))
+    return RateLimit(_u(rate[0], 64, f"{what}.rate"), _u(rate[1], 64, f"{what}.rate"))
+
+
+def _net(doc: object, i: int) -> NetConfig:
+    """A NIC of the snapshot's config, checked as `--net` would check it (config.parse_net)."""
+    what = f"snapshot state: config.nets[{i}]"
+    if not isinstance(doc, dict) or set(doc) != {"tap", "mac", "rate"}:
+        raise SnapshotError(f"{what} has the wrong fields")
+    tap, mac = doc["tap"], doc["mac"]
+    if not isinstance(tap, str) or not isinstance(mac, str) or "," in tap + mac or "=" in tap + mac:
+        raise SnapshotError(f"{what} has a tap or MAC that is not a plain string")
+    try:
+        checked = parse_net(f"tap={tap}" + (f",mac={mac}" if mac else ""))
+    except ConfigError as exc:
+        raise SnapshotError(f"{what}: {exc}") from None
+    return checked._replace(rate=_rate(doc["rate"], what))
 
 
 def _check_config(doc: dict[str, Any], header: dict[str, Any], serial: str) -> VmConfig:
     if set(doc) != set(_CONFIG_KEYS):
         raise SnapshotError("snapshot state: config has the wrong fields")
-    if not isinstance(doc["drives"], list) or len(doc["drives"]) > VIRTIO_MMIO_SLOTS or not isinstance(doc["rng"], bool):
-        raise SnapshotError("snapshot state: config.drives is not a list of drives or config.rng is not a boolean")
+    if (not isinstance(doc["drives"], list) or not isinstance(doc["nets"], list) or not isinstance(doc["rng"], bool)
+            or len(doc["drives"]) + len(doc["nets"]) > VIRTIO_MMIO_SLOTS):
+        raise SnapshotError("snapshot state: config.drives or config.nets is not a list, or config.rng is not a boolean")
     try:
         cfg = VmConfig(**{k: doc[k] for k in _SCALAR_KEYS}, drives=tuple(_drive(d, i) for i, d in enumerate(doc["drives"])),
-                       rng=doc["rng"], serial=serial)
+                       nets=tuple(_net(n, i) for i, n in enumerate(doc["nets"])), rng=doc["rng"], serial=serial)
     except (ConfigError, TypeError) as exc:
         raise SnapshotError(f"snapshot state: config is invalid: {exc}") from None
     if cfg.mem_bytes != header["mem_bytes"] or cfg.cpus != header["cpus"]:

@@ -183,23 +183,23 @@ def check_state(state: object, header: dict[str, Any], *, page_frames: int) -> d
 
 def _virtio_ok(docs: object, config: dict[str, Any], mem_bytes: int) -> list[dict[str, Any]]:
     """devices.virtio: one transport document per virtio device of the config, in attach order (drives,
-    then rng: runtime/virtio.py), each checked against the guest's RAM layout (devices/virtio/state.py)."""
-    from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, DEVICE_ID_RNG
+    NICs, then rng: runtime/virtio.py), each checked against the guest's RAM layout (devices/virtio/state.py)."""
+    from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, DEVICE_ID_NET, DEVICE_ID_RNG
     from bulkhead.devices.virtio.state import check_doc
     from bulkhead.memory.layout import ram_regions
 
-    drives, rng = config.get("drives"), config.get("rng")
-    if not isinstance(drives, list) or not isinstance(rng, bool):
-        raise SnapshotError("snapshot state: config.drives is not a list or config.rng is not a boolean")
-    if not isinstance(docs, list) or len(docs) != len(drives) + rng:
-        raise SnapshotError("snapshot state: devices.virtio is not one document per drive and rng of the config")
+    drives, nets, rng = config.get("drives"), config.get("nets"), config.get("rng")
+    if not isinstance(drives, list) or not isinstance(nets, list) or not isinstance(rng, bool):
+        raise SnapshotError("snapshot state: config.drives or config.nets is not a list, or config.rng is not a boolean")
+    if not isinstance(docs, list) or len(docs) != len(drives) + len(nets) + rng:
+        raise SnapshotError("snapshot state: devices.virtio is not one document per drive, NIC and rng of the config")
     if not docs:
         return []
     try:
         regions = ram_regions(mem_bytes)
     except ValueError as exc:
         raise SnapshotError(f"snapshot state: {exc}") from None
-    want = [DEVICE_ID_BLOCK] * len(drives) + [DEVICE_ID_RNG] * rng
+    want = [DEVICE_ID_BLOCK] * len(drives) + [DEVICE_ID_NET] * len(nets) + [DEVICE_ID_RNG] * rng
     out = []
     for i, (doc, device_id) in enumerate(zip(docs, want, strict=True)):
         try:

@@ -8,12 +8,13 @@ What a restored guest can observe of a virtio-mmio device, and so what `save_sta
   the device's position in the available ring (last_avail_idx, here `next_avail`) and the next used
   index (`next_used`), the event-idx state (§2.7.7.2: the used index last signalled and whether it is
   valid), and whether the queue was stopped by a guest fault;
-- the device's own guest-visible facts (virtio-blk: capacity and read-only, the config space and
-  feature bits the guest read), checked against the device the restore opens.
+- the device's own guest-visible facts (virtio-blk: capacity and read-only; virtio-net: the MAC; the
+  config space and feature bits the guest read), checked against the device the restore opens.
 
-In-flight requests: none. virtio-blk and virtio-rng complete every chain they pop before they release
-the transport lock (`process_queue` pops, runs and adds the used element in one call), so at any
-moment `next_used == next_avail` for a working queue. At pause, `drain` runs every ready queue once
+In-flight requests: none. virtio-blk, virtio-net and virtio-rng complete every chain they pop before
+they release the transport lock (`process_queue` pops, runs and adds the used element in one call; an RX
+chain without a frame is given back with undo_pop), so at any moment `next_used == next_avail` for a
+working queue. RX buffers the guest posted stay in its available ring, which is guest memory. At pause, `drain` runs every ready queue once
 more: a notification the I/O thread had not read yet (its ioeventfd written by the guest) is then
 completed, and the guest sees it in its used ring, before the state is read. After a restore,
 `kick` does the same for what the guest had made available but not notified.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, DEVICE_ID_RNG, VirtioDevice
+from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, DEVICE_ID_NET, DEVICE_ID_RNG, VirtioDevice
 from bulkhead.devices.virtio.mmio import (
     _NEXT_STATUS,
     STATUS_DRIVER,
@@ -46,12 +47,12 @@ from bulkhead.memory import GuestMemory
 __all__ = ["SUPPORTED", "check_doc", "drain", "kick", "load_state", "save_state"]
 
 # device id -> (name, queue max sizes, every feature bit the device may offer): the devices a snapshot may
-# hold. virtio-net and virtio-vsock keep host-side state (tap, connections) that is not saved yet.
+# hold. virtio-vsock keeps host-side state (its streams and their credit) that is not saved yet.
 SUPPORTED: dict[int, tuple[str, tuple[int, ...], int]] = {}
 
 
 def _register() -> None:
-    from bulkhead.devices.virtio import block, rng
+    from bulkhead.devices.virtio import block, net, rng
     from bulkhead.devices.virtio.device import BASE_FEATURES
 
     blk_bits = 0
@@ -60,6 +61,8 @@ def _register() -> None:
         blk_bits |= 1 << bit
     SUPPORTED[DEVICE_ID_BLOCK] = ("virtio-blk", (block.QUEUE_SIZE,), BASE_FEATURES | blk_bits)
     SUPPORTED[DEVICE_ID_RNG] = ("virtio-rng", (rng.QUEUE_SIZE,), BASE_FEATURES)
+    SUPPORTED[DEVICE_ID_NET] = ("virtio-net", (net.QUEUE_SIZE, net.QUEUE_SIZE),
+                                BASE_FEATURES | 1 << net.VIRTIO_NET_F_MAC | 1 << net.VIRTIO_NET_F_STATUS)
 
 
 _register()
@@ -111,8 +114,8 @@ def check_doc(doc: object, regions: list[tuple[int, int]], what: str = "virtio")
         raise ValueError(f"{what} state has the wrong fields ({got})")
     regs = fields({k: doc[k] for k in _REGS}, _REGS, what)
     if regs["device_id"] not in SUPPORTED:
-        raise ValueError(f"{what} state: device id {regs['device_id']} cannot be restored (only virtio-blk and "
-                         "virtio-rng can)")
+        raise ValueError(f"{what} state: device id {regs['device_id']} cannot be restored (only virtio-blk, "
+                         "virtio-net and virtio-rng can)")
     name, max_sizes, offered = SUPPORTED[regs["device_id"]]
     what = f"{what} ({name})"
     status = regs["status"]
@@ -141,6 +144,8 @@ def check_doc(doc: object, regions: list[tuple[int, int]], what: str = "virtio")
     dev = doc["device"]
     if regs["device_id"] == DEVICE_ID_BLOCK:
         dev = fields(dev, {"capacity": (0, U64 >> 9), "read_only": "bool"}, f"{what} device")
+    elif regs["device_id"] == DEVICE_ID_NET:
+        dev = fields(dev, {"mac": (0, (1 << 48) - 1)}, f"{what} device")
     else:
         dev = fields(dev, {}, f"{what} device")
     return {**regs, "queues": checked, "device": dev}
@@ -161,7 +166,7 @@ def _check_queue(qs: dict[str, Any], max_size: int, status: int, ram: _Ram, what
         raise ValueError(f"{what}: stopped by a fault, but the device does not need a reset")
     in_flight = (qs["next_avail"] - qs["next_used"]) & U16
     if in_flight and not qs["broken"]:
-        # blk and rng complete each chain they pop under the transport lock: a working queue has none open.
+        # blk, net and rng complete each chain they pop under the transport lock: a working queue has none open.
         raise ValueError(f"{what}: next_avail {qs['next_avail']} and next_used {qs['next_used']} differ "
                          "(requests in flight cannot be restored)")
     if qs["ready"] and in_flight > qs["size"]:
@@ -171,6 +176,8 @@ def _check_queue(qs: dict[str, Any], max_size: int, status: int, ram: _Ram, what
 def _device_doc(dev: VirtioDevice) -> dict[str, Any]:
     if dev.device_id == DEVICE_ID_BLOCK:
         return {"capacity": dev.capacity, "read_only": dev.read_only}  # type: ignore[attr-defined]
+    if dev.device_id == DEVICE_ID_NET:
+        return {"mac": int.from_bytes(dev.mac or bytes(6), "big")}  # type: ignore[attr-defined]
     return {}
 
 
@@ -178,7 +185,8 @@ def save_state(t: MmioTransport) -> dict[str, Any]:
     """The transport's document (module docstring). Raises ValueError for a device that cannot be saved."""
     dev = t.device
     if dev.device_id not in SUPPORTED:
-        raise ValueError(f"{dev.name} cannot be saved in a snapshot yet (only virtio-blk and virtio-rng can)")
+        raise ValueError(f"{dev.name} cannot be saved in a snapshot yet (only virtio-blk, virtio-net and virtio-rng "
+                         "can)")
     with t.lock:
         return {
             "device_id": dev.device_id, "status": t.status, "device_features_sel": t.device_features_sel,
