@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from bulkhead.errors import SnapshotError
 from bulkhead.snapshot.format import (
     CHUNK_PAGES,
+    FORMAT,
     MAGIC,
     PAGE,
     SnapshotReader,
@@ -32,7 +33,7 @@ OTHER_KEY = bytes(range(1, 33))
 
 def _header(**over: object) -> dict[str, object]:
     h: dict[str, object] = {
-        "format": 1,
+        "format": FORMAT,
         "bulkhead": "0.1.0",
         "snapshot_id": "a" * 32,
         "vm_id": "vm-1",
@@ -47,7 +48,7 @@ def _header(**over: object) -> dict[str, object]:
 
 
 RUNS = [(1, 1, b"\x11" * PAGE), (7, 2, b"\x22" * PAGE + b"\x33" * PAGE), (300, 1, bytes(range(256)) * 16)]
-STATE = {"config": {}, "vcpus": [{}], "vm": {}, "devices": {}, "cpuid": {},
+STATE = {"config": {"drives": [], "nets": [], "rng": False}, "vcpus": [{}], "vm": {}, "devices": {"virtio": []}, "cpuid": {},
          "memory": {"runs": [[p, n] for p, n, _ in RUNS]}}  # fmt: skip
 
 
@@ -142,7 +143,8 @@ def test_a_chunk_dropped_with_its_run_is_refused() -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"format": 2}, "format 2 is not supported"),
+        ({"format": 1}, r"format 1 is not supported \(this bulkhead reads 2\)"),  # before virtio state
+        ({"format": 3}, "format 3 is not supported"),
         ({"mem_bytes": 4097}, "multiple of 4 KiB"),
         ({"cpus": 0}, "cpus 0"),
         ({"vm_id": "../etc"}, "vm_id is not a valid identifier"),

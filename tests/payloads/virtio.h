@@ -92,6 +92,15 @@ struct virtq_used {
 
 #define VIO_MAX_DEVS 16
 
+/* virtio-blk request header (virtio 1.2 §5.2.6) and the two request types every payload uses. */
+#define VIO_BLK_T_IN 0
+#define VIO_BLK_T_OUT 1
+struct vio_blk_req {
+    uint32_t type;
+    uint32_t reserved;
+    uint64_t sector;
+} __attribute__((packed));
+
 struct vio_dev {
     uint64_t base;
     uint64_t size;

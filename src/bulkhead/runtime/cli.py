@@ -142,7 +142,8 @@ def parse_run_args(argv: list[str]) -> dict[str, object]:
         else:
             ns[dest] = value
     if ns["restore"] is not None:
-        for flag, dest in (("--kernel", "kernel"), ("--initrd", "initrd"), ("--drive", "drive"), ("--net", "net")):
+        for flag, dest in (("--kernel", "kernel"), ("--initrd", "initrd"), ("--drive", "drive"), ("--net", "net"),
+                           ("--rng", "rng"), ("--vsock", "vsock")):
             if ns[dest]:
                 raise ConfigError(f"--restore takes the VM from the snapshot; {flag} cannot be given with it")
         ns["kernel"] = ns["restore"]  # placeholder for the config check; the snapshot's own config is used
@@ -227,8 +228,9 @@ def _snapshot_options(ns: dict[str, object], config: VmConfig, extra: dict[str, 
     )
     from bulkhead.snapshot.keys import default_key_path, load_host_key, record_restore
 
-    if config.drives or config.nets or config.rng or config.vsock:
-        raise ConfigError("--snapshot-on-exit and --restore do not support virtio devices yet (docs/SNAPSHOT.md)")
+    if config.vsock:
+        raise ConfigError("--snapshot-on-exit and --restore do not support virtio-vsock yet "
+                          "(virtio-blk, virtio-net and virtio-rng are supported; docs/SNAPSHOT.md)")
     key_path = str(ns["snapshot_key"] or default_key_path())
     vm_id = uuid.uuid4().hex
     if ns["restore"]:

@@ -7,8 +7,13 @@ What is saved (the guest can observe all of it, so all of it must come back; iss
 - the in-kernel chips: PIC master and slave, IOAPIC, PIT, kvmclock;
 - the devices: the 16550A's registers and unread input, the i8042's registers.
 
-VMs with virtio devices are refused with a clear error for now: their transport and queue positions
-(and in-flight requests) are not yet part of the format (docs/SNAPSHOT.md, "Not yet").
+- virtio-blk and virtio-rng: the virtio-mmio transport registers and each queue's configuration and ring
+  positions (bulkhead.devices.virtio.state). In-flight requests are drained, not recorded: both devices
+  complete a request before they release the transport lock, and every ready queue is run once more
+  before the state is read, so the guest sees everything it had made available completed. The drives
+  are reopened at restore from the paths the snapshot names, and must still be the same size.
+VMs with virtio-net or virtio-vsock are refused with a clear error: their host-side state (tap, streams)
+is not in the format yet (docs/SNAPSHOT.md, "Not yet").
 
 Consistency: the vCPU threads have left KVM_RUN when Machine.run() returns. A vCPU that stopped right
 after an I/O exit has that instruction half done (api.rst 4.3: "the corresponding operations are complete
@@ -33,9 +38,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from bulkhead import __version__
-from bulkhead.config import VmConfig
+from bulkhead.config import DriveConfig, NetConfig, RateLimit, VmConfig, parse_net
 from bulkhead.devices import ged, i8042, serial
+from bulkhead.devices.virtio import state as virtio_state
 from bulkhead.errors import ConfigError, HostError, SnapshotError
+from bulkhead.memory.layout import VIRTIO_MMIO_SLOTS
 from bulkhead.snapshot.format import (
     CHUNK_PAGES,
     FORMAT,
@@ -54,7 +61,9 @@ __all__ = ["Restore", "RestoreSource", "SnapshotTarget", "decrypt_into", "guest_
            "save_paused_state", "save_state", "scrub_memfd", "seal_snapshot"]
 
 _ZERO = bytes(PAGE)
-_CONFIG_KEYS = ("kernel", "initrd", "cmdline", "mem_mib", "cpus", "boot_protocol", "expected_digest")
+_CONFIG_KEYS = ("kernel", "initrd", "cmdline", "mem_mib", "cpus", "boot_protocol", "expected_digest", "drives", "nets",
+                "rng")
+_SCALAR_KEYS = _CONFIG_KEYS[:-3]
 MAX_MSRS = 1024
 MAX_CPUID = 256
 
@@ -84,22 +93,47 @@ def _state(machine: Machine) -> dict[str, Any]:
         st = get_vcpu_state(runner.vcpu, indices)
         vcpus.append({k: (b64(v) if isinstance(v, bytes) else v) for k, v in st.items()})
     return {
-        "config": {k: getattr(cfg, k) for k in _CONFIG_KEYS},
+        "config": config_doc(cfg),
         "cpuid": {"mcg_cap": machine.mcg_cap, "entries": [list(map(list, e)) for e in machine.cpuid_tables]},
         "vcpus": vcpus,
         "vm": {k: b64(v) for k, v in get_vm_state(machine.vm).items()},
         "devices": {"serial": serial.save_state(machine.serial), "i8042": i8042.save_state(machine.i8042),
-                    **({"ged": ged.save_state(machine.ged)} if getattr(machine, "ged", None) is not None else {})},
+                    **({"ged": ged.save_state(machine.ged)} if getattr(machine, "ged", None) is not None else {}),
+                    "virtio": [virtio_state.save_state(t) for t in machine.transports]},
         "memory": {"runs": []},
     }
+
+
+def config_doc(cfg: VmConfig) -> dict[str, Any]:
+    """The configuration a snapshot keeps: the scalar fields, the drives (path, read-only, id, rate), the NICs
+    (tap name, MAC, rate; never a tap fd) and rng."""
+    doc: dict[str, Any] = {k: getattr(cfg, k) for k in _SCALAR_KEYS}
+    doc["drives"] = [{"path": os.path.abspath(d.path), "read_only": d.read_only, "drive_id": d.drive_id,
+                      "rate": [d.rate.bytes_per_sec, d.rate.ops_per_sec]} for d in cfg.drives]
+    doc["nets"] = [{"tap": n.tap, "mac": n.mac, "rate": [n.rate.bytes_per_sec, n.rate.ops_per_sec]} for n in cfg.nets]
+    doc["rng"] = cfg.rng
+    return doc
+
+
+def refuse_unsupported_virtio(cfg: VmConfig) -> None:
+    """virtio-vsock cannot be saved yet: ConfigError, one sentence."""
+    if cfg.vsock is not None:
+        raise ConfigError("snapshots of VMs with a virtio-vsock device are not supported yet "
+                          "(virtio-blk, virtio-net and virtio-rng are; docs/SNAPSHOT.md)")
+
+
+def _drain_virtio(machine: Machine) -> None:
+    """Complete every request the guest made available (devices/virtio/state.py drain), vCPUs stopped."""
+    refuse_unsupported_virtio(machine.config)
+    for t in machine.transports:
+        virtio_state.drain(t)
 
 
 def save_state(machine: Machine, state_fd: int) -> None:
     """Worker side (jailed or not): quiesce the stopped machine and write its state document into
     `state_fd` (the memory is already in the host's memfd). The document is checked by the host."""
-    if machine.transports:
-        raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
     _complete_pending_io(machine)
+    _drain_virtio(machine)
     write_state_fd(state_fd, _state(machine))
 
 
@@ -109,8 +143,7 @@ def save_paused_state(machine: Machine, state_fd: int, timeout: float = 5.0) -> 
     returned EINTR, which completes a half-done I/O instruction, api.rst 4.3), flush the UART's output,
     then write the state document as save_state does. The VM stays paused. Raises ConfigError (virtio
     devices) or HostError (a vCPU that does not park in time)."""
-    if machine.transports:
-        raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
+    refuse_unsupported_virtio(machine.config)
     deadline = time.monotonic() + timeout
     while not all(r.paused or r.thread is None or not r.thread.is_alive() for r in machine.runners):
         if time.monotonic() > deadline:
@@ -122,6 +155,7 @@ def save_paused_state(machine: Machine, state_fd: int, timeout: float = 5.0) -> 
     if machine.serial is not None:
         machine.serial.flush()
     _complete_pending_io(machine)  # each parked vCPU: KVM_RUN with immediate_exit returns EINTR at once
+    _drain_virtio(machine)
     write_state_fd(state_fd, _state(machine))
 
 
@@ -283,6 +317,10 @@ def seal_snapshot(target: SnapshotTarget, *, config: VmConfig, launch_digest: st
         "cpus": config.cpus,
     }
     state = read_state_fd(target.state_fd)
+    if isinstance(state.get("config"), dict):  # the drives as the host opened them (a jailed worker sees /vm/...)
+        host = config_doc(config)
+        for part in ("drives", "nets", "rng"):
+            state["config"][part] = host[part]
     frames = max(b + s for b, s, _ in _flat_regions(config.mem_bytes)) // PAGE
     probe = json.loads(json.dumps(state))
     check_state(probe, header, page_frames=frames)
@@ -350,11 +388,50 @@ class Restore(NamedTuple):
     close: Any
 
 
+def _drive(doc: object, i: int) -> DriveConfig:
+    what = f"snapshot state: config.drives[{i}]"
+    if not isinstance(doc, dict) or set(doc) != {"path", "read_only", "drive_id", "rate"}:
+        raise SnapshotError(f"{what} has the wrong fields")
+    path, ident, rate = doc["path"], doc["drive_id"], doc["rate"]
+    if not isinstance(path, str) or not 0 < len(path.encode()) <= 4096 or "\0" in path:
+        raise SnapshotError(f"{what}.path is not a path")
+    if not isinstance(ident, str) or len(ident.encode()) > 20:
+        raise SnapshotError(f"{what}.drive_id is not a string of at most 20 bytes")
+    if not isinstance(doc["read_only"], bool):
+        raise SnapshotError(f"{what}.read_only is not a boolean")
+    return DriveConfig(path, doc["read_only"], ident, _rate(rate, what))
+
+
+def _rate(rate: object, what: str) -> RateLimit:
+    if not isinstance(rate, list) or len(rate) != 2:
+        raise SnapshotError(f"{what}.rate is not [bytes per second, operations per second]")
+    return RateLimit(_u(rate[0], 64, f"{what}.rate"), _u(rate[1], 64, f"{what}.rate"))
+
+
+def _net(doc: object, i: int) -> NetConfig:
+    """A NIC of the snapshot's config, checked as `--net` would check it (config.parse_net)."""
+    what = f"snapshot state: config.nets[{i}]"
+    if not isinstance(doc, dict) or set(doc) != {"tap", "mac", "rate"}:
+        raise SnapshotError(f"{what} has the wrong fields")
+    tap, mac = doc["tap"], doc["mac"]
+    if not isinstance(tap, str) or not isinstance(mac, str) or "," in tap + mac or "=" in tap + mac:
+        raise SnapshotError(f"{what} has a tap or MAC that is not a plain string")
+    try:
+        checked = parse_net(f"tap={tap}" + (f",mac={mac}" if mac else ""))
+    except ConfigError as exc:
+        raise SnapshotError(f"{what}: {exc}") from None
+    return checked._replace(rate=_rate(doc["rate"], what))
+
+
 def _check_config(doc: dict[str, Any], header: dict[str, Any], serial: str) -> VmConfig:
     if set(doc) != set(_CONFIG_KEYS):
         raise SnapshotError("snapshot state: config has the wrong fields")
+    if (not isinstance(doc["drives"], list) or not isinstance(doc["nets"], list) or not isinstance(doc["rng"], bool)
+            or len(doc["drives"]) + len(doc["nets"]) > VIRTIO_MMIO_SLOTS):
+        raise SnapshotError("snapshot state: config.drives or config.nets is not a list, or config.rng is not a boolean")
     try:
-        cfg = VmConfig(**{k: doc[k] for k in _CONFIG_KEYS}, serial=serial)
+        cfg = VmConfig(**{k: doc[k] for k in _SCALAR_KEYS}, drives=tuple(_drive(d, i) for i, d in enumerate(doc["drives"])),
+                       nets=tuple(_net(n, i) for i, n in enumerate(doc["nets"])), rng=doc["rng"], serial=serial)
     except (ConfigError, TypeError) as exc:
         raise SnapshotError(f"snapshot state: config is invalid: {exc}") from None
     if cfg.mem_bytes != header["mem_bytes"] or cfg.cpus != header["cpus"]:
@@ -516,29 +593,38 @@ def load_restore_state(state_fd: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def restore_devices(machine: Machine, state: dict[str, Any]) -> None:
     devices = state["devices"]
-    if not isinstance(devices, dict) or set(devices) - {"ged"} != {"serial", "i8042"}:
-        raise SnapshotError("snapshot state: devices has the wrong fields (virtio devices are not supported yet)")
+    if not isinstance(devices, dict) or set(devices) - {"ged"} != {"serial", "i8042", "virtio"}:
+        raise SnapshotError("snapshot state: devices has the wrong fields")
     if "ged" in devices and getattr(machine, "ged", None) is None:
         raise SnapshotError("snapshot state: it has an ACPI GED and this VM has none")
+    docs = devices["virtio"]
+    if not isinstance(docs, list) or len(docs) != len(machine.transports):
+        raise SnapshotError(f"snapshot state: devices.virtio does not have one document per virtio device "
+                            f"({len(machine.transports)})")
     try:
         serial.load_state(machine.serial, devices["serial"])
         i8042.load_state(machine.i8042, devices["i8042"])
         if "ged" in devices:  # older snapshots have none: no event was pending for them
             ged.load_state(machine.ged, devices["ged"])
+        for i, (t, doc) in enumerate(zip(machine.transports, docs, strict=True)):
+            virtio_state.load_state(t, doc, f"devices.virtio[{i}]")
     except ValueError as exc:
         raise SnapshotError(f"snapshot state: {exc}") from None
 
 
-def restore_machine(machine: Machine, header: dict[str, Any], state: dict[str, Any]) -> None:
+def restore_machine(machine: Machine, header: dict[str, Any], state: dict[str, Any],
+                    on_built: Callable[[], object] | None = None) -> None:
     """Rebuild `machine` from a snapshot instead of a kernel (runtime/snapshot.py): guest RAM is
     the memfd the host decrypted it into (memory_fd); chips, vCPUs and device registers come from the
-    checked `state`. Raises SnapshotError, ConfigError or HostError; nothing runs yet."""
+    checked `state`; the virtio devices are attached as the config says (the drives reopened) and get
+    their transport state. Then `on_built` (the restore ledger: it may still refuse), and only then the
+    virtio queues are run once (devices/virtio/state.py kick), so a refused restore never touches a drive.
+    Raises SnapshotError, ConfigError or HostError; no vCPU runs yet."""
     from bulkhead.hypervisor.kvm import Kvm
     from bulkhead.hypervisor.kvm.state import set_vcpu_state, set_vm_state
 
     cfg = machine.config
-    if cfg.drives or cfg.nets or cfg.rng:
-        raise ConfigError("snapshots of VMs with virtio devices are not supported yet (docs/SNAPSHOT.md)")
+    refuse_unsupported_virtio(cfg)
     if machine.memory_fd < 0:
         raise HostError("a restore needs the guest memory the host decrypted (memory_fd)")
     machine.launch_digest = header["launch_digest"]
@@ -547,6 +633,7 @@ def restore_machine(machine: Machine, header: dict[str, Any], state: dict[str, A
     if cfg.cpus > machine.kvm.max_vcpus():
         raise HostError(f"the snapshot has {cfg.cpus} vCPUs, more than this host's KVM allows")
     machine.platform()
+    machine.attach_virtio_devices()  # the same slots, IRQs and order as at boot (runtime/virtio.py)
     set_vm_state(machine.vm, state["vm"])
     machine.mcg_cap = state["cpuid"]["mcg_cap"]
     for index, vstate in enumerate(state["vcpus"]):
@@ -560,4 +647,8 @@ def restore_machine(machine: Machine, header: dict[str, Any], state: dict[str, A
             machine.record("msr-refused", msrs=[f"{i:#x}" for i in refused])
         machine.add_runner(vcpu)
     restore_devices(machine, state)
+    if on_built is not None:
+        on_built()
+    for t in machine.transports:  # the vCPUs have not run yet; their IOAPIC and LAPICs are restored
+        virtio_state.kick(t)
     machine.record("vm-restored", snapshot=header["snapshot_id"], cpus=cfg.cpus, mem_mib=cfg.mem_mib)

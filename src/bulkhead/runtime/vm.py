@@ -456,8 +456,8 @@ def run_vm(
         if restore is not None:
             from bulkhead.runtime.snapshot import restore_machine
 
-            restore_machine(machine, restore.header, restore.state)
-            restore.on_built()  # e.g. the restore ledger: raises SnapshotError for a second restore
+            # on_built: e.g. the restore ledger, which raises SnapshotError for a second restore
+            restore_machine(machine, restore.header, restore.state, on_built=restore.on_built)
         else:
             machine.build()
         reason = machine.run()

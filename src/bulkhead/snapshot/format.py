@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 MAGIC = b"BHSNAP\x00\x01"
-FORMAT = 1
+FORMAT = 2  # 2: virtio-blk/virtio-rng transport and queue state (devices.virtio), drives and rng in config
 PAGE = 4096
 CHUNK_PAGES = 256  # 1 MiB of guest memory per encrypted chunk
 MAX_HEADER = 64 * 1024
@@ -177,7 +177,40 @@ def check_state(state: object, header: dict[str, Any], *, page_frames: int) -> d
         if not isinstance(state[part], dict):
             raise SnapshotError(f"snapshot state: {part} is not an object")
     state["memory"]["runs"] = _runs_ok(state["memory"].get("runs"), page_frames)
+    state["devices"]["virtio"] = _virtio_ok(state["devices"].get("virtio"), state["config"], header["mem_bytes"])
     return state
+
+
+def _virtio_ok(docs: object, config: dict[str, Any], mem_bytes: int) -> list[dict[str, Any]]:
+    """devices.virtio: one transport document per virtio device of the config, in attach order (drives,
+    NICs, then rng: runtime/virtio.py), each checked against the guest's RAM layout (devices/virtio/state.py)."""
+    from bulkhead.devices.virtio.device import DEVICE_ID_BLOCK, DEVICE_ID_NET, DEVICE_ID_RNG
+    from bulkhead.devices.virtio.state import check_doc
+    from bulkhead.memory.layout import ram_regions
+
+    drives, nets, rng = config.get("drives"), config.get("nets"), config.get("rng")
+    if not isinstance(drives, list) or not isinstance(nets, list) or not isinstance(rng, bool):
+        raise SnapshotError("snapshot state: config.drives or config.nets is not a list, or config.rng is not a boolean")
+    if not isinstance(docs, list) or len(docs) != len(drives) + len(nets) + rng:
+        raise SnapshotError("snapshot state: devices.virtio is not one document per drive, NIC and rng of the config")
+    if not docs:
+        return []
+    try:
+        regions = ram_regions(mem_bytes)
+    except ValueError as exc:
+        raise SnapshotError(f"snapshot state: {exc}") from None
+    want = [DEVICE_ID_BLOCK] * len(drives) + [DEVICE_ID_NET] * len(nets) + [DEVICE_ID_RNG] * rng
+    out = []
+    for i, (doc, device_id) in enumerate(zip(docs, want, strict=True)):
+        try:
+            checked = check_doc(doc, regions, f"devices.virtio[{i}]")
+        except ValueError as exc:
+            raise SnapshotError(f"snapshot state: {exc}") from None
+        if checked["device_id"] != device_id:
+            raise SnapshotError(f"snapshot state: devices.virtio[{i}] is device {checked['device_id']}, "
+                                f"the config has device {device_id} there")
+        out.append(checked)
+    return out
 
 
 class _Writer:
