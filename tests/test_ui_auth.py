@@ -71,6 +71,21 @@ def test_a_link_logs_in_once_and_the_cookie_is_strict(h: Harness) -> None:
     assert path.split("/")[-1].encode() not in Path(h.daemon.audit.path).read_bytes()  # never logged
 
 
+def test_a_login_link_from_another_site_is_refused_and_not_used_up(h: Harness) -> None:
+    """Login CSRF: a link navigated to from another site (Sec-Fetch-Site: cross-site or same-site, as
+    Chromium sends it) logs nobody in; the same link opened from the address bar (`none`) still works."""
+    alice, _vm = _operator(h)
+    path = _link(h, alice)
+    with _browser(h) as b:
+        for site in ("cross-site", "same-site"):
+            r = b.get(path, headers={"sec-fetch-site": site})
+            assert r.status_code == 403 and "set-cookie" not in r.headers and "login CSRF" in r.text
+        r = b.get(path, headers={"sec-fetch-site": "none"})
+        assert r.status_code == 303 and "set-cookie" in r.headers
+    recs = [r for r in h.daemon.audit_api.audit_query(_admin_ctx(h)) if r["action"] == "ui/login"]
+    assert [r["result"] for r in recs] == ["403", "403", "200"]
+
+
 def _admin_ctx(h: Harness) -> Any:
     from bulkhead.daemon.service import Caller, ReqCtx
 

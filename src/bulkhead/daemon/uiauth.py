@@ -171,7 +171,7 @@ class UiFront:
                 ext[PEER_KEY] = sess
                 scope[UI_PEER_KEY] = sid
             elif scope["type"] == "http" and (m := _LOGIN.match(path)):
-                await self._redeem(m.group(1), send)
+                await self._redeem(m.group(1), send, _header(scope, b"sec-fetch-site"))
                 return
             elif scope["type"] == "http":
                 await self._plain(send, 303, b"", [(b"location", b"/ui/login")])
@@ -199,7 +199,18 @@ class UiFront:
 
         return secured
 
-    async def _redeem(self, token: str, send: Any) -> None:
+    async def _redeem(self, token: str, send: Any, fetch_site: str = "") -> None:
+        """Login CSRF (an attacker's own link, opened in the victim's browser from the attacker's page,
+        would log the victim in as the attacker): a browser names where a navigation came from in
+        Sec-Fetch-Site (W3C Fetch Metadata). A link is redeemed only when it was typed, pasted or opened
+        from outside the browser (`none`) or from the console itself (`same-origin`), or by a client that
+        sends no fetch metadata. A refused attempt does not use the link up."""
+        if fetch_site and fetch_site not in ("none", "same-origin"):
+            if self.audit is not None:
+                await anyio.to_thread.run_sync(self.audit, "", "403")
+            await self._plain(send, 403, b"a login link opened from another site is refused (login CSRF): paste it "
+                                         b"into the address bar\n")
+            return
         sid, principal = self.auth.redeem(token)
         if self.audit is not None:
             await anyio.to_thread.run_sync(self.audit, principal, "200" if sid else "403")
